@@ -1,0 +1,550 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Capability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CAPABILITY_UNSPECIFIED: _ClassVar[Capability]
+    TRAIN: _ClassVar[Capability]
+    PARTIAL_TRAIN: _ClassVar[Capability]
+    INFERENCE: _ClassVar[Capability]
+CAPABILITY_UNSPECIFIED: Capability
+TRAIN: Capability
+PARTIAL_TRAIN: Capability
+INFERENCE: Capability
+
+class Telemetry(_message.Message):
+    __slots__ = ("cpu_percent", "memory_mb", "battery_percent", "charging", "network", "uplink_kbps")
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    BATTERY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    CHARGING_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    UPLINK_KBPS_FIELD_NUMBER: _ClassVar[int]
+    cpu_percent: float
+    memory_mb: float
+    battery_percent: float
+    charging: bool
+    network: str
+    uplink_kbps: float
+    def __init__(self, cpu_percent: _Optional[float] = ..., memory_mb: _Optional[float] = ..., battery_percent: _Optional[float] = ..., charging: _Optional[bool] = ..., network: _Optional[str] = ..., uplink_kbps: _Optional[float] = ...) -> None: ...
+
+class ModelRef(_message.Message):
+    __slots__ = ("model_cid", "round", "federation", "weights_cid")
+    MODEL_CID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_CID_FIELD_NUMBER: _ClassVar[int]
+    model_cid: str
+    round: int
+    federation: str
+    weights_cid: str
+    def __init__(self, model_cid: _Optional[str] = ..., round: _Optional[int] = ..., federation: _Optional[str] = ..., weights_cid: _Optional[str] = ...) -> None: ...
+
+class Redirect(_message.Message):
+    __slots__ = ("aggregator_id", "address", "ring_version", "reason")
+    AGGREGATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    aggregator_id: str
+    address: str
+    ring_version: int
+    reason: str
+    def __init__(self, aggregator_id: _Optional[str] = ..., address: _Optional[str] = ..., ring_version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("ok", "message")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    message: str
+    def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("agent_id", "display_name", "capability", "telemetry", "federation", "trainable_tensors")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    display_name: str
+    capability: Capability
+    telemetry: Telemetry
+    federation: str
+    trainable_tensors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., display_name: _Optional[str] = ..., capability: _Optional[_Union[Capability, str]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., federation: _Optional[str] = ..., trainable_tensors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Home(_message.Message):
+    __slots__ = ("aggregator_id", "base", "ring_version", "heartbeat_interval_s", "round_config")
+    class RoundConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    AGGREGATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    RING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    ROUND_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    aggregator_id: str
+    base: ModelRef
+    ring_version: int
+    heartbeat_interval_s: float
+    round_config: _containers.ScalarMap[str, str]
+    def __init__(self, aggregator_id: _Optional[str] = ..., base: _Optional[_Union[ModelRef, _Mapping]] = ..., ring_version: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., round_config: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("home", "redirect")
+    HOME_FIELD_NUMBER: _ClassVar[int]
+    REDIRECT_FIELD_NUMBER: _ClassVar[int]
+    home: Home
+    redirect: Redirect
+    def __init__(self, home: _Optional[_Union[Home, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model_cid", "if_none_match", "federation", "agent_id")
+    MODEL_CID_FIELD_NUMBER: _ClassVar[int]
+    IF_NONE_MATCH_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    model_cid: str
+    if_none_match: str
+    federation: str
+    agent_id: str
+    def __init__(self, model_cid: _Optional[str] = ..., if_none_match: _Optional[str] = ..., federation: _Optional[str] = ..., agent_id: _Optional[str] = ...) -> None: ...
+
+class ModelHeader(_message.Message):
+    __slots__ = ("model_cid", "manifest", "weights_cid", "weights_size", "not_modified", "round")
+    MODEL_CID_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_CID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NOT_MODIFIED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    model_cid: str
+    manifest: bytes
+    weights_cid: str
+    weights_size: int
+    not_modified: bool
+    round: int
+    def __init__(self, model_cid: _Optional[str] = ..., manifest: _Optional[bytes] = ..., weights_cid: _Optional[str] = ..., weights_size: _Optional[int] = ..., not_modified: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
+
+class ModelChunk(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ModelHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("agent_id", "round", "base_cid", "num_samples", "metrics", "tensors", "weights_size", "weights_cid", "base_metrics", "federation", "kind", "parents", "manifest")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class BaseMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BASE_CID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_CID_FIELD_NUMBER: _ClassVar[int]
+    BASE_METRICS_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    round: int
+    base_cid: str
+    num_samples: int
+    metrics: _containers.ScalarMap[str, float]
+    tensors: _containers.RepeatedScalarFieldContainer[str]
+    weights_size: int
+    weights_cid: str
+    base_metrics: _containers.ScalarMap[str, float]
+    federation: str
+    kind: str
+    parents: _containers.RepeatedScalarFieldContainer[str]
+    manifest: bytes
+    def __init__(self, agent_id: _Optional[str] = ..., round: _Optional[int] = ..., base_cid: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[str]] = ..., weights_size: _Optional[int] = ..., weights_cid: _Optional[str] = ..., base_metrics: _Optional[_Mapping[str, float]] = ..., federation: _Optional[str] = ..., kind: _Optional[str] = ..., parents: _Optional[_Iterable[str]] = ..., manifest: _Optional[bytes] = ...) -> None: ...
+
+class UpdateChunk(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class SubmitUpdateReply(_message.Message):
+    __slots__ = ("accepted", "reason", "message", "update_cid", "round", "duplicate")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_CID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    message: str
+    update_cid: str
+    round: int
+    duplicate: bool
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., update_cid: _Optional[str] = ..., round: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class WatchModelsRequest(_message.Message):
+    __slots__ = ("agent_id", "federation", "known_cid")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_CID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    federation: str
+    known_cid: str
+    def __init__(self, agent_id: _Optional[str] = ..., federation: _Optional[str] = ..., known_cid: _Optional[str] = ...) -> None: ...
+
+class ModelEvent(_message.Message):
+    __slots__ = ("new_base", "home_changed")
+    NEW_BASE_FIELD_NUMBER: _ClassVar[int]
+    HOME_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    new_base: ModelRef
+    home_changed: Redirect
+    def __init__(self, new_base: _Optional[_Union[ModelRef, _Mapping]] = ..., home_changed: _Optional[_Union[Redirect, _Mapping]] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("agent_id", "telemetry", "federation", "known_cid")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_CID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    telemetry: Telemetry
+    federation: str
+    known_cid: str
+    def __init__(self, agent_id: _Optional[str] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., federation: _Optional[str] = ..., known_cid: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("current_base", "home_changed", "next_interval_s")
+    CURRENT_BASE_FIELD_NUMBER: _ClassVar[int]
+    HOME_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    current_base: ModelRef
+    home_changed: Redirect
+    next_interval_s: float
+    def __init__(self, current_base: _Optional[_Union[ModelRef, _Mapping]] = ..., home_changed: _Optional[_Union[Redirect, _Mapping]] = ..., next_interval_s: _Optional[float] = ...) -> None: ...
+
+class ClusterPointer(_message.Message):
+    __slots__ = ("model_cid", "round", "num_samples", "producer", "created_at", "federation", "weights_cid")
+    MODEL_CID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_CID_FIELD_NUMBER: _ClassVar[int]
+    model_cid: str
+    round: int
+    num_samples: int
+    producer: str
+    created_at: float
+    federation: str
+    weights_cid: str
+    def __init__(self, model_cid: _Optional[str] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., producer: _Optional[str] = ..., created_at: _Optional[float] = ..., federation: _Optional[str] = ..., weights_cid: _Optional[str] = ...) -> None: ...
+
+class LatestRequest(_message.Message):
+    __slots__ = ("federation",)
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    federation: str
+    def __init__(self, federation: _Optional[str] = ...) -> None: ...
+
+class LatestReply(_message.Message):
+    __slots__ = ("latest", "aggregator_id")
+    LATEST_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    latest: ClusterPointer
+    aggregator_id: str
+    def __init__(self, latest: _Optional[_Union[ClusterPointer, _Mapping]] = ..., aggregator_id: _Optional[str] = ...) -> None: ...
+
+class FetchBlobRequest(_message.Message):
+    __slots__ = ("cid",)
+    CID_FIELD_NUMBER: _ClassVar[int]
+    cid: str
+    def __init__(self, cid: _Optional[str] = ...) -> None: ...
+
+class BlobHeader(_message.Message):
+    __slots__ = ("cid", "size")
+    CID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    cid: str
+    size: int
+    def __init__(self, cid: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class BlobChunk(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: BlobHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[BlobHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class AggregatorInfo(_message.Message):
+    __slots__ = ("id", "address", "federations", "weight")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FEDERATIONS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    address: str
+    federations: _containers.RepeatedScalarFieldContainer[str]
+    weight: float
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., federations: _Optional[_Iterable[str]] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class Lease(_message.Message):
+    __slots__ = ("ttl_s", "heartbeat_interval_s", "ring_version", "expires_at")
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    RING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ttl_s: float
+    heartbeat_interval_s: float
+    ring_version: int
+    expires_at: float
+    def __init__(self, ttl_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., ring_version: _Optional[int] = ..., expires_at: _Optional[float] = ...) -> None: ...
+
+class AggregatorHeartbeat(_message.Message):
+    __slots__ = ("id", "round", "agent_count", "last_cluster_cid", "last_semi_global_cid", "info")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    AGENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_CLUSTER_CID_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEMI_GLOBAL_CID_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    round: int
+    agent_count: int
+    last_cluster_cid: str
+    last_semi_global_cid: str
+    info: AggregatorInfo
+    def __init__(self, id: _Optional[str] = ..., round: _Optional[int] = ..., agent_count: _Optional[int] = ..., last_cluster_cid: _Optional[str] = ..., last_semi_global_cid: _Optional[str] = ..., info: _Optional[_Union[AggregatorInfo, _Mapping]] = ...) -> None: ...
+
+class RingMember(_message.Message):
+    __slots__ = ("id", "address", "weight")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    address: str
+    weight: float
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class Ring(_message.Message):
+    __slots__ = ("version", "members")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    members: _containers.RepeatedCompositeFieldContainer[RingMember]
+    def __init__(self, version: _Optional[int] = ..., members: _Optional[_Iterable[_Union[RingMember, _Mapping]]] = ...) -> None: ...
+
+class GetRingRequest(_message.Message):
+    __slots__ = ("federation",)
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    federation: str
+    def __init__(self, federation: _Optional[str] = ...) -> None: ...
+
+class WatchRingRequest(_message.Message):
+    __slots__ = ("known_version",)
+    KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    known_version: int
+    def __init__(self, known_version: _Optional[int] = ...) -> None: ...
+
+class AnnounceModelRequest(_message.Message):
+    __slots__ = ("manifest", "notes")
+    class NotesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    manifest: bytes
+    notes: _containers.ScalarMap[str, str]
+    def __init__(self, manifest: _Optional[bytes] = ..., notes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class AnnounceModelReply(_message.Message):
+    __slots__ = ("model_cid",)
+    MODEL_CID_FIELD_NUMBER: _ClassVar[int]
+    model_cid: str
+    def __init__(self, model_cid: _Optional[str] = ...) -> None: ...
+
+class ModelRecord(_message.Message):
+    __slots__ = ("model_cid", "kind", "federation", "round", "producer", "parents", "num_samples", "metrics", "created_at", "weights_cid", "manifest")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_CID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_CID_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    model_cid: str
+    kind: str
+    federation: str
+    round: int
+    producer: str
+    parents: _containers.RepeatedScalarFieldContainer[str]
+    num_samples: int
+    metrics: _containers.ScalarMap[str, float]
+    created_at: float
+    weights_cid: str
+    manifest: bytes
+    def __init__(self, model_cid: _Optional[str] = ..., kind: _Optional[str] = ..., federation: _Optional[str] = ..., round: _Optional[int] = ..., producer: _Optional[str] = ..., parents: _Optional[_Iterable[str]] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., weights_cid: _Optional[str] = ..., manifest: _Optional[bytes] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ("kind", "aggregator", "federation", "round", "latest_per_aggregator", "limit")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LATEST_PER_AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    aggregator: str
+    federation: str
+    round: int
+    latest_per_aggregator: bool
+    limit: int
+    def __init__(self, kind: _Optional[str] = ..., aggregator: _Optional[str] = ..., federation: _Optional[str] = ..., round: _Optional[int] = ..., latest_per_aggregator: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListModelsReply(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelRecord]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelRecord, _Mapping]]] = ...) -> None: ...
+
+class LineageRequest(_message.Message):
+    __slots__ = ("model_cid", "depth")
+    MODEL_CID_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    model_cid: str
+    depth: int
+    def __init__(self, model_cid: _Optional[str] = ..., depth: _Optional[int] = ...) -> None: ...
+
+class LineageReply(_message.Message):
+    __slots__ = ("model", "ancestors", "children", "missing")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ANCESTORS_FIELD_NUMBER: _ClassVar[int]
+    CHILDREN_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRecord
+    ancestors: _containers.RepeatedCompositeFieldContainer[ModelRecord]
+    children: _containers.RepeatedCompositeFieldContainer[ModelRecord]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[_Union[ModelRecord, _Mapping]] = ..., ancestors: _Optional[_Iterable[_Union[ModelRecord, _Mapping]]] = ..., children: _Optional[_Iterable[_Union[ModelRecord, _Mapping]]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AgentRecord(_message.Message):
+    __slots__ = ("agent_id", "home_aggregator", "last_seen", "telemetry", "capability", "display_name")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOME_AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    home_aggregator: str
+    last_seen: float
+    telemetry: Telemetry
+    capability: Capability
+    display_name: str
+    def __init__(self, agent_id: _Optional[str] = ..., home_aggregator: _Optional[str] = ..., last_seen: _Optional[float] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., capability: _Optional[_Union[Capability, str]] = ..., display_name: _Optional[str] = ...) -> None: ...
+
+class ReportAgentsRequest(_message.Message):
+    __slots__ = ("aggregator_id", "agents")
+    AGGREGATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    aggregator_id: str
+    agents: _containers.RepeatedCompositeFieldContainer[AgentRecord]
+    def __init__(self, aggregator_id: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[AgentRecord, _Mapping]]] = ...) -> None: ...
+
+class ListAgentsRequest(_message.Message):
+    __slots__ = ("aggregator",)
+    AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    aggregator: str
+    def __init__(self, aggregator: _Optional[str] = ...) -> None: ...
+
+class ListAgentsReply(_message.Message):
+    __slots__ = ("agents",)
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedCompositeFieldContainer[AgentRecord]
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentRecord, _Mapping]]] = ...) -> None: ...
+
+class FleetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AggregatorStatus(_message.Message):
+    __slots__ = ("info", "alive", "lease_expires_at", "round", "agent_count", "last_cluster_cid", "last_semi_global_cid")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    AGENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_CLUSTER_CID_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEMI_GLOBAL_CID_FIELD_NUMBER: _ClassVar[int]
+    info: AggregatorInfo
+    alive: bool
+    lease_expires_at: float
+    round: int
+    agent_count: int
+    last_cluster_cid: str
+    last_semi_global_cid: str
+    def __init__(self, info: _Optional[_Union[AggregatorInfo, _Mapping]] = ..., alive: _Optional[bool] = ..., lease_expires_at: _Optional[float] = ..., round: _Optional[int] = ..., agent_count: _Optional[int] = ..., last_cluster_cid: _Optional[str] = ..., last_semi_global_cid: _Optional[str] = ...) -> None: ...
+
+class FleetStatusReply(_message.Message):
+    __slots__ = ("ring", "aggregators")
+    RING_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATORS_FIELD_NUMBER: _ClassVar[int]
+    ring: Ring
+    aggregators: _containers.RepeatedCompositeFieldContainer[AggregatorStatus]
+    def __init__(self, ring: _Optional[_Union[Ring, _Mapping]] = ..., aggregators: _Optional[_Iterable[_Union[AggregatorStatus, _Mapping]]] = ...) -> None: ...

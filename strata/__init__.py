@@ -1,0 +1,1 @@
+"""The `strata` command: CLI wiring, config loading and the demo."""
