@@ -1,0 +1,547 @@
+"""gRPC plumbing shared by every Strata daemon: servers, channels, error mapping, chunked streams.
+
+- `create_server` / `create_channel` apply the same message-size limits and keepalive
+  settings on both ends, and every server carries the standard grpc.health.v1 service.
+- `ErrorInterceptor` is the one place where typed `StrataError`s become gRPC status
+  codes (reason in the "strata-reason" trailer); `error_from_rpc` turns them back.
+- `iter_chunks`, `stream_with_header`, `Reassembler` and `read_header_stream` move
+  weights as ~1 MiB chunks, refusing out-of-order, oversize and truncated streams.
+
+This module imports nothing of ours except `proto.errors`; logs use the plain
+`extra={"fields": {...}}` convention that `strata.logs` renders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from proto import strata_pb2
+from proto.errors import (
+    Conflict,
+    FailedPrecondition,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    StrataError,
+    Unavailable,
+    WireError,
+)
+
+CHUNK_SIZE = 1 << 20
+# Chunks are ~1 MiB, so 4 MiB leaves room for headers (manifests) and nothing bigger.
+MAX_MESSAGE_BYTES = 4 << 20
+DEFAULT_TIMEOUT_S = 30.0
+STREAM_TIMEOUT_S = 300.0
+
+REASON_METADATA_KEY = "strata-reason"
+
+KEEPALIVE_TIME_S = 30.0
+KEEPALIVE_TIMEOUT_S = 10.0
+# The server must accept pings at least as often as clients send them, or it
+# answers with GOAWAY "too_many_pings" and drops the connection.
+_SERVER_MIN_PING_INTERVAL_S = 10.0
+
+log = logging.getLogger("strata.wire")
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- servers and channels
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsFiles:
+    """PEM paths. A server needs cert+key; `ca` on a server demands client certificates (mTLS)."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+
+def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+@dataclass(kw_only=True)
+class ServerHandle:
+    """A created (not yet started) gRPC server, its bound port and its health servicer.
+
+    Register servicers on `.server` before `start()`. `start`/`stop` are idempotent,
+    and the handle is a context manager that stops the server on exit.
+    """
+
+    server: grpc.Server
+    port: int
+    host: str
+    health: health.HealthServicer
+    _started: bool = field(default=False, repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> ServerHandle:
+        if self._stopped:
+            raise FailedPrecondition("a stopped server cannot be restarted", reason="server_stopped")
+        if not self._started:
+            self.server.start()
+            self._started = True
+            self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def set_serving(self, service: str, serving: bool) -> None:
+        """Health status of one service, e.g. "strata.v1.AgentService"."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set(service, status)
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Refuse new calls, let in-flight ones finish within `grace` seconds, then cancel them."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.health.enter_graceful_shutdown()
+        if not self._started:
+            # grpc.Server.stop() on a never-started server leaves its bound socket
+            # listening (connections then hang until their deadline), so start it first.
+            self.server.start()
+        self.server.stop(grace).wait()
+
+    def __enter__(self) -> ServerHandle:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def create_server(
+    address: str = "127.0.0.1:0",
+    *,
+    max_workers: int = 16,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    tls: TlsFiles | None = None,
+) -> ServerHandle:
+    """A gRPC server with limits, keepalive, health and `ErrorInterceptor`, bound but not started.
+
+    Port 0 binds a free port; the handle's `.port` is the one bound.
+    """
+    from concurrent import futures
+
+    options = _size_options(max_message_bytes) + [
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_TIME_S * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(_SERVER_MIN_PING_INTERVAL_S * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Without this two servers can silently share a port on Linux.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="strata-grpc"),
+        # Outermost, so it also catches typed errors raised by handlers other interceptors return.
+        interceptors=[ErrorInterceptor(), *interceptors],
+        options=options,
+        maximum_concurrent_rpcs=None,
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    try:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, _server_credentials(tls))
+    except RuntimeError as e:
+        raise Unavailable(f"cannot bind {address}: {e}", reason="bind_failed") from e
+    if port == 0:
+        raise Unavailable(f"cannot bind {address}", reason="bind_failed")
+    host = address.rsplit(":", 1)[0]
+    return ServerHandle(server=server, port=port, host=host, health=health_servicer)
+
+
+def _server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    if tls.cert is None or tls.key is None:
+        raise InvalidInput("a TLS server needs both a certificate and a key", reason="tls_config")
+    pair = (Path(tls.key).read_bytes(), Path(tls.cert).read_bytes())
+    root = Path(tls.ca).read_bytes() if tls.ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
+
+
+def create_channel(
+    address: str,
+    *,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    keepalive_time_s: float = KEEPALIVE_TIME_S,
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+    tls: TlsFiles | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.Channel:
+    """A channel with the same size limits as `create_server` and client keepalive.
+
+    With `tls`, `ca` verifies the server and `cert`+`key` present a client certificate.
+    """
+    opts: list[tuple[str, Any]] = _size_options(max_message_bytes) + [
+        ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        *options,
+    ]
+    if tls is None:
+        return grpc.insecure_channel(address, options=opts)
+    root = Path(tls.ca).read_bytes() if tls.ca else None
+    key = Path(tls.key).read_bytes() if tls.key else None
+    cert = Path(tls.cert).read_bytes() if tls.cert else None
+    creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=cert)
+    return grpc.secure_channel(address, creds, options=opts)
+
+
+def time_remaining_s(context: grpc.ServicerContext) -> float | None:
+    """The caller's remaining deadline in plain seconds (None: no deadline), for core code."""
+    return context.time_remaining()
+
+
+# ---------------------------------------------------------------- errors, server side
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions escaping handlers to gRPC status, for unary and streaming RPCs alike.
+
+    `StrataError` → its `.status`, details "reason: message", reason in the
+    "strata-reason" trailer. Anything else → INTERNAL with a generic message;
+    the traceback is logged here and never sent to the caller.
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _wrap_unary(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable:
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except Exception as e:  # noqa: BLE001 - this is the one place errors are mapped
+            _abort_for(e, context, method)
+
+    return call
+
+
+def _wrap_stream(behavior: Callable[[Any, grpc.ServicerContext], Iterable], method: str) -> Callable:
+    def call(request: Any, context: grpc.ServicerContext) -> Iterator:
+        try:
+            yield from behavior(request, context)
+        except Exception as e:  # noqa: BLE001 - this is the one place errors are mapped
+            _abort_for(e, context, method)
+
+    return call
+
+
+def _abort_for(e: Exception, context: grpc.ServicerContext, method: str) -> None:
+    """Abort the RPC for exception `e`; always raises."""
+    # A handler that called context.abort() itself already chose its status, and a
+    # cancelled or expired call has no one left to tell.
+    if _already_aborted(context) or not context.is_active():
+        raise e
+    if isinstance(e, StrataError):
+        log.info(
+            "rpc refused",
+            extra={"fields": {"method": method, "status": e.status, "reason": e.reason, "error": e.message}},
+        )
+        code = getattr(grpc.StatusCode, e.status, grpc.StatusCode.INTERNAL)
+        context.set_trailing_metadata(((REASON_METADATA_KEY, _ascii(e.reason)),))
+        context.abort(code, f"{e.reason}: {e.message}")
+    log.error("unhandled error in rpc", exc_info=e, extra={"fields": {"method": method}})
+    context.set_trailing_metadata(((REASON_METADATA_KEY, "internal"),))
+    context.abort(grpc.StatusCode.INTERNAL, "internal: internal server error (details are in the server log)")
+
+
+def _already_aborted(context: grpc.ServicerContext) -> bool:
+    try:
+        code = context.code()
+    except (AttributeError, NotImplementedError):
+        return False
+    return code is not None and code != grpc.StatusCode.OK
+
+
+def _ascii(text: str) -> str:
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+# ---------------------------------------------------------------- errors, client side
+
+_ERROR_BY_STATUS: dict[grpc.StatusCode, type[StrataError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: Conflict,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.DATA_LOSS: IntegrityError,
+}
+# Reasons raised as WireError by this module; they share INVALID_ARGUMENT with InvalidInput.
+_WIRE_REASONS = frozenset(
+    {"bad_stream", "out_of_order", "oversize", "truncated", "hash_mismatch", "missing_header", "unexpected_header"}
+)
+_RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+
+
+def _is_size_refusal(code: grpc.StatusCode | None, details: str) -> bool:
+    # gRPC reports an over-limit message as RESOURCE_EXHAUSTED too; resending it never helps.
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details
+
+
+def _rpc_parts(e: grpc.RpcError) -> tuple[grpc.StatusCode | None, str, str | None]:
+    code = e.code() if hasattr(e, "code") else None
+    details = (e.details() if hasattr(e, "details") else None) or ""
+    reason = None
+    trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == REASON_METADATA_KEY:
+            reason = value if isinstance(value, str) else value.decode("ascii", "replace")
+    return code, details, reason
+
+
+def error_from_rpc(e: grpc.RpcError) -> StrataError:
+    """The typed error a failed call stands for; the caller raises it `from e`."""
+    code, details, reason = _rpc_parts(e)
+    message = details
+    if reason and details.startswith(f"{reason}: "):
+        message = details[len(reason) + 2 :]
+    if code == grpc.StatusCode.INVALID_ARGUMENT and reason in _WIRE_REASONS:
+        cls: type[StrataError] = WireError
+    elif _is_size_refusal(code, details):
+        cls, reason = InvalidInput, reason or "message_too_large"
+    else:
+        cls = _ERROR_BY_STATUS.get(code, StrataError) if code is not None else StrataError
+    if reason is None and code is not None:
+        reason = code.name.lower()
+    err = cls(message or (code.name if code else "rpc failed"), reason=reason)
+    if cls is StrataError and code is not None:
+        # keep the real status (e.g. UNAUTHENTICATED) visible on the generic error
+        err.status = code.name
+    return err
+
+
+def is_retryable(e: BaseException) -> bool:
+    """True for failures a later attempt may not hit: UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED."""
+    if isinstance(e, grpc.RpcError):
+        code, details, _ = _rpc_parts(e)
+        return code in _RETRYABLE and not _is_size_refusal(code, details)
+    return isinstance(e, Unavailable)
+
+
+def retry_call(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 5,
+    base_delay_s: float = 0.1,
+    max_delay_s: float = 5.0,
+    deadline_s: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: Callable[[], float] = random.random,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """Call `fn` until it succeeds, retrying only `is_retryable` failures.
+
+    Waits `rng() * min(max_delay_s, base_delay_s * 2**n)` between attempts (full
+    jitter), gives up after `attempts` calls or when the next wait would pass
+    `deadline_s` seconds from now, and re-raises the last error unchanged. For a
+    streaming call, `fn` must consume the stream so its errors surface inside it.
+    """
+    if attempts < 1:
+        raise InvalidInput(f"attempts must be >= 1, got {attempts}", reason="bad_retry_policy")
+    give_up_at = None if deadline_s is None else clock() + deadline_s
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if not is_retryable(e) or attempt == attempts - 1:
+                raise
+            delay = rng() * min(max_delay_s, base_delay_s * (2**attempt))
+            if give_up_at is not None and clock() + delay >= give_up_at:
+                raise
+            log.debug("retrying", extra={"fields": {"attempt": attempt + 1, "delay_s": round(delay, 3), "error": str(e)}})
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- chunked streams
+
+
+def iter_chunks(data: bytes | bytearray | memoryview, chunk_size: int = CHUNK_SIZE) -> Iterator[tuple[int, memoryview]]:
+    """(offset, view) pairs covering `data` in order; views share the caller's buffer."""
+    if chunk_size <= 0:
+        raise InvalidInput(f"chunk_size must be positive, got {chunk_size}", reason="bad_chunk_size")
+    view = memoryview(data).cast("B")
+    for offset in range(0, len(view), chunk_size):
+        yield offset, view[offset : offset + chunk_size]
+
+
+def stream_with_header(
+    message_cls: Callable[..., T],
+    header: Any,
+    data: bytes | bytearray | memoryview,
+    chunk_size: int = CHUNK_SIZE,
+) -> Iterator[T]:
+    """The messages of a header-then-chunks stream, e.g. `stream_with_header(pb.UpdateChunk, hdr, blob)`.
+
+    Works for every `oneof part { X header; Chunk chunk; }` message (ModelChunk,
+    UpdateChunk, BlobChunk). Each chunk is copied once, into its protobuf message.
+    """
+    yield message_cls(header=header)
+    for offset, view in iter_chunks(data, chunk_size):
+        yield message_cls(chunk=strata_pb2.Chunk(offset=offset, data=view.tobytes()))
+
+
+class Reassembler:
+    """Rebuilds a byte stream from (offset, data) chunks, refusing anything but a clean stream.
+
+    Raises WireError with reason "oversize", "out_of_order", "truncated" or
+    "hash_mismatch". `sha256` (hex) is checked incrementally; `verify(data)` runs on
+    the finished bytes and may raise (storage passes a CID check here).
+    """
+
+    def __init__(
+        self,
+        expected_size: int,
+        *,
+        max_size: int,
+        expected_cid: str | None = None,
+        sha256: str | None = None,
+        verify: Callable[[bytes], None] | None = None,
+    ) -> None:
+        what = f" for {expected_cid}" if expected_cid else ""
+        if expected_size < 0:
+            raise WireError(f"negative stream size {expected_size}{what}", reason="oversize")
+        if expected_size > max_size:
+            raise WireError(
+                f"stream{what} declares {expected_size} bytes, more than the limit of {max_size}",
+                reason="oversize",
+            )
+        self.expected_size = expected_size
+        self.expected_cid = expected_cid
+        self._what = what
+        self._buffer = bytearray(expected_size)
+        self._received = 0
+        self._sha256 = sha256.lower() if sha256 else None
+        self._hasher = hashlib.sha256() if sha256 else None
+        self._verify = verify
+        self._finished = False
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+    def add(self, offset: int, data: bytes | memoryview) -> None:
+        if self._finished:
+            raise WireError(f"chunk at offset {offset} arrived after the stream{self._what} ended", reason="out_of_order")
+        if offset != self._received:
+            hint = " (duplicate or overlapping chunk)" if offset < self._received else " (a chunk is missing)"
+            raise WireError(
+                f"chunk at offset {offset} arrived but {self._received} bytes were expected next{hint}",
+                reason="out_of_order",
+            )
+        end = offset + len(data)
+        if end > self.expected_size:
+            raise WireError(
+                f"chunk at offset {offset} of {len(data)} bytes runs past the declared size "
+                f"{self.expected_size}{self._what}",
+                reason="oversize",
+            )
+        self._buffer[offset:end] = data
+        if self._hasher is not None:
+            self._hasher.update(data)
+        self._received = end
+
+    def finish(self) -> bytes:
+        if self._received != self.expected_size:
+            raise WireError(
+                f"stream{self._what} ended after {self._received} of {self.expected_size} bytes",
+                reason="truncated",
+            )
+        self._finished = True
+        if self._hasher is not None and self._hasher.hexdigest() != self._sha256:
+            raise WireError(
+                f"stream{self._what} hashes to sha256 {self._hasher.hexdigest()}, not the declared {self._sha256}",
+                reason="hash_mismatch",
+            )
+        data = bytes(self._buffer)
+        self._buffer = bytearray()
+        if self._verify is not None:
+            self._verify(data)
+        return data
+
+
+def read_header_stream(
+    messages: Iterable[Any],
+    *,
+    size_of: Callable[[Any], int],
+    max_size: int,
+    verify: Callable[[Any, bytes], None] | None = None,
+) -> tuple[Any, bytes]:
+    """Consume a header-then-chunks stream (ModelChunk, UpdateChunk, BlobChunk): (header, bytes).
+
+    `size_of(header)` gives the declared size (e.g. `lambda h: h.weights_size`);
+    `verify(header, data)` may check the bytes against the header's CID.
+    """
+    iterator = iter(messages)
+    first = next(iterator, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise WireError("stream must start with a header", reason="missing_header")
+    header = first.header
+    reassembler = Reassembler(size_of(header), max_size=max_size)
+    for message in iterator:
+        if message.WhichOneof("part") != "chunk":
+            raise WireError("a second header arrived inside the stream", reason="unexpected_header")
+        reassembler.add(message.chunk.offset, message.chunk.data)
+    data = reassembler.finish()
+    if verify is not None:
+        verify(header, data)
+    return header, data
