@@ -1,0 +1,115 @@
+"""The `Trainer` protocol that user ML code implements, and how the agent finds one.
+
+Weights cross this boundary as ``dict[str, np.ndarray]`` of float32 arrays -- never
+framework objects -- so the daemon can encode them with safetensors and a trainer can be
+written in any framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from proto.errors import InvalidInput
+
+Weights = dict[str, np.ndarray]
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """Local training on a device's own data.
+
+    Optional methods the agent uses when present:
+    ``evaluate(weights) -> dict[str, float]`` (local held-out metrics),
+    ``initial_weights() -> Weights`` (to create a federation's base model),
+    ``trainable_tensors() -> list[str] | None`` (None means all tensors change).
+    """
+
+    def train(
+        self, weights: Weights, round_config: Mapping[str, Any]
+    ) -> tuple[Weights, int, dict[str, float]]:
+        """Train from ``weights``; return (new weights, number of samples, metrics)."""
+        ...
+
+
+def has_evaluate(trainer: object) -> bool:
+    """Whether ``trainer`` offers the optional ``evaluate(weights)``."""
+    return callable(getattr(trainer, "evaluate", None))
+
+
+def load_trainer(spec: str, options: Mapping[str, Any] | None = None) -> Trainer:
+    """Build the trainer named by ``spec`` with keyword ``options``.
+
+    ``spec`` is a built-in task name (``"digits"``, ``"mnist"``) or ``"module:object"``.
+    A class or factory is called with ``**options``; an object that already has
+    ``train`` is used as is (and then ``options`` must be empty).
+    """
+    options = dict(options or {})
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidInput(f"trainer spec must be a non-empty string, got {spec!r}", reason="bad_trainer_spec")
+    spec = spec.strip()
+    if ":" not in spec:
+        # Imported lazily: the built-in tasks pull in torch, which custom trainers may not need.
+        from agent.tasks import BUILTIN_TASKS, make_task
+
+        if spec not in BUILTIN_TASKS:
+            raise InvalidInput(
+                f"unknown trainer {spec!r}: expected a built-in task {sorted(BUILTIN_TASKS)} "
+                "or 'module:object'",
+                reason="bad_trainer_spec",
+            )
+        return make_task(spec, **options)
+
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise InvalidInput(f"trainer spec {spec!r} is not of the form 'module:object'", reason="bad_trainer_spec")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise InvalidInput(
+            f"trainer module {module_name!r} cannot be imported: {exc}", reason="trainer_module_not_found"
+        ) from exc
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise InvalidInput(
+                f"trainer module {module_name!r} has no attribute {attr_path!r}", reason="trainer_object_not_found"
+            )
+        target = getattr(target, part)
+
+    if inspect.isclass(target) or not callable(getattr(target, "train", None)):
+        if not callable(target):
+            raise InvalidInput(f"{spec!r} has no train() method and is not callable", reason="trainer_without_train")
+        trainer = call_with_options(target, options, what=spec)
+    elif options:
+        raise InvalidInput(
+            f"{spec!r} is a ready trainer instance; options {sorted(options)} cannot be applied",
+            reason="bad_trainer_options",
+        )
+    else:
+        trainer = target
+    if not callable(getattr(trainer, "train", None)):
+        raise InvalidInput(f"{spec!r} produced {type(trainer).__name__}, which has no train() method",
+                           reason="trainer_without_train")
+    return trainer
+
+
+def call_with_options(factory: Callable[..., Any], options: Mapping[str, Any], *, what: str) -> Any:
+    """Call ``factory(**options)``, turning an options/signature mismatch into InvalidInput.
+
+    The signature is checked before the call so that a TypeError raised *inside* the
+    factory is not mistaken for bad options.
+    """
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None  # some builtins have no introspectable signature; just call
+    if signature is not None:
+        try:
+            signature.bind(**options)
+        except TypeError as exc:
+            raise InvalidInput(f"bad options for {what}: {exc}", reason="bad_trainer_options") from exc
+    return factory(**options)
