@@ -1,0 +1,179 @@
+"""Walking a model's ancestry through manifest `parents`, checking every link on the way.
+
+Each node is fetched through the store, which re-hashes it, then parsed and its
+signature checked; with `verify_weights` its weights blob is fetched and
+checked too. A bad node never stops the walk: it becomes a `Problem` naming the
+node, how it was reached and why, and the walk goes on with whatever is left.
+Only the `parents` edges are followed; `base` is informational unless it is
+also listed as a parent.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from proto.errors import IntegrityError, InvalidInput, NotFound
+from storage.cid import validate_cid
+from storage.codec import CodecError, summarize
+from storage.manifest import Manifest
+from storage.store import ContentStore
+
+__all__ = ["PROBLEM_REASONS", "LineageGraph", "Problem", "verify", "walk"]
+
+PROBLEM_REASONS = (
+    "missing",
+    "hash_mismatch",
+    "bad_signature",
+    "unsigned",
+    "invalid_manifest",
+    "cycle",
+    "weights_missing",
+    "weights_mismatch",
+)
+
+
+@dataclass
+class Problem:
+    """Something wrong with one node of a lineage."""
+
+    cid: str
+    where: str  # "root", or "parent of <child cid>" for the first child that led here
+    reason: str  # one of PROBLEM_REASONS
+    message: str
+
+
+@dataclass
+class LineageGraph:
+    """What a walk found. Nodes are the manifests that could be read; edges run child -> parent
+    and may point at CIDs that are not nodes (missing or unreadable ones)."""
+
+    root: str
+    nodes: dict[str, Manifest] = field(default_factory=dict)
+    edges: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    depth_reached: dict[str, int] = field(default_factory=dict)  # shortest distance from root
+    truncated: list[str] = field(default_factory=list)  # nodes whose parents the depth limit cut
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def walk(
+    store: ContentStore,
+    model_cid: str,
+    *,
+    depth: int | None = None,
+    verify_weights: bool = False,
+) -> LineageGraph:
+    """Breadth-first over `parents` from `model_cid`, at most `depth` edges deep (None: all).
+
+    Raises only for a malformed `model_cid` or a store that fails for reasons other than a
+    missing or corrupt object (e.g. Unavailable); everything else is recorded as a Problem.
+    """
+    validate_cid(model_cid)
+    if depth is not None and depth < 0:
+        raise InvalidInput("depth must be >= 0 or None", reason="bad_depth")
+    graph = LineageGraph(root=model_cid, depth_reached={model_cid: 0})
+    where = {model_cid: "root"}
+    queue = deque([model_cid])
+    while queue:
+        cid = queue.popleft()
+        manifest = _read_node(store, cid, where[cid], graph)
+        if manifest is None:
+            continue
+        graph.nodes[cid] = manifest
+        _check_signature(manifest, cid, where[cid], graph)
+        if verify_weights:
+            _check_weights(store, manifest, cid, where[cid], graph)
+        level = graph.depth_reached[cid]
+        if depth is not None and level >= depth:
+            if manifest.parents:
+                graph.truncated.append(cid)
+            continue
+        for parent in manifest.parents:
+            graph.edges.append((cid, parent))
+            if parent not in graph.depth_reached:
+                graph.depth_reached[parent] = level + 1
+                where[parent] = f"parent of {cid}"
+                queue.append(parent)
+    _report_cycles(graph)
+    return graph
+
+
+def verify(store: ContentStore, model_cid: str) -> LineageGraph:
+    """The whole lineage, weights included: `walk(..., depth=None, verify_weights=True)`."""
+    return walk(store, model_cid, depth=None, verify_weights=True)
+
+
+def _read_node(store: ContentStore, cid: str, where: str, graph: LineageGraph) -> Manifest | None:
+    try:
+        return Manifest.from_bytes(store.get(cid))
+    except NotFound as exc:
+        graph.problems.append(Problem(cid, where, "missing", str(exc)))
+    except IntegrityError as exc:
+        graph.problems.append(Problem(cid, where, "hash_mismatch", str(exc)))
+    except InvalidInput as exc:  # ManifestError, or bytes that are not JSON at all
+        graph.problems.append(Problem(cid, where, "invalid_manifest", str(exc)))
+    return None
+
+
+def _check_signature(manifest: Manifest, cid: str, where: str, graph: LineageGraph) -> None:
+    try:
+        manifest.verify_signature()
+    except IntegrityError as exc:
+        graph.problems.append(Problem(cid, where, exc.reason, str(exc)))
+
+
+def _check_weights(
+    store: ContentStore, manifest: Manifest, cid: str, where: str, graph: LineageGraph
+) -> None:
+    try:
+        weights = store.get(manifest.weights)
+        if summarize(weights) != manifest.tensors:
+            raise IntegrityError(
+                f"weights {manifest.weights} do not hold the tensors the manifest lists",
+                reason="weights_mismatch",
+            )
+    except NotFound:
+        graph.problems.append(
+            Problem(cid, where, "weights_missing", f"weights {manifest.weights} not in store")
+        )
+    except (IntegrityError, CodecError) as exc:
+        graph.problems.append(Problem(cid, where, "weights_mismatch", str(exc)))
+
+
+def _report_cycles(graph: LineageGraph) -> None:
+    """Report every edge that closes a cycle (a parent that is also a descendant).
+
+    Honest CIDs cannot form a cycle, since a manifest would have to contain its own hash;
+    finding one means a store served bytes under a CID they do not hash to.
+    """
+    children_to_parents: dict[str, list[str]] = {}
+    for child, parent in graph.edges:
+        children_to_parents.setdefault(child, []).append(parent)
+    on_path: set[str] = set()
+    done: set[str] = set()
+    # Iterative DFS: each stack entry is (node, iterator over its parents).
+    stack = [(graph.root, iter(children_to_parents.get(graph.root, ())))]
+    on_path.add(graph.root)
+    while stack:
+        node, parents = stack[-1]
+        parent = next(parents, None)
+        if parent is None:
+            stack.pop()
+            on_path.discard(node)
+            done.add(node)
+        elif parent in on_path:
+            graph.problems.append(
+                Problem(
+                    parent,
+                    f"parent of {node}",
+                    "cycle",
+                    f"{parent} is listed as a parent of its own descendant {node}",
+                )
+            )
+        elif parent not in done:
+            on_path.add(parent)
+            stack.append((parent, iter(children_to_parents.get(parent, ()))))
