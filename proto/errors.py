@@ -66,3 +66,9 @@ class WireError(InvalidInput):
     """A stream that is out of order, oversize, truncated or does not hash to what it claimed."""
 
     reason = "bad_stream"
+
+
+class ConfigError(InvalidInput):
+    """A configuration value that is missing, unknown or out of range; the message names the key."""
+
+    reason = "bad_config"

@@ -1,0 +1,48 @@
+"""Agent configuration: frozen, keyword-only, validated on creation; each default defined once.
+
+Loaded from YAML with `STRATA_*` environment overrides (e.g. `STRATA_SEEDS=host:7070`),
+so `strata agent run` works with no file at all against a local aggregator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from proto.errors import ConfigError
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    id: str = _help("agent id (default: generated once and kept in state_dir)", default="")
+    name: str = _help("display name shown to operators (default: the id)", default="")
+    seeds: list[str] = _help("aggregator (or relay) addresses to join through", default_factory=lambda: ["127.0.0.1:7070"])
+    federation: str = _help("the model family to train", default="digits")
+    task: str = _help("trainer: a built-in task (digits, mnist) or module:object", default="digits")
+    task_options: dict[str, Any] = _help(
+        "keyword options for the trainer, e.g. {partition: {scheme: dirichlet, alpha: 0.5, index: 0, count: 5}}",
+        default_factory=dict,
+    )
+    capability: str = _help("train | partial_train | inference", default="train")
+    state_dir: str = _help("identity, key and pending update (default: ~/.strata/agent/<id or 'default'>)", default="")
+    rpc_timeout_s: float = _help("deadline of each unary call", default=30.0)
+    join_timeout_s: float = _help("give up joining after this long with no aggregator answering", default=600.0)
+    backoff_base_s: float = _help("first retry delay; doubles per attempt, with full jitter", default=0.5)
+    backoff_max_s: float = _help("longest retry delay", default=10.0)
+    max_rounds: int = _help("stop after this many submitted updates; 0 runs until stopped", default=0)
+    log_level: str = _help("debug | info | warning | error", default="info")
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("seeds must name at least one aggregator address")
+        if self.capability not in ("train", "partial_train", "inference"):
+            raise ConfigError(f"capability must be train, partial_train or inference, got {self.capability!r}")
+        if self.max_rounds < 0:
+            raise ConfigError("max_rounds must be >= 0")
+        for name in ("rpc_timeout_s", "join_timeout_s", "backoff_base_s", "backoff_max_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0")

@@ -1,0 +1,159 @@
+"""The agent daemon: join, download the base, train, upload, wait for the next base; repeat.
+
+It persists its identity and progress under its state directory, so a restarted
+agent resends an unacknowledged update (the aggregator answers "duplicate")
+instead of training and counting twice, and skips a base it already trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from agent.client import Client, SubmitRefused
+from agent.config import AgentConfig
+from agent.trainer import Trainer, has_evaluate, load_trainer
+from proto.errors import StrataError
+
+log = logging.getLogger("strata.agent")
+
+# how long wait_for_model blocks before re-checking for shutdown
+_WAIT_SLICE_S = 1.0
+
+
+class AgentDaemon:
+    def __init__(self, config: AgentConfig, trainer: Trainer | None = None, *, stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.trainer = trainer if trainer is not None else load_trainer(config.task, config.task_options)
+        self._stop = stop or threading.Event()
+        self.rounds_done = 0
+        self.client: Client | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _trainable(self) -> list[str] | None:
+        getter = getattr(self.trainer, "trainable_tensors", None)
+        return getter() if callable(getter) else None
+
+    def run(self) -> int:
+        """Run until stopped (or max_rounds updates); returns the number of updates submitted."""
+        config = self.config
+        trainable = self._trainable() if config.capability != "inference" else None
+        capability = "partial_train" if trainable and config.capability == "train" else config.capability
+        state_dir = config.state_dir or os.path.join("~", ".strata", "agent", config.id or "default")
+        self.client = client = Client(
+            config.seeds,
+            federation=config.federation,
+            agent_id=config.id,
+            display_name=config.name,
+            capability=capability,
+            trainable_tensors=trainable,
+            state_dir=state_dir,
+            rpc_timeout_s=config.rpc_timeout_s,
+            join_timeout_s=config.join_timeout_s,
+            backoff_base_s=config.backoff_base_s,
+            backoff_max_s=config.backoff_max_s,
+        )
+        try:
+            client.connect()
+            self._resend_pending(client)
+            while not self._stop.is_set():
+                try:
+                    weights = client.wait_for_model(timeout=_WAIT_SLICE_S)
+                except StrataError as exc:
+                    if exc.reason in ("timeout", "closed"):
+                        continue
+                    log.warning("download_failed", extra={"fields": {"agent": client.agent_id, "error": str(exc)}})
+                    self._stop.wait(1.0)
+                    continue
+                if self._train_round(client, weights) and config.max_rounds and self.rounds_done >= config.max_rounds:
+                    break
+        finally:
+            client.close()
+        log.info("agent_stopped", extra={"fields": {"agent": client.agent_id, "updates": self.rounds_done}})
+        return self.rounds_done
+
+    def _resend_pending(self, client: Client) -> None:
+        try:
+            receipt = client.resend_pending()
+        except SubmitRefused as refusal:
+            log.info("pending_update_refused", extra={"fields": {"agent": client.agent_id, "reason": refusal.reason}})
+            return
+        if receipt is not None:
+            log.info(
+                "pending_update_resent",
+                extra={"fields": {"agent": client.agent_id, "update": receipt.update_cid, "duplicate": receipt.duplicate}},
+            )
+
+    def _train_round(self, client: Client, weights: dict[str, Any]) -> bool:
+        info = client.current()
+        base_metrics = self.trainer.evaluate(weights) if has_evaluate(self.trainer) else {}
+        if base_metrics:
+            log.info(
+                "base_evaluated",
+                extra={"fields": {"agent": client.agent_id, "round": info.round, **{k: round(v, 4) for k, v in base_metrics.items()}}},
+            )
+        if self.config.capability == "inference":
+            return False
+        if client.already_submitted(info.model_cid):
+            # trained and acknowledged before a restart: wait for the next base
+            return False
+        started = time.perf_counter()
+        round_config = {**client.round_config, "round": info.round}
+        new_weights, num_samples, metrics = self.trainer.train(weights, round_config)
+        train_s = time.perf_counter() - started
+        if self._stop.is_set():
+            return False
+        try:
+            receipt = client.submit(new_weights, num_samples, metrics, base_metrics=base_metrics)
+        except SubmitRefused as refusal:
+            log.warning(
+                "update_refused",
+                extra={"fields": {"agent": client.agent_id, "round": info.round, "reason": refusal.reason, "message": refusal.message}},
+            )
+            return False
+        except StrataError as exc:
+            log.warning("submit_failed", extra={"fields": {"agent": client.agent_id, "error": str(exc)}})
+            return False
+        self.rounds_done += 1
+        log.info(
+            "round_trained",
+            extra={
+                "fields": {
+                    "agent": client.agent_id,
+                    "round": info.round,
+                    "num_samples": num_samples,
+                    "train_s": round(train_s, 3),
+                    "update": receipt.update_cid,
+                    **{k: round(float(v), 4) for k, v in metrics.items()},
+                }
+            },
+        )
+        return True
+
+
+def run_agents(configs: Sequence[AgentConfig], stop: threading.Event) -> list[int]:
+    """Run several agents in one process (one thread each) until `stop` is set."""
+    daemons = [AgentDaemon(config, stop=stop) for config in configs]
+    results = [0] * len(daemons)
+
+    def run(index: int) -> None:
+        try:
+            results[index] = daemons[index].run()
+        except StrataError as exc:
+            log.error("agent_failed", extra={"fields": {"agent": configs[index].id, "error": str(exc)}})
+        except Exception:
+            log.exception("agent_crashed")
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"agent-{i}", daemon=True) for i in range(len(daemons))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+    return results

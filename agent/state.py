@@ -1,0 +1,114 @@
+"""What an agent keeps on disk: its identity, its key, the last base it trained on, and a pending update.
+
+A pending update is written (atomically) before it is sent and removed once the
+aggregator acknowledged it, so an agent killed mid-upload resends exactly the
+same bytes after a restart, which the aggregator acknowledges as a duplicate
+instead of counting twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storage.keys import KeyPair
+
+
+@dataclass(kw_only=True)
+class PendingUpdate:
+    round: int
+    base_cid: str
+    num_samples: int
+    metrics: dict[str, float]
+    base_metrics: dict[str, float]
+    tensors: list[str]
+    manifest: str  # canonical manifest JSON text
+    weights_file: str
+
+
+@dataclass(kw_only=True)
+class AgentProgress:
+    agent_id: str
+    last_base_cid: str = ""
+    last_submitted_round: int = -1
+    last_submitted_base: str = ""
+    last_update_cid: str = ""
+    pending: PendingUpdate | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class AgentState:
+    """The agent's state directory."""
+
+    def __init__(self, directory: str | Path, *, agent_id: str = "") -> None:
+        self.directory = Path(os.path.expanduser(str(directory)))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.key = KeyPair.load_or_create(self.directory / "agent.key")
+        self._path = self.directory / "progress.json"
+        self.progress = self._load(agent_id)
+
+    def _load(self, agent_id: str) -> AgentProgress:
+        if self._path.exists():
+            raw = json.loads(self._path.read_text())
+            pending = raw.pop("pending", None)
+            progress = AgentProgress(**raw, pending=PendingUpdate(**pending) if pending else None)
+            if agent_id and progress.agent_id != agent_id:
+                # an explicitly configured id wins over the remembered one
+                progress = AgentProgress(agent_id=agent_id)
+            return progress
+        progress = AgentProgress(agent_id=agent_id or f"agent-{secrets.token_hex(4)}")
+        self._write(progress)
+        return progress
+
+    def _write(self, progress: AgentProgress) -> None:
+        data = json.dumps(asdict(progress), indent=1, sort_keys=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".progress-")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self._path)
+
+    def save(self) -> None:
+        self._write(self.progress)
+
+    @property
+    def agent_id(self) -> str:
+        return self.progress.agent_id
+
+    def set_pending(self, pending: PendingUpdate, weights: bytes) -> None:
+        weights_path = self.directory / pending.weights_file
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".weights-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(weights)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, weights_path)
+        self.progress.pending = pending
+        self.save()
+
+    def pending_weights(self) -> bytes | None:
+        pending = self.progress.pending
+        if pending is None:
+            return None
+        path = self.directory / pending.weights_file
+        return path.read_bytes() if path.exists() else None
+
+    def clear_pending(self, *, update_cid: str) -> None:
+        pending = self.progress.pending
+        if pending is None:
+            return
+        self.progress.last_submitted_round = pending.round
+        self.progress.last_submitted_base = pending.base_cid
+        self.progress.last_update_cid = update_cid
+        self.progress.history = (self.progress.history + [
+            {"round": pending.round, "base": pending.base_cid, "update": update_cid, "metrics": pending.metrics}
+        ])[-50:]
+        self.progress.pending = None
+        self.save()
+        (self.directory / pending.weights_file).unlink(missing_ok=True)

@@ -1,0 +1,112 @@
+"""Aggregator configuration: frozen, keyword-only, validated on creation; each default defined once.
+
+Loaded from YAML with `STRATA_*` environment overrides by `strata.config.load_config`
+(e.g. `STRATA_ROUND__MIN_UPDATES=3`). Every key has a default, so
+`strata aggregator serve` runs with no file at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from proto.errors import ConfigError
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundSettings:
+    min_updates: int = _help("updates a round needs before it may close at its deadline", default=1)
+    quorum: float = _help("fraction of active training agents whose updates close a round early", default=0.8)
+    deadline_s: float = _help("seconds after opening when a round closes with >= min_updates; else it extends", default=30.0)
+    max_staleness: int = _help("rounds an update's base may lag the current round and still be accepted", default=2)
+    staleness_discount: str = _help("discount for stale updates: polynomial | exponential | constant", default="polynomial")
+    staleness_params: dict[str, float] = _help(
+        "parameters of the discount (polynomial: exponent; exponential: half_life)",
+        default_factory=lambda: {"exponent": 0.5},
+    )
+    max_update_bytes: int = _help("largest update accepted, in bytes", default=256 << 20)
+    max_relative_norm: float = _help(
+        "refuse updates with ||update - base|| > this x max(||base||, 1); 0 disables", default=10.0
+    )
+    agent_timeout_s: float = _help("an agent not heard from for this long is no longer active", default=30.0)
+
+    def __post_init__(self) -> None:
+        if self.min_updates < 1:
+            raise ConfigError("round.min_updates must be >= 1")
+        if not (0 < self.quorum <= 1):
+            raise ConfigError("round.quorum must be in (0, 1]")
+        if not (self.deadline_s > 0 and math.isfinite(self.deadline_s)):
+            raise ConfigError("round.deadline_s must be a positive number")
+        if self.max_staleness < 0:
+            raise ConfigError("round.max_staleness must be >= 0")
+        if self.max_update_bytes <= 0:
+            raise ConfigError("round.max_update_bytes must be > 0")
+        if self.max_relative_norm < 0:
+            raise ConfigError("round.max_relative_norm must be >= 0 (0 disables the check)")
+        if self.agent_timeout_s <= 0:
+            raise ConfigError("round.agent_timeout_s must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SynthesisSettings:
+    enabled: bool = _help("synthesize a semi-global model from peers' cluster models after each round", default=True)
+    peers: str = _help("which peers to gather from: 'all' or 'random:K'", default="all")
+    decay: str = _help("staleness decay of peer models: polynomial | exponential | constant", default="exponential")
+    decay_params: dict[str, float] = _help(
+        "parameters of the decay (exponential: half_life)", default_factory=lambda: {"half_life": 2.0}
+    )
+    decay_unit: str = _help("age of a peer model measured in 'rounds' or 'seconds'", default="rounds")
+    max_age: float = _help("peer models older than this (in decay_unit) are skipped", default=5.0)
+    outlier_z: float = _help("robust z-score above which a peer model is refused as an outlier", default=3.5)
+    fetch_timeout_s: float = _help("deadline for gathering one peer's pointer and blobs", default=10.0)
+
+    def __post_init__(self) -> None:
+        if self.peers != "all" and not (self.peers.startswith("random:") and self.peers[7:].isdigit()):
+            raise ConfigError("synthesis.peers must be 'all' or 'random:K'")
+        if self.decay_unit not in ("rounds", "seconds"):
+            raise ConfigError("synthesis.decay_unit must be 'rounds' or 'seconds'")
+        if self.outlier_z <= 0:
+            raise ConfigError("synthesis.outlier_z must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorConfig:
+    id: str = _help("this aggregator's id on the ring (default: agg-<hostname>)", default="")
+    listen: str = _help("host:port for AgentService and PeerService", default="127.0.0.1:7070")
+    advertise: str = _help("address agents and peers use to reach this aggregator (default: listen)", default="")
+    federation: str = _help("the model family this aggregator trains", default="digits")
+    initial_model: str = _help(
+        "the round-0 base: a model CID in the store, or task:NAME to create it from a built-in task",
+        default="task:digits",
+    )
+    state_dir: str = _help("journal, key and history (default: ~/.strata/aggregator/<id>)", default="")
+    store: str = _help("private store for updates and models (default: $STRATA_STORE or ~/.strata/store)", default="")
+    shared_store: str = _help("store where cluster and semi-global models are published (default: store)", default="")
+    strategy: str = _help("aggregation strategy", default="fedavg")
+    round: RoundSettings = field(default_factory=RoundSettings, metadata={"help": "round policy"})
+    synthesis: SynthesisSettings = field(default_factory=SynthesisSettings, metadata={"help": "semi-global synthesis"})
+    round_config: dict[str, str] = _help("key/values handed to every trainer each round (epochs, lr, ...)", default_factory=dict)
+    heartbeat_interval_s: float = _help("how often agents should heartbeat", default=5.0)
+    coordinator: str = _help("coordinator address host:port; empty runs without one", default="")
+    peers: list[str] = _help(
+        "static membership without a coordinator: id=host:port entries (this aggregator included)",
+        default_factory=list,
+    )
+    metrics_port: int = _help("Prometheus metrics port on the listen host; 0 disables", default=0)
+    log_level: str = _help("debug | info | warning | error", default="info")
+
+    def __post_init__(self) -> None:
+        if ":" not in self.listen:
+            raise ConfigError(f"listen must be host:port, got {self.listen!r}")
+        if not self.federation:
+            raise ConfigError("federation must not be empty")
+        if self.heartbeat_interval_s <= 0:
+            raise ConfigError("heartbeat_interval_s must be > 0")
+        for entry in self.peers:
+            if "=" not in entry or ":" not in entry.split("=", 1)[1]:
+                raise ConfigError(f"peers entries must look like id=host:port, got {entry!r}")

@@ -1,0 +1,215 @@
+"""AgentService as an aggregator serves it: protobuf in, one call on a core object, protobuf out.
+
+Errors raised by the core (StrataError subclasses) leave through the shared
+error interceptor in proto.wire, except SubmitUpdate's refusals, which are an
+answer rather than a failure: the reply says accepted=false with the reason code.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from aggregator.agents import INFERENCE, PARTIAL_TRAIN, TRAIN, AgentRegistry
+from aggregator.membership import RingView
+from aggregator.rounds import BaseModel, RoundManager, Submission
+from aggregator.validation import Refusal, UpdateRefused
+from proto import strata_pb2 as pb
+from proto import strata_pb2_grpc as pb_grpc
+from proto.errors import InvalidInput, NotFound, StrataError, WireError
+from proto.wire import CHUNK_SIZE, read_header_stream
+from storage.store import ContentStore
+
+log = logging.getLogger("strata.aggregator.service")
+
+_CAPABILITY_NAMES = {pb.TRAIN: TRAIN, pb.PARTIAL_TRAIN: PARTIAL_TRAIN, pb.INFERENCE: INFERENCE}
+# how often a WatchModels stream wakes to check for shutdown and ring changes
+_WATCH_POLL_S = 1.0
+
+
+def telemetry_to_dict(telemetry: pb.Telemetry) -> dict[str, Any]:
+    return {
+        "cpu_percent": telemetry.cpu_percent,
+        "memory_mb": telemetry.memory_mb,
+        "battery_percent": telemetry.battery_percent,
+        "charging": telemetry.charging,
+        "network": telemetry.network,
+        "uplink_kbps": telemetry.uplink_kbps,
+    }
+
+
+def model_ref(base: BaseModel) -> pb.ModelRef:
+    return pb.ModelRef(
+        model_cid=base.model_cid, round=base.round, federation=base.federation, weights_cid=base.weights_cid
+    )
+
+
+def stream_model(store: ContentStore, model_cid: str, *, round_: int, if_none_match: str) -> Iterator[pb.ModelChunk]:
+    """The GetModel answer: the manifest header, then the weights in ~1 MiB chunks."""
+    from storage.manifest import Manifest
+
+    if if_none_match and if_none_match == model_cid:
+        yield pb.ModelChunk(header=pb.ModelHeader(model_cid=model_cid, not_modified=True, round=round_))
+        return
+    manifest_bytes = store.get(model_cid)
+    manifest = Manifest.from_bytes(manifest_bytes)
+    yield pb.ModelChunk(
+        header=pb.ModelHeader(
+            model_cid=model_cid,
+            manifest=manifest_bytes,
+            weights_cid=manifest.weights,
+            weights_size=store.size(manifest.weights),
+            round=manifest.round if not round_ else round_,
+        )
+    )
+    offset = 0
+    for piece in store.iter_chunks(manifest.weights, CHUNK_SIZE):
+        yield pb.ModelChunk(chunk=pb.Chunk(offset=offset, data=piece))
+        offset += len(piece)
+
+
+def read_update_stream(request_iterator: Iterator[pb.UpdateChunk], *, max_bytes: int) -> tuple[pb.UpdateHeader, bytes]:
+    """Reassemble a SubmitUpdate stream: exactly one header first, then in-order chunks."""
+    try:
+        return read_header_stream(request_iterator, size_of=lambda h: h.weights_size, max_size=max_bytes)
+    except WireError as exc:
+        reason = Refusal.TOO_LARGE if exc.reason == "oversize" else Refusal.BAD_HEADER
+        raise UpdateRefused(str(exc), reason=reason) from None
+
+
+class AgentServicer(pb_grpc.AgentServiceServicer):
+    def __init__(
+        self,
+        *,
+        aggregator_id: str,
+        rounds: RoundManager,
+        agents: AgentRegistry,
+        ring: RingView,
+        store: ContentStore,
+        heartbeat_interval_s: float,
+        round_config: dict[str, str],
+        stopping: threading.Event,
+    ) -> None:
+        self._id = aggregator_id
+        self._rounds = rounds
+        self._agents = agents
+        self._ring = ring
+        self._store = store
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._round_config = round_config
+        self._stopping = stopping
+
+    def _redirect_for(self, agent_id: str) -> pb.Redirect | None:
+        ring = self._ring.ring
+        owner = ring.owner(agent_id)
+        if owner.id == self._id:
+            return None
+        return pb.Redirect(aggregator_id=owner.id, address=owner.address, ring_version=ring.version, reason="not_home")
+
+    def _check_federation(self, federation: str) -> None:
+        if federation and federation != self._rounds.federation:
+            raise InvalidInput(
+                f"this aggregator trains {self._rounds.federation!r}, not {federation!r}",
+                reason=Refusal.UNKNOWN_FEDERATION,
+            )
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        if not request.agent_id:
+            raise InvalidInput("agent_id is empty", reason="bad_request")
+        self._check_federation(request.federation)
+        redirect = self._redirect_for(request.agent_id)
+        if redirect is not None:
+            return pb.JoinReply(redirect=redirect)
+        self._agents.join(
+            request.agent_id,
+            display_name=request.display_name,
+            capability=_CAPABILITY_NAMES.get(request.capability, TRAIN),
+            telemetry=telemetry_to_dict(request.telemetry),
+        )
+        log.info("agent_joined", extra={"fields": {"agent": request.agent_id, "name": request.display_name}})
+        return pb.JoinReply(
+            home=pb.Home(
+                aggregator_id=self._id,
+                base=model_ref(self._rounds.current),
+                ring_version=self._ring.ring.version,
+                heartbeat_interval_s=self._heartbeat_interval_s,
+                round_config=self._round_config,
+            )
+        )
+
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
+        self._check_federation(request.federation)
+        if request.agent_id:
+            self._agents.touch(request.agent_id)
+        current = self._rounds.current
+        model_cid = request.model_cid or current.model_cid
+        if model_cid != current.model_cid and not self._store.has(model_cid):
+            raise NotFound(f"model {model_cid} is not in this aggregator's store", reason="not_found")
+        round_ = current.round if model_cid == current.model_cid else 0
+        yield from stream_model(self._store, model_cid, round_=round_, if_none_match=request.if_none_match)
+
+    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.SubmitUpdateReply:
+        try:
+            header, weights = read_update_stream(
+                request_iterator, max_bytes=self._rounds.settings.max_update_bytes
+            )
+            self._agents.touch(header.agent_id)
+            result = self._rounds.submit(
+                Submission(
+                    agent_id=header.agent_id,
+                    round=header.round,
+                    base_cid=header.base_cid,
+                    num_samples=header.num_samples,
+                    weights=weights,
+                    federation=header.federation,
+                    metrics=dict(header.metrics),
+                    base_metrics=dict(header.base_metrics),
+                    tensors=tuple(header.tensors),
+                    weights_cid=header.weights_cid,
+                    kind=header.kind or "local",
+                    parents=tuple(header.parents),
+                    manifest=header.manifest,
+                )
+            )
+        except UpdateRefused as refusal:
+            return pb.SubmitUpdateReply(accepted=False, reason=refusal.reason, message=refusal.message)
+        except StrataError as error:
+            if error.status == "INVALID_ARGUMENT":
+                return pb.SubmitUpdateReply(accepted=False, reason=error.reason, message=error.message)
+            raise
+        return pb.SubmitUpdateReply(
+            accepted=True, update_cid=result.update_cid, round=result.round, duplicate=result.duplicate
+        )
+
+    def WatchModels(self, request: pb.WatchModelsRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelEvent]:
+        self._check_federation(request.federation)
+        known = request.known_cid
+        while context.is_active() and not self._stopping.is_set():
+            if request.agent_id:
+                redirect = self._redirect_for(request.agent_id)
+                if redirect is not None:
+                    redirect.reason = "home_changed"
+                    yield pb.ModelEvent(home_changed=redirect)
+                    return
+                self._agents.touch(request.agent_id)
+            current = self._rounds.wait_for_new_base(known, timeout=_WATCH_POLL_S)
+            if current.model_cid != known:
+                known = current.model_cid
+                yield pb.ModelEvent(new_base=model_ref(current))
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        if not request.agent_id:
+            raise InvalidInput("agent_id is empty", reason="bad_request")
+        self._agents.touch(request.agent_id, telemetry_to_dict(request.telemetry))
+        reply = pb.HeartbeatReply(
+            current_base=model_ref(self._rounds.current), next_interval_s=self._heartbeat_interval_s
+        )
+        redirect = self._redirect_for(request.agent_id)
+        if redirect is not None:
+            redirect.reason = "home_changed"
+            reply.home_changed.CopyFrom(redirect)
+        return reply

@@ -1,0 +1,192 @@
+"""Aggregation strategies: a small template over pure numeric kernels.
+
+A `Strategy` names a rule and its parameters and starts an `Aggregation` for one
+round from the round's base tensors. Updates are folded in one at a time as they
+arrive (`add`), and `result()` gives the aggregate. Memory therefore grows with
+the model, not with the number of updates.
+
+Kernels are module-level functions over per-tensor arrays and weights: no I/O,
+and they never mutate their inputs. Aggregation is per tensor with per-tensor
+weight sums, so partial updates (a device that trained only the head) average
+correctly and a tensor nobody trained keeps its base value.
+
+Strategies that need every update at once (median, trimmed mean, Krum) subclass
+`Strategy` with `streaming = False`; the round then hands them an iterable that
+reads the accepted updates back from the store instead of calling `add`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from proto.errors import InvalidInput
+
+TensorDict = dict[str, np.ndarray]
+
+
+class AggregationError(InvalidInput):
+    """An update that cannot be aggregated with the others (names, shapes, dtypes, weights)."""
+
+    reason = "shape_mismatch"
+
+
+# ------------------------------------------------------------------ kernels
+
+
+def check_compatible(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> None:
+    """Refuse an update naming tensors the base lacks, or with another shape or dtype.
+
+    A subset of the base's tensors is allowed (partial updates); nothing else is.
+    """
+    unknown = sorted(set(update) - set(base))
+    if unknown:
+        raise AggregationError(f"tensors not in the base model: {unknown[:5]}")
+    if not update:
+        raise AggregationError("update contains no tensors")
+    for name, array in update.items():
+        expected = base[name]
+        if array.shape != expected.shape:
+            raise AggregationError(
+                f"tensor {name!r}: shape {tuple(array.shape)} != base {tuple(expected.shape)}"
+            )
+        if array.dtype != expected.dtype:
+            raise AggregationError(f"tensor {name!r}: dtype {array.dtype} != base {expected.dtype}")
+
+
+def check_weight(weight: float) -> float:
+    if not (math.isfinite(weight) and weight > 0):
+        raise AggregationError(f"aggregation weight must be finite and > 0, got {weight!r}", reason="bad_weight")
+    return float(weight)
+
+
+def weighted_average(arrays: Iterable[np.ndarray], weights: Iterable[float]) -> np.ndarray:
+    """Σ wᵢ·xᵢ / Σ wᵢ, computed in float64 and returned in the inputs' dtype. Reference
+    implementation for tests and small inputs; the streaming fold is `_axpy_`."""
+    arrays, weights = list(arrays), [check_weight(w) for w in weights]
+    if not arrays or len(arrays) != len(weights):
+        raise AggregationError("weighted_average needs as many weights as arrays, at least one")
+    total = np.zeros(arrays[0].shape, dtype=np.float64)
+    for array, weight in zip(arrays, weights, strict=True):
+        total += weight * array.astype(np.float64, copy=False)
+    return (total / sum(weights)).astype(arrays[0].dtype)
+
+
+def coordinate_median(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """The coordinate-wise median of equally-shaped arrays."""
+    stacked = np.stack(list(arrays))
+    return np.median(stacked, axis=0).astype(stacked.dtype)
+
+
+def _axpy_(accumulator: torch.Tensor, x: np.ndarray, alpha: float) -> None:
+    # accumulator += alpha * x in one fused, multi-threaded pass over x's memory
+    accumulator.add_(torch.from_numpy(np.ascontiguousarray(x)), alpha=alpha)
+
+
+# ------------------------------------------------------------------ template
+
+
+class Aggregation(ABC):
+    """One round's aggregation in progress."""
+
+    @abstractmethod
+    def add(self, update: Mapping[str, np.ndarray], weight: float) -> None: ...
+
+    @abstractmethod
+    def result(self) -> TensorDict: ...
+
+    @property
+    @abstractmethod
+    def count(self) -> int: ...
+
+
+class Strategy(ABC):
+    """An aggregation rule: its name, its parameters, and how a round aggregates."""
+
+    name: ClassVar[str]
+    streaming: ClassVar[bool] = True
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.params()}
+
+    @abstractmethod
+    def start(self, base: Mapping[str, np.ndarray]) -> Aggregation: ...
+
+    def aggregate(self, base: Mapping[str, np.ndarray], updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> TensorDict:
+        """Aggregate a whole sequence at once (used for non-streaming rules, and for
+        rebuilding a round after a restart)."""
+        aggregation = self.start(base)
+        for update, weight in updates:
+            aggregation.add(update, weight)
+        return aggregation.result()
+
+
+class _FedAvgAggregation(Aggregation):
+    def __init__(self, base: Mapping[str, np.ndarray]) -> None:
+        self._base = base
+        self._sums: dict[str, torch.Tensor] = {}
+        self._weights: dict[str, float] = {}
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
+        weight = check_weight(weight)
+        check_compatible(self._base, update)
+        for name, array in update.items():
+            accumulator = self._sums.get(name)
+            if accumulator is None:
+                accumulator = self._sums[name] = torch.zeros(array.shape, dtype=_accumulator_dtype(array.dtype))
+            _axpy_(accumulator, array, weight)
+            self._weights[name] = self._weights.get(name, 0.0) + weight
+        self._count += 1
+
+    def result(self) -> TensorDict:
+        out: TensorDict = {}
+        for name, base_array in self._base.items():
+            total = self._weights.get(name, 0.0)
+            if total <= 0:
+                out[name] = np.array(base_array, copy=True)
+                continue
+            out[name] = (self._sums[name] / total).numpy().astype(base_array.dtype, copy=False)
+        return out
+
+
+def _accumulator_dtype(dtype: np.dtype) -> torch.dtype:
+    # float32 sums keep the fold memory-bound; integer tensors (counters, buffers)
+    # are averaged in float64 and rounded back by astype.
+    if dtype == np.float32 or dtype == np.float16:
+        return torch.float32
+    return torch.float64
+
+
+class FedAvg(Strategy):
+    """Sample-weighted federated averaging (McMahan et al.), folded in as updates arrive."""
+
+    name = "fedavg"
+
+    def start(self, base: Mapping[str, np.ndarray]) -> Aggregation:
+        return _FedAvgAggregation(base)
+
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {FedAvg.name: FedAvg}
+
+
+def make_strategy(name: str, **params: Any) -> Strategy:
+    try:
+        factory = STRATEGIES[name]
+    except KeyError:
+        raise InvalidInput(
+            f"unknown aggregation strategy {name!r}; known: {sorted(STRATEGIES)}", reason="bad_config"
+        ) from None
+    return factory(**params)

@@ -1,0 +1,111 @@
+"""The `strata` command: parse, call the core, render. One shared error handler sets the exit code.
+
+Exit codes:
+  0  success
+  1  unexpected internal error (a bug: please report it)
+  2  usage error or invalid input (bad arguments, bad file, bad config)
+  3  not found (no such model, file or aggregator state)
+  4  integrity failure (a hash or signature does not verify)
+  5  unavailable (a daemon or store could not be reached in time)
+  130 interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from proto.errors import IntegrityError, NotFound, StrataError, Unavailable
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTEGRITY, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
+
+
+class CommandFailed(StrataError):
+    """A command that ran but whose answer is "no" (e.g. verify found problems); carries its exit code."""
+
+    def __init__(self, message: str, *, exit_code: int, reason: str = "failed") -> None:
+        super().__init__(message, reason=reason)
+        self.exit_code = exit_code
+
+
+def exit_code_for(error: StrataError) -> int:
+    if isinstance(error, CommandFailed):
+        return error.exit_code
+    if isinstance(error, NotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(error, IntegrityError):
+        return EXIT_INTEGRITY
+    if isinstance(error, Unavailable) or error.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return EXIT_UNAVAILABLE
+    if error.status in ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "ALREADY_EXISTS"):
+        return EXIT_USAGE
+    return EXIT_INTERNAL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from strata import cmd_daemons, cmd_demo, cmd_fleet, cmd_history, cmd_model
+
+    parser = argparse.ArgumentParser(
+        prog="strata",
+        description="Strata: federated learning across a ring of aggregators, with content-addressed model lineage.",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 usage/invalid input, 3 not found, 4 integrity failure, "
+        "5 unavailable, 130 interrupted. Run `strata COMMAND --help` for details.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    for module in (cmd_model, cmd_history, cmd_daemons, cmd_fleet, cmd_demo):
+        module.register(commands)
+    return parser
+
+
+def add_store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="content store: a directory, local:/path or ipfs:/multiaddr (default: $STRATA_STORE or ~/.strata/store)",
+    )
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+
+
+def add_log_level_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", metavar="LEVEL", help="debug | info | warning | error (overrides the config's log_level)"
+    )
+
+
+def print_json(value: object) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int | None] = args.handler
+    try:
+        return handler(args) or EXIT_OK
+    except KeyboardInterrupt:
+        print("strata: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except StrataError as error:
+        if getattr(args, "json", False):
+            print_json({"error": {"reason": error.reason, "message": error.message}})
+        print(f"strata: {error.message} [{error.reason}]", file=sys.stderr)
+        return exit_code_for(error)
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as error:  # a bug: say so in one line, keep the traceback for --log-level debug
+        logging.getLogger("strata.cli").debug("internal error", exc_info=True)
+        print(f"strata: internal error: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

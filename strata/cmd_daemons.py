@@ -1,0 +1,157 @@
+"""`strata aggregator serve`, `strata agent run`, `strata coordinator serve`: load config, wire, run until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from strata import cli
+from strata.config import config_to_dict, describe_config, load_config
+from strata.logs import setup_logging
+
+
+def _config_help(cls: type) -> str:
+    lines = ["config keys (YAML file, or STRATA_<KEY> / STRATA_<SECTION>__<KEY> environment variables):"]
+    for key, default, text in describe_config(cls):
+        lines.append(f"  {key} = {default}  # {text}")
+    return "\n".join(lines)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (optional: every key has a default)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
+    cli.add_log_level_option(parser)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    from agent.config import AgentConfig
+    from aggregator.config import AggregatorConfig
+    from coordinator.config import CoordinatorConfig
+
+    aggregator = commands.add_parser("aggregator", help="run a cluster aggregator")
+    sub = aggregator.add_subparsers(dest="aggregator_command", metavar="ACTION")
+    sub.required = True
+    serve = sub.add_parser(
+        "serve",
+        help="serve AgentService and PeerService, run rounds",
+        epilog=_config_help(AggregatorConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(serve)
+    serve.set_defaults(handler=cmd_aggregator_serve)
+
+    agent = commands.add_parser("agent", help="run an edge agent")
+    sub = agent.add_subparsers(dest="agent_command", metavar="ACTION")
+    sub.required = True
+    run = sub.add_parser(
+        "run",
+        help="join, train, upload, repeat (several --config files run several agents in one process)",
+        epilog=_config_help(AgentConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--config", type=Path, action="append", default=[], help="YAML config file (repeatable)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)")
+    run.add_argument("--print-config", action="store_true", help="print the effective config(s) as JSON and exit")
+    cli.add_log_level_option(run)
+    run.set_defaults(handler=cmd_agent_run)
+
+    coordinator = commands.add_parser("coordinator", help="run the coordinator (membership, ring, model index)")
+    sub = coordinator.add_subparsers(dest="coordinator_command", metavar="ACTION")
+    sub.required = True
+    serve = sub.add_parser(
+        "serve",
+        help="serve CoordinatorService",
+        epilog=_config_help(CoordinatorConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(serve)
+    serve.set_defaults(handler=cmd_coordinator_serve)
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    from proto.errors import InvalidInput
+
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"--set expects KEY=VALUE, got {pair!r}", reason="bad_argument")
+        out[key.strip()] = value
+    return out
+
+
+def _run_until_signal(stop: Callable[[], None], wait: Callable[[float], Any]) -> None:
+    """Install SIGINT/SIGTERM handlers that call `stop`, then wait for it."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping.is_set():
+            if wait(0.5):
+                break
+    finally:
+        stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def cmd_aggregator_serve(args: argparse.Namespace) -> int:
+    from aggregator.config import AggregatorConfig
+    from aggregator.daemon import AggregatorDaemon
+    from strata.wiring import initial_model_factory
+
+    config = load_config(AggregatorConfig, args.config, overrides=_overrides(args.set))
+    if args.print_config:
+        cli.print_json(config_to_dict(config))
+        return cli.EXIT_OK
+    setup_logging(args.log_level or config.log_level)
+    daemon = AggregatorDaemon(config, initial_model_factory=initial_model_factory(config))
+    daemon.start()
+    _run_until_signal(daemon.stop, daemon.wait)
+    return cli.EXIT_OK
+
+
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    from agent.config import AgentConfig
+    from agent.daemon import run_agents
+
+    paths = args.config or [None]
+    configs = [load_config(AgentConfig, path, overrides=_overrides(args.set)) for path in paths]
+    if len(configs) > 1:
+        ids = [c.id for c in configs]
+        if "" in ids or len(set(ids)) != len(ids):
+            configs = [c if c.id else replace(c, id=f"agent-{i}") for i, c in enumerate(configs)]
+    if args.print_config:
+        cli.print_json([config_to_dict(c) for c in configs])
+        return cli.EXIT_OK
+    setup_logging(args.log_level or configs[0].log_level)
+    stop = threading.Event()
+    runner = threading.Thread(target=run_agents, args=(configs, stop), name="agents", daemon=True)
+    runner.start()
+    _run_until_signal(stop.set, lambda timeout: not runner.is_alive() or stop.wait(timeout))
+    runner.join(timeout=10.0)
+    return cli.EXIT_OK
+
+
+def cmd_coordinator_serve(args: argparse.Namespace) -> int:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.daemon import CoordinatorDaemon
+
+    config = load_config(CoordinatorConfig, args.config, overrides=_overrides(args.set))
+    if args.print_config:
+        cli.print_json(config_to_dict(config))
+        return cli.EXIT_OK
+    setup_logging(args.log_level or config.log_level)
+    daemon = CoordinatorDaemon(config)
+    daemon.start()
+    _run_until_signal(daemon.stop, daemon.wait)
+    return cli.EXIT_OK

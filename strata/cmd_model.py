@@ -1,0 +1,205 @@
+"""`strata model put|show|export`, `strata lineage` and `strata verify`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from proto.errors import InvalidInput, NotFound
+from storage.cid import validate_cid
+from storage.codec import CodecError, decode_torch, encode_tensors
+from storage.keys import KeyPair
+from storage.lineage import verify, walk
+from storage.manifest import KINDS, Producer
+from storage.models import load_manifest, load_model, save_model
+from storage.store import ContentStore, default_store_path, open_store
+from strata import cli, render
+
+
+def resolve_store(args: argparse.Namespace) -> ContentStore:
+    return open_store(getattr(args, "store", None) or os.environ.get("STRATA_STORE") or str(default_store_path()))
+
+
+def operator_key() -> KeyPair:
+    """The operator's signing key, created on first use under ~/.strata."""
+    return KeyPair.load_or_create(Path(os.path.expanduser("~")) / ".strata" / "operator.key")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    model = commands.add_parser("model", help="store, inspect and export models")
+    sub = model.add_subparsers(dest="model_command", metavar="ACTION")
+    sub.required = True
+
+    put = sub.add_parser("put", help="import a .safetensors file or a PyTorch state_dict as a model")
+    put.add_argument("file", type=Path, help=".safetensors, or a state_dict saved with torch.save (.pt/.pth)")
+    put.add_argument("--federation", required=True, help="the model family, e.g. digits")
+    put.add_argument("--kind", default="base", choices=KINDS, help="manifest kind (default: base)")
+    put.add_argument("--round", type=int, default=0, help="round number recorded in the manifest (default: 0)")
+    put.add_argument("--parent", action="append", default=[], metavar="CID", help="a parent model (repeatable)")
+    cli.add_store_option(put)
+    cli.add_json_option(put)
+    put.set_defaults(handler=cmd_put)
+
+    show = sub.add_parser("show", help="a model's manifest, tensor summary and weights CID")
+    show.add_argument("cid", help="model ID (the manifest's CID)")
+    cli.add_store_option(show)
+    cli.add_json_option(show)
+    show.set_defaults(handler=cmd_show)
+
+    export = sub.add_parser("export", help="write a model's weights to .safetensors or .pt")
+    export.add_argument("cid", help="model ID")
+    export.add_argument("-o", "--output", type=Path, required=True, help="out.safetensors or out.pt")
+    cli.add_store_option(export)
+    cli.add_json_option(export)
+    export.set_defaults(handler=cmd_export)
+
+    lineage = commands.add_parser("lineage", help="a model's ancestry down to the device updates")
+    lineage.add_argument("cid", help="model ID")
+    lineage.add_argument("--depth", type=int, default=None, help="how many generations to walk (default: all)")
+    lineage.add_argument("--format", choices=("tree", "dot", "json"), default="tree", help="output format (default: tree)")
+    lineage.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=os.environ.get("STRATA_COORDINATOR", ""),
+        help="answer from the coordinator's model index (default: $STRATA_COORDINATOR; else the store)",
+    )
+    cli.add_store_option(lineage)
+    cli.add_json_option(lineage)
+    lineage.set_defaults(handler=cmd_lineage)
+
+    check = commands.add_parser("verify", help="re-hash a model's whole lineage, weights and signatures; exit 4 on any mismatch")
+    check.add_argument("cid", help="model ID")
+    cli.add_store_option(check)
+    cli.add_json_option(check)
+    check.set_defaults(handler=cmd_verify)
+
+
+def _read_tensors(path: Path) -> bytes:
+    if not path.is_file():
+        raise NotFound(f"no such file: {path}", reason="file_not_found")
+    data = path.read_bytes()
+    if path.suffix == ".safetensors":
+        decode_torch(data)  # validates header and data before anything is stored
+        return data
+    if path.suffix in (".pt", ".pth", ".bin"):
+        import torch
+
+        try:
+            # weights_only: a state_dict file is a stranger's input and must not run code
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InvalidInput(f"{path} is not a loadable PyTorch state_dict: {exc}", reason="bad_state_dict") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise InvalidInput(f"{path} does not hold a dict of tensors (a state_dict)", reason="bad_state_dict")
+        return encode_tensors(state)
+    raise InvalidInput(f"{path}: expected a .safetensors, .pt or .pth file", reason="bad_file_type")
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    weights = _read_tensors(args.file)
+    for parent in args.parent:
+        validate_cid(parent)
+    key = operator_key()
+    with resolve_store(args) as store:
+        manifest = save_model(
+            store,
+            weights=weights,
+            kind=args.kind,
+            federation=args.federation,
+            round=args.round,
+            producer=Producer(role="operator", id=os.environ.get("USER", "operator")),
+            key=key,
+            parents=args.parent,
+        )
+    if args.json:
+        cli.print_json({"model": manifest.cid, "weights": manifest.weights, "kind": manifest.kind})
+    else:
+        print(manifest.cid)
+    return cli.EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    validate_cid(args.cid)
+    with resolve_store(args) as store:
+        manifest = load_manifest(store, args.cid)
+    if args.json:
+        cli.print_json({"model": args.cid, "manifest": manifest.to_json()})
+    else:
+        print(render.manifest_text(args.cid, manifest))
+    return cli.EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    validate_cid(args.cid)
+    with resolve_store(args) as store:
+        manifest, weights = load_model(store, args.cid)
+    output: Path = args.output
+    if output.suffix == ".safetensors":
+        output.write_bytes(weights)
+    elif output.suffix in (".pt", ".pth"):
+        import torch
+
+        torch.save(decode_torch(weights), output)
+    else:
+        raise InvalidInput(f"{output}: the output must end in .safetensors, .pt or .pth", reason="bad_file_type")
+    if args.json:
+        cli.print_json({"model": args.cid, "weights": manifest.weights, "output": str(output)})
+    else:
+        print(f"wrote {output} ({len(manifest.tensors)} tensors, weights {manifest.weights})")
+    return cli.EXIT_OK
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    validate_cid(args.cid)
+    if args.depth is not None and args.depth < 0:
+        raise InvalidInput("--depth must be >= 0", reason="bad_depth")
+    if args.coordinator:
+        from strata.cmd_fleet import lineage_from_index
+
+        view = lineage_from_index(args.coordinator, args.cid, args.depth)
+    else:
+        with resolve_store(args) as store:
+            graph = walk(store, args.cid, depth=args.depth)
+        if args.cid not in graph.nodes:
+            problem = graph.problems[0] if graph.problems else None
+            if problem is not None and problem.reason == "missing":
+                raise NotFound(f"model {args.cid} is not in the store", reason="not_found")
+        view = render.view_from_graph(graph)
+    fmt = "json" if args.json else args.format
+    if fmt == "json":
+        cli.print_json(render.lineage_json(view))
+    elif fmt == "dot":
+        print(render.lineage_dot(view))
+    else:
+        print(render.lineage_tree(view))
+    return cli.EXIT_OK if not view.problems else cli.EXIT_INTEGRITY
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    validate_cid(args.cid)
+    with resolve_store(args) as store:
+        try:
+            graph = verify(store, args.cid)
+        except CodecError as exc:
+            raise InvalidInput(str(exc), reason=exc.reason) from None
+    result = {
+        "model": args.cid,
+        "ok": graph.ok,
+        "models_checked": len(graph.nodes),
+        "problems": [{"cid": p.cid, "where": p.where, "reason": p.reason, "message": p.message} for p in graph.problems],
+    }
+    if args.json:
+        cli.print_json(result)
+    elif graph.ok:
+        print(f"ok: {len(graph.nodes)} model(s), their weights and signatures verify")
+    else:
+        print(f"FAILED: {len(graph.problems)} problem(s) in {len(graph.nodes)} model(s) read")
+        for problem in graph.problems:
+            print(f"  {problem.reason}: {problem.cid} ({problem.where}): {problem.message}")
+    if not graph.ok:
+        missing_root = any(p.cid == args.cid and p.reason == "missing" for p in graph.problems)
+        return cli.EXIT_NOT_FOUND if missing_root else cli.EXIT_INTEGRITY
+    return cli.EXIT_OK

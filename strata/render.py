@@ -1,0 +1,189 @@
+"""Rendering for the CLI: lineage as a tree, Graphviz dot or JSON; manifests and tables as text.
+
+Pure functions from core results to strings; the commands decide where they go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.lineage import LineageGraph
+from storage.manifest import Manifest
+
+
+@dataclass(frozen=True, kw_only=True)
+class LineageNode:
+    """One model in a lineage, wherever it was read from (the store or the coordinator's index)."""
+
+    cid: str
+    kind: str
+    producer: str
+    round: int
+    num_samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    parents: tuple[str, ...] = ()
+    note: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LineageView:
+    root: str
+    nodes: Mapping[str, LineageNode]
+    problems: Sequence[Mapping[str, str]] = ()
+    truncated: Sequence[str] = ()
+    source: str = "store"
+
+
+def view_from_graph(graph: LineageGraph) -> LineageView:
+    nodes = {cid: node_from_manifest(cid, manifest) for cid, manifest in graph.nodes.items()}
+    problems = [{"cid": p.cid, "where": p.where, "reason": p.reason, "message": p.message} for p in graph.problems]
+    return LineageView(root=graph.root, nodes=nodes, problems=problems, truncated=list(graph.truncated))
+
+
+def node_from_manifest(cid: str, manifest: Manifest) -> LineageNode:
+    refused = manifest.extra.get("refused_peers") if isinstance(manifest.extra, dict) else None
+    note = f"refused {len(refused)} peer model(s)" if refused else ""
+    return LineageNode(
+        cid=cid,
+        kind=manifest.kind,
+        producer=f"{manifest.producer.role}:{manifest.producer.id}",
+        round=manifest.round,
+        num_samples=manifest.num_samples,
+        metrics=dict(manifest.metrics),
+        parents=tuple(manifest.parents),
+        note=note,
+    )
+
+
+def _label(node: LineageNode) -> str:
+    metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(node.metrics.items()) if k in ("accuracy", "loss"))
+    parts = [node.kind, node.cid, f"round {node.round}", node.producer, f"n={node.num_samples}"]
+    if metrics:
+        parts.append(metrics)
+    if node.note:
+        parts.append(node.note)
+    return "  ".join(parts)
+
+
+def lineage_tree(view: LineageView) -> str:
+    """An indented tree from the root down to its ancestors; repeated subtrees are shown once."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    problems = {p["cid"]: p for p in view.problems}
+
+    def visit(cid: str, prefix: str, connector: str, child_prefix: str) -> None:
+        node = view.nodes.get(cid)
+        if node is None:
+            problem = problems.get(cid)
+            why = f"{problem['reason']}: {problem['message']}" if problem else "not read"
+            lines.append(f"{prefix}{connector}? {cid}  ({why})")
+            return
+        marker = "  (shown above)" if cid in seen and node.parents else ""
+        flag = f"  !! {problems[cid]['reason']}" if cid in problems else ""
+        lines.append(f"{prefix}{connector}{_label(node)}{marker}{flag}")
+        if cid in seen:
+            return
+        seen.add(cid)
+        if cid in view.truncated:
+            lines.append(f"{prefix}{child_prefix}└─ … ({len(node.parents)} parents beyond --depth)")
+            return
+        for index, parent in enumerate(node.parents):
+            last = index == len(node.parents) - 1
+            visit(parent, prefix + child_prefix, "└─ " if last else "├─ ", "   " if last else "│  ")
+
+    visit(view.root, "", "", "")
+    if view.problems:
+        lines.append("")
+        lines.append(f"{len(view.problems)} problem(s):")
+        lines += [f"  {p['reason']}: {p['cid']} ({p['where']}): {p['message']}" for p in view.problems]
+    return "\n".join(lines)
+
+
+def lineage_dot(view: LineageView) -> str:
+    colors = {"local": "lightblue", "relay": "khaki", "cluster": "palegreen", "semi-global": "salmon", "base": "grey90"}
+    lines = ["digraph lineage {", "  rankdir=BT;", '  node [shape=box, style=filled, fontname="monospace"];']
+    for cid, node in view.nodes.items():
+        label = f"{node.kind}\\n{cid[:12]}…\\nround {node.round} {node.producer}\\nn={node.num_samples}"
+        lines.append(f'  "{cid}" [label="{label}", fillcolor="{colors.get(node.kind, "white")}"];')
+    for cid, node in view.nodes.items():
+        for parent in node.parents:
+            lines.append(f'  "{parent}" -> "{cid}";')
+    for problem in view.problems:
+        lines.append(f'  "{problem["cid"]}" [label="{problem["reason"]}\\n{problem["cid"][:12]}…", color=red];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def lineage_json(view: LineageView) -> dict[str, Any]:
+    return {
+        "root": view.root,
+        "source": view.source,
+        "ok": not view.problems,
+        "nodes": {
+            cid: {
+                "kind": n.kind,
+                "producer": n.producer,
+                "round": n.round,
+                "num_samples": n.num_samples,
+                "metrics": dict(n.metrics),
+                "parents": list(n.parents),
+            }
+            for cid, n in view.nodes.items()
+        },
+        "problems": list(view.problems),
+        "truncated": list(view.truncated),
+    }
+
+
+def lineage_summary(view: LineageView) -> str:
+    """One line per kind: how many models of each kind the lineage holds."""
+    counts: dict[str, int] = {}
+    for node in view.nodes.values():
+        counts[node.kind] = counts.get(node.kind, 0) + 1
+    order = ["semi-global", "cluster", "relay", "local", "base", "fork"]
+    return ", ".join(f"{counts[k]} {k}" for k in order if k in counts)
+
+
+def manifest_text(cid: str, manifest: Manifest) -> str:
+    lines = [
+        f"model      {cid}",
+        f"kind       {manifest.kind}",
+        f"federation {manifest.federation}",
+        f"round      {manifest.round}",
+        f"producer   {manifest.producer.role}:{manifest.producer.id}",
+        f"weights    {manifest.weights}",
+        f"base       {manifest.base or '-'}",
+        f"samples    {manifest.num_samples}",
+        f"created    {manifest.created_at}",
+        f"signed     {'ed25519 ' + manifest.signature['public_key'][:16] + '…' if manifest.signature else 'no'}",
+    ]
+    if manifest.metrics:
+        lines.append("metrics    " + " ".join(f"{k}={v:.4g}" for k, v in sorted(manifest.metrics.items())))
+    if manifest.algorithm:
+        lines.append(f"algorithm  {manifest.algorithm}")
+    lines.append(f"parents    {len(manifest.parents)}")
+    lines += [f"  {p}" for p in manifest.parents]
+    lines.append(f"tensors    {len(manifest.tensors)}")
+    for name, info in sorted(manifest.tensors.items()):
+        lines.append(f"  {name:<32} {info.dtype:<5} {list(info.shape)}")
+    return "\n".join(lines)
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in out)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)

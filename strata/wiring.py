@@ -1,0 +1,44 @@
+"""Wiring that crosses package boundaries: only `strata/` may import both the agent's tasks and the aggregator."""
+
+from __future__ import annotations
+
+from aggregator.config import AggregatorConfig
+from aggregator.daemon import InitialModelFactory
+from proto.errors import ConfigError
+from storage.codec import encode_tensors
+from storage.keys import KeyPair
+from storage.manifest import Producer
+from storage.models import save_model
+from storage.store import ContentStore
+
+
+def task_base_model(store: ContentStore, key: KeyPair, *, task: str, federation: str, seed: int = 0) -> str:
+    """Store a built-in task's seeded initial weights as a round-0 base model; returns its model ID.
+
+    The weights are deterministic for (task, seed), so every aggregator of a fleet
+    starts from the same weights CID.
+    """
+    from agent.tasks import BUILTIN_TASKS
+
+    if task not in BUILTIN_TASKS:
+        raise ConfigError(f"initial_model task:{task}: unknown task; built-in: {sorted(BUILTIN_TASKS)}")
+    weights = BUILTIN_TASKS[task].seeded_weights(seed)
+    manifest = save_model(
+        store,
+        weights=encode_tensors(weights),
+        kind="base",
+        federation=federation,
+        round=0,
+        producer=Producer(role="task", id=f"{task}@seed{seed}"),
+        key=key,
+        algorithm={"name": "init", "params": {"task": task, "seed": seed}},
+    )
+    return manifest.cid
+
+
+def initial_model_factory(config: AggregatorConfig) -> InitialModelFactory | None:
+    spec = config.initial_model
+    if not spec.startswith("task:"):
+        return None
+    task = spec.removeprefix("task:")
+    return lambda store, key: task_base_model(store, key, task=task, federation=config.federation)
