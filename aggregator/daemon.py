@@ -11,16 +11,20 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+
+import numpy as np
 
 from aggregator.agents import AgentRegistry
 from aggregator.config import AggregatorConfig
 from aggregator.journal import Journal
 from aggregator.membership import RingView, static_ring
+from aggregator.peers import GrpcPeerAccess, PeerServicer, Published, pointer_for
 from aggregator.rounds import BaseModel, RoundManager, Synthesizer
 from aggregator.service import AgentServicer
 from aggregator.strategies import make_strategy
+from aggregator.synthesis import SemiGlobalSynthesizer
 from coordinator.ring import Member
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import ConfigError, StrataError
@@ -28,6 +32,7 @@ from proto.wire import ServerHandle, create_server
 from storage.cid import is_cid
 from storage.keys import KeyPair
 from storage.manifest import Manifest
+from storage.models import load_manifest
 from storage.store import ContentStore, default_store_path, open_store
 
 log = logging.getLogger("strata.aggregator")
@@ -55,7 +60,8 @@ class AggregatorDaemon:
         self.state_dir = Path(
             os.path.expanduser(config.state_dir or f"~/.strata/aggregator/{self.id}")
         )
-        self.store = open_store(config.store or f"local:{default_store_path()}")
+        self.store = open_store(config.store or str(default_store_path()))
+        self.shared_store = open_store(config.shared_store) if config.shared_store else self.store
         self.key = KeyPair.load_or_create(self.state_dir / "aggregator.key")
         self.journal = Journal(self.state_dir / "journal.sqlite")
         self.agents = AgentRegistry(timeout_s=config.round.agent_timeout_s)
@@ -64,6 +70,10 @@ class AggregatorDaemon:
         self._ticker: threading.Thread | None = None
         self._server: ServerHandle | None = None
         self._started = False
+        self.published = Published()
+        self.peer_access = GrpcPeerAccess()
+        self.ring_view: RingView | None = None
+        self.synthesizer: Synthesizer | None = synthesizer
         self.rounds = RoundManager(
             aggregator_id=self.id,
             federation=config.federation,
@@ -73,10 +83,10 @@ class AggregatorDaemon:
             strategy=make_strategy(config.strategy),
             key=self.key,
             initial_base=self._initial_base,
-            synthesize=synthesizer,
+            synthesize=self._synthesize,
             on_new_base=self._announce_base,
+            on_model=self._on_model,
         )
-        self.ring_view: RingView | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -84,10 +94,22 @@ class AggregatorDaemon:
         if self._started:
             return self
         self._started = True
-        base = self.rounds.start()
         self._server = create_server(self.config.listen)
         advertise = self.config.advertise or f"{self._server.host}:{self._server.port}"
         self.ring_view = RingView(static_ring(Member(id=self.id, address=advertise), self.config.peers))
+        if self.synthesizer is None and self.config.synthesis.enabled:
+            self.synthesizer = SemiGlobalSynthesizer(
+                aggregator_id=self.id,
+                federation=self.config.federation,
+                settings=self.config.synthesis,
+                store=self.store,
+                shared_store=self.shared_store,
+                key=self.key,
+                ring=lambda: self.ring_view.ring,
+                peers=self.peer_access,
+            )
+        base = self.rounds.start()
+        self._recover_published()
         pb_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(
                 aggregator_id=self.id,
@@ -98,6 +120,15 @@ class AggregatorDaemon:
                 heartbeat_interval_s=self.config.heartbeat_interval_s,
                 round_config=dict(self.config.round_config),
                 stopping=self._stopping,
+            ),
+            self._server.server,
+        )
+        pb_grpc.add_PeerServiceServicer_to_server(
+            PeerServicer(
+                aggregator_id=self.id,
+                federation=self.config.federation,
+                published=self.published,
+                store=self.shared_store,
             ),
             self._server.server,
         )
@@ -127,6 +158,7 @@ class AggregatorDaemon:
             self._server.stop(grace)
         if self._ticker is not None:
             self._ticker.join(timeout=grace + TICK_S * 5)
+        self.peer_access.close()
         self.journal.close()
         log.info("aggregator_stopped", extra={"fields": {"id": self.id}})
 
@@ -162,6 +194,38 @@ class AggregatorDaemon:
         raise ConfigError(
             f"initial_model must be a model CID in the store or task:NAME, got {spec!r}", reason="bad_config"
         )
+
+    def _synthesize(self, cluster: Manifest, tensors: Mapping[str, np.ndarray]) -> Manifest:
+        """The next base: a semi-global model when the ring has peers, else the cluster model."""
+        ring = self.ring_view.ring if self.ring_view is not None else None
+        if self.synthesizer is None or ring is None or len(ring) < 2:
+            return cluster
+        return self.synthesizer(cluster, tensors)
+
+    def _on_model(self, manifest: Manifest) -> None:
+        if manifest.kind in ("cluster", "semi-global"):
+            self._publish(manifest)
+            if manifest.kind == "cluster":
+                self.published.set_latest(pointer_for(manifest, time.time()))
+
+    def _publish(self, manifest: Manifest) -> None:
+        """Make a model fetchable by peers: in the shared store, pinned, and served by FetchBlob."""
+        if self.shared_store is not self.store:
+            self.shared_store.put(self.store.iter_chunks(manifest.weights))
+            self.shared_store.put(manifest.to_bytes())
+        self.shared_store.pin(manifest.weights)
+        self.shared_store.pin(manifest.cid)
+        self.published.add(manifest)
+
+    def _recover_published(self) -> None:
+        """Rebuild the published set and the latest cluster pointer from the journal after a restart."""
+        for record in self.rounds.closed_rounds():
+            for cid in (record.cluster_cid, record.next_base_cid):
+                if cid and self.store.has(cid):
+                    manifest = load_manifest(self.store, cid)
+                    self.published.add(manifest)
+                    if manifest.kind == "cluster":
+                        self.published.set_latest(pointer_for(manifest, record.closed_at or time.time()))
 
     def _announce_base(self, base: BaseModel) -> None:
         log.info("new_base", extra={"fields": {"round": base.round, "model": base.model_cid}})

@@ -99,6 +99,7 @@ class RoundManager:
         initial_base: str | Callable[[], str],
         synthesize: Synthesizer | None = None,
         on_new_base: Callable[[BaseModel], None] | None = None,
+        on_model: Callable[[Manifest], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.aggregator_id = aggregator_id
@@ -111,6 +112,7 @@ class RoundManager:
         self._initial_base = initial_base
         self._synthesize = synthesize
         self._on_new_base = on_new_base
+        self._on_model = on_model
         self._clock = clock
         self._discount = make_discount(settings.staleness_discount, **settings.staleness_params)
         self._limits = UpdateLimits(
@@ -272,6 +274,7 @@ class RoundManager:
                 assert previous is not None
                 return self._resend(previous, weights_cid, sub)
             self._fold(update, tensors)
+            self._emit(manifest)
             log.info(
                 "update_accepted",
                 extra={
@@ -431,7 +434,10 @@ class RoundManager:
             },
         )
         aggregation_s = time.perf_counter() - started
+        self._emit(cluster)
         next_base = self._synthesize(cluster, result) if self._synthesize else cluster
+        if next_base.cid != cluster.cid:
+            self._emit(next_base)
         closed_at = self._clock()
         record = RoundRecord(
             round=round_,
@@ -473,6 +479,17 @@ class RoundManager:
 
     def history(self) -> list[RoundRecord]:
         return self._journal.history()
+
+    def closed_rounds(self) -> list[RoundRecord]:
+        return [record for record in self._journal.history() if record.closed_at is not None]
+
+    def _emit(self, manifest: Manifest) -> None:
+        if self._on_model is None:
+            return
+        try:
+            self._on_model(manifest)
+        except Exception:  # a listener's failure must not fail the round
+            log.exception("model_listener_failed")
 
 
 def weighted_means(items: list[tuple[Mapping[str, float], int]]) -> dict[str, float]:

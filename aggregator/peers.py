@@ -1,0 +1,177 @@
+"""PeerService: what an aggregator tells its peers, and how it asks them.
+
+Served: `GetLatest` (this aggregator's latest cluster pointer), `Announce` (a
+peer pushing its pointer; kept as a hint), and `FetchBlob` (published objects
+only: cluster and semi-global manifests and their weights; local updates stay
+private). Asked: `GrpcPeerAccess` implements `synthesis.PeerAccess` over gRPC
+with deadlines, verifying every fetched byte against its CID.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from aggregator.synthesis import ClusterPointer, PeerAccess
+from coordinator.ring import Member
+from proto import strata_pb2 as pb
+from proto import strata_pb2_grpc as pb_grpc
+from proto.errors import IntegrityError, NotFound
+from proto.wire import CHUNK_SIZE, create_channel, error_from_rpc, read_header_stream
+from storage.cid import cid_of, validate_cid
+from storage.manifest import Manifest
+from storage.store import ContentStore
+
+_MAX_BLOB_BYTES = 4 << 30
+
+
+def pointer_to_pb(pointer: ClusterPointer) -> pb.ClusterPointer:
+    return pb.ClusterPointer(
+        model_cid=pointer.model_cid,
+        round=pointer.round,
+        num_samples=pointer.num_samples,
+        producer=pointer.producer,
+        created_at=pointer.created_at,
+        federation=pointer.federation,
+        weights_cid=pointer.weights_cid,
+    )
+
+
+def pointer_from_pb(message: pb.ClusterPointer) -> ClusterPointer:
+    return ClusterPointer(
+        model_cid=message.model_cid,
+        round=message.round,
+        num_samples=message.num_samples,
+        producer=message.producer,
+        created_at=message.created_at,
+        federation=message.federation,
+        weights_cid=message.weights_cid,
+    )
+
+
+def pointer_for(manifest: Manifest, created_at: float) -> ClusterPointer:
+    return ClusterPointer(
+        model_cid=manifest.cid,
+        round=manifest.round,
+        num_samples=manifest.num_samples,
+        producer=manifest.producer.id,
+        created_at=created_at,
+        federation=manifest.federation,
+        weights_cid=manifest.weights,
+    )
+
+
+class Published:
+    """The set of objects peers may fetch: published manifests and their weights."""
+
+    def __init__(self) -> None:
+        self._cids: set[str] = set()
+        self._latest: ClusterPointer | None = None
+        self._lock = threading.Lock()
+
+    def add(self, manifest: Manifest) -> None:
+        with self._lock:
+            self._cids.update((manifest.cid, manifest.weights))
+
+    def set_latest(self, pointer: ClusterPointer) -> None:
+        with self._lock:
+            self._latest = pointer
+
+    @property
+    def latest(self) -> ClusterPointer | None:
+        with self._lock:
+            return self._latest
+
+    def __contains__(self, cid: object) -> bool:
+        with self._lock:
+            return cid in self._cids
+
+
+class PeerServicer(pb_grpc.PeerServiceServicer):
+    def __init__(
+        self,
+        *,
+        aggregator_id: str,
+        federation: str,
+        published: Published,
+        store: ContentStore,
+        on_announce: Callable[[ClusterPointer], None] | None = None,
+    ) -> None:
+        self._id = aggregator_id
+        self._federation = federation
+        self._published = published
+        self._store = store
+        self._on_announce = on_announce
+
+    def GetLatest(self, request: pb.LatestRequest, context: grpc.ServicerContext) -> pb.LatestReply:
+        reply = pb.LatestReply(aggregator_id=self._id)
+        latest = self._published.latest
+        if latest is not None and (not request.federation or request.federation == self._federation):
+            reply.latest.CopyFrom(pointer_to_pb(latest))
+        return reply
+
+    def Announce(self, request: pb.ClusterPointer, context: grpc.ServicerContext) -> pb.Ack:
+        validate_cid(request.model_cid)
+        if self._on_announce is not None:
+            self._on_announce(pointer_from_pb(request))
+        return pb.Ack(ok=True)
+
+    def FetchBlob(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
+        cid = validate_cid(request.cid)
+        if cid not in self._published or not self._store.has(cid):
+            raise NotFound(f"{cid} is not a published object of aggregator {self._id}", reason="not_found")
+        yield pb.BlobChunk(header=pb.BlobHeader(cid=cid, size=self._store.size(cid)))
+        offset = 0
+        for piece in self._store.iter_chunks(cid, CHUNK_SIZE):
+            yield pb.BlobChunk(chunk=pb.Chunk(offset=offset, data=piece))
+            offset += len(piece)
+
+
+class GrpcPeerAccess(PeerAccess):
+    """Reach peers over PeerService, one cached channel per address."""
+
+    def __init__(self, channel_factory: Callable[[str], grpc.Channel] = create_channel) -> None:
+        self._channel_factory = channel_factory
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def _stub(self, address: str) -> pb_grpc.PeerServiceStub:
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = self._channel_factory(address)
+        return pb_grpc.PeerServiceStub(channel)
+
+    def latest(self, member: Member, timeout_s: float) -> ClusterPointer | None:
+        try:
+            reply = self._stub(member.address).GetLatest(pb.LatestRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return pointer_from_pb(reply.latest) if reply.HasField("latest") else None
+
+    def announce(self, member: Member, pointer: ClusterPointer, timeout_s: float) -> None:
+        try:
+            self._stub(member.address).Announce(pointer_to_pb(pointer), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+
+    def fetch_blob(self, member: Member, cid: str, timeout_s: float) -> bytes:
+        def verify(header: pb.BlobHeader, data: bytes) -> None:
+            actual = cid_of(data)
+            if actual != cid or header.cid != cid:
+                raise IntegrityError(f"peer {member.id} sent bytes hashing to {actual} for {cid}", reason="hash_mismatch")
+
+        try:
+            stream = self._stub(member.address).FetchBlob(pb.FetchBlobRequest(cid=cid), timeout=timeout_s)
+            _, data = read_header_stream(stream, size_of=lambda h: h.size, max_size=_MAX_BLOB_BYTES, verify=verify)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()

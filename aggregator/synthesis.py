@@ -1,0 +1,361 @@
+"""Semi-global synthesis: blend this aggregator's cluster model with its peers' latest cluster models.
+
+After each round an aggregator gathers the latest cluster pointers of a subset of
+its peers (straight from the peers, so the coordinator is not needed), fetches
+their manifests and weights by CID (the shared store first, the peer's FetchBlob
+as a fallback; every byte re-hashed), screens each candidate, and averages the
+survivors with its own cluster model:
+
+    weight_i = num_samples_i x decay(age_i)
+
+where age is in rounds (own round - peer round) or seconds, and `decay` is a
+named function from `aggregator.staleness`. The average is the same FedAvg
+kernel the rounds use; there is one implementation of the rule.
+
+Screening, in order (refusal reason in brackets):
+- too old [stale]; unreachable or missing [unavailable]; bytes that do not hash
+  to their CID [hash_mismatch]; not a valid manifest [invalid_manifest];
+- signature does not verify [bad_signature]; producer not a ring member [not_member];
+  not a cluster model of this federation from that producer [wrong_model];
+- names, shapes or dtypes differ from ours [shape_mismatch]; NaN/inf [not_finite];
+- an outlier [outlier]: robust z-score of its L2 distance to the coordinate-wise
+  median of all candidates (ours included) above `outlier_z`; with fewer than 3
+  candidates the median says nothing, so a norm-ratio guard (norm more than 10x
+  or less than 1/10 of ours) [norm_outlier] applies to every candidate.
+
+The semi-global manifest's parents are our cluster model plus the peer cluster
+models used; refused ones are listed with their reasons in `extra.refused_peers`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from aggregator.config import SynthesisSettings
+from aggregator.rounds import weighted_means
+from aggregator.staleness import make_discount
+from aggregator.strategies import FedAvg
+from coordinator.ring import Member, Ring
+from proto.errors import IntegrityError, InvalidInput, StrataError, Unavailable
+from storage.codec import CodecError, decode_tensors, encode_tensors
+from storage.keys import KeyPair
+from storage.manifest import Manifest, Producer
+from storage.models import save_model
+from storage.store import ContentStore
+
+log = logging.getLogger("strata.aggregator.synthesis")
+
+# a candidate whose norm differs from ours by more than this factor is refused
+NORM_RATIO_LIMIT = 10.0
+# 0.6745 makes the MAD a consistent estimator of the standard deviation for normal data
+_MAD_SCALE = 0.6745
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterPointer:
+    model_cid: str
+    round: int
+    num_samples: int
+    producer: str
+    created_at: float
+    federation: str
+    weights_cid: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Refusal:
+    model_cid: str
+    producer: str
+    reason: str
+    message: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"cid": self.model_cid, "producer": self.producer, "reason": self.reason, "message": self.message}
+
+
+class PeerAccess:
+    """How synthesis reaches a peer: its latest pointer and, as a fallback, its blobs."""
+
+    def latest(self, member: Member, timeout_s: float) -> ClusterPointer | None:
+        raise NotImplementedError
+
+    def fetch_blob(self, member: Member, cid: str, timeout_s: float) -> bytes:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Candidate:
+    pointer: ClusterPointer
+    manifest: Manifest
+    tensors: dict[str, np.ndarray]
+    age: float
+
+
+class SemiGlobalSynthesizer:
+    """The RoundManager's synthesis seam: cluster model in, semi-global model out."""
+
+    def __init__(
+        self,
+        *,
+        aggregator_id: str,
+        federation: str,
+        settings: SynthesisSettings,
+        store: ContentStore,
+        key: KeyPair,
+        ring: Callable[[], Ring],
+        shared_store: ContentStore | None = None,
+        peers: PeerAccess,
+        publish: Callable[[Manifest], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.aggregator_id = aggregator_id
+        self.federation = federation
+        self.settings = settings
+        self._store = store
+        self._shared = shared_store if shared_store is not None else store
+        self._key = key
+        self._ring = ring
+        self._peers = peers
+        self._publish = publish
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._decay = make_discount(settings.decay, **settings.decay_params)
+        self.last_refusals: list[Refusal] = []
+
+    def select_peers(self, ring: Ring) -> list[Member]:
+        others = [m for m in ring.members if m.id != self.aggregator_id]
+        if self.settings.peers == "all":
+            return others
+        k = int(self.settings.peers.split(":", 1)[1])
+        return self._rng.sample(others, min(k, len(others)))
+
+    def __call__(self, cluster: Manifest, tensors: Mapping[str, np.ndarray]) -> Manifest:
+        ring = self._ring()
+        candidates: list[_Candidate] = []
+        refused: list[Refusal] = []
+        for member in self.select_peers(ring):
+            try:
+                candidate = self._gather(member, ring, cluster, tensors)
+            except _Refused as refusal:
+                refused.append(refusal.refusal)
+                continue
+            if candidate is not None:
+                candidates.append(candidate)
+        candidates, outliers = screen_outliers(tensors, candidates, self.settings.outlier_z)
+        refused += outliers
+        self.last_refusals = refused
+        return self._combine(cluster, tensors, candidates, refused)
+
+    # ---------------------------------------------------------------- gather and screen
+
+    def _gather(
+        self, member: Member, ring: Ring, cluster: Manifest, own: Mapping[str, np.ndarray]
+    ) -> _Candidate | None:
+        timeout = self.settings.fetch_timeout_s
+        try:
+            pointer = self._peers.latest(member, timeout)
+        except StrataError as exc:
+            log.info("peer_unreachable", extra={"fields": {"peer": member.id, "error": str(exc)}})
+            raise _Refused("", member.id, "unavailable", f"peer {member.id} did not answer: {exc}") from None
+        if pointer is None:
+            return None  # the peer has not closed a round yet
+        cid, who = pointer.model_cid, member.id
+        if pointer.federation and pointer.federation != self.federation:
+            raise _Refused(cid, who, "wrong_model", f"pointer is for federation {pointer.federation!r}")
+        age = self._age(pointer, cluster)
+        if age > self.settings.max_age:
+            raise _Refused(cid, who, "stale", f"{age:g} {self.settings.decay_unit} old (max_age {self.settings.max_age:g})")
+        manifest_bytes = self._fetch(member, cid)
+        try:
+            manifest = Manifest.from_bytes(manifest_bytes)
+        except InvalidInput as exc:
+            raise _Refused(cid, who, "invalid_manifest", str(exc)) from None
+        try:
+            manifest.verify_signature()
+        except IntegrityError as exc:
+            raise _Refused(cid, who, "bad_signature", str(exc)) from None
+        if manifest.producer.id not in ring:
+            raise _Refused(cid, who, "not_member", f"producer {manifest.producer.id!r} is not a ring member")
+        if (
+            manifest.kind != "cluster"
+            or manifest.federation != self.federation
+            or manifest.producer.id != member.id
+            or manifest.producer.role != "aggregator"
+        ):
+            raise _Refused(
+                cid,
+                who,
+                "wrong_model",
+                f"expected a {self.federation} cluster model by aggregator {member.id}, got {manifest.kind} "
+                f"of {manifest.federation} by {manifest.producer.role}:{manifest.producer.id}",
+            )
+        weights = self._fetch(member, manifest.weights)
+        try:
+            peer_tensors = decode_tensors(weights)
+        except CodecError as exc:
+            raise _Refused(cid, who, "invalid_safetensors", str(exc)) from None
+        problem = compatibility_problem(own, peer_tensors)
+        if problem is not None:
+            raise _Refused(cid, who, problem[0], problem[1])
+        return _Candidate(pointer=pointer, manifest=manifest, tensors=peer_tensors, age=age)
+
+    def _age(self, pointer: ClusterPointer, cluster: Manifest) -> float:
+        if self.settings.decay_unit == "rounds":
+            return float(max(0, cluster.round - pointer.round))
+        return max(0.0, self._clock() - pointer.created_at)
+
+    def _fetch(self, member: Member, cid: str) -> bytes:
+        """From the shared store if it has the object, else from the peer; verified either way,
+        and copied into our own store so the semi-global model's lineage can be walked there."""
+        data: bytes | None = None
+        for store in dict.fromkeys((self._shared, self._store)):
+            try:
+                if store.has(cid):
+                    data = store.get(cid)
+                    break
+            except IntegrityError:
+                continue  # a damaged copy: look elsewhere
+            except Unavailable as exc:
+                log.info("shared_store_unavailable", extra={"fields": {"cid": cid, "error": str(exc)}})
+        if data is None:
+            try:
+                data = self._peers.fetch_blob(member, cid, self.settings.fetch_timeout_s)
+            except IntegrityError as exc:
+                raise _Refused(cid, member.id, "hash_mismatch", str(exc)) from None
+            except StrataError as exc:
+                raise _Refused(cid, member.id, "unavailable", f"cannot fetch {cid} from {member.id}: {exc}") from None
+        if not self._store.has(cid) and self._store.put(data) != cid:
+            raise _Refused(cid, member.id, "hash_mismatch", f"bytes from {member.id} do not hash to {cid}")
+        return data
+
+    # ---------------------------------------------------------------- combine
+
+    def _combine(
+        self,
+        cluster: Manifest,
+        own: Mapping[str, np.ndarray],
+        candidates: Sequence[_Candidate],
+        refused: Sequence[Refusal],
+    ) -> Manifest:
+        weights = {cluster.cid: float(cluster.num_samples) * self._decay(0.0)}
+        aggregation = FedAvg().start(own)
+        aggregation.add(own, max(weights[cluster.cid], 1e-12))
+        for candidate in candidates:
+            # the signed manifest's count, not the pointer's unsigned claim
+            weight = float(candidate.manifest.num_samples) * self._decay(candidate.age)
+            weights[candidate.manifest.cid] = weight
+            aggregation.add(candidate.tensors, max(weight, 1e-12))
+        result = aggregation.result()
+        used = [cluster, *(c.manifest for c in candidates)]
+        manifest = save_model(
+            self._store,
+            weights=encode_tensors(result),
+            kind="semi-global",
+            federation=self.federation,
+            round=cluster.round,
+            producer=Producer(role="aggregator", id=self.aggregator_id),
+            key=self._key,
+            parents=[m.cid for m in used],
+            base=cluster.base,
+            num_samples=sum(m.num_samples for m in used),
+            metrics=weighted_means([(m.metrics, m.num_samples) for m in used]),
+            algorithm={
+                "name": "semi-global",
+                "params": {
+                    "weighting": "num_samples x decay(age)",
+                    "decay": self.settings.decay,
+                    "decay_params": dict(self.settings.decay_params),
+                    "decay_unit": self.settings.decay_unit,
+                    "peers": self.settings.peers,
+                    "outlier_z": self.settings.outlier_z,
+                },
+            },
+            extra={
+                "weights": weights,
+                "peer_rounds": {c.manifest.cid: c.pointer.round for c in candidates},
+                "refused_peers": [r.to_json() for r in refused],
+            },
+        )
+        if self._publish is not None:
+            self._publish(manifest)
+        log.info(
+            "semi_global_synthesized",
+            extra={
+                "fields": {
+                    "round": cluster.round,
+                    "model": manifest.cid,
+                    "peers_used": len(candidates),
+                    "peers_refused": len(refused),
+                    "refusals": ",".join(f"{r.producer}:{r.reason}" for r in refused),
+                }
+            },
+        )
+        return manifest
+
+
+class _Refused(Exception):
+    def __init__(self, cid: str, producer: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.refusal = Refusal(model_cid=cid, producer=producer, reason=reason, message=message)
+
+
+def compatibility_problem(own: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
+    """(reason, message) when `other` cannot be averaged with `own`, else None."""
+    if set(own) != set(other):
+        return "shape_mismatch", f"tensor names differ: {sorted(set(own) ^ set(other))[:5]}"
+    for name, array in other.items():
+        if array.shape != own[name].shape or array.dtype != own[name].dtype:
+            return "shape_mismatch", f"tensor {name!r}: {array.dtype}{list(array.shape)} vs ours {own[name].dtype}{list(own[name].shape)}"
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            return "not_finite", f"tensor {name!r} has NaN or infinite values"
+    return None
+
+
+def _flatten(tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([tensors[name].reshape(-1).astype(np.float32, copy=False) for name in sorted(tensors)])
+
+
+def robust_z_scores(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """Robust z-score of each vector's L2 distance to the coordinate-wise median of all of them."""
+    stacked = np.stack(vectors)
+    median = np.median(stacked, axis=0)
+    distances = np.linalg.norm(stacked - median, axis=1)
+    center = float(np.median(distances))
+    mad = float(np.median(np.abs(distances - center)))
+    if mad <= 1e-12 * max(center, 1.0):
+        return np.zeros(len(vectors))
+    return _MAD_SCALE * (distances - center) / mad
+
+
+def screen_outliers(
+    own: Mapping[str, np.ndarray], candidates: Sequence[_Candidate], threshold: float
+) -> tuple[list[_Candidate], list[Refusal]]:
+    """Split candidates into kept and refused-as-outliers (our own model is the reference, never refused)."""
+    if not candidates:
+        return [], []
+    own_flat = _flatten(own)
+    own_norm = float(np.linalg.norm(own_flat))
+    flats = [_flatten(c.tensors) for c in candidates]
+    kept: list[_Candidate] = []
+    refused: list[Refusal] = []
+    z = robust_z_scores([own_flat, *flats])[1:] if len(candidates) >= 2 else np.zeros(len(candidates))
+    for candidate, flat, score in zip(candidates, flats, z, strict=True):
+        norm = float(np.linalg.norm(flat))
+        ratio = norm / own_norm if own_norm > 0 else 1.0
+        who, cid = candidate.manifest.producer.id, candidate.manifest.cid
+        if ratio > NORM_RATIO_LIMIT or ratio < 1 / NORM_RATIO_LIMIT:
+            refused.append(Refusal(model_cid=cid, producer=who, reason="norm_outlier", message=f"norm is {ratio:.3g}x ours"))
+        elif score > threshold:
+            refused.append(
+                Refusal(model_cid=cid, producer=who, reason="outlier", message=f"robust z-score {score:.2f} > {threshold:g}")
+            )
+        else:
+            kept.append(candidate)
+    return kept, refused
