@@ -50,7 +50,14 @@ _RECONNECT_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
-_TELEMETRY_FIELDS = ("cpu_percent", "memory_mb", "battery_percent", "charging", "network", "uplink_kbps")
+_TELEMETRY_FIELDS = (
+    "cpu_percent",
+    "memory_mb",
+    "battery_percent",
+    "charging",
+    "network",
+    "uplink_kbps",
+)
 _CAPABILITIES = {"train": pb.TRAIN, "partial_train": pb.PARTIAL_TRAIN, "inference": pb.INFERENCE}
 
 
@@ -65,11 +72,16 @@ class Registration:
 
     def __post_init__(self) -> None:
         if not self.id or ":" not in self.address or not (self.weight > 0):
-            raise InvalidInput(f"bad registration {self!r}: need an id, host:port and weight > 0", reason="bad_aggregator")
+            raise InvalidInput(
+                f"bad registration {self!r}: need an id, host:port and weight > 0",
+                reason="bad_aggregator",
+            )
         object.__setattr__(self, "federations", tuple(self.federations))
 
     def to_pb(self) -> pb.AggregatorInfo:
-        return pb.AggregatorInfo(id=self.id, address=self.address, federations=list(self.federations), weight=self.weight)
+        return pb.AggregatorInfo(
+            id=self.id, address=self.address, federations=list(self.federations), weight=self.weight
+        )
 
 
 def ring_from_pb(message: pb.Ring) -> Ring:
@@ -103,7 +115,9 @@ class _Backlog:
 
     def __init__(self, path: Path | None) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(":memory:" if path is None else str(path), check_same_thread=False)
+        self._db = sqlite3.connect(
+            ":memory:" if path is None else str(path), check_same_thread=False
+        )
         if path is not None:
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
@@ -121,7 +135,9 @@ class _Backlog:
 
     def oldest(self) -> tuple[int, bytes, dict[str, str]] | None:
         with self._lock:
-            row = self._db.execute("SELECT seq, manifest, notes FROM backlog ORDER BY seq LIMIT 1").fetchone()
+            row = self._db.execute(
+                "SELECT seq, manifest, notes FROM backlog ORDER BY seq LIMIT 1"
+            ).fetchone()
         return None if row is None else (row[0], bytes(row[1]), json.loads(row[2]))
 
     def remove(self, seq: int) -> None:
@@ -193,17 +209,28 @@ class CoordinatorLink:
     def start(self) -> CoordinatorLink:
         with self._lock:
             if self._state == "stopped":
-                raise InvalidInput("a stopped CoordinatorLink cannot be restarted", reason="link_stopped")
+                raise InvalidInput(
+                    "a stopped CoordinatorLink cannot be restarted", reason="link_stopped"
+                )
             if self._state == "started":
                 return self
             self._state = "started"
             self._channel = self._channel_factory(self.address)
             self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
-            for name, target in (("lease", self._lease_loop), ("ring", self._ring_loop), ("announce", self._send_loop)):
-                thread = threading.Thread(target=self._run, args=(target,), name=f"coordinator-{name}", daemon=True)
+            for name, target in (
+                ("lease", self._lease_loop),
+                ("ring", self._ring_loop),
+                ("announce", self._send_loop),
+            ):
+                thread = threading.Thread(
+                    target=self._run, args=(target,), name=f"coordinator-{name}", daemon=True
+                )
                 thread.start()
                 self._threads.append(thread)
-        log.info("coordinator_link_started", extra={"fields": {"coordinator": self.address, "aggregator": self.info.id}})
+        log.info(
+            "coordinator_link_started",
+            extra={"fields": {"coordinator": self.address, "aggregator": self.info.id}},
+        )
         return self
 
     def _run(self, loop: Callable[[], None]) -> None:
@@ -214,7 +241,9 @@ class CoordinatorLink:
             except Exception:  # noqa: BLE001 - after stop(), a closed channel or backlog is expected
                 if self._stop.is_set():
                     return
-                log.exception("coordinator_link_loop_failed", extra={"fields": {"loop": loop.__name__}})
+                log.exception(
+                    "coordinator_link_loop_failed", extra={"fields": {"loop": loop.__name__}}
+                )
                 self._stop.wait(1.0)
 
     def stop(self, timeout_s: float = 2.0) -> None:
@@ -272,17 +301,30 @@ class CoordinatorLink:
                     return
                 err = error_from_rpc(e)
                 if isinstance(err, NotFound):
-                    log.info("coordinator_forgot_us", extra={"fields": {"aggregator": self.info.id}})
+                    log.info(
+                        "coordinator_forgot_us", extra={"fields": {"aggregator": self.info.id}}
+                    )
                     self.registered.clear()
                     wait_s = 0.0
                     continue
-                wait_s = backoff.next() if not self.registered.is_set() else self._heartbeat_interval()
+                wait_s = (
+                    backoff.next() if not self.registered.is_set() else self._heartbeat_interval()
+                )
                 log.info(
                     "coordinator_unreachable" if is_retryable(e) else "coordinator_refused",
-                    extra={"fields": {"coordinator": self.address, "error": str(err), "retry_in_s": round(wait_s, 2)}},
+                    extra={
+                        "fields": {
+                            "coordinator": self.address,
+                            "error": str(err),
+                            "retry_in_s": round(wait_s, 2),
+                        }
+                    },
                 )
                 continue
-            if self._agents_fn is not None and time.monotonic() - last_report >= self._agents_interval_s:
+            if (
+                self._agents_fn is not None
+                and time.monotonic() - last_report >= self._agents_interval_s
+            ):
                 if self._report_agents():
                     last_report = time.monotonic()
 
@@ -292,7 +334,9 @@ class CoordinatorLink:
         self.registered.set()
         log.info(
             "registered_with_coordinator",
-            extra={"fields": {"coordinator": self.address, "ring_version": self.lease.ring_version}},
+            extra={
+                "fields": {"coordinator": self.address, "ring_version": self.lease.ring_version}
+            },
         )
 
     def _status(self) -> Mapping[str, Any]:
@@ -322,7 +366,8 @@ class CoordinatorLink:
         try:
             records = [self._agent_record(a) for a in self._agents_fn()]
             self._stub.ReportAgents(
-                pb.ReportAgentsRequest(aggregator_id=self.info.id, agents=records), timeout=self._timeout
+                pb.ReportAgentsRequest(aggregator_id=self.info.id, agents=records),
+                timeout=self._timeout,
             )
             return True
         except grpc.RpcError as e:
@@ -333,15 +378,23 @@ class CoordinatorLink:
 
     def _agent_record(self, agent: Any) -> pb.AgentRecord:
         def get(name: str, default: Any = None) -> Any:
-            return agent.get(name, default) if isinstance(agent, Mapping) else getattr(agent, name, default)
+            return (
+                agent.get(name, default)
+                if isinstance(agent, Mapping)
+                else getattr(agent, name, default)
+            )
 
         telemetry = get("telemetry") or {}
         return pb.AgentRecord(
             agent_id=str(get("agent_id")),
             home_aggregator=str(get("home") or self.info.id),
             last_seen=float(get("last_seen") or 0.0),
-            telemetry=pb.Telemetry(**{k: telemetry[k] for k in _TELEMETRY_FIELDS if k in telemetry}),
-            capability=_CAPABILITIES.get(str(get("capability") or "train"), pb.CAPABILITY_UNSPECIFIED),
+            telemetry=pb.Telemetry(
+                **{k: telemetry[k] for k in _TELEMETRY_FIELDS if k in telemetry}
+            ),
+            capability=_CAPABILITIES.get(
+                str(get("capability") or "train"), pb.CAPABILITY_UNSPECIFIED
+            ),
             display_name=str(get("display_name") or ""),
         )
 
@@ -355,7 +408,12 @@ class CoordinatorLink:
         if self._view.update(ring):
             log.info(
                 "ring_adopted",
-                extra={"fields": {"ring_version": ring.version, "members": [m.id for m in ring.members]}},
+                extra={
+                    "fields": {
+                        "ring_version": ring.version,
+                        "members": [m.id for m in ring.members],
+                    }
+                },
             )
 
     def _ring_loop(self) -> None:
@@ -370,7 +428,9 @@ class CoordinatorLink:
                     self._stop.wait(self._heartbeat_interval())
                     continue
                 # known_version 0: the first message is the current ring, which confirms the stream is live
-                call = self._stub.WatchRing(pb.WatchRingRequest(known_version=0), timeout=self._watch_timeout_s)
+                call = self._stub.WatchRing(
+                    pb.WatchRingRequest(known_version=0), timeout=self._watch_timeout_s
+                )
                 with self._lock:
                     if self._stop.is_set():
                         call.cancel()
@@ -391,7 +451,9 @@ class CoordinatorLink:
                 delay = backoff.next()
                 log.info(
                     "ring_follow_interrupted",
-                    extra={"fields": {"error": str(error_from_rpc(e)), "retry_in_s": round(delay, 2)}},
+                    extra={
+                        "fields": {"error": str(error_from_rpc(e)), "retry_in_s": round(delay, 2)}
+                    },
                 )
                 self._stop.wait(delay)
             finally:
@@ -402,7 +464,9 @@ class CoordinatorLink:
 
     def announce(self, manifest_bytes: bytes, notes: Mapping[str, str] | None = None) -> None:
         """Queue a model manifest for the coordinator's index; returns at once."""
-        self._backlog.push(bytes(manifest_bytes), {str(k): str(v) for k, v in (notes or {}).items()})
+        self._backlog.push(
+            bytes(manifest_bytes), {str(k): str(v) for k, v in (notes or {}).items()}
+        )
         self._wake_sender.set()
 
     def pending_announcements(self) -> int:
@@ -441,7 +505,9 @@ class CoordinatorLink:
                     self._stop.wait(backoff.next())
                     continue
                 # Refused (bad manifest, bad signature): resending the same bytes cannot help.
-                log.warning("announcement_refused", extra={"fields": {"error": str(error_from_rpc(e))}})
+                log.warning(
+                    "announcement_refused", extra={"fields": {"error": str(error_from_rpc(e))}}
+                )
             backoff.reset()
             self._backlog.remove(seq)
             with self._delivered:

@@ -1,0 +1,337 @@
+"""Aggregator membership: leases renewed by heartbeats, and the ring they define.
+
+An aggregator registers, then heartbeats every `heartbeat_interval_s`; a lease not
+renewed within `ttl_s` expires and the aggregator leaves the ring. Every change of
+the ring's members (join, leave, new address or weight) bumps the ring version.
+
+The version and the last known members are kept in SQLite, so a restarted
+coordinator goes on from the same version with the same ring: the members it
+knew get a fresh lease (one ttl of grace) and keep it by heartbeating, so a
+coordinator restart moves no agent. An aggregator the coordinator does not know
+(state lost) re-registers by sending its `info` with a heartbeat.
+
+This module imports no gRPC; `coordinator.service` adapts it to the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from coordinator.ring import Member, Ring
+from proto.errors import InvalidInput, NotFound
+
+__all__ = ["AggregatorInfo", "AggregatorStatus", "Lease", "Membership"]
+
+log = logging.getLogger("strata.coordinator.membership")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS aggregators (
+    id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    federations TEXT NOT NULL,
+    weight REAL NOT NULL,
+    in_ring INTEGER NOT NULL,
+    round INTEGER NOT NULL DEFAULT 0,
+    agent_count INTEGER NOT NULL DEFAULT 0,
+    last_cluster_cid TEXT NOT NULL DEFAULT '',
+    last_semi_global_cid TEXT NOT NULL DEFAULT '',
+    last_seen REAL NOT NULL DEFAULT 0
+);
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorInfo:
+    """What an aggregator registers: its id, its AgentService/PeerService address, its share of the ring."""
+
+    id: str
+    address: str
+    federations: tuple[str, ...] = ()
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise InvalidInput("aggregator id must not be empty", reason="bad_aggregator")
+        if ":" not in self.address:
+            raise InvalidInput(
+                f"aggregator {self.id!r}: address must be host:port, got {self.address!r}",
+                reason="bad_aggregator",
+            )
+        if not (self.weight > 0):
+            raise InvalidInput(
+                f"aggregator {self.id!r}: weight must be > 0, got {self.weight}",
+                reason="bad_aggregator",
+            )
+        object.__setattr__(self, "federations", tuple(self.federations))
+
+    def member(self) -> Member:
+        return Member(id=self.id, address=self.address, weight=self.weight)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Lease:
+    ttl_s: float
+    heartbeat_interval_s: float
+    ring_version: int
+    expires_at: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorStatus:
+    info: AggregatorInfo
+    alive: bool
+    lease_expires_at: float
+    round: int = 0
+    agent_count: int = 0
+    last_cluster_cid: str = ""
+    last_semi_global_cid: str = ""
+    last_seen: float = 0.0
+
+
+class Membership:
+    """Leases, the ring they define, and the status each heartbeat reports. Thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        ttl_s: float = 6.0,
+        heartbeat_interval_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+        store: str | Path | sqlite3.Connection | None = None,
+        static_members: Sequence[Member] = (),
+    ) -> None:
+        if not (0 < heartbeat_interval_s < ttl_s):
+            raise InvalidInput(
+                f"need 0 < heartbeat_interval_s ({heartbeat_interval_s}) < ttl_s ({ttl_s})",
+                reason="bad_lease_policy",
+            )
+        self.ttl_s = ttl_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._clock = clock
+        self._lock = threading.Condition(threading.RLock())
+        if isinstance(store, sqlite3.Connection):
+            self._db, self._owns_db = store, False
+        else:
+            path = ":memory:" if store is None else str(store)
+            self._db, self._owns_db = sqlite3.connect(path, check_same_thread=False), True
+            if store is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._statuses: dict[str, AggregatorStatus] = {}
+        self._static = tuple(static_members)
+        self._version = self._load_version()
+        self._load_statuses()
+        if self._static:
+            self._ring = Ring(self._static, version=1)
+        else:
+            self._ring = Ring(self._live_members(), version=self._version)
+
+    # ------------------------------------------------------------ persistence
+
+    def _load_version(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'ring_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _load_statuses(self) -> None:
+        # The members of the last ring get a fresh lease: one ttl to heartbeat before they expire.
+        grace_until = self._clock() + self.ttl_s
+        rows = self._db.execute(
+            "SELECT id, address, federations, weight, in_ring, round, agent_count,"
+            " last_cluster_cid, last_semi_global_cid, last_seen FROM aggregators"
+        ).fetchall()
+        for row in rows:
+            info = AggregatorInfo(
+                id=row[0], address=row[1], federations=tuple(json.loads(row[2])), weight=row[3]
+            )
+            self._statuses[info.id] = AggregatorStatus(
+                info=info,
+                alive=bool(row[4]),
+                lease_expires_at=grace_until if row[4] else row[9],
+                round=row[5],
+                agent_count=row[6],
+                last_cluster_cid=row[7],
+                last_semi_global_cid=row[8],
+                last_seen=row[9],
+            )
+
+    def _save(self, statuses: Iterable[AggregatorStatus]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO aggregators (id, address, federations, weight, in_ring, round, agent_count,"
+            " last_cluster_cid, last_semi_global_cid, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    s.info.id,
+                    s.info.address,
+                    json.dumps(list(s.info.federations)),
+                    s.info.weight,
+                    int(s.alive),
+                    s.round,
+                    s.agent_count,
+                    s.last_cluster_cid,
+                    s.last_semi_global_cid,
+                    s.last_seen,
+                )
+                for s in statuses
+            ],
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._owns_db:
+                self._db.close()
+
+    # ------------------------------------------------------------ leases
+
+    def _lease(self, expires_at: float) -> Lease:
+        return Lease(
+            ttl_s=self.ttl_s,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            ring_version=self._ring.version,
+            expires_at=expires_at,
+        )
+
+    def _live_members(self) -> list[Member]:
+        return [s.info.member() for s in self._statuses.values() if s.alive]
+
+    def _ring_changed(self) -> None:
+        """Publish a new ring version; the caller holds the lock, has updated `_statuses`
+        and commits, so the members and the version are saved together."""
+        if self._static:
+            return
+        self._version += 1
+        self._ring = Ring(self._live_members(), version=self._version)
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('ring_version', ?)",
+            (str(self._version),),
+        )
+        self._lock.notify_all()
+
+    def register(self, info: AggregatorInfo) -> Lease:
+        """Grant or renew `info.id`'s lease. The ring version bumps if the member is new or
+        its address or weight changed."""
+        now = self._clock()
+        with self._lock:
+            previous = self._statuses.get(info.id)
+            joins = previous is None or not previous.alive
+            moved = previous is not None and previous.info.member() != info.member()
+            base = previous or AggregatorStatus(info=info, alive=True, lease_expires_at=0.0)
+            status = replace(
+                base, info=info, alive=True, lease_expires_at=now + self.ttl_s, last_seen=now
+            )
+            self._statuses[info.id] = status
+            self._save([status])
+            if joins or moved:
+                self._ring_changed()
+            self._db.commit()
+            if joins or moved:
+                log.info(
+                    "aggregator_registered",
+                    extra={
+                        "fields": {
+                            "aggregator": info.id,
+                            "address": info.address,
+                            "ring_version": self._ring.version,
+                        }
+                    },
+                )
+            return self._lease(status.lease_expires_at)
+
+    def heartbeat(
+        self,
+        aggregator_id: str,
+        *,
+        round: int = 0,
+        agent_count: int = 0,
+        last_cluster_cid: str = "",
+        last_semi_global_cid: str = "",
+        info: AggregatorInfo | None = None,
+    ) -> Lease:
+        """Renew a lease and record the aggregator's progress.
+
+        An aggregator without a live lease is re-registered from `info`; without
+        `info` it gets NotFound(reason="unknown_aggregator") and should register again.
+        """
+        if info is not None and info.id != aggregator_id:
+            raise InvalidInput(
+                f"heartbeat from {aggregator_id!r} carries info for {info.id!r}",
+                reason="bad_aggregator",
+            )
+        with self._lock:
+            current = self._statuses.get(aggregator_id)
+            if info is not None and (current is None or not current.alive or current.info != info):
+                self.register(info)
+            elif current is None or not current.alive:
+                raise NotFound(
+                    f"aggregator {aggregator_id!r} has no lease; register again",
+                    reason="unknown_aggregator",
+                )
+            now = self._clock()
+            status = replace(
+                self._statuses[aggregator_id],
+                lease_expires_at=now + self.ttl_s,
+                last_seen=now,
+                round=round,
+                agent_count=agent_count,
+                last_cluster_cid=last_cluster_cid,
+                last_semi_global_cid=last_semi_global_cid,
+            )
+            self._statuses[aggregator_id] = status
+            self._save([status])
+            self._db.commit()
+            return self._lease(status.lease_expires_at)
+
+    def expire(self) -> list[str]:
+        """Drop leases that ran out; returns the ids that left (empty: the ring is unchanged)."""
+        now = self._clock()
+        with self._lock:
+            expired = [s for s in self._statuses.values() if s.alive and s.lease_expires_at <= now]
+            if not expired:
+                return []
+            gone = [replace(s, alive=False) for s in expired]
+            for status in gone:
+                self._statuses[status.info.id] = status
+            self._save(gone)
+            self._ring_changed()
+            self._db.commit()
+            return [s.info.id for s in gone]
+
+    # ------------------------------------------------------------ the ring
+
+    def ring(self, federation: str | None = None) -> Ring:
+        """The current ring. With `federation`, only the members serving it (an aggregator
+        that names no federation serves all); the version is the same either way."""
+        with self._lock:
+            ring = self._ring
+            if not federation or self._static:
+                return ring
+            serving = {
+                s.info.id
+                for s in self._statuses.values()
+                if s.alive and (not s.info.federations or federation in s.info.federations)
+            }
+        return Ring([m for m in ring.members if m.id in serving], version=ring.version)
+
+    @property
+    def version(self) -> int:
+        with self._lock:
+            return self._ring.version
+
+    def wait_for_version(self, known: int, timeout: float | None) -> Ring:
+        """The ring once its version is above `known`, or the current ring after `timeout` seconds."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._ring.version > known, timeout=timeout)
+            return self._ring
+
+    def status(self) -> list[AggregatorStatus]:
+        """Every aggregator ever seen (live or not), sorted by id."""
+        with self._lock:
+            return [self._statuses[k] for k in sorted(self._statuses)]

@@ -1,0 +1,219 @@
+"""The aggregator's CoordinatorLink against a real coordinator over gRPC."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from aggregator.agents import AgentInfo
+from aggregator.coordination import CoordinatorLink, Registration
+from aggregator.membership import RingView
+from coordinator.config import CoordinatorConfig
+from coordinator.daemon import CoordinatorDaemon
+from coordinator.ring import Member, Ring
+from proto.errors import InvalidInput
+from storage.keys import KeyPair
+from tests.test_coordinator import make_manifest
+
+TTL_S, HEARTBEAT_S = 1.0, 0.2
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def coordinator(state_dir: Path, port: int = 0) -> CoordinatorDaemon:
+    config = CoordinatorConfig(
+        listen=f"127.0.0.1:{port}",
+        state_dir=str(state_dir),
+        lease_ttl_s=TTL_S,
+        heartbeat_interval_s=HEARTBEAT_S,
+    )
+    return CoordinatorDaemon(config).start()
+
+
+def own_ring(agg_id: str, port: int) -> RingView:
+    # what an aggregator starts with before it hears from the coordinator
+    return RingView(Ring([Member(id=agg_id, address=f"127.0.0.1:{port}")], version=1))
+
+
+def make_link(
+    address: str, agg_id: str, port: int, tmp_path: Path, **kwargs: object
+) -> CoordinatorLink:
+    return CoordinatorLink(
+        address,
+        info=Registration(id=agg_id, address=f"127.0.0.1:{port}", federations=("digits",)),
+        ring_view=kwargs.pop("ring_view", None) or own_ring(agg_id, port),
+        status_fn=kwargs.pop("status_fn", lambda: {"round": 3, "agent_count": 2}),
+        state_dir=tmp_path / f"link-{agg_id}",
+        retry_max_s=0.5,
+        **kwargs,
+    )
+
+
+def test_links_and_coordinator_build_identical_rings(tmp_path: Path) -> None:
+    daemon = coordinator(tmp_path / "coord")
+    links = [make_link(daemon.address, f"agg-{n}", 7000 + n, tmp_path) for n in range(3)]
+    try:
+        for link in links:
+            link.start()
+        assert daemon.membership is not None
+        assert wait_until(lambda: len(daemon.membership.ring()) == 3)
+        central = daemon.membership.ring()
+        assert wait_until(
+            lambda: all(link.ring_view.ring.version == central.version for link in links)
+        )
+        agents = [f"agent-{i}" for i in range(1000)]
+        expected = central.assignments(agents)
+        assert len(set(expected.values())) == 3
+        for link in links[:2]:
+            assert link.ring_view.ring.assignments(agents) == expected
+    finally:
+        for link in links:
+            link.stop()
+        daemon.stop(grace=0)
+
+
+def test_link_survives_a_late_coordinator_and_catches_up(tmp_path: Path, keypair: KeyPair) -> None:
+    port = free_port()
+    agents = [
+        AgentInfo(
+            agent_id="phone-1",
+            capability="inference",
+            telemetry={"cpu_percent": 3.0},
+            last_seen=9.0,
+        )
+    ]
+    link = make_link(
+        f"127.0.0.1:{port}",
+        "agg-a",
+        7070,
+        tmp_path,
+        agents_fn=lambda: agents,
+        agents_interval_s=0.1,
+    )
+    manifests = [make_manifest(keypair, round=r, seed="late") for r in (1, 2)]
+    daemon = None
+    try:
+        started = time.monotonic()
+        link.start()
+        assert time.monotonic() - started < 0.5  # start never waits for the coordinator
+        for m in manifests:
+            link.announce(m.to_bytes(), notes={"source": "test"})
+        time.sleep(0.6)
+        assert not link.registered.is_set() and link.pending_announcements() == 2
+        assert link.ring_view.ring.version == 1  # still its own ring
+
+        daemon = coordinator(tmp_path / "coord", port)
+        assert link.flush(timeout_s=5.0)
+        assert daemon.index is not None and daemon.membership is not None
+        assert [r.cid for r in daemon.index.list()] == [m.cid for m in reversed(manifests)]
+        assert daemon.index.get(manifests[0].cid).notes == {"source": "test"}
+        assert wait_until(link.registered.is_set)
+        assert wait_until(
+            lambda: (
+                link.ring_view.ring.member("agg-a") is not None and link.ring_view.ring.version >= 1
+            )
+        )
+        assert wait_until(
+            lambda: [a.agent_id for a in daemon.index.list_agents("agg-a")] == ["phone-1"]
+        )
+        assert daemon.index.list_agents()[0].capability == "inference"
+        assert wait_until(
+            lambda: {s.info.id: s.round for s in daemon.membership.status()}.get("agg-a") == 3
+        )
+    finally:
+        link.stop()
+        if daemon is not None:
+            daemon.stop(grace=0)
+
+
+def test_backlog_survives_a_link_restart(tmp_path: Path, keypair: KeyPair) -> None:
+    port = free_port()
+    manifest = make_manifest(keypair, seed="durable")
+    first = make_link(f"127.0.0.1:{port}", "agg-a", 7070, tmp_path).start()
+    first.announce(manifest.to_bytes())
+    first.stop()
+    daemon = coordinator(tmp_path / "coord", port)
+    second = make_link(daemon.address, "agg-a", 7070, tmp_path).start()
+    try:
+        assert second.flush(timeout_s=5.0)
+        assert daemon.index is not None and daemon.index.get(manifest.cid).cid == manifest.cid
+    finally:
+        second.stop()
+        daemon.stop(grace=0)
+
+
+def test_refused_announcement_is_dropped(tmp_path: Path) -> None:
+    daemon = coordinator(tmp_path / "coord")
+    link = make_link(daemon.address, "agg-a", 7070, tmp_path).start()
+    try:
+        link.announce(b"not a manifest")
+        assert link.flush(timeout_s=5.0)
+        assert daemon.index is not None and daemon.index.count() == 0
+    finally:
+        link.stop()
+        daemon.stop(grace=0)
+
+
+def test_coordinator_restart_brings_the_ring_back(tmp_path: Path, keypair: KeyPair) -> None:
+    port = free_port()
+    state = tmp_path / "coord"
+    daemon = coordinator(state, port)
+    view_a = own_ring("agg-a", 7070)
+    link_a = make_link(daemon.address, "agg-a", 7070, tmp_path, ring_view=view_a).start()
+    link_b = make_link(daemon.address, "agg-b", 7071, tmp_path).start()
+    try:
+        assert wait_until(lambda: [m.id for m in view_a.ring.members] == ["agg-a", "agg-b"])
+        before = view_a.ring
+
+        daemon.stop(grace=0)
+        link_b.stop()  # b dies while the coordinator is down
+        manifest = make_manifest(keypair, seed="while-down")
+        link_a.announce(manifest.to_bytes())
+        time.sleep(2 * TTL_S)
+        assert view_a.ring is before  # the last ring stays in force
+
+        daemon = coordinator(state, port)
+        assert daemon.membership is not None and daemon.index is not None
+        # a keeps its lease by heartbeating; b, silent, leaves after one ttl
+        assert wait_until(lambda: [m.id for m in view_a.ring.members] == ["agg-a"], timeout_s=5.0)
+        assert view_a.ring.version > before.version
+        assert link_a.flush(timeout_s=5.0) and daemon.index.get(manifest.cid)
+
+        # a coordinator that lost its state learns about a from its heartbeats
+        daemon.stop(grace=0)
+        daemon = coordinator(tmp_path / "coord-lost-state", port)
+        assert daemon.membership is not None
+        assert wait_until(
+            lambda: [m.id for m in daemon.membership.ring().members] == ["agg-a"], timeout_s=5.0
+        )
+    finally:
+        link_a.stop()
+        link_b.stop()
+        daemon.stop(grace=0)
+
+
+def test_stop_is_idempotent_and_bounded(tmp_path: Path) -> None:
+    link = make_link(f"127.0.0.1:{free_port()}", "agg-a", 7070, tmp_path).start()
+    started = time.monotonic()
+    link.stop()
+    link.stop()
+    assert time.monotonic() - started < 3.0
+    with pytest.raises(InvalidInput):
+        link.start()
