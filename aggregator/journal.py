@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proto.errors import NotFound
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bases (
     model_cid TEXT PRIMARY KEY,
@@ -114,10 +116,20 @@ class RoundRecord:
 class Journal:
     """A durable, thread-safe round journal in one SQLite file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        """Open (creating if needed) a journal; `readonly` opens an existing one for
+        inspection (e.g. `strata history`) while its aggregator keeps writing."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        if readonly:
+            if not self.path.exists():
+                raise NotFound(f"no journal at {self.path}", reason="not_found")
+            self._db = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+            )
+            self._db.execute("PRAGMA busy_timeout=5000")
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
