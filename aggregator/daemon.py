@@ -18,6 +18,7 @@ import numpy as np
 
 from aggregator.agents import AgentRegistry
 from aggregator.config import AggregatorConfig
+from aggregator.coordination import CoordinatorLink, Registration
 from aggregator.journal import Journal
 from aggregator.membership import RingView, static_ring
 from aggregator.peers import GrpcPeerAccess, PeerServicer, Published, pointer_for
@@ -74,6 +75,8 @@ class AggregatorDaemon:
         self.peer_access = GrpcPeerAccess()
         self.ring_view: RingView | None = None
         self.synthesizer: Synthesizer | None = synthesizer
+        self.link: CoordinatorLink | None = None
+        self._last_models: dict[str, str] = {}
         self.rounds = RoundManager(
             aggregator_id=self.id,
             federation=config.federation,
@@ -110,6 +113,15 @@ class AggregatorDaemon:
             )
         base = self.rounds.start()
         self._recover_published()
+        if self.config.coordinator:
+            self.link = CoordinatorLink(
+                self.config.coordinator,
+                info=Registration(id=self.id, address=advertise, federations=(self.config.federation,)),
+                ring_view=self.ring_view,
+                status_fn=self._status,
+                agents_fn=self.agents.active,
+                state_dir=self.state_dir,
+            )
         pb_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(
                 aggregator_id=self.id,
@@ -135,6 +147,8 @@ class AggregatorDaemon:
         self._server.start()
         self._ticker = threading.Thread(target=self._tick_loop, name="strata-round-ticker", daemon=True)
         self._ticker.start()
+        if self.link is not None:
+            self.link.start()
         log.info(
             "aggregator_started",
             extra={
@@ -154,6 +168,8 @@ class AggregatorDaemon:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        if self.link is not None:
+            self.link.stop()
         if self._server is not None:
             self._server.stop(grace)
         if self._ticker is not None:
@@ -202,7 +218,18 @@ class AggregatorDaemon:
             return cluster
         return self.synthesizer(cluster, tensors)
 
+    def _status(self) -> dict[str, object]:
+        return {
+            "round": self.rounds.current.round,
+            "agent_count": len(self.agents.active()),
+            "last_cluster_cid": self._last_models.get("cluster", ""),
+            "last_semi_global_cid": self._last_models.get("semi-global", ""),
+        }
+
     def _on_model(self, manifest: Manifest) -> None:
+        self._last_models[manifest.kind] = manifest.cid
+        if self.link is not None:
+            self.link.announce(manifest.to_bytes())
         if manifest.kind in ("cluster", "semi-global"):
             self._publish(manifest)
             if manifest.kind == "cluster":

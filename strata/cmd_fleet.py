@@ -3,7 +3,178 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from coordinator.ring import Member, Ring
+from proto import strata_pb2 as pb
+from proto import strata_pb2_grpc as pb_grpc
+from proto.errors import InvalidInput
+from proto.wire import DEFAULT_TIMEOUT_S, create_channel, error_from_rpc
+from strata import cli, render
+
+T = TypeVar("T")
+
+
+def _add_coordinator(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=os.environ.get("STRATA_COORDINATOR", "127.0.0.1:7000"),
+        help="coordinator address (default: $STRATA_COORDINATOR or 127.0.0.1:7000)",
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds (default: 5)")
+    cli.add_json_option(parser)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    return None
+    fleet = commands.add_parser("fleet", help="the fleet as the coordinator sees it")
+    sub = fleet.add_subparsers(dest="fleet_command", metavar="ACTION")
+    sub.required = True
+    status = sub.add_parser("status", help="aggregators, leases, rounds, agent counts, last cluster and semi-global CIDs")
+    _add_coordinator(status)
+    status.set_defaults(handler=cmd_fleet_status)
+
+    ring = commands.add_parser("ring", help="the consistent-hash ring")
+    sub = ring.add_subparsers(dest="ring_command", metavar="ACTION")
+    sub.required = True
+    show = sub.add_parser("show", help="members and version; with --agent, where that agent lives")
+    show.add_argument("--agent", action="append", default=[], metavar="ID", help="an agent id to place (repeatable)")
+    _add_coordinator(show)
+    show.set_defaults(handler=cmd_ring_show)
+
+    models = commands.add_parser("models", help="the coordinator's model index")
+    sub = models.add_subparsers(dest="models_command", metavar="ACTION")
+    sub.required = True
+    listing = sub.add_parser("list", help="models by kind, aggregator, round or federation")
+    listing.add_argument("--kind", default="", help="local | relay | cluster | semi-global | base")
+    listing.add_argument("--aggregator", default="", help="producer id")
+    listing.add_argument("--federation", default="")
+    listing.add_argument("--round", type=int, default=0, help="only this round (0: any)")
+    listing.add_argument("--latest", action="store_true", help="only the latest per aggregator")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default: 50)")
+    _add_coordinator(listing)
+    listing.set_defaults(handler=cmd_models_list)
+
+
+def _call(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc) from exc
+
+
+def _stub(address: str) -> pb_grpc.CoordinatorServiceStub:
+    return pb_grpc.CoordinatorServiceStub(create_channel(address))
+
+
+def _ago(timestamp: float) -> str:
+    if not timestamp:
+        return "-"
+    delta = timestamp - time.time()
+    return f"{delta:+.1f}s"
+
+
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    reply = _call(lambda: _stub(args.coordinator).FleetStatus(pb.FleetStatusRequest(), timeout=args.timeout))
+    rows = [
+        {
+            "aggregator": s.info.id,
+            "address": s.info.address,
+            "alive": s.alive,
+            "lease": _ago(s.lease_expires_at),
+            "round": s.round,
+            "agents": s.agent_count,
+            "last_cluster": s.last_cluster_cid or "-",
+            "last_semi_global": s.last_semi_global_cid or "-",
+        }
+        for s in reply.aggregators
+    ]
+    if args.json:
+        cli.print_json({"ring_version": reply.ring.version, "aggregators": rows})
+    else:
+        print(f"ring version {reply.ring.version}, {len(reply.ring.members)} member(s)")
+        print(render.table(rows, ["aggregator", "address", "alive", "lease", "round", "agents", "last_cluster", "last_semi_global"]))
+    return cli.EXIT_OK
+
+
+def cmd_ring_show(args: argparse.Namespace) -> int:
+    reply = _call(lambda: _stub(args.coordinator).GetRing(pb.GetRingRequest(), timeout=args.timeout))
+    ring = Ring([Member(id=m.id, address=m.address, weight=m.weight or 1.0) for m in reply.members], reply.version)
+    placements = {agent: ring.owner(agent).id for agent in args.agent} if len(ring) else {}
+    if args.json:
+        cli.print_json(
+            {
+                "version": ring.version,
+                "members": [{"id": m.id, "address": m.address, "weight": m.weight} for m in ring.members],
+                "agents": placements,
+            }
+        )
+    else:
+        print(f"ring version {ring.version}")
+        print(render.table([{"id": m.id, "address": m.address, "weight": m.weight} for m in ring.members], ["id", "address", "weight"]))
+        for agent, home in placements.items():
+            print(f"agent {agent} lives on {home}")
+    return cli.EXIT_OK
+
+
+def _record_json(record: pb.ModelRecord) -> dict[str, Any]:
+    return {
+        "model": record.model_cid,
+        "kind": record.kind,
+        "federation": record.federation,
+        "round": record.round,
+        "producer": record.producer,
+        "num_samples": record.num_samples,
+        "parents": len(record.parents),
+        "metrics": dict(record.metrics),
+        "weights": record.weights_cid,
+    }
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    if args.round < 0 or args.limit <= 0:
+        raise InvalidInput("--round must be >= 0 and --limit > 0", reason="bad_argument")
+    request = pb.ListModelsRequest(
+        kind=args.kind,
+        aggregator=args.aggregator,
+        federation=args.federation,
+        round=args.round,
+        latest_per_aggregator=args.latest,
+        limit=args.limit,
+    )
+    reply = _call(lambda: _stub(args.coordinator).ListModels(request, timeout=args.timeout))
+    rows = [_record_json(r) for r in reply.models]
+    if args.json:
+        cli.print_json({"models": rows})
+    else:
+        print(render.table(rows, ["model", "kind", "round", "producer", "num_samples", "parents"]))
+    return cli.EXIT_OK
+
+
+def lineage_from_index(address: str, model_cid: str, depth: int | None) -> render.LineageView:
+    """A lineage view built from the coordinator's index rather than the store."""
+    request = pb.LineageRequest(model_cid=model_cid, depth=depth or 0)
+    reply = _call(lambda: _stub(address).GetLineage(request, timeout=DEFAULT_TIMEOUT_S))
+    nodes = {}
+    for record in [reply.model, *reply.ancestors]:
+        nodes[record.model_cid] = render.LineageNode(
+            cid=record.model_cid,
+            kind=record.kind,
+            producer=record.producer,
+            round=record.round,
+            num_samples=record.num_samples,
+            metrics=dict(record.metrics),
+            parents=tuple(record.parents),
+        )
+    deepest = {cid for cid, node in nodes.items() if any(p not in nodes for p in node.parents)}
+    truncated = [cid for cid in deepest if depth is not None]
+    problems = [
+        {"cid": cid, "where": "index", "reason": "missing", "message": "named as a parent but not in the index"}
+        for cid in reply.missing
+    ]
+    return render.LineageView(root=model_cid, nodes=nodes, problems=problems, truncated=truncated, source="coordinator")

@@ -1,9 +1,128 @@
-"""`strata history` and `strata plot`: an aggregator's per-round table, from its journal."""
+"""`strata history` and `strata plot`: an aggregator's per-round record, read from its journal.
+
+The journal lives in the aggregator's state directory. Without --state-dir these
+commands look in ~/.strata/aggregator/* and ~/.strata/demo/aggregators/* (where
+`strata demo` keeps its fleet), one table per aggregator found.
+
+"accuracy" and "loss" are the round's base model as the agents saw it: each agent
+evaluates the base it receives on its own held-out data and reports it with its
+update; the journal keeps their sample-weighted mean.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
+
+from aggregator.journal import Journal, RoundRecord
+from proto.errors import InvalidInput, NotFound
+from strata import cli, render
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    return None
+    history = commands.add_parser("history", help="an aggregator's per-round table, from its journal")
+    _add_selection(history)
+    cli.add_json_option(history)
+    history.set_defaults(handler=cmd_history)
+
+    plot = commands.add_parser("plot", help="draw accuracy and loss per round (PNG)")
+    _add_selection(plot)
+    plot.add_argument("-o", "--output", type=Path, default=Path("accuracy.png"), help="output PNG (default: accuracy.png)")
+    plot.set_defaults(handler=cmd_plot)
+
+
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--aggregator", action="append", default=[], metavar="ID", help="only this aggregator (repeatable)")
+    parser.add_argument("--state-dir", type=Path, action="append", default=[], help="an aggregator state directory (repeatable)")
+
+
+def find_journals(args: argparse.Namespace) -> dict[str, Path]:
+    """aggregator id -> journal path."""
+    if args.state_dir:
+        found = {d.name: d / "journal.sqlite" for d in args.state_dir}
+        missing = [str(p) for p in found.values() if not p.exists()]
+        if missing:
+            raise NotFound(f"no journal at {', '.join(missing)}", reason="not_found")
+    else:
+        home = Path.home() / ".strata"
+        found = {}
+        for parent in (home / "aggregator", home / "demo" / "aggregators"):
+            for journal in sorted(parent.glob("*/journal.sqlite")):
+                found[journal.parent.name] = journal
+    if args.aggregator:
+        found = {k: v for k, v in found.items() if k in args.aggregator}
+    if not found:
+        raise NotFound(
+            "no aggregator journal found (looked in ~/.strata/aggregator and ~/.strata/demo/aggregators); "
+            "pass --state-dir",
+            reason="not_found",
+        )
+    return found
+
+
+def _rows(records: list[RoundRecord]) -> list[dict[str, Any]]:
+    return [
+        {
+            "round": r.round,
+            "participants": r.participants,
+            "num_samples": r.num_samples,
+            "accuracy": r.base_metrics.get("accuracy"),
+            "loss": r.base_metrics.get("loss"),
+            "train_loss": r.metrics.get("loss"),
+            "refusals": ",".join(f"{k}={v}" for k, v in sorted(r.refusals.items())) or None,
+            "aggregation_s": r.aggregation_s,
+            "cluster": r.cluster_cid,
+            "next_base": r.next_base_cid,
+            "next_base_kind": r.extra.get("next_base_kind"),
+            "closed": r.closed_at is not None,
+        }
+        for r in records
+    ]
+
+
+def load_histories(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    histories = {}
+    for aggregator, path in find_journals(args).items():
+        with Journal(path, readonly=True) as journal:
+            histories[aggregator] = _rows(journal.history())
+    return histories
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    histories = load_histories(args)
+    if args.json:
+        cli.print_json(histories)
+        return cli.EXIT_OK
+    columns = ["round", "participants", "num_samples", "accuracy", "loss", "train_loss", "refusals", "aggregation_s", "next_base"]
+    for aggregator, rows in histories.items():
+        print(f"== {aggregator}")
+        print(render.table([r for r in rows if r["closed"]], columns))
+        print()
+    return cli.EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    if args.output.suffix.lower() != ".png":
+        raise InvalidInput("the plot is a PNG: -o must end in .png", reason="bad_argument")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    histories = load_histories(args)
+    figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for aggregator, rows in histories.items():
+        closed = [r for r in rows if r["closed"] and r["accuracy"] is not None]
+        rounds = [r["round"] for r in closed]
+        accuracy_axis.plot(rounds, [r["accuracy"] for r in closed], marker="o", label=aggregator)
+        loss_axis.plot(rounds, [r["loss"] for r in closed], marker="o", label=aggregator)
+    accuracy_axis.set(title="base model accuracy (agents' held-out data)", xlabel="round", ylabel="accuracy")
+    loss_axis.set(title="base model loss", xlabel="round", ylabel="loss")
+    for axis in (accuracy_axis, loss_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(args.output, dpi=100)
+    print(f"wrote {args.output}")
+    return cli.EXIT_OK
