@@ -11,10 +11,11 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.core import Metric
 
 from aggregator.agents import AgentRegistry
 from aggregator.config import AggregatorConfig
@@ -29,6 +30,7 @@ from aggregator.synthesis import SemiGlobalSynthesizer
 from coordinator.ring import Member
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import ConfigError, StrataError
+from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
 from proto.wire import ServerHandle, create_server
 from storage.cid import is_cid
 from storage.keys import KeyPair
@@ -71,6 +73,7 @@ class AggregatorDaemon:
         self._ticker: threading.Thread | None = None
         self._server: ServerHandle | None = None
         self._started = False
+        self._metrics: MetricsEndpoint | None = None
         self.published = Published()
         self.peer_access = GrpcPeerAccess()
         self.ring_view: RingView | None = None
@@ -149,6 +152,8 @@ class AggregatorDaemon:
         self._ticker.start()
         if self.link is not None:
             self.link.start()
+        if self.config.metrics_port > 0:
+            self._metrics = serve_metrics(self._collect_metrics, host=self._server.host, port=self.config.metrics_port)
         log.info(
             "aggregator_started",
             extra={
@@ -170,6 +175,8 @@ class AggregatorDaemon:
         self._stopping.set()
         if self.link is not None:
             self.link.stop()
+        if self._metrics is not None:
+            self._metrics.stop()
         if self._server is not None:
             self._server.stop(grace)
         if self._ticker is not None:
@@ -217,6 +224,18 @@ class AggregatorDaemon:
         if self.synthesizer is None or ring is None or len(ring) < 2:
             return cluster
         return self.synthesizer(cluster, tensors)
+
+    def _collect_metrics(self) -> Iterator[Metric]:
+        totals = self.journal.totals()
+        yield counter("strata_aggregator_updates_accepted", "updates accepted and journaled", totals["updates_accepted"])
+        yield counter("strata_aggregator_updates_refused", "updates refused, by reason", labels=totals["refusals"], label="reason")
+        yield counter("strata_aggregator_rounds_closed", "rounds closed", totals["rounds_closed"])
+        yield gauge("strata_aggregator_round", "the current round", self.rounds.current.round)
+        yield gauge("strata_aggregator_round_updates", "updates accepted in the current round", self.rounds.accepted_count)
+        yield gauge("strata_aggregator_active_agents", "agents heard from within the timeout", len(self.agents.active()))
+        ring = self.ring_view.ring if self.ring_view is not None else None
+        yield gauge("strata_aggregator_ring_members", "members of the ring this aggregator follows", len(ring) if ring else 0)
+        yield gauge("strata_aggregator_ring_version", "version of that ring", ring.version if ring else 0)
 
     def _status(self) -> dict[str, object]:
         return {

@@ -281,6 +281,17 @@ class Journal:
             ]
         )
 
+    def totals(self) -> dict[str, Any]:
+        """Lifetime counts for metrics: accepted updates, closed rounds, refusals by reason."""
+        accepted = self._read("SELECT COUNT(*) AS n FROM updates")[0]["n"]
+        closed = self._read("SELECT COUNT(*) AS n FROM rounds WHERE closed_at IS NOT NULL")[0]["n"]
+        refusals = self._read("SELECT reason, COUNT(*) AS n FROM refusals GROUP BY reason")
+        return {
+            "updates_accepted": int(accepted),
+            "rounds_closed": int(closed),
+            "refusals": {row["reason"]: int(row["n"]) for row in refusals},
+        }
+
     def refusal_counts(self, round_: int) -> dict[str, int]:
         rows = self._read("SELECT reason, COUNT(*) AS n FROM refusals WHERE round = ? GROUP BY reason", (round_,))
         return {row["reason"]: int(row["n"]) for row in rows}

@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import Metric
 
 from coordinator.config import CoordinatorConfig
 from coordinator.index import ModelIndex
@@ -22,6 +24,7 @@ from coordinator.membership import Membership
 from coordinator.service import SERVICE_NAME, CoordinatorServicer
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import FailedPrecondition
+from proto.metrics import MetricsEndpoint, gauge, serve_metrics
 from proto.wire import ServerHandle, create_server
 
 __all__ = ["EXPIRY_TICK_S", "CoordinatorDaemon"]
@@ -47,6 +50,7 @@ class CoordinatorDaemon:
         self._ticker: threading.Thread | None = None
         self.membership: Membership | None = None
         self.index: ModelIndex | None = None
+        self._metrics: MetricsEndpoint | None = None
 
     @property
     def port(self) -> int:
@@ -92,6 +96,8 @@ class CoordinatorDaemon:
                 target=self._tick, name="coordinator-expiry", daemon=True
             )
             self._ticker.start()
+            if self.config.metrics_port > 0:
+                self._metrics = serve_metrics(self._collect_metrics, host=handle.host, port=self.config.metrics_port)
             self._started = True
             ring = self.membership.ring()
             log.info(
@@ -139,12 +145,23 @@ class CoordinatorDaemon:
             self._stopping.set()
             if self._handle is not None:
                 self._handle.stop(grace)
+            if self._metrics is not None:
+                self._metrics.stop()
             if self._ticker is not None:
                 self._ticker.join(timeout=EXPIRY_TICK_S * 4)
             self._close_stores()
             self._stopped.set()
             if self._started:
                 log.info("coordinator_stopped", extra={"fields": {}})
+
+    def _collect_metrics(self) -> Iterator[Metric]:
+        assert self.membership is not None and self.index is not None
+        ring = self.membership.ring()
+        statuses = self.membership.status()
+        yield gauge("strata_coordinator_ring_version", "current ring version", ring.version)
+        yield gauge("strata_coordinator_ring_members", "aggregators on the ring", len(ring))
+        yield gauge("strata_coordinator_aggregators_alive", "aggregators with a live lease", sum(s.alive for s in statuses))
+        yield gauge("strata_coordinator_models_indexed", "manifests in the model index", self.index.count())
 
     def _close_stores(self) -> None:
         if self.membership is not None:
