@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.strata-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test test-fast lint proto bench clean
+.PHONY: demo test test-fast lint proto docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ lint: $(STAMP)
 # regenerate proto/*_pb2*.py from proto/strata.proto (tests fail if they are stale)
 proto: $(STAMP)
 	$(PY) -m proto.generate
+
+# regenerate the README's config tables from the config dataclasses
+docs: $(STAMP)
+	$(PY) -m strata.readme
 
 bench: $(STAMP)
 	$(PY) bench/cid_throughput.py

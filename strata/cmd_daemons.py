@@ -74,6 +74,47 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=cmd_coordinator_serve)
 
 
+    config = commands.add_parser("config", help="every config key of a daemon, with its default")
+    config.add_argument("role", choices=sorted(CONFIG_CLASSES), help="which daemon")
+    config.add_argument("--markdown", action="store_true", help="a Markdown table (as in the README)")
+    cli.add_json_option(config)
+    config.set_defaults(handler=cmd_config)
+
+
+CONFIG_CLASSES = {
+    "aggregator": "aggregator.config:AggregatorConfig",
+    "agent": "agent.config:AgentConfig",
+    "coordinator": "coordinator.config:CoordinatorConfig",
+}
+
+
+def config_class(role: str) -> type:
+    import importlib
+
+    module, name = CONFIG_CLASSES[role].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from strata.config import env_var_for
+
+    rows = [
+        {"key": key, "default": default, "env": env_var_for(key), "help": text}
+        for key, default, text in describe_config(config_class(args.role))
+    ]
+    if args.json:
+        cli.print_json(rows)
+    elif args.markdown:
+        print("| key | default | environment | meaning |")
+        print("| --- | --- | --- | --- |")
+        for row in rows:
+            print(f"| `{row['key']}` | `{row['default']}` | `{row['env']}` | {row['help'].replace('|', '/')} |")
+    else:
+        for row in rows:
+            print(f"{row['key']} = {row['default']}  # {row['help']}")
+    return cli.EXIT_OK
+
+
 def _overrides(pairs: list[str]) -> dict[str, str]:
     from proto.errors import InvalidInput
 

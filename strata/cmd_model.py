@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 
 from proto.errors import InvalidInput, NotFound
@@ -86,10 +87,17 @@ def _read_tensors(path: Path) -> bytes:
         import torch
 
         try:
-            # weights_only: a state_dict file is a stranger's input and must not run code
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # weights_only: a state_dict file is a stranger's input and must not run code;
+            # torch warns about pickle protocols on stderr, which would break the one-line error
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise InvalidInput(f"{path} is not a loadable PyTorch state_dict: {exc}", reason="bad_state_dict") from None
+            first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise InvalidInput(
+                f"{path} is not a loadable PyTorch state_dict (only tensors are accepted): {first_line}",
+                reason="bad_state_dict",
+            ) from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -185,6 +193,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             graph = verify(store, args.cid)
         except CodecError as exc:
             raise InvalidInput(str(exc), reason=exc.reason) from None
+    if any(p.cid == args.cid and p.reason == "missing" for p in graph.problems):
+        raise NotFound(f"model {args.cid} is not in the store", reason="not_found")
     result = {
         "model": args.cid,
         "ok": graph.ok,
@@ -199,7 +209,4 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"FAILED: {len(graph.problems)} problem(s) in {len(graph.nodes)} model(s) read")
         for problem in graph.problems:
             print(f"  {problem.reason}: {problem.cid} ({problem.where}): {problem.message}")
-    if not graph.ok:
-        missing_root = any(p.cid == args.cid and p.reason == "missing" for p in graph.problems)
-        return cli.EXIT_NOT_FOUND if missing_root else cli.EXIT_INTEGRITY
-    return cli.EXIT_OK
+    return cli.EXIT_OK if graph.ok else cli.EXIT_INTEGRITY

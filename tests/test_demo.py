@@ -1,0 +1,94 @@
+"""`strata demo` end to end: the --json contract, the lineage it leaves behind, and that it stops every process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from storage.cid import is_cid
+
+pytestmark = pytest.mark.slow
+
+
+def _strata(home: Path, *args: str, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("STRATA_STORE", None)
+    env.pop("STRATA_COORDINATOR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "strata.cli", *args], env=env, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+def _leftovers(home: Path) -> list[psutil.Process]:
+    """Processes whose command line mentions this test's private HOME: the demo's children."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(home) in part for part in process.info["cmdline"] or ()):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_demo_json_contract_and_lineage(tmp_path: Path) -> None:
+    result = _strata(tmp_path, "demo", "--json", "--rounds", "4", "--agents", "6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert set(summary) >= {"rounds", "final_model", "final_accuracy"}
+    assert len(summary["rounds"]) == 3 * 4
+    for entry in summary["rounds"]:
+        assert set(entry) >= {"round", "aggregator", "accuracy", "loss", "model"}
+        assert is_cid(entry["model"]) and 0.0 <= entry["accuracy"] <= 1.0
+    assert {e["aggregator"] for e in summary["rounds"]} == {"agg-a", "agg-b", "agg-c"}
+    assert is_cid(summary["final_model"])
+    assert summary["final_accuracy"] > 0.3  # 10 classes: chance is 0.1
+
+    # the store the demo used is the CLI's default one: lineage needs no flags
+    lineage = _strata(tmp_path, "lineage", summary["final_model"], "--json", timeout=60)
+    assert lineage.returncode == 0, lineage.stderr
+    nodes = json.loads(lineage.stdout)["nodes"]
+    assert nodes[summary["final_model"]]["kind"] == "semi-global"
+    kinds = [node["kind"] for node in nodes.values()]
+    assert kinds.count("cluster") == 3 and kinds.count("local") == 6
+    producers = {node["producer"] for node in nodes.values() if node["kind"] == "cluster"}
+    assert producers == {"aggregator:agg-a", "aggregator:agg-b", "aggregator:agg-c"}
+    assert _strata(tmp_path, "verify", summary["final_model"], timeout=60).returncode == 0
+
+    assert _leftovers(tmp_path) == []
+
+
+def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("STRATA_STORE", None)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "strata.cli", "demo", "--rounds", "50"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            if line.lstrip().startswith("0  agg-"):
+                break
+            assert time.monotonic() < deadline, "no round was reported"
+        assert _leftovers(tmp_path), "the fleet should be running"
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=30) == 130
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    time.sleep(0.5)
+    assert _leftovers(tmp_path) == []

@@ -1,0 +1,28 @@
+"""The README is the front door: its config tables must match the code, and its two commands must exist."""
+
+from __future__ import annotations
+
+import re
+
+from strata.readme import README, render
+
+
+def test_config_tables_are_current() -> None:
+    text = README.read_text()
+    assert render(text) == text, "README config tables are stale: run `make docs`"
+
+
+def test_every_daemon_has_a_config_table() -> None:
+    text = README.read_text()
+    for role in ("aggregator", "agent", "coordinator"):
+        assert f"<!-- config:{role} -->" in text
+
+
+def test_readme_setup_is_exactly_two_make_commands() -> None:
+    text = README.read_text()
+    block = re.search(r"## Two commands.*?```sh\n(.*?)```", text, re.S)
+    assert block is not None
+    commands = [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+    assert commands == ["make demo", "make test"]
+    makefile = (README.parent / "Makefile").read_text()
+    assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
