@@ -1,0 +1,200 @@
+"""Semi-global synthesis against real peers: PeerService servers on loopback serving signed cluster models.
+
+Weighting is checked on a hand-computed case; screening refuses a poisoned (x100)
+peer, a tampered manifest, a non-member, a stale model and a dead peer, and
+records each refusal in the semi-global manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.config import SynthesisSettings
+from aggregator.peers import GrpcPeerAccess, PeerServicer, Published, pointer_for
+from aggregator.synthesis import SemiGlobalSynthesizer, robust_z_scores
+from coordinator.ring import Member, Ring
+from proto import strata_pb2_grpc as pb_grpc
+from proto.wire import ServerHandle, create_server
+from storage.codec import decode_tensors, encode_tensors
+from storage.keys import KeyPair
+from storage.lineage import walk
+from storage.manifest import Manifest, Producer
+from storage.models import load_model, save_model
+from storage.store import LocalStore
+
+BASE = {"w": np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32), "b": np.array([0.5, -0.5], dtype=np.float32)}
+
+
+@dataclass
+class Peer:
+    member: Member
+    store: LocalStore
+    key: KeyPair
+    published: Published
+    handle: ServerHandle
+
+    def publish(self, tensors: dict[str, np.ndarray], *, round_: int, num_samples: int) -> Manifest:
+        manifest = save_model(
+            self.store,
+            weights=encode_tensors(tensors),
+            kind="cluster",
+            federation="toy",
+            round=round_,
+            producer=Producer(role="aggregator", id=self.member.id),
+            key=self.key,
+            num_samples=num_samples,
+        )
+        self.publish_manifest(manifest)
+        return manifest
+
+    def publish_manifest(self, manifest: Manifest) -> None:
+        self.published.add(manifest)
+        self.published.set_latest(pointer_for(manifest, 0.0))
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[dict[str, Peer]]:
+    started: dict[str, Peer] = {}
+    for name in ("agg-b", "agg-c", "agg-d"):
+        store = LocalStore(tmp_path / name)
+        published = Published()
+        handle = create_server("127.0.0.1:0")
+        pb_grpc.add_PeerServiceServicer_to_server(
+            PeerServicer(aggregator_id=name, federation="toy", published=published, store=store), handle.server
+        )
+        handle.start()
+        started[name] = Peer(
+            member=Member(id=name, address=handle.address), store=store, key=KeyPair.generate(), published=published, handle=handle
+        )
+    yield started
+    for peer in started.values():
+        peer.handle.stop(0)
+        peer.store.close()
+
+
+def _synthesizer(tmp_path: Path, ring: Ring, **settings: object) -> tuple[SemiGlobalSynthesizer, LocalStore, KeyPair]:
+    store = LocalStore(tmp_path / "agg-a")
+    key = KeyPair.generate()
+    synthesizer = SemiGlobalSynthesizer(
+        aggregator_id="agg-a",
+        federation="toy",
+        settings=SynthesisSettings(**settings),
+        store=store,
+        key=key,
+        ring=lambda: ring,
+        peers=GrpcPeerAccess(),
+    )
+    return synthesizer, store, key
+
+
+def _own_cluster(store: LocalStore, key: KeyPair, tensors: dict[str, np.ndarray], *, round_: int, num_samples: int) -> Manifest:
+    return save_model(
+        store,
+        weights=encode_tensors(tensors),
+        kind="cluster",
+        federation="toy",
+        round=round_,
+        producer=Producer(role="aggregator", id="agg-a"),
+        key=key,
+        num_samples=num_samples,
+    )
+
+
+def _ring(peers: dict[str, Peer], *names: str) -> Ring:
+    return Ring([Member(id="agg-a", address="127.0.0.1:1"), *(peers[n].member for n in names)], version=3)
+
+
+def test_weighting_matches_a_hand_computed_case(tmp_path: Path, peers: dict[str, Peer]) -> None:
+    # own: base + 1 (100 samples, age 0); b: base + 3 (300 samples, age 0); c: base - 2 (200 samples, age 2)
+    own = {k: v + 1 for k, v in BASE.items()}
+    b = peers["agg-b"].publish({k: v + 3 for k, v in BASE.items()}, round_=4, num_samples=300)
+    c = peers["agg-c"].publish({k: v - 2 for k, v in BASE.items()}, round_=2, num_samples=200)
+    synthesizer, store, key = _synthesizer(
+        tmp_path, _ring(peers, "agg-b", "agg-c"), decay="exponential", decay_params={"half_life": 2.0}, max_age=5
+    )
+    cluster = _own_cluster(store, key, own, round_=4, num_samples=100)
+
+    semi = synthesizer(cluster, own)
+
+    # weights: own 100 x 1, b 300 x 1, c 200 x 0.5**(2/2) = 100  ->  offsets (100*1 + 300*3 + 100*-2) / 500 = 1.6
+    _, weights = load_model(store, semi.cid)
+    result = decode_tensors(weights)
+    for name, base in BASE.items():
+        np.testing.assert_allclose(result[name], base + 1.6, rtol=1e-6)
+    assert semi.kind == "semi-global" and semi.round == 4
+    assert set(semi.parents) == {cluster.cid, b.cid, c.cid}
+    assert semi.num_samples == 600
+    assert semi.extra["weights"] == {cluster.cid: 100.0, b.cid: 300.0, c.cid: 100.0}
+    assert semi.extra["refused_peers"] == []
+    semi.verify_signature()
+    # the peers' cluster models were copied in, so the lineage can be walked from this store alone
+    graph = walk(store, semi.cid)
+    assert graph.ok and set(graph.nodes) == {semi.cid, cluster.cid, b.cid, c.cid}
+
+
+def test_poisoned_peer_is_screened_out_and_recorded(tmp_path: Path, peers: dict[str, Peer]) -> None:
+    own = {k: v + 0.1 for k, v in BASE.items()}
+    honest_b = peers["agg-b"].publish({k: v + 0.2 for k, v in BASE.items()}, round_=1, num_samples=100)
+    honest_c = peers["agg-c"].publish({k: v - 0.1 for k, v in BASE.items()}, round_=1, num_samples=100)
+    poisoned = peers["agg-d"].publish({k: v * 100 for k, v in BASE.items()}, round_=1, num_samples=10_000)
+    synthesizer, store, key = _synthesizer(tmp_path, _ring(peers, "agg-b", "agg-c", "agg-d"), decay="constant", decay_params={})
+    cluster = _own_cluster(store, key, own, round_=1, num_samples=100)
+
+    semi = synthesizer(cluster, own)
+
+    assert poisoned.cid not in semi.parents
+    assert set(semi.parents) == {cluster.cid, honest_b.cid, honest_c.cid}
+    refused = {r["cid"]: r for r in semi.extra["refused_peers"]}
+    assert refused[poisoned.cid]["producer"] == "agg-d"
+    assert refused[poisoned.cid]["reason"] in ("outlier", "norm_outlier")
+    _, weights = load_model(store, semi.cid)
+    np.testing.assert_allclose(decode_tensors(weights)["w"], BASE["w"] + (0.1 + 0.2 - 0.1) / 3, rtol=1e-5)
+
+
+def test_robust_z_flags_the_far_vector_among_many() -> None:
+    rng = np.random.default_rng(0)
+    vectors = [rng.normal(0, 0.01, 50) + 1.0 for _ in range(5)] + [np.full(50, 3.0)]
+    scores = robust_z_scores(vectors)
+    assert scores[-1] > 3.5 and (scores[:-1] < 3.5).all()
+
+
+def test_tampered_non_member_stale_and_dead_peers_are_refused(tmp_path: Path, peers: dict[str, Peer]) -> None:
+    own = {k: v + 0.1 for k, v in BASE.items()}
+    # agg-b: a manifest whose signature was altered (re-serialized with a bad signature)
+    good = peers["agg-b"].publish({k: v + 0.2 for k, v in BASE.items()}, round_=3, num_samples=100)
+    bad_signature = dict(good.signature)
+    bad_signature["sig"] = KeyPair.generate().sign(b"something else")
+    tampered = Manifest.from_json({**good.to_json(), "signature": bad_signature})
+    peers["agg-b"].store.put(tampered.to_bytes())
+    peers["agg-b"].publish_manifest(tampered)
+    # agg-c: signed by a producer that is not on the ring
+    outsider = save_model(
+        peers["agg-c"].store,
+        weights=encode_tensors(own),
+        kind="cluster",
+        federation="toy",
+        round=3,
+        producer=Producer(role="aggregator", id="agg-x"),
+        key=peers["agg-c"].key,
+        num_samples=50,
+    )
+    peers["agg-c"].publish_manifest(outsider)
+    # agg-d: far too old, then its server dies
+    peers["agg-d"].publish(own, round_=0, num_samples=10)
+    synthesizer, store, key = _synthesizer(tmp_path, _ring(peers, "agg-b", "agg-c", "agg-d"), max_age=2)
+    cluster = _own_cluster(store, key, own, round_=3, num_samples=100)
+
+    semi = synthesizer(cluster, own)
+    reasons = {r["producer"]: r["reason"] for r in semi.extra["refused_peers"]}
+    assert reasons == {"agg-b": "bad_signature", "agg-c": "not_member", "agg-d": "stale"}
+    assert semi.parents == (cluster.cid,)
+
+    peers["agg-d"].handle.stop(0)
+    semi = synthesizer(cluster, own)
+    reasons = {r["producer"]: r["reason"] for r in semi.extra["refused_peers"]}
+    assert reasons["agg-d"] == "unavailable"
