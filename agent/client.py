@@ -119,6 +119,7 @@ class Client:
         self._model: tuple[Manifest, dict[str, np.ndarray]] | None = None
         self._returned_cid = self._state.progress.last_base_cid if self._state else ""
         self._rejoin_needed = threading.Event()
+        self._rejoin_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.bytes_downloaded = 0
 
@@ -235,11 +236,16 @@ class Client:
         raise Unavailable(f"more than {_MAX_REDIRECTS} redirects joining via {address}", reason="redirect_loop")
 
     def _rejoin(self, why: str) -> None:
-        log.info("rejoining", extra={"fields": {"agent": self.agent_id, "why": why, "old_home": self.home_id}})
+        # the watch and heartbeat threads may both notice a lost home: one rejoin is enough
+        if not self._rejoin_lock.acquire(blocking=False):
+            return
         try:
+            log.info("rejoining", extra={"fields": {"agent": self.agent_id, "why": why, "old_home": self.home_id}})
             self.join()
         except StrataError as exc:
             log.warning("rejoin_failed", extra={"fields": {"agent": self.agent_id, "error": str(exc)}})
+        finally:
+            self._rejoin_lock.release()
 
     # ------------------------------------------------------------------ models
 
@@ -289,24 +295,33 @@ class Client:
         held = self._model
         if held is not None and model_cid and held[0].cid == model_cid:
             return held
+        fetched = self._fetch(model_cid, if_none_match=held[0].cid if held else "")
+        if fetched is None:
+            assert held is not None
+            return held
+        manifest, weights = fetched
+        self._model = (manifest, decode_tensors(weights))
+        return self._model
+
+    def fetch_model_bytes(self, model_cid: str = "") -> tuple[Manifest, bytes]:
+        """A model's verified manifest and raw weight bytes (default: the current base), without
+        keeping it as this client's model: for callers that store models themselves (a relay's cache)."""
+        fetched = self._fetch(model_cid, if_none_match="")
+        assert fetched is not None
+        return fetched
+
+    def _fetch(self, model_cid: str, *, if_none_match: str) -> tuple[Manifest, bytes] | None:
+        """GetModel from the home, both CIDs and the signature verified; None when not modified."""
         request = pb.GetModelRequest(
-            model_cid=model_cid,
-            if_none_match=held[0].cid if held else "",
-            federation=self.federation,
-            agent_id=self.agent_id,
+            model_cid=model_cid, if_none_match=if_none_match, federation=self.federation, agent_id=self.agent_id
         )
-
-        def fetch() -> tuple[pb.ModelHeader, bytes]:
-            stream = self._stub(self.home_address).GetModel(request, timeout=STREAM_TIMEOUT_S)
-            return read_header_stream(stream, size_of=lambda h: h.weights_size, max_size=_MAX_MODEL_BYTES)
-
         try:
-            header, weights = fetch()
+            stream = self._stub(self.home_address).GetModel(request, timeout=STREAM_TIMEOUT_S)
+            header, weights = read_header_stream(stream, size_of=lambda h: h.weights_size, max_size=_MAX_MODEL_BYTES)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         if header.not_modified:
-            assert held is not None
-            return held
+            return None
         if cid_of(header.manifest) != header.model_cid:
             raise IntegrityError(f"manifest bytes do not hash to {header.model_cid}", reason="hash_mismatch")
         manifest = Manifest.from_bytes(header.manifest)
@@ -314,8 +329,7 @@ class Client:
             raise IntegrityError(f"weights of {header.model_cid} do not hash to {manifest.weights}", reason="hash_mismatch")
         manifest.verify_signature()
         self.bytes_downloaded += len(weights)
-        self._model = (manifest, decode_tensors(weights))
-        return self._model
+        return manifest, weights
 
     # ------------------------------------------------------------------ submitting
 
@@ -378,6 +392,55 @@ class Client:
             return None
         return self._send(self._state.progress.pending, blob)
 
+    def submit_signed(
+        self,
+        manifest: Manifest,
+        blob: bytes,
+        *,
+        tensors: Sequence[str] = (),
+        base_metrics: Mapping[str, float] | None = None,
+    ) -> SubmitReceipt:
+        """Upload an update whose manifest the caller built and signed (e.g. a relay's combined
+        update, kind "relay"): the header is filled from the manifest, which travels with it.
+
+        `tensors` declares a partial update. Not persisted as this client's pending update.
+        Raises SubmitRefused with the aggregator's reason code when it is refused.
+        """
+        header = pb.UpdateHeader(
+            agent_id=self.agent_id,
+            round=manifest.round,
+            base_cid=manifest.base or "",
+            num_samples=manifest.num_samples,
+            metrics=manifest.metrics,
+            tensors=list(tensors),
+            weights_size=len(blob),
+            weights_cid=manifest.weights,
+            base_metrics=dict(base_metrics or {}),
+            federation=self.federation,
+            kind=manifest.kind,
+            parents=list(manifest.parents),
+            manifest=manifest.to_bytes(),
+        )
+        reply = self._submit_stream(header, blob)
+        if not reply.accepted:
+            raise SubmitRefused(reply.message or reply.reason, reason=reply.reason)
+        return SubmitReceipt(update_cid=reply.update_cid, round=reply.round, duplicate=reply.duplicate)
+
+    def _submit_stream(self, header: pb.UpdateHeader, blob: bytes) -> pb.SubmitUpdateReply:
+        """SubmitUpdate to the home, retrying (and re-joining) while it is unavailable."""
+        attempt = 0
+        while True:
+            try:
+                return self._stub(self.home_address).SubmitUpdate(
+                    stream_with_header(pb.UpdateChunk, header, blob), timeout=STREAM_TIMEOUT_S
+                )
+            except grpc.RpcError as exc:
+                if not is_retryable(exc) or attempt >= 4 or self._closed.is_set():
+                    raise error_from_rpc(exc) from exc
+                attempt += 1
+                self._closed.wait(random.random() * min(self._backoff_max_s, self._backoff_base_s * 2**attempt))
+                self._rejoin("submit_unavailable")
+
     def _send(self, pending: PendingUpdate, blob: bytes) -> SubmitReceipt:
         header = pb.UpdateHeader(
             agent_id=self.agent_id,
@@ -393,19 +456,7 @@ class Client:
             kind="local",
             manifest=pending.manifest.encode(),
         )
-        attempt = 0
-        while True:
-            try:
-                reply = self._stub(self.home_address).SubmitUpdate(
-                    stream_with_header(pb.UpdateChunk, header, blob), timeout=STREAM_TIMEOUT_S
-                )
-                break
-            except grpc.RpcError as exc:
-                if not is_retryable(exc) or attempt >= 4 or self._closed.is_set():
-                    raise error_from_rpc(exc) from exc
-                attempt += 1
-                self._closed.wait(random.random() * min(self._backoff_max_s, self._backoff_base_s * 2**attempt))
-                self._rejoin("submit_unavailable")
+        reply = self._submit_stream(header, blob)
         if not reply.accepted:
             if self._state is not None and reply.reason in ("stale", "conflict", "unknown_base"):
                 # resending can never succeed: drop it rather than retry forever
@@ -458,9 +509,14 @@ class Client:
             except grpc.RpcError as exc:
                 if self._closed.is_set():
                     return
-                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    # the home is gone (or restarting): join again, which walks to the ring's next live owner
                     failures += 1
-                    self._closed.wait(min(self._backoff_max_s, self._backoff_base_s * 2**min(failures, 6)) * random.random())
+                    self._closed.wait(min(self._backoff_max_s, self._backoff_base_s * 2 ** min(failures, 6)) * random.random())
+                    self._rejoin("home_unreachable")
+                elif exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    failures += 1
+                    self._closed.wait(min(self._backoff_max_s, self._backoff_base_s * 2 ** min(failures, 6)) * random.random())
 
     def _heartbeat_loop(self) -> None:
         failures = 0

@@ -43,13 +43,6 @@ __all__ = ["BACKLOG_FILE", "CoordinatorLink", "Registration", "ring_from_pb"]
 log = logging.getLogger("strata.aggregator.coordination")
 
 BACKLOG_FILE = "coordinator-backlog.db"
-# gRPC channels back off up to 120 s between reconnects by default; a coordinator
-# that comes back should be found within a couple of seconds.
-_RECONNECT_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
 _TELEMETRY_FIELDS = (
     "cpu_percent",
     "memory_mb",
@@ -89,10 +82,6 @@ def ring_from_pb(message: pb.Ring) -> Ring:
         [Member(id=m.id, address=m.address, weight=m.weight or 1.0) for m in message.members],
         version=message.version,
     )
-
-
-def _default_channel(address: str) -> grpc.Channel:
-    return create_channel(address, options=_RECONNECT_OPTIONS)
 
 
 class _Backoff:
@@ -171,7 +160,7 @@ class CoordinatorLink:
         status_fn: Callable[[], Mapping[str, Any]],
         agents_fn: Callable[[], Iterable[Any]] | None = None,
         state_dir: str | Path | None = None,
-        channel_factory: Callable[[str], grpc.Channel] = _default_channel,
+        channel_factory: Callable[[str], grpc.Channel] = create_channel,
         rpc_timeout_s: float = 5.0,
         agents_interval_s: float = 10.0,
         retry_max_s: float = 5.0,

@@ -201,13 +201,14 @@ class RoundManager:
         try:
             return self._submit(submission)
         except UpdateRefused as refusal:
-            round_ = self._round.round if self._round else 0
-            self._journal.record_refusal(round_, submission.agent_id, refusal.reason, refusal.message)
-            log.info(
-                "update_refused",
-                extra={"fields": {"agent": submission.agent_id, "round": round_, "reason": refusal.reason}},
-            )
+            self.record_refusal(submission.agent_id, refusal)
             raise
+
+    def record_refusal(self, agent_id: str, refusal: UpdateRefused) -> None:
+        """Journal and log a refused submission, including ones refused before `submit` (bad streams)."""
+        round_ = self._round.round if self._round else 0
+        self._journal.record_refusal(round_, agent_id, refusal.reason, refusal.message)
+        log.info("update_refused", extra={"fields": {"agent": agent_id, "round": round_, "reason": refusal.reason}})
 
     def _submit(self, sub: Submission) -> SubmitResult:
         if sub.federation and sub.federation != self.federation:

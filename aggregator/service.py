@@ -7,6 +7,7 @@ answer rather than a failure: the reply says accepted=false with the reason code
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Iterator
@@ -73,12 +74,26 @@ def stream_model(store: ContentStore, model_cid: str, *, round_: int, if_none_ma
 
 
 def read_update_stream(request_iterator: Iterator[pb.UpdateChunk], *, max_bytes: int) -> tuple[pb.UpdateHeader, bytes]:
-    """Reassemble a SubmitUpdate stream: exactly one header first, then in-order chunks."""
+    """Reassemble a SubmitUpdate stream: exactly one header first, then in-order chunks.
+
+    A refusal raised after the header arrived carries it as `.header`, so the
+    refusal can be recorded against the sender.
+    """
+    first = next(request_iterator, None)
+    header = first.header if first is not None and first.WhichOneof("part") == "header" else None
     try:
-        return read_header_stream(request_iterator, size_of=lambda h: h.weights_size, max_size=max_bytes)
+        messages = itertools.chain([first] if first is not None else [], request_iterator)
+        return read_header_stream(messages, size_of=lambda h: h.weights_size, max_size=max_bytes)
     except WireError as exc:
-        reason = Refusal.TOO_LARGE if exc.reason == "oversize" else Refusal.BAD_HEADER
-        raise UpdateRefused(str(exc), reason=reason) from None
+        if exc.reason == "oversize":
+            reason = Refusal.TOO_LARGE
+        elif exc.reason == "missing_header":
+            reason = Refusal.BAD_HEADER
+        else:
+            reason = Refusal.BAD_STREAM
+        refusal = UpdateRefused(str(exc), reason=reason)
+        refusal.header = header
+        raise refusal from None
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
@@ -176,6 +191,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 )
             )
         except UpdateRefused as refusal:
+            stream_header = getattr(refusal, "header", None)
+            if stream_header is not None:  # refused while reading the stream, before the round saw it
+                self._rounds.record_refusal(stream_header.agent_id or "?", refusal)
             return pb.SubmitUpdateReply(accepted=False, reason=refusal.reason, message=refusal.message)
         except StrataError as error:
             if error.status == "INVALID_ARGUMENT":

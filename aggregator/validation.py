@@ -28,6 +28,7 @@ class Refusal:
     STALE = "stale"
     CONFLICT = "conflict"
     BAD_HEADER = "bad_header"
+    BAD_STREAM = "bad_stream"
     HASH_MISMATCH = "hash_mismatch"
     UNKNOWN_FEDERATION = "unknown_federation"
     NOT_HOME = "not_home"

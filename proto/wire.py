@@ -200,6 +200,11 @@ def create_channel(
         ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # gRPC backs off up to 120 s between reconnects by default; a peer that comes
+        # back (a restarted aggregator or coordinator) should be found within seconds
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
         *options,
     ]
     if tls is None:

@@ -1,4 +1,4 @@
-"""`strata aggregator serve`, `strata agent run`, `strata coordinator serve`: load config, wire, run until a signal."""
+"""`strata aggregator serve`, `strata agent run`, `strata coordinator serve`, `strata relay serve`: load config, wire, run until a signal."""
 
 from __future__ import annotations
 
@@ -72,6 +72,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     _add_common(serve)
     serve.set_defaults(handler=cmd_coordinator_serve)
+
+    from relay.config import RelayConfig
+
+    relay = commands.add_parser("relay", help="run a relay in front of an aggregator for low-power devices")
+    sub = relay.add_subparsers(dest="relay_command", metavar="ACTION")
+    sub.required = True
+    serve = sub.add_parser(
+        "serve",
+        help="serve AgentService to devices; cache models, pre-aggregate and store-and-forward upstream",
+        epilog=_config_help(RelayConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(serve)
+    serve.set_defaults(handler=cmd_relay_serve)
 
 
     config = commands.add_parser("config", help="every config key of a daemon, with its default")
@@ -193,6 +207,21 @@ def cmd_coordinator_serve(args: argparse.Namespace) -> int:
         return cli.EXIT_OK
     setup_logging(args.log_level or config.log_level)
     daemon = CoordinatorDaemon(config)
+    daemon.start()
+    _run_until_signal(daemon.stop, daemon.wait)
+    return cli.EXIT_OK
+
+
+def cmd_relay_serve(args: argparse.Namespace) -> int:
+    from relay.config import RelayConfig
+    from relay.daemon import RelayDaemon
+
+    config = load_config(RelayConfig, args.config, overrides=_overrides(args.set))
+    if args.print_config:
+        cli.print_json(config_to_dict(config))
+        return cli.EXIT_OK
+    setup_logging(args.log_level or config.log_level)
+    daemon = RelayDaemon(config)
     daemon.start()
     _run_until_signal(daemon.stop, daemon.wait)
     return cli.EXIT_OK

@@ -62,7 +62,7 @@ class Supervisor:
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - closed in stop_all
         process = subprocess.Popen(
-            [sys.executable, "-m", "strata.cli", *args],
+            [sys.executable, "-m", "strata", *args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

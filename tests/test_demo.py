@@ -23,7 +23,7 @@ def _strata(home: Path, *args: str, timeout: float = 240, **kwargs) -> subproces
     env.pop("STRATA_STORE", None)
     env.pop("STRATA_COORDINATOR", None)
     return subprocess.run(
-        [sys.executable, "-m", "strata.cli", *args], env=env, capture_output=True, text=True, timeout=timeout, **kwargs
+        [sys.executable, "-m", "strata", *args], env=env, capture_output=True, text=True, timeout=timeout, **kwargs
     )
 
 
@@ -71,7 +71,7 @@ def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     env = {**os.environ, "HOME": str(tmp_path)}
     env.pop("STRATA_STORE", None)
     demo = subprocess.Popen(
-        [sys.executable, "-m", "strata.cli", "demo", "--rounds", "50"],
+        [sys.executable, "-m", "strata", "demo", "--rounds", "50"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,89 @@
+"""`strata device predict`: join a relay (or an aggregator) as an inference-only device and predict."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from proto.errors import InvalidInput, NotFound
+from strata import cli
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    device = commands.add_parser("device", help="act as a low-power device")
+    sub = device.add_subparsers(dest="device_command", metavar="ACTION")
+    sub.required = True
+    predict = sub.add_parser(
+        "predict", help="join as an inference-only device, download the current model, predict on inputs"
+    )
+    predict.add_argument("--relay", required=True, metavar="ADDR", help="relay (or aggregator) address host:port")
+    predict.add_argument("--task", default="digits", help="built-in task whose predict() to run (default: digits)")
+    predict.add_argument("--federation", default="", help="federation (default: the task's name)")
+    inputs = predict.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--input", type=Path, metavar="FILE", help=".npy array of inputs (digits: shape (N, 64))")
+    inputs.add_argument("--sample", type=int, metavar="K", help="predict the first K rows of the task's own test set")
+    predict.add_argument("--id", default="", help="device id (default: generated)")
+    predict.add_argument("--timeout", type=float, default=30.0, help="give up joining after this many seconds")
+    cli.add_json_option(predict)
+    predict.set_defaults(handler=cmd_device_predict)
+
+
+def _load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None]:
+    from agent.tasks import BUILTIN_TASKS
+
+    task = BUILTIN_TASKS[args.task]
+    if args.sample is not None:
+        if args.sample < 1:
+            raise InvalidInput("--sample must be >= 1", reason="bad_argument")
+        rows, labels = task.test_set()
+        return np.asarray(rows[: args.sample]), np.asarray(labels[: args.sample])
+    if not args.input.is_file():
+        raise NotFound(f"no input file {args.input}", reason="not_found")
+    try:
+        array = np.load(args.input, allow_pickle=False)
+    except ValueError as exc:
+        raise InvalidInput(f"{args.input} is not a .npy array: {exc}", reason="bad_input") from None
+    return array, None
+
+
+def cmd_device_predict(args: argparse.Namespace) -> int:
+    from agent.client import Client
+    from agent.tasks import BUILTIN_TASKS
+
+    if args.task not in BUILTIN_TASKS:
+        raise InvalidInput(f"unknown task {args.task!r}; built-in: {sorted(BUILTIN_TASKS)}", reason="bad_argument")
+    inputs, labels = _load_inputs(args)
+    client = Client(
+        [args.relay],
+        federation=args.federation or args.task,
+        agent_id=args.id,
+        capability="inference",
+        watch=False,
+        join_timeout_s=args.timeout,
+    )
+    try:
+        client.join()
+        manifest, weights = client.download()
+    finally:
+        client.close()
+    predictions = BUILTIN_TASKS[args.task].predict(weights, inputs)
+    result: dict[str, object] = {
+        "model": manifest.cid,
+        "round": manifest.round,
+        "home": client.home_id,
+        "predictions": predictions.tolist(),
+    }
+    if labels is not None:
+        result["labels"] = labels.tolist()
+        result["accuracy"] = float(np.mean(predictions == labels)) if len(labels) else None
+    if args.json:
+        cli.print_json(result)
+        return cli.EXIT_OK
+    print(f"model {manifest.cid} (round {manifest.round}, via {client.home_id})")
+    print("predictions: " + " ".join(str(p) for p in predictions.tolist()))
+    if labels is not None:
+        print("labels:      " + " ".join(str(v) for v in labels.tolist()))
+        print(f"accuracy:    {result['accuracy']:.3f}")
+    return cli.EXIT_OK
