@@ -88,6 +88,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=cmd_relay_serve)
 
 
+    health = commands.add_parser("health", help="ask a daemon's gRPC health service (for healthchecks); exit 0 if SERVING")
+    health.add_argument("address", help="host:port of any Strata daemon")
+    health.add_argument("--service", default="", help="a service name, e.g. strata.v1.AgentService (default: the server)")
+    health.add_argument("--timeout", type=float, default=3.0, help="deadline in seconds (default: 3)")
+    cli.add_json_option(health)
+    health.set_defaults(handler=cmd_health)
+
     config = commands.add_parser("config", help="every config key of a daemon, with its default")
     config.add_argument("role", choices=sorted(CONFIG_CLASSES), help="which daemon")
     config.add_argument("--markdown", action="store_true", help="a Markdown table (as in the README)")
@@ -107,6 +114,30 @@ def config_class(role: str) -> type:
 
     module, name = CONFIG_CLASSES[role].split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from proto.errors import Unavailable
+    from proto.wire import create_channel, error_from_rpc
+
+    with create_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    if args.json:
+        cli.print_json({"address": args.address, "service": args.service, "status": status})
+    else:
+        print(status)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise Unavailable(f"{args.address} is {status}", reason="not_serving")
+    return cli.EXIT_OK
 
 
 def cmd_config(args: argparse.Namespace) -> int:
