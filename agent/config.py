@@ -34,6 +34,7 @@ class AgentConfig:
     backoff_base_s: float = _help("first retry delay; doubles per attempt, with full jitter", default=0.5)
     backoff_max_s: float = _help("longest retry delay", default=10.0)
     max_rounds: int = _help("stop after this many submitted updates; 0 runs until stopped", default=0)
+    metrics_port: int = _help("Prometheus metrics port on 0.0.0.0 (one per process: the first config's); 0 disables", default=0)
     log_level: str = _help("debug | info | warning | error", default="info")
 
     def __post_init__(self) -> None:
@@ -41,6 +42,8 @@ class AgentConfig:
             raise ConfigError("seeds must name at least one aggregator address")
         if self.capability not in ("train", "partial_train", "inference"):
             raise ConfigError(f"capability must be train, partial_train or inference, got {self.capability!r}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError("metrics_port must be 0..65535")
         if self.max_rounds < 0:
             raise ConfigError("max_rounds must be >= 0")
         for name in ("rpc_timeout_s", "join_timeout_s", "backoff_base_s", "backoff_max_s"):

@@ -11,13 +11,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+from prometheus_client.core import Metric
 
 from agent.client import Client, SubmitRefused
 from agent.config import AgentConfig
 from agent.trainer import Trainer, has_evaluate, load_trainer
 from proto.errors import StrataError
+from proto.metrics import counter, gauge
 
 log = logging.getLogger("strata.agent")
 
@@ -137,23 +140,52 @@ class AgentDaemon:
         return True
 
 
-def run_agents(configs: Sequence[AgentConfig], stop: threading.Event) -> list[int]:
-    """Run several agents in one process (one thread each) until `stop` is set."""
-    daemons = [AgentDaemon(config, stop=stop) for config in configs]
-    results = [0] * len(daemons)
+class AgentGroup:
+    """Several agents in one process (one thread each), stopped together."""
 
-    def run(index: int) -> None:
+    def __init__(self, configs: Sequence[AgentConfig], stop: threading.Event) -> None:
+        self.configs = list(configs)
+        self.stop_event = stop
+        self.daemons = [AgentDaemon(config, stop=stop) for config in self.configs]
+        self.results = [0] * len(self.daemons)
+
+    def _run_one(self, index: int) -> None:
         try:
-            results[index] = daemons[index].run()
+            self.results[index] = self.daemons[index].run()
         except StrataError as exc:
-            log.error("agent_failed", extra={"fields": {"agent": configs[index].id, "error": str(exc)}})
+            log.error("agent_failed", extra={"fields": {"agent": self.configs[index].id, "error": str(exc)}})
         except Exception:
             log.exception("agent_crashed")
 
-    threads = [threading.Thread(target=run, args=(i,), name=f"agent-{i}", daemon=True) for i in range(len(daemons))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(timeout=0.5)
-    return results
+    def run(self) -> list[int]:
+        """Run every agent until `stop` is set or each reached its max_rounds; returns updates per agent."""
+        threads = [
+            threading.Thread(target=self._run_one, args=(i,), name=f"agent-{i}", daemon=True)
+            for i in range(len(self.daemons))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+        return self.results
+
+    def collect_metrics(self) -> Iterator[Metric]:
+        updates = {}
+        rounds = {}
+        downloaded = {}
+        for daemon in self.daemons:
+            client = daemon.client
+            agent = client.agent_id if client is not None else daemon.config.id
+            updates[agent] = daemon.rounds_done
+            downloaded[agent] = client.bytes_downloaded if client is not None else 0
+            latest = client.describe()["round"] if client is not None else None
+            rounds[agent] = latest if latest is not None else -1
+        yield counter("strata_agent_updates_submitted", "updates acknowledged by the aggregator", labels=updates, label="agent")
+        yield counter("strata_agent_bytes_downloaded", "model bytes downloaded", labels=downloaded, label="agent")
+        yield gauge("strata_agent_base_round", "round of the latest base model seen", labels=rounds, label="agent")
+
+
+def run_agents(configs: Sequence[AgentConfig], stop: threading.Event) -> list[int]:
+    """Run several agents in one process (one thread each) until `stop` is set."""
+    return AgentGroup(configs, stop).run()

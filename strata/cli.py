@@ -47,7 +47,7 @@ def exit_code_for(error: StrataError) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from strata import cmd_daemons, cmd_demo, cmd_fleet, cmd_history, cmd_model
+    from strata import cmd_daemons, cmd_demo, cmd_device, cmd_fleet, cmd_history, cmd_model
 
     parser = argparse.ArgumentParser(
         prog="strata",
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for module in (cmd_model, cmd_history, cmd_daemons, cmd_fleet, cmd_demo):
+    for module in (cmd_model, cmd_history, cmd_daemons, cmd_fleet, cmd_device, cmd_demo):
         module.register(commands)
     return parser
 

@@ -106,6 +106,7 @@ CONFIG_CLASSES = {
     "aggregator": "aggregator.config:AggregatorConfig",
     "agent": "agent.config:AgentConfig",
     "coordinator": "coordinator.config:CoordinatorConfig",
+    "relay": "relay.config:RelayConfig",
 }
 
 
@@ -208,7 +209,8 @@ def cmd_aggregator_serve(args: argparse.Namespace) -> int:
 
 def cmd_agent_run(args: argparse.Namespace) -> int:
     from agent.config import AgentConfig
-    from agent.daemon import run_agents
+    from agent.daemon import AgentGroup
+    from proto.metrics import serve_metrics
 
     paths = args.config or [None]
     configs = [load_config(AgentConfig, path, overrides=_overrides(args.set)) for path in paths]
@@ -221,10 +223,20 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
         return cli.EXIT_OK
     setup_logging(args.log_level or configs[0].log_level)
     stop = threading.Event()
-    runner = threading.Thread(target=run_agents, args=(configs, stop), name="agents", daemon=True)
+    group = AgentGroup(configs, stop)
+    metrics = (
+        serve_metrics(group.collect_metrics, host="0.0.0.0", port=configs[0].metrics_port)
+        if configs[0].metrics_port
+        else None
+    )
+    runner = threading.Thread(target=group.run, name="agents", daemon=True)
     runner.start()
-    _run_until_signal(stop.set, lambda timeout: not runner.is_alive() or stop.wait(timeout))
-    runner.join(timeout=10.0)
+    try:
+        _run_until_signal(stop.set, lambda timeout: not runner.is_alive() or stop.wait(timeout))
+        runner.join(timeout=10.0)
+    finally:
+        if metrics is not None:
+            metrics.stop()
     return cli.EXIT_OK
 
 

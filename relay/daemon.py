@@ -1,0 +1,245 @@
+"""The relay daemon: wires store, journal, cache, core, upstream client and service, and runs three loops.
+
+- the upstream link joins the home aggregator (through the seeds, following
+  redirects; the Client re-homes on ring changes) and adopts each new upstream base;
+- the window ticker closes windows;
+- the forwarder sends combined updates upstream, holding them while it is down.
+
+`RelayDaemon` is a context manager; `start`/`stop` are idempotent. It starts (and
+serves devices the last base it knew) even while upstream is unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import grpc
+
+from agent.client import Client
+from aggregator.agents import AgentRegistry
+from proto import strata_pb2_grpc as pb_grpc
+from proto.errors import FailedPrecondition, StrataError, Unavailable
+from proto.wire import ServerHandle, create_channel, create_server
+from relay.cache import ModelCache
+from relay.config import RelayConfig
+from relay.core import Relay
+from relay.forward import Forwarder
+from relay.journal import RelayJournal
+from relay.service import RelayServicer
+from storage.keys import KeyPair
+from storage.manifest import Manifest
+from storage.store import open_store
+
+log = logging.getLogger("strata.relay")
+
+# how often the ticker checks the window and the upstream base
+TICK_S = 0.2
+
+
+def default_relay_id() -> str:
+    return f"relay-{socket.gethostname()}"
+
+
+class _ClientUpstream:
+    """The forwarder's view of the upstream Client."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def upstream_round(self) -> int | None:
+        try:
+            return self._client.current().round
+        except FailedPrecondition:
+            return None
+
+    def submit_signed(
+        self, manifest: Manifest, blob: bytes, *, tensors: Sequence[str] = (), base_metrics: Mapping[str, float] | None = None
+    ) -> object:
+        return self._client.submit_signed(manifest, blob, tensors=tensors, base_metrics=base_metrics)
+
+
+class RelayDaemon:
+    def __init__(self, config: RelayConfig, *, channel_factory: Callable[[str], grpc.Channel] = create_channel) -> None:
+        self.config = config
+        self.id = config.id or default_relay_id()
+        self.state_dir = Path(os.path.expanduser(config.state_dir or f"~/.strata/relay/{self.id}"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(config.store or str(self.state_dir / "store"))
+        self.key = KeyPair.load_or_create(self.state_dir / "relay.key")
+        self.journal = RelayJournal(self.state_dir / "journal.sqlite")
+        self.agents = AgentRegistry(timeout_s=config.agent_timeout_s)
+        upstream = config.upstream
+        self.client = Client(
+            config.seeds,
+            federation=config.federation,
+            agent_id=self.id,
+            display_name=self.id,
+            capability="train",
+            rpc_timeout_s=upstream.rpc_timeout_s,
+            join_timeout_s=upstream.join_timeout_s,
+            backoff_base_s=upstream.backoff_base_s,
+            backoff_max_s=upstream.backoff_max_s,
+            channel_factory=channel_factory,
+        )
+        self.cache = ModelCache(self.store, self._fetch_upstream, max_bytes=config.cache.max_bytes)
+        self.relay = Relay(
+            relay_id=self.id, config=config, store=self.store, journal=self.journal, cache=self.cache, key=self.key
+        )
+        self.forwarder = Forwarder(
+            journal=self.journal,
+            store=self.store,
+            upstream=_ClientUpstream(self.client),
+            max_staleness=config.forward.max_staleness,
+            retry_s=config.forward.retry_s,
+        )
+        self._stopping = threading.Event()
+        self._joined = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server: ServerHandle | None = None
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> RelayDaemon:
+        if self._started:
+            return self
+        self._started = True
+        self._server = create_server(self.config.listen)
+        base = self.relay.start()
+        pb_grpc.add_AgentServiceServicer_to_server(
+            RelayServicer(
+                relay=self.relay,
+                agents=self.agents,
+                heartbeat_interval_s=self.config.heartbeat_interval_s,
+                round_config=lambda: dict(self.client.round_config),
+                stopping=self._stopping,
+            ),
+            self._server.server,
+        )
+        self._server.start()
+        for target, name in (
+            (self._upstream_loop, "upstream"),
+            (self._tick_loop, "window"),
+            (lambda: self.forwarder.run(self._stopping), "forward"),
+        ):
+            thread = threading.Thread(target=target, name=f"strata-relay-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info(
+            "relay_started",
+            extra={
+                "fields": {
+                    "id": self.id,
+                    "address": self.address,
+                    "federation": self.config.federation,
+                    "seeds": list(self.config.seeds),
+                    "round": base.round if base else None,
+                    "base": base.model_cid if base else None,
+                    "state_dir": str(self.state_dir),
+                }
+            },
+        )
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._stopping.is_set() or not self._started:
+            return
+        self._stopping.set()
+        self.forwarder.wake()
+        self.client.close()
+        if self._server is not None:
+            self._server.stop(grace)
+        for thread in self._threads:
+            thread.join(timeout=grace + 5 * TICK_S)
+        self._write_status()
+        self.journal.close()
+        log.info("relay_stopped", extra={"fields": {"id": self.id, **self.cache.stats().to_json()}})
+
+    def __enter__(self) -> RelayDaemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until stop() (e.g. from a signal handler); True if stopped."""
+        return self._stopping.wait(timeout)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "not started"
+        return self._server.port
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None, "not started"
+        return f"{self._server.host}:{self._server.port}"
+
+    def status(self) -> dict[str, object]:
+        return {
+            **self.relay.status(),
+            "address": self.address if self._server else None,
+            "upstream": {"home": self.client.home_id, "address": self.client.home_address},
+        }
+
+    # ------------------------------------------------------------------ loops
+
+    def _fetch_upstream(self, model_cid: str) -> tuple[Manifest, bytes]:
+        if not self._joined.is_set():
+            raise Unavailable("the relay has not joined upstream yet", reason="no_upstream")
+        return self.client.fetch_model_bytes(model_cid)
+
+    def _upstream_loop(self) -> None:
+        while not self._stopping.is_set():
+            if not self._joined.is_set():
+                try:
+                    self.client.connect()
+                    self._joined.set()
+                    log.info(
+                        "upstream_joined",
+                        extra={"fields": {"home": self.client.home_id, "address": self.client.home_address}},
+                    )
+                except StrataError as exc:
+                    if self._stopping.is_set() or exc.reason == "closed":
+                        return
+                    log.warning("upstream_join_failed", extra={"fields": {"error": str(exc)}})
+                    self._stopping.wait(self.config.forward.retry_s)
+                    continue
+            try:
+                info = self.client.current()
+                if not self.relay.has_base or info.model_cid != self.relay.current.model_cid:
+                    self.relay.adopt_base(info.model_cid, info.round)
+                    self.forwarder.wake()
+            except StrataError as exc:
+                log.warning("base_adoption_failed", extra={"fields": {"reason": exc.reason, "error": str(exc)}})
+                self._stopping.wait(self.config.forward.retry_s)
+                continue
+            self._stopping.wait(TICK_S)
+
+    def _tick_loop(self) -> None:
+        while not self._stopping.wait(TICK_S):
+            try:
+                if self.relay.maybe_close(self.agents.active_trainers()) is not None:
+                    self._write_status()
+                    self.forwarder.wake()
+            except StrataError as exc:
+                log.error("window_close_failed", extra={"fields": {"reason": exc.reason, "error": str(exc)}})
+            except Exception:
+                log.exception("window_close_crashed")
+                self._stopping.wait(1.0)
+
+    def _write_status(self) -> None:
+        """status.json beside the journal, for operators and `strata` commands: counters included."""
+        try:
+            path = self.state_dir / "status.json"
+            temp = path.with_suffix(".tmp")
+            temp.write_text(json.dumps(self.status(), indent=2, sort_keys=True, default=str))
+            os.replace(temp, path)
+        except (OSError, StrataError):
+            log.exception("status_write_failed")
