@@ -135,12 +135,15 @@ class _FedAvgAggregation(Aggregation):
         self._sums: dict[str, torch.Tensor] = {}
         self._weights: dict[str, float] = {}
         self._count = 0
+        self._finished = False
 
     @property
     def count(self) -> int:
         return self._count
 
     def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
+        if self._finished:
+            raise AggregationError("this aggregation already gave its result", reason="aggregation_finished")
         weight = check_weight(weight)
         check_compatible(self._base, update)
         for name, array in update.items():
@@ -152,13 +155,18 @@ class _FedAvgAggregation(Aggregation):
         self._count += 1
 
     def result(self) -> TensorDict:
+        """The aggregate. Divides the running sums in place (no second model-sized buffer),
+        so an aggregation gives its result once."""
+        if self._finished:
+            raise AggregationError("this aggregation already gave its result", reason="aggregation_finished")
+        self._finished = True
         out: TensorDict = {}
         for name, base_array in self._base.items():
             total = self._weights.get(name, 0.0)
             if total <= 0:
                 out[name] = np.array(base_array, copy=True)
                 continue
-            out[name] = (self._sums[name] / total).numpy().astype(base_array.dtype, copy=False)
+            out[name] = self._sums.pop(name).div_(total).numpy().astype(base_array.dtype, copy=False)
         return out
 
 

@@ -21,6 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--rounds", type=int, default=10, help="rounds per aggregator (default: 10)")
     demo.add_argument("--task", default="digits", help="built-in task (default: digits)")
     demo.add_argument("--no-coordinator", action="store_true", help="static membership instead of a coordinator")
+    demo.add_argument("--devices", type=int, default=6, help="low-power devices behind one relay; 0: no relay (default: 6)")
     demo.add_argument("--timeout", type=float, default=170.0, help="give up after this many seconds (default: 170)")
     cli.add_json_option(demo)
     demo.set_defaults(handler=cmd_demo)
@@ -37,6 +38,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         task=args.task,
         coordinator=not args.no_coordinator,
+        relay_devices=args.devices,
         timeout_s=args.timeout,
     )
     return run_demo(options, as_json=args.json)

@@ -48,6 +48,8 @@ class DemoOptions:
     group_alpha: float = 0.3
     agent_processes: int = 2
     coordinator: bool = True
+    relay_devices: int = 6
+    inference_devices: int = 2
     timeout_s: float = 170.0
     home: Path = field(default_factory=lambda: Path.home() / ".strata")
 
@@ -58,6 +60,8 @@ class DemoOptions:
             raise InvalidInput("--agents must be at least --aggregators (every aggregator needs agents)", reason="bad_argument")
         if self.rounds < 1:
             raise InvalidInput("--rounds must be >= 1", reason="bad_argument")
+        if self.relay_devices and self.relay_devices <= self.inference_devices:
+            raise InvalidInput("a relay needs more devices than inference-only ones", reason="bad_argument")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +88,8 @@ class Demo:
         self.supervisor = Supervisor(self.dir / "logs")
         self.aggregators: list[Member] = []
         self._state_dirs: dict[str, Path] = {}
+        self.relay_address = ""
+        self.relay_state: Path | None = None
         self._seen: dict[str, int] = {}
 
     def say(self, text: str) -> None:
@@ -155,7 +161,7 @@ class Demo:
                 "initial_model": base,
                 "state_dir": str(state_dir),
                 "store": self.store_url,
-                "round": {"quorum": 1.0, "min_updates": 1, "deadline_s": 20.0, "agent_timeout_s": 30.0},
+                "round": {"quorum": 1.0, "min_updates": 1, "deadline_s": 10.0, "agent_timeout_s": 30.0},
                 "synthesis": {"peers": "all", "decay": "exponential", "decay_params": {"half_life": 2.0}},
             }
             if coordinator_address:
@@ -211,7 +217,62 @@ class Demo:
             + ", ".join(f"{m.id}: {len(homes[m.id])}" for m in self.aggregators)
             + f" (class-skewed Dirichlet alpha={options.group_alpha} across aggregators)"
         )
+        if options.relay_devices:
+            self._start_relay()
         self.say(f"logs          {self.supervisor.log_dir}")
+
+    def _start_relay(self) -> None:
+        """One relay with low-power devices: small data, head-only training, some inference-only."""
+        options = self.options
+        port = free_port()
+        self.relay_address = f"127.0.0.1:{port}"
+        self.relay_state = self.dir / "relay"
+        trainers = options.relay_devices - options.inference_devices
+        config = self._write_config(
+            "relay",
+            {
+                "id": "relay-1",
+                "seeds": [m.address for m in self.aggregators],
+                "listen": self.relay_address,
+                "federation": options.task,
+                "state_dir": str(self.relay_state),
+                "window": {"max_devices": trainers, "max_wait_s": 8.0},
+            },
+        )
+        self.supervisor.start("relay", ["relay", "serve", "--config", str(config)])
+        wait_for_port("127.0.0.1", port, 60)
+        devices = []
+        for i in range(options.relay_devices):
+            inference = i >= trainers
+            device_id = f"demo-device-{i}"
+            devices.append(
+                self._write_config(
+                    device_id,
+                    {
+                        "id": device_id,
+                        "seeds": [self.relay_address],
+                        "federation": options.task,
+                        "task": options.task,
+                        "capability": "inference" if inference else "train",
+                        "task_options": {
+                            "head_only": True,
+                            "max_samples": 60,
+                            "partition": {"scheme": "iid", "index": i, "count": options.relay_devices, "seed": 1},
+                        },
+                        "state_dir": str(self.dir / "agents" / device_id),
+                        "max_rounds": 0 if inference else options.rounds,
+                        "backoff_max_s": 2.0,
+                    },
+                )
+            )
+        args = ["agent", "run"]
+        for path in devices:
+            args += ["--config", str(path)]
+        self.supervisor.start("devices", args)
+        self.say(
+            f"relay         relay-1={self.relay_address} with {options.relay_devices} low-power devices "
+            f"({trainers} head-only trainers on 60 samples each, {options.inference_devices} inference-only)"
+        )
 
     # ------------------------------------------------------------------ follow
 
@@ -280,6 +341,21 @@ class Demo:
         last = [r for r in self.results if r.round == self.options.rounds - 1] or self.results
         return max(last, key=lambda r: (r.round, r.accuracy))
 
+    def relay_summary(self) -> dict[str, Any]:
+        if self.relay_state is None:
+            return {}
+        path = self.relay_state / "status.json"
+        if not path.exists():
+            return {"error": "the relay left no status.json"}
+        status = json.loads(path.read_text())
+        cache = status.get("cache", {})
+        return {
+            "bytes_saved": cache.get("bytes_saved"),
+            "bytes_served": cache.get("bytes_served"),
+            "bytes_fetched": cache.get("bytes_fetched_upstream"),
+            "windows": status.get("windows"),
+        }
+
     def summary(self) -> dict[str, Any]:
         final = self.final()
         with open_store(self.store_url) as store:
@@ -287,10 +363,34 @@ class Demo:
         kinds: dict[str, int] = {}
         for manifest in graph.nodes.values():
             kinds[manifest.kind] = kinds.get(manifest.kind, 0) + 1
+        # device updates behind the relay stay in the relay's private store: walk on there
+        behind_relay = [cid for cid, m in graph.nodes.items() if m.kind == "relay"]
+        device_updates = 0
+        relay_ok = True
+        if behind_relay and self.relay_state is not None:
+            with open_store(str(self.relay_state / "store")) as relay_store:
+                for cid in behind_relay:
+                    below = walk(relay_store, cid)
+                    device_updates += sum(1 for m in below.nodes.values() if m.kind == "local")
+                    relay_ok = relay_ok and below.ok
+        held_elsewhere = {p for cid in behind_relay for p in graph.nodes[cid].parents}
+        verified = relay_ok and all(p.reason == "missing" and p.cid in held_elsewhere for p in graph.problems)
         clusters = sorted(
             {graph.nodes[p].producer.id for p in graph.nodes[final.model].parents if p in graph.nodes}
         )
+        relay = self.relay_summary()
+        relay_parents = sorted(
+            {
+                graph.nodes[parent].producer.id
+                for cid in graph.nodes
+                if graph.nodes[cid].kind == "cluster"
+                for parent in graph.nodes[cid].parents
+                if parent in graph.nodes and graph.nodes[parent].kind == "relay"
+            }
+        )
         return {
+            "relay_update": behind_relay[0] if behind_relay else None,
+            "relay": relay | {"in_final_lineage": relay_parents} if relay else {},
             "rounds": [
                 {k: v for k, v in asdict(r).items() if k in ("round", "aggregator", "accuracy", "loss", "model")}
                 | {"cluster_accuracy": r.cluster_accuracy, "participants": r.participants}
@@ -299,7 +399,12 @@ class Demo:
             "final_model": final.model,
             "final_accuracy": final.accuracy,
             "final_aggregator": final.aggregator,
-            "lineage": {"kinds": kinds, "clusters_from": clusters, "ok": graph.ok},
+            "lineage": {
+                "kinds": kinds,
+                "clusters_from": clusters,
+                "ok": verified,
+                "device_updates_behind_relay": device_updates,
+            },
         }
 
 
@@ -322,14 +427,34 @@ def run_demo(options: DemoOptions, *, as_json: bool) -> int:
     summary["seconds"] = round(time.monotonic() - started, 1)
     final = summary["final_model"]
     lineage = summary["lineage"]
+    relay = summary.get("relay", {})
     demo.say(
         f"\nfinal model   {final}  ({summary['final_aggregator']}, round {options.rounds - 1}, semi-global)\n"
         f"accuracy      {summary['final_accuracy']:.3f} on the held-out test split no agent trained on\n"
-        f"lineage       {', '.join(f'{n} {k}' for k, n in lineage['kinds'].items())}; "
+        f"lineage       {', '.join(f'{n} {k}' for k, n in lineage['kinds'].items())}"
+        + (
+            f" (+{lineage['device_updates_behind_relay']} device updates in the relay's store)"
+            if lineage["device_updates_behind_relay"]
+            else ""
+        )
+        + "; "
         f"cluster models from {', '.join(lineage['clusters_from'])}; verified={lineage['ok']}\n"
-        f"took          {summary['seconds']} s\n\n"
+        + (
+            f"relay         saved {relay.get('bytes_saved')} upstream bytes (devices downloaded "
+            f"{relay.get('bytes_served')}, fetched upstream {relay.get('bytes_fetched')}); "
+            f"relay updates in the final lineage: {', '.join(relay.get('in_final_lineage', [])) or 'none'}\n"
+            if relay
+            else ""
+        )
+        + f"took          {summary['seconds']} s\n\n"
         f"see it all:   strata lineage {final} --depth 2\n"
         f"              strata history\n"
+        + (
+            f"              strata lineage {summary['relay_update']} --store {demo.relay_state / 'store'}"
+            "   # the relay's device updates\n"
+            if summary.get("relay_update") and demo.relay_state is not None
+            else ""
+        )
     )
     if as_json:
         json.dump(summary, sys.stdout, sort_keys=True)

@@ -73,11 +73,14 @@ def lineage_tree(view: LineageView) -> str:
     seen: set[str] = set()
     problems = {p["cid"]: p for p in view.problems}
 
-    def visit(cid: str, prefix: str, connector: str, child_prefix: str) -> None:
+    def visit(cid: str, prefix: str, connector: str, child_prefix: str, parent: LineageNode | None = None) -> None:
         node = view.nodes.get(cid)
         if node is None:
             problem = problems.get(cid)
-            why = f"{problem['reason']}: {problem['message']}" if problem else "not read"
+            if parent is not None and parent.kind == "relay" and problem and problem["reason"] == "missing":
+                why = f"held in {parent.producer}'s private store: add --store there to go on"
+            else:
+                why = f"{problem['reason']}: {problem['message']}" if problem else "not read"
             lines.append(f"{prefix}{connector}? {cid}  ({why})")
             return
         marker = "  (shown above)" if cid in seen and node.parents else ""
@@ -91,7 +94,7 @@ def lineage_tree(view: LineageView) -> str:
             return
         for index, parent in enumerate(node.parents):
             last = index == len(node.parents) - 1
-            visit(parent, prefix + child_prefix, "└─ " if last else "├─ ", "   " if last else "│  ")
+            visit(parent, prefix + child_prefix, "└─ " if last else "├─ ", "   " if last else "│  ", node)
 
     visit(view.root, "", "", "")
     if view.problems:

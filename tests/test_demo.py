@@ -59,7 +59,12 @@ def test_demo_json_contract_and_lineage(tmp_path: Path) -> None:
     nodes = json.loads(lineage.stdout)["nodes"]
     assert nodes[summary["final_model"]]["kind"] == "semi-global"
     kinds = [node["kind"] for node in nodes.values()]
-    assert kinds.count("cluster") == 3 and kinds.count("local") == 6
+    # the relay's combined update sits among one cluster model's parents; its device
+    # updates stay in the relay's private store
+    assert kinds.count("cluster") == 3 and kinds.count("local") == 6 and kinds.count("relay") == 1
+    assert summary["relay"]["in_final_lineage"] == ["relay-1"]
+    assert summary["relay"]["bytes_saved"] > 0
+    assert summary["lineage"]["device_updates_behind_relay"] == 4
     producers = {node["producer"] for node in nodes.values() if node["kind"] == "cluster"}
     assert producers == {"aggregator:agg-a", "aggregator:agg-b", "aggregator:agg-c"}
     assert _strata(tmp_path, "verify", summary["final_model"], timeout=60).returncode == 0
