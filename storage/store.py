@@ -365,7 +365,8 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$")
 def open_store(url: str) -> ContentStore:
     """Open a store from a URL: "local:/path" or a plain path gives a LocalStore.
 
-    "ipfs:..." is reserved for the IPFS store, which is not available yet.
+    "ipfs:/ip4/HOST/tcp/PORT/http" or "ipfs:/dns/NAME/tcp/PORT/http" gives an IpfsStore
+    talking to that Kubo node's RPC API (see storage.ipfs).
     """
     if not isinstance(url, str) or not url.strip():
         raise InvalidInput("store URL must be a non-empty string", reason="bad_store_url")
@@ -380,7 +381,9 @@ def open_store(url: str) -> ContentStore:
             raise InvalidInput(f"store URL {url!r} names no directory", reason="bad_store_url")
         return LocalStore(rest)
     if scheme == "ipfs":
-        raise InvalidInput("ipfs store not available yet", reason="bad_store_url")
+        from storage.ipfs import from_url  # lazy: storage.ipfs imports this module, and ipfshttpclient is slow to load
+
+        return from_url(url)
     raise InvalidInput(
         f"unknown store URL scheme {scheme!r} in {url!r} (expected 'local:' or a path)",
         reason="bad_store_url",

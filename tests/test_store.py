@@ -333,12 +333,15 @@ def test_stale_temp_files_are_swept_on_open(tmp_path: Path) -> None:
 
 
 def test_open_store_urls(tmp_path: Path) -> None:
+    from storage.ipfs import IpfsStore
+
     for url in (f"local:{tmp_path}/a", str(tmp_path / "b"), f"local://{tmp_path}/c"):
         with open_store(url) as store:
             assert isinstance(store, LocalStore)
+    with open_store("ipfs:/dns/localhost/tcp/5001/http") as store:  # no network call until used
+        assert isinstance(store, IpfsStore)
     assert (tmp_path / "a" / "objects").is_dir() and (tmp_path / "c" / "objects").is_dir()
     for url, needle in (
-        ("ipfs:/dns/localhost/tcp/5001/http", "not available yet"),
         ("s3://bucket/key", "unknown store URL scheme"),
         ("", "non-empty"),
         ("local:", "names no directory"),
