@@ -6,6 +6,7 @@ drains in-flight calls within a bound.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -248,7 +249,9 @@ class AggregatorDaemon:
     def _on_model(self, manifest: Manifest) -> None:
         self._last_models[manifest.kind] = manifest.cid
         if self.link is not None:
-            self.link.announce(manifest.to_bytes())
+            refused = manifest.extra.get("refused_peers") if manifest.kind == "semi-global" else None
+            notes = {"refused_peers": json.dumps(refused, sort_keys=True)} if refused else None
+            self.link.announce(manifest.to_bytes(), notes)
         if manifest.kind in ("cluster", "semi-global"):
             self._publish(manifest)
             if manifest.kind == "cluster":

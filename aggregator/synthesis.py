@@ -42,7 +42,7 @@ from aggregator.rounds import weighted_means
 from aggregator.staleness import make_discount
 from aggregator.strategies import FedAvg
 from coordinator.ring import Member, Ring
-from proto.errors import IntegrityError, InvalidInput, StrataError, Unavailable
+from proto.errors import IntegrityError, InvalidInput, NotFound, StrataError, Unavailable
 from storage.codec import CodecError, decode_tensors, encode_tensors
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer
@@ -128,6 +128,7 @@ class SemiGlobalSynthesizer:
         self._rng = rng or random.Random()
         self._decay = make_discount(settings.decay, **settings.decay_params)
         self.last_refusals: list[Refusal] = []
+        self.last_sources: dict[str, str] = {}
 
     def select_peers(self, ring: Ring) -> list[Member]:
         others = [m for m in ring.members if m.id != self.aggregator_id]
@@ -212,16 +213,21 @@ class SemiGlobalSynthesizer:
         return max(0.0, self._clock() - pointer.created_at)
 
     def _fetch(self, member: Member, cid: str) -> bytes:
-        """From the shared store if it has the object, else from the peer; verified either way,
-        and copied into our own store so the semi-global model's lineage can be walked there."""
+        """From the shared store (an IPFS node fetches it from its peers over bitswap), else from
+        the peer's FetchBlob; verified either way, and copied into our own store so the
+        semi-global model's lineage can be walked there. `last_sources` says which path served it."""
         data: bytes | None = None
-        for store in dict.fromkeys((self._shared, self._store)):
+        for name, store in (("own store", self._store), ("shared store", self._shared)):
+            if name == "shared store" and store is self._store:
+                break
             try:
-                if store.has(cid):
-                    data = store.get(cid)
-                    break
-            except IntegrityError:
-                continue  # a damaged copy: look elsewhere
+                if name == "own store" and not store.has(cid):
+                    continue
+                data = store.get(cid)
+                self.last_sources[cid] = name
+                break
+            except (NotFound, IntegrityError):
+                continue  # not there, or a damaged copy: look elsewhere
             except Unavailable as exc:
                 log.info("shared_store_unavailable", extra={"fields": {"cid": cid, "error": str(exc)}})
         if data is None:
@@ -231,6 +237,7 @@ class SemiGlobalSynthesizer:
                 raise _Refused(cid, member.id, "hash_mismatch", str(exc)) from None
             except StrataError as exc:
                 raise _Refused(cid, member.id, "unavailable", f"cannot fetch {cid} from {member.id}: {exc}") from None
+            self.last_sources[cid] = "peer"
         if not self._store.has(cid) and self._store.put(data) != cid:
             raise _Refused(cid, member.id, "hash_mismatch", f"bytes from {member.id} do not hash to {cid}")
         return data
