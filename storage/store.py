@@ -381,7 +381,8 @@ def open_store(url: str) -> ContentStore:
             raise InvalidInput(f"store URL {url!r} names no directory", reason="bad_store_url")
         return LocalStore(rest)
     if scheme == "ipfs":
-        from storage.ipfs import from_url  # lazy: storage.ipfs imports this module, and ipfshttpclient is slow to load
+        # lazy: storage.ipfs imports this module, and ipfshttpclient is slow to load
+        from storage.ipfs import from_url
 
         return from_url(url)
     raise InvalidInput(
