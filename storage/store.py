@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Self
@@ -360,6 +360,66 @@ class LocalStore(ContentStore):
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$")
+
+
+class LayeredStore(ContentStore):
+    """Several stores read as one: writes go to the first, reads try each in order.
+
+    For walking a lineage that spans stores, e.g. an aggregator's store and a relay's
+    private store holding the device updates behind it.
+    """
+
+    def __init__(self, stores: Sequence[ContentStore]) -> None:
+        if not stores:
+            raise InvalidInput("a layered store needs at least one store", reason="bad_store_url")
+        self.stores = list(stores)
+
+    def __repr__(self) -> str:
+        return f"LayeredStore({self.stores!r})"
+
+    def _holder(self, cid: str) -> ContentStore:
+        for store in self.stores:
+            if store.has(cid):
+                return store
+        raise NotFound(f"object {cid} is in none of {self.stores!r}", reason="not_found")
+
+    def _put(self, chunks: Iterator[bytes | memoryview]) -> str:
+        return self.stores[0].put(chunks)
+
+    def _read(self, cid: str) -> bytes:
+        return self._holder(cid).get(cid)
+
+    def _read_chunks(self, cid: str, chunk_size: int) -> Iterator[bytes]:
+        return self._holder(cid).iter_chunks(cid, chunk_size)
+
+    def _has(self, cid: str) -> bool:
+        return any(store.has(cid) for store in self.stores)
+
+    def _size(self, cid: str) -> int:
+        return self._holder(cid).size(cid)
+
+    def _pin(self, cid: str) -> None:
+        self._holder(cid).pin(cid)
+
+    def _unpin(self, cid: str) -> None:
+        for store in self.stores:
+            store.unpin(cid)
+
+    def _is_pinned(self, cid: str) -> bool:
+        return any(store.is_pinned(cid) for store in self.stores)
+
+    def _pins(self) -> Iterator[str]:
+        return iter(dict.fromkeys(cid for store in self.stores for cid in store.pins()))
+
+    def _cids(self) -> Iterator[str]:
+        return iter(dict.fromkeys(cid for store in self.stores for cid in store))
+
+    def _delete(self, cid: str) -> None:
+        self._holder(cid).delete(cid)
+
+    def _close(self) -> None:
+        for store in self.stores:
+            store.close()
 
 
 def open_store(url: str) -> ContentStore:

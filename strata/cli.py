@@ -66,7 +66,9 @@ def add_store_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
         metavar="URL",
-        help="content store: a directory, local:/path or ipfs:/multiaddr (default: $STRATA_STORE or ~/.strata/store)",
+        action="append",
+        help="content store: a directory, local:/path or ipfs:/multiaddr (default: $STRATA_STORE or "
+        "~/.strata/store); repeat to read several in order, e.g. an aggregator's and a relay's",
     )
 
 

@@ -14,12 +14,18 @@ from storage.keys import KeyPair
 from storage.lineage import verify, walk
 from storage.manifest import KINDS, Producer
 from storage.models import load_manifest, load_model, save_model
-from storage.store import ContentStore, default_store_path, open_store
+from storage.store import ContentStore, LayeredStore, default_store_path, open_store
 from strata import cli, render
 
 
 def resolve_store(args: argparse.Namespace) -> ContentStore:
-    return open_store(getattr(args, "store", None) or os.environ.get("STRATA_STORE") or str(default_store_path()))
+    """--store (repeatable: read in order, e.g. an aggregator's store then a relay's), else
+    $STRATA_STORE, else ~/.strata/store."""
+    urls = getattr(args, "store", None) or [os.environ.get("STRATA_STORE") or str(default_store_path())]
+    if isinstance(urls, str):
+        urls = [urls]
+    stores = [open_store(url) for url in urls]
+    return stores[0] if len(stores) == 1 else LayeredStore(stores)
 
 
 def operator_key() -> KeyPair:

@@ -450,8 +450,8 @@ def run_demo(options: DemoOptions, *, as_json: bool) -> int:
         f"see it all:   strata lineage {final} --depth 2\n"
         f"              strata history\n"
         + (
-            f"              strata lineage {summary['relay_update']} --store {demo.relay_state / 'store'}"
-            "   # the relay's device updates\n"
+            f"              strata verify {final} --store {demo.store_url} --store {demo.relay_state / 'store'}"
+            "   # down to the relay's device updates\n"
             if summary.get("relay_update") and demo.relay_state is not None
             else ""
         )

@@ -67,7 +67,12 @@ def test_demo_json_contract_and_lineage(tmp_path: Path) -> None:
     assert summary["lineage"]["device_updates_behind_relay"] == 4
     producers = {node["producer"] for node in nodes.values() if node["kind"] == "cluster"}
     assert producers == {"aggregator:agg-a", "aggregator:agg-b", "aggregator:agg-c"}
-    assert _strata(tmp_path, "verify", summary["final_model"], timeout=60).returncode == 0
+    # the whole chain verifies once the relay's private store is searched too
+    relay_store = tmp_path / ".strata" / "demo" / "relay" / "store"
+    default_store = tmp_path / ".strata" / "store"
+    assert _strata(tmp_path, "verify", summary["final_model"], timeout=60).returncode == 4  # device updates out of reach
+    both = _strata(tmp_path, "verify", summary["final_model"], "--store", str(default_store), "--store", str(relay_store), timeout=60)
+    assert both.returncode == 0, both.stdout + both.stderr
 
     assert _leftovers(tmp_path) == []
 

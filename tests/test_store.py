@@ -16,7 +16,7 @@ import pytest
 
 from proto.errors import FailedPrecondition, IntegrityError, InvalidInput, NotFound
 from storage.cid import CHUNK_SIZE, cid_of
-from storage.store import ContentStore, LocalStore, default_store_path, open_store
+from storage.store import ContentStore, LayeredStore, LocalStore, default_store_path, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 ABSENT = cid_of(b"never stored anywhere")
@@ -24,6 +24,7 @@ ABSENT = cid_of(b"never stored anywhere")
 # name -> factory(tmp_path). A later IpfsStore adds itself here and inherits the whole suite.
 STORE_FACTORIES: dict[str, Callable[[Path], ContentStore]] = {
     "local": lambda tmp_path: LocalStore(tmp_path / "store"),
+    "layered": lambda tmp_path: LayeredStore([LocalStore(tmp_path / "first"), LocalStore(tmp_path / "second")]),
 }
 
 
@@ -357,3 +358,13 @@ def test_default_store_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert default_store_path() == tmp_path / "home" / ".strata" / "store"
     monkeypatch.setenv("STRATA_STORE", str(tmp_path / "elsewhere"))
     assert default_store_path() == tmp_path / "elsewhere"
+
+
+def test_layered_store_reads_through_to_later_stores(tmp_path: Path) -> None:
+    first, second = LocalStore(tmp_path / "first"), LocalStore(tmp_path / "second")
+    only_in_second = second.put(b"held elsewhere")
+    with LayeredStore([first, second]) as layered:
+        assert layered.get(only_in_second) == b"held elsewhere"
+        written = layered.put(b"new")
+        assert first.has(written) and not second.has(written)
+        assert set(layered) == {only_in_second, written}
