@@ -96,6 +96,7 @@ class RelayConfig:
     )
     heartbeat_interval_s: float = _help("how often devices should heartbeat", default=5.0)
     agent_timeout_s: float = _help("a device not heard from for this long is no longer active", default=30.0)
+    metrics_port: int = _help("Prometheus metrics port on the listen host; 0 disables", default=0)
     log_level: str = _help("debug | info | warning | error", default="info")
 
     def __post_init__(self) -> None:

@@ -16,15 +16,17 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
+from prometheus_client.core import Metric
 
 from agent.client import Client
 from aggregator.agents import AgentRegistry
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import FailedPrecondition, StrataError, Unavailable
+from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
 from proto.wire import ServerHandle, create_channel, create_server
 from relay.cache import ModelCache
 from relay.config import RelayConfig
@@ -102,6 +104,7 @@ class RelayDaemon:
         self._joined = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server: ServerHandle | None = None
+        self._metrics: MetricsEndpoint | None = None
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -131,6 +134,8 @@ class RelayDaemon:
             thread = threading.Thread(target=target, name=f"strata-relay-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.config.metrics_port > 0:
+            self._metrics = serve_metrics(self._collect_metrics, host=self._server.host, port=self.config.metrics_port)
         log.info(
             "relay_started",
             extra={
@@ -155,6 +160,8 @@ class RelayDaemon:
         self.client.close()
         if self._server is not None:
             self._server.stop(grace)
+        if self._metrics is not None:
+            self._metrics.stop()
         for thread in self._threads:
             thread.join(timeout=grace + 5 * TICK_S)
         self._write_status()
@@ -180,6 +187,15 @@ class RelayDaemon:
     def address(self) -> str:
         assert self._server is not None, "not started"
         return f"{self._server.host}:{self._server.port}"
+
+    def _collect_metrics(self) -> Iterator[Metric]:
+        cache = self.cache.stats()
+        windows = self.relay.status()["windows"]
+        yield counter("strata_relay_bytes_served", "model bytes devices downloaded from the relay", cache.bytes_served)
+        yield counter("strata_relay_bytes_fetched_upstream", "model bytes the relay fetched upstream", cache.bytes_fetched_upstream)
+        yield gauge("strata_relay_bytes_saved", "upstream bytes the cache saved", cache.bytes_saved)
+        yield gauge("strata_relay_windows", "combined updates by status", labels=dict(windows), label="status")
+        yield gauge("strata_relay_active_devices", "devices heard from within the timeout", len(self.agents.active()))
 
     def status(self) -> dict[str, object]:
         return {

@@ -224,9 +224,11 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     paths = args.config or [None]
     configs = [load_config(AgentConfig, path, overrides=_overrides(args.set)) for path in paths]
     if len(configs) > 1:
-        ids = [c.id for c in configs]
-        if "" in ids or len(set(ids)) != len(ids):
-            configs = [c if c.id else replace(c, id=f"agent-{i}") for i, c in enumerate(configs)]
+        # agents without an id generate one and keep it in their state dir, so they need their own dirs
+        configs = [
+            replace(c, state_dir=f"~/.strata/agent/default-{i}") if not c.id and not c.state_dir else c
+            for i, c in enumerate(configs)
+        ]
     if args.print_config:
         cli.print_json([config_to_dict(c) for c in configs])
         return cli.EXIT_OK

