@@ -36,7 +36,7 @@ from aggregator.strategies import Aggregation, Strategy
 from aggregator.validation import Refusal, UpdateLimits, UpdateRefused, check_size, validate_update
 from proto.errors import StrataError
 from storage.cid import cid_of
-from storage.codec import decode_tensors, encode_tensors
+from storage.codec import decode_tensors, encode_tensors, summarize
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer
 from storage.models import load_model, save_model
@@ -215,18 +215,7 @@ class RoundManager:
             raise UpdateRefused(
                 f"this aggregator trains {self.federation!r}, not {sub.federation!r}", reason=Refusal.UNKNOWN_FEDERATION
             )
-        if not sub.agent_id:
-            raise UpdateRefused("agent_id is empty", reason=Refusal.BAD_HEADER)
-        if sub.num_samples <= 0:
-            raise UpdateRefused("num_samples must be > 0", reason=Refusal.BAD_HEADER)
-        if sub.kind not in ("local", "relay"):
-            raise UpdateRefused(f"update kind must be local or relay, got {sub.kind!r}", reason=Refusal.BAD_HEADER)
-        check_size(len(sub.weights), self._limits)
-        weights_cid = cid_of(sub.weights)
-        if sub.weights_cid and sub.weights_cid != weights_cid:
-            raise UpdateRefused(
-                f"weights hash to {weights_cid}, header says {sub.weights_cid}", reason=Refusal.HASH_MISMATCH
-            )
+        weights_cid = check_submission(sub, self._limits, kinds=("local", "relay"))
 
         previous = self._journal.find_update(sub.agent_id, sub.round)
         if previous is not None:
@@ -312,54 +301,9 @@ class RoundManager:
         return staleness
 
     def _update_manifest(self, sub: Submission, weights_cid: str, tensors: Mapping[str, np.ndarray]) -> Manifest:
-        if sub.manifest:
-            try:
-                manifest = Manifest.from_bytes(sub.manifest)
-                manifest.verify_signature()
-            except StrataError as exc:
-                raise UpdateRefused(f"update manifest: {exc}", reason=Refusal.BAD_MANIFEST) from None
-            expected = {
-                "kind": sub.kind,
-                "federation": self.federation,
-                "round": sub.round,
-                "weights": weights_cid,
-                "base": sub.base_cid,
-                "num_samples": sub.num_samples,
-                "producer.id": sub.agent_id,
-            }
-            actual = {
-                "kind": manifest.kind,
-                "federation": manifest.federation,
-                "round": manifest.round,
-                "weights": manifest.weights,
-                "base": manifest.base,
-                "num_samples": manifest.num_samples,
-                "producer.id": manifest.producer.id,
-            }
-            wrong = [name for name in expected if expected[name] != actual[name]]
-            if wrong:
-                raise UpdateRefused(
-                    f"update manifest disagrees with the header on {wrong}", reason=Refusal.BAD_MANIFEST
-                )
-            return manifest
-        # no manifest from the sender: record the update under the aggregator's key
-        from storage.codec import summarize
-
-        manifest = Manifest(
-            kind=sub.kind,
-            federation=self.federation,
-            round=sub.round,
-            producer=Producer(role="agent" if sub.kind == "local" else "relay", id=sub.agent_id),
-            weights=weights_cid,
-            tensors=summarize(sub.weights),
-            parents=tuple(sub.parents),
-            base=sub.base_cid,
-            num_samples=sub.num_samples,
-            metrics=dict(sub.metrics),
-            extra={"recorded_by": self.aggregator_id},
-            created_at=_rfc3339(self._clock()),
+        return update_manifest(
+            sub, weights_cid, federation=self.federation, recorder=self.aggregator_id, key=self._key, clock=self._clock
         )
-        return manifest.signed(self._key)
 
     def _fold(self, update: AcceptedUpdate, tensors: Mapping[str, np.ndarray]) -> None:
         assert self._aggregation is not None
@@ -491,6 +435,69 @@ class RoundManager:
             self._on_model(manifest)
         except Exception:  # a listener's failure must not fail the round
             log.exception("model_listener_failed")
+
+
+def check_submission(sub: Submission, limits: UpdateLimits, *, kinds: tuple[str, ...]) -> str:
+    """The header checks every receiver of updates makes first; returns the weights' CID."""
+    if not sub.agent_id:
+        raise UpdateRefused("agent_id is empty", reason=Refusal.BAD_HEADER)
+    if sub.num_samples <= 0:
+        raise UpdateRefused("num_samples must be > 0", reason=Refusal.BAD_HEADER)
+    if sub.kind not in kinds:
+        raise UpdateRefused(f"update kind must be one of {list(kinds)}, got {sub.kind!r}", reason=Refusal.BAD_HEADER)
+    check_size(len(sub.weights), limits)
+    weights_cid = cid_of(sub.weights)
+    if sub.weights_cid and sub.weights_cid != weights_cid:
+        raise UpdateRefused(f"weights hash to {weights_cid}, header says {sub.weights_cid}", reason=Refusal.HASH_MISMATCH)
+    return weights_cid
+
+
+def update_manifest(
+    sub: Submission,
+    weights_cid: str,
+    *,
+    federation: str,
+    recorder: str,
+    key: KeyPair,
+    clock: Callable[[], float] = time.time,
+) -> Manifest:
+    """The sender's own signed manifest, checked against the header; or, when it sent none,
+    one recorded under the receiver's key (with `extra.recorded_by`)."""
+    if sub.manifest:
+        try:
+            manifest = Manifest.from_bytes(sub.manifest)
+            manifest.verify_signature()
+        except StrataError as exc:
+            raise UpdateRefused(f"update manifest: {exc}", reason=Refusal.BAD_MANIFEST) from None
+        expected = (sub.kind, federation, sub.round, weights_cid, sub.base_cid, sub.num_samples, sub.agent_id)
+        actual = (
+            manifest.kind,
+            manifest.federation,
+            manifest.round,
+            manifest.weights,
+            manifest.base,
+            manifest.num_samples,
+            manifest.producer.id,
+        )
+        names = ("kind", "federation", "round", "weights", "base", "num_samples", "producer.id")
+        wrong = [name for name, want, got in zip(names, expected, actual, strict=True) if want != got]
+        if wrong:
+            raise UpdateRefused(f"update manifest disagrees with the header on {wrong}", reason=Refusal.BAD_MANIFEST)
+        return manifest
+    return Manifest(
+        kind=sub.kind,
+        federation=federation,
+        round=sub.round,
+        producer=Producer(role="agent" if sub.kind == "local" else "relay", id=sub.agent_id),
+        weights=weights_cid,
+        tensors=summarize(sub.weights),
+        parents=tuple(sub.parents),
+        base=sub.base_cid,
+        num_samples=sub.num_samples,
+        metrics=dict(sub.metrics),
+        extra={"recorded_by": recorder},
+        created_at=_rfc3339(clock()),
+    ).signed(key)
 
 
 def weighted_means(items: list[tuple[Mapping[str, float], int]]) -> dict[str, float]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
 from aggregator.agents import INFERENCE, PARTIAL_TRAIN, TRAIN, AgentRegistry
 from aggregator.membership import RingView
-from aggregator.rounds import BaseModel, RoundManager, Submission
+from aggregator.rounds import BaseModel, RoundManager, Submission, SubmitResult
 from aggregator.validation import Refusal, UpdateRefused
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
@@ -96,6 +96,51 @@ def read_update_stream(request_iterator: Iterator[pb.UpdateChunk], *, max_bytes:
         raise refusal from None
 
 
+def submission_from_header(header: pb.UpdateHeader, weights: bytes) -> Submission:
+    return Submission(
+        agent_id=header.agent_id,
+        round=header.round,
+        base_cid=header.base_cid,
+        num_samples=header.num_samples,
+        weights=weights,
+        federation=header.federation,
+        metrics=dict(header.metrics),
+        base_metrics=dict(header.base_metrics),
+        tensors=tuple(header.tensors),
+        weights_cid=header.weights_cid,
+        kind=header.kind or "local",
+        parents=tuple(header.parents),
+        manifest=header.manifest,
+    )
+
+
+def answer_submit(
+    request_iterator: Iterator[pb.UpdateChunk],
+    *,
+    max_bytes: int,
+    agents: AgentRegistry,
+    submit: Callable[[Submission], SubmitResult],
+    record_stream_refusal: Callable[[str, UpdateRefused], None] | None = None,
+) -> pb.SubmitUpdateReply:
+    """SubmitUpdate for aggregators and relays alike: a refusal is an answer (accepted=false
+    with its reason code), not an RPC error."""
+    try:
+        header, weights = read_update_stream(request_iterator, max_bytes=max_bytes)
+        agents.touch(header.agent_id)
+        result = submit(submission_from_header(header, weights))
+    except UpdateRefused as refusal:
+        stream_header = getattr(refusal, "header", None)
+        if stream_header is not None and record_stream_refusal is not None:
+            # refused while reading the stream, before the core saw it
+            record_stream_refusal(stream_header.agent_id or "?", refusal)
+        return pb.SubmitUpdateReply(accepted=False, reason=refusal.reason, message=refusal.message)
+    except StrataError as error:
+        if error.status == "INVALID_ARGUMENT":
+            return pb.SubmitUpdateReply(accepted=False, reason=error.reason, message=error.message)
+        raise
+    return pb.SubmitUpdateReply(accepted=True, update_cid=result.update_cid, round=result.round, duplicate=result.duplicate)
+
+
 class AgentServicer(pb_grpc.AgentServiceServicer):
     def __init__(
         self,
@@ -168,39 +213,12 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         yield from stream_model(self._store, model_cid, round_=round_, if_none_match=request.if_none_match)
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.SubmitUpdateReply:
-        try:
-            header, weights = read_update_stream(
-                request_iterator, max_bytes=self._rounds.settings.max_update_bytes
-            )
-            self._agents.touch(header.agent_id)
-            result = self._rounds.submit(
-                Submission(
-                    agent_id=header.agent_id,
-                    round=header.round,
-                    base_cid=header.base_cid,
-                    num_samples=header.num_samples,
-                    weights=weights,
-                    federation=header.federation,
-                    metrics=dict(header.metrics),
-                    base_metrics=dict(header.base_metrics),
-                    tensors=tuple(header.tensors),
-                    weights_cid=header.weights_cid,
-                    kind=header.kind or "local",
-                    parents=tuple(header.parents),
-                    manifest=header.manifest,
-                )
-            )
-        except UpdateRefused as refusal:
-            stream_header = getattr(refusal, "header", None)
-            if stream_header is not None:  # refused while reading the stream, before the round saw it
-                self._rounds.record_refusal(stream_header.agent_id or "?", refusal)
-            return pb.SubmitUpdateReply(accepted=False, reason=refusal.reason, message=refusal.message)
-        except StrataError as error:
-            if error.status == "INVALID_ARGUMENT":
-                return pb.SubmitUpdateReply(accepted=False, reason=error.reason, message=error.message)
-            raise
-        return pb.SubmitUpdateReply(
-            accepted=True, update_cid=result.update_cid, round=result.round, duplicate=result.duplicate
+        return answer_submit(
+            request_iterator,
+            max_bytes=self._rounds.settings.max_update_bytes,
+            agents=self._agents,
+            submit=self._rounds.submit,
+            record_stream_refusal=self._rounds.record_refusal,
         )
 
     def WatchModels(self, request: pb.WatchModelsRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelEvent]:

@@ -30,15 +30,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aggregator.rounds import BaseModel, Submission, SubmitResult, weighted_means
+from aggregator.rounds import (
+    BaseModel,
+    Submission,
+    SubmitResult,
+    check_submission,
+    update_manifest,
+    weighted_means,
+)
 from aggregator.strategies import Aggregation, FedAvg
-from aggregator.validation import Refusal, UpdateLimits, UpdateRefused, check_size, validate_update
-from proto.errors import StrataError, Unavailable
+from aggregator.validation import Refusal, UpdateLimits, UpdateRefused, validate_update
+from proto.errors import Unavailable
 from relay.cache import ModelCache
 from relay.config import RelayConfig
 from relay.journal import DeviceUpdate, RelayJournal, WindowRecord
-from storage.cid import cid_of
-from storage.codec import decode_tensors, encode_tensors, summarize
+from storage.codec import decode_tensors, encode_tensors
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer, now_rfc3339
 from storage.models import load_model, save_model
@@ -172,18 +178,7 @@ class Relay:
             raise UpdateRefused(
                 f"this relay serves {self.federation!r}, not {sub.federation!r}", reason=Refusal.UNKNOWN_FEDERATION
             )
-        if not sub.agent_id:
-            raise UpdateRefused("agent_id is empty", reason=Refusal.BAD_HEADER)
-        if sub.num_samples <= 0:
-            raise UpdateRefused("num_samples must be > 0", reason=Refusal.BAD_HEADER)
-        if sub.kind != "local":
-            raise UpdateRefused(f"a relay takes device updates (kind local), got {sub.kind!r}", reason=Refusal.BAD_HEADER)
-        check_size(len(sub.weights), self._limits)
-        weights_cid = cid_of(sub.weights)
-        if sub.weights_cid and sub.weights_cid != weights_cid:
-            raise UpdateRefused(
-                f"weights hash to {weights_cid}, header says {sub.weights_cid}", reason=Refusal.HASH_MISMATCH
-            )
+        weights_cid = check_submission(sub, self._limits, kinds=("local",))
         previous = self.journal.find_update(sub.agent_id, sub.base_cid)
         if previous is not None:
             return self._resend(previous, weights_cid, sub)
@@ -267,36 +262,7 @@ class Relay:
         return staleness
 
     def _device_manifest(self, sub: Submission, weights_cid: str) -> Manifest:
-        """The device's own signed manifest, checked against its header; else one recorded under the relay's key."""
-        if sub.manifest:
-            try:
-                manifest = Manifest.from_bytes(sub.manifest)
-                manifest.verify_signature()
-            except StrataError as exc:
-                raise UpdateRefused(f"update manifest: {exc}", reason=Refusal.BAD_MANIFEST) from None
-            expected = (sub.kind, self.federation, sub.round, weights_cid, sub.base_cid, sub.num_samples, sub.agent_id)
-            actual = (
-                manifest.kind, manifest.federation, manifest.round, manifest.weights, manifest.base,
-                manifest.num_samples, manifest.producer.id,
-            )
-            names = ("kind", "federation", "round", "weights", "base", "num_samples", "producer.id")
-            wrong = [name for name, e, a in zip(names, expected, actual, strict=True) if e != a]
-            if wrong:
-                raise UpdateRefused(f"update manifest disagrees with the header on {wrong}", reason=Refusal.BAD_MANIFEST)
-            return manifest
-        return Manifest(
-            kind="local",
-            federation=self.federation,
-            round=sub.round,
-            producer=Producer(role="agent", id=sub.agent_id),
-            weights=weights_cid,
-            tensors=summarize(sub.weights),
-            base=sub.base_cid,
-            num_samples=sub.num_samples,
-            metrics=dict(sub.metrics),
-            extra={"recorded_by": self.relay_id},
-            created_at=now_rfc3339(),
-        ).signed(self._key)
+        return update_manifest(sub, weights_cid, federation=self.federation, recorder=self.relay_id, key=self._key)
 
     def _fold(self, update: DeviceUpdate, tensors: Mapping[str, np.ndarray]) -> None:
         assert self._aggregation is not None

@@ -15,12 +15,11 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from aggregator.agents import INFERENCE, PARTIAL_TRAIN, TRAIN, AgentRegistry
-from aggregator.rounds import Submission
-from aggregator.service import model_ref, read_update_stream, stream_model, telemetry_to_dict
-from aggregator.validation import Refusal, UpdateRefused
+from aggregator.service import answer_submit, model_ref, stream_model, telemetry_to_dict
+from aggregator.validation import Refusal
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
-from proto.errors import InvalidInput, StrataError
+from proto.errors import InvalidInput
 from relay.core import Relay
 
 log = logging.getLogger("strata.relay.service")
@@ -88,34 +87,11 @@ class RelayServicer(pb_grpc.AgentServiceServicer):
             yield message
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.SubmitUpdateReply:
-        try:
-            header, weights = read_update_stream(request_iterator, max_bytes=self._relay.config.max_update_bytes)
-            self._agents.touch(header.agent_id)
-            result = self._relay.submit(
-                Submission(
-                    agent_id=header.agent_id,
-                    round=header.round,
-                    base_cid=header.base_cid,
-                    num_samples=header.num_samples,
-                    weights=weights,
-                    federation=header.federation,
-                    metrics=dict(header.metrics),
-                    base_metrics=dict(header.base_metrics),
-                    tensors=tuple(header.tensors),
-                    weights_cid=header.weights_cid,
-                    kind=header.kind or "local",
-                    parents=tuple(header.parents),
-                    manifest=header.manifest,
-                )
-            )
-        except UpdateRefused as refusal:
-            return pb.SubmitUpdateReply(accepted=False, reason=refusal.reason, message=refusal.message)
-        except StrataError as error:
-            if error.status == "INVALID_ARGUMENT":
-                return pb.SubmitUpdateReply(accepted=False, reason=error.reason, message=error.message)
-            raise
-        return pb.SubmitUpdateReply(
-            accepted=True, update_cid=result.update_cid, round=result.round, duplicate=result.duplicate
+        return answer_submit(
+            request_iterator,
+            max_bytes=self._relay.config.max_update_bytes,
+            agents=self._agents,
+            submit=self._relay.submit,
         )
 
     def WatchModels(self, request: pb.WatchModelsRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelEvent]:
