@@ -506,6 +506,11 @@ class Client:
                     if self._closed.is_set():
                         stream.cancel()
                         return
+            except ValueError:
+                # the channel was closed under us by close(): the client is shutting down
+                if self._closed.is_set():
+                    return
+                raise
             except grpc.RpcError as exc:
                 if self._closed.is_set():
                     return
@@ -536,6 +541,10 @@ class Client:
                 if reply.HasField("home_changed") and reply.home_changed.address:
                     self._known_addresses.append(reply.home_changed.address)
                     self._rejoin("home_changed")
+            except ValueError:
+                if self._closed.is_set():  # the channel was closed by close()
+                    return
+                raise
             except grpc.RpcError as exc:
                 if self._closed.is_set():
                     return

@@ -64,6 +64,10 @@ class SynthesisSettings:
     max_age: float = _help("peer models older than this (in decay_unit) are skipped", default=5.0)
     outlier_z: float = _help("robust z-score above which a peer model is refused as an outlier", default=3.5)
     fetch_timeout_s: float = _help("deadline for gathering one peer's pointer and blobs", default=10.0)
+    peer_wait_s: float = _help(
+        "how long to wait for peers that have not yet closed this round before blending what they have",
+        default=3.0,
+    )
 
     def __post_init__(self) -> None:
         if self.peers != "all" and not (self.peers.startswith("random:") and self.peers[7:].isdigit()):
@@ -72,6 +76,8 @@ class SynthesisSettings:
             raise ConfigError("synthesis.decay_unit must be 'rounds' or 'seconds'")
         if self.outlier_z <= 0:
             raise ConfigError("synthesis.outlier_z must be > 0")
+        if self.peer_wait_s < 0:
+            raise ConfigError("synthesis.peer_wait_s must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +98,10 @@ class AggregatorConfig:
     synthesis: SynthesisSettings = field(default_factory=SynthesisSettings, metadata={"help": "semi-global synthesis"})
     round_config: dict[str, str] = _help("key/values handed to every trainer each round (epochs, lr, ...)", default_factory=dict)
     heartbeat_interval_s: float = _help("how often agents should heartbeat", default=5.0)
+    grpc_workers: int = _help(
+        "gRPC handler threads; each connected agent's WatchModels stream holds one, so size it above the agent count",
+        default=256,
+    )
     coordinator: str = _help("coordinator address host:port; empty runs without one", default="")
     peers: list[str] = _help(
         "static membership without a coordinator: id=host:port entries (this aggregator included)",
@@ -107,6 +117,8 @@ class AggregatorConfig:
             raise ConfigError("federation must not be empty")
         if self.heartbeat_interval_s <= 0:
             raise ConfigError("heartbeat_interval_s must be > 0")
+        if self.grpc_workers < 4:
+            raise ConfigError("grpc_workers must be >= 4")
         for entry in self.peers:
             if "=" not in entry or ":" not in entry.split("=", 1)[1]:
                 raise ConfigError(f"peers entries must look like id=host:port, got {entry!r}")

@@ -101,7 +101,7 @@ class AggregatorDaemon:
         if self._started:
             return self
         self._started = True
-        self._server = create_server(self.config.listen)
+        self._server = create_server(self.config.listen, max_workers=self.config.grpc_workers)
         advertise = self.config.advertise or f"{self._server.host}:{self._server.port}"
         self.ring_view = RingView(static_ring(Member(id=self.id, address=advertise), self.config.peers))
         if self.synthesizer is None and self.config.synthesis.enabled:

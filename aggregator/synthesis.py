@@ -53,6 +53,10 @@ log = logging.getLogger("strata.aggregator.synthesis")
 
 # a candidate whose norm differs from ours by more than this factor is refused
 NORM_RATIO_LIMIT = 10.0
+# how often a waiting synthesis asks a lagging peer again
+_PEER_POLL_S = 0.2
+# the outlier z-score needs this many models (ours included) to mean anything
+MIN_MODELS_FOR_Z = 5
 # 0.6745 makes the MAD a consistent estimator of the standard deviation for normal data
 _MAD_SCALE = 0.6745
 
@@ -129,6 +133,7 @@ class SemiGlobalSynthesizer:
         self._decay = make_discount(settings.decay, **settings.decay_params)
         self.last_refusals: list[Refusal] = []
         self.last_sources: dict[str, str] = {}
+        self._wait_until = 0.0
 
     def select_peers(self, ring: Ring) -> list[Member]:
         others = [m for m in ring.members if m.id != self.aggregator_id]
@@ -139,6 +144,7 @@ class SemiGlobalSynthesizer:
 
     def __call__(self, cluster: Manifest, tensors: Mapping[str, np.ndarray]) -> Manifest:
         ring = self._ring()
+        self._wait_until = time.monotonic() + self.settings.peer_wait_s
         candidates: list[_Candidate] = []
         refused: list[Refusal] = []
         for member in self.select_peers(ring):
@@ -161,7 +167,7 @@ class SemiGlobalSynthesizer:
     ) -> _Candidate | None:
         timeout = self.settings.fetch_timeout_s
         try:
-            pointer = self._peers.latest(member, timeout)
+            pointer = self._latest_pointer(member, cluster.round, timeout)
         except StrataError as exc:
             log.info("peer_unreachable", extra={"fields": {"peer": member.id, "error": str(exc)}})
             raise _Refused("", member.id, "unavailable", f"peer {member.id} did not answer: {exc}") from None
@@ -206,6 +212,15 @@ class SemiGlobalSynthesizer:
         if problem is not None:
             raise _Refused(cid, who, problem[0], problem[1])
         return _Candidate(pointer=pointer, manifest=manifest, tensors=peer_tensors, age=age)
+
+    def _latest_pointer(self, member: Member, round_: int, timeout: float) -> ClusterPointer | None:
+        """The peer's latest pointer, waiting (bounded by peer_wait_s from the start of this
+        synthesis) while it has not yet closed `round_`."""
+        pointer = self._peers.latest(member, timeout)
+        while (pointer is None or pointer.round < round_) and time.monotonic() < self._wait_until:
+            time.sleep(min(_PEER_POLL_S, max(0.0, self._wait_until - time.monotonic())))
+            pointer = self._peers.latest(member, timeout)
+        return pointer
 
     def _age(self, pointer: ClusterPointer, cluster: Manifest) -> float:
         if self.settings.decay_unit == "rounds":
@@ -352,7 +367,10 @@ def screen_outliers(
     flats = [_flatten(c.tensors) for c in candidates]
     kept: list[_Candidate] = []
     refused: list[Refusal] = []
-    z = robust_z_scores([own_flat, *flats])[1:] if len(candidates) >= 2 else np.zeros(len(candidates))
+    # a robust z-score over fewer models flags honest peers whose data simply differs
+    # (with 3, the MAD is the smaller of two deviations); the norm guard still applies
+    enough = len(candidates) + 1 >= MIN_MODELS_FOR_Z
+    z = robust_z_scores([own_flat, *flats])[1:] if enough else np.zeros(len(candidates))
     for candidate, flat, score in zip(candidates, flats, z, strict=True):
         norm = float(np.linalg.norm(flat))
         ratio = norm / own_norm if own_norm > 0 else 1.0

@@ -113,7 +113,7 @@ class RelayDaemon:
         if self._started:
             return self
         self._started = True
-        self._server = create_server(self.config.listen)
+        self._server = create_server(self.config.listen, max_workers=self.config.grpc_workers)
         base = self.relay.start()
         pb_grpc.add_AgentServiceServicer_to_server(
             RelayServicer(

@@ -7,6 +7,7 @@ records each refusal in the semi-global manifest.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,7 @@ def _synthesizer(tmp_path: Path, ring: Ring, **settings: object) -> tuple[SemiGl
     synthesizer = SemiGlobalSynthesizer(
         aggregator_id="agg-a",
         federation="toy",
-        settings=SynthesisSettings(**settings),
+        settings=SynthesisSettings(**{"peer_wait_s": 0.0, **settings}),
         store=store,
         key=key,
         ring=lambda: ring,
@@ -198,3 +199,19 @@ def test_tampered_non_member_stale_and_dead_peers_are_refused(tmp_path: Path, pe
     semi = synthesizer(cluster, own)
     reasons = {r["producer"]: r["reason"] for r in semi.extra["refused_peers"]}
     assert reasons["agg-d"] == "unavailable"
+
+
+def test_waits_briefly_for_a_peer_still_closing_the_same_round(tmp_path: Path, peers: dict[str, Peer]) -> None:
+    own = {k: v + 1 for k, v in BASE.items()}
+    peers["agg-b"].publish({k: v + 5 for k, v in BASE.items()}, round_=2, num_samples=100)
+    synthesizer, store, key = _synthesizer(tmp_path, _ring(peers, "agg-b"), decay="constant", decay_params={}, peer_wait_s=5.0)
+    cluster = _own_cluster(store, key, own, round_=3, num_samples=100)
+    timer = threading.Timer(0.5, lambda: peers["agg-b"].publish({k: v + 3 for k, v in BASE.items()}, round_=3, num_samples=100))
+    timer.start()
+    try:
+        semi = synthesizer(cluster, own)
+    finally:
+        timer.join()
+    assert semi.extra["peer_rounds"] and set(semi.extra["peer_rounds"].values()) == {3}
+    _, weights = load_model(store, semi.cid)
+    np.testing.assert_allclose(decode_tensors(weights)["w"], BASE["w"] + 2.0, rtol=1e-6)
