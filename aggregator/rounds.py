@@ -236,7 +236,7 @@ class RoundManager:
         )
         manifest = self._update_manifest(sub, weights_cid, tensors)
         # stored before journaled, journaled before acknowledged
-        self._store.put(sub.weights)
+        self._store.put(sub.weights, cid=weights_cid)
         self._store.put(manifest.to_bytes())
 
         with self._lock:

@@ -205,7 +205,7 @@ class Relay:
         tensors = validate_update(sub.weights, base=base_tensors, declared_tensors=sub.tensors, limits=self._limits)
         manifest = self._device_manifest(sub, weights_cid)
         # stored before journaled, journaled before acknowledged
-        self.store.put(sub.weights)
+        self.store.put(sub.weights, cid=weights_cid)
         self.store.put(manifest.to_bytes())
         update = DeviceUpdate(
             agent_id=sub.agent_id,

@@ -76,13 +76,25 @@ class ContentStore(abc.ABC):
 
     # ------------------------------------------------------------ public contract
 
-    def put(self, data: PutData) -> str:
+    def put(self, data: PutData, *, cid: str | None = None) -> str:
         """Store `data` (bytes, an iterable of bytes, or a binary file object); return its CID.
 
         Putting bytes that are already stored is a no-op that returns the same CID.
+        `cid` is for a caller that has just computed the CID of these very bytes (e.g.
+        while receiving them): a store may then skip hashing them again, and skip the
+        write when it holds the object. A wrong `cid` cannot go unnoticed: every read
+        re-hashes.
         """
         self._check_open()
-        return self._put(_chunks_of(data))
+        if cid is not None:
+            validate_cid(cid)
+            if self._has_sized(cid, data):
+                return cid
+        return self._put(_chunks_of(data), known_cid=cid)
+
+    def _has_sized(self, cid: str, data: PutData) -> bool:
+        """Whether an intact-looking copy of `cid` is already stored (stores may refine this)."""
+        return False
 
     def get(self, cid: str) -> bytes:
         """The bytes of `cid`, re-hashed: IntegrityError(reason="hash_mismatch") if they do
@@ -197,8 +209,9 @@ class ContentStore(abc.ABC):
     # ------------------------------------------------------------ primitives
 
     @abc.abstractmethod
-    def _put(self, chunks: Iterator[bytes | memoryview]) -> str:
-        """Store the concatenated chunks, computing the CID with storage.cid as they stream."""
+    def _put(self, chunks: Iterator[bytes | memoryview], known_cid: str | None = None) -> str:
+        """Store the concatenated chunks, computing the CID with storage.cid as they stream
+        (a store may trust `known_cid` instead of hashing)."""
 
     @abc.abstractmethod
     def _read(self, cid: str) -> bytes:
@@ -271,24 +284,34 @@ class LocalStore(ContentStore):
                 if entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
 
-    def _put(self, chunks: Iterator[bytes | memoryview]) -> str:
-        builder = CidBuilder()
+    def _has_sized(self, cid: str, data: PutData) -> bool:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            return False
+        try:
+            return (self._objects / cid[-2:] / cid).stat().st_size == memoryview(data).nbytes
+        except FileNotFoundError:
+            return False
+
+    def _put(self, chunks: Iterator[bytes | memoryview], known_cid: str | None = None) -> str:
+        builder = None if known_cid else CidBuilder()
+        size = 0
         fd, temp = tempfile.mkstemp(dir=self._tmp, prefix="put-")
         try:
             with os.fdopen(fd, "wb") as out:
                 for chunk in chunks:
-                    builder.update(chunk)
-                    out.write(chunk)
+                    if builder is not None:
+                        builder.update(chunk)
+                    size += out.write(chunk)
                 out.flush()
                 os.fchmod(out.fileno(), 0o644)
                 os.fsync(out.fileno())
-            cid = builder.finish()
+            cid = known_cid or builder.finish()
             target = self._objects / cid[-2:] / cid
             try:
                 existing = target.stat().st_size
             except FileNotFoundError:
                 existing = None
-            if existing == builder.size:
+            if existing == size:
                 return cid  # already stored; the temp file is dropped below
             # Absent, or a damaged copy of the wrong size: (re)place it atomically.
             target.parent.mkdir(exist_ok=True)
@@ -383,8 +406,8 @@ class LayeredStore(ContentStore):
                 return store
         raise NotFound(f"object {cid} is in none of {self.stores!r}", reason="not_found")
 
-    def _put(self, chunks: Iterator[bytes | memoryview]) -> str:
-        return self.stores[0].put(chunks)
+    def _put(self, chunks: Iterator[bytes | memoryview], known_cid: str | None = None) -> str:
+        return self.stores[0].put(chunks, cid=known_cid)
 
     def _read(self, cid: str) -> bytes:
         return self._holder(cid).get(cid)

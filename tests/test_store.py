@@ -368,3 +368,18 @@ def test_layered_store_reads_through_to_later_stores(tmp_path: Path) -> None:
         written = layered.put(b"new")
         assert first.has(written) and not second.has(written)
         assert set(layered) == {only_in_second, written}
+
+
+def test_put_with_a_known_cid_skips_rehashing_but_reads_still_verify(tmp_path: Path) -> None:
+    with LocalStore(tmp_path / "store") as store:
+        data = os.urandom(300_000)
+        cid = cid_of(data)
+        assert store.put(data, cid=cid) == cid and store.get(cid) == data
+        mtime = store.path_of(cid).stat().st_mtime_ns
+        assert store.put(data, cid=cid) == cid
+        assert store.path_of(cid).stat().st_mtime_ns == mtime, "an object already held is not rewritten"
+        # a caller that lies about the CID cannot plant bytes unnoticed: the read re-hashes
+        liar = cid_of(b"something else")
+        store.put(data, cid=liar)
+        with pytest.raises(IntegrityError):
+            store.get(liar)
