@@ -23,6 +23,7 @@ from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import InvalidInput, NotFound, StrataError, WireError
 from proto.wire import CHUNK_SIZE, read_header_stream
+from storage.manifest import Manifest
 from storage.store import ContentStore
 
 log = logging.getLogger("strata.aggregator.service")
@@ -51,8 +52,6 @@ def model_ref(base: BaseModel) -> pb.ModelRef:
 
 def stream_model(store: ContentStore, model_cid: str, *, round_: int, if_none_match: str) -> Iterator[pb.ModelChunk]:
     """The GetModel answer: the manifest header, then the weights in ~1 MiB chunks."""
-    from storage.manifest import Manifest
-
     if if_none_match and if_none_match == model_cid:
         yield pb.ModelChunk(header=pb.ModelHeader(model_cid=model_cid, not_modified=True, round=round_))
         return
