@@ -183,6 +183,7 @@ class AggregatorDaemon:
         if self._ticker is not None:
             self._ticker.join(timeout=grace + TICK_S * 5)
         self.peer_access.close()
+        self.rounds.close()
         self.journal.close()
         log.info("aggregator_stopped", extra={"fields": {"id": self.id}})
 

@@ -24,6 +24,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,6 +63,8 @@ class Submission:
     kind: str = "local"
     parents: tuple[str, ...] = ()
     manifest: bytes = b""
+    # the CID the receiving service computed from these bytes as they arrived (saves a pass)
+    received_cid: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +124,7 @@ class RoundManager:
         )
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
+        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="strata-blob-writer")
         self._round: RoundRecord | None = None
         self._base: BaseModel | None = None
         self._base_tensors: dict[str, np.ndarray] = {}
@@ -171,6 +175,10 @@ class RoundManager:
         )
         self._version += 1
         self._changed.notify_all()
+
+    def close(self) -> None:
+        """Wait for blob writes in flight; idempotent."""
+        self._writer.shutdown(wait=True)
 
     @property
     def current(self) -> BaseModel:
@@ -231,13 +239,23 @@ class RoundManager:
             )
         self._check_staleness(base_round)
 
-        tensors = validate_update(
-            sub.weights, base=self._base_tensors, declared_tensors=sub.tensors, limits=self._limits
-        )
-        manifest = self._update_manifest(sub, weights_cid, tensors)
+        # The durable blob write overlaps validation (both mostly outside the GIL); a refused
+        # update's blob is removed again unless the store held it before.
+        held_before = self._store.has(weights_cid)
+        blob_written = self._writer.submit(self._store.put, sub.weights, cid=weights_cid)
+        try:
+            tensors = validate_update(
+                sub.weights, base=self._base_tensors, declared_tensors=sub.tensors, limits=self._limits
+            )
+            manifest = self._update_manifest(sub, weights_cid)
+        except UpdateRefused:
+            blob_written.result()
+            if not held_before:
+                self._store.delete(weights_cid, force=True)
+            raise
         # stored before journaled, journaled before acknowledged
-        self._store.put(sub.weights, cid=weights_cid)
-        self._store.put(manifest.to_bytes())
+        blob_written.result()
+        self._store.put(manifest.to_bytes(), cid=manifest.cid)
 
         with self._lock:
             assert self._round is not None
@@ -300,7 +318,7 @@ class RoundManager:
             )
         return staleness
 
-    def _update_manifest(self, sub: Submission, weights_cid: str, tensors: Mapping[str, np.ndarray]) -> Manifest:
+    def _update_manifest(self, sub: Submission, weights_cid: str) -> Manifest:
         return update_manifest(
             sub, weights_cid, federation=self.federation, recorder=self.aggregator_id, key=self._key, clock=self._clock
         )
@@ -446,7 +464,7 @@ def check_submission(sub: Submission, limits: UpdateLimits, *, kinds: tuple[str,
     if sub.kind not in kinds:
         raise UpdateRefused(f"update kind must be one of {list(kinds)}, got {sub.kind!r}", reason=Refusal.BAD_HEADER)
     check_size(len(sub.weights), limits)
-    weights_cid = cid_of(sub.weights)
+    weights_cid = sub.received_cid or cid_of(sub.weights)
     if sub.weights_cid and sub.weights_cid != weights_cid:
         raise UpdateRefused(f"weights hash to {weights_cid}, header says {sub.weights_cid}", reason=Refusal.HASH_MISMATCH)
     return weights_cid

@@ -23,6 +23,7 @@ from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import InvalidInput, NotFound, StrataError, WireError
 from proto.wire import CHUNK_SIZE, read_header_stream
+from storage.cid import CidBuilder
 from storage.manifest import Manifest
 from storage.store import ContentStore
 
@@ -72,17 +73,24 @@ def stream_model(store: ContentStore, model_cid: str, *, round_: int, if_none_ma
         offset += len(piece)
 
 
-def read_update_stream(request_iterator: Iterator[pb.UpdateChunk], *, max_bytes: int) -> tuple[pb.UpdateHeader, bytes]:
+def read_update_stream(
+    request_iterator: Iterator[pb.UpdateChunk], *, max_bytes: int
+) -> tuple[pb.UpdateHeader, bytes, str]:
     """Reassemble a SubmitUpdate stream: exactly one header first, then in-order chunks.
 
-    A refusal raised after the header arrived carries it as `.header`, so the
-    refusal can be recorded against the sender.
+    Returns (header, weights, CID of the weights), the CID hashed chunk by chunk while
+    the rest of the stream is still arriving. A refusal raised after the header arrived
+    carries it as `.header`, so the refusal can be recorded against the sender.
     """
     first = next(request_iterator, None)
     header = first.header if first is not None and first.WhichOneof("part") == "header" else None
+    builder = CidBuilder()
     try:
         messages = itertools.chain([first] if first is not None else [], request_iterator)
-        return read_header_stream(messages, size_of=lambda h: h.weights_size, max_size=max_bytes)
+        header, weights = read_header_stream(
+            messages, size_of=lambda h: h.weights_size, max_size=max_bytes, on_chunk=builder.update
+        )
+        return header, weights, builder.finish()
     except WireError as exc:
         if exc.reason == "oversize":
             reason = Refusal.TOO_LARGE
@@ -95,8 +103,9 @@ def read_update_stream(request_iterator: Iterator[pb.UpdateChunk], *, max_bytes:
         raise refusal from None
 
 
-def submission_from_header(header: pb.UpdateHeader, weights: bytes) -> Submission:
+def submission_from_header(header: pb.UpdateHeader, weights: bytes, received_cid: str = "") -> Submission:
     return Submission(
+        received_cid=received_cid,
         agent_id=header.agent_id,
         round=header.round,
         base_cid=header.base_cid,
@@ -124,9 +133,9 @@ def answer_submit(
     """SubmitUpdate for aggregators and relays alike: a refusal is an answer (accepted=false
     with its reason code), not an RPC error."""
     try:
-        header, weights = read_update_stream(request_iterator, max_bytes=max_bytes)
+        header, weights, received_cid = read_update_stream(request_iterator, max_bytes=max_bytes)
         agents.touch(header.agent_id)
-        result = submit(submission_from_header(header, weights))
+        result = submit(submission_from_header(header, weights, received_cid))
     except UpdateRefused as refusal:
         stream_header = getattr(refusal, "header", None)
         if stream_header is not None and record_stream_refusal is not None:

@@ -530,11 +530,13 @@ def read_header_stream(
     size_of: Callable[[Any], int],
     max_size: int,
     verify: Callable[[Any, bytes], None] | None = None,
+    on_chunk: Callable[[bytes], None] | None = None,
 ) -> tuple[Any, bytes]:
     """Consume a header-then-chunks stream (ModelChunk, UpdateChunk, BlobChunk): (header, bytes).
 
     `size_of(header)` gives the declared size (e.g. `lambda h: h.weights_size`);
-    `verify(header, data)` may check the bytes against the header's CID.
+    `verify(header, data)` may check the bytes against the header's CID; `on_chunk`
+    sees each accepted chunk as it arrives (e.g. to hash while the rest is in flight).
     """
     iterator = iter(messages)
     first = next(iterator, None)
@@ -546,6 +548,8 @@ def read_header_stream(
         if message.WhichOneof("part") != "chunk":
             raise WireError("a second header arrived inside the stream", reason="unexpected_header")
         reassembler.add(message.chunk.offset, message.chunk.data)
+        if on_chunk is not None:
+            on_chunk(message.chunk.data)
     data = reassembler.finish()
     if verify is not None:
         verify(header, data)
