@@ -18,10 +18,10 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from proto.errors import NotFound
 
@@ -113,12 +113,17 @@ class RoundRecord:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-class Journal:
-    """A durable, thread-safe round journal in one SQLite file."""
+class DurableSqlite:
+    """One SQLite file in WAL mode with synchronous=FULL: a write that returned is on disk.
+
+    Thread-safe; each `_write` is one transaction. Subclasses give their schema.
+    """
+
+    SCHEMA = ""
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
-        """Open (creating if needed) a journal; `readonly` opens an existing one for
-        inspection (e.g. `strata history`) while its aggregator keeps writing."""
+        """Open (creating if needed) the database; `readonly` opens an existing one for
+        inspection (e.g. `strata history`) while its owner keeps writing."""
         self.path = Path(path)
         self._lock = threading.Lock()
         if readonly:
@@ -134,19 +139,19 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(self.SCHEMA)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> Journal:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _write(self, statements: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -162,6 +167,12 @@ class Journal:
             cursor = self._db.execute(sql, args)
             cursor.row_factory = sqlite3.Row
             return cursor.fetchall()
+
+
+class Journal(DurableSqlite):
+    """The aggregator's round journal."""
+
+    SCHEMA = _SCHEMA
 
     # ---------------------------------------------------------- bases and rounds
 
