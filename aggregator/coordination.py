@@ -389,12 +389,12 @@ class CoordinatorLink:
 
     # ------------------------------------------------------------ ring
 
-    def _adopt(self, message: pb.Ring) -> None:
+    def _adopt(self, message: pb.Ring, *, authoritative: bool = False) -> None:
         if not message.members:
             # An empty ring places no one; keep the last useful one.
             return
         ring = ring_from_pb(message)
-        if self._view.update(ring):
+        if self._view.update(ring, authoritative=authoritative):
             log.info(
                 "ring_adopted",
                 extra={
@@ -411,7 +411,9 @@ class CoordinatorLink:
         watch_supported = True
         while not self._stop.is_set():
             try:
-                self._adopt(self._stub.GetRing(pb.GetRingRequest(), timeout=self._timeout))
+                # a direct GetRing answer is authoritative: after a coordinator lost its state its
+                # versions restart low, and the watch stream's "newer" test would ignore them
+                self._adopt(self._stub.GetRing(pb.GetRingRequest(), timeout=self._timeout), authoritative=True)
                 backoff.reset()
                 if not watch_supported:
                     self._stop.wait(self._heartbeat_interval())

@@ -24,13 +24,15 @@ class RingView:
         with self._lock:
             return self._ring
 
-    def update(self, ring: Ring) -> bool:
-        """Adopt a newer ring. Returns False (and changes nothing) for an older or equal version."""
+    def update(self, ring: Ring, *, authoritative: bool = False) -> bool:
+        """Adopt a newer ring. Returns False (and changes nothing) for an older or equal version,
+        unless `authoritative`: the coordinator's direct answer wins even with a lower version,
+        which is what a coordinator that lost its state (and restarted its count) sends."""
         with self._lock:
             old = self._ring
-            if ring.version <= old.version and ring.same_members(old):
+            if ring.version == old.version and ring.same_members(old):
                 return False
-            if ring.version < old.version:
+            if ring.version < old.version and not authoritative:
                 return False
             self._ring = ring
             listeners = list(self._listeners)

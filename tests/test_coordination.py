@@ -14,6 +14,7 @@ from aggregator.coordination import CoordinatorLink, Registration
 from aggregator.membership import RingView
 from coordinator.config import CoordinatorConfig
 from coordinator.daemon import CoordinatorDaemon
+from coordinator.membership import AggregatorInfo
 from coordinator.ring import Member, Ring
 from proto.errors import InvalidInput
 from storage.keys import KeyPair
@@ -217,3 +218,41 @@ def test_stop_is_idempotent_and_bounded(tmp_path: Path) -> None:
     assert time.monotonic() - started < 3.0
     with pytest.raises(InvalidInput):
         link.start()
+
+
+def test_ring_view_takes_an_authoritative_ring_with_a_lower_version() -> None:
+    from aggregator.membership import RingView
+    from coordinator.ring import Member, Ring
+
+    a, b = Member(id="a", address="h:1"), Member(id="b", address="h:2")
+    view = RingView(Ring([a, b], version=9))
+    assert not view.update(Ring([a], version=2)), "an older version from a stream is ignored"
+    assert view.update(Ring([a], version=2), authoritative=True), "the coordinator's answer after a reset wins"
+    assert [m.id for m in view.ring.members] == ["a"] and view.ring.version == 2
+
+
+def test_a_coordinator_that_lost_its_state_is_followed_again(tmp_path: Path) -> None:
+    """Its versions restart at 1; the aggregators must still follow its ring."""
+    port = free_port()
+    first = coordinator(tmp_path / "one", port)
+    view = own_ring("agg-a", 7100)
+    link = make_link(first.address, "agg-a", 7100, tmp_path, ring_view=view).start()
+    second = None
+    try:
+        assert first.membership is not None
+        for n in range(3):
+            first.membership.register(AggregatorInfo(id=f"agg-{'bcd'[n]}", address=f"127.0.0.1:{7101 + n}"))
+        assert wait_until(lambda: len(view.ring) == 4, 10), view.ring.members
+        held = view.ring.version
+        first.stop()
+        second = coordinator(tmp_path / "two", port)  # a fresh state dir: the count starts over
+        assert wait_until(lambda: [m.id for m in view.ring.members] == ["agg-a"], 15), view.ring.members
+        assert view.ring.version < held
+        assert second.membership is not None
+        second.membership.register(AggregatorInfo(id="agg-e", address="127.0.0.1:7105"))
+        assert wait_until(lambda: [m.id for m in view.ring.members] == ["agg-a", "agg-e"], 10), view.ring.members
+    finally:
+        link.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
