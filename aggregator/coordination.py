@@ -168,6 +168,8 @@ class CoordinatorLink:
     ) -> None:
         self.address = address
         self.info = info
+        # follow the ring of the (first) federation this aggregator serves; empty: the whole ring
+        self._federation = info.federations[0] if info.federations else ""
         self.ring_view = self._view = ring_view
         self._status_fn = status_fn
         self._agents_fn = agents_fn
@@ -411,16 +413,17 @@ class CoordinatorLink:
         watch_supported = True
         while not self._stop.is_set():
             try:
-                # a direct GetRing answer is authoritative: after a coordinator lost its state its
-                # versions restart low, and the watch stream's "newer" test would ignore them
-                self._adopt(self._stub.GetRing(pb.GetRingRequest(), timeout=self._timeout), authoritative=True)
+                # The coordinator's answers are authoritative, even with a lower version than the
+                # view holds: a coordinator that lost its state restarts its count. One stream
+                # never goes backwards, and the stream opens only after this answer.
+                self._adopt(self._stub.GetRing(pb.GetRingRequest(federation=self._federation), timeout=self._timeout), authoritative=True)
                 backoff.reset()
                 if not watch_supported:
                     self._stop.wait(self._heartbeat_interval())
                     continue
                 # known_version 0: the first message is the current ring, which confirms the stream is live
                 call = self._stub.WatchRing(
-                    pb.WatchRingRequest(known_version=0), timeout=self._watch_timeout_s
+                    pb.WatchRingRequest(known_version=0, federation=self._federation), timeout=self._watch_timeout_s
                 )
                 with self._lock:
                     if self._stop.is_set():
@@ -428,7 +431,7 @@ class CoordinatorLink:
                         return
                     self._watch_call = call
                 for message in call:
-                    self._adopt(message)
+                    self._adopt(message, authoritative=True)
                     backoff.reset()
             except grpc.RpcError as e:
                 if self._stop.is_set():

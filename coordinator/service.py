@@ -177,7 +177,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             ring = self._membership.wait_for_version(known, timeout=WATCH_WAKE_S)
             if ring.version > known and context.is_active():
                 known = ring.version
-                yield ring_to_pb(ring)
+                yield ring_to_pb(self._membership.ring(request.federation or None))
 
     # ------------------------------------------------------------ models
 

@@ -382,10 +382,12 @@ class GetRingRequest(_message.Message):
     def __init__(self, federation: _Optional[str] = ...) -> None: ...
 
 class WatchRingRequest(_message.Message):
-    __slots__ = ("known_version",)
+    __slots__ = ("known_version", "federation")
     KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
     known_version: int
-    def __init__(self, known_version: _Optional[int] = ...) -> None: ...
+    federation: str
+    def __init__(self, known_version: _Optional[int] = ..., federation: _Optional[str] = ...) -> None: ...
 
 class AnnounceModelRequest(_message.Message):
     __slots__ = ("manifest", "notes")
