@@ -28,6 +28,7 @@ from agent.state import AgentState, PendingUpdate
 from agent.telemetry import read_telemetry
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
+from proto.convert import CAPABILITIES
 from proto.errors import FailedPrecondition, IntegrityError, InvalidInput, StrataError, Unavailable
 from proto.wire import (
     DEFAULT_TIMEOUT_S,
@@ -45,7 +46,6 @@ from storage.manifest import Manifest, Producer, now_rfc3339
 
 log = logging.getLogger("strata.agent.client")
 
-CAPABILITIES = {"train": pb.TRAIN, "partial_train": pb.PARTIAL_TRAIN, "inference": pb.INFERENCE}
 _MAX_REDIRECTS = 8
 _MAX_MODEL_BYTES = 4 << 30
 # consecutive failed heartbeats after which the home counts as gone

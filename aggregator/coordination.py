@@ -35,6 +35,7 @@ from aggregator.membership import RingView
 from coordinator.ring import Member, Ring
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
+from proto.convert import capability_value, telemetry_from_dict
 from proto.errors import InvalidInput, NotFound
 from proto.wire import create_channel, error_from_rpc, is_retryable
 
@@ -43,15 +44,6 @@ __all__ = ["BACKLOG_FILE", "CoordinatorLink", "Registration", "ring_from_pb"]
 log = logging.getLogger("strata.aggregator.coordination")
 
 BACKLOG_FILE = "coordinator-backlog.db"
-_TELEMETRY_FIELDS = (
-    "cpu_percent",
-    "memory_mb",
-    "battery_percent",
-    "charging",
-    "network",
-    "uplink_kbps",
-)
-_CAPABILITIES = {"train": pb.TRAIN, "partial_train": pb.PARTIAL_TRAIN, "inference": pb.INFERENCE}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -380,12 +372,8 @@ class CoordinatorLink:
             agent_id=str(get("agent_id")),
             home_aggregator=str(get("home") or self.info.id),
             last_seen=float(get("last_seen") or 0.0),
-            telemetry=pb.Telemetry(
-                **{k: telemetry[k] for k in _TELEMETRY_FIELDS if k in telemetry}
-            ),
-            capability=_CAPABILITIES.get(
-                str(get("capability") or "train"), pb.CAPABILITY_UNSPECIFIED
-            ),
+            telemetry=telemetry_from_dict(telemetry),
+            capability=capability_value(str(get("capability") or "train")),
             display_name=str(get("display_name") or ""),
         )
 

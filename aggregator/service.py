@@ -11,16 +11,16 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import grpc
 
-from aggregator.agents import INFERENCE, PARTIAL_TRAIN, TRAIN, AgentRegistry
+from aggregator.agents import AgentRegistry
 from aggregator.membership import RingView
 from aggregator.rounds import BaseModel, RoundManager, Submission, SubmitResult
 from aggregator.validation import Refusal, UpdateRefused
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
+from proto.convert import capability_name, telemetry_to_dict
 from proto.errors import InvalidInput, NotFound, StrataError, WireError
 from proto.wire import CHUNK_SIZE, read_header_stream
 from storage.cid import CidBuilder
@@ -29,20 +29,8 @@ from storage.store import ContentStore
 
 log = logging.getLogger("strata.aggregator.service")
 
-_CAPABILITY_NAMES = {pb.TRAIN: TRAIN, pb.PARTIAL_TRAIN: PARTIAL_TRAIN, pb.INFERENCE: INFERENCE}
 # how often a WatchModels stream wakes to check for shutdown and ring changes
 _WATCH_POLL_S = 1.0
-
-
-def telemetry_to_dict(telemetry: pb.Telemetry) -> dict[str, Any]:
-    return {
-        "cpu_percent": telemetry.cpu_percent,
-        "memory_mb": telemetry.memory_mb,
-        "battery_percent": telemetry.battery_percent,
-        "charging": telemetry.charging,
-        "network": telemetry.network,
-        "uplink_kbps": telemetry.uplink_kbps,
-    }
 
 
 def model_ref(base: BaseModel) -> pb.ModelRef:
@@ -195,7 +183,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._agents.join(
             request.agent_id,
             display_name=request.display_name,
-            capability=_CAPABILITY_NAMES.get(request.capability, TRAIN),
+            capability=capability_name(request.capability),
             telemetry=telemetry_to_dict(request.telemetry),
         )
         log.info("agent_joined", extra={"fields": {"agent": request.agent_id, "name": request.display_name}})

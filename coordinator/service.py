@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 
@@ -18,6 +17,7 @@ from coordinator.membership import AggregatorInfo, AggregatorStatus, Lease, Memb
 from coordinator.ring import Ring
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
+from proto.convert import capability_name, capability_value, telemetry_from_dict, telemetry_to_dict
 
 __all__ = [
     "SERVICE_NAME",
@@ -30,14 +30,6 @@ __all__ = [
 SERVICE_NAME = "strata.v1.CoordinatorService"
 # A WatchRing stream wakes at least this often to notice cancellation and shutdown.
 WATCH_WAKE_S = 1.0
-_TELEMETRY_FIELDS = (
-    "cpu_percent",
-    "memory_mb",
-    "battery_percent",
-    "charging",
-    "network",
-    "uplink_kbps",
-)
 
 
 def info_from_pb(message: pb.AggregatorInfo) -> AggregatorInfo:
@@ -88,36 +80,26 @@ def record_to_pb(record: ModelRecord) -> pb.ModelRecord:
     )
 
 
-def _telemetry_to_pb(telemetry: dict[str, Any]) -> pb.Telemetry:
-    return pb.Telemetry(**{k: telemetry[k] for k in _TELEMETRY_FIELDS if k in telemetry})
-
-
 def agent_entry_from_pb(message: pb.AgentRecord, reporter: str = "") -> AgentEntry:
-    telemetry = (
-        {k: getattr(message.telemetry, k) for k in _TELEMETRY_FIELDS}
-        if message.HasField("telemetry")
-        else {}
-    )
-    capability = pb.Capability.Name(message.capability).lower() if message.capability else "train"
+    telemetry = telemetry_to_dict(message.telemetry) if message.HasField("telemetry") else {}
     return AgentEntry(
         agent_id=message.agent_id,
         home=message.home_aggregator or reporter,
         last_seen=message.last_seen,
         telemetry=telemetry,
-        capability=capability,
+        capability=capability_name(message.capability),
         display_name=message.display_name,
         reported_by=reporter,
     )
 
 
 def agent_entry_to_pb(entry: AgentEntry) -> pb.AgentRecord:
-    capability = entry.capability.upper()
     return pb.AgentRecord(
         agent_id=entry.agent_id,
         home_aggregator=entry.home,
         last_seen=entry.last_seen,
-        telemetry=_telemetry_to_pb(entry.telemetry),
-        capability=pb.Capability.Value(capability) if capability in pb.Capability.keys() else 0,
+        telemetry=telemetry_from_dict(entry.telemetry),
+        capability=capability_value(entry.capability),
         display_name=entry.display_name,
     )
 

@@ -14,17 +14,17 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from aggregator.agents import INFERENCE, PARTIAL_TRAIN, TRAIN, AgentRegistry
-from aggregator.service import answer_submit, model_ref, stream_model, telemetry_to_dict
+from aggregator.agents import AgentRegistry
+from aggregator.service import answer_submit, model_ref, stream_model
 from aggregator.validation import Refusal
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
+from proto.convert import capability_name, telemetry_to_dict
 from proto.errors import InvalidInput
 from relay.core import Relay
 
 log = logging.getLogger("strata.relay.service")
 
-_CAPABILITY_NAMES = {pb.TRAIN: TRAIN, pb.PARTIAL_TRAIN: PARTIAL_TRAIN, pb.INFERENCE: INFERENCE}
 # how often a WatchModels stream wakes to check for shutdown
 _WATCH_POLL_S = 1.0
 
@@ -59,7 +59,7 @@ class RelayServicer(pb_grpc.AgentServiceServicer):
         self._agents.join(
             request.agent_id,
             display_name=request.display_name,
-            capability=_CAPABILITY_NAMES.get(request.capability, TRAIN),
+            capability=capability_name(request.capability),
             telemetry=telemetry_to_dict(request.telemetry),
         )
         log.info("device_joined", extra={"fields": {"agent": request.agent_id, "name": request.display_name}})
