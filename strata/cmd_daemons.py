@@ -22,71 +22,55 @@ def _config_help(cls: type) -> str:
     return "\n".join(lines)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config file (optional: every key has a default)")
+def _add_daemon(
+    commands: argparse._SubParsersAction,
+    role: str,
+    action: str,
+    help: str,
+    action_help: str,
+    handler: Callable[[argparse.Namespace], int],
+    *,
+    many_configs: bool = False,
+) -> None:
+    """`strata ROLE ACTION` with --config, --set, --print-config and --log-level, and every
+    config key with its default in the epilog."""
+    sub = commands.add_parser(role, help=help).add_subparsers(dest=f"{role}_command", metavar="ACTION")
+    sub.required = True
+    parser = sub.add_parser(
+        action,
+        help=action_help,
+        epilog=_config_help(config_class(role)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if many_configs:
+        parser.add_argument("--config", type=Path, action="append", default=[], help="YAML config file (repeatable)")
+    else:
+        parser.add_argument("--config", type=Path, help="YAML config file (optional: every key has a default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
     cli.add_log_level_option(parser)
+    parser.set_defaults(handler=handler)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    from agent.config import AgentConfig
-    from aggregator.config import AggregatorConfig
-    from coordinator.config import CoordinatorConfig
-
-    aggregator = commands.add_parser("aggregator", help="run a cluster aggregator")
-    sub = aggregator.add_subparsers(dest="aggregator_command", metavar="ACTION")
-    sub.required = True
-    serve = sub.add_parser(
-        "serve",
-        help="serve AgentService and PeerService, run rounds",
-        epilog=_config_help(AggregatorConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    _add_daemon(
+        commands, "aggregator", "serve", "run a cluster aggregator",
+        "serve AgentService and PeerService, run rounds", cmd_aggregator_serve,
     )
-    _add_common(serve)
-    serve.set_defaults(handler=cmd_aggregator_serve)
-
-    agent = commands.add_parser("agent", help="run an edge agent")
-    sub = agent.add_subparsers(dest="agent_command", metavar="ACTION")
-    sub.required = True
-    run = sub.add_parser(
-        "run",
-        help="join, train, upload, repeat (several --config files run several agents in one process)",
-        epilog=_config_help(AgentConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    _add_daemon(
+        commands, "agent", "run", "run an edge agent",
+        "join, train, upload, repeat (several --config files run several agents in one process)",
+        cmd_agent_run, many_configs=True,
     )
-    run.add_argument("--config", type=Path, action="append", default=[], help="YAML config file (repeatable)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)")
-    run.add_argument("--print-config", action="store_true", help="print the effective config(s) as JSON and exit")
-    cli.add_log_level_option(run)
-    run.set_defaults(handler=cmd_agent_run)
-
-    coordinator = commands.add_parser("coordinator", help="run the coordinator (membership, ring, model index)")
-    sub = coordinator.add_subparsers(dest="coordinator_command", metavar="ACTION")
-    sub.required = True
-    serve = sub.add_parser(
-        "serve",
-        help="serve CoordinatorService",
-        epilog=_config_help(CoordinatorConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    _add_daemon(
+        commands, "coordinator", "serve", "run the coordinator (membership, ring, model index)",
+        "serve CoordinatorService", cmd_coordinator_serve,
     )
-    _add_common(serve)
-    serve.set_defaults(handler=cmd_coordinator_serve)
-
-    from relay.config import RelayConfig
-
-    relay = commands.add_parser("relay", help="run a relay in front of an aggregator for low-power devices")
-    sub = relay.add_subparsers(dest="relay_command", metavar="ACTION")
-    sub.required = True
-    serve = sub.add_parser(
-        "serve",
-        help="serve AgentService to devices; cache models, pre-aggregate and store-and-forward upstream",
-        epilog=_config_help(RelayConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    _add_daemon(
+        commands, "relay", "serve", "run a relay in front of an aggregator for low-power devices",
+        "serve AgentService to devices; cache models, pre-aggregate and store-and-forward upstream",
+        cmd_relay_serve,
     )
-    _add_common(serve)
-    serve.set_defaults(handler=cmd_relay_serve)
-
 
     health = commands.add_parser("health", help="ask a daemon's gRPC health service (for healthchecks); exit 0 if SERVING")
     health.add_argument("address", help="host:port of any Strata daemon")
@@ -115,6 +99,16 @@ def config_class(role: str) -> type:
 
     module, name = CONFIG_CLASSES[role].split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def config_table(role: str) -> str:
+    """The Markdown table of a daemon's config keys, as the README shows it."""
+    from strata.config import env_var_for
+
+    lines = ["| key | default | environment | meaning |", "| --- | --- | --- | --- |"]
+    for key, default, text in describe_config(config_class(role)):
+        lines.append(f"| `{key}` | `{default}` | `{env_var_for(key)}` | {text.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -151,10 +145,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.json:
         cli.print_json(rows)
     elif args.markdown:
-        print("| key | default | environment | meaning |")
-        print("| --- | --- | --- | --- |")
-        for row in rows:
-            print(f"| `{row['key']}` | `{row['default']}` | `{row['env']}` | {row['help'].replace('|', '/')} |")
+        print(config_table(args.role), end="")
     else:
         for row in rows:
             print(f"{row['key']} = {row['default']}  # {row['help']}")
@@ -199,30 +190,37 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-def cmd_aggregator_serve(args: argparse.Namespace) -> int:
-    from aggregator.config import AggregatorConfig
-    from aggregator.daemon import AggregatorDaemon
-    from strata.wiring import initial_model_factory
-
-    config = load_config(AggregatorConfig, args.config, overrides=_overrides(args.set))
+def _serve(args: argparse.Namespace, role: str, make_daemon: Callable[[Any], Any], *, one_torch_thread: bool = False) -> int:
+    """Load the role's config, then start its daemon and run it until SIGINT/SIGTERM."""
+    config = load_config(config_class(role), args.config, overrides=_overrides(args.set))
     if args.print_config:
         cli.print_json(config_to_dict(config))
         return cli.EXIT_OK
     setup_logging(args.log_level or config.log_level)
-    _one_torch_thread()
-    daemon = AggregatorDaemon(config, initial_model_factory=initial_model_factory(config))
+    if one_torch_thread:
+        _one_torch_thread()
+    daemon = make_daemon(config)
     daemon.start()
     _run_until_signal(daemon.stop, daemon.wait)
     return cli.EXIT_OK
 
 
+def cmd_aggregator_serve(args: argparse.Namespace) -> int:
+    from aggregator.daemon import AggregatorDaemon
+    from strata.wiring import initial_model_factory
+
+    def make(config: Any) -> AggregatorDaemon:
+        return AggregatorDaemon(config, initial_model_factory=initial_model_factory(config))
+
+    return _serve(args, "aggregator", make, one_torch_thread=True)
+
+
 def cmd_agent_run(args: argparse.Namespace) -> int:
-    from agent.config import AgentConfig
     from agent.daemon import AgentGroup
     from proto.metrics import serve_metrics
 
     paths = args.config or [None]
-    configs = [load_config(AgentConfig, path, overrides=_overrides(args.set)) for path in paths]
+    configs = [load_config(config_class("agent"), path, overrides=_overrides(args.set)) for path in paths]
     if len(configs) > 1:
         # agents without an id generate one and keep it in their state dir, so they need their own dirs
         configs = [
@@ -252,31 +250,12 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_serve(args: argparse.Namespace) -> int:
-    from coordinator.config import CoordinatorConfig
     from coordinator.daemon import CoordinatorDaemon
 
-    config = load_config(CoordinatorConfig, args.config, overrides=_overrides(args.set))
-    if args.print_config:
-        cli.print_json(config_to_dict(config))
-        return cli.EXIT_OK
-    setup_logging(args.log_level or config.log_level)
-    daemon = CoordinatorDaemon(config)
-    daemon.start()
-    _run_until_signal(daemon.stop, daemon.wait)
-    return cli.EXIT_OK
+    return _serve(args, "coordinator", CoordinatorDaemon)
 
 
 def cmd_relay_serve(args: argparse.Namespace) -> int:
-    from relay.config import RelayConfig
     from relay.daemon import RelayDaemon
 
-    config = load_config(RelayConfig, args.config, overrides=_overrides(args.set))
-    if args.print_config:
-        cli.print_json(config_to_dict(config))
-        return cli.EXIT_OK
-    setup_logging(args.log_level or config.log_level)
-    _one_torch_thread()
-    daemon = RelayDaemon(config)
-    daemon.start()
-    _run_until_signal(daemon.stop, daemon.wait)
-    return cli.EXIT_OK
+    return _serve(args, "relay", RelayDaemon, one_torch_thread=True)

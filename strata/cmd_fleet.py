@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from coordinator.ring import Member, Ring
+from aggregator.coordination import ring_from_pb
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import InvalidInput
@@ -104,7 +104,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
 
 def cmd_ring_show(args: argparse.Namespace) -> int:
     reply = _call(lambda: _stub(args.coordinator).GetRing(pb.GetRingRequest(), timeout=args.timeout))
-    ring = Ring([Member(id=m.id, address=m.address, weight=m.weight or 1.0) for m in reply.members], reply.version)
+    ring = ring_from_pb(reply)
     placements = {agent: ring.owner(agent).id for agent in args.agent} if len(ring) else {}
     if args.json:
         cli.print_json(

@@ -10,18 +10,10 @@ import re
 import sys
 from pathlib import Path
 
-from strata.cmd_daemons import CONFIG_CLASSES, config_class
-from strata.config import describe_config, env_var_for
+from strata.cmd_daemons import CONFIG_CLASSES, config_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _BLOCK = re.compile(r"(<!-- config:(\w+) -->\n).*?(<!-- /config -->)", re.S)
-
-
-def config_table(role: str) -> str:
-    lines = ["| key | default | environment | meaning |", "| --- | --- | --- | --- |"]
-    for key, default, text in describe_config(config_class(role)):
-        lines.append(f"| `{key}` | `{default}` | `{env_var_for(key)}` | {text.replace('|', '/')} |")
-    return "\n".join(lines) + "\n"
 
 
 def render(text: str) -> str:

@@ -58,3 +58,19 @@ def test_help_lists_config_keys(tmp_path: Path) -> None:
     result = run_strata("aggregator", "serve", "--help", home=tmp_path)
     assert result.returncode == 0
     assert "round.deadline_s" in result.stdout and "STRATA_" in result.stdout
+
+
+def test_ring_show_places_an_agent_like_the_aggregators_do(tmp_path: Path) -> None:
+    from coordinator.membership import AggregatorInfo
+
+    config = CoordinatorConfig(listen="127.0.0.1:0", state_dir=str(tmp_path / "coordinator"))
+    with CoordinatorDaemon(config) as daemon:
+        assert daemon.membership is not None
+        for name in ("agg-a", "agg-b", "agg-c"):
+            daemon.membership.register(AggregatorInfo(id=name, address=f"127.0.0.1:{7200 + ord(name[-1])}"))
+        expected = daemon.membership.ring().owner("agent-42").id
+        result = run_strata("ring", "show", "--agent", "agent-42", "--coordinator", daemon.address, "--json", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert [m["id"] for m in shown["members"]] == ["agg-a", "agg-b", "agg-c"]
+    assert shown["agents"] == {"agent-42": expected}
