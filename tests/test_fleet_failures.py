@@ -161,31 +161,28 @@ def test_kill_an_aggregator_then_restart_it(fleet: Fleet) -> None:
     mark = coordinator.event_count()
     agents_mark = fleet.agents.event_count()
     since = {n: len(fleet.aggregators[n].events("round_closed")) for n in survivors}
+    synth_since = {n: len(fleet.aggregators[n].events("semi_global_synthesized")) for n in survivors}
 
     killed_at = time.monotonic()
     fleet.aggregators[victim].kill9()
 
     coordinator.wait_for_event("aggregator_expired", lambda e: e.get("aggregator") == victim, timeout=15, after=mark)
-    # its agents re-home on the survivors and continue within 15 s
+    # its agents re-home on a survivor and submit there within 15 s
     for agent in homed_at_victim:
+        joined = fleet.agents.wait_for_event(
+            "joined", lambda e, a=agent: e["agent"] == a and e["home"] in survivors, timeout=25, after=agents_mark
+        )
         fleet.agents.wait_for_event(
-            "update_submitted", lambda e, a=agent: e["agent"] == a, timeout=max(1.0, 15 - (time.monotonic() - killed_at)) + 15, after=agents_mark
+            "update_submitted", lambda e, a=agent: e["agent"] == a, timeout=25, after=fleet.agents.events().index(joined)
         )
     rehomed_in = time.monotonic() - killed_at
-    assert rehomed_in < 30, f"agents took {rehomed_in:.1f}s to re-home and submit"
-    moved = {e["agent"]: e["home"] for e in fleet.agents.events("joined")[0:] if e["agent"] in homed_at_victim}
-    assert all(home in survivors for home in moved.values()), moved
+    assert rehomed_in < 15, f"agents took {rehomed_in:.1f}s to re-home and submit"
+
+    # the others keep going, and their synthesis skips the dead peer
     fleet.wait_rounds(survivors, 2, timeout=60, since=since)
-    skipped = [
-        e
-        for n in survivors
-        for e in fleet.aggregators[n].events("semi_global_synthesized")
-        if f"{victim}:unavailable" in e.get("refusals", "")
-    ]
-    synthesized_without_victim = [
-        e for n in survivors for e in fleet.aggregators[n].events("semi_global_synthesized") if e["peers_used"] >= 1
-    ]
-    assert skipped or synthesized_without_victim
+    after_kill = [e for n in survivors for e in fleet.aggregators[n].events("semi_global_synthesized")[synth_since[n]:]]
+    assert after_kill, "no semi-global model since the kill"
+    assert all(e["peers_used"] <= 1 for e in after_kill), [e["peers_used"] for e in after_kill]
 
     # restart: it rejoins the ring, recovers its journal, and its agents come back
     mark = coordinator.event_count()
