@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-from proto.errors import NotFound
+from storage.durable import DurableSqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bases (
@@ -111,62 +109,6 @@ class RoundRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-class DurableSqlite:
-    """One SQLite file in WAL mode with synchronous=FULL: a write that returned is on disk.
-
-    Thread-safe; each `_write` is one transaction. Subclasses give their schema.
-    """
-
-    SCHEMA = ""
-
-    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
-        """Open (creating if needed) the database; `readonly` opens an existing one for
-        inspection (e.g. `strata history`) while its owner keeps writing."""
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        if readonly:
-            if not self.path.exists():
-                raise NotFound(f"no journal at {self.path}", reason="not_found")
-            self._db = sqlite3.connect(
-                f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
-            )
-            self._db.execute("PRAGMA busy_timeout=5000")
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(self.SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _write(self, statements: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, args in statements:
-                    self._db.execute(sql, args)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            cursor = self._db.execute(sql, args)
-            cursor.row_factory = sqlite3.Row
-            return cursor.fetchall()
 
 
 class Journal(DurableSqlite):

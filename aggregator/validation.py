@@ -12,32 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from proto.errors import InvalidInput
+from proto.errors import Refusal, UpdateRefused
 from storage.codec import CodecError, decode_tensors, summarize
-
-
-class Refusal:
-    """The machine-readable reason codes SubmitUpdate answers with."""
-
-    TOO_LARGE = "too_large"
-    INVALID_SAFETENSORS = "invalid_safetensors"
-    SHAPE_MISMATCH = "shape_mismatch"
-    NOT_FINITE = "not_finite"
-    NORM_BOUND = "norm_bound"
-    UNKNOWN_BASE = "unknown_base"
-    STALE = "stale"
-    CONFLICT = "conflict"
-    BAD_HEADER = "bad_header"
-    BAD_STREAM = "bad_stream"
-    HASH_MISMATCH = "hash_mismatch"
-    UNKNOWN_FEDERATION = "unknown_federation"
-    NOT_HOME = "not_home"
-    BAD_MANIFEST = "bad_manifest"
-    UPSTREAM = "upstream_unavailable"
-
-
-class UpdateRefused(InvalidInput):
-    """An update refused by validation; `reason` is one of `Refusal`'s codes."""
 
 
 @dataclass(frozen=True, kw_only=True)

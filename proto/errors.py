@@ -7,6 +7,8 @@ so core modules can raise these without touching the wire.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 
 class StrataError(Exception):
     """Base of every error Strata raises on purpose."""
@@ -72,3 +74,40 @@ class ConfigError(InvalidInput):
     """A configuration value that is missing, unknown or out of range; the message names the key."""
 
     reason = "bad_config"
+
+
+class Refusal(StrEnum):
+    """Why SubmitUpdate refused an update: the machine-readable `reason` of its reply.
+
+    The aggregator, the relay, the agent and the CLI all use these codes; they are
+    part of the wire contract, so a code is never renamed, only added.
+    """
+
+    TOO_LARGE = "too_large"
+    INVALID_SAFETENSORS = "invalid_safetensors"
+    SHAPE_MISMATCH = "shape_mismatch"
+    NOT_FINITE = "not_finite"
+    NORM_BOUND = "norm_bound"
+    UNKNOWN_BASE = "unknown_base"
+    STALE = "stale"
+    CONFLICT = "conflict"
+    BAD_HEADER = "bad_header"
+    BAD_STREAM = "bad_stream"
+    HASH_MISMATCH = "hash_mismatch"
+    UNKNOWN_FEDERATION = "unknown_federation"
+    BAD_MANIFEST = "bad_manifest"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+
+
+# Refusals that resending the same update can never overcome: an agent drops such an update.
+FINAL_REFUSALS = frozenset({Refusal.STALE, Refusal.CONFLICT, Refusal.UNKNOWN_BASE})
+
+
+class UpdateRefused(InvalidInput):
+    """An update that SubmitUpdate refuses; `reason` is a `Refusal` code.
+
+    A refusal is an answer (accepted=false with the code), not an RPC failure.
+    """
+
+    def __init__(self, message: str, *, reason: Refusal) -> None:
+        super().__init__(message, reason=Refusal(reason))

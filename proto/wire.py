@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,11 +214,6 @@ def create_channel(
     return grpc.secure_channel(address, creds, options=opts)
 
 
-def time_remaining_s(context: grpc.ServicerContext) -> float | None:
-    """The caller's remaining deadline in plain seconds (None: no deadline), for core code."""
-    return context.time_remaining()
-
-
 # ---------------------------------------------------------------- errors, server side
 
 
@@ -380,41 +373,6 @@ def is_retryable(e: BaseException) -> bool:
         code, details, _ = _rpc_parts(e)
         return code in _RETRYABLE and not _is_size_refusal(code, details)
     return isinstance(e, Unavailable)
-
-
-def retry_call(
-    fn: Callable[[], T],
-    *,
-    attempts: int = 5,
-    base_delay_s: float = 0.1,
-    max_delay_s: float = 5.0,
-    deadline_s: float | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[], float] = random.random,
-    clock: Callable[[], float] = time.monotonic,
-) -> T:
-    """Call `fn` until it succeeds, retrying only `is_retryable` failures.
-
-    Waits `rng() * min(max_delay_s, base_delay_s * 2**n)` between attempts (full
-    jitter), gives up after `attempts` calls or when the next wait would pass
-    `deadline_s` seconds from now, and re-raises the last error unchanged. For a
-    streaming call, `fn` must consume the stream so its errors surface inside it.
-    """
-    if attempts < 1:
-        raise InvalidInput(f"attempts must be >= 1, got {attempts}", reason="bad_retry_policy")
-    give_up_at = None if deadline_s is None else clock() + deadline_s
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as e:
-            if not is_retryable(e) or attempt == attempts - 1:
-                raise
-            delay = rng() * min(max_delay_s, base_delay_s * (2**attempt))
-            if give_up_at is not None and clock() + delay >= give_up_at:
-                raise
-            log.debug("retrying", extra={"fields": {"attempt": attempt + 1, "delay_s": round(delay, 3), "error": str(e)}})
-            sleep(delay)
-    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------- chunked streams

@@ -198,7 +198,7 @@ class Relay:
             raise UpdateRefused(
                 f"the relay holds {held} updates ({held_bytes} bytes) not yet forwarded upstream; its limit is "
                 f"{forward.max_pending_updates} updates / {forward.max_pending_bytes} bytes",
-                reason=Refusal.UPSTREAM,
+                reason=Refusal.UPSTREAM_UNAVAILABLE,
             )
         with self._lock:
             base_tensors = self._base_tensors

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregator.journal import DurableSqlite
+from storage.durable import DurableSqlite
 
 PENDING, FORWARDED, DROPPED = "pending", "forwarded", "dropped"
 

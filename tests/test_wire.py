@@ -15,6 +15,7 @@ from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto import wire
 from proto.errors import InvalidInput, NotFound, StrataError, Unavailable, WireError
+from proto.retry import RetryPolicy, retry_call
 
 # ---------------------------------------------------------------- chunking
 
@@ -260,7 +261,10 @@ def test_retry_call_retries_unavailable_with_backoff_then_succeeds(stub) -> None
 
     delays: list[float] = []
     try:
-        reply = wire.retry_call(call, attempts=5, base_delay_s=0.1, max_delay_s=1.0, sleep=delays.append, rng=lambda: 1.0)
+        reply = retry_call(
+            call, policy=RetryPolicy(attempts=5, base_s=0.1, max_s=1.0), retryable=wire.is_retryable,
+            sleep=delays.append, rng=lambda: 1.0,
+        )
     finally:
         dead_channel.close()
     assert reply.next_interval_s == 5.0
@@ -276,9 +280,10 @@ def test_retry_call_gives_up_after_attempts_and_respects_deadline() -> None:
         dead_stub = pb_grpc.AgentServiceStub(channel)
         delays: list[float] = []
         e = _call_error(
-            lambda: wire.retry_call(
+            lambda: retry_call(
                 lambda: dead_stub.Heartbeat(pb.HeartbeatRequest(), timeout=2),
-                attempts=4, base_delay_s=1.0, max_delay_s=3.0, sleep=delays.append, rng=lambda: 1.0,
+                policy=RetryPolicy(attempts=4, base_s=1.0, max_s=3.0), retryable=wire.is_retryable,
+                sleep=delays.append, rng=lambda: 1.0,
             )
         )
         assert e.code() == grpc.StatusCode.UNAVAILABLE
@@ -292,9 +297,9 @@ def test_retry_call_gives_up_after_attempts_and_respects_deadline() -> None:
             now[0] += s
 
         _call_error(
-            lambda: wire.retry_call(
+            lambda: retry_call(
                 lambda: dead_stub.Heartbeat(pb.HeartbeatRequest(), timeout=2),
-                attempts=10, base_delay_s=1.0, max_delay_s=100.0, deadline_s=5.0,
+                policy=RetryPolicy(attempts=10, base_s=1.0, max_s=100.0, deadline_s=5.0), retryable=wire.is_retryable,
                 sleep=fake_sleep, rng=lambda: 1.0, clock=lambda: now[0],
             )
         )
@@ -308,7 +313,9 @@ def test_retry_call_never_retries_invalid_argument(stub) -> None:
         calls.append(1)
         return stub.Heartbeat(pb.HeartbeatRequest(agent_id="invalid"), timeout=5)
 
-    e = _call_error(lambda: wire.retry_call(call, attempts=5, sleep=lambda s: None))
+    e = _call_error(
+        lambda: retry_call(call, policy=RetryPolicy(attempts=5), retryable=wire.is_retryable, sleep=lambda s: None)
+    )
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert calls == [1]
 
