@@ -18,17 +18,19 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.core import Metric
 
-from aggregator.agents import AgentRegistry
 from aggregator.config import AggregatorConfig
 from aggregator.coordination import CoordinatorLink, Registration
+from aggregator.home import AggregatorHome
 from aggregator.journal import Journal
 from aggregator.membership import RingView, static_ring
 from aggregator.peers import GrpcPeerAccess, PeerServicer, Published, pointer_for
-from aggregator.rounds import BaseModel, RoundManager, Synthesizer
-from aggregator.service import AgentServicer
+from aggregator.rounds import RoundManager, Synthesizer
 from aggregator.strategies import make_strategy
 from aggregator.synthesis import SemiGlobalSynthesizer
 from coordinator.ring import Member
+from intake.agents import AgentRegistry
+from intake.home import BaseModel
+from intake.service import AgentServicer
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import ConfigError, StrataError
 from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
@@ -128,13 +130,15 @@ class AggregatorDaemon:
             )
         pb_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(
-                aggregator_id=self.id,
-                rounds=self.rounds,
+                home=AggregatorHome(
+                    aggregator_id=self.id,
+                    rounds=self.rounds,
+                    ring=self.ring_view,
+                    store=self.store,
+                    round_config=self.config.round_config,
+                ),
                 agents=self.agents,
-                ring=self.ring_view,
-                store=self.store,
                 heartbeat_interval_s=self.config.heartbeat_interval_s,
-                round_config=dict(self.config.round_config),
                 stopping=self._stopping,
             ),
             self._server.server,
@@ -228,10 +232,11 @@ class AggregatorDaemon:
         return self.synthesizer(cluster, tensors)
 
     def _collect_metrics(self) -> Iterator[Metric]:
-        totals = self.journal.totals()
-        yield counter("strata_aggregator_updates_accepted", "updates accepted and journaled", totals["updates_accepted"])
-        yield counter("strata_aggregator_updates_refused", "updates refused, by reason", labels=totals["refusals"], label="reason")
-        yield counter("strata_aggregator_rounds_closed", "rounds closed", totals["rounds_closed"])
+        yield counter("strata_aggregator_updates_accepted", "updates accepted and journaled", self.journal.accepted_count())
+        yield counter(
+            "strata_aggregator_updates_refused", "updates refused, by reason", labels=self.journal.refusal_counts(), label="reason"
+        )
+        yield counter("strata_aggregator_rounds_closed", "rounds closed", self.journal.closed_round_count())
         yield gauge("strata_aggregator_round", "the current round", self.rounds.current.round)
         yield gauge("strata_aggregator_round_updates", "updates accepted in the current round", self.rounds.accepted_count)
         yield gauge("strata_aggregator_active_agents", "agents heard from within the timeout", len(self.agents.active()))

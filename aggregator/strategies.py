@@ -83,6 +83,18 @@ def coordinate_median(arrays: Iterable[np.ndarray]) -> np.ndarray:
     return np.median(stacked, axis=0).astype(stacked.dtype)
 
 
+def weighted_means(items: list[tuple[Mapping[str, float], int]]) -> dict[str, float]:
+    """Per-key means weighted by sample counts, over the items that report each key."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for metrics, weight in items:
+        for name, value in metrics.items():
+            if math.isfinite(value):
+                sums[name] = sums.get(name, 0.0) + value * weight
+                weights[name] = weights.get(name, 0.0) + weight
+    return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
+
+
 def _axpy_(accumulator: torch.Tensor, x: np.ndarray, alpha: float) -> None:
     # accumulator += alpha * x in one fused, multi-threaded pass over x's memory
     accumulator.add_(torch.from_numpy(np.ascontiguousarray(x)), alpha=alpha)

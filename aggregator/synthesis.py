@@ -38,9 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from aggregator.config import SynthesisSettings
-from aggregator.rounds import weighted_means
 from aggregator.staleness import make_discount
-from aggregator.strategies import FedAvg
+from aggregator.strategies import FedAvg, weighted_means
 from coordinator.ring import Member, Ring
 from proto.errors import IntegrityError, InvalidInput, NotFound, StrataError, Unavailable
 from storage.codec import CodecError, decode_tensors, encode_tensors

@@ -4,5 +4,5 @@ Public surface (import from the submodules; nothing loads until used, so
 `relay.config` stays cheap for the CLI): `relay.config.RelayConfig` and its
 sections, `relay.daemon.RelayDaemon`, `relay.core.Relay` / `CombinedUpdate` /
 `STALE_AFTER_OUTAGE`, `relay.cache.ModelCache`, `relay.forward.Forwarder`,
-`relay.journal.RelayJournal`, `relay.service.RelayServicer`.
+`relay.journal.RelayJournal`, `relay.home.RelayHome` (what devices see, served by `intake.service`).
 """

@@ -30,20 +30,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aggregator.rounds import (
-    BaseModel,
-    Submission,
-    SubmitResult,
-    check_submission,
-    update_manifest,
-    weighted_means,
-)
-from aggregator.strategies import Aggregation, FedAvg
-from aggregator.validation import Refusal, UpdateLimits, UpdateRefused, validate_update
-from proto.errors import Unavailable
+from aggregator.strategies import Aggregation, FedAvg, weighted_means
+from intake.accept import Intake, IntakePolicy, OpenRound
+from intake.home import BaseModel
+from intake.journal import AcceptedUpdate
+from intake.submission import Submission
+from intake.validation import UpdateLimits
+from proto.errors import Refusal, Unavailable, UpdateRefused
 from relay.cache import ModelCache
 from relay.config import RelayConfig
-from relay.journal import DeviceUpdate, RelayJournal, WindowRecord
+from relay.journal import RelayJournal, WindowRecord
 from storage.codec import decode_tensors, encode_tensors
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer, now_rfc3339
@@ -86,17 +82,33 @@ class Relay:
         self._key = key
         self._clock = clock
         self._strategy = FedAvg()
-        self._limits = UpdateLimits(
-            max_update_bytes=config.max_update_bytes, max_relative_norm=config.max_relative_norm or None
-        )
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._base: BaseModel | None = None
         self._base_tensors: dict[str, np.ndarray] = {}
-        self._pool: list[DeviceUpdate] = []
+        self._pool: list[AcceptedUpdate] = []
         self._pool_tensors: set[str] = set()
         self._aggregation: Aggregation | None = None
         self._pool_opened_at = 0.0
+        self.intake = Intake(
+            receiver_id=relay_id,
+            policy=IntakePolicy(
+                federation=config.federation,
+                kinds=("local",),
+                limits=UpdateLimits(
+                    max_update_bytes=config.max_update_bytes, max_relative_norm=config.max_relative_norm or None
+                ),
+                max_staleness=config.forward.max_staleness,
+                # a window is plain sample-weighted FedAvg; upstream discounts the combined update's age
+                discount=lambda age: 1.0,
+            ),
+            receiver=self,
+            store=store,
+            journal=journal,
+            key=key,
+            admit=self._admit,
+            clock=clock,
+        )
 
     # ------------------------------------------------------------------ bases
 
@@ -113,7 +125,7 @@ class Relay:
         with self._lock:
             for update in self.journal.open_updates():
                 _, weights = load_model(self.store, update.update_cid)
-                self._fold(update, decode_tensors(weights))
+                self.fold(update, decode_tensors(weights))
             if self._pool:
                 self._pool_opened_at = min(u.accepted_at for u in self._pool)
                 log.info("window_recovered", extra={"fields": {"updates": len(self._pool), "base": model_cid}})
@@ -159,39 +171,21 @@ class Relay:
             self._changed.wait_for(lambda: self._base is not None and self._base.model_cid != known_cid, timeout)
             return self._base
 
-    # ------------------------------------------------------------------ submit
+    # ------------------------------------------------------------------ the intake's receiver
 
-    def submit(self, submission: Submission) -> SubmitResult:
-        """Validate, store, journal and fold one device update. Raises UpdateRefused with a reason code."""
-        try:
-            return self._submit(submission)
-        except UpdateRefused as refusal:
-            self.journal.record_refusal(submission.agent_id, refusal.reason, refusal.message)
-            log.info(
-                "update_refused",
-                extra={"fields": {"agent": submission.agent_id, "reason": refusal.reason, "message": refusal.message}},
-            )
-            raise
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
 
-    def _submit(self, sub: Submission) -> SubmitResult:
-        if sub.federation and sub.federation != self.federation:
-            raise UpdateRefused(
-                f"this relay serves {self.federation!r}, not {sub.federation!r}", reason=Refusal.UNKNOWN_FEDERATION
-            )
-        weights_cid = check_submission(sub, self._limits, kinds=("local",))
-        previous = self.journal.find_update(sub.agent_id, sub.base_cid)
-        if previous is not None:
-            return self._resend(previous, weights_cid, sub)
-        base_round = self.journal.base_round(sub.base_cid)
-        if base_round is None:
-            raise UpdateRefused(f"base model {sub.base_cid} is not one this relay served", reason=Refusal.UNKNOWN_BASE)
-        if base_round != sub.round:
-            raise UpdateRefused(
-                f"header round {sub.round} but base {sub.base_cid} is the base of round {base_round}",
-                reason=Refusal.BAD_HEADER,
-            )
-        current = self.current
-        self._check_staleness(base_round, current.round)
+    def open_round(self) -> OpenRound:
+        """Device updates are checked against the current upstream base and its round."""
+        with self._lock:
+            if self._base is None:
+                raise Unavailable("the relay has no model from upstream yet", reason="no_base")
+            return OpenRound(round=self._base.round, base_tensors=self._base_tensors)
+
+    def _admit(self, sub: Submission) -> None:
+        """Back-pressure: refuse devices while too much waits to be forwarded upstream."""
         held, held_bytes = self.journal.held()
         forward = self.config.forward
         if held >= forward.max_pending_updates or held_bytes + len(sub.weights) > forward.max_pending_bytes:
@@ -200,77 +194,15 @@ class Relay:
                 f"{forward.max_pending_updates} updates / {forward.max_pending_bytes} bytes",
                 reason=Refusal.UPSTREAM_UNAVAILABLE,
             )
-        with self._lock:
-            base_tensors = self._base_tensors
-        tensors = validate_update(sub.weights, base=base_tensors, declared_tensors=sub.tensors, limits=self._limits)
-        manifest = self._device_manifest(sub, weights_cid)
-        # stored before journaled, journaled before acknowledged
-        self.store.put(sub.weights, cid=weights_cid)
-        self.store.put(manifest.to_bytes())
-        update = DeviceUpdate(
-            agent_id=sub.agent_id,
-            base_cid=sub.base_cid,
-            round=sub.round,
-            update_cid=manifest.cid,
-            weights_cid=weights_cid,
-            num_samples=sub.num_samples,
-            size=len(sub.weights),
-            tensors=tuple(sorted(tensors)),
-            metrics=dict(sub.metrics),
-            base_metrics=dict(sub.base_metrics),
-            accepted_at=self._clock(),
-        )
-        with self._lock:
-            if not self.journal.record_update(update):
-                previous = self.journal.find_update(sub.agent_id, sub.base_cid)
-                assert previous is not None
-                return self._resend(previous, weights_cid, sub)
-            self._fold(update, tensors)
-            pooled = len(self._pool)
-        log.info(
-            "update_accepted",
-            extra={
-                "fields": {
-                    "agent": sub.agent_id,
-                    "round": sub.round,
-                    "num_samples": sub.num_samples,
-                    "tensors": len(tensors),
-                    "update": manifest.cid,
-                    "window": pooled,
-                }
-            },
-        )
-        return SubmitResult(update_cid=manifest.cid, round=sub.round, duplicate=False)
 
-    def _resend(self, previous: DeviceUpdate, weights_cid: str, sub: Submission) -> SubmitResult:
-        if previous.weights_cid == weights_cid and previous.num_samples == sub.num_samples:
-            return SubmitResult(update_cid=previous.update_cid, round=previous.round, duplicate=True)
-        raise UpdateRefused(
-            f"device {sub.agent_id} already submitted a different update on base {sub.base_cid} "
-            f"({previous.update_cid})",
-            reason=Refusal.CONFLICT,
-        )
-
-    def _check_staleness(self, base_round: int, upstream_round: int) -> int:
-        staleness = upstream_round - base_round
-        if staleness > self.config.forward.max_staleness:
-            raise UpdateRefused(
-                f"update trained on round {base_round}, {staleness} rounds behind upstream round {upstream_round} "
-                f"(max_staleness {self.config.forward.max_staleness})",
-                reason=Refusal.STALE,
-            )
-        return staleness
-
-    def _device_manifest(self, sub: Submission, weights_cid: str) -> Manifest:
-        return update_manifest(sub, weights_cid, federation=self.federation, recorder=self.relay_id, key=self._key)
-
-    def _fold(self, update: DeviceUpdate, tensors: Mapping[str, np.ndarray]) -> None:
+    def fold(self, update: AcceptedUpdate, tensors: Mapping[str, np.ndarray]) -> int:
         assert self._aggregation is not None
         if not self._pool:
             self._pool_opened_at = update.accepted_at
-        self._aggregation.add(tensors, float(update.num_samples))
+        self._aggregation.add(tensors, update.weight)
         self._pool.append(update)
         self._pool_tensors.update(tensors)
+        return len(self._pool)
 
     # ------------------------------------------------------------------ windows
 
@@ -336,7 +268,7 @@ class Relay:
             bytes_saved=stats.bytes_saved,
             created_at=self._clock(),
         )
-        self.journal.close_window(record, [(u.agent_id, u.base_cid) for u in pool])
+        self.journal.close_window(record, pool)
         self._pool, self._pool_tensors = [], set()
         self._aggregation = self._strategy.start(self._base_tensors)
         log.info(

@@ -23,7 +23,8 @@ import grpc
 from prometheus_client.core import Metric
 
 from agent.client import Client
-from aggregator.agents import AgentRegistry
+from intake.agents import AgentRegistry
+from intake.service import AgentServicer
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import FailedPrecondition, StrataError, Unavailable
 from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
@@ -32,8 +33,8 @@ from relay.cache import ModelCache
 from relay.config import RelayConfig
 from relay.core import Relay
 from relay.forward import Forwarder
+from relay.home import RelayHome
 from relay.journal import RelayJournal
-from relay.service import RelayServicer
 from storage.keys import KeyPair
 from storage.manifest import Manifest
 from storage.store import open_store
@@ -116,11 +117,10 @@ class RelayDaemon:
         self._server = create_server(self.config.listen, max_workers=self.config.grpc_workers)
         base = self.relay.start()
         pb_grpc.add_AgentServiceServicer_to_server(
-            RelayServicer(
-                relay=self.relay,
+            AgentServicer(
+                home=RelayHome(relay=self.relay, round_config=lambda: dict(self.client.round_config)),
                 agents=self.agents,
                 heartbeat_interval_s=self.config.heartbeat_interval_s,
-                round_config=lambda: dict(self.client.round_config),
                 stopping=self._stopping,
             ),
             self._server.server,

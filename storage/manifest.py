@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -70,9 +71,14 @@ def canonical_json(value: Any) -> bytes:
     ).encode("utf-8")
 
 
+def rfc3339(timestamp: float) -> str:
+    """A POSIX timestamp as UTC RFC 3339 with milliseconds, e.g. "2026-11-24T01:02:03.456Z"."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def now_rfc3339() -> str:
-    """The current UTC time as RFC 3339 with milliseconds, e.g. "2026-11-24T01:02:03.456Z"."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """The current UTC time as RFC 3339 with milliseconds."""
+    return rfc3339(time.time())
 
 
 def _is_int(value: Any) -> bool:

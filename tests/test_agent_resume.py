@@ -201,7 +201,7 @@ def test_pending_update_never_sent_is_sent_once_after_restart(aggregator: Aggreg
 
     accepted = updates_by(aggregator, agent_id)
     assert len(accepted) == 1 and accepted[0][0] == 0
-    assert aggregator.journal.find_update(agent_id, 0).weights_cid == cid_of(blob)
+    assert aggregator.journal.find_update(agent_id, pending.base_cid).weights_cid == cid_of(blob)
     assert aggregator.rounds.accepted_count == 1
     assert trainer.trained_rounds == [], "it must not train again on the base its pending update used"
     assert AgentState(state_dir).progress.pending is None

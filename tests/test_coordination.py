@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.agents import AgentInfo
 from aggregator.coordination import CoordinatorLink, Registration
 from aggregator.membership import RingView
 from coordinator.config import CoordinatorConfig
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.membership import AggregatorInfo
 from coordinator.ring import Member, Ring
+from intake.agents import AgentInfo
 from proto.errors import InvalidInput
 from storage.keys import KeyPair
 from tests.test_coordinator import make_manifest

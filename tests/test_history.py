@@ -37,6 +37,7 @@ def _journal_with_rounds(state_dir: Path) -> None:
                     base_metrics={"accuracy": 0.2 + 0.4 * round_, "loss": 2.0 - round_},
                     refusals={"not_finite": 1},
                 ),
+                [],
                 next_round=round_ + 1,
                 next_base_cid=nxt,
             )

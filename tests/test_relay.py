@@ -22,10 +22,11 @@ import pytest
 from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
 from aggregator.daemon import AggregatorDaemon
 from aggregator.journal import Journal
-from aggregator.rounds import RoundManager, Submission
+from aggregator.rounds import RoundManager
 from aggregator.strategies import FedAvg
-from aggregator.validation import UpdateRefused
+from intake.submission import Submission
 from proto import strata_pb2 as pb
+from proto.errors import UpdateRefused
 from relay.cache import ModelCache
 from relay.config import ForwardSettings, RelayConfig, UpstreamSettings, WindowSettings
 from relay.core import STALE_AFTER_OUTAGE, Relay
@@ -141,7 +142,9 @@ class TinyRelay:
     fetched: list[str]
 
 
-def tiny_relay(tmp_path: Path, *, max_devices: int = 2, cache_bytes: int = 1 << 20) -> TinyRelay:
+def tiny_relay(
+    tmp_path: Path, *, max_devices: int = 2, cache_bytes: int = 1 << 20, clock: Callable[[], float] = time.time
+) -> TinyRelay:
     """A relay core whose upstream is a plain store holding a 2x2 + 2 base model."""
     upstream = LocalStore(tmp_path / "upstream")
     key = KeyPair.generate()
@@ -169,6 +172,7 @@ def tiny_relay(tmp_path: Path, *, max_devices: int = 2, cache_bytes: int = 1 << 
         journal=RelayJournal(tmp_path / "relay.sqlite"),
         cache=ModelCache(store, fetch, max_bytes=cache_bytes),
         key=KeyPair.generate(),
+        clock=clock,
     )
     relay.adopt_base(base.cid, 3)
     return TinyRelay(relay=relay, store=store, upstream=upstream, base=base, fetched=fetched)
@@ -190,9 +194,9 @@ def device_submission(tiny: TinyRelay, agent: str, tensors: dict[str, np.ndarray
 
 def test_pre_aggregation_equals_hand_computed_fedavg_full_updates(tmp_path: Path) -> None:
     tiny = tiny_relay(tmp_path)
-    first = tiny.relay.submit(device_submission(tiny, "d1", {W: [[1, 2], [3, 4]], B: [1, 1]}, 1, loss=1.0, accuracy=0.2))
+    first = tiny.relay.intake.submit(device_submission(tiny, "d1", {W: [[1, 2], [3, 4]], B: [1, 1]}, 1, loss=1.0, accuracy=0.2))
     assert tiny.relay.maybe_close(active_trainers=2) is None  # one of two devices
-    second = tiny.relay.submit(device_submission(tiny, "d2", {W: [[3, 4], [5, 6]], B: [3, 3]}, 3, loss=2.0, accuracy=0.6))
+    second = tiny.relay.intake.submit(device_submission(tiny, "d2", {W: [[3, 4], [5, 6]], B: [3, 3]}, 3, loss=2.0, accuracy=0.6))
     combined = tiny.relay.maybe_close(active_trainers=2)
     assert combined is not None
     manifest, blob = load_model(tiny.store, combined.manifest.cid)
@@ -216,8 +220,8 @@ def test_pre_aggregation_equals_hand_computed_fedavg_full_updates(tmp_path: Path
 
 def test_pre_aggregation_partial_updates_weight_per_tensor(tmp_path: Path) -> None:
     tiny = tiny_relay(tmp_path)
-    tiny.relay.submit(device_submission(tiny, "head-only", {B: [1, 1]}, 1))
-    tiny.relay.submit(device_submission(tiny, "full", {W: [[3, 4], [5, 6]], B: [3, 3]}, 3))
+    tiny.relay.intake.submit(device_submission(tiny, "head-only", {B: [1, 1]}, 1))
+    tiny.relay.intake.submit(device_submission(tiny, "full", {W: [[3, 4], [5, 6]], B: [3, 3]}, 3))
     combined = tiny.relay.maybe_close(active_trainers=2)
     assert combined is not None
     tensors = decode_tensors(load_model(tiny.store, combined.manifest.cid)[1])
@@ -227,8 +231,8 @@ def test_pre_aggregation_partial_updates_weight_per_tensor(tmp_path: Path) -> No
 
 def test_combined_partial_update_declares_only_trained_tensors_and_aggregator_weights_per_tensor(tmp_path: Path) -> None:
     tiny = tiny_relay(tmp_path)
-    tiny.relay.submit(device_submission(tiny, "h1", {B: [1, 1]}, 1))
-    tiny.relay.submit(device_submission(tiny, "h2", {B: [4, 4]}, 2))
+    tiny.relay.intake.submit(device_submission(tiny, "h1", {B: [1, 1]}, 1))
+    tiny.relay.intake.submit(device_submission(tiny, "h2", {B: [4, 4]}, 2))
     combined = tiny.relay.maybe_close(active_trainers=2)
     assert combined is not None and combined.tensors == (B,)
     manifest, blob = load_model(tiny.store, combined.manifest.cid)
@@ -255,7 +259,7 @@ def test_combined_partial_update_declares_only_trained_tensors_and_aggregator_we
             producer=Producer(role="relay", id="relay-1"), key=KeyPair.generate(), parents=manifest.parents,
             base=tiny.base.cid, num_samples=manifest.num_samples,
         )
-        rounds.submit(
+        rounds.intake.submit(
             Submission(
                 agent_id="relay-1", round=0, base_cid=tiny.base.cid, num_samples=3, weights=blob, federation="digits",
                 tensors=(B,), weights_cid=resigned.weights, kind="relay", parents=resigned.parents,
@@ -263,7 +267,7 @@ def test_combined_partial_update_declares_only_trained_tensors_and_aggregator_we
             )
         )
         full = encode_tensors({W: np.full((2, 2), 8, np.float32), B: np.zeros(2, np.float32)})
-        rounds.submit(Submission(agent_id="dev", round=0, base_cid=tiny.base.cid, num_samples=1, weights=full))
+        rounds.intake.submit(Submission(agent_id="dev", round=0, base_cid=tiny.base.cid, num_samples=1, weights=full))
         cluster = rounds.maybe_close(active_trainers=2)
         assert cluster is not None
         result = decode_tensors(load_model(agg_store, cluster.cid)[1])
@@ -274,15 +278,14 @@ def test_combined_partial_update_declares_only_trained_tensors_and_aggregator_we
 
 def test_window_closes_on_max_wait_and_once_per_base(tmp_path: Path) -> None:
     now = [1000.0]
-    tiny = tiny_relay(tmp_path, max_devices=5)
-    tiny.relay._clock = lambda: now[0]  # a test clock for the window's wait
-    tiny.relay.submit(device_submission(tiny, "d1", {B: [1, 1]}, 1))
+    tiny = tiny_relay(tmp_path, max_devices=5, clock=lambda: now[0])
+    tiny.relay.intake.submit(device_submission(tiny, "d1", {B: [1, 1]}, 1))
     assert tiny.relay.maybe_close(active_trainers=5) is None
     now[0] += tiny.relay.config.window.max_wait_s + 1
     closed = tiny.relay.maybe_close(active_trainers=5)
     assert closed is not None and closed.record.trigger == "max_wait"
     # a late device on the same base waits for the next upstream base
-    late = tiny.relay.submit(device_submission(tiny, "d2", {B: [2, 2]}, 1))
+    late = tiny.relay.intake.submit(device_submission(tiny, "d2", {B: [2, 2]}, 1))
     now[0] += 1000
     assert tiny.relay.maybe_close(active_trainers=1) is None
     assert tiny.relay.window_size == 1
@@ -299,13 +302,13 @@ def test_window_closes_on_max_wait_and_once_per_base(tmp_path: Path) -> None:
 def test_device_refusals_keep_reason_codes(tmp_path: Path) -> None:
     tiny = tiny_relay(tmp_path)
     good = device_submission(tiny, "d1", {B: [1, 1]}, 1)
-    tiny.relay.submit(good)
+    tiny.relay.intake.submit(good)
     with pytest.raises(UpdateRefused) as conflict:
-        tiny.relay.submit(device_submission(tiny, "d1", {B: [2, 2]}, 1))
+        tiny.relay.intake.submit(device_submission(tiny, "d1", {B: [2, 2]}, 1))
     assert conflict.value.reason == "conflict"
-    assert tiny.relay.submit(good).duplicate
+    assert tiny.relay.intake.submit(good).duplicate
     with pytest.raises(UpdateRefused) as wrong_shape:
-        tiny.relay.submit(device_submission(tiny, "d2", {B: [1, 1, 1]}, 1))
+        tiny.relay.intake.submit(device_submission(tiny, "d2", {B: [1, 1, 1]}, 1))
     assert wrong_shape.value.reason == "shape_mismatch"
     assert tiny.relay.journal.refusal_counts() == {"conflict": 1, "shape_mismatch": 1}
 

@@ -1,4 +1,9 @@
-"""AgentService as an aggregator serves it: protobuf in, one call on a core object, protobuf out.
+"""AgentService for any home (an aggregator or a relay): protobuf in, one call on the core, protobuf out.
+
+A device cannot tell an aggregator from a relay: Join answers with a home (or a
+redirect to the ring's owner), GetModel streams the manifest then the weights in
+~1 MiB chunks, SubmitUpdate refusals carry the same reason codes, WatchModels
+and Heartbeat announce new bases and home changes.
 
 Errors raised by the core (StrataError subclasses) leave through the shared
 error interceptor in proto.wire, except SubmitUpdate's refusals, which are an
@@ -10,27 +15,29 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 
-from aggregator.agents import AgentRegistry
-from aggregator.membership import RingView
-from aggregator.rounds import BaseModel, RoundManager, Submission, SubmitResult
-from aggregator.validation import Refusal, UpdateRefused
+from intake.agents import AgentRegistry
+from intake.home import BaseModel, Home, Redirect
+from intake.submission import Submission
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.convert import capability_name, telemetry_to_dict
-from proto.errors import InvalidInput, NotFound, StrataError, WireError
+from proto.errors import InvalidInput, Refusal, StrataError, UpdateRefused, WireError
 from proto.wire import CHUNK_SIZE, read_header_stream
 from storage.cid import CidBuilder
 from storage.manifest import Manifest
 from storage.store import ContentStore
 
-log = logging.getLogger("strata.aggregator.service")
+log = logging.getLogger("strata.intake.service")
 
 # how often a WatchModels stream wakes to check for shutdown and ring changes
-_WATCH_POLL_S = 1.0
+WATCH_POLL_S = 1.0
+
+# how a broken SubmitUpdate stream is refused, by the wire's reason
+_STREAM_REFUSALS = {"oversize": Refusal.TOO_LARGE, "missing_header": Refusal.BAD_HEADER}
 
 
 def model_ref(base: BaseModel) -> pb.ModelRef:
@@ -61,14 +68,21 @@ def stream_model(store: ContentStore, model_cid: str, *, round_: int, if_none_ma
         offset += len(piece)
 
 
+class StreamRefused(UpdateRefused):
+    """A SubmitUpdate stream refused while it was read; `header` is what arrived of it, if anything."""
+
+    def __init__(self, message: str, *, reason: Refusal, header: pb.UpdateHeader | None) -> None:
+        super().__init__(message, reason=reason)
+        self.header = header
+
+
 def read_update_stream(
     request_iterator: Iterator[pb.UpdateChunk], *, max_bytes: int
 ) -> tuple[pb.UpdateHeader, bytes, str]:
     """Reassemble a SubmitUpdate stream: exactly one header first, then in-order chunks.
 
     Returns (header, weights, CID of the weights), the CID hashed chunk by chunk while
-    the rest of the stream is still arriving. A refusal raised after the header arrived
-    carries it as `.header`, so the refusal can be recorded against the sender.
+    the rest of the stream is still arriving. Raises StreamRefused.
     """
     first = next(request_iterator, None)
     header = first.header if first is not None and first.WhichOneof("part") == "header" else None
@@ -80,15 +94,9 @@ def read_update_stream(
         )
         return header, weights, builder.finish()
     except WireError as exc:
-        if exc.reason == "oversize":
-            reason = Refusal.TOO_LARGE
-        elif exc.reason == "missing_header":
-            reason = Refusal.BAD_HEADER
-        else:
-            reason = Refusal.BAD_STREAM
-        refusal = UpdateRefused(str(exc), reason=reason)
-        refusal.header = header
-        raise refusal from None
+        raise StreamRefused(
+            str(exc), reason=_STREAM_REFUSALS.get(exc.reason, Refusal.BAD_STREAM), header=header
+        ) from None
 
 
 def submission_from_header(header: pb.UpdateHeader, weights: bytes, received_cid: str = "") -> Submission:
@@ -110,66 +118,27 @@ def submission_from_header(header: pb.UpdateHeader, weights: bytes, received_cid
     )
 
 
-def answer_submit(
-    request_iterator: Iterator[pb.UpdateChunk],
-    *,
-    max_bytes: int,
-    agents: AgentRegistry,
-    submit: Callable[[Submission], SubmitResult],
-    record_stream_refusal: Callable[[str, UpdateRefused], None] | None = None,
-) -> pb.SubmitUpdateReply:
-    """SubmitUpdate for aggregators and relays alike: a refusal is an answer (accepted=false
-    with its reason code), not an RPC error."""
-    try:
-        header, weights, received_cid = read_update_stream(request_iterator, max_bytes=max_bytes)
-        agents.touch(header.agent_id)
-        result = submit(submission_from_header(header, weights, received_cid))
-    except UpdateRefused as refusal:
-        stream_header = getattr(refusal, "header", None)
-        if stream_header is not None and record_stream_refusal is not None:
-            # refused while reading the stream, before the core saw it
-            record_stream_refusal(stream_header.agent_id or "?", refusal)
-        return pb.SubmitUpdateReply(accepted=False, reason=refusal.reason, message=refusal.message)
-    except StrataError as error:
-        if error.status == "INVALID_ARGUMENT":
-            return pb.SubmitUpdateReply(accepted=False, reason=error.reason, message=error.message)
-        raise
-    return pb.SubmitUpdateReply(accepted=True, update_cid=result.update_cid, round=result.round, duplicate=result.duplicate)
+def _redirect_pb(redirect: Redirect, reason: str) -> pb.Redirect:
+    return pb.Redirect(
+        aggregator_id=redirect.aggregator_id, address=redirect.address, ring_version=redirect.ring_version, reason=reason
+    )
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
+    """AgentService over a `Home`."""
+
     def __init__(
-        self,
-        *,
-        aggregator_id: str,
-        rounds: RoundManager,
-        agents: AgentRegistry,
-        ring: RingView,
-        store: ContentStore,
-        heartbeat_interval_s: float,
-        round_config: dict[str, str],
-        stopping: threading.Event,
+        self, *, home: Home, agents: AgentRegistry, heartbeat_interval_s: float, stopping: threading.Event
     ) -> None:
-        self._id = aggregator_id
-        self._rounds = rounds
+        self._home = home
         self._agents = agents
-        self._ring = ring
-        self._store = store
         self._heartbeat_interval_s = heartbeat_interval_s
-        self._round_config = round_config
         self._stopping = stopping
 
-    def _redirect_for(self, agent_id: str) -> pb.Redirect | None:
-        ring = self._ring.ring
-        owner = ring.owner(agent_id)
-        if owner.id == self._id:
-            return None
-        return pb.Redirect(aggregator_id=owner.id, address=owner.address, ring_version=ring.version, reason="not_home")
-
     def _check_federation(self, federation: str) -> None:
-        if federation and federation != self._rounds.federation:
+        if federation and federation != self._home.federation:
             raise InvalidInput(
-                f"this aggregator trains {self._rounds.federation!r}, not {federation!r}",
+                f"{self._home.id} serves {self._home.federation!r}, not {federation!r}",
                 reason=Refusal.UNKNOWN_FEDERATION,
             )
 
@@ -177,9 +146,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         if not request.agent_id:
             raise InvalidInput("agent_id is empty", reason="bad_request")
         self._check_federation(request.federation)
-        redirect = self._redirect_for(request.agent_id)
+        redirect = self._home.redirect_for(request.agent_id)
         if redirect is not None:
-            return pb.JoinReply(redirect=redirect)
+            return pb.JoinReply(redirect=_redirect_pb(redirect, "not_home"))
+        base = self._home.current()
         self._agents.join(
             request.agent_id,
             display_name=request.display_name,
@@ -189,11 +159,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         log.info("agent_joined", extra={"fields": {"agent": request.agent_id, "name": request.display_name}})
         return pb.JoinReply(
             home=pb.Home(
-                aggregator_id=self._id,
-                base=model_ref(self._rounds.current),
-                ring_version=self._ring.ring.version,
+                aggregator_id=self._home.id,
+                base=model_ref(base),
+                ring_version=self._home.ring_version,
                 heartbeat_interval_s=self._heartbeat_interval_s,
-                round_config=self._round_config,
+                round_config=self._home.round_config(),
             )
         )
 
@@ -201,20 +171,35 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._check_federation(request.federation)
         if request.agent_id:
             self._agents.touch(request.agent_id)
-        current = self._rounds.current
+        current = self._home.current()
         model_cid = request.model_cid or current.model_cid
-        if model_cid != current.model_cid and not self._store.has(model_cid):
-            raise NotFound(f"model {model_cid} is not in this aggregator's store", reason="not_found")
+        if request.if_none_match != model_cid:
+            self._home.prepare_download(model_cid)
         round_ = current.round if model_cid == current.model_cid else 0
-        yield from stream_model(self._store, model_cid, round_=round_, if_none_match=request.if_none_match)
+        for message in stream_model(self._home.store, model_cid, round_=round_, if_none_match=request.if_none_match):
+            if message.WhichOneof("part") == "header" and not message.header.not_modified:
+                self._home.downloaded(message.header.weights_size)
+            yield message
 
-    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.SubmitUpdateReply:
-        return answer_submit(
-            request_iterator,
-            max_bytes=self._rounds.settings.max_update_bytes,
-            agents=self._agents,
-            submit=self._rounds.submit,
-            record_stream_refusal=self._rounds.record_refusal,
+    def SubmitUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.SubmitUpdateReply:
+        intake = self._home.intake
+        try:
+            header, weights, received_cid = read_update_stream(request_iterator, max_bytes=self._home.max_update_bytes)
+            self._agents.touch(header.agent_id)
+            result = intake.submit(submission_from_header(header, weights, received_cid))
+        except StreamRefused as refusal:
+            # refused while reading the stream, before the intake saw it
+            if refusal.header is not None:
+                intake.record_refusal(refusal.header.agent_id or "?", refusal)
+            return pb.SubmitUpdateReply(accepted=False, reason=refusal.reason, message=refusal.message)
+        except StrataError as error:
+            if error.status == "INVALID_ARGUMENT":
+                return pb.SubmitUpdateReply(accepted=False, reason=error.reason, message=error.message)
+            raise
+        return pb.SubmitUpdateReply(
+            accepted=True, update_cid=result.update_cid, round=result.round, duplicate=result.duplicate
         )
 
     def WatchModels(self, request: pb.WatchModelsRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelEvent]:
@@ -222,14 +207,13 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         known = request.known_cid
         while context.is_active() and not self._stopping.is_set():
             if request.agent_id:
-                redirect = self._redirect_for(request.agent_id)
+                redirect = self._home.redirect_for(request.agent_id)
                 if redirect is not None:
-                    redirect.reason = "home_changed"
-                    yield pb.ModelEvent(home_changed=redirect)
+                    yield pb.ModelEvent(home_changed=_redirect_pb(redirect, "home_changed"))
                     return
                 self._agents.touch(request.agent_id)
-            current = self._rounds.wait_for_new_base(known, timeout=_WATCH_POLL_S)
-            if current.model_cid != known:
+            current = self._home.wait_for_new_base(known, timeout=WATCH_POLL_S)
+            if current is not None and current.model_cid != known:
                 known = current.model_cid
                 yield pb.ModelEvent(new_base=model_ref(current))
 
@@ -237,11 +221,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         if not request.agent_id:
             raise InvalidInput("agent_id is empty", reason="bad_request")
         self._agents.touch(request.agent_id, telemetry_to_dict(request.telemetry))
-        reply = pb.HeartbeatReply(
-            current_base=model_ref(self._rounds.current), next_interval_s=self._heartbeat_interval_s
-        )
-        redirect = self._redirect_for(request.agent_id)
+        reply = pb.HeartbeatReply(current_base=model_ref(self._home.current()), next_interval_s=self._heartbeat_interval_s)
+        redirect = self._home.redirect_for(request.agent_id)
         if redirect is not None:
-            redirect.reason = "home_changed"
-            reply.home_changed.CopyFrom(redirect)
+            reply.home_changed.CopyFrom(_redirect_pb(redirect, "home_changed"))
         return reply

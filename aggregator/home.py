@@ -1,0 +1,62 @@
+"""The aggregator as its agents see it: a `Home` over the round manager and the ring.
+
+`intake.service.AgentServicer` serves AgentService over this; what is particular
+to an aggregator lives here: agents the ring places elsewhere are redirected,
+and only models this aggregator holds are downloadable.
+"""
+
+from __future__ import annotations
+
+from aggregator.membership import RingView
+from aggregator.rounds import RoundManager
+from intake.accept import Intake
+from intake.home import BaseModel, Redirect
+from proto.errors import NotFound
+from storage.store import ContentStore
+
+
+class AggregatorHome:
+    def __init__(
+        self,
+        *,
+        aggregator_id: str,
+        rounds: RoundManager,
+        ring: RingView,
+        store: ContentStore,
+        round_config: dict[str, str],
+    ) -> None:
+        self.id = aggregator_id
+        self.federation = rounds.federation
+        self.intake: Intake = rounds.intake
+        self.store = store
+        self.max_update_bytes = rounds.settings.max_update_bytes
+        self._rounds = rounds
+        self._ring = ring
+        self._round_config = dict(round_config)
+
+    def current(self) -> BaseModel:
+        return self._rounds.current
+
+    def wait_for_new_base(self, known_cid: str, timeout: float) -> BaseModel | None:
+        return self._rounds.wait_for_new_base(known_cid, timeout)
+
+    def redirect_for(self, agent_id: str) -> Redirect | None:
+        ring = self._ring.ring
+        owner = ring.owner(agent_id)
+        if owner.id == self.id:
+            return None
+        return Redirect(aggregator_id=owner.id, address=owner.address, ring_version=ring.version)
+
+    @property
+    def ring_version(self) -> int:
+        return self._ring.ring.version
+
+    def round_config(self) -> dict[str, str]:
+        return dict(self._round_config)
+
+    def prepare_download(self, model_cid: str) -> None:
+        if model_cid != self._rounds.current.model_cid and not self.store.has(model_cid):
+            raise NotFound(f"model {model_cid} is not in {self.id}'s store", reason="not_found")
+
+    def downloaded(self, size: int) -> None:
+        """Nothing to count yet: an aggregator's egress is not metered."""

@@ -1,0 +1,118 @@
+"""An update as it arrives, the header checks every receiver makes first, and its manifest.
+
+A `Submission` is what the service hands the intake: the SubmitUpdate header's
+fields plus the weight bytes. `check_header` refuses a malformed header before
+anything is hashed twice or stored; `update_manifest` checks the sender's own
+signed manifest against the header (or, for a sender that sent none, records
+one under the receiver's key). Pure functions: no store, no journal, no grpc.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from intake.validation import UpdateLimits, check_size
+from proto.errors import Refusal, StrataError, UpdateRefused
+from storage.cid import cid_of
+from storage.codec import summarize
+from storage.keys import KeyPair
+from storage.manifest import Manifest, Producer, rfc3339
+
+# SQLite integers are signed 64-bit; a larger claim is refused as a malformed header, not an overflow
+MAX_NUM_SAMPLES = (1 << 63) - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Submission:
+    """An update as the service hands it over: header fields plus the weight bytes."""
+
+    agent_id: str
+    round: int
+    base_cid: str
+    num_samples: int
+    weights: bytes
+    federation: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    base_metrics: Mapping[str, float] = field(default_factory=dict)
+    tensors: tuple[str, ...] = ()
+    weights_cid: str = ""
+    kind: str = "local"
+    parents: tuple[str, ...] = ()
+    manifest: bytes = b""
+    # the CID the receiving service computed from these bytes as they arrived (saves a pass)
+    received_cid: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitResult:
+    update_cid: str
+    round: int
+    duplicate: bool
+
+
+def check_header(sub: Submission, limits: UpdateLimits, *, kinds: tuple[str, ...]) -> str:
+    """The header checks every receiver of updates makes first; returns the weights' CID."""
+    if not sub.agent_id:
+        raise UpdateRefused("agent_id is empty", reason=Refusal.BAD_HEADER)
+    if not 0 < sub.num_samples <= MAX_NUM_SAMPLES:
+        raise UpdateRefused(f"num_samples must be in 1..2^63-1, got {sub.num_samples}", reason=Refusal.BAD_HEADER)
+    if sub.kind not in kinds:
+        raise UpdateRefused(f"update kind must be one of {list(kinds)}, got {sub.kind!r}", reason=Refusal.BAD_HEADER)
+    check_size(len(sub.weights), limits)
+    weights_cid = sub.received_cid or cid_of(sub.weights)
+    if sub.weights_cid and sub.weights_cid != weights_cid:
+        raise UpdateRefused(f"weights hash to {weights_cid}, header says {sub.weights_cid}", reason=Refusal.HASH_MISMATCH)
+    return weights_cid
+
+
+# the header fields a sender's manifest must repeat exactly
+_MANIFEST_FIELDS = ("kind", "federation", "round", "weights", "base", "num_samples", "producer.id")
+
+
+def update_manifest(
+    sub: Submission,
+    weights_cid: str,
+    *,
+    federation: str,
+    recorder: str,
+    key: KeyPair,
+    clock: Callable[[], float] = time.time,
+) -> Manifest:
+    """The sender's own signed manifest, checked against the header; or, when it sent none,
+    one recorded under the receiver's key (with `extra.recorded_by`)."""
+    if not sub.manifest:
+        return Manifest(
+            kind=sub.kind,
+            federation=federation,
+            round=sub.round,
+            producer=Producer(role="agent" if sub.kind == "local" else "relay", id=sub.agent_id),
+            weights=weights_cid,
+            tensors=summarize(sub.weights),
+            parents=tuple(sub.parents),
+            base=sub.base_cid,
+            num_samples=sub.num_samples,
+            metrics=dict(sub.metrics),
+            extra={"recorded_by": recorder},
+            created_at=rfc3339(clock()),
+        ).signed(key)
+    try:
+        manifest = Manifest.from_bytes(sub.manifest)
+        manifest.verify_signature()
+    except StrataError as exc:
+        raise UpdateRefused(f"update manifest: {exc}", reason=Refusal.BAD_MANIFEST) from None
+    expected = (sub.kind, federation, sub.round, weights_cid, sub.base_cid, sub.num_samples, sub.agent_id)
+    actual = (
+        manifest.kind,
+        manifest.federation,
+        manifest.round,
+        manifest.weights,
+        manifest.base,
+        manifest.num_samples,
+        manifest.producer.id,
+    )
+    wrong = [name for name, want, got in zip(_MANIFEST_FIELDS, expected, actual, strict=True) if want != got]
+    if wrong:
+        raise UpdateRefused(f"update manifest disagrees with the header on {wrong}", reason=Refusal.BAD_MANIFEST)
+    return manifest
