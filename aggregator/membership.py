@@ -1,58 +1,8 @@
-"""The aggregator's view of the ring: the last membership it saw, and who owns an agent.
+"""Moved to `aggregator.ringview`; kept only for `aggregator.service`, which another change is moving.
 
-The view is fed either by static configuration or by the coordinator's WatchRing
-stream. It keeps the last version it saw, so an aggregator goes on placing agents
-when the coordinator is down.
+Delete this file once nothing imports `aggregator.membership`.
 """
 
-from __future__ import annotations
+from aggregator.ringview import RingView
 
-import threading
-from collections.abc import Callable
-
-from coordinator.ring import Member, Ring
-
-
-class RingView:
-    def __init__(self, ring: Ring) -> None:
-        self._ring = ring
-        self._lock = threading.Lock()
-        self._listeners: list[Callable[[Ring, Ring], None]] = []
-
-    @property
-    def ring(self) -> Ring:
-        with self._lock:
-            return self._ring
-
-    def update(self, ring: Ring, *, authoritative: bool = False) -> bool:
-        """Adopt a newer ring. Returns False (and changes nothing) for an older or equal version,
-        unless `authoritative`: the coordinator's direct answer wins even with a lower version,
-        which is what a coordinator that lost its state (and restarted its count) sends."""
-        with self._lock:
-            old = self._ring
-            if ring.version == old.version and ring.same_members(old):
-                return False
-            if ring.version < old.version and not authoritative:
-                return False
-            self._ring = ring
-            listeners = list(self._listeners)
-        for listener in listeners:
-            listener(old, ring)
-        return True
-
-    def on_change(self, listener: Callable[[Ring, Ring], None]) -> None:
-        with self._lock:
-            self._listeners.append(listener)
-
-    def owner(self, agent_id: str) -> Member:
-        return self.ring.owner(agent_id)
-
-
-def static_ring(self_member: Member, peers: list[str]) -> Ring:
-    """A ring from `id=host:port` entries; this aggregator is added if the list omits it."""
-    members = {self_member.id: self_member}
-    for entry in peers:
-        member_id, address = entry.split("=", 1)
-        if member_id != self_member.id:
-            members[member_id] = Member(id=member_id, address=address)
-    return Ring(members.values(), version=1)
+__all__ = ["RingView"]
