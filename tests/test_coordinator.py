@@ -244,6 +244,20 @@ def test_index_records_and_queries(index: ModelIndex, keypair: KeyPair) -> None:
         index.get(cid_of(b"never announced"))
 
 
+def test_index_merges_notes_and_counts_reported_agents(tmp_path: Path, keypair: KeyPair) -> None:
+    path = tmp_path / "index.db"
+    model = make_manifest(keypair)
+    with ModelIndex(path) as index:
+        index.record(model.to_bytes(), {"screened": "ok", "by": "agg-a"})
+        index.record(model.to_bytes(), {"by": "agg-b"})
+        index.record(model.to_bytes())
+        assert index.report_agents("agg-a", [AgentEntry(agent_id="x"), AgentEntry(agent_id="y")]) == 2
+        assert index.report_agents("agg-a", [AgentEntry(agent_id="y")]) == 1
+    with ModelIndex(path) as reopened:  # durable, and the same schema version
+        assert reopened.get(model.cid).notes == {"screened": "ok", "by": "agg-b"}
+        assert [a.agent_id for a in reopened.list_agents()] == ["y"]
+
+
 def test_lineage_walks_parents_breadth_first(index: ModelIndex, keypair: KeyPair) -> None:
     unknown_parent = cid_of(b"a model the index never saw")
     base = make_manifest(keypair, kind="base", round=0, parents=(unknown_parent,))
