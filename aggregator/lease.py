@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from coordinator.client import AgentEntry, AggregatorInfo, CoordinatorClient, Lease
+from coordinator.client import AgentEntry, AggregatorInfo, CoordinatorClient, Lease, Progress
 from proto.errors import NotFound, StrataError
 from proto.retry import RetryPolicy
 from proto.wire import is_retryable
@@ -104,14 +104,13 @@ class LeaseKeeper:
         except Exception:  # noqa: BLE001 - a heartbeat without progress beats no heartbeat
             log.exception("status_fn_failed")
             status = {}
-        self._lease = self._client.heartbeat(
-            self.info.id,
+        progress = Progress(
             round=int(status.get("round") or 0),
             agent_count=int(status.get("agent_count") or 0),
             last_cluster_cid=str(status.get("last_cluster_cid") or ""),
             last_semi_global_cid=str(status.get("last_semi_global_cid") or ""),
-            info=self.info,
         )
+        self._lease = self._client.heartbeat(self.info.id, progress, info=self.info)
 
     def _report_agents(self) -> bool:
         assert self._agents_fn is not None

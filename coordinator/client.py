@@ -12,8 +12,8 @@ expired deadline, with reason "deadline_exceeded"), or a plain StrataError whose
 worth another attempt. The channel comes from an injectable factory, so tests
 can point the client anywhere; the client owns it and closes it in `close()`.
 
-The domain types an aggregator hands the client (AggregatorInfo, AgentEntry) or
-keeps from it (Lease) are re-exported here: the aggregator may import only the client.
+The domain types an aggregator hands the client (AggregatorInfo, Progress,
+AgentEntry) or keeps from it (Lease) are re-exported here: the aggregator may import only the client.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TypeVar
 import grpc
 
 from coordinator.index import AgentEntry, Lineage, ModelRecord
-from coordinator.membership import AggregatorInfo, Lease
+from coordinator.membership import AggregatorInfo, Lease, Progress
 from coordinator.messages import (
     FleetStatus,
     agent_entry_to_pb,
@@ -43,7 +43,7 @@ from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import FailedPrecondition
 from proto.wire import STREAM_TIMEOUT_S, create_channel, error_from_rpc
 
-__all__ = ["AgentEntry", "AggregatorInfo", "CoordinatorClient", "Lease", "RingWatch"]
+__all__ = ["AgentEntry", "AggregatorInfo", "CoordinatorClient", "Lease", "Progress", "RingWatch"]
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -114,25 +114,11 @@ class CoordinatorClient:
         return lease_from_pb(self._call(self._stub.RegisterAggregator, info_to_pb(info)))
 
     def heartbeat(
-        self,
-        aggregator_id: str,
-        *,
-        round: int = 0,
-        agent_count: int = 0,
-        last_cluster_cid: str = "",
-        last_semi_global_cid: str = "",
-        info: AggregatorInfo | None = None,
+        self, aggregator_id: str, progress: Progress | None = None, *, info: AggregatorInfo | None = None
     ) -> Lease:
         """Renew the lease; with `info`, a coordinator that forgot us registers us again.
         NotFound(reason="unknown_aggregator") without `info` means: register again."""
-        request = heartbeat_to_pb(
-            aggregator_id,
-            round=round,
-            agent_count=agent_count,
-            last_cluster_cid=last_cluster_cid,
-            last_semi_global_cid=last_semi_global_cid,
-            info=info,
-        )
+        request = heartbeat_to_pb(aggregator_id, progress or Progress(), info)
         return lease_from_pb(self._call(self._stub.HeartbeatAggregator, request))
 
     def ring(self, federation: str = "") -> Ring:

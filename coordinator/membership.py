@@ -29,7 +29,7 @@ from coordinator.ring import Member, Ring
 from proto.errors import InvalidInput, NotFound
 from storage.durable import DurableSqlite, Statement
 
-__all__ = ["AggregatorInfo", "AggregatorStatus", "Lease", "Membership"]
+__all__ = ["AggregatorInfo", "AggregatorStatus", "Lease", "Membership", "Progress"]
 
 log = logging.getLogger("strata.coordinator.membership")
 
@@ -84,6 +84,16 @@ class Lease:
     heartbeat_interval_s: float
     ring_version: int
     expires_at: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Progress:
+    """What an aggregator reports with each heartbeat."""
+
+    round: int = 0
+    agent_count: int = 0
+    last_cluster_cid: str = ""
+    last_semi_global_cid: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,11 +261,8 @@ class Membership:
     def heartbeat(
         self,
         aggregator_id: str,
+        progress: Progress = Progress(),
         *,
-        round: int = 0,
-        agent_count: int = 0,
-        last_cluster_cid: str = "",
-        last_semi_global_cid: str = "",
         info: AggregatorInfo | None = None,
     ) -> Lease:
         """Renew a lease and record the aggregator's progress.
@@ -282,10 +289,10 @@ class Membership:
                 self._statuses[aggregator_id],
                 lease_expires_at=now + self.ttl_s,
                 last_seen=now,
-                round=round,
-                agent_count=agent_count,
-                last_cluster_cid=last_cluster_cid,
-                last_semi_global_cid=last_semi_global_cid,
+                round=progress.round,
+                agent_count=progress.agent_count,
+                last_cluster_cid=progress.last_cluster_cid,
+                last_semi_global_cid=progress.last_semi_global_cid,
             )
             self._statuses[aggregator_id] = status
             self._db.save([status])

@@ -12,10 +12,9 @@ Core modules (`ring`, `membership`, `index`) stay free of gRPC and `*_pb2`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from coordinator.index import AgentEntry, Lineage, ModelRecord
-from coordinator.membership import AggregatorInfo, AggregatorStatus, Lease
+from coordinator.membership import AggregatorInfo, AggregatorStatus, Lease, Progress
 from coordinator.ring import Member, Ring
 from proto import strata_pb2 as pb
 from proto.convert import capability_name, capability_value, telemetry_from_dict, telemetry_to_dict
@@ -64,33 +63,25 @@ def lease_to_pb(lease: Lease) -> pb.Lease:
     )
 
 
-def heartbeat_from_pb(message: pb.AggregatorHeartbeat) -> tuple[str, dict[str, Any]]:
-    """(aggregator id, the keyword arguments of `Membership.heartbeat`)."""
+def heartbeat_from_pb(message: pb.AggregatorHeartbeat) -> tuple[str, Progress, AggregatorInfo | None]:
+    """(aggregator id, its progress, its registration if it sent one)."""
+    progress = Progress(
+        round=message.round,
+        agent_count=message.agent_count,
+        last_cluster_cid=message.last_cluster_cid,
+        last_semi_global_cid=message.last_semi_global_cid,
+    )
     has_info = message.HasField("info") and bool(message.info.id)
-    return message.id, {
-        "round": message.round,
-        "agent_count": message.agent_count,
-        "last_cluster_cid": message.last_cluster_cid,
-        "last_semi_global_cid": message.last_semi_global_cid,
-        "info": info_from_pb(message.info) if has_info else None,
-    }
+    return message.id, progress, info_from_pb(message.info) if has_info else None
 
 
-def heartbeat_to_pb(
-    aggregator_id: str,
-    *,
-    round: int = 0,
-    agent_count: int = 0,
-    last_cluster_cid: str = "",
-    last_semi_global_cid: str = "",
-    info: AggregatorInfo | None = None,
-) -> pb.AggregatorHeartbeat:
+def heartbeat_to_pb(aggregator_id: str, progress: Progress, info: AggregatorInfo | None) -> pb.AggregatorHeartbeat:
     return pb.AggregatorHeartbeat(
         id=aggregator_id,
-        round=round,
-        agent_count=agent_count,
-        last_cluster_cid=last_cluster_cid,
-        last_semi_global_cid=last_semi_global_cid,
+        round=progress.round,
+        agent_count=progress.agent_count,
+        last_cluster_cid=progress.last_cluster_cid,
+        last_semi_global_cid=progress.last_semi_global_cid,
         info=info_to_pb(info) if info is not None else None,
     )
 

@@ -56,8 +56,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def HeartbeatAggregator(
         self, request: pb.AggregatorHeartbeat, context: grpc.ServicerContext
     ) -> pb.Lease:
-        aggregator_id, progress = heartbeat_from_pb(request)
-        return lease_to_pb(self._membership.heartbeat(aggregator_id, **progress))
+        aggregator_id, progress, info = heartbeat_from_pb(request)
+        return lease_to_pb(self._membership.heartbeat(aggregator_id, progress, info=info))
 
     def GetRing(self, request: pb.GetRingRequest, context: grpc.ServicerContext) -> pb.Ring:
         return ring_to_pb(self._membership.ring(request.federation or None))

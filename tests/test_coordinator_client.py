@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from coordinator.client import AgentEntry, AggregatorInfo, CoordinatorClient
+from coordinator.client import AgentEntry, AggregatorInfo, CoordinatorClient, Progress
 from coordinator.index import ModelIndex
 from coordinator.membership import Membership
 from coordinator.service import CoordinatorServicer
@@ -53,7 +53,7 @@ def test_membership_calls_return_domain_values(
     lease = client.register(AggregatorInfo(id="a", address="127.0.0.1:7070", federations=("digits",)))
     assert lease.ring_version == 1 and lease.heartbeat_interval_s == membership.heartbeat_interval_s
     client.register(AggregatorInfo(id="b", address="127.0.0.1:7071", federations=("mnist",)))
-    lease = client.heartbeat("a", round=4, agent_count=2, last_cluster_cid="c1")
+    lease = client.heartbeat("a", Progress(round=4, agent_count=2, last_cluster_cid="c1"))
     assert lease.ring_version == 2
 
     ring = client.ring()

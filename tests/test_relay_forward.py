@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from types import SimpleNamespace
 
 from relay.forward import Forwarder
+from tests.test_coordination import wait_until
 
 
 class _Journal:
@@ -26,15 +25,6 @@ class _Unjoined:
         return None  # not joined: nothing can be forwarded
 
 
-def _wait_for(predicate: Callable[[], bool], timeout_s: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
-
-
 def test_wake_cuts_a_backoff_wait_short() -> None:
     journal = _Journal()
     # a retry wait drawn from [0, 1000 s): only wake() brings the next attempt within the test
@@ -43,9 +33,9 @@ def test_wake_cuts_a_backoff_wait_short() -> None:
     thread = threading.Thread(target=forwarder.run, args=(stopping,), daemon=True)
     thread.start()
     try:
-        assert _wait_for(lambda: journal.looks >= 1)
+        assert wait_until(lambda: journal.looks >= 1, timeout_s=2.0)
         forwarder.wake()
-        assert _wait_for(lambda: journal.looks >= 2), "wake() did not end the backoff wait"
+        assert wait_until(lambda: journal.looks >= 2, timeout_s=2.0), "wake() did not end the backoff wait"
     finally:
         stopping.set()
         forwarder.wake()
