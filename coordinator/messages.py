@@ -11,13 +11,16 @@ Core modules (`ring`, `membership`, `index`) stay free of gRPC and `*_pb2`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
 
 from coordinator.index import AgentEntry, Lineage, ModelRecord
 from coordinator.membership import AggregatorInfo, AggregatorStatus, Lease, Progress
 from coordinator.ring import Member, Ring
 from proto import strata_pb2 as pb
 from proto.convert import capability_name, capability_value, telemetry_from_dict, telemetry_to_dict
+
+D = TypeVar("D")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +29,11 @@ class FleetStatus:
 
     ring: Ring
     aggregators: list[AggregatorStatus]
+
+
+def _same_names(cls: type[D], message: Any) -> D:
+    """A dataclass whose every field has a namesake in `message` (Lease, Progress)."""
+    return cls(**{f.name: getattr(message, f.name) for f in fields(cls)})
 
 
 # ---------------------------------------------------------------- membership
@@ -46,43 +54,22 @@ def info_to_pb(info: AggregatorInfo) -> pb.AggregatorInfo:
 
 
 def lease_from_pb(message: pb.Lease) -> Lease:
-    return Lease(
-        ttl_s=message.ttl_s,
-        heartbeat_interval_s=message.heartbeat_interval_s,
-        ring_version=message.ring_version,
-        expires_at=message.expires_at,
-    )
+    return _same_names(Lease, message)
 
 
 def lease_to_pb(lease: Lease) -> pb.Lease:
-    return pb.Lease(
-        ttl_s=lease.ttl_s,
-        heartbeat_interval_s=lease.heartbeat_interval_s,
-        ring_version=lease.ring_version,
-        expires_at=lease.expires_at,
-    )
+    return pb.Lease(**asdict(lease))
 
 
 def heartbeat_from_pb(message: pb.AggregatorHeartbeat) -> tuple[str, Progress, AggregatorInfo | None]:
     """(aggregator id, its progress, its registration if it sent one)."""
-    progress = Progress(
-        round=message.round,
-        agent_count=message.agent_count,
-        last_cluster_cid=message.last_cluster_cid,
-        last_semi_global_cid=message.last_semi_global_cid,
-    )
     has_info = message.HasField("info") and bool(message.info.id)
-    return message.id, progress, info_from_pb(message.info) if has_info else None
+    return message.id, _same_names(Progress, message), info_from_pb(message.info) if has_info else None
 
 
 def heartbeat_to_pb(aggregator_id: str, progress: Progress, info: AggregatorInfo | None) -> pb.AggregatorHeartbeat:
     return pb.AggregatorHeartbeat(
-        id=aggregator_id,
-        round=progress.round,
-        agent_count=progress.agent_count,
-        last_cluster_cid=progress.last_cluster_cid,
-        last_semi_global_cid=progress.last_semi_global_cid,
-        info=info_to_pb(info) if info is not None else None,
+        id=aggregator_id, info=info_to_pb(info) if info is not None else None, **asdict(progress)
     )
 
 
