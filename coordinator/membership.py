@@ -327,11 +327,6 @@ class Membership:
             }
         return Ring([m for m in ring.members if m.id in serving], version=ring.version)
 
-    @property
-    def version(self) -> int:
-        with self._lock:
-            return self._ring.version
-
     def wait_for_version(self, known: int, timeout: float | None) -> Ring:
         """The ring once its version is above `known`, or the current ring after `timeout` seconds."""
         with self._lock:
