@@ -45,7 +45,8 @@ from proto.wire import STREAM_TIMEOUT_S, create_channel, error_from_rpc
 
 __all__ = ["AgentEntry", "AggregatorInfo", "CoordinatorClient", "Lease", "Progress", "RingWatch"]
 
-DEFAULT_TIMEOUT_S = 5.0
+# the deadline of every unary call unless the caller names another
+CALL_TIMEOUT_S = 5.0
 
 T = TypeVar("T")
 
@@ -79,7 +80,7 @@ class CoordinatorClient:
         self,
         address: str,
         *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float = CALL_TIMEOUT_S,
         channel_factory: Callable[[str], grpc.Channel] = create_channel,
     ) -> None:
         self.address = address
