@@ -19,14 +19,15 @@ import numpy as np
 from prometheus_client.core import Metric
 
 from aggregator.config import AggregatorConfig
-from aggregator.coordination import CoordinatorLink, Registration
+from aggregator.coordination import CoordinatorLink
 from aggregator.home import AggregatorHome
 from aggregator.journal import Journal
-from aggregator.membership import RingView, static_ring
 from aggregator.peers import GrpcPeerAccess, PeerServicer, Published, pointer_for
+from aggregator.ringview import RingView, static_ring
 from aggregator.rounds import RoundManager, Synthesizer
 from aggregator.strategies import make_strategy
 from aggregator.synthesis import SemiGlobalSynthesizer
+from coordinator.client import AggregatorInfo, CoordinatorClient
 from coordinator.ring import Member
 from intake.agents import AgentRegistry
 from intake.home import BaseModel
@@ -121,8 +122,8 @@ class AggregatorDaemon:
         self._recover_published()
         if self.config.coordinator:
             self.link = CoordinatorLink(
-                self.config.coordinator,
-                info=Registration(id=self.id, address=advertise, federations=(self.config.federation,)),
+                CoordinatorClient(self.config.coordinator),
+                info=AggregatorInfo(id=self.id, address=advertise, federations=(self.config.federation,)),
                 ring_view=self.ring_view,
                 status_fn=self._status,
                 agents_fn=self.agents.active,

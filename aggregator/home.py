@@ -7,7 +7,7 @@ and only models this aggregator holds are downloadable.
 
 from __future__ import annotations
 
-from aggregator.membership import RingView
+from aggregator.ringview import RingView
 from aggregator.rounds import RoundManager
 from intake.accept import Intake
 from intake.home import BaseModel, Redirect

@@ -1,4 +1,5 @@
-"""The coordinator: aggregator membership with leases, the consistent-hash ring, the model index and the agent directory."""
+"""The coordinator: aggregator membership with leases, the consistent-hash ring, the model index and the agent directory;
+and the typed client every other process talks to it with."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ _EXPORTS = {
     "ModelIndex": "coordinator.index",
     "ModelRecord": "coordinator.index",
     "CoordinatorServicer": "coordinator.service",
+    "CoordinatorClient": "coordinator.client",
     "CoordinatorDaemon": "coordinator.daemon",
 }
 

@@ -8,14 +8,14 @@ bytes are kept, so anyone can re-verify the CID and the signature.
 
 The agent directory is what aggregators last reported about their agents.
 
-SQLite in WAL mode; imports no gRPC.
+One SQLite file through `storage.durable` (WAL, synchronous=FULL, one
+transaction per write, a versioned schema); imports no gRPC.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -26,6 +26,7 @@ from typing import Any
 
 from proto.errors import InvalidInput, NotFound
 from storage.cid import validate_cid
+from storage.durable import DurableSqlite
 from storage.manifest import Manifest
 
 __all__ = ["AgentEntry", "Lineage", "ModelIndex", "ModelRecord"]
@@ -67,6 +68,14 @@ CREATE TABLE IF NOT EXISTS agents (
 CREATE INDEX IF NOT EXISTS agents_by_reporter ON agents (reported_by);
 """
 
+# a report replaces its reporter's entry; another aggregator's newer report of the same agent wins
+_UPSERT_AGENT = (
+    "INSERT INTO agents (agent_id, home, reported_by, last_seen, telemetry, capability, display_name)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (agent_id) DO UPDATE SET"
+    " home = excluded.home, reported_by = excluded.reported_by, last_seen = excluded.last_seen,"
+    " telemetry = excluded.telemetry, capability = excluded.capability, display_name = excluded.display_name"
+    " WHERE excluded.last_seen >= agents.last_seen OR agents.reported_by = excluded.reported_by"
+)
 _COLUMNS = "cid, kind, federation, round, producer, producer_role, parents, num_samples, metrics, created_at, weights, manifest, notes"
 DEFAULT_LINEAGE_DEPTH = 16
 
@@ -115,7 +124,7 @@ def _unix_seconds(rfc3339: str) -> float:
     return datetime.fromisoformat(text + "+00:00").timestamp()
 
 
-def _row_to_record(row: tuple) -> ModelRecord:
+def _row_to_record(row: sqlite3.Row) -> ModelRecord:
     return ModelRecord(
         cid=row[0],
         kind=row[1],
@@ -133,8 +142,11 @@ def _row_to_record(row: tuple) -> ModelRecord:
     )
 
 
-class ModelIndex:
-    """Thread-safe; one SQLite connection guarded by a lock (writes are small and rare)."""
+class ModelIndex(DurableSqlite):
+    """Thread-safe; `path=None` keeps the index in memory."""
+
+    SCHEMA = _SCHEMA
+    SCHEMA_VERSION = 1
 
     def __init__(
         self,
@@ -143,20 +155,9 @@ class ModelIndex:
         require_signature: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(path)
         self._require_signature = require_signature
         self._clock = clock
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            ":memory:" if path is None else str(path), check_same_thread=False
-        )
-        if path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     # ------------------------------------------------------------ models
 
@@ -172,38 +173,34 @@ class ModelIndex:
             manifest.verify_signature()
         notes = {str(k): str(v) for k, v in (notes or {}).items()}
         cid = manifest.cid
-        with self._lock, self._db:
-            row = self._db.execute("SELECT notes FROM models WHERE cid = ?", (cid,)).fetchone()
-            if row is not None:
-                if notes:
-                    merged = {**json.loads(row[0]), **notes}
-                    self._db.execute(
-                        "UPDATE models SET notes = ? WHERE cid = ?", (json.dumps(merged), cid)
-                    )
-                return cid
-            self._db.execute(
-                f"INSERT INTO models ({_COLUMNS}, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        row = (
+            cid,
+            manifest.kind,
+            manifest.federation,
+            manifest.round,
+            manifest.producer.id,
+            manifest.producer.role,
+            json.dumps(list(manifest.parents)),
+            manifest.num_samples,
+            json.dumps(manifest.metrics),
+            _unix_seconds(manifest.created_at),
+            manifest.weights,
+            bytes(manifest.to_bytes()),
+            json.dumps(notes),
+            self._clock(),
+        )
+        # one transaction: a new model with its edges, or (for one indexed before) its notes merged in
+        self._write(
+            [
                 (
-                    cid,
-                    manifest.kind,
-                    manifest.federation,
-                    manifest.round,
-                    manifest.producer.id,
-                    manifest.producer.role,
-                    json.dumps(list(manifest.parents)),
-                    manifest.num_samples,
-                    json.dumps(manifest.metrics),
-                    _unix_seconds(manifest.created_at),
-                    manifest.weights,
-                    bytes(manifest.to_bytes()),
-                    json.dumps(notes),
-                    self._clock(),
+                    f"INSERT INTO models ({_COLUMNS}, indexed_at) VALUES ({', '.join('?' * len(row))})"
+                    " ON CONFLICT (cid) DO UPDATE SET notes = json_patch(models.notes, excluded.notes)"
+                    " WHERE excluded.notes != '{}'",
+                    row,
                 ),
-            )
-            self._db.executemany(
-                "INSERT OR IGNORE INTO edges (child, parent) VALUES (?, ?)",
-                [(cid, p) for p in manifest.parents],
-            )
+                *[("INSERT OR IGNORE INTO edges (child, parent) VALUES (?, ?)", (cid, p)) for p in manifest.parents],
+            ]
+        )
         return cid
 
     def get(self, cid: str) -> ModelRecord:
@@ -219,10 +216,7 @@ class ModelIndex:
         if not cids:
             return {}
         marks = ",".join("?" * len(cids))
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM models WHERE cid IN ({marks})", cids
-            ).fetchall()
+        rows = self._read(f"SELECT {_COLUMNS} FROM models WHERE cid IN ({marks})", tuple(cids))
         return {row[0]: _row_to_record(row) for row in rows}
 
     def list(
@@ -266,9 +260,7 @@ class ModelIndex:
         if limit:
             query += " LIMIT ?"
             args.append(limit)
-        with self._lock:
-            rows = self._db.execute(query, args).fetchall()
-        return [_row_to_record(row) for row in rows]
+        return [_row_to_record(row) for row in self._read(query, tuple(args))]
 
     def parents(self, cid: str) -> list[ModelRecord]:
         """The indexed parents of `cid`, in the manifest's order (unindexed ones are left out)."""
@@ -279,12 +271,11 @@ class ModelIndex:
     def children(self, cid: str) -> list[ModelRecord]:
         """Indexed models that name `cid` as a parent, oldest first."""
         validate_cid(cid)
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {', '.join('m.' + c.strip() for c in _COLUMNS.split(','))} FROM edges e "
-                "JOIN models m ON m.cid = e.child WHERE e.parent = ? ORDER BY m.round, m.created_at, m.cid",
-                (cid,),
-            ).fetchall()
+        rows = self._read(
+            f"SELECT {', '.join('m.' + c.strip() for c in _COLUMNS.split(','))} FROM edges e "
+            "JOIN models m ON m.cid = e.child WHERE e.parent = ? ORDER BY m.round, m.created_at, m.cid",
+            (cid,),
+        )
         return [_row_to_record(row) for row in rows]
 
     def lineage(self, cid: str, depth: int = DEFAULT_LINEAGE_DEPTH) -> Lineage:
@@ -312,8 +303,7 @@ class ModelIndex:
         )
 
     def count(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM models").fetchone()[0]
+        return int(self._read("SELECT COUNT(*) FROM models")[0][0])
 
     # ------------------------------------------------------------ agent directory
 
@@ -321,7 +311,7 @@ class ModelIndex:
         """Replace what `aggregator_id` last reported with `agents` (a full snapshot).
 
         An agent reported by two aggregators (it moved home) keeps the report with
-        the later `last_seen`. Returns how many entries were written.
+        the later `last_seen`. Returns how many agents the directory now holds from this report.
         """
         if not aggregator_id:
             raise InvalidInput("aggregator_id must not be empty", reason="bad_aggregator")
@@ -329,37 +319,24 @@ class ModelIndex:
         for entry in entries:
             if not entry.agent_id:
                 raise InvalidInput("agent_id must not be empty", reason="bad_agent")
-        ids = [e.agent_id for e in entries]
-        with self._lock, self._db:
-            self._db.execute("CREATE TEMP TABLE IF NOT EXISTS reported (agent_id TEXT PRIMARY KEY)")
-            self._db.execute("DELETE FROM reported")
-            self._db.executemany("INSERT OR IGNORE INTO reported VALUES (?)", [(i,) for i in ids])
-            self._db.execute(
-                "DELETE FROM agents WHERE reported_by = ? AND agent_id NOT IN (SELECT agent_id FROM reported)",
-                (aggregator_id,),
+        forget = (
+            "DELETE FROM agents WHERE reported_by = ? AND agent_id NOT IN (SELECT value FROM json_each(?))",
+            (aggregator_id, json.dumps([e.agent_id for e in entries])),
+        )
+        rows = [
+            (
+                e.agent_id,
+                e.home or aggregator_id,
+                aggregator_id,
+                float(e.last_seen),
+                json.dumps(e.telemetry, sort_keys=True),
+                e.capability,
+                e.display_name,
             )
-            before = self._db.total_changes
-            self._db.executemany(
-                "INSERT INTO agents (agent_id, home, reported_by, last_seen, telemetry, capability, display_name)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (agent_id) DO UPDATE SET"
-                " home = excluded.home, reported_by = excluded.reported_by, last_seen = excluded.last_seen,"
-                " telemetry = excluded.telemetry, capability = excluded.capability,"
-                " display_name = excluded.display_name"
-                " WHERE excluded.last_seen >= agents.last_seen OR agents.reported_by = excluded.reported_by",
-                [
-                    (
-                        e.agent_id,
-                        e.home or aggregator_id,
-                        aggregator_id,
-                        float(e.last_seen),
-                        json.dumps(e.telemetry, sort_keys=True),
-                        e.capability,
-                        e.display_name,
-                    )
-                    for e in entries
-                ],
-            )
-            return self._db.total_changes - before
+            for e in entries
+        ]
+        self._write([forget, *[(_UPSERT_AGENT, row) for row in rows]])
+        return int(self._read("SELECT COUNT(*) FROM agents WHERE reported_by = ?", (aggregator_id,))[0][0])
 
     def list_agents(self, aggregator: str | None = None) -> list[AgentEntry]:
         """Every agent in the directory, or those whose home is `aggregator`, sorted by id."""
@@ -368,8 +345,7 @@ class ModelIndex:
         if aggregator:
             query += " WHERE home = ?"
             args = (aggregator,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY agent_id", args).fetchall()
+        rows = self._read(query + " ORDER BY agent_id", args)
         return [
             AgentEntry(
                 agent_id=r[0],

@@ -4,7 +4,8 @@ An aggregator registers, then heartbeats every `heartbeat_interval_s`; a lease n
 renewed within `ttl_s` expires and the aggregator leaves the ring. Every change of
 the ring's members (join, leave, new address or weight) bumps the ring version.
 
-The version and the last known members are kept in SQLite, so a restarted
+The version and the last known members are kept in SQLite (`storage.durable`:
+a change is on disk before the caller hears of it), so a restarted
 coordinator goes on from the same version with the same ring: the members it
 knew get a fresh lease (one ttl of grace) and keep it by heartbeating, so a
 coordinator restart moves no agent. An aggregator the coordinator does not know
@@ -26,8 +27,9 @@ from pathlib import Path
 
 from coordinator.ring import Member, Ring
 from proto.errors import InvalidInput, NotFound
+from storage.durable import DurableSqlite, Statement
 
-__all__ = ["AggregatorInfo", "AggregatorStatus", "Lease", "Membership"]
+__all__ = ["AggregatorInfo", "AggregatorStatus", "Lease", "Membership", "Progress"]
 
 log = logging.getLogger("strata.coordinator.membership")
 
@@ -85,6 +87,16 @@ class Lease:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Progress:
+    """What an aggregator reports with each heartbeat."""
+
+    round: int = 0
+    agent_count: int = 0
+    last_cluster_cid: str = ""
+    last_semi_global_cid: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class AggregatorStatus:
     info: AggregatorInfo
     alive: bool
@@ -96,6 +108,50 @@ class AggregatorStatus:
     last_seen: float = 0.0
 
 
+class _LeaseStore(DurableSqlite):
+    """The ring version and every aggregator's last status, as `Membership` left them."""
+
+    SCHEMA = _SCHEMA
+    SCHEMA_VERSION = 1
+
+    def ring_version(self) -> int:
+        rows = self._read("SELECT value FROM meta WHERE key = 'ring_version'")
+        return int(rows[0]["value"]) if rows else 0
+
+    def statuses(self) -> list[sqlite3.Row]:
+        return self._read(
+            "SELECT id, address, federations, weight, in_ring, round, agent_count,"
+            " last_cluster_cid, last_semi_global_cid, last_seen FROM aggregators"
+        )
+
+    def save(self, statuses: Iterable[AggregatorStatus], *, ring_version: int | None = None) -> None:
+        """Write `statuses` (and the new ring version, if it changed) in one transaction."""
+        statements: list[Statement] = [
+            (
+                "INSERT OR REPLACE INTO aggregators (id, address, federations, weight, in_ring, round, agent_count,"
+                " last_cluster_cid, last_semi_global_cid, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    s.info.id,
+                    s.info.address,
+                    json.dumps(list(s.info.federations)),
+                    s.info.weight,
+                    int(s.alive),
+                    s.round,
+                    s.agent_count,
+                    s.last_cluster_cid,
+                    s.last_semi_global_cid,
+                    s.last_seen,
+                ),
+            )
+            for s in statuses
+        ]
+        if ring_version is not None:
+            statements.append(
+                ("INSERT OR REPLACE INTO meta (key, value) VALUES ('ring_version', ?)", (str(ring_version),))
+            )
+        self._write(statements)
+
+
 class Membership:
     """Leases, the ring they define, and the status each heartbeat reports. Thread-safe."""
 
@@ -105,7 +161,7 @@ class Membership:
         ttl_s: float = 6.0,
         heartbeat_interval_s: float = 2.0,
         clock: Callable[[], float] = time.time,
-        store: str | Path | sqlite3.Connection | None = None,
+        store: str | Path | None = None,
         static_members: Sequence[Member] = (),
     ) -> None:
         if not (0 < heartbeat_interval_s < ttl_s):
@@ -117,18 +173,11 @@ class Membership:
         self.heartbeat_interval_s = heartbeat_interval_s
         self._clock = clock
         self._lock = threading.Condition(threading.RLock())
-        if isinstance(store, sqlite3.Connection):
-            self._db, self._owns_db = store, False
-        else:
-            path = ":memory:" if store is None else str(store)
-            self._db, self._owns_db = sqlite3.connect(path, check_same_thread=False), True
-            if store is not None:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        # store None: a private in-memory database, gone with the process
+        self._db = _LeaseStore(store)
         self._statuses: dict[str, AggregatorStatus] = {}
         self._static = tuple(static_members)
-        self._version = self._load_version()
+        self._version = self._db.ring_version()
         self._load_statuses()
         if self._static:
             self._ring = Ring(self._static, version=1)
@@ -137,18 +186,10 @@ class Membership:
 
     # ------------------------------------------------------------ persistence
 
-    def _load_version(self) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'ring_version'").fetchone()
-        return int(row[0]) if row else 0
-
     def _load_statuses(self) -> None:
         # The members of the last ring get a fresh lease: one ttl to heartbeat before they expire.
         grace_until = self._clock() + self.ttl_s
-        rows = self._db.execute(
-            "SELECT id, address, federations, weight, in_ring, round, agent_count,"
-            " last_cluster_cid, last_semi_global_cid, last_seen FROM aggregators"
-        ).fetchall()
-        for row in rows:
+        for row in self._db.statuses():
             info = AggregatorInfo(
                 id=row[0], address=row[1], federations=tuple(json.loads(row[2])), weight=row[3]
             )
@@ -163,31 +204,9 @@ class Membership:
                 last_seen=row[9],
             )
 
-    def _save(self, statuses: Iterable[AggregatorStatus]) -> None:
-        self._db.executemany(
-            "INSERT OR REPLACE INTO aggregators (id, address, federations, weight, in_ring, round, agent_count,"
-            " last_cluster_cid, last_semi_global_cid, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    s.info.id,
-                    s.info.address,
-                    json.dumps(list(s.info.federations)),
-                    s.info.weight,
-                    int(s.alive),
-                    s.round,
-                    s.agent_count,
-                    s.last_cluster_cid,
-                    s.last_semi_global_cid,
-                    s.last_seen,
-                )
-                for s in statuses
-            ],
-        )
-
     def close(self) -> None:
         with self._lock:
-            if self._owns_db:
-                self._db.close()
+            self._db.close()
 
     # ------------------------------------------------------------ leases
 
@@ -202,18 +221,15 @@ class Membership:
     def _live_members(self) -> list[Member]:
         return [s.info.member() for s in self._statuses.values() if s.alive]
 
-    def _ring_changed(self) -> None:
-        """Publish a new ring version; the caller holds the lock, has updated `_statuses`
-        and commits, so the members and the version are saved together."""
+    def _ring_changed(self) -> int | None:
+        """Publish a new ring version and return it (None for a static ring); the caller holds
+        the lock, has updated `_statuses` and saves them with this version in one transaction."""
         if self._static:
-            return
+            return None
         self._version += 1
         self._ring = Ring(self._live_members(), version=self._version)
-        self._db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('ring_version', ?)",
-            (str(self._version),),
-        )
         self._lock.notify_all()
+        return self._version
 
     def register(self, info: AggregatorInfo) -> Lease:
         """Grant or renew `info.id`'s lease. The ring version bumps if the member is new or
@@ -228,10 +244,7 @@ class Membership:
                 base, info=info, alive=True, lease_expires_at=now + self.ttl_s, last_seen=now
             )
             self._statuses[info.id] = status
-            self._save([status])
-            if joins or moved:
-                self._ring_changed()
-            self._db.commit()
+            self._db.save([status], ring_version=self._ring_changed() if joins or moved else None)
             if joins or moved:
                 log.info(
                     "aggregator_registered",
@@ -248,11 +261,8 @@ class Membership:
     def heartbeat(
         self,
         aggregator_id: str,
+        progress: Progress = Progress(),
         *,
-        round: int = 0,
-        agent_count: int = 0,
-        last_cluster_cid: str = "",
-        last_semi_global_cid: str = "",
         info: AggregatorInfo | None = None,
     ) -> Lease:
         """Renew a lease and record the aggregator's progress.
@@ -279,14 +289,13 @@ class Membership:
                 self._statuses[aggregator_id],
                 lease_expires_at=now + self.ttl_s,
                 last_seen=now,
-                round=round,
-                agent_count=agent_count,
-                last_cluster_cid=last_cluster_cid,
-                last_semi_global_cid=last_semi_global_cid,
+                round=progress.round,
+                agent_count=progress.agent_count,
+                last_cluster_cid=progress.last_cluster_cid,
+                last_semi_global_cid=progress.last_semi_global_cid,
             )
             self._statuses[aggregator_id] = status
-            self._save([status])
-            self._db.commit()
+            self._db.save([status])
             return self._lease(status.lease_expires_at)
 
     def expire(self) -> list[str]:
@@ -299,9 +308,7 @@ class Membership:
             gone = [replace(s, alive=False) for s in expired]
             for status in gone:
                 self._statuses[status.info.id] = status
-            self._save(gone)
-            self._ring_changed()
-            self._db.commit()
+            self._db.save(gone, ring_version=self._ring_changed())
             return [s.info.id for s in gone]
 
     # ------------------------------------------------------------ the ring
@@ -319,11 +326,6 @@ class Membership:
                 if s.alive and (not s.info.federations or federation in s.info.federations)
             }
         return Ring([m for m in ring.members if m.id in serving], version=ring.version)
-
-    @property
-    def version(self) -> int:
-        with self._lock:
-            return self._ring.version
 
     def wait_for_version(self, known: int, timeout: float | None) -> Ring:
         """The ring once its version is above `known`, or the current ring after `timeout` seconds."""

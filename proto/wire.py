@@ -368,11 +368,14 @@ def error_from_rpc(e: grpc.RpcError) -> StrataError:
 
 
 def is_retryable(e: BaseException) -> bool:
-    """True for failures a later attempt may not hit: UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED."""
+    """True for failures a later attempt may not hit: UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+    whether raw RPC errors or the typed errors `error_from_rpc` made of them."""
     if isinstance(e, grpc.RpcError):
         code, details, _ = _rpc_parts(e)
         return code in _RETRYABLE and not _is_size_refusal(code, details)
-    return isinstance(e, Unavailable)
+    # error_from_rpc keeps RESOURCE_EXHAUSTED as the status of a plain StrataError (a size refusal
+    # becomes InvalidInput instead)
+    return isinstance(e, Unavailable) or (isinstance(e, StrataError) and e.status == "RESOURCE_EXHAUSTED")
 
 
 # ---------------------------------------------------------------- chunked streams

@@ -43,7 +43,7 @@ class ForwardSettings:
     max_staleness: int = _help(
         "upstream rounds a held update's base may lag the upstream round and still be forwarded", default=2
     )
-    retry_s: float = _help("first delay before retrying an unreachable upstream; doubles up to 8x", default=1.0)
+    retry_s: float = _help("backoff base before retrying an unreachable upstream; doubles up to 8x, full jitter", default=1.0)
 
     def __post_init__(self) -> None:
         if self.max_pending_updates < 1:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from proto.errors import StrataError
+from proto.retry import RetryPolicy
 from relay.core import STALE_AFTER_OUTAGE
 from relay.journal import DROPPED, FORWARDED, RelayJournal, WindowRecord
 from storage.manifest import Manifest
@@ -24,6 +25,9 @@ from storage.models import load_model
 from storage.store import ContentStore
 
 log = logging.getLogger("strata.relay.forward")
+
+# the longest wait between attempts, in multiples of retry_s
+_MAX_RETRY_FACTOR = 8
 
 
 class Upstream(Protocol):
@@ -52,15 +56,16 @@ class Forwarder:
         self._store = store
         self._upstream = upstream
         self._max_staleness = max_staleness
-        self._retry_s = retry_s
+        self._retry = RetryPolicy(base_s=retry_s, max_s=retry_s * _MAX_RETRY_FACTOR)
         self._wake = threading.Event()
-        self._failures = 0
 
     def wake(self) -> None:
         """A window closed: try to forward now rather than at the next poll."""
         self._wake.set()
 
     def run(self, stopping: threading.Event, poll_s: float = 1.0) -> None:
+        # waits are on the wake event (a closed window ends them early), so only the delays come from the backoff
+        backoff = self._retry.backoff(stop=stopping)
         while not stopping.is_set():
             self._wake.clear()
             try:
@@ -71,11 +76,10 @@ class Forwarder:
                 log.exception("forward_crashed")
                 delivered_all = False
             if delivered_all:
-                self._failures = 0
+                backoff.reset()
                 wait = poll_s
             else:
-                self._failures += 1
-                wait = self._retry_s * 2 ** min(self._failures - 1, 3)
+                wait = backoff.next_delay()
             self._wake.wait(wait)
 
     def forward_pending(self) -> bool:

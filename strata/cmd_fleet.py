@@ -5,19 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
-
-from aggregator.coordination import ring_from_pb
-from proto import strata_pb2 as pb
-from proto import strata_pb2_grpc as pb_grpc
+from coordinator.client import CoordinatorClient
+from coordinator.index import ModelRecord
 from proto.errors import InvalidInput
-from proto.wire import DEFAULT_TIMEOUT_S, create_channel, error_from_rpc
+from proto.wire import DEFAULT_TIMEOUT_S
 from strata import cli, render
-
-T = TypeVar("T")
 
 
 def _add_coordinator(parser: argparse.ArgumentParser) -> None:
@@ -61,17 +55,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     listing.set_defaults(handler=cmd_models_list)
 
 
-def _call(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except grpc.RpcError as exc:
-        raise error_from_rpc(exc) from exc
-
-
-def _stub(address: str) -> pb_grpc.CoordinatorServiceStub:
-    return pb_grpc.CoordinatorServiceStub(create_channel(address))
-
-
 def _ago(timestamp: float) -> str:
     if not timestamp:
         return "-"
@@ -80,7 +63,8 @@ def _ago(timestamp: float) -> str:
 
 
 def cmd_fleet_status(args: argparse.Namespace) -> int:
-    reply = _call(lambda: _stub(args.coordinator).FleetStatus(pb.FleetStatusRequest(), timeout=args.timeout))
+    with CoordinatorClient(args.coordinator, timeout_s=args.timeout) as coordinator:
+        fleet = coordinator.fleet_status()
     rows = [
         {
             "aggregator": s.info.id,
@@ -92,19 +76,19 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
             "last_cluster": s.last_cluster_cid or "-",
             "last_semi_global": s.last_semi_global_cid or "-",
         }
-        for s in reply.aggregators
+        for s in fleet.aggregators
     ]
     if args.json:
-        cli.print_json({"ring_version": reply.ring.version, "aggregators": rows})
+        cli.print_json({"ring_version": fleet.ring.version, "aggregators": rows})
     else:
-        print(f"ring version {reply.ring.version}, {len(reply.ring.members)} member(s)")
+        print(f"ring version {fleet.ring.version}, {len(fleet.ring)} member(s)")
         print(render.table(rows, ["aggregator", "address", "alive", "lease", "round", "agents", "last_cluster", "last_semi_global"]))
     return cli.EXIT_OK
 
 
 def cmd_ring_show(args: argparse.Namespace) -> int:
-    reply = _call(lambda: _stub(args.coordinator).GetRing(pb.GetRingRequest(), timeout=args.timeout))
-    ring = ring_from_pb(reply)
+    with CoordinatorClient(args.coordinator, timeout_s=args.timeout) as coordinator:
+        ring = coordinator.ring()
     placements = {agent: ring.owner(agent).id for agent in args.agent} if len(ring) else {}
     if args.json:
         cli.print_json(
@@ -122,9 +106,9 @@ def cmd_ring_show(args: argparse.Namespace) -> int:
     return cli.EXIT_OK
 
 
-def _record_json(record: pb.ModelRecord) -> dict[str, Any]:
+def _record_json(record: ModelRecord) -> dict[str, Any]:
     return {
-        "model": record.model_cid,
+        "model": record.cid,
         "kind": record.kind,
         "federation": record.federation,
         "round": record.round,
@@ -132,23 +116,23 @@ def _record_json(record: pb.ModelRecord) -> dict[str, Any]:
         "num_samples": record.num_samples,
         "parents": len(record.parents),
         "metrics": dict(record.metrics),
-        "weights": record.weights_cid,
+        "weights": record.weights,
     }
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     if args.round < 0 or args.limit <= 0:
         raise InvalidInput("--round must be >= 0 and --limit > 0", reason="bad_argument")
-    request = pb.ListModelsRequest(
-        kind=args.kind,
-        aggregator=args.aggregator,
-        federation=args.federation,
-        round=args.round,
-        latest_per_aggregator=args.latest,
-        limit=args.limit,
-    )
-    reply = _call(lambda: _stub(args.coordinator).ListModels(request, timeout=args.timeout))
-    rows = [_record_json(r) for r in reply.models]
+    with CoordinatorClient(args.coordinator, timeout_s=args.timeout) as coordinator:
+        records = coordinator.list_models(
+            kind=args.kind,
+            aggregator=args.aggregator,
+            federation=args.federation,
+            round=args.round,
+            latest_per_aggregator=args.latest,
+            limit=args.limit,
+        )
+    rows = [_record_json(r) for r in records]
     if args.json:
         cli.print_json({"models": rows})
     else:
@@ -158,12 +142,12 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 def lineage_from_index(address: str, model_cid: str, depth: int | None) -> render.LineageView:
     """A lineage view built from the coordinator's index rather than the store."""
-    request = pb.LineageRequest(model_cid=model_cid, depth=depth or 0)
-    reply = _call(lambda: _stub(address).GetLineage(request, timeout=DEFAULT_TIMEOUT_S))
+    with CoordinatorClient(address, timeout_s=DEFAULT_TIMEOUT_S) as coordinator:
+        lineage = coordinator.lineage(model_cid, depth or 0)
     nodes = {}
-    for record in [reply.model, *reply.ancestors]:
-        nodes[record.model_cid] = render.LineageNode(
-            cid=record.model_cid,
+    for record in [lineage.model, *lineage.ancestors]:
+        nodes[record.cid] = render.LineageNode(
+            cid=record.cid,
             kind=record.kind,
             producer=record.producer,
             round=record.round,
@@ -175,6 +159,6 @@ def lineage_from_index(address: str, model_cid: str, depth: int | None) -> rende
     truncated = [cid for cid in deepest if depth is not None]
     problems = [
         {"cid": cid, "where": "index", "reason": "missing", "message": "named as a parent but not in the index"}
-        for cid in reply.missing
+        for cid in lineage.missing
     ]
     return render.LineageView(root=model_cid, nodes=nodes, problems=problems, truncated=truncated, source="coordinator")

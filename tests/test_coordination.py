@@ -1,4 +1,4 @@
-"""The aggregator's CoordinatorLink against a real coordinator over gRPC."""
+"""The aggregator's CoordinatorLink against a real coordinator over gRPC; its outbox alone."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.coordination import CoordinatorLink, Registration
-from aggregator.membership import RingView
+from aggregator.coordination import CoordinatorLink
+from aggregator.ringview import RingView
+from coordinator.client import CoordinatorClient
 from coordinator.config import CoordinatorConfig
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.membership import AggregatorInfo
@@ -57,8 +58,8 @@ def make_link(
     address: str, agg_id: str, port: int, tmp_path: Path, **kwargs: object
 ) -> CoordinatorLink:
     return CoordinatorLink(
-        address,
-        info=Registration(id=agg_id, address=f"127.0.0.1:{port}", federations=("digits",)),
+        CoordinatorClient(address),
+        info=AggregatorInfo(id=agg_id, address=f"127.0.0.1:{port}", federations=("digits",)),
         ring_view=kwargs.pop("ring_view", None) or own_ring(agg_id, port),
         status_fn=kwargs.pop("status_fn", lambda: {"round": 3, "agent_count": 2}),
         state_dir=tmp_path / f"link-{agg_id}",
@@ -221,9 +222,6 @@ def test_stop_is_idempotent_and_bounded(tmp_path: Path) -> None:
 
 
 def test_ring_view_takes_an_authoritative_ring_with_a_lower_version() -> None:
-    from aggregator.membership import RingView
-    from coordinator.ring import Member, Ring
-
     a, b = Member(id="a", address="h:1"), Member(id="b", address="h:2")
     view = RingView(Ring([a, b], version=9))
     assert not view.update(Ring([a], version=2)), "an older version from a stream is ignored"

@@ -13,7 +13,7 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.index import AgentEntry, ModelIndex
-from coordinator.membership import AggregatorInfo, Membership
+from coordinator.membership import AggregatorInfo, Membership, Progress
 from coordinator.ring import Member
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
@@ -110,7 +110,7 @@ def test_register_heartbeat_expire_with_injected_clock() -> None:
     assert membership.ring().member("a").weight == 2.0
 
     clock.now += 4.0
-    membership.heartbeat("a", round=5, agent_count=3, last_cluster_cid="c1")
+    membership.heartbeat("a", Progress(round=5, agent_count=3, last_cluster_cid="c1"))
     assert membership.expire() == []
     clock.now += 2.5  # b last renewed 6.5 s ago; a 2.5 s ago
     assert membership.expire() == ["b"]
@@ -123,10 +123,10 @@ def test_register_heartbeat_expire_with_injected_clock() -> None:
     assert not statuses["b"].alive
 
     with pytest.raises(NotFound) as refused:
-        membership.heartbeat("b", round=1)
+        membership.heartbeat("b", Progress(round=1))
     assert refused.value.reason == "unknown_aggregator"
     # with its registration attached, a heartbeat brings it back
-    membership.heartbeat("b", round=1, info=info("b", 7071))
+    membership.heartbeat("b", Progress(round=1), info=info("b", 7071))
     assert membership.ring().version == 5 and "b" in membership.ring()
 
 
@@ -164,7 +164,7 @@ def test_restart_keeps_members_and_version_increasing(tmp_path: Path) -> None:
     first = Membership(ttl_s=6.0, heartbeat_interval_s=2.0, clock=clock, store=db)
     first.register(info("a"))
     first.register(info("b", 7071))
-    first.heartbeat("a", round=7, agent_count=2)
+    first.heartbeat("a", Progress(round=7, agent_count=2))
     first.close()
 
     # the restarted coordinator serves the same ring at the same version: no agent moves
@@ -173,7 +173,7 @@ def test_restart_keeps_members_and_version_increasing(tmp_path: Path) -> None:
     assert {s.info.id: s.round for s in second.status()}["a"] == 7
     # a heartbeats within its grace period (no info needed); b never does and leaves
     clock.now += 3.0
-    second.heartbeat("a", round=8)
+    second.heartbeat("a", Progress(round=8))
     clock.now += 3.5
     assert second.expire() == ["b"]
     assert second.ring().version == 3
@@ -242,6 +242,20 @@ def test_index_records_and_queries(index: ModelIndex, keypair: KeyPair) -> None:
     assert {r.cid for r in index.children(base.cid)} == {a1.cid, b1.cid}
     with pytest.raises(NotFound):
         index.get(cid_of(b"never announced"))
+
+
+def test_index_merges_notes_and_counts_reported_agents(tmp_path: Path, keypair: KeyPair) -> None:
+    path = tmp_path / "index.db"
+    model = make_manifest(keypair)
+    with ModelIndex(path) as index:
+        index.record(model.to_bytes(), {"screened": "ok", "by": "agg-a"})
+        index.record(model.to_bytes(), {"by": "agg-b"})
+        index.record(model.to_bytes())
+        assert index.report_agents("agg-a", [AgentEntry(agent_id="x"), AgentEntry(agent_id="y")]) == 2
+        assert index.report_agents("agg-a", [AgentEntry(agent_id="y")]) == 1
+    with ModelIndex(path) as reopened:  # durable, and the same schema version
+        assert reopened.get(model.cid).notes == {"screened": "ok", "by": "agg-b"}
+        assert [a.agent_id for a in reopened.list_agents()] == ["y"]
 
 
 def test_lineage_walks_parents_breadth_first(index: ModelIndex, keypair: KeyPair) -> None:

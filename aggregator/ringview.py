@@ -1,4 +1,4 @@
-"""The aggregator's view of the ring: the last membership it saw, and who owns an agent.
+"""RingView: the last ring this aggregator saw, which it places agents with; and `static_ring`.
 
 The view is fed either by static configuration or by the coordinator's WatchRing
 stream. It keeps the last version it saw, so an aggregator goes on placing agents
@@ -8,7 +8,6 @@ when the coordinator is down.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 from coordinator.ring import Member, Ring
 
@@ -17,7 +16,6 @@ class RingView:
     def __init__(self, ring: Ring) -> None:
         self._ring = ring
         self._lock = threading.Lock()
-        self._listeners: list[Callable[[Ring, Ring], None]] = []
 
     @property
     def ring(self) -> Ring:
@@ -35,17 +33,7 @@ class RingView:
             if ring.version < old.version and not authoritative:
                 return False
             self._ring = ring
-            listeners = list(self._listeners)
-        for listener in listeners:
-            listener(old, ring)
         return True
-
-    def on_change(self, listener: Callable[[Ring, Ring], None]) -> None:
-        with self._lock:
-            self._listeners.append(listener)
-
-    def owner(self, agent_id: str) -> Member:
-        return self.ring.owner(agent_id)
 
 
 def static_ring(self_member: Member, peers: list[str]) -> Ring:

@@ -1,0 +1,200 @@
+"""Every conversion between the CoordinatorService's protobuf messages and the coordinator's domain values.
+
+The service (server side) and `coordinator.client` (client side) both convert
+here, so each message has one mapping in each direction. Values that do not
+travel are filled with their defaults on the way in: a `ModelRecord` read off
+the wire has no `producer_role` or `notes`, an `AggregatorStatus` no `last_seen`,
+an `AgentEntry` no `reported_by` unless the receiver names one.
+
+Core modules (`ring`, `membership`, `index`) stay free of gRPC and `*_pb2`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
+
+from coordinator.index import AgentEntry, Lineage, ModelRecord
+from coordinator.membership import AggregatorInfo, AggregatorStatus, Lease, Progress
+from coordinator.ring import Member, Ring
+from proto import strata_pb2 as pb
+from proto.convert import capability_name, capability_value, telemetry_from_dict, telemetry_to_dict
+
+D = TypeVar("D")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FleetStatus:
+    """What FleetStatus answers: the whole ring and every aggregator ever seen."""
+
+    ring: Ring
+    aggregators: list[AggregatorStatus]
+
+
+def _same_names(cls: type[D], message: Any) -> D:
+    """A dataclass whose every field has a namesake in `message` (Lease, Progress)."""
+    return cls(**{f.name: getattr(message, f.name) for f in fields(cls)})
+
+
+# ---------------------------------------------------------------- membership
+
+
+def info_from_pb(message: pb.AggregatorInfo) -> AggregatorInfo:
+    return AggregatorInfo(
+        id=message.id,
+        address=message.address,
+        federations=tuple(message.federations),
+        # proto3 cannot tell an unset weight from 0; unset means an equal share
+        weight=message.weight or 1.0,
+    )
+
+
+def info_to_pb(info: AggregatorInfo) -> pb.AggregatorInfo:
+    return pb.AggregatorInfo(id=info.id, address=info.address, federations=list(info.federations), weight=info.weight)
+
+
+def lease_from_pb(message: pb.Lease) -> Lease:
+    return _same_names(Lease, message)
+
+
+def lease_to_pb(lease: Lease) -> pb.Lease:
+    return pb.Lease(**asdict(lease))
+
+
+def heartbeat_from_pb(message: pb.AggregatorHeartbeat) -> tuple[str, Progress, AggregatorInfo | None]:
+    """(aggregator id, its progress, its registration if it sent one)."""
+    has_info = message.HasField("info") and bool(message.info.id)
+    return message.id, _same_names(Progress, message), info_from_pb(message.info) if has_info else None
+
+
+def heartbeat_to_pb(aggregator_id: str, progress: Progress, info: AggregatorInfo | None) -> pb.AggregatorHeartbeat:
+    return pb.AggregatorHeartbeat(
+        id=aggregator_id, info=info_to_pb(info) if info is not None else None, **asdict(progress)
+    )
+
+
+def ring_from_pb(message: pb.Ring) -> Ring:
+    return Ring(
+        [Member(id=m.id, address=m.address, weight=m.weight or 1.0) for m in message.members],
+        version=message.version,
+    )
+
+
+def ring_to_pb(ring: Ring) -> pb.Ring:
+    return pb.Ring(
+        version=ring.version,
+        members=[pb.RingMember(id=m.id, address=m.address, weight=m.weight) for m in ring.members],
+    )
+
+
+def status_from_pb(message: pb.AggregatorStatus) -> AggregatorStatus:
+    return AggregatorStatus(
+        info=info_from_pb(message.info),
+        alive=message.alive,
+        lease_expires_at=message.lease_expires_at,
+        round=message.round,
+        agent_count=message.agent_count,
+        last_cluster_cid=message.last_cluster_cid,
+        last_semi_global_cid=message.last_semi_global_cid,
+    )
+
+
+def status_to_pb(status: AggregatorStatus) -> pb.AggregatorStatus:
+    return pb.AggregatorStatus(
+        info=info_to_pb(status.info),
+        alive=status.alive,
+        lease_expires_at=status.lease_expires_at,
+        round=status.round,
+        agent_count=status.agent_count,
+        last_cluster_cid=status.last_cluster_cid,
+        last_semi_global_cid=status.last_semi_global_cid,
+    )
+
+
+def fleet_status_from_pb(message: pb.FleetStatusReply) -> FleetStatus:
+    return FleetStatus(ring=ring_from_pb(message.ring), aggregators=[status_from_pb(s) for s in message.aggregators])
+
+
+def fleet_status_to_pb(status: FleetStatus) -> pb.FleetStatusReply:
+    return pb.FleetStatusReply(ring=ring_to_pb(status.ring), aggregators=[status_to_pb(s) for s in status.aggregators])
+
+
+# ---------------------------------------------------------------- models
+
+
+def record_from_pb(message: pb.ModelRecord) -> ModelRecord:
+    return ModelRecord(
+        cid=message.model_cid,
+        kind=message.kind,
+        federation=message.federation,
+        round=message.round,
+        producer=message.producer,
+        producer_role="",
+        parents=tuple(message.parents),
+        num_samples=message.num_samples,
+        metrics=dict(message.metrics),
+        created_at=message.created_at,
+        weights=message.weights_cid,
+        manifest=message.manifest,
+    )
+
+
+def record_to_pb(record: ModelRecord) -> pb.ModelRecord:
+    return pb.ModelRecord(
+        model_cid=record.cid,
+        kind=record.kind,
+        federation=record.federation,
+        round=record.round,
+        producer=record.producer,
+        parents=list(record.parents),
+        num_samples=record.num_samples,
+        metrics=record.metrics,
+        created_at=record.created_at,
+        weights_cid=record.weights,
+        manifest=record.manifest,
+    )
+
+
+def lineage_from_pb(message: pb.LineageReply) -> Lineage:
+    return Lineage(
+        model=record_from_pb(message.model),
+        ancestors=[record_from_pb(r) for r in message.ancestors],
+        children=[record_from_pb(r) for r in message.children],
+        missing=list(message.missing),
+    )
+
+
+def lineage_to_pb(lineage: Lineage) -> pb.LineageReply:
+    return pb.LineageReply(
+        model=record_to_pb(lineage.model),
+        ancestors=[record_to_pb(r) for r in lineage.ancestors],
+        children=[record_to_pb(r) for r in lineage.children],
+        missing=lineage.missing,
+    )
+
+
+# ---------------------------------------------------------------- agents
+
+
+def agent_entry_from_pb(message: pb.AgentRecord, reporter: str = "") -> AgentEntry:
+    telemetry = telemetry_to_dict(message.telemetry) if message.HasField("telemetry") else {}
+    return AgentEntry(
+        agent_id=message.agent_id,
+        home=message.home_aggregator or reporter,
+        last_seen=message.last_seen,
+        telemetry=telemetry,
+        capability=capability_name(message.capability),
+        display_name=message.display_name,
+        reported_by=reporter,
+    )
+
+
+def agent_entry_to_pb(entry: AgentEntry) -> pb.AgentRecord:
+    return pb.AgentRecord(
+        agent_id=entry.agent_id,
+        home_aggregator=entry.home,
+        last_seen=entry.last_seen,
+        telemetry=telemetry_from_dict(entry.telemetry),
+        capability=capability_value(entry.capability),
+        display_name=entry.display_name,
+    )
