@@ -227,7 +227,7 @@ class Client:
         `tensors` declares a partial update. Not persisted as this client's pending update.
         Raises SubmitRefused with the aggregator's reason code when it is refused.
         """
-        return self._submitter.submit_signed(manifest, blob, tensors=tensors, base_metrics=base_metrics)
+        return self._submitter.send_signed(manifest, blob, tensors, base_metrics)
 
     def already_submitted(self, model_cid: str) -> bool:
         """True when an update trained on `model_cid` was acknowledged (as remembered across restarts)."""

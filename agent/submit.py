@@ -105,7 +105,10 @@ def update_header(
     tensors: Sequence[str] = (),
     base_metrics: Mapping[str, float] | None = None,
 ) -> pb.UpdateHeader:
-    """The SubmitUpdate header for an update whose signed manifest travels with it."""
+    """The SubmitUpdate header for an update whose signed manifest travels with it.
+
+    The home hashes `blob` against `manifest.weights`; the client does not hash it again here.
+    """
     return pb.UpdateHeader(
         agent_id=agent_id,
         round=manifest.round,
@@ -114,7 +117,7 @@ def update_header(
         metrics=manifest.metrics,
         tensors=list(tensors),
         weights_size=len(blob),
-        weights_cid=cid_of(blob),
+        weights_cid=manifest.weights,
         base_metrics=dict(base_metrics or {}),
         federation=federation,
         kind=manifest.kind,
@@ -170,7 +173,8 @@ class Submitter:
         if state is None or state.progress.pending is None:
             return None
         pending = state.progress.pending
-        manifest = _readable_manifest(pending, blob := state.pending_weights())
+        blob = state.pending_weights()
+        manifest = _readable_manifest(pending, blob)
         if manifest is None or blob is None:
             log.warning("pending_update_unreadable", extra={"fields": {"agent": self._agent_id, "round": pending.round}})
             state.progress.pending = None
@@ -178,14 +182,7 @@ class Submitter:
             return None
         return self._send_pending(pending, manifest, blob)
 
-    def submit_signed(
-        self,
-        manifest: Manifest,
-        blob: bytes,
-        *,
-        tensors: Sequence[str] = (),
-        base_metrics: Mapping[str, float] | None = None,
-    ) -> SubmitReceipt:
+    def send_signed(self, manifest: Manifest, blob: bytes, tensors: Sequence[str], base_metrics: Mapping[str, float] | None) -> SubmitReceipt:
         """Send an update whose manifest the caller built and signed; not kept as pending."""
         return _receipt(self._stream(self._header(manifest, blob, tensors, base_metrics), blob))
 
