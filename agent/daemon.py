@@ -21,6 +21,7 @@ from agent.config import AgentConfig
 from agent.trainer import Trainer, has_evaluate, load_trainer
 from proto.errors import StrataError
 from proto.metrics import counter, gauge
+from proto.retry import RetryPolicy
 
 log = logging.getLogger("strata.agent")
 
@@ -62,6 +63,8 @@ class AgentDaemon:
             backoff_base_s=config.backoff_base_s,
             backoff_max_s=config.backoff_max_s,
         )
+        # a failed download is tried again under the same policy as every other retry
+        download_retry = RetryPolicy(base_s=config.backoff_base_s, max_s=config.backoff_max_s).backoff(stop=self._stop)
         try:
             client.connect()
             self._resend_pending(client)
@@ -72,8 +75,9 @@ class AgentDaemon:
                     if exc.reason in ("timeout", "closed"):
                         continue
                     log.warning("download_failed", extra={"fields": {"agent": client.agent_id, "error": str(exc)}})
-                    self._stop.wait(1.0)
+                    download_retry.wait()
                     continue
+                download_retry.reset()
                 if self._train_round(client, weights) and config.max_rounds and self.rounds_done >= config.max_rounds:
                     break
         finally:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from agent.options import call_with_options
 from proto.errors import InvalidInput
 
 Weights = dict[str, np.ndarray]
@@ -54,15 +55,13 @@ def load_trainer(spec: str, options: Mapping[str, Any] | None = None) -> Trainer
     spec = spec.strip()
     if ":" not in spec:
         # Imported lazily: the built-in tasks pull in torch, which custom trainers may not need.
-        from agent.tasks import BUILTIN_TASKS, make_task
+        from agent.tasks import builtin_task
 
-        if spec not in BUILTIN_TASKS:
-            raise InvalidInput(
-                f"unknown trainer {spec!r}: expected a built-in task {sorted(BUILTIN_TASKS)} "
-                "or 'module:object'",
-                reason="bad_trainer_spec",
-            )
-        return make_task(spec, **options)
+        try:
+            task_class = builtin_task(spec)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{exc}; a custom trainer is named 'module:object'", reason="bad_trainer_spec") from None
+        return call_with_options(task_class, options, what=f"task {spec!r}")
 
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
@@ -95,21 +94,3 @@ def load_trainer(spec: str, options: Mapping[str, Any] | None = None) -> Trainer
         raise InvalidInput(f"{spec!r} produced {type(trainer).__name__}, which has no train() method",
                            reason="trainer_without_train")
     return trainer
-
-
-def call_with_options(factory: Callable[..., Any], options: Mapping[str, Any], *, what: str) -> Any:
-    """Call ``factory(**options)``, turning an options/signature mismatch into InvalidInput.
-
-    The signature is checked before the call so that a TypeError raised *inside* the
-    factory is not mistaken for bad options.
-    """
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):
-        signature = None  # some builtins have no introspectable signature; just call
-    if signature is not None:
-        try:
-            signature.bind(**options)
-        except TypeError as exc:
-            raise InvalidInput(f"bad options for {what}: {exc}", reason="bad_trainer_options") from exc
-    return factory(**options)

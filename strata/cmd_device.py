@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from proto.errors import InvalidInput, NotFound
 from strata import cli
+
+if TYPE_CHECKING:
+    from agent.tasks import TorchTask
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -30,10 +34,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict.set_defaults(handler=cmd_device_predict)
 
 
-def _load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None]:
-    from agent.tasks import BUILTIN_TASKS
-
-    task = BUILTIN_TASKS[args.task]
+def _load_inputs(args: argparse.Namespace, task: type[TorchTask]) -> tuple[np.ndarray, np.ndarray | None]:
     if args.sample is not None:
         if args.sample < 1:
             raise InvalidInput("--sample must be >= 1", reason="bad_argument")
@@ -50,11 +51,10 @@ def _load_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | Non
 
 def cmd_device_predict(args: argparse.Namespace) -> int:
     from agent.client import Client
-    from agent.tasks import BUILTIN_TASKS
+    from agent.tasks import builtin_task
 
-    if args.task not in BUILTIN_TASKS:
-        raise InvalidInput(f"unknown task {args.task!r}; built-in: {sorted(BUILTIN_TASKS)}", reason="bad_argument")
-    inputs, labels = _load_inputs(args)
+    task = builtin_task(args.task)
+    inputs, labels = _load_inputs(args, task)
     client = Client(
         [args.relay],
         federation=args.federation or args.task,
@@ -68,7 +68,7 @@ def cmd_device_predict(args: argparse.Namespace) -> int:
         manifest, weights = client.download()
     finally:
         client.close()
-    predictions = BUILTIN_TASKS[args.task].predict(weights, inputs)
+    predictions = task.predict(weights, inputs)
     result: dict[str, object] = {
         "model": manifest.cid,
         "round": manifest.round,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aggregator.config import AggregatorConfig
 from aggregator.daemon import InitialModelFactory
-from proto.errors import ConfigError
+from proto.errors import ConfigError, InvalidInput
 from storage.codec import encode_tensors
 from storage.keys import KeyPair
 from storage.manifest import Producer
@@ -18,11 +18,13 @@ def task_base_model(store: ContentStore, key: KeyPair, *, task: str, federation:
     The weights are deterministic for (task, seed), so every aggregator of a fleet
     starts from the same weights CID.
     """
-    from agent.tasks import BUILTIN_TASKS
+    from agent.tasks import builtin_task
 
-    if task not in BUILTIN_TASKS:
-        raise ConfigError(f"initial_model task:{task}: unknown task; built-in: {sorted(BUILTIN_TASKS)}")
-    weights = BUILTIN_TASKS[task].seeded_weights(seed)
+    try:
+        task_class = builtin_task(task)
+    except InvalidInput as exc:
+        raise ConfigError(f"initial_model task:{task}: {exc}") from None
+    weights = task_class.seeded_weights(seed)
     manifest = save_model(
         store,
         weights=encode_tensors(weights),

@@ -22,12 +22,12 @@ from agent.client import Client
 from agent.config import AgentConfig
 from agent.daemon import AgentDaemon
 from agent.state import AgentState, PendingUpdate
+from agent.submit import local_update
 from agent.tasks.digits import DigitsTask
 from aggregator.config import AggregatorConfig, RoundSettings
 from aggregator.daemon import AggregatorDaemon
 from storage.cid import cid_of
-from storage.codec import encode_tensors, summarize
-from storage.manifest import Manifest, Producer, now_rfc3339
+from storage.models import load_manifest
 from strata.wiring import initial_model_factory
 
 RUN_TIMEOUT_S = 30.0
@@ -162,29 +162,15 @@ def write_pending(state_dir: Path, aggregator: AggregatorDaemon, seed: int) -> t
     base = aggregator.rounds.current
     rng = np.random.default_rng(seed)
     tensors = {n: (a + rng.normal(0, 0.01, a.shape)).astype(a.dtype) for n, a in aggregator.rounds.base_tensors.items()}
-    blob = encode_tensors(tensors)
-    manifest = Manifest(
-        kind="local",
+    pending, blob = local_update(
+        tensors,
+        base=load_manifest(aggregator.store, base.model_cid),
         federation="digits",
         round=base.round,
-        producer=Producer(role="agent", id=state.agent_id),
-        weights=cid_of(blob),
-        tensors=summarize(blob),
-        base=base.model_cid,
+        agent_id=state.agent_id,
+        key=state.key,
         num_samples=123,
         metrics={"loss": 0.5},
-        extra={"base_metrics": {}},
-        created_at=now_rfc3339(),
-    ).signed(state.key)
-    pending = PendingUpdate(
-        round=base.round,
-        base_cid=base.model_cid,
-        num_samples=123,
-        metrics={"loss": 0.5},
-        base_metrics={},
-        tensors=[],
-        manifest=manifest.to_bytes().decode(),
-        weights_file="pending.safetensors",
     )
     state.progress.last_base_cid = base.model_cid  # it had downloaded this base before training
     state.set_pending(pending, blob)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from agent.tasks import BUILTIN_TASKS, DigitsTask, MnistTask, make_task
+from agent.tasks import BUILTIN_TASKS, DigitsTask, MnistTask, builtin_task, make_task
 from agent.tasks.partition import client_owners, partition_indices
 from agent.trainer import Trainer, has_evaluate, load_trainer
 from proto.errors import InvalidInput
@@ -168,8 +170,34 @@ def test_bad_specs_raise_invalid_input(spec: str, options: dict[str, Any], reaso
 
 
 def test_make_task_rejects_unknown_name() -> None:
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as info:
         make_task("cifar")
+    assert info.value.reason == "unknown_task"
+
+
+def test_builtin_task_is_the_one_lookup_by_name() -> None:
+    assert builtin_task("digits") is DigitsTask and builtin_task("mnist") is MnistTask
+    with pytest.raises(InvalidInput) as info:
+        builtin_task("cifar")
+    assert info.value.reason == "unknown_task"
+    assert "'cifar'" in str(info.value) and "['digits', 'mnist']" in str(info.value)
+
+
+def _agent_imports(path: Path) -> set[str]:
+    """Every `agent.*` module `path` imports, function-level imports included."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name.startswith("agent.")}
+
+
+def test_tasks_never_import_the_trainer_module() -> None:
+    # trainer imports agent.tasks (lazily, for built-in names); the reverse would be a cycle
+    tasks = Path(__file__).resolve().parent.parent / "agent" / "tasks"
+    assert [p.name for p in tasks.glob("*.py") if "agent.trainer" in _agent_imports(p)] == []
 
 
 # --- digits -----------------------------------------------------------------------------------

@@ -2,29 +2,35 @@
 
 Both implement the agent's Trainer protocol plus ``initial_weights``, ``evaluate``,
 ``evaluate_global``, ``predict`` and ``trainable_tensors``. See ``agent.tasks._torch``
-for the options every task accepts.
+for the options every task accepts. ``builtin_task`` is the one lookup by name, for
+the agent, the CLI and the demo alike.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from agent.options import call_with_options
 from agent.tasks._torch import TorchTask
 from agent.tasks.digits import DigitsTask
 from agent.tasks.mnist import MnistTask
 from agent.tasks.partition import client_owners, partition_indices
-from agent.trainer import call_with_options
 from proto.errors import InvalidInput
 
 BUILTIN_TASKS: dict[str, type[TorchTask]] = {"digits": DigitsTask, "mnist": MnistTask}
 
 
-def make_task(name: str, **options: Any) -> TorchTask:
-    """Build the built-in task ``name`` with keyword ``options``."""
+def builtin_task(name: str) -> type[TorchTask]:
+    """The built-in task class called ``name``; InvalidInput (reason "unknown_task") naming the built-ins otherwise."""
     task_class = BUILTIN_TASKS.get(name)
     if task_class is None:
-        raise InvalidInput(f"unknown task {name!r}; built-in tasks: {sorted(BUILTIN_TASKS)}", reason="unknown_task")
-    return call_with_options(task_class, options, what=f"task {name!r}")
+        raise InvalidInput(f"unknown task {name!r}; built-in: {sorted(BUILTIN_TASKS)}", reason="unknown_task")
+    return task_class
+
+
+def make_task(name: str, **options: Any) -> TorchTask:
+    """Build the built-in task ``name`` with keyword ``options``."""
+    return call_with_options(builtin_task(name), options, what=f"task {name!r}")
 
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "DigitsTask",
     "MnistTask",
     "TorchTask",
+    "builtin_task",
     "client_owners",
     "make_task",
     "partition_indices",
