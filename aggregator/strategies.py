@@ -10,9 +10,8 @@ and they never mutate their inputs. Aggregation is per tensor with per-tensor
 weight sums, so partial updates (a device that trained only the head) average
 correctly and a tensor nobody trained keeps its base value.
 
-Strategies that need every update at once (median, trimmed mean, Krum) subclass
-`Strategy` with `streaming = False`; the round then hands them an iterable that
-reads the accepted updates back from the store instead of calling `add`.
+Only FedAvg exists today. Rules that need every update at once (median, trimmed
+mean, Krum) will read the accepted updates back from the store, tensor by tensor.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from intake.validation import mismatch
 from proto.errors import InvalidInput
 
 TensorDict = dict[str, np.ndarray]
@@ -40,23 +40,10 @@ class AggregationError(InvalidInput):
 
 
 def check_compatible(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> None:
-    """Refuse an update naming tensors the base lacks, or with another shape or dtype.
-
-    A subset of the base's tensors is allowed (partial updates); nothing else is.
-    """
-    unknown = sorted(set(update) - set(base))
-    if unknown:
-        raise AggregationError(f"tensors not in the base model: {unknown[:5]}")
-    if not update:
-        raise AggregationError("update contains no tensors")
-    for name, array in update.items():
-        expected = base[name]
-        if array.shape != expected.shape:
-            raise AggregationError(
-                f"tensor {name!r}: shape {tuple(array.shape)} != base {tuple(expected.shape)}"
-            )
-        if array.dtype != expected.dtype:
-            raise AggregationError(f"tensor {name!r}: dtype {array.dtype} != base {expected.dtype}")
+    """Refuse an update that is not a non-empty subset of the base's tensors with their shapes and dtypes."""
+    problem = mismatch(base, update)
+    if problem is not None:
+        raise AggregationError(problem)
 
 
 def check_weight(weight: float) -> float:
@@ -75,12 +62,6 @@ def weighted_average(arrays: Iterable[np.ndarray], weights: Iterable[float]) -> 
     for array, weight in zip(arrays, weights, strict=True):
         total += weight * array.astype(np.float64, copy=False)
     return (total / sum(weights)).astype(arrays[0].dtype)
-
-
-def coordinate_median(arrays: Iterable[np.ndarray]) -> np.ndarray:
-    """The coordinate-wise median of equally-shaped arrays."""
-    stacked = np.stack(list(arrays))
-    return np.median(stacked, axis=0).astype(stacked.dtype)
 
 
 def weighted_means(items: list[tuple[Mapping[str, float], int]]) -> dict[str, float]:
@@ -121,7 +102,6 @@ class Strategy(ABC):
     """An aggregation rule: its name, its parameters, and how a round aggregates."""
 
     name: ClassVar[str]
-    streaming: ClassVar[bool] = True
 
     def params(self) -> dict[str, Any]:
         return {}
@@ -131,14 +111,6 @@ class Strategy(ABC):
 
     @abstractmethod
     def start(self, base: Mapping[str, np.ndarray]) -> Aggregation: ...
-
-    def aggregate(self, base: Mapping[str, np.ndarray], updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> TensorDict:
-        """Aggregate a whole sequence at once (used for non-streaming rules, and for
-        rebuilding a round after a restart)."""
-        aggregation = self.start(base)
-        for update, weight in updates:
-            aggregation.add(update, weight)
-        return aggregation.result()
 
 
 class _FedAvgAggregation(Aggregation):

@@ -41,6 +41,7 @@ from aggregator.config import SynthesisSettings
 from aggregator.staleness import make_discount
 from aggregator.strategies import FedAvg, weighted_means
 from coordinator.ring import Member, Ring
+from intake.validation import mismatch, non_finite
 from proto.errors import IntegrityError, InvalidInput, NotFound, StrataError, Unavailable
 from storage.codec import CodecError, decode_tensors, encode_tensors
 from storage.keys import KeyPair
@@ -72,7 +73,7 @@ class ClusterPointer:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Refusal:
+class PeerRefusal:
     model_cid: str
     producer: str
     reason: str
@@ -130,7 +131,6 @@ class SemiGlobalSynthesizer:
         self._clock = clock
         self._rng = rng or random.Random()
         self._decay = make_discount(settings.decay, **settings.decay_params)
-        self.last_refusals: list[Refusal] = []
         self.last_sources: dict[str, str] = {}
         self._wait_until = 0.0
 
@@ -145,7 +145,7 @@ class SemiGlobalSynthesizer:
         ring = self._ring()
         self._wait_until = time.monotonic() + self.settings.peer_wait_s
         candidates: list[_Candidate] = []
-        refused: list[Refusal] = []
+        refused: list[PeerRefusal] = []
         for member in self.select_peers(ring):
             try:
                 candidate = self._gather(member, ring, cluster, tensors)
@@ -156,7 +156,6 @@ class SemiGlobalSynthesizer:
                 candidates.append(candidate)
         candidates, outliers = screen_outliers(tensors, candidates, self.settings.outlier_z)
         refused += outliers
-        self.last_refusals = refused
         return self._combine(cluster, tensors, candidates, refused)
 
     # ---------------------------------------------------------------- gather and screen
@@ -207,9 +206,12 @@ class SemiGlobalSynthesizer:
             peer_tensors = decode_tensors(weights)
         except CodecError as exc:
             raise _Refused(cid, who, "invalid_safetensors", str(exc)) from None
-        problem = compatibility_problem(own, peer_tensors)
+        problem = mismatch(own, peer_tensors, expected=tuple(own))
         if problem is not None:
-            raise _Refused(cid, who, problem[0], problem[1])
+            raise _Refused(cid, who, "shape_mismatch", problem)
+        problem = non_finite(peer_tensors)
+        if problem is not None:
+            raise _Refused(cid, who, "not_finite", problem)
         return _Candidate(pointer=pointer, manifest=manifest, tensors=peer_tensors, age=age)
 
     def _latest_pointer(self, member: Member, round_: int, timeout: float) -> ClusterPointer | None:
@@ -263,7 +265,7 @@ class SemiGlobalSynthesizer:
         cluster: Manifest,
         own: Mapping[str, np.ndarray],
         candidates: Sequence[_Candidate],
-        refused: Sequence[Refusal],
+        refused: Sequence[PeerRefusal],
     ) -> Manifest:
         weights = {cluster.cid: float(cluster.num_samples) * self._decay(0.0)}
         aggregation = FedAvg().start(own)
@@ -324,19 +326,7 @@ class SemiGlobalSynthesizer:
 class _Refused(Exception):
     def __init__(self, cid: str, producer: str, reason: str, message: str) -> None:
         super().__init__(message)
-        self.refusal = Refusal(model_cid=cid, producer=producer, reason=reason, message=message)
-
-
-def compatibility_problem(own: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
-    """(reason, message) when `other` cannot be averaged with `own`, else None."""
-    if set(own) != set(other):
-        return "shape_mismatch", f"tensor names differ: {sorted(set(own) ^ set(other))[:5]}"
-    for name, array in other.items():
-        if array.shape != own[name].shape or array.dtype != own[name].dtype:
-            return "shape_mismatch", f"tensor {name!r}: {array.dtype}{list(array.shape)} vs ours {own[name].dtype}{list(own[name].shape)}"
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            return "not_finite", f"tensor {name!r} has NaN or infinite values"
-    return None
+        self.refusal = PeerRefusal(model_cid=cid, producer=producer, reason=reason, message=message)
 
 
 def _flatten(tensors: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -357,7 +347,7 @@ def robust_z_scores(vectors: Sequence[np.ndarray]) -> np.ndarray:
 
 def screen_outliers(
     own: Mapping[str, np.ndarray], candidates: Sequence[_Candidate], threshold: float
-) -> tuple[list[_Candidate], list[Refusal]]:
+) -> tuple[list[_Candidate], list[PeerRefusal]]:
     """Split candidates into kept and refused-as-outliers (our own model is the reference, never refused)."""
     if not candidates:
         return [], []
@@ -365,7 +355,7 @@ def screen_outliers(
     own_norm = float(np.linalg.norm(own_flat))
     flats = [_flatten(c.tensors) for c in candidates]
     kept: list[_Candidate] = []
-    refused: list[Refusal] = []
+    refused: list[PeerRefusal] = []
     # a robust z-score over fewer models flags honest peers whose data simply differs
     # (with 3, the MAD is the smaller of two deviations); the norm guard still applies
     enough = len(candidates) + 1 >= MIN_MODELS_FOR_Z
@@ -375,10 +365,10 @@ def screen_outliers(
         ratio = norm / own_norm if own_norm > 0 else 1.0
         who, cid = candidate.manifest.producer.id, candidate.manifest.cid
         if ratio > NORM_RATIO_LIMIT or ratio < 1 / NORM_RATIO_LIMIT:
-            refused.append(Refusal(model_cid=cid, producer=who, reason="norm_outlier", message=f"norm is {ratio:.3g}x ours"))
+            refused.append(PeerRefusal(model_cid=cid, producer=who, reason="norm_outlier", message=f"norm is {ratio:.3g}x ours"))
         elif score > threshold:
             refused.append(
-                Refusal(model_cid=cid, producer=who, reason="outlier", message=f"robust z-score {score:.2f} > {threshold:g}")
+                PeerRefusal(model_cid=cid, producer=who, reason="outlier", message=f"robust z-score {score:.2f} > {threshold:g}")
             )
         else:
             kept.append(candidate)

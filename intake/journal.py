@@ -151,10 +151,6 @@ class IntakeJournal(DurableSqlite):
         rows = self._read("SELECT * FROM updates WHERE batch IS NULL ORDER BY accepted_at, agent_id")
         return [_update_from_row(row) for row in rows]
 
-    def batch_updates(self, batch: str) -> list[AcceptedUpdate]:
-        rows = self._read("SELECT * FROM updates WHERE batch = ? ORDER BY accepted_at, agent_id", (batch,))
-        return [_update_from_row(row) for row in rows]
-
     def iter_all_updates(self) -> Iterator[AcceptedUpdate]:
         for row in self._read("SELECT * FROM updates ORDER BY accepted_at, agent_id"):
             yield _update_from_row(row)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from intake.validation import UpdateLimits, check_size
 from proto.errors import Refusal, StrataError, UpdateRefused
-from storage.cid import cid_of
+from storage.cid import cid_of, is_cid
 from storage.codec import summarize
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer, rfc3339
@@ -56,6 +56,8 @@ def check_header(sub: Submission, limits: UpdateLimits, *, kinds: tuple[str, ...
     """The header checks every receiver of updates makes first; returns the weights' CID."""
     if not sub.agent_id:
         raise UpdateRefused("agent_id is empty", reason=Refusal.BAD_HEADER)
+    if not is_cid(sub.base_cid):
+        raise UpdateRefused(f"base_cid is not a CID: {sub.base_cid[:80]!r}", reason=Refusal.BAD_HEADER)
     if not 0 < sub.num_samples <= MAX_NUM_SAMPLES:
         raise UpdateRefused(f"num_samples must be in 1..2^63-1, got {sub.num_samples}", reason=Refusal.BAD_HEADER)
     if sub.kind not in kinds:

@@ -7,8 +7,9 @@ L2-norm bound on the change). Nothing here touches the store or the journal.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,47 @@ def check_size(size: int, limits: UpdateLimits) -> None:
         )
 
 
+def mismatch(
+    base: Mapping[str, np.ndarray], tensors: Mapping[str, Any], *, expected: Collection[str] | None = None
+) -> str | None:
+    """Why `tensors` cannot be combined with `base`, or None: the one compatibility rule.
+
+    Names: exactly `expected` (which must be base tensors), or, with `expected`
+    None, any non-empty subset of the base (a partial update). Then each tensor's
+    shape, and its dtype when it carries a numpy one (a safetensors header summary
+    does not, so its dtypes are checked once decoded).
+    """
+    if expected is not None:
+        unknown = sorted(set(expected) - set(base))
+        if unknown:
+            return f"declared tensors not in the base model: {unknown[:5]}"
+        if set(tensors) != set(expected):
+            missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+            return f"tensor names differ: missing {missing[:5]}, unexpected {extra[:5]}"
+    else:
+        unknown = sorted(set(tensors) - set(base))
+        if unknown:
+            return f"tensors not in the base model: {unknown[:5]}"
+        if not tensors:
+            return "no tensors"
+    for name, tensor in tensors.items():
+        reference = base[name]
+        if tuple(tensor.shape) != tuple(reference.shape):
+            return f"tensor {name!r}: shape {tuple(tensor.shape)} != base {tuple(reference.shape)}"
+        dtype = getattr(tensor, "dtype", None)
+        if isinstance(dtype, np.dtype) and dtype != reference.dtype:
+            return f"tensor {name!r}: dtype {dtype} != base {reference.dtype}"
+    return None
+
+
+def non_finite(tensors: Mapping[str, np.ndarray]) -> str | None:
+    """The first floating tensor holding NaN or an infinity, as a message; None when all are finite."""
+    for name, array in tensors.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            return f"tensor {name!r} contains NaN or infinite values"
+    return None
+
+
 def validate_update(
     weights: bytes,
     *,
@@ -47,38 +89,20 @@ def validate_update(
         summary = summarize(weights)
     except CodecError as exc:
         raise UpdateRefused(str(exc), reason=Refusal.INVALID_SAFETENSORS) from None
-
-    expected_names = set(declared_tensors) if declared_tensors else set(base)
-    unknown = sorted(expected_names - set(base))
-    if unknown:
-        raise UpdateRefused(f"declared tensors not in the base model: {unknown[:5]}", reason=Refusal.SHAPE_MISMATCH)
-    present = set(summary)
-    if present != expected_names:
-        missing, extra = sorted(expected_names - present), sorted(present - expected_names)
-        raise UpdateRefused(
-            f"tensor names differ from the {'declared subset' if declared_tensors else 'base'}: "
-            f"missing {missing[:5]}, unexpected {extra[:5]}",
-            reason=Refusal.SHAPE_MISMATCH,
-        )
-    for name, info in summary.items():
-        expected = base[name]
-        if tuple(info.shape) != tuple(expected.shape):
-            raise UpdateRefused(
-                f"tensor {name!r}: shape {tuple(info.shape)} != base {tuple(expected.shape)}",
-                reason=Refusal.SHAPE_MISMATCH,
-            )
-
-    try:
-        tensors = decode_tensors(weights)
-    except CodecError as exc:
-        raise UpdateRefused(str(exc), reason=Refusal.INVALID_SAFETENSORS) from None
-    for name, array in tensors.items():
-        if array.dtype != base[name].dtype:
-            raise UpdateRefused(
-                f"tensor {name!r}: dtype {array.dtype} != base {base[name].dtype}", reason=Refusal.SHAPE_MISMATCH
-            )
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise UpdateRefused(f"tensor {name!r} contains NaN or infinite values", reason=Refusal.NOT_FINITE)
+    expected = declared_tensors or tuple(base)
+    # names and shapes from the header first: a mismatch is refused before the data is decoded
+    problem = mismatch(base, summary, expected=expected)
+    if problem is None:
+        try:
+            tensors = decode_tensors(weights)
+        except CodecError as exc:
+            raise UpdateRefused(str(exc), reason=Refusal.INVALID_SAFETENSORS) from None
+        problem = mismatch(base, tensors, expected=expected)
+    if problem is not None:
+        raise UpdateRefused(problem, reason=Refusal.SHAPE_MISMATCH)
+    problem = non_finite(tensors)
+    if problem is not None:
+        raise UpdateRefused(problem, reason=Refusal.NOT_FINITE)
 
     if limits.max_relative_norm is not None:
         change, base_norm = relative_change(base, tensors)

@@ -441,10 +441,6 @@ class Reassembler:
         self._verify = verify
         self._finished = False
 
-    @property
-    def received(self) -> int:
-        return self._received
-
     def add(self, offset: int, data: bytes | memoryview) -> None:
         if self._finished:
             raise WireError(f"chunk at offset {offset} arrived after the stream{self._what} ended", reason="out_of_order")
