@@ -180,8 +180,9 @@ def test_a_manifest_that_disagrees_with_the_header_is_refused(changes: dict) -> 
 
 def test_a_tampered_or_unreadable_manifest_is_refused() -> None:
     sub = submission()
-    sent = signed_manifest(KeyPair.generate(), sub)
-    tampered = sent.replace(b'"num_samples":10', b'"num_samples":99')
+    sent = signed_manifest(KeyPair.generate(), sub, metrics={"loss": 0.5})
+    # a field the header does not repeat: only the signature can tell it was changed
+    tampered = sent.replace(b'"loss":0.5', b'"loss":0.1')
     assert tampered != sent
     for bad in (tampered, b"{not json", b"\xff" * 10):
         reason = refusal(
