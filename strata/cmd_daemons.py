@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from strata import cli
+from strata.cli_common import EXIT_OK, add_json_option, add_log_level_option, print_json
 from strata.config import config_to_dict, describe_config, load_config
 from strata.logs import setup_logging
 
@@ -48,7 +48,7 @@ def _add_daemon(
         parser.add_argument("--config", type=Path, help="YAML config file (optional: every key has a default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the effective config as JSON and exit")
-    cli.add_log_level_option(parser)
+    add_log_level_option(parser)
     parser.set_defaults(handler=handler)
 
 
@@ -76,13 +76,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     health.add_argument("address", help="host:port of any Strata daemon")
     health.add_argument("--service", default="", help="a service name, e.g. strata.v1.AgentService (default: the server)")
     health.add_argument("--timeout", type=float, default=3.0, help="deadline in seconds (default: 3)")
-    cli.add_json_option(health)
+    add_json_option(health)
     health.set_defaults(handler=cmd_health)
 
     config = commands.add_parser("config", help="every config key of a daemon, with its default")
     config.add_argument("role", choices=sorted(CONFIG_CLASSES), help="which daemon")
     config.add_argument("--markdown", action="store_true", help="a Markdown table (as in the README)")
-    cli.add_json_option(config)
+    add_json_option(config)
     config.set_defaults(handler=cmd_config)
 
 
@@ -127,12 +127,12 @@ def cmd_health(args: argparse.Namespace) -> int:
             raise error_from_rpc(exc) from exc
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     if args.json:
-        cli.print_json({"address": args.address, "service": args.service, "status": status})
+        print_json({"address": args.address, "service": args.service, "status": status})
     else:
         print(status)
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         raise Unavailable(f"{args.address} is {status}", reason="not_serving")
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -143,13 +143,13 @@ def cmd_config(args: argparse.Namespace) -> int:
         for key, default, text in describe_config(config_class(args.role))
     ]
     if args.json:
-        cli.print_json(rows)
+        print_json(rows)
     elif args.markdown:
         print(config_table(args.role), end="")
     else:
         for row in rows:
             print(f"{row['key']} = {row['default']}  # {row['help']}")
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
@@ -194,15 +194,15 @@ def _serve(args: argparse.Namespace, role: str, make_daemon: Callable[[Any], Any
     """Load the role's config, then start its daemon and run it until SIGINT/SIGTERM."""
     config = load_config(config_class(role), args.config, overrides=_overrides(args.set))
     if args.print_config:
-        cli.print_json(config_to_dict(config))
-        return cli.EXIT_OK
+        print_json(config_to_dict(config))
+        return EXIT_OK
     setup_logging(args.log_level or config.log_level)
     if one_torch_thread:
         _one_torch_thread()
     daemon = make_daemon(config)
     daemon.start()
     _run_until_signal(daemon.stop, daemon.wait)
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_aggregator_serve(args: argparse.Namespace) -> int:
@@ -228,8 +228,8 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
             for i, c in enumerate(configs)
         ]
     if args.print_config:
-        cli.print_json([config_to_dict(c) for c in configs])
-        return cli.EXIT_OK
+        print_json([config_to_dict(c) for c in configs])
+        return EXIT_OK
     setup_logging(args.log_level or configs[0].log_level)
     stop = threading.Event()
     group = AgentGroup(configs, stop)
@@ -246,7 +246,7 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     finally:
         if metrics is not None:
             metrics.stop()
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_coordinator_serve(args: argparse.Namespace) -> int:

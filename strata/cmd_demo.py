@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from strata import cli
+from strata.cli_common import add_json_option
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--no-coordinator", action="store_true", help="static membership instead of a coordinator")
     demo.add_argument("--devices", type=int, default=6, help="low-power devices behind one relay; 0: no relay (default: 6)")
     demo.add_argument("--timeout", type=float, default=170.0, help="give up after this many seconds (default: 170)")
-    cli.add_json_option(demo)
+    add_json_option(demo)
     demo.set_defaults(handler=cmd_demo)
 
 

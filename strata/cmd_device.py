@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from proto.errors import InvalidInput, NotFound
-from strata import cli
+from strata.cli_common import EXIT_OK, add_json_option, print_json
 
 if TYPE_CHECKING:
     from agent.tasks import TorchTask
@@ -30,7 +30,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     inputs.add_argument("--sample", type=int, metavar="K", help="predict the first K rows of the task's own test set")
     predict.add_argument("--id", default="", help="device id (default: generated)")
     predict.add_argument("--timeout", type=float, default=30.0, help="give up joining after this many seconds")
-    cli.add_json_option(predict)
+    add_json_option(predict)
     predict.set_defaults(handler=cmd_device_predict)
 
 
@@ -79,11 +79,11 @@ def cmd_device_predict(args: argparse.Namespace) -> int:
         result["labels"] = labels.tolist()
         result["accuracy"] = float(np.mean(predictions == labels)) if len(labels) else None
     if args.json:
-        cli.print_json(result)
-        return cli.EXIT_OK
+        print_json(result)
+        return EXIT_OK
     print(f"model {manifest.cid} (round {manifest.round}, via {client.home_id})")
     print("predictions: " + " ".join(str(p) for p in predictions.tolist()))
     if labels is not None:
         print("labels:      " + " ".join(str(v) for v in labels.tolist()))
         print(f"accuracy:    {result['accuracy']:.3f}")
-    return cli.EXIT_OK
+    return EXIT_OK

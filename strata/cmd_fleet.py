@@ -11,7 +11,8 @@ from coordinator.client import CoordinatorClient
 from coordinator.index import ModelRecord
 from proto.errors import InvalidInput
 from proto.wire import DEFAULT_TIMEOUT_S
-from strata import cli, render
+from strata import render
+from strata.cli_common import EXIT_OK, add_json_option, print_json
 
 
 def _add_coordinator(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def _add_coordinator(parser: argparse.ArgumentParser) -> None:
         help="coordinator address (default: $STRATA_COORDINATOR or 127.0.0.1:7000)",
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds (default: 5)")
-    cli.add_json_option(parser)
+    add_json_option(parser)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -79,11 +80,11 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
         for s in fleet.aggregators
     ]
     if args.json:
-        cli.print_json({"ring_version": fleet.ring.version, "aggregators": rows})
+        print_json({"ring_version": fleet.ring.version, "aggregators": rows})
     else:
         print(f"ring version {fleet.ring.version}, {len(fleet.ring)} member(s)")
         print(render.table(rows, ["aggregator", "address", "alive", "lease", "round", "agents", "last_cluster", "last_semi_global"]))
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_ring_show(args: argparse.Namespace) -> int:
@@ -91,7 +92,7 @@ def cmd_ring_show(args: argparse.Namespace) -> int:
         ring = coordinator.ring()
     placements = {agent: ring.owner(agent).id for agent in args.agent} if len(ring) else {}
     if args.json:
-        cli.print_json(
+        print_json(
             {
                 "version": ring.version,
                 "members": [{"id": m.id, "address": m.address, "weight": m.weight} for m in ring.members],
@@ -103,7 +104,7 @@ def cmd_ring_show(args: argparse.Namespace) -> int:
         print(render.table([{"id": m.id, "address": m.address, "weight": m.weight} for m in ring.members], ["id", "address", "weight"]))
         for agent, home in placements.items():
             print(f"agent {agent} lives on {home}")
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def _record_json(record: ModelRecord) -> dict[str, Any]:
@@ -134,10 +135,10 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         )
     rows = [_record_json(r) for r in records]
     if args.json:
-        cli.print_json({"models": rows})
+        print_json({"models": rows})
     else:
         print(render.table(rows, ["model", "kind", "round", "producer", "num_samples", "parents"]))
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def lineage_from_index(address: str, model_cid: str, depth: int | None) -> render.LineageView:

@@ -17,13 +17,14 @@ from typing import Any
 
 from aggregator.journal import Journal, RoundRecord
 from proto.errors import InvalidInput, NotFound
-from strata import cli, render
+from strata import render
+from strata.cli_common import EXIT_OK, add_json_option, print_json
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     history = commands.add_parser("history", help="an aggregator's per-round table, from its journal")
     _add_selection(history)
-    cli.add_json_option(history)
+    add_json_option(history)
     history.set_defaults(handler=cmd_history)
 
     plot = commands.add_parser("plot", help="draw accuracy and loss per round (PNG)")
@@ -92,14 +93,14 @@ def load_histories(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
 def cmd_history(args: argparse.Namespace) -> int:
     histories = load_histories(args)
     if args.json:
-        cli.print_json(histories)
-        return cli.EXIT_OK
+        print_json(histories)
+        return EXIT_OK
     columns = ["round", "participants", "num_samples", "accuracy", "loss", "train_loss", "refusals", "aggregation_s", "next_base"]
     for aggregator, rows in histories.items():
         print(f"== {aggregator}")
         print(render.table([r for r in rows if r["closed"]], columns))
         print()
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -125,4 +126,4 @@ def cmd_plot(args: argparse.Namespace) -> int:
     figure.tight_layout()
     figure.savefig(args.output, dpi=100)
     print(f"wrote {args.output}")
-    return cli.EXIT_OK
+    return EXIT_OK

@@ -15,7 +15,8 @@ from storage.lineage import verify, walk
 from storage.manifest import KINDS, Producer
 from storage.models import load_manifest, load_model, save_model
 from storage.store import ContentStore, LayeredStore, default_store_path, open_store
-from strata import cli, render
+from strata import render
+from strata.cli_common import EXIT_INTEGRITY, EXIT_OK, add_json_option, add_store_option, print_json
 
 
 def resolve_store(args: argparse.Namespace) -> ContentStore:
@@ -44,21 +45,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     put.add_argument("--kind", default="base", choices=KINDS, help="manifest kind (default: base)")
     put.add_argument("--round", type=int, default=0, help="round number recorded in the manifest (default: 0)")
     put.add_argument("--parent", action="append", default=[], metavar="CID", help="a parent model (repeatable)")
-    cli.add_store_option(put)
-    cli.add_json_option(put)
+    add_store_option(put)
+    add_json_option(put)
     put.set_defaults(handler=cmd_put)
 
     show = sub.add_parser("show", help="a model's manifest, tensor summary and weights CID")
     show.add_argument("cid", help="model ID (the manifest's CID)")
-    cli.add_store_option(show)
-    cli.add_json_option(show)
+    add_store_option(show)
+    add_json_option(show)
     show.set_defaults(handler=cmd_show)
 
     export = sub.add_parser("export", help="write a model's weights to .safetensors or .pt")
     export.add_argument("cid", help="model ID")
     export.add_argument("-o", "--output", type=Path, required=True, help="out.safetensors or out.pt")
-    cli.add_store_option(export)
-    cli.add_json_option(export)
+    add_store_option(export)
+    add_json_option(export)
     export.set_defaults(handler=cmd_export)
 
     lineage = commands.add_parser("lineage", help="a model's ancestry down to the device updates")
@@ -71,14 +72,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=os.environ.get("STRATA_COORDINATOR", ""),
         help="answer from the coordinator's model index (default: $STRATA_COORDINATOR; else the store)",
     )
-    cli.add_store_option(lineage)
-    cli.add_json_option(lineage)
+    add_store_option(lineage)
+    add_json_option(lineage)
     lineage.set_defaults(handler=cmd_lineage)
 
     check = commands.add_parser("verify", help="re-hash a model's whole lineage, weights and signatures; exit 4 on any mismatch")
     check.add_argument("cid", help="model ID")
-    cli.add_store_option(check)
-    cli.add_json_option(check)
+    add_store_option(check)
+    add_json_option(check)
     check.set_defaults(handler=cmd_verify)
 
 
@@ -129,10 +130,10 @@ def cmd_put(args: argparse.Namespace) -> int:
             parents=args.parent,
         )
     if args.json:
-        cli.print_json({"model": manifest.cid, "weights": manifest.weights, "kind": manifest.kind})
+        print_json({"model": manifest.cid, "weights": manifest.weights, "kind": manifest.kind})
     else:
         print(manifest.cid)
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -140,10 +141,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     with resolve_store(args) as store:
         manifest = load_manifest(store, args.cid)
     if args.json:
-        cli.print_json({"model": args.cid, "manifest": manifest.to_json()})
+        print_json({"model": args.cid, "manifest": manifest.to_json()})
     else:
         print(render.manifest_text(args.cid, manifest))
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -160,10 +161,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         raise InvalidInput(f"{output}: the output must end in .safetensors, .pt or .pth", reason="bad_file_type")
     if args.json:
-        cli.print_json({"model": args.cid, "weights": manifest.weights, "output": str(output)})
+        print_json({"model": args.cid, "weights": manifest.weights, "output": str(output)})
     else:
         print(f"wrote {output} ({len(manifest.tensors)} tensors, weights {manifest.weights})")
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -184,7 +185,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         view = render.view_from_graph(graph)
     fmt = "json" if args.json else args.format
     if fmt == "json":
-        cli.print_json(render.lineage_json(view))
+        print_json(render.lineage_json(view))
     elif fmt == "dot":
         print(render.lineage_dot(view))
     else:
@@ -192,7 +193,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     # showing a lineage with some ancestors out of reach (e.g. device updates held in a
     # relay's private store) is not a failure; a node that does not verify is
     broken = [p for p in view.problems if p["reason"] != "missing"]
-    return cli.EXIT_OK if not broken else cli.EXIT_INTEGRITY
+    return EXIT_OK if not broken else EXIT_INTEGRITY
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -211,11 +212,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "problems": [{"cid": p.cid, "where": p.where, "reason": p.reason, "message": p.message} for p in graph.problems],
     }
     if args.json:
-        cli.print_json(result)
+        print_json(result)
     elif graph.ok:
         print(f"ok: {len(graph.nodes)} model(s), their weights and signatures verify")
     else:
         print(f"FAILED: {len(graph.problems)} problem(s) in {len(graph.nodes)} model(s) read")
         for problem in graph.problems:
             print(f"  {problem.reason}: {problem.cid} ({problem.where}): {problem.message}")
-    return cli.EXIT_OK if graph.ok else cli.EXIT_INTEGRITY
+    return EXIT_OK if graph.ok else EXIT_INTEGRITY

@@ -1,0 +1,72 @@
+"""What every `strata` command shares: exit codes, the error that carries one, common options, JSON output.
+
+A leaf: the command modules (`strata/cmd_*.py`) and the parser in `strata/cli.py`
+import it, and it imports none of them.
+
+Exit codes:
+  0  success
+  1  unexpected internal error (a bug: please report it)
+  2  usage error or invalid input (bad arguments, bad file, bad config)
+  3  not found (no such model, file or aggregator state)
+  4  integrity failure (a hash or signature does not verify)
+  5  unavailable (a daemon or store could not be reached in time)
+  130 interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from proto.errors import IntegrityError, NotFound, StrataError, Unavailable
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTEGRITY, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
+
+
+class CommandFailed(StrataError):
+    """A command that ran but whose answer is "no" (e.g. verify found problems); carries its exit code."""
+
+    def __init__(self, message: str, *, exit_code: int, reason: str = "failed") -> None:
+        super().__init__(message, reason=reason)
+        self.exit_code = exit_code
+
+
+def exit_code_for(error: StrataError) -> int:
+    if isinstance(error, CommandFailed):
+        return error.exit_code
+    if isinstance(error, NotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(error, IntegrityError):
+        return EXIT_INTEGRITY
+    if isinstance(error, Unavailable) or error.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return EXIT_UNAVAILABLE
+    if error.status in ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "ALREADY_EXISTS"):
+        return EXIT_USAGE
+    return EXIT_INTERNAL
+
+
+def add_store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        action="append",
+        help="content store: a directory, local:/path or ipfs:/multiaddr (default: $STRATA_STORE or "
+        "~/.strata/store); repeat to read several in order, e.g. an aggregator's and a relay's",
+    )
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+
+
+def add_log_level_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", metavar="LEVEL", help="debug | info | warning | error (overrides the config's log_level)"
+    )
+
+
+def print_json(value: object) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
