@@ -40,7 +40,8 @@ from storage.cid import is_cid
 from storage.keys import KeyPair
 from storage.manifest import Manifest
 from storage.models import load_manifest
-from storage.store import ContentStore, default_store_path, open_store
+from storage.open import open_store
+from storage.store import ContentStore, default_store_path
 
 log = logging.getLogger("strata.aggregator")
 

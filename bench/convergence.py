@@ -142,7 +142,7 @@ def run_fleet(setup: Setup, params: Params, workdir: Path) -> dict[str, Any]:
     from aggregator.daemon import AggregatorDaemon
     from coordinator.ring import Member
     from storage.keys import KeyPair
-    from storage.store import open_store
+    from storage.open import open_store
     from strata.supervise import free_port
     from strata.wiring import task_base_model
 
@@ -221,7 +221,7 @@ def evaluate_fleet(setup: Setup, fleet: dict[str, Any]) -> dict[str, Any]:
     from agent.tasks import MnistTask
     from storage.codec import decode_tensors
     from storage.models import load_manifest, load_model
-    from storage.store import open_store
+    from storage.open import open_store
 
     cache: dict[str, dict[str, float]] = {}
 

@@ -37,7 +37,7 @@ from relay.home import RelayHome
 from relay.journal import RelayJournal
 from storage.keys import KeyPair
 from storage.manifest import Manifest
-from storage.store import open_store
+from storage.open import open_store
 
 log = logging.getLogger("strata.relay")
 

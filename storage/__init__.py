@@ -18,7 +18,8 @@ from storage.keys import KeyPair, verify_signature
 from storage.lineage import LineageGraph, Problem, verify, walk
 from storage.manifest import KINDS, SCHEMA, Manifest, ManifestError, Producer, now_rfc3339
 from storage.models import load_manifest, load_model, save_model
-from storage.store import ContentStore, LocalStore, default_store_path, open_store
+from storage.open import open_store
+from storage.store import ContentStore, LocalStore, default_store_path
 
 __all__ = [
     "KINDS",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
-import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,10 +34,10 @@ from storage.cid import CidBuilder, cid_of, is_cid, validate_cid
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "ContentStore",
+    "LayeredStore",
     "LocalStore",
     "PutData",
     "default_store_path",
-    "open_store",
 ]
 
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -382,9 +381,6 @@ class LocalStore(ContentStore):
             raise NotFound(f"object {cid} not in store {self.root}", reason="not_found") from None
 
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$")
-
-
 class LayeredStore(ContentStore):
     """Several stores read as one: writes go to the first, reads try each in order.
 
@@ -443,35 +439,6 @@ class LayeredStore(ContentStore):
     def _close(self) -> None:
         for store in self.stores:
             store.close()
-
-
-def open_store(url: str) -> ContentStore:
-    """Open a store from a URL: "local:/path" or a plain path gives a LocalStore.
-
-    "ipfs:/ip4/HOST/tcp/PORT/http" or "ipfs:/dns/NAME/tcp/PORT/http" gives an IpfsStore
-    talking to that Kubo node's RPC API (see storage.ipfs).
-    """
-    if not isinstance(url, str) or not url.strip():
-        raise InvalidInput("store URL must be a non-empty string", reason="bad_store_url")
-    match = _SCHEME.match(url)
-    if match is None:
-        return LocalStore(url)
-    scheme, rest = match.group(1).lower(), match.group(2)
-    if scheme == "local":
-        if rest.startswith("//"):
-            rest = rest[2:]
-        if not rest:
-            raise InvalidInput(f"store URL {url!r} names no directory", reason="bad_store_url")
-        return LocalStore(rest)
-    if scheme == "ipfs":
-        # lazy: storage.ipfs imports this module, and ipfshttpclient is slow to load
-        from storage.ipfs import from_url
-
-        return from_url(url)
-    raise InvalidInput(
-        f"unknown store URL scheme {scheme!r} in {url!r} (expected 'local:' or a path)",
-        reason="bad_store_url",
-    )
 
 
 def default_store_path() -> Path:

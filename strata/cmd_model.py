@@ -14,7 +14,8 @@ from storage.keys import KeyPair
 from storage.lineage import verify, walk
 from storage.manifest import KINDS, Producer
 from storage.models import load_manifest, load_model, save_model
-from storage.store import ContentStore, LayeredStore, default_store_path, open_store
+from storage.open import open_store
+from storage.store import ContentStore, LayeredStore, default_store_path
 from strata import render
 from strata.cli_common import EXIT_INTEGRITY, EXIT_OK, add_json_option, add_store_option, print_json
 

@@ -32,7 +32,8 @@ from proto.errors import InvalidInput, Unavailable
 from storage.codec import decode_tensors
 from storage.lineage import walk
 from storage.models import load_model
-from storage.store import ContentStore, default_store_path, open_store
+from storage.open import open_store
+from storage.store import ContentStore, default_store_path
 from strata.supervise import Supervisor, free_port, wait_for_port
 
 AGGREGATOR_NAMES = "abcdefghijklmnopqrstuvwxyz"

@@ -243,7 +243,7 @@ def test_dockerfile() -> None:
 
 def _ipfs_store_wired() -> bool:
     from proto.errors import InvalidInput
-    from storage.store import open_store
+    from storage.open import open_store
 
     try:
         open_store("ipfs:/ip4/127.0.0.1/tcp/9/http").close()
@@ -384,7 +384,7 @@ def test_compose_fleet_runs_natively(compose: dict[str, Any], procs: ProcessFact
                 for other in kubo_nodes[i + 1 :]:
                     node.connect(other)
         else:
-            # storage.store.open_store has no "ipfs:" yet: aggregators share one local store instead
+            # storage.open.open_store has no "ipfs:" yet: aggregators share one local store instead
             fleet.shared_store = str(tmp_path / "shared-store")
         _run_fleet(fleet)
     finally:

@@ -16,7 +16,8 @@ import pytest
 
 from proto.errors import FailedPrecondition, IntegrityError, InvalidInput, NotFound
 from storage.cid import CHUNK_SIZE, cid_of
-from storage.store import ContentStore, LayeredStore, LocalStore, default_store_path, open_store
+from storage.open import open_store
+from storage.store import ContentStore, LayeredStore, LocalStore, default_store_path
 
 REPO = Path(__file__).resolve().parents[1]
 ABSENT = cid_of(b"never stored anywhere")
