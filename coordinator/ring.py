@@ -8,7 +8,7 @@ when a member leaves only the agents on its arcs (about 1/N of them) move.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from uhashring import HashRing as _UHashRing
@@ -62,14 +62,6 @@ class Ring:
         if self._ring is None:
             raise FailedPrecondition("the ring has no members", reason="empty_ring")
         return self._by_id[self._ring.get_node(key)]
-
-    def walk(self, key: str) -> Iterator[Member]:
-        """Every member in ring order starting at `key`'s owner: the fallback order
-        for an agent whose home is unreachable."""
-        if self._ring is None:
-            return
-        for node in self._ring.range(key, unique=True):
-            yield self._by_id[node["nodename"]]
 
     def assignments(self, keys: Iterable[str]) -> dict[str, str]:
         """key -> owner id, for measuring how many keys move between two rings."""

@@ -12,7 +12,6 @@ from storage.codec import (
     num_bytes,
     num_elements,
     summarize,
-    validate_safetensors,
 )
 from storage.keys import KeyPair, verify_signature
 from storage.lineage import LineageGraph, Problem, verify, walk
@@ -52,7 +51,6 @@ __all__ = [
     "save_model",
     "summarize",
     "validate_cid",
-    "validate_safetensors",
     "verify",
     "verify_signature",
     "walk",

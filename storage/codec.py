@@ -40,9 +40,6 @@ __all__ = [
     "num_bytes",
     "num_elements",
     "summarize",
-    "summary_from_json",
-    "summary_to_json",
-    "validate_safetensors",
 ]
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -125,16 +122,6 @@ class TensorInfo:
 TensorSummary = dict[str, TensorInfo]
 
 
-def summary_to_json(summary: Mapping[str, TensorInfo]) -> dict[str, dict[str, Any]]:
-    return {name: summary[name].to_json() for name in sorted(summary)}
-
-
-def summary_from_json(value: Any) -> TensorSummary:
-    if not isinstance(value, dict):
-        raise CodecError(f"tensor summary must be an object, got {_short(value)}")
-    return {str(name): TensorInfo.from_json(info) for name, info in sorted(value.items())}
-
-
 def num_bytes(summary: Mapping[str, TensorInfo]) -> int:
     """Total tensor data bytes the summary describes (the file is this plus the header)."""
     return sum(info.num_bytes for info in summary.values())
@@ -210,11 +197,6 @@ def summarize(data: bytes | bytearray | memoryview) -> TensorSummary:
 
     The header is fully validated against the length of `data`.
     """
-    return _parse(data).summary
-
-
-def validate_safetensors(data: bytes | bytearray | memoryview) -> TensorSummary:
-    """Check that `data` is a well-formed safetensors file; return its summary or raise CodecError."""
     return _parse(data).summary
 
 

@@ -5,7 +5,7 @@ streams them to `add` and refuses an answer naming another CID, and every read
 (`get`, `iter_chunks`) is re-hashed by ContentStore before a caller sees it.
 
 Endpoints used, all served by current Kubo: add, cat, block/stat, pin/add,
-pin/rm, pin/ls, version. Adds use Kubo's defaults spelled out (CIDv0, dag-pb
+pin/rm, pin/ls. Adds use Kubo's defaults spelled out (CIDv0, dag-pb
 leaves, size-262144 chunker, balanced layout), so a CID equals storage.cid.cid_of.
 
 How the ContentStore contract maps onto IPFS (an IPFS repo has no "delete"):
@@ -193,16 +193,6 @@ class IpfsStore(ContentStore):
         return Unavailable(
             f"IPFS node at {self.addr} refused {what}: {message}", reason="ipfs_error"
         )
-
-    # ------------------------------------------------------------ extras
-
-    def version(self) -> dict[str, Any]:
-        """The daemon's `version` answer; a cheap liveness check."""
-        return dict(self._call("version", lambda: self._client.version(timeout=_short(self))))
-
-    def node_id(self) -> str:
-        """The daemon's peer ID."""
-        return str(self._call("id", lambda: self._client.id(timeout=_short(self)))["ID"])
 
     # ------------------------------------------------------------ primitives
 

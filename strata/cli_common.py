@@ -1,4 +1,4 @@
-"""What every `strata` command shares: exit codes, the error that carries one, common options, JSON output.
+"""What every `strata` command shares: exit codes and the error mapping, common options, JSON output.
 
 A leaf: the command modules (`strata/cmd_*.py`) and the parser in `strata/cli.py`
 import it, and it imports none of them.
@@ -25,17 +25,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTEGRITY, EXIT_UNAVAIL
 EXIT_INTERRUPTED = 130
 
 
-class CommandFailed(StrataError):
-    """A command that ran but whose answer is "no" (e.g. verify found problems); carries its exit code."""
-
-    def __init__(self, message: str, *, exit_code: int, reason: str = "failed") -> None:
-        super().__init__(message, reason=reason)
-        self.exit_code = exit_code
-
-
 def exit_code_for(error: StrataError) -> int:
-    if isinstance(error, CommandFailed):
-        return error.exit_code
     if isinstance(error, NotFound):
         return EXIT_NOT_FOUND
     if isinstance(error, IntegrityError):

@@ -1,10 +1,8 @@
 """Structured logs: one event per line, JSON by default, on the root logger.
 
-Any module can attach fields with plain logging, without importing this module:
+Any module attaches fields with plain logging, without importing this module:
 
     log.info("update accepted", extra={"fields": {"agent": agent_id, "round": 3}})
-
-or, from code that may import `strata`, `log_event(log, "update accepted", agent=agent_id)`.
 """
 
 from __future__ import annotations
@@ -111,17 +109,3 @@ def setup_logging(
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(parse_level(level))
-
-
-def log_event(
-    logger: logging.Logger | str,
-    event: str,
-    /,
-    level: int = logging.INFO,
-    *,
-    exc_info: bool = False,
-    **fields: Any,
-) -> None:
-    """Log `event` with structured `fields`: log_event(log, "round closed", round=3, updates=12)."""
-    target = logging.getLogger(logger) if isinstance(logger, str) else logger
-    target.log(level, event, exc_info=exc_info, extra={"fields": fields}, stacklevel=2)

@@ -140,15 +140,6 @@ def lineage_json(view: LineageView) -> dict[str, Any]:
     }
 
 
-def lineage_summary(view: LineageView) -> str:
-    """One line per kind: how many models of each kind the lineage holds."""
-    counts: dict[str, int] = {}
-    for node in view.nodes.values():
-        counts[node.kind] = counts.get(node.kind, 0) + 1
-    order = ["semi-global", "cluster", "relay", "local", "base", "fork"]
-    return ", ".join(f"{counts[k]} {k}" for k in order if k in counts)
-
-
 def manifest_text(cid: str, manifest: Manifest) -> str:
     lines = [
         f"model      {cid}",

@@ -7,13 +7,12 @@ what is left: only the processes this supervisor started, by PID.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -51,13 +50,12 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, log_dir: Path, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.env = dict(os.environ if env is None else env)
         self.children: list[Child] = []
 
-    def start(self, name: str, args: Sequence[str], *, extra_env: Mapping[str, str] | None = None) -> Child:
+    def start(self, name: str, args: Sequence[str]) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - closed in stop_all
@@ -66,7 +64,6 @@ class Supervisor:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**self.env, **(extra_env or {})},
             start_new_session=True,  # Ctrl-C reaches the demo, which stops children itself
         )
         child = Child(name=name, process=process, log_path=log_path, _log=log)
@@ -82,16 +79,6 @@ class Supervisor:
                     f"{child.name} exited with code {code}; see {child.log_path}: {' | '.join(tail)}",
                     reason="child_failed",
                 )
-
-    def stop(self, child: Child, timeout_s: float = 10.0) -> None:
-        if child.alive:
-            child.process.send_signal(signal.SIGTERM)
-            try:
-                child.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait(timeout=5.0)
-        child._log.close()
 
     def stop_all(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every child, wait up to `timeout_s` in total, then SIGKILL the rest."""

@@ -14,7 +14,7 @@ import yaml
 
 from proto.errors import InvalidInput
 from strata.config import ConfigError, config_to_dict, describe_config, env_var_for, load_config
-from strata.logs import log_event, parse_level, setup_logging
+from strata.logs import parse_level, setup_logging
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,7 +190,7 @@ def test_json_logs_one_line_per_event(restore_root_logger) -> None:
     setup_logging("debug", stream=stream)
     setup_logging("debug", stream=stream)  # idempotent: still one handler
     log = logging.getLogger("strata.test")
-    log_event(log, "update accepted", agent="a1", round=3, event="clash")
+    log.info("update accepted", extra={"fields": {"agent": "a1", "round": 3, "event": "clash"}})
     log.info("multi\nline", extra={"fields": {"cid": "Qm1"}})
     try:
         raise ValueError("bad\nthing")
@@ -215,7 +215,7 @@ def test_level_filters_and_text_format(restore_root_logger) -> None:
     setup_logging("warning", stream=stream, fmt="text")
     log = logging.getLogger("strata.test")
     log.info("dropped")
-    log_event(log, "peer slow", logging.WARNING, peer="b", note="two words")
+    log.warning("peer slow", extra={"fields": {"peer": "b", "note": "two words"}})
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1
     assert " warning strata.test peer slow peer=b note=\"two words\"" in lines[0]
