@@ -39,6 +39,7 @@ __all__ = [
     "encode_tensors",
     "num_bytes",
     "num_elements",
+    "strict_json",
     "summarize",
 ]
 
@@ -227,7 +228,7 @@ def _parse(data: bytes | bytearray | memoryview) -> _Layout:
     if not raw_header.startswith(b"{"):
         raise CodecError("not safetensors: header does not start with '{'")
     try:
-        header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = strict_json(raw_header)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CodecError(f"not safetensors: header is not valid UTF-8 JSON ({exc})") from None
     if not isinstance(header, dict):
@@ -297,6 +298,14 @@ def _parse(data: bytes | bytearray | memoryview) -> _Layout:
         )
     offsets_abs = {name: (data_start + begin, data_start + end) for begin, end, name in ranges}
     return _Layout(summary, offsets_abs, view)
+
+
+def strict_json(raw: bytes) -> Any:
+    """UTF-8 JSON with duplicate keys refused: what safetensors headers and manifests are read with.
+
+    Raises UnicodeDecodeError or ValueError (json.JSONDecodeError, or a duplicate key).
+    """
+    return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -157,20 +157,7 @@ class IpfsStore(ContentStore):
             requests.exceptions.Timeout,
             urllib3.exceptions.TimeoutError,
         ):
-            raise Unavailable(
-                f"IPFS node at {self.addr} did not answer {what} within {limit:g}s",
-                reason="ipfs_timeout",
-            ) from None
-        except ipfs_errors.ConnectionError as error:
-            if _is_timeout(error):
-                raise Unavailable(
-                    f"IPFS node at {self.addr} did not answer {what} within {limit:g}s",
-                    reason="ipfs_timeout",
-                ) from None
-            raise Unavailable(
-                f"IPFS node at {self.addr} is unreachable ({what}): {_root_cause(error)}",
-                reason="ipfs_unavailable",
-            ) from None
+            raise self._timed_out(what, limit) from None
         except (
             ipfs_errors.Error,
             requests.exceptions.RequestException,
@@ -178,14 +165,16 @@ class IpfsStore(ContentStore):
             OSError,
         ) as error:
             if _is_timeout(error):
-                raise Unavailable(
-                    f"IPFS node at {self.addr} did not answer {what} within {limit:g}s",
-                    reason="ipfs_timeout",
-                ) from None
+                raise self._timed_out(what, limit) from None
+            failed = f"is unreachable ({what})" if isinstance(error, ipfs_errors.ConnectionError) else f"failed {what}"
             raise Unavailable(
-                f"IPFS node at {self.addr} failed {what}: {_root_cause(error)}",
-                reason="ipfs_unavailable",
+                f"IPFS node at {self.addr} {failed}: {_root_cause(error)}", reason="ipfs_unavailable"
             ) from None
+
+    def _timed_out(self, what: str, limit: float) -> Unavailable:
+        return Unavailable(
+            f"IPFS node at {self.addr} did not answer {what} within {limit:g}s", reason="ipfs_timeout"
+        )
 
     def _error_response(self, what: str, message: str) -> StrataError:
         if _NOT_FOUND.search(message):

@@ -29,7 +29,7 @@ from typing import Any
 
 from proto.errors import IntegrityError, InvalidInput
 from storage.cid import cid_of, is_cid
-from storage.codec import CodecError, TensorInfo
+from storage.codec import CodecError, TensorInfo, strict_json
 from storage.keys import KEY_TYPE, KeyPair, verify_signature
 
 __all__ = [
@@ -352,7 +352,7 @@ class Manifest:
         the manifest's `cid` is the CID of exactly these bytes)."""
         raw = bytes(data)
         try:
-            record = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+            record = strict_json(raw)
         except (UnicodeDecodeError, ValueError) as exc:
             raise ManifestError(f"manifest is not valid UTF-8 JSON: {exc}") from None
         manifest = cls.from_json(record)
@@ -381,12 +381,3 @@ class Manifest:
             )
         except IntegrityError as exc:
             raise IntegrityError(f"manifest {self.cid}: {exc}", reason="bad_signature") from None
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result

@@ -37,6 +37,13 @@ def exit_code_for(error: StrataError) -> int:
     return EXIT_INTERNAL
 
 
+def add_actions(commands: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """`strata NAME ACTION ...`: a command made of actions, one of which must be given."""
+    actions = commands.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", metavar="ACTION")
+    actions.required = True
+    return actions
+
+
 def add_store_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",

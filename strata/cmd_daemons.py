@@ -10,7 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from strata.cli_common import EXIT_OK, add_json_option, add_log_level_option, print_json
+from strata.cli_common import (
+    EXIT_OK,
+    add_actions,
+    add_json_option,
+    add_log_level_option,
+    print_json,
+)
 from strata.config import config_to_dict, describe_config, load_config
 from strata.logs import setup_logging
 
@@ -34,9 +40,7 @@ def _add_daemon(
 ) -> None:
     """`strata ROLE ACTION` with --config, --set, --print-config and --log-level, and every
     config key with its default in the epilog."""
-    sub = commands.add_parser(role, help=help).add_subparsers(dest=f"{role}_command", metavar="ACTION")
-    sub.required = True
-    parser = sub.add_parser(
+    parser = add_actions(commands, role, help).add_parser(
         action,
         help=action_help,
         epilog=_config_help(config_class(role)),

@@ -9,17 +9,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from proto.errors import InvalidInput, NotFound
-from strata.cli_common import EXIT_OK, add_json_option, print_json
+from strata.cli_common import EXIT_OK, add_actions, add_json_option, print_json
 
 if TYPE_CHECKING:
     from agent.tasks import TorchTask
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    device = commands.add_parser("device", help="act as a low-power device")
-    sub = device.add_subparsers(dest="device_command", metavar="ACTION")
-    sub.required = True
-    predict = sub.add_parser(
+    predict = add_actions(commands, "device", "act as a low-power device").add_parser(
         "predict", help="join as an inference-only device, download the current model, predict on inputs"
     )
     predict.add_argument("--relay", required=True, metavar="ADDR", help="relay (or aggregator) address host:port")

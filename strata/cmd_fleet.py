@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from coordinator.client import CoordinatorClient
@@ -12,10 +13,11 @@ from coordinator.index import ModelRecord
 from proto.errors import InvalidInput
 from proto.wire import DEFAULT_TIMEOUT_S
 from strata import render
-from strata.cli_common import EXIT_OK, add_json_option, print_json
+from strata.cli_common import EXIT_OK, add_actions, add_json_option, print_json
 
 
-def _add_coordinator(parser: argparse.ArgumentParser) -> None:
+def _add_coordinator(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
+    """The options every coordinator query shares, and the handler that answers it."""
     parser.add_argument(
         "--coordinator",
         metavar="HOST:PORT",
@@ -24,36 +26,28 @@ def _add_coordinator(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds (default: 5)")
     add_json_option(parser)
+    parser.set_defaults(handler=handler)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    fleet = commands.add_parser("fleet", help="the fleet as the coordinator sees it")
-    sub = fleet.add_subparsers(dest="fleet_command", metavar="ACTION")
-    sub.required = True
-    status = sub.add_parser("status", help="aggregators, leases, rounds, agent counts, last cluster and semi-global CIDs")
-    _add_coordinator(status)
-    status.set_defaults(handler=cmd_fleet_status)
+    fleet = add_actions(commands, "fleet", "the fleet as the coordinator sees it")
+    status = fleet.add_parser("status", help="aggregators, leases, rounds, agent counts, last cluster and semi-global CIDs")
+    _add_coordinator(status, cmd_fleet_status)
 
-    ring = commands.add_parser("ring", help="the consistent-hash ring")
-    sub = ring.add_subparsers(dest="ring_command", metavar="ACTION")
-    sub.required = True
-    show = sub.add_parser("show", help="members and version; with --agent, where that agent lives")
+    ring = add_actions(commands, "ring", "the consistent-hash ring")
+    show = ring.add_parser("show", help="members and version; with --agent, where that agent lives")
     show.add_argument("--agent", action="append", default=[], metavar="ID", help="an agent id to place (repeatable)")
-    _add_coordinator(show)
-    show.set_defaults(handler=cmd_ring_show)
+    _add_coordinator(show, cmd_ring_show)
 
-    models = commands.add_parser("models", help="the coordinator's model index")
-    sub = models.add_subparsers(dest="models_command", metavar="ACTION")
-    sub.required = True
-    listing = sub.add_parser("list", help="models by kind, aggregator, round or federation")
+    models = add_actions(commands, "models", "the coordinator's model index")
+    listing = models.add_parser("list", help="models by kind, aggregator, round or federation")
     listing.add_argument("--kind", default="", help="local | relay | cluster | semi-global | base")
     listing.add_argument("--aggregator", default="", help="producer id")
     listing.add_argument("--federation", default="")
     listing.add_argument("--round", type=int, default=0, help="only this round (0: any)")
     listing.add_argument("--latest", action="store_true", help="only the latest per aggregator")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default: 50)")
-    _add_coordinator(listing)
-    listing.set_defaults(handler=cmd_models_list)
+    _add_coordinator(listing, cmd_models_list)
 
 
 def _ago(timestamp: float) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from proto.errors import InvalidInput, NotFound
@@ -17,7 +18,14 @@ from storage.models import load_manifest, load_model, save_model
 from storage.open import open_store
 from storage.store import ContentStore, LayeredStore, default_store_path
 from strata import render
-from strata.cli_common import EXIT_INTEGRITY, EXIT_OK, add_json_option, add_store_option, print_json
+from strata.cli_common import (
+    EXIT_INTEGRITY,
+    EXIT_OK,
+    add_actions,
+    add_json_option,
+    add_store_option,
+    print_json,
+)
 
 
 def resolve_store(args: argparse.Namespace) -> ContentStore:
@@ -35,36 +43,42 @@ def operator_key() -> KeyPair:
     return KeyPair.load_or_create(Path(os.path.expanduser("~")) / ".strata" / "operator.key")
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    model = commands.add_parser("model", help="store, inspect and export models")
-    sub = model.add_subparsers(dest="model_command", metavar="ACTION")
-    sub.required = True
+def _store_command(
+    parent: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    handler: Callable[[argparse.Namespace], int],
+    *,
+    on_model: bool = True,
+) -> argparse.ArgumentParser:
+    """A command that reads or writes the store: --store and --json, and (`on_model`) a model ID."""
+    parser = parent.add_parser(name, help=help)
+    if on_model:
+        parser.add_argument("cid", help="model ID (the manifest's CID)")
+    add_store_option(parser)
+    add_json_option(parser)
+    parser.set_defaults(handler=handler)
+    return parser
 
-    put = sub.add_parser("put", help="import a .safetensors file or a PyTorch state_dict as a model")
+
+def register(commands: argparse._SubParsersAction) -> None:
+    model = add_actions(commands, "model", "store, inspect and export models")
+
+    put = _store_command(
+        model, "put", "import a .safetensors file or a PyTorch state_dict as a model", cmd_put, on_model=False
+    )
     put.add_argument("file", type=Path, help=".safetensors, or a state_dict saved with torch.save (.pt/.pth)")
     put.add_argument("--federation", required=True, help="the model family, e.g. digits")
     put.add_argument("--kind", default="base", choices=KINDS, help="manifest kind (default: base)")
     put.add_argument("--round", type=int, default=0, help="round number recorded in the manifest (default: 0)")
     put.add_argument("--parent", action="append", default=[], metavar="CID", help="a parent model (repeatable)")
-    add_store_option(put)
-    add_json_option(put)
-    put.set_defaults(handler=cmd_put)
 
-    show = sub.add_parser("show", help="a model's manifest, tensor summary and weights CID")
-    show.add_argument("cid", help="model ID (the manifest's CID)")
-    add_store_option(show)
-    add_json_option(show)
-    show.set_defaults(handler=cmd_show)
+    _store_command(model, "show", "a model's manifest, tensor summary and weights CID", cmd_show)
 
-    export = sub.add_parser("export", help="write a model's weights to .safetensors or .pt")
-    export.add_argument("cid", help="model ID")
+    export = _store_command(model, "export", "write a model's weights to .safetensors or .pt", cmd_export)
     export.add_argument("-o", "--output", type=Path, required=True, help="out.safetensors or out.pt")
-    add_store_option(export)
-    add_json_option(export)
-    export.set_defaults(handler=cmd_export)
 
-    lineage = commands.add_parser("lineage", help="a model's ancestry down to the device updates")
-    lineage.add_argument("cid", help="model ID")
+    lineage = _store_command(commands, "lineage", "a model's ancestry down to the device updates", cmd_lineage)
     lineage.add_argument("--depth", type=int, default=None, help="how many generations to walk (default: all)")
     lineage.add_argument("--format", choices=("tree", "dot", "json"), default="tree", help="output format (default: tree)")
     lineage.add_argument(
@@ -73,15 +87,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=os.environ.get("STRATA_COORDINATOR", ""),
         help="answer from the coordinator's model index (default: $STRATA_COORDINATOR; else the store)",
     )
-    add_store_option(lineage)
-    add_json_option(lineage)
-    lineage.set_defaults(handler=cmd_lineage)
 
-    check = commands.add_parser("verify", help="re-hash a model's whole lineage, weights and signatures; exit 4 on any mismatch")
-    check.add_argument("cid", help="model ID")
-    add_store_option(check)
-    add_json_option(check)
-    check.set_defaults(handler=cmd_verify)
+    _store_command(
+        commands, "verify", "re-hash a model's whole lineage, weights and signatures; exit 4 on any mismatch", cmd_verify
+    )
 
 
 def _read_tensors(path: Path) -> bytes:

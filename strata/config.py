@@ -222,24 +222,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise ConfigError(f"{where}: expected true/false (1/0, yes/no, on/off), got {value!r}")
-    if inner is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if inner is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if inner is int or inner is float:
+        return _coerce_number(value, inner, where)
     if inner is str:
         if isinstance(value, str):
             return value
@@ -276,6 +260,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if isinstance(inner, type) and isinstance(value, inner):
         return value
     raise ConfigError(f"{where}: cannot use {value!r} for a field of type {inner!r}")
+
+
+def _coerce_number(value: Any, kind: type[int] | type[float], where: str) -> int | float:
+    """An int field takes ints (or their text); a float field takes ints and floats (or their text). Never a bool."""
+    accepted = (int,) if kind is int else (int, float)
+    if isinstance(value, accepted) and not isinstance(value, bool):
+        return kind(value)
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
 
 
 # ---------------------------------------------------------------- building
