@@ -7,6 +7,9 @@ This module only moves values into it: it knows the field types, not the keys.
     cfg = load_config(AggregatorConfig, "aggregator.yaml")
     # STRATA_ROUND__MIN_UPDATES=3 sets cfg.round.min_updates
 
+and back: `dump_config(cfg)` is YAML that `load_config` turns into an equal config
+(what `strata demo` writes for the daemons it starts).
+
 Supported field types: int, float, bool, str, Path, Literal[...], list[str] /
 tuple[str, ...] (comma-separated in the environment), dict (YAML in the
 environment), nested dataclasses (sections), and `X | None`.
@@ -26,7 +29,7 @@ import yaml
 
 from proto.errors import ConfigError
 
-__all__ = ["ConfigError", "config_to_dict", "describe_config", "env_var_for", "load_config"]
+__all__ = ["ConfigError", "config_to_dict", "describe_config", "dump_config", "env_var_for", "load_config"]
 
 T = TypeVar("T")
 
@@ -88,6 +91,14 @@ def env_var_for(key: str, prefix: str = "STRATA_") -> str:
 def config_to_dict(obj: Any) -> Any:
     """Plain YAML/JSON-ready data (dicts, lists, str for paths) for printing the effective config."""
     return _plain(obj)
+
+
+def dump_config(config: Any) -> str:
+    """A config dataclass as a YAML file's text, every key included, sections nested:
+    `load_config(type(config), path)` of that file (with no STRATA_* set) equals `config`."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"{config!r} is not a dataclass instance")
+    return yaml.safe_dump(_plain(config), sort_keys=False, allow_unicode=True)
 
 
 # ---------------------------------------------------------------- reading sources

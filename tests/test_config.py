@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +13,14 @@ import pytest
 import yaml
 
 from proto.errors import InvalidInput
-from strata.config import ConfigError, config_to_dict, describe_config, env_var_for, load_config
+from strata.config import (
+    ConfigError,
+    config_to_dict,
+    describe_config,
+    dump_config,
+    env_var_for,
+    load_config,
+)
 from strata.logs import parse_level, setup_logging
 
 
@@ -171,6 +178,65 @@ def test_config_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
     assert plain["round"] == {"min_updates": 2, "deadline_s": 60.0}
     assert plain["data_dir"] == "/tmp/strata" and plain["peers"] == ["a", "b"]
     assert load_config(SampleConfig, _yaml(tmp_path, plain), env={}) == cfg
+
+
+def _round_trip(tmp_path: Path, cfg: object) -> object:
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump_config(cfg))
+    return load_config(type(cfg), path, env={})
+
+
+def test_dump_config_round_trips_every_field_type(tmp_path: Path) -> None:
+    cfg = SampleConfig(
+        listen="0.0.0.0:1",
+        workers=3,
+        debug=True,
+        peers=("a:1", "b:2"),
+        tags=["x", "007", "true"],  # strings that look like numbers and bools stay strings
+        labels={"zone": "eu", "rack": "7"},
+        data_dir=Path("/var/lib/strata"),
+        coordinator="c:7000",
+        store="ipfs",
+        round=RoundSection(min_updates=5, deadline_s=0.25),
+        fast_round=RoundSection(min_updates=1),
+    )
+    assert _round_trip(tmp_path, cfg) == cfg
+    assert _round_trip(tmp_path, SampleConfig()) == SampleConfig()
+    text = dump_config(cfg)
+    assert list(yaml.safe_load(text)) == [f.name for f in fields(SampleConfig)]  # every key, in field order
+    assert yaml.safe_load(text)["round"] == {"min_updates": 5, "deadline_s": 0.25}
+    with pytest.raises(TypeError):
+        dump_config(SampleConfig)
+
+
+def test_dump_config_round_trips_the_daemon_configs(tmp_path: Path) -> None:
+    from agent.config import AgentConfig
+    from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
+    from coordinator.config import CoordinatorConfig
+    from relay.config import RelayConfig, WindowSettings
+
+    configs = [
+        CoordinatorConfig(listen="127.0.0.1:7001", state_dir="/tmp/c", members=["a=h:1"], lease_ttl_s=9.5),
+        AggregatorConfig(
+            id="agg-a",
+            listen="127.0.0.1:7071",
+            initial_model="task:digits",
+            round=RoundSettings(quorum=1.0, deadline_s=10.0, staleness_params={"exponent": 1.0}),
+            synthesis=SynthesisSettings(peers="random:2", decay_params={"half_life": 3.0}),
+            round_config={"epochs": "2"},
+            peers=["agg-a=127.0.0.1:7071", "agg-b=127.0.0.1:7072"],
+        ),
+        AgentConfig(
+            id="agent-1",
+            seeds=["127.0.0.1:7071"],
+            task_options={"partition": {"scheme": "dirichlet", "alpha": 0.5, "index": 0, "count": 4}, "seed": 0},
+            capability="inference",
+            max_rounds=3,
+        ),
+        RelayConfig(id="relay-1", window=WindowSettings(max_devices=4, max_wait_s=8.0), metrics_port=9100),
+    ]
+    for cfg in configs:
+        assert _round_trip(tmp_path, cfg) == cfg, type(cfg).__name__
 
 
 # ---------------------------------------------------------------- logs
