@@ -38,19 +38,22 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, action="append", default=[], help="an aggregator state directory (repeatable)")
 
 
-def find_journals(args: argparse.Namespace) -> dict[str, Path]:
-    """aggregator id -> journal path."""
+_JOURNAL = "journal.sqlite"
+
+
+def find_state_dirs(args: argparse.Namespace) -> dict[str, Path]:
+    """aggregator id -> state directory holding its journal."""
     if args.state_dir:
-        found = {d.name: d / "journal.sqlite" for d in args.state_dir}
-        missing = [str(p) for p in found.values() if not p.exists()]
+        found = {d.name: d for d in args.state_dir}
+        missing = [str(d / _JOURNAL) for d in found.values() if not (d / _JOURNAL).exists()]
         if missing:
             raise NotFound(f"no journal at {', '.join(missing)}", reason="not_found")
     else:
         home = Path.home() / ".strata"
         found = {}
         for parent in (home / "aggregator", home / "demo" / "aggregators"):
-            for journal in sorted(parent.glob("*/journal.sqlite")):
-                found[journal.parent.name] = journal
+            for journal in sorted(parent.glob(f"*/{_JOURNAL}")):
+                found[journal.parent.name] = journal.parent
     if args.aggregator:
         found = {k: v for k, v in found.items() if k in args.aggregator}
     if not found:
@@ -82,12 +85,19 @@ def _rows(records: list[RoundRecord]) -> list[dict[str, Any]]:
     ]
 
 
+def read_history(state_dir: Path) -> list[dict[str, Any]]:
+    """An aggregator's per-round rows, as `strata history --json` prints them, read from the
+    journal in its state directory (also while the aggregator writes it); NotFound if it has
+    none yet. `strata demo` follows its fleet's rounds through this too."""
+    path = state_dir / _JOURNAL
+    if not path.exists():
+        raise NotFound(f"no journal at {path}", reason="not_found")
+    with Journal(path, readonly=True) as journal:
+        return _rows(journal.history())
+
+
 def load_histories(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    histories = {}
-    for aggregator, path in find_journals(args).items():
-        with Journal(path, readonly=True) as journal:
-            histories[aggregator] = _rows(journal.history())
-    return histories
+    return {aggregator: read_history(state_dir) for aggregator, state_dir in find_state_dirs(args).items()}
 
 
 def cmd_history(args: argparse.Namespace) -> int:

@@ -1,0 +1,76 @@
+"""Everything `strata demo` reads from its running fleet, and only through public interfaces.
+
+- rounds: the reader `strata history` uses, on each aggregator's state directory;
+- the final model's place in the coordinator's model index: the lineage query
+  `strata lineage --coordinator` makes;
+- the relay's counters: its Prometheus metrics endpoint.
+
+Models themselves are read from the content stores by CID, like any operator would.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from proto.errors import NotFound, StrataError, Unavailable
+from strata.cmd_fleet import lineage_from_index
+from strata.cmd_history import read_history
+
+_INDEX_WAIT_S = 5.0  # aggregators announce models to the coordinator in the background
+_SCRAPE_TIMEOUT_S = 5.0
+
+
+def closed_rounds(state_dir: Path) -> list[dict[str, Any]]:
+    """An aggregator's closed rounds so far, oldest first (none while it has no journal yet)."""
+    try:
+        return [row for row in read_history(state_dir) if row["closed"]]
+    except NotFound:
+        return []
+
+
+def indexed_lineage(coordinator: str, model_cid: str) -> set[str]:
+    """The models of `model_cid`'s lineage that the coordinator's index holds (the query
+    `strata lineage --coordinator` makes), once it holds the model and all its parents, or
+    whatever it holds after a short wait: aggregators announce models in the background."""
+    deadline = time.monotonic() + _INDEX_WAIT_S
+    while True:
+        try:
+            nodes = lineage_from_index(coordinator, model_cid, None).nodes
+        except NotFound:
+            nodes = {}
+        root = nodes.get(model_cid)
+        if (root is not None and all(p in nodes for p in root.parents)) or time.monotonic() > deadline:
+            return set(nodes)
+        time.sleep(0.1)
+
+
+def relay_counters(metrics_address: str) -> dict[str, Any]:
+    """The relay's cache and window counters, scraped from its metrics endpoint."""
+    try:
+        with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=_SCRAPE_TIMEOUT_S) as reply:
+            text = reply.read().decode("utf-8")
+    except (urllib.error.URLError, OSError) as exc:
+        raise Unavailable(f"the relay's metrics at {metrics_address} did not answer: {exc}", reason="relay_metrics") from None
+    values: dict[str, float] = {}
+    windows: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "strata_relay_windows":
+                windows[sample.labels["status"]] = int(sample.value)
+            else:
+                values[sample.name] = sample.value
+    try:
+        return {
+            "bytes_saved": int(values["strata_relay_bytes_saved"]),
+            "bytes_served": int(values["strata_relay_bytes_served_total"]),
+            "bytes_fetched": int(values["strata_relay_bytes_fetched_upstream_total"]),
+            "windows": windows,
+        }
+    except KeyError as exc:
+        raise StrataError(f"the relay's metrics lack {exc}", reason="relay_metrics") from None

@@ -1,0 +1,61 @@
+"""One `strata demo` run: start the fleet, follow its rounds, read what only the live fleet can tell, stop, report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from proto.errors import InvalidInput, StrataError
+from strata.demo.fleet import DemoOptions, Fleet
+from strata.demo.follow import Evaluate, Follower, RoundResult
+from strata.demo.observe import indexed_lineage, relay_counters
+from strata.demo.report import Observed, summarize, summary_text
+
+
+def run_demo(options: DemoOptions, *, as_json: bool) -> int:
+    out = sys.stderr if as_json else sys.stdout
+
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    fleet = Fleet(options, say=say)
+    started = time.monotonic()
+    try:
+        fleet.prepare()
+        follower = Follower(fleet, evaluate=_evaluator(options.task), say=say)  # loads torch meanwhile
+        fleet.start()
+        follower.follow()
+        final = follower.final()
+        observed = _observe(fleet, final)
+    finally:
+        say("\nstopping the fleet …")
+        fleet.stop()
+    summary = summarize(fleet, follower.results, final, observed)
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    say(summary_text(fleet, final, summary))
+    if as_json:
+        json.dump(summary, sys.stdout, sort_keys=True)
+        sys.stdout.write("\n")
+    return 0
+
+
+def _evaluator(task_name: str) -> Evaluate:
+    from agent.tasks import BUILTIN_TASKS
+
+    task = BUILTIN_TASKS.get(task_name)
+    if task is None:
+        raise InvalidInput(f"unknown task {task_name!r}; built-in: {sorted(BUILTIN_TASKS)}", reason="bad_argument")
+    return task.evaluate_global
+
+
+def _observe(fleet: Fleet, final: RoundResult) -> Observed:
+    """What the daemons answer only while they run: the coordinator's index and the relay's counters."""
+    indexed = indexed_lineage(fleet.coordinator_address, final.model) if fleet.coordinator_address else None
+    relay: dict = {}
+    if fleet.relay is not None:
+        try:
+            relay = relay_counters(fleet.relay.metrics_address)
+        except StrataError as exc:
+            relay = {"error": str(exc)}
+    return Observed(indexed=indexed, relay=relay)
