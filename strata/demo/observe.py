@@ -1,8 +1,8 @@
 """Everything `strata demo` reads from its running fleet, and only through public interfaces.
 
 - rounds: the reader `strata history` uses, on each aggregator's state directory;
-- the final model's place in the coordinator's model index: the lineage query
-  `strata lineage --coordinator` makes;
+- the final model's place in the coordinator's model index: its lineage, through the
+  typed coordinator client `strata lineage --coordinator` uses;
 - the relay's counters: its Prometheus metrics endpoint.
 
 Models themselves are read from the content stores by CID, like any operator would.
@@ -18,8 +18,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from coordinator.client import CoordinatorClient
 from proto.errors import NotFound, StrataError, Unavailable
-from strata.cmd_fleet import lineage_from_index
 from strata.cmd_history import read_history
 
 _INDEX_WAIT_S = 5.0  # aggregators announce models to the coordinator in the background
@@ -35,19 +35,21 @@ def closed_rounds(state_dir: Path) -> list[dict[str, Any]]:
 
 
 def indexed_lineage(coordinator: str, model_cid: str) -> set[str]:
-    """The models of `model_cid`'s lineage that the coordinator's index holds (the query
-    `strata lineage --coordinator` makes), once it holds the model and all its parents, or
+    """The models of `model_cid`'s lineage that the coordinator's index holds (what
+    `strata lineage --coordinator` shows), once it holds the model and all its parents, or
     whatever it holds after a short wait: aggregators announce models in the background."""
     deadline = time.monotonic() + _INDEX_WAIT_S
-    while True:
-        try:
-            nodes = lineage_from_index(coordinator, model_cid, None).nodes
-        except NotFound:
-            nodes = {}
-        root = nodes.get(model_cid)
-        if (root is not None and all(p in nodes for p in root.parents)) or time.monotonic() > deadline:
-            return set(nodes)
-        time.sleep(0.1)
+    with CoordinatorClient(coordinator) as index:
+        while True:
+            try:
+                lineage = index.lineage(model_cid)
+                held = {record.cid for record in [lineage.model, *lineage.ancestors]}
+                complete = all(parent in held for parent in lineage.model.parents)
+            except NotFound:
+                held, complete = set(), False
+            if complete or time.monotonic() > deadline:
+                return held
+            time.sleep(0.1)
 
 
 def relay_counters(metrics_address: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from proto.errors import InvalidInput, StrataError
+from proto.errors import StrataError
 from strata.demo.fleet import DemoOptions, Fleet
 from strata.demo.follow import Evaluate, Follower, RoundResult
 from strata.demo.observe import indexed_lineage, relay_counters
@@ -41,12 +41,9 @@ def run_demo(options: DemoOptions, *, as_json: bool) -> int:
 
 
 def _evaluator(task_name: str) -> Evaluate:
-    from agent.tasks import BUILTIN_TASKS
+    from agent.tasks import builtin_task  # lazy: torch loads while the coordinator boots
 
-    task = BUILTIN_TASKS.get(task_name)
-    if task is None:
-        raise InvalidInput(f"unknown task {task_name!r}; built-in: {sorted(BUILTIN_TASKS)}", reason="bad_argument")
-    return task.evaluate_global
+    return builtin_task(task_name).evaluate_global
 
 
 def _observe(fleet: Fleet, final: RoundResult) -> Observed:
