@@ -149,7 +149,6 @@ class AgentGroup:
 
     def __init__(self, configs: Sequence[AgentConfig], stop: threading.Event) -> None:
         self.configs = list(configs)
-        self.stop_event = stop
         self.daemons = [AgentDaemon(config, stop=stop) for config in self.configs]
         self.results = [0] * len(self.daemons)
 

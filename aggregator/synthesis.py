@@ -34,6 +34,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
@@ -72,11 +73,28 @@ class ClusterPointer:
     weights_cid: str = ""
 
 
+class PeerReason(StrEnum):
+    """Why synthesis refused a peer's cluster model; recorded in `extra.refused_peers`."""
+
+    UNAVAILABLE = "unavailable"
+    WRONG_MODEL = "wrong_model"
+    STALE = "stale"
+    INVALID_MANIFEST = "invalid_manifest"
+    BAD_SIGNATURE = "bad_signature"
+    NOT_MEMBER = "not_member"
+    INVALID_SAFETENSORS = "invalid_safetensors"
+    SHAPE_MISMATCH = "shape_mismatch"
+    NOT_FINITE = "not_finite"
+    HASH_MISMATCH = "hash_mismatch"
+    NORM_OUTLIER = "norm_outlier"
+    OUTLIER = "outlier"
+
+
 @dataclass(frozen=True, kw_only=True)
 class PeerRefusal:
     model_cid: str
     producer: str
-    reason: str
+    reason: PeerReason
     message: str
 
     def to_json(self) -> dict[str, str]:
@@ -168,26 +186,26 @@ class SemiGlobalSynthesizer:
             pointer = self._latest_pointer(member, cluster.round, timeout)
         except StrataError as exc:
             log.info("peer_unreachable", extra={"fields": {"peer": member.id, "error": str(exc)}})
-            raise _Refused("", member.id, "unavailable", f"peer {member.id} did not answer: {exc}") from None
+            raise _Refused("", member.id, PeerReason.UNAVAILABLE, f"peer {member.id} did not answer: {exc}") from None
         if pointer is None:
             return None  # the peer has not closed a round yet
         cid, who = pointer.model_cid, member.id
         if pointer.federation and pointer.federation != self.federation:
-            raise _Refused(cid, who, "wrong_model", f"pointer is for federation {pointer.federation!r}")
+            raise _Refused(cid, who, PeerReason.WRONG_MODEL, f"pointer is for federation {pointer.federation!r}")
         age = self._age(pointer, cluster)
         if age > self.settings.max_age:
-            raise _Refused(cid, who, "stale", f"{age:g} {self.settings.decay_unit} old (max_age {self.settings.max_age:g})")
+            raise _Refused(cid, who, PeerReason.STALE, f"{age:g} {self.settings.decay_unit} old (max_age {self.settings.max_age:g})")
         manifest_bytes = self._fetch(member, cid)
         try:
             manifest = Manifest.from_bytes(manifest_bytes)
         except InvalidInput as exc:
-            raise _Refused(cid, who, "invalid_manifest", str(exc)) from None
+            raise _Refused(cid, who, PeerReason.INVALID_MANIFEST, str(exc)) from None
         try:
             manifest.verify_signature()
         except IntegrityError as exc:
-            raise _Refused(cid, who, "bad_signature", str(exc)) from None
+            raise _Refused(cid, who, PeerReason.BAD_SIGNATURE, str(exc)) from None
         if manifest.producer.id not in ring:
-            raise _Refused(cid, who, "not_member", f"producer {manifest.producer.id!r} is not a ring member")
+            raise _Refused(cid, who, PeerReason.NOT_MEMBER, f"producer {manifest.producer.id!r} is not a ring member")
         if (
             manifest.kind != "cluster"
             or manifest.federation != self.federation
@@ -197,7 +215,7 @@ class SemiGlobalSynthesizer:
             raise _Refused(
                 cid,
                 who,
-                "wrong_model",
+                PeerReason.WRONG_MODEL,
                 f"expected a {self.federation} cluster model by aggregator {member.id}, got {manifest.kind} "
                 f"of {manifest.federation} by {manifest.producer.role}:{manifest.producer.id}",
             )
@@ -205,13 +223,13 @@ class SemiGlobalSynthesizer:
         try:
             peer_tensors = decode_tensors(weights)
         except CodecError as exc:
-            raise _Refused(cid, who, "invalid_safetensors", str(exc)) from None
+            raise _Refused(cid, who, PeerReason.INVALID_SAFETENSORS, str(exc)) from None
         problem = mismatch(own, peer_tensors, expected=tuple(own))
         if problem is not None:
-            raise _Refused(cid, who, "shape_mismatch", problem)
+            raise _Refused(cid, who, PeerReason.SHAPE_MISMATCH, problem)
         problem = non_finite(peer_tensors)
         if problem is not None:
-            raise _Refused(cid, who, "not_finite", problem)
+            raise _Refused(cid, who, PeerReason.NOT_FINITE, problem)
         return _Candidate(pointer=pointer, manifest=manifest, tensors=peer_tensors, age=age)
 
     def _latest_pointer(self, member: Member, round_: int, timeout: float) -> ClusterPointer | None:
@@ -250,12 +268,12 @@ class SemiGlobalSynthesizer:
             try:
                 data = self._peers.fetch_blob(member, cid, self.settings.fetch_timeout_s)
             except IntegrityError as exc:
-                raise _Refused(cid, member.id, "hash_mismatch", str(exc)) from None
+                raise _Refused(cid, member.id, PeerReason.HASH_MISMATCH, str(exc)) from None
             except StrataError as exc:
-                raise _Refused(cid, member.id, "unavailable", f"cannot fetch {cid} from {member.id}: {exc}") from None
+                raise _Refused(cid, member.id, PeerReason.UNAVAILABLE, f"cannot fetch {cid} from {member.id}: {exc}") from None
             self.last_sources[cid] = "peer"
         if not self._store.has(cid) and self._store.put(data) != cid:
-            raise _Refused(cid, member.id, "hash_mismatch", f"bytes from {member.id} do not hash to {cid}")
+            raise _Refused(cid, member.id, PeerReason.HASH_MISMATCH, f"bytes from {member.id} do not hash to {cid}")
         return data
 
     # ---------------------------------------------------------------- combine
@@ -324,7 +342,7 @@ class SemiGlobalSynthesizer:
 
 
 class _Refused(Exception):
-    def __init__(self, cid: str, producer: str, reason: str, message: str) -> None:
+    def __init__(self, cid: str, producer: str, reason: PeerReason, message: str) -> None:
         super().__init__(message)
         self.refusal = PeerRefusal(model_cid=cid, producer=producer, reason=reason, message=message)
 
@@ -365,10 +383,10 @@ def screen_outliers(
         ratio = norm / own_norm if own_norm > 0 else 1.0
         who, cid = candidate.manifest.producer.id, candidate.manifest.cid
         if ratio > NORM_RATIO_LIMIT or ratio < 1 / NORM_RATIO_LIMIT:
-            refused.append(PeerRefusal(model_cid=cid, producer=who, reason="norm_outlier", message=f"norm is {ratio:.3g}x ours"))
+            refused.append(PeerRefusal(model_cid=cid, producer=who, reason=PeerReason.NORM_OUTLIER, message=f"norm is {ratio:.3g}x ours"))
         elif score > threshold:
             refused.append(
-                PeerRefusal(model_cid=cid, producer=who, reason="outlier", message=f"robust z-score {score:.2f} > {threshold:g}")
+                PeerRefusal(model_cid=cid, producer=who, reason=PeerReason.OUTLIER, message=f"robust z-score {score:.2f} > {threshold:g}")
             )
         else:
             kept.append(candidate)

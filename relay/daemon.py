@@ -28,6 +28,7 @@ from intake.service import AgentServicer
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import FailedPrecondition, StrataError, Unavailable
 from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
+from proto.retry import RetryPolicy
 from proto.wire import ServerHandle, create_channel, create_server
 from relay.cache import ModelCache
 from relay.config import RelayConfig
@@ -212,6 +213,8 @@ class RelayDaemon:
         return self.client.fetch_model_bytes(model_cid)
 
     def _upstream_loop(self) -> None:
+        retry_s = self.config.forward.retry_s
+        backoff = RetryPolicy(base_s=retry_s, max_s=8 * retry_s).backoff(stop=self._stopping)
         while not self._stopping.is_set():
             if not self._joined.is_set():
                 try:
@@ -225,7 +228,7 @@ class RelayDaemon:
                     if self._stopping.is_set() or exc.reason == "closed":
                         return
                     log.warning("upstream_join_failed", extra={"fields": {"error": str(exc)}})
-                    self._stopping.wait(self.config.forward.retry_s)
+                    backoff.wait()
                     continue
             try:
                 info = self.client.current()
@@ -234,8 +237,9 @@ class RelayDaemon:
                     self.forwarder.wake()
             except StrataError as exc:
                 log.warning("base_adoption_failed", extra={"fields": {"reason": exc.reason, "error": str(exc)}})
-                self._stopping.wait(self.config.forward.retry_s)
+                backoff.wait()
                 continue
+            backoff.reset()
             self._stopping.wait(TICK_S)
 
     def _tick_loop(self) -> None:

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from proto.errors import StrataError
+from proto.errors import Refusal, StrataError
 from proto.retry import RetryPolicy
 from relay.core import STALE_AFTER_OUTAGE
 from relay.journal import DROPPED, FORWARDED, RelayJournal, WindowRecord
@@ -108,7 +108,7 @@ class Forwarder:
             if exc.status != "INVALID_ARGUMENT":
                 log.warning("forward_failed", extra={"fields": {"update": record.update_cid, "error": str(exc)}})
                 return False
-            reason = STALE_AFTER_OUTAGE if exc.reason == "stale" else f"upstream_refused:{exc.reason}"
+            reason = STALE_AFTER_OUTAGE if exc.reason == Refusal.STALE else f"upstream_refused:{exc.reason}"
             self._drop(record, reason, exc.message)
             return True
         upstream_cid = str(getattr(receipt, "update_cid", ""))
