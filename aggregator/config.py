@@ -98,9 +98,10 @@ class AggregatorConfig:
     synthesis: SynthesisSettings = field(default_factory=SynthesisSettings, metadata={"help": "semi-global synthesis"})
     round_config: dict[str, str] = _help("key/values handed to every trainer each round (epochs, lr, ...)", default_factory=dict)
     heartbeat_interval_s: float = _help("how often agents should heartbeat", default=5.0)
-    grpc_workers: int = _help(
-        "gRPC handler threads; each connected agent's WatchModels stream holds one, so size it above the agent count",
-        default=256,
+    workers: int = _help(
+        "threads for blocking and CPU-bound work (hashing, validation, the journal, the store); connected "
+        "agents need none: they are served on one event loop",
+        default=8,
     )
     coordinator: str = _help("coordinator address host:port; empty runs without one", default="")
     peers: list[str] = _help(
@@ -117,8 +118,8 @@ class AggregatorConfig:
             raise ConfigError("federation must not be empty")
         if self.heartbeat_interval_s <= 0:
             raise ConfigError("heartbeat_interval_s must be > 0")
-        if self.grpc_workers < 4:
-            raise ConfigError("grpc_workers must be >= 4")
+        if self.workers < 1:
+            raise ConfigError("workers must be >= 1")
         for entry in self.peers:
             if "=" not in entry or ":" not in entry.split("=", 1)[1]:
                 raise ConfigError(f"peers entries must look like id=host:port, got {entry!r}")

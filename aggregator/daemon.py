@@ -35,7 +35,7 @@ from intake.service import AgentServicer
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import ConfigError, StrataError
 from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
-from proto.wire import ServerHandle, create_server
+from proto.serving import ServerHandle, create_server
 from storage.cid import is_cid
 from storage.keys import KeyPair
 from storage.manifest import Manifest
@@ -77,6 +77,7 @@ class AggregatorDaemon:
         self._stopping = threading.Event()
         self._ticker: threading.Thread | None = None
         self._server: ServerHandle | None = None
+        self._agent_service: AgentServicer | None = None
         self._started = False
         self._metrics: MetricsEndpoint | None = None
         self.published = Published()
@@ -105,9 +106,11 @@ class AggregatorDaemon:
         if self._started:
             return self
         self._started = True
-        self._server = create_server(self.config.listen, max_workers=self.config.grpc_workers)
+        self._server = create_server(self.config.listen, workers=self.config.workers)
         advertise = self.config.advertise or f"{self._server.host}:{self._server.port}"
-        self.ring_view = RingView(static_ring(Member(id=self.id, address=advertise), self.config.peers))
+        self.ring_view = RingView(
+            static_ring(Member(id=self.id, address=advertise), self.config.peers), on_change=self._agents_changed
+        )
         if self.synthesizer is None and self.config.synthesis.enabled:
             self.synthesizer = SemiGlobalSynthesizer(
                 aggregator_id=self.id,
@@ -130,27 +133,27 @@ class AggregatorDaemon:
                 agents_fn=self.agents.active,
                 state_dir=self.state_dir,
             )
-        pb_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(
-                home=AggregatorHome(
-                    aggregator_id=self.id,
-                    rounds=self.rounds,
-                    ring=self.ring_view,
-                    store=self.store,
-                    round_config=self.config.round_config,
-                ),
-                agents=self.agents,
-                heartbeat_interval_s=self.config.heartbeat_interval_s,
-                stopping=self._stopping,
+        self._agent_service = AgentServicer(
+            home=AggregatorHome(
+                aggregator_id=self.id,
+                rounds=self.rounds,
+                ring=self.ring_view,
+                store=self.store,
+                round_config=self.config.round_config,
             ),
-            self._server.server,
+            agents=self.agents,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            offload=self._server.offload,
+            stopping=self._stopping,
         )
+        pb_grpc.add_AgentServiceServicer_to_server(self._agent_service, self._server.server)
         pb_grpc.add_PeerServiceServicer_to_server(
             PeerServicer(
                 aggregator_id=self.id,
                 federation=self.config.federation,
                 published=self.published,
                 store=self.shared_store,
+                offload=self._server.offload,
             ),
             self._server.server,
         )
@@ -180,6 +183,7 @@ class AggregatorDaemon:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self._agents_changed()  # watch streams see the stop at once
         if self.link is not None:
             self.link.stop()
         if self._metrics is not None:
@@ -286,6 +290,12 @@ class AggregatorDaemon:
 
     def _announce_base(self, base: BaseModel) -> None:
         log.info("new_base", extra={"fields": {"round": base.round, "model": base.model_cid}})
+        self._agents_changed()
+
+    def _agents_changed(self) -> None:
+        """The base, the ring or the daemon's state changed: wake the agents' watch streams."""
+        if self._agent_service is not None:
+            self._agent_service.changed()
 
     def _tick_loop(self) -> None:
         while not self._stopping.wait(TICK_S):

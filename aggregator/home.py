@@ -37,9 +37,6 @@ class AggregatorHome:
     def current(self) -> BaseModel:
         return self._rounds.current
 
-    def wait_for_new_base(self, known_cid: str, timeout: float) -> BaseModel | None:
-        return self._rounds.wait_for_new_base(known_cid, timeout)
-
     def redirect_for(self, agent_id: str) -> Redirect | None:
         ring = self._ring.ring
         owner = ring.owner(agent_id)

@@ -10,7 +10,8 @@ with deadlines, verifying every fetched byte against its CID.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -19,7 +20,7 @@ from coordinator.ring import Member
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import IntegrityError, NotFound
-from proto.wire import CHUNK_SIZE, create_channel, error_from_rpc, read_header_stream
+from proto.wire import CHUNK_SIZE, create_channel, error_from_rpc, iter_chunks, read_header_stream
 from storage.cid import cid_of, validate_cid
 from storage.manifest import Manifest
 from storage.store import ContentStore
@@ -90,6 +91,8 @@ class Published:
 
 
 class PeerServicer(pb_grpc.PeerServiceServicer):
+    """PeerService on the serving loop; store reads are offloaded."""
+
     def __init__(
         self,
         *,
@@ -97,36 +100,36 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
         federation: str,
         published: Published,
         store: ContentStore,
-        on_announce: Callable[[ClusterPointer], None] | None = None,
+        offload: Callable[..., Awaitable[Any]],
     ) -> None:
         self._id = aggregator_id
         self._federation = federation
         self._published = published
         self._store = store
-        self._on_announce = on_announce
+        self._offload = offload
 
-    def GetLatest(self, request: pb.LatestRequest, context: grpc.ServicerContext) -> pb.LatestReply:
+    async def GetLatest(self, request: pb.LatestRequest, context: grpc.aio.ServicerContext) -> pb.LatestReply:
         reply = pb.LatestReply(aggregator_id=self._id)
         latest = self._published.latest
         if latest is not None and (not request.federation or request.federation == self._federation):
             reply.latest.CopyFrom(pointer_to_pb(latest))
         return reply
 
-    def Announce(self, request: pb.ClusterPointer, context: grpc.ServicerContext) -> pb.Ack:
+    async def Announce(self, request: pb.ClusterPointer, context: grpc.aio.ServicerContext) -> pb.Ack:
+        """A peer's pointer, accepted as a hint only: synthesis asks peers for their latest itself."""
         validate_cid(request.model_cid)
-        if self._on_announce is not None:
-            self._on_announce(pointer_from_pb(request))
         return pb.Ack(ok=True)
 
-    def FetchBlob(self, request: pb.FetchBlobRequest, context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
+    async def FetchBlob(
+        self, request: pb.FetchBlobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BlobChunk]:
         cid = validate_cid(request.cid)
-        if cid not in self._published or not self._store.has(cid):
+        if cid not in self._published:
             raise NotFound(f"{cid} is not a published object of aggregator {self._id}", reason="not_found")
-        yield pb.BlobChunk(header=pb.BlobHeader(cid=cid, size=self._store.size(cid)))
-        offset = 0
-        for piece in self._store.iter_chunks(cid, CHUNK_SIZE):
-            yield pb.BlobChunk(chunk=pb.Chunk(offset=offset, data=piece))
-            offset += len(piece)
+        data = await self._offload(self._store.get, cid)
+        yield pb.BlobChunk(header=pb.BlobHeader(cid=cid, size=len(data)))
+        for offset, piece in iter_chunks(data, CHUNK_SIZE):
+            yield pb.BlobChunk(chunk=pb.Chunk(offset=offset, data=piece.tobytes()))
 
 
 class GrpcPeerAccess(PeerAccess):

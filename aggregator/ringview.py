@@ -8,14 +8,18 @@ when the coordinator is down.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from coordinator.ring import Member, Ring
 
 
 class RingView:
-    def __init__(self, ring: Ring) -> None:
+    """`on_change` runs (outside the lock) each time a new ring is adopted."""
+
+    def __init__(self, ring: Ring, *, on_change: Callable[[], None] | None = None) -> None:
         self._ring = ring
         self._lock = threading.Lock()
+        self._on_change = on_change
 
     @property
     def ring(self) -> Ring:
@@ -33,6 +37,8 @@ class RingView:
             if ring.version < old.version and not authoritative:
                 return False
             self._ring = ring
+        if self._on_change is not None:
+            self._on_change()
         return True
 
 

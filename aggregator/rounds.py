@@ -85,7 +85,6 @@ class RoundManager:
         self._on_model = on_model
         self._clock = clock
         self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
         self.intake = Intake(
             receiver_id=aggregator_id,
             policy=IntakePolicy(
@@ -151,7 +150,6 @@ class RoundManager:
         self._deadline = max(record.opened_at, self._clock() if record.opened_at == 0 else record.opened_at) + (
             self.settings.deadline_s
         )
-        self._changed.notify_all()
 
     def close(self) -> None:
         """Wait for blob writes in flight; idempotent."""
@@ -159,10 +157,11 @@ class RoundManager:
 
     @property
     def current(self) -> BaseModel:
-        with self._lock:
-            if self._base is None:
-                raise StrataError("round manager not started", reason="not_started")
-            return self._base
+        # read without the lock: agents' calls on the serving loop must never wait for a round closing
+        base = self._base
+        if base is None:
+            raise StrataError("round manager not started", reason="not_started")
+        return base
 
     @property
     def base_tensors(self) -> Mapping[str, np.ndarray]:
@@ -172,12 +171,6 @@ class RoundManager:
     def accepted_count(self) -> int:
         with self._lock:
             return len(self._accepted)
-
-    def wait_for_new_base(self, known_cid: str, timeout: float) -> BaseModel:
-        """Block until the base differs from `known_cid` or `timeout` passes; return the current base."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._base is not None and self._base.model_cid != known_cid, timeout)
-            return self.current
 
     # ------------------------------------------------------------------ the intake's receiver
 

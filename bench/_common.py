@@ -200,22 +200,29 @@ def raw_agent_server(model_blob: bytes = b"", *, max_bytes: int = 1 << 30):
     """A started AgentService on 127.0.0.1:0 that does only the wire work: GetModel streams
     `model_blob` in chunks, SubmitUpdate reassembles the stream and says accepted.
 
-    Same messages, chunking and server factory as the real services (proto.wire), so
-    the difference from a real aggregator is everything Strata does beyond moving bytes.
+    Same messages, chunking, server factory and stream reader as the real services
+    (proto.serving), so the difference from a real aggregator is everything Strata does
+    beyond moving bytes.
     """
     from proto import strata_pb2 as pb
     from proto import strata_pb2_grpc as pb_grpc
-    from proto.wire import create_server, read_header_stream, stream_with_header
-
-    class RawAgentService(pb_grpc.AgentServiceServicer):
-        def GetModel(self, request, context):  # noqa: N802 - gRPC method name
-            header = pb.ModelHeader(model_cid="raw", weights_size=len(model_blob))
-            yield from stream_with_header(pb.ModelChunk, header, model_blob)
-
-        def SubmitUpdate(self, request_iterator, context):  # noqa: N802 - gRPC method name
-            header, _ = read_header_stream(request_iterator, size_of=lambda h: h.weights_size, max_size=max_bytes)
-            return pb.SubmitUpdateReply(accepted=True, round=header.round)
+    from proto.serving import create_server, receive_header_stream
+    from proto.wire import stream_with_header
 
     server = create_server("127.0.0.1:0")
+
+    class RawAgentService(pb_grpc.AgentServiceServicer):
+        async def GetModel(self, request, context):  # noqa: N802 - gRPC method name
+            header = pb.ModelHeader(model_cid="raw", weights_size=len(model_blob))
+            for message in stream_with_header(pb.ModelChunk, header, model_blob):
+                yield message
+
+        async def SubmitUpdate(self, request_iterator, context):  # noqa: N802 - gRPC method name
+            header, _ = await receive_header_stream(
+                request_iterator, size_of=lambda h: h.weights_size, max_size=max_bytes, idle_timeout_s=60,
+                offload=server.offload,
+            )
+            return pb.SubmitUpdateReply(accepted=True, round=header.round)
+
     pb_grpc.add_AgentServiceServicer_to_server(RawAgentService(), server.server)
     return server.start()

@@ -25,7 +25,7 @@ from coordinator.service import SERVICE_NAME, CoordinatorServicer
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import FailedPrecondition
 from proto.metrics import MetricsEndpoint, gauge, serve_metrics
-from proto.wire import ServerHandle, create_server
+from proto.serving import ServerHandle, create_server
 
 __all__ = ["EXPIRY_TICK_S", "CoordinatorDaemon"]
 
@@ -47,6 +47,7 @@ class CoordinatorDaemon:
         self._lock = threading.Lock()
         self._started = False
         self._handle: ServerHandle | None = None
+        self._servicer: CoordinatorServicer | None = None
         self._ticker: threading.Thread | None = None
         self.membership: Membership | None = None
         self.index: ModelIndex | None = None
@@ -87,7 +88,10 @@ class CoordinatorDaemon:
             except Exception:
                 self._close_stores()
                 raise
-            servicer = CoordinatorServicer(self.membership, self.index, stopping=self._stopping)
+            servicer = CoordinatorServicer(
+                self.membership, self.index, offload=handle.offload, stopping=self._stopping
+            )
+            self._servicer = servicer
             pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, handle.server)
             handle.start()
             handle.set_serving(SERVICE_NAME, True)
@@ -143,6 +147,8 @@ class CoordinatorDaemon:
             if self._stopping.is_set():
                 return
             self._stopping.set()
+            if self._servicer is not None:
+                self._servicer.changed()  # watch streams see the stop at once
             if self._handle is not None:
                 self._handle.stop(grace)
             if self._metrics is not None:

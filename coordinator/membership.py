@@ -172,11 +172,12 @@ class Membership:
         self.ttl_s = ttl_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self._clock = clock
-        self._lock = threading.Condition(threading.RLock())
+        self._lock = threading.RLock()
         # store None: a private in-memory database, gone with the process
         self._db = _LeaseStore(store)
         self._statuses: dict[str, AggregatorStatus] = {}
         self._static = tuple(static_members)
+        self._listeners: list[Callable[[], None]] = []
         self._version = self._db.ring_version()
         self._load_statuses()
         if self._static:
@@ -228,7 +229,8 @@ class Membership:
             return None
         self._version += 1
         self._ring = Ring(self._live_members(), version=self._version)
-        self._lock.notify_all()
+        for listener in self._listeners:
+            listener()
         return self._version
 
     def register(self, info: AggregatorInfo) -> Lease:
@@ -327,11 +329,15 @@ class Membership:
             }
         return Ring([m for m in ring.members if m.id in serving], version=ring.version)
 
-    def wait_for_version(self, known: int, timeout: float | None) -> Ring:
-        """The ring once its version is above `known`, or the current ring after `timeout` seconds."""
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (quickly, without blocking: it runs under the lock) each time the ring changes."""
         with self._lock:
-            self._lock.wait_for(lambda: self._ring.version > known, timeout=timeout)
-            return self._ring
+            self._listeners.append(listener)
+
+    @property
+    def ring_version(self) -> int:
+        """The current ring's version, read without the lock."""
+        return self._ring.version
 
     def status(self) -> list[AggregatorStatus]:
         """Every aggregator ever seen (live or not), sorted by id."""

@@ -1,14 +1,17 @@
 """CoordinatorService over gRPC: a thin adapter from protobuf to `Membership` and `ModelIndex`.
 
 Each handler turns the request into domain values (`coordinator.messages`),
-calls one core method and turns the result back. Typed errors raised by the
-core leave through `proto.wire.ErrorInterceptor`, which maps them to gRPC status.
+calls one core method and turns the result back. Handlers run on the serving
+loop (`proto.serving`); the core's SQLite work is offloaded to the server's pool.
+Typed errors raised by the core leave through `proto.serving.ErrorInterceptor`,
+which maps them to gRPC status.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -28,63 +31,72 @@ from coordinator.messages import (
 )
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
+from proto.serving import Signal
 
 __all__ = ["SERVICE_NAME", "CoordinatorServicer"]
 
 SERVICE_NAME = "strata.v1.CoordinatorService"
-# A WatchRing stream wakes at least this often to notice cancellation and shutdown.
-WATCH_WAKE_S = 1.0
+# A WatchRing stream re-reads the ring at least this often, even with no change signalled.
+WATCH_WAKE_S = 30.0
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
-    """`stopping`, once set, ends every open WatchRing stream within WATCH_WAKE_S."""
+    """`stopping`, once set and `changed()` called, ends every open WatchRing stream."""
 
     def __init__(
-        self, membership: Membership, index: ModelIndex, *, stopping: threading.Event | None = None
+        self,
+        membership: Membership,
+        index: ModelIndex,
+        *,
+        offload: Callable[..., Awaitable[Any]],
+        stopping: threading.Event | None = None,
     ) -> None:
         self._membership = membership
         self._index = index
+        self._offload = offload
         self._stopping = stopping or threading.Event()
+        self._ring_changed = Signal()
+        membership.on_change(self._ring_changed.notify)
+
+    def changed(self) -> None:
+        """Wake every WatchRing stream (e.g. to notice shutdown)."""
+        self._ring_changed.notify()
 
     # ------------------------------------------------------------ membership
 
-    def RegisterAggregator(
-        self, request: pb.AggregatorInfo, context: grpc.ServicerContext
-    ) -> pb.Lease:
-        return lease_to_pb(self._membership.register(info_from_pb(request)))
+    async def RegisterAggregator(self, request: pb.AggregatorInfo, context: grpc.aio.ServicerContext) -> pb.Lease:
+        return lease_to_pb(await self._offload(self._membership.register, info_from_pb(request)))
 
-    def HeartbeatAggregator(
-        self, request: pb.AggregatorHeartbeat, context: grpc.ServicerContext
+    async def HeartbeatAggregator(
+        self, request: pb.AggregatorHeartbeat, context: grpc.aio.ServicerContext
     ) -> pb.Lease:
         aggregator_id, progress, info = heartbeat_from_pb(request)
-        return lease_to_pb(self._membership.heartbeat(aggregator_id, progress, info=info))
+        return lease_to_pb(await self._offload(self._membership.heartbeat, aggregator_id, progress, info=info))
 
-    def GetRing(self, request: pb.GetRingRequest, context: grpc.ServicerContext) -> pb.Ring:
+    async def GetRing(self, request: pb.GetRingRequest, context: grpc.aio.ServicerContext) -> pb.Ring:
         return ring_to_pb(self._membership.ring(request.federation or None))
 
-    def WatchRing(
-        self, request: pb.WatchRingRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.Ring]:
+    async def WatchRing(self, request: pb.WatchRingRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Ring]:
         known = request.known_version
-        while context.is_active() and not self._stopping.is_set():
-            ring = self._membership.wait_for_version(known, timeout=WATCH_WAKE_S)
-            if ring.version > known and context.is_active():
+        while not self._stopping.is_set():
+            if self._membership.ring_version > known:
+                ring = self._membership.ring(request.federation or None)
                 known = ring.version
-                yield ring_to_pb(self._membership.ring(request.federation or None))
+                yield ring_to_pb(ring)
+                continue
+            await self._ring_changed.wait(WATCH_WAKE_S)
 
     # ------------------------------------------------------------ models
 
-    def AnnounceModel(
-        self, request: pb.AnnounceModelRequest, context: grpc.ServicerContext
+    async def AnnounceModel(
+        self, request: pb.AnnounceModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.AnnounceModelReply:
-        return pb.AnnounceModelReply(
-            model_cid=self._index.record(request.manifest, dict(request.notes))
-        )
+        cid = await self._offload(self._index.record, request.manifest, dict(request.notes))
+        return pb.AnnounceModelReply(model_cid=cid)
 
-    def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
-    ) -> pb.ListModelsReply:
-        records = self._index.list(
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsReply:
+        records = await self._offload(
+            self._index.list,
             kind=request.kind or None,
             aggregator=request.aggregator or None,
             federation=request.federation or None,
@@ -95,27 +107,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         )
         return pb.ListModelsReply(models=[record_to_pb(r) for r in records])
 
-    def GetLineage(
-        self, request: pb.LineageRequest, context: grpc.ServicerContext
-    ) -> pb.LineageReply:
-        return lineage_to_pb(self._index.lineage(request.model_cid, request.depth or DEFAULT_LINEAGE_DEPTH))
+    async def GetLineage(self, request: pb.LineageRequest, context: grpc.aio.ServicerContext) -> pb.LineageReply:
+        lineage = await self._offload(self._index.lineage, request.model_cid, request.depth or DEFAULT_LINEAGE_DEPTH)
+        return lineage_to_pb(lineage)
 
     # ------------------------------------------------------------ agents and fleet
 
-    def ReportAgents(
-        self, request: pb.ReportAgentsRequest, context: grpc.ServicerContext
-    ) -> pb.Ack:
+    async def ReportAgents(self, request: pb.ReportAgentsRequest, context: grpc.aio.ServicerContext) -> pb.Ack:
         entries = [agent_entry_from_pb(a, request.aggregator_id) for a in request.agents]
-        written = self._index.report_agents(request.aggregator_id, entries)
+        written = await self._offload(self._index.report_agents, request.aggregator_id, entries)
         return pb.Ack(ok=True, message=f"{written} agents recorded")
 
-    def ListAgents(
-        self, request: pb.ListAgentsRequest, context: grpc.ServicerContext
-    ) -> pb.ListAgentsReply:
-        entries = self._index.list_agents(request.aggregator or None)
+    async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext) -> pb.ListAgentsReply:
+        entries = await self._offload(self._index.list_agents, request.aggregator or None)
         return pb.ListAgentsReply(agents=[agent_entry_to_pb(e) for e in entries])
 
-    def FleetStatus(
-        self, request: pb.FleetStatusRequest, context: grpc.ServicerContext
-    ) -> pb.FleetStatusReply:
+    async def FleetStatus(self, request: pb.FleetStatusRequest, context: grpc.aio.ServicerContext) -> pb.FleetStatusReply:
         return fleet_status_to_pb(FleetStatus(ring=self._membership.ring(), aggregators=self._membership.status()))

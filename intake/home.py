@@ -45,10 +45,6 @@ class Home(Protocol):
         """The base agents train from now; raises Unavailable before there is one."""
         ...
 
-    def wait_for_new_base(self, known_cid: str, timeout: float) -> BaseModel | None:
-        """Block until the base differs from `known_cid` or `timeout` passes; the current base (None before any)."""
-        ...
-
     def redirect_for(self, agent_id: str) -> Redirect | None:
         """Where the ring places `agent_id`, when that is not here; None for a home without a ring."""
         ...

@@ -5,17 +5,25 @@ redirect to the ring's owner), GetModel streams the manifest then the weights in
 ~1 MiB chunks, SubmitUpdate refusals carry the same reason codes, WatchModels
 and Heartbeat announce new bases and home changes.
 
+Handlers are coroutines on the serving loop (`proto.serving`): an idle agent's
+WatchModels stream costs memory, not a thread. What blocks or burns CPU (the
+intake's hashing, validation and journaling; reading a model from the store) is
+offloaded to the server's bounded pool. A model is read from the store once and
+then streamed to every agent from memory.
+
 Errors raised by the core (StrataError subclasses) leave through the shared
-error interceptor in proto.wire, except SubmitUpdate's refusals, which are an
+error interceptor in proto.serving, except SubmitUpdate's refusals, which are an
 answer rather than a failure: the reply says accepted=false with the reason code.
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
 import logging
 import threading
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -25,47 +33,32 @@ from intake.submission import Submission
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.convert import capability_name, telemetry_to_dict
-from proto.errors import InvalidInput, Refusal, StrataError, UpdateRefused, WireError
-from proto.wire import CHUNK_SIZE, read_header_stream
+from proto.errors import InvalidInput, Refusal, StrataError, Unavailable, UpdateRefused, WireError
+from proto.serving import Signal, receive_header_stream
+from proto.wire import CHUNK_SIZE
 from storage.cid import CidBuilder
 from storage.manifest import Manifest
 from storage.store import ContentStore
 
 log = logging.getLogger("strata.intake.service")
 
-# how often a WatchModels stream wakes to check for shutdown and ring changes
-WATCH_POLL_S = 1.0
+# a WatchModels stream re-checks its agent's home at least this often, even with no change signalled
+WATCH_WAKE_S = 30.0
+# a SubmitUpdate stream that sends nothing for this long is refused as stalled
+UPLOAD_IDLE_S = 60.0
+# recent models kept in memory for streaming; the current base is read from the store once
+CACHED_MODELS = 4
 
 # how a broken SubmitUpdate stream is refused, by the wire's reason
 _STREAM_REFUSALS = {"oversize": Refusal.TOO_LARGE, "missing_header": Refusal.BAD_HEADER}
+
+Offload = Callable[..., Awaitable[Any]]
 
 
 def model_ref(base: BaseModel) -> pb.ModelRef:
     return pb.ModelRef(
         model_cid=base.model_cid, round=base.round, federation=base.federation, weights_cid=base.weights_cid
     )
-
-
-def stream_model(store: ContentStore, model_cid: str, *, round_: int, if_none_match: str) -> Iterator[pb.ModelChunk]:
-    """The GetModel answer: the manifest header, then the weights in ~1 MiB chunks."""
-    if if_none_match and if_none_match == model_cid:
-        yield pb.ModelChunk(header=pb.ModelHeader(model_cid=model_cid, not_modified=True, round=round_))
-        return
-    manifest_bytes = store.get(model_cid)
-    manifest = Manifest.from_bytes(manifest_bytes)
-    yield pb.ModelChunk(
-        header=pb.ModelHeader(
-            model_cid=model_cid,
-            manifest=manifest_bytes,
-            weights_cid=manifest.weights,
-            weights_size=store.size(manifest.weights),
-            round=manifest.round if not round_ else round_,
-        )
-    )
-    offset = 0
-    for piece in store.iter_chunks(manifest.weights, CHUNK_SIZE):
-        yield pb.ModelChunk(chunk=pb.Chunk(offset=offset, data=piece))
-        offset += len(piece)
 
 
 class StreamRefused(UpdateRefused):
@@ -76,26 +69,36 @@ class StreamRefused(UpdateRefused):
         self.header = header
 
 
-def read_update_stream(
-    request_iterator: Iterator[pb.UpdateChunk], *, max_bytes: int
+async def read_update_stream(
+    request_iterator: AsyncIterator[pb.UpdateChunk], *, max_bytes: int, offload: Offload
 ) -> tuple[pb.UpdateHeader, bytes, str]:
     """Reassemble a SubmitUpdate stream: exactly one header first, then in-order chunks.
 
     Returns (header, weights, CID of the weights), the CID hashed chunk by chunk while
     the rest of the stream is still arriving. Raises StreamRefused.
     """
-    first = next(request_iterator, None)
-    header = first.header if first is not None and first.WhichOneof("part") == "header" else None
     builder = CidBuilder()
+    arrived: list[pb.UpdateHeader] = []
+
+    async def remembering_header() -> AsyncIterator[pb.UpdateChunk]:
+        async for message in request_iterator:
+            if not arrived and message.WhichOneof("part") == "header":
+                arrived.append(message.header)
+            yield message
+
     try:
-        messages = itertools.chain([first] if first is not None else [], request_iterator)
-        header, weights = read_header_stream(
-            messages, size_of=lambda h: h.weights_size, max_size=max_bytes, on_chunk=builder.update
+        header, weights = await receive_header_stream(
+            remembering_header(),
+            size_of=lambda h: h.weights_size,
+            max_size=max_bytes,
+            idle_timeout_s=UPLOAD_IDLE_S,
+            offload=offload,
+            on_chunk=builder.update,
         )
-        return header, weights, builder.finish()
+        return header, weights, await offload(builder.finish)
     except WireError as exc:
         raise StreamRefused(
-            str(exc), reason=_STREAM_REFUSALS.get(exc.reason, Refusal.BAD_STREAM), header=header
+            str(exc), reason=_STREAM_REFUSALS.get(exc.reason, Refusal.BAD_STREAM), header=arrived[0] if arrived else None
         ) from None
 
 
@@ -124,16 +127,69 @@ def _redirect_pb(redirect: Redirect, reason: str) -> pb.Redirect:
     )
 
 
+class ModelBytes:
+    """Recent models' manifest and weight bytes, read from the store once and streamed from memory."""
+
+    def __init__(self, load: Callable[[str], Awaitable[tuple[bytes, bytes]]], *, keep: int = CACHED_MODELS) -> None:
+        self._load = load
+        self._keep = keep
+        self._ready: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[tuple[bytes, bytes]]] = {}
+
+    async def get(self, model_cid: str) -> tuple[bytes, bytes]:
+        ready = self._ready.get(model_cid)
+        if ready is not None:
+            self._ready.move_to_end(model_cid)
+            return ready
+        loading = self._loading.get(model_cid)
+        if loading is None:
+            # one load however many agents ask at once
+            loading = self._loading[model_cid] = asyncio.ensure_future(self._load(model_cid))
+            loading.add_done_callback(lambda done: self._loaded(model_cid, done))
+        return await asyncio.shield(loading)
+
+    def _loaded(self, model_cid: str, done: asyncio.Future[tuple[bytes, bytes]]) -> None:
+        self._loading.pop(model_cid, None)
+        if done.cancelled() or done.exception() is not None:
+            return
+        self._ready[model_cid] = done.result()
+        while len(self._ready) > self._keep:
+            self._ready.popitem(last=False)
+
+
+def read_model(store: ContentStore, model_cid: str) -> tuple[bytes, bytes]:
+    """A model's manifest bytes and weight bytes, both hash-verified by the store."""
+    manifest_bytes = store.get(model_cid)
+    return manifest_bytes, store.get(Manifest.from_bytes(manifest_bytes).weights)
+
+
 class AgentServicer(pb_grpc.AgentServiceServicer):
-    """AgentService over a `Home`."""
+    """AgentService over a `Home`. Call `changed()` (from any thread) when the base or the ring changes."""
 
     def __init__(
-        self, *, home: Home, agents: AgentRegistry, heartbeat_interval_s: float, stopping: threading.Event
+        self,
+        *,
+        home: Home,
+        agents: AgentRegistry,
+        heartbeat_interval_s: float,
+        offload: Offload,
+        stopping: threading.Event,
     ) -> None:
         self._home = home
         self._agents = agents
         self._heartbeat_interval_s = heartbeat_interval_s
+        self._offload = offload
         self._stopping = stopping
+        self._changes = Signal()
+        self._models = ModelBytes(self._load_model)
+
+    def changed(self) -> None:
+        """Wake every WatchModels stream to look at the base and the ring again."""
+        self._changes.notify()
+
+    async def _load_model(self, model_cid: str) -> tuple[bytes, bytes]:
+        await self._offload(self._home.prepare_download, model_cid)
+        return await self._offload(read_model, self._home.store, model_cid)
 
     def _check_federation(self, federation: str) -> None:
         if federation and federation != self._home.federation:
@@ -142,7 +198,13 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 reason=Refusal.UNKNOWN_FEDERATION,
             )
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+    def _current_or_none(self) -> BaseModel | None:
+        try:
+            return self._home.current()
+        except Unavailable:
+            return None
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         if not request.agent_id:
             raise InvalidInput("agent_id is empty", reason="bad_request")
         self._check_federation(request.federation)
@@ -156,7 +218,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             capability=capability_name(request.capability),
             telemetry=telemetry_to_dict(request.telemetry),
         )
-        log.info("agent_joined", extra={"fields": {"agent": request.agent_id, "name": request.display_name}})
+        log.debug("agent_joined", extra={"fields": {"agent": request.agent_id, "name": request.display_name}})
         return pb.JoinReply(
             home=pb.Home(
                 aggregator_id=self._home.id,
@@ -167,32 +229,45 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             )
         )
 
-    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelChunk]:
         self._check_federation(request.federation)
         if request.agent_id:
             self._agents.touch(request.agent_id)
         current = self._home.current()
         model_cid = request.model_cid or current.model_cid
-        if request.if_none_match != model_cid:
-            self._home.prepare_download(model_cid)
         round_ = current.round if model_cid == current.model_cid else 0
-        for message in stream_model(self._home.store, model_cid, round_=round_, if_none_match=request.if_none_match):
-            if message.WhichOneof("part") == "header" and not message.header.not_modified:
-                self._home.downloaded(message.header.weights_size)
-            yield message
+        if request.if_none_match and request.if_none_match == model_cid:
+            yield pb.ModelChunk(header=pb.ModelHeader(model_cid=model_cid, not_modified=True, round=round_))
+            return
+        manifest_bytes, weights = await self._models.get(model_cid)
+        manifest = Manifest.from_bytes(manifest_bytes)
+        yield pb.ModelChunk(
+            header=pb.ModelHeader(
+                model_cid=model_cid,
+                manifest=manifest_bytes,
+                weights_cid=manifest.weights,
+                weights_size=len(weights),
+                round=round_ or manifest.round,
+            )
+        )
+        self._home.downloaded(len(weights))
+        for offset in range(0, len(weights), CHUNK_SIZE):
+            yield pb.ModelChunk(chunk=pb.Chunk(offset=offset, data=weights[offset : offset + CHUNK_SIZE]))
 
-    def SubmitUpdate(
-        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    async def SubmitUpdate(
+        self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
     ) -> pb.SubmitUpdateReply:
         intake = self._home.intake
         try:
-            header, weights, received_cid = read_update_stream(request_iterator, max_bytes=self._home.max_update_bytes)
+            header, weights, received_cid = await read_update_stream(
+                request_iterator, max_bytes=self._home.max_update_bytes, offload=self._offload
+            )
             self._agents.touch(header.agent_id)
-            result = intake.submit(submission_from_header(header, weights, received_cid))
+            result = await self._offload(intake.submit, submission_from_header(header, weights, received_cid))
         except StreamRefused as refusal:
             # refused while reading the stream, before the intake saw it
             if refusal.header is not None:
-                intake.record_refusal(refusal.header.agent_id or "?", refusal)
+                await self._offload(intake.record_refusal, refusal.header.agent_id or "?", refusal)
             return pb.SubmitUpdateReply(accepted=False, reason=refusal.reason, message=refusal.message)
         except StrataError as error:
             if error.status == "INVALID_ARGUMENT":
@@ -202,22 +277,26 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             accepted=True, update_cid=result.update_cid, round=result.round, duplicate=result.duplicate
         )
 
-    def WatchModels(self, request: pb.WatchModelsRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelEvent]:
+    async def WatchModels(
+        self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelEvent]:
         self._check_federation(request.federation)
         known = request.known_cid
-        while context.is_active() and not self._stopping.is_set():
+        while not self._stopping.is_set():
             if request.agent_id:
                 redirect = self._home.redirect_for(request.agent_id)
                 if redirect is not None:
                     yield pb.ModelEvent(home_changed=_redirect_pb(redirect, "home_changed"))
                     return
                 self._agents.touch(request.agent_id)
-            current = self._home.wait_for_new_base(known, timeout=WATCH_POLL_S)
+            current = self._current_or_none()
             if current is not None and current.model_cid != known:
                 known = current.model_cid
                 yield pb.ModelEvent(new_base=model_ref(current))
+                continue
+            await self._changes.wait(WATCH_WAKE_S)
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         if not request.agent_id:
             raise InvalidInput("agent_id is empty", reason="bad_request")
         self._agents.touch(request.agent_id, telemetry_to_dict(request.telemetry))

@@ -1,9 +1,8 @@
-"""gRPC plumbing shared by every Strata daemon: servers, channels, error mapping, chunked streams.
+"""gRPC plumbing shared by every Strata process: channels, typed errors on the client side, chunked streams.
 
-- `create_server` / `create_channel` apply the same message-size limits and keepalive
-  settings on both ends, and every server carries the standard grpc.health.v1 service.
-- `ErrorInterceptor` is the one place where typed `StrataError`s become gRPC status
-  codes (reason in the "strata-reason" trailer); `error_from_rpc` turns them back.
+- `create_channel` applies the same message-size limits and keepalive settings as
+  `proto.serving.create_server` (where servers, and the server side of error
+  mapping, live); `error_from_rpc` turns a failed call back into its typed error.
 - `iter_chunks`, `stream_with_header`, `Reassembler` and `read_header_stream` move
   weights as ~1 MiB chunks, refusing out-of-order, oversize and truncated streams.
 
@@ -16,12 +15,11 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from proto import strata_pb2
 from proto.errors import (
@@ -45,16 +43,13 @@ REASON_METADATA_KEY = "strata-reason"
 
 KEEPALIVE_TIME_S = 30.0
 KEEPALIVE_TIMEOUT_S = 10.0
-# The server must accept pings at least as often as clients send them, or it
-# answers with GOAWAY "too_many_pings" and drops the connection.
-_SERVER_MIN_PING_INTERVAL_S = 10.0
 
 log = logging.getLogger("strata.wire")
 
 T = TypeVar("T")
 
 
-# ---------------------------------------------------------------- servers and channels
+# ---------------------------------------------------------------- channels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,106 +68,7 @@ def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-@dataclass(kw_only=True)
-class ServerHandle:
-    """A created (not yet started) gRPC server, its bound port and its health servicer.
-
-    Register servicers on `.server` before `start()`. `start`/`stop` are idempotent,
-    and the handle is a context manager that stops the server on exit.
-    """
-
-    server: grpc.Server
-    port: int
-    host: str
-    health: health.HealthServicer
-    _started: bool = field(default=False, repr=False)
-    _stopped: bool = field(default=False, repr=False)
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def start(self) -> ServerHandle:
-        if self._stopped:
-            raise FailedPrecondition("a stopped server cannot be restarted", reason="server_stopped")
-        if not self._started:
-            self.server.start()
-            self._started = True
-            self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        return self
-
-    def set_serving(self, service: str, serving: bool) -> None:
-        """Health status of one service, e.g. "strata.v1.AgentService"."""
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        self.health.set(service, status)
-
-    def stop(self, grace: float | None = 1.0) -> None:
-        """Refuse new calls, let in-flight ones finish within `grace` seconds, then cancel them."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self.health.enter_graceful_shutdown()
-        if not self._started:
-            # grpc.Server.stop() on a never-started server leaves its bound socket
-            # listening (connections then hang until their deadline), so start it first.
-            self.server.start()
-        self.server.stop(grace).wait()
-
-    def __enter__(self) -> ServerHandle:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def create_server(
-    address: str = "127.0.0.1:0",
-    *,
-    max_workers: int = 16,
-    interceptors: Sequence[grpc.ServerInterceptor] = (),
-    max_message_bytes: int = MAX_MESSAGE_BYTES,
-    tls: TlsFiles | None = None,
-) -> ServerHandle:
-    """A gRPC server with limits, keepalive, health and `ErrorInterceptor`, bound but not started.
-
-    Port 0 binds a free port; the handle's `.port` is the one bound.
-    """
-    from concurrent import futures
-
-    options = _size_options(max_message_bytes) + [
-        ("grpc.keepalive_time_ms", int(KEEPALIVE_TIME_S * 1000)),
-        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(_SERVER_MIN_PING_INTERVAL_S * 1000)),
-        ("grpc.http2.max_pings_without_data", 0),
-        # Without this two servers can silently share a port on Linux.
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="strata-grpc"),
-        # Outermost, so it also catches typed errors raised by handlers other interceptors return.
-        interceptors=[ErrorInterceptor(), *interceptors],
-        options=options,
-        maximum_concurrent_rpcs=None,
-    )
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-
-    try:
-        if tls is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, _server_credentials(tls))
-    except RuntimeError as e:
-        raise Unavailable(f"cannot bind {address}: {e}", reason="bind_failed") from e
-    if port == 0:
-        raise Unavailable(f"cannot bind {address}", reason="bind_failed")
-    host = address.rsplit(":", 1)[0]
-    return ServerHandle(server=server, port=port, host=host, health=health_servicer)
-
-
-def _server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     if tls.cert is None or tls.key is None:
         raise InvalidInput("a TLS server needs both a certificate and a key", reason="tls_config")
     pair = (Path(tls.key).read_bytes(), Path(tls.cert).read_bytes())
@@ -214,102 +110,6 @@ def create_channel(
     return grpc.secure_channel(address, creds, options=opts)
 
 
-# ---------------------------------------------------------------- errors, server side
-
-
-class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions escaping handlers to gRPC status, for unary and streaming RPCs alike.
-
-    `StrataError` → its `.status`, details "reason: message", reason in the
-    "strata-reason" trailer. Anything else → INTERNAL with a generic message;
-    the traceback is logged here and never sent to the caller.
-    """
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
-def _wrap_unary(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable:
-    def call(request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return behavior(request, context)
-        except Exception as e:  # noqa: BLE001 - this is the one place errors are mapped
-            _abort_for(e, context, method)
-
-    return call
-
-
-def _wrap_stream(behavior: Callable[[Any, grpc.ServicerContext], Iterable], method: str) -> Callable:
-    def call(request: Any, context: grpc.ServicerContext) -> Iterator:
-        try:
-            yield from behavior(request, context)
-        except Exception as e:  # noqa: BLE001 - this is the one place errors are mapped
-            _abort_for(e, context, method)
-
-    return call
-
-
-def _abort_for(e: Exception, context: grpc.ServicerContext, method: str) -> None:
-    """Abort the RPC for exception `e`; always raises."""
-    # A handler that called context.abort() itself already chose its status, and a
-    # cancelled or expired call has no one left to tell.
-    if _already_aborted(context) or not context.is_active():
-        raise e
-    if isinstance(e, StrataError):
-        log.info(
-            "rpc refused",
-            extra={"fields": {"method": method, "status": e.status, "reason": e.reason, "error": e.message}},
-        )
-        code = getattr(grpc.StatusCode, e.status, grpc.StatusCode.INTERNAL)
-        context.set_trailing_metadata(((REASON_METADATA_KEY, _ascii(e.reason)),))
-        context.abort(code, f"{e.reason}: {e.message}")
-    log.error("unhandled error in rpc", exc_info=e, extra={"fields": {"method": method}})
-    context.set_trailing_metadata(((REASON_METADATA_KEY, "internal"),))
-    context.abort(grpc.StatusCode.INTERNAL, "internal: internal server error (details are in the server log)")
-
-
-def _already_aborted(context: grpc.ServicerContext) -> bool:
-    try:
-        code = context.code()
-    except (AttributeError, NotImplementedError):
-        return False
-    return code is not None and code != grpc.StatusCode.OK
-
-
-def _ascii(text: str) -> str:
-    return text.encode("ascii", "replace").decode("ascii")
-
-
 # ---------------------------------------------------------------- errors, client side
 
 _ERROR_BY_STATUS: dict[grpc.StatusCode, type[StrataError]] = {
@@ -323,7 +123,7 @@ _ERROR_BY_STATUS: dict[grpc.StatusCode, type[StrataError]] = {
 }
 # Reasons raised as WireError by this module; they share INVALID_ARGUMENT with InvalidInput.
 _WIRE_REASONS = frozenset(
-    {"bad_stream", "out_of_order", "oversize", "truncated", "hash_mismatch", "missing_header", "unexpected_header"}
+    {"bad_stream", "out_of_order", "oversize", "truncated", "hash_mismatch", "missing_header", "unexpected_header", "stalled"}
 )
 _RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -434,7 +234,8 @@ class Reassembler:
         self.expected_size = expected_size
         self.expected_cid = expected_cid
         self._what = what
-        self._buffer = bytearray(expected_size)
+        # grows as bytes arrive: a declared size is a stranger's claim, not a reason to allocate
+        self._buffer = bytearray()
         self._received = 0
         self._sha256 = sha256.lower() if sha256 else None
         self._hasher = hashlib.sha256() if sha256 else None
@@ -457,7 +258,7 @@ class Reassembler:
                 f"{self.expected_size}{self._what}",
                 reason="oversize",
             )
-        self._buffer[offset:end] = data
+        self._buffer += data
         if self._hasher is not None:
             self._hasher.update(data)
         self._received = end

@@ -95,9 +95,10 @@ class RelayConfig:
         "refuse device updates with ||update - base|| > this x max(||base||, 1); 0 disables", default=10.0
     )
     heartbeat_interval_s: float = _help("how often devices should heartbeat", default=5.0)
-    grpc_workers: int = _help(
-        "gRPC handler threads; each connected device's WatchModels stream holds one, so size it above the device count",
-        default=256,
+    workers: int = _help(
+        "threads for blocking and CPU-bound work (hashing, validation, the journal, the store); connected "
+        "agents need none: they are served on one event loop",
+        default=8,
     )
     agent_timeout_s: float = _help("a device not heard from for this long is no longer active", default=30.0)
     metrics_port: int = _help("Prometheus metrics port on the listen host; 0 disables", default=0)
@@ -114,8 +115,8 @@ class RelayConfig:
             raise ConfigError("max_update_bytes must be > 0")
         if self.max_relative_norm < 0:
             raise ConfigError("max_relative_norm must be >= 0 (0 disables the check)")
-        if self.grpc_workers < 4:
-            raise ConfigError("grpc_workers must be >= 4")
+        if self.workers < 1:
+            raise ConfigError("workers must be >= 1")
         for name in ("heartbeat_interval_s", "agent_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")

@@ -83,7 +83,6 @@ class Relay:
         self._clock = clock
         self._strategy = FedAvg()
         self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
         self._base: BaseModel | None = None
         self._base_tensors: dict[str, np.ndarray] = {}
         self._pool: list[AcceptedUpdate] = []
@@ -150,26 +149,19 @@ class Relay:
             self.cache.protect([model_cid])
             if self._aggregation is None:
                 self._aggregation = self._strategy.start(tensors)
-            self._changed.notify_all()
             return self._base
 
     @property
     def current(self) -> BaseModel:
-        with self._lock:
-            if self._base is None:
-                raise Unavailable("the relay has no model from upstream yet", reason="no_base")
-            return self._base
+        # read without the lock: devices' calls on the serving loop must never wait for a window closing
+        base = self._base
+        if base is None:
+            raise Unavailable("the relay has no model from upstream yet", reason="no_base")
+        return base
 
     @property
     def has_base(self) -> bool:
-        with self._lock:
-            return self._base is not None
-
-    def wait_for_new_base(self, known_cid: str, timeout: float) -> BaseModel | None:
-        """Block until the base differs from `known_cid` or `timeout` passes; the current base (None before any)."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._base is not None and self._base.model_cid != known_cid, timeout)
-            return self._base
+        return self._base is not None
 
     # ------------------------------------------------------------------ the intake's receiver
 

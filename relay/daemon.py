@@ -29,7 +29,8 @@ from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import FailedPrecondition, StrataError, Unavailable
 from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
 from proto.retry import RetryPolicy
-from proto.wire import ServerHandle, create_channel, create_server
+from proto.serving import ServerHandle, create_server
+from proto.wire import create_channel
 from relay.cache import ModelCache
 from relay.config import RelayConfig
 from relay.core import Relay
@@ -106,6 +107,7 @@ class RelayDaemon:
         self._joined = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server: ServerHandle | None = None
+        self._device_service: AgentServicer | None = None
         self._metrics: MetricsEndpoint | None = None
         self._started = False
 
@@ -115,17 +117,16 @@ class RelayDaemon:
         if self._started:
             return self
         self._started = True
-        self._server = create_server(self.config.listen, max_workers=self.config.grpc_workers)
+        self._server = create_server(self.config.listen, workers=self.config.workers)
         base = self.relay.start()
-        pb_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(
-                home=RelayHome(relay=self.relay, round_config=lambda: dict(self.client.round_config)),
-                agents=self.agents,
-                heartbeat_interval_s=self.config.heartbeat_interval_s,
-                stopping=self._stopping,
-            ),
-            self._server.server,
+        self._device_service = AgentServicer(
+            home=RelayHome(relay=self.relay, round_config=lambda: dict(self.client.round_config)),
+            agents=self.agents,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            offload=self._server.offload,
+            stopping=self._stopping,
         )
+        pb_grpc.add_AgentServiceServicer_to_server(self._device_service, self._server.server)
         self._server.start()
         for target, name in (
             (self._upstream_loop, "upstream"),
@@ -157,6 +158,7 @@ class RelayDaemon:
         if self._stopping.is_set() or not self._started:
             return
         self._stopping.set()
+        self._devices_changed()  # watch streams see the stop at once
         self.forwarder.wake()
         self.client.close()
         if self._server is not None:
@@ -234,6 +236,7 @@ class RelayDaemon:
                 info = self.client.current()
                 if not self.relay.has_base or info.model_cid != self.relay.current.model_cid:
                     self.relay.adopt_base(info.model_cid, info.round)
+                    self._devices_changed()
                     self.forwarder.wake()
             except StrataError as exc:
                 log.warning("base_adoption_failed", extra={"fields": {"reason": exc.reason, "error": str(exc)}})
@@ -241,6 +244,11 @@ class RelayDaemon:
                 continue
             backoff.reset()
             self._stopping.wait(TICK_S)
+
+    def _devices_changed(self) -> None:
+        """A new base, or the relay stopping: wake the devices' watch streams."""
+        if self._device_service is not None:
+            self._device_service.changed()
 
     def _tick_loop(self) -> None:
         while not self._stopping.wait(TICK_S):

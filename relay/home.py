@@ -29,9 +29,6 @@ class RelayHome:
     def current(self) -> BaseModel:
         return self._relay.current
 
-    def wait_for_new_base(self, known_cid: str, timeout: float) -> BaseModel | None:
-        return self._relay.wait_for_new_base(known_cid, timeout)
-
     def redirect_for(self, agent_id: str) -> Redirect | None:
         return None
 

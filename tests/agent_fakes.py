@@ -8,8 +8,9 @@ what Heartbeat says. It counts every call.
 
 from __future__ import annotations
 
+import asyncio
 import queue
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import grpc
@@ -18,7 +19,8 @@ import numpy as np
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import InvalidInput, Unavailable
-from proto.wire import create_server, read_header_stream, stream_with_header
+from proto.serving import create_server, receive_header_stream
+from proto.wire import stream_with_header
 from storage.cid import cid_of
 from storage.codec import encode_tensors, summarize
 from storage.keys import KeyPair
@@ -41,6 +43,10 @@ def make_model(round_: int = 0, value: float = 1.0, key: KeyPair = AGGREGATOR_KE
         created_at="2025-01-01T00:00:00Z",
     ).signed(key)
     return manifest, blob
+
+
+async def _inline(fn, *args):
+    return fn(*args)
 
 
 class FakeHome(pb_grpc.AgentServiceServicer):
@@ -70,7 +76,7 @@ class FakeHome(pb_grpc.AgentServiceServicer):
         self.serve(manifest, blob)
         self.events.put(pb.ModelEvent(new_base=self.announced))
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         self.calls["Join"] += 1
         if self.join_refusal:
             raise InvalidInput("refused", reason=self.join_refusal)
@@ -83,7 +89,7 @@ class FakeHome(pb_grpc.AgentServiceServicer):
             home=pb.Home(aggregator_id=self.aggregator_id, base=self.announced, heartbeat_interval_s=self.heartbeat_interval_s)
         )
 
-    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelChunk]:
         self.calls["GetModel"] += 1
         if request.if_none_match and request.if_none_match == self.header_cid:
             yield pb.ModelChunk(header=pb.ModelHeader(model_cid=self.header_cid, not_modified=True))
@@ -91,11 +97,16 @@ class FakeHome(pb_grpc.AgentServiceServicer):
         header = pb.ModelHeader(
             model_cid=self.header_cid, manifest=self.manifest_bytes, weights_size=len(self.weights), round=self.announced.round
         )
-        yield from stream_with_header(pb.ModelChunk, header, self.weights)
+        for message in stream_with_header(pb.ModelChunk, header, self.weights):
+            yield message
 
-    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.SubmitUpdateReply:
+    async def SubmitUpdate(
+        self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
+    ) -> pb.SubmitUpdateReply:
         self.calls["SubmitUpdate"] += 1
-        header, blob = read_header_stream(request_iterator, size_of=lambda h: h.weights_size, max_size=1 << 24)
+        header, blob = await receive_header_stream(
+            request_iterator, size_of=lambda h: h.weights_size, max_size=1 << 24, idle_timeout_s=10, offload=_inline
+        )
         if self.submit_failures > 0:
             self.submit_failures -= 1
             raise Unavailable("restarting", reason="restarting")
@@ -104,15 +115,17 @@ class FakeHome(pb_grpc.AgentServiceServicer):
             return pb.SubmitUpdateReply(accepted=False, reason=self.submit_refusal, message="refused by the test")
         return pb.SubmitUpdateReply(accepted=True, update_cid=cid_of(header.manifest), round=header.round)
 
-    def WatchModels(self, request: pb.WatchModelsRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelEvent]:
+    async def WatchModels(
+        self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelEvent]:
         self.calls["WatchModels"] += 1
-        while context.is_active():
+        while True:  # until the client cancels or the server stops
             try:
-                yield self.events.get(timeout=0.05)
+                yield self.events.get_nowait()
             except queue.Empty:
-                continue
+                await asyncio.sleep(0.05)
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         self.calls["Heartbeat"] += 1
         reply = pb.HeartbeatReply(current_base=self.announced, next_interval_s=self.heartbeat_interval_s)
         if self.heartbeat_home_changed is not None:
@@ -126,7 +139,7 @@ def serving(*homes: FakeHome) -> Iterator[list[FakeHome]]:
     handles = []
     try:
         for home in homes:
-            handle = create_server("127.0.0.1:0", max_workers=8)
+            handle = create_server("127.0.0.1:0", workers=2)
             pb_grpc.add_AgentServiceServicer_to_server(home, handle.server)
             handles.append(handle.start())
             home.address = handle.address

@@ -23,7 +23,8 @@ from proto.errors import (
     StrataError,
     Unavailable,
 )
-from proto.wire import ServerHandle, create_channel, create_server, is_retryable
+from proto.serving import ServerHandle, create_server
+from proto.wire import create_channel, is_retryable
 from storage.cid import cid_of
 from storage.keys import KeyPair
 from tests.test_coordinator import make_manifest
@@ -32,8 +33,10 @@ from tests.test_coordinator import make_manifest
 @pytest.fixture
 def served() -> Iterator[tuple[ServerHandle, Membership, ModelIndex]]:
     membership, index = Membership(), ModelIndex(None)
-    handle = create_server("127.0.0.1:0", max_workers=4)
-    pb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(membership, index), handle.server)
+    handle = create_server("127.0.0.1:0", workers=4)
+    pb_grpc.add_CoordinatorServiceServicer_to_server(
+        CoordinatorServicer(membership, index, offload=handle.offload), handle.server
+    )
     with handle:
         yield handle, membership, index
     membership.close()

@@ -20,7 +20,7 @@ from aggregator.peers import GrpcPeerAccess, PeerServicer, Published, pointer_fo
 from aggregator.synthesis import SemiGlobalSynthesizer, robust_z_scores
 from coordinator.ring import Member, Ring
 from proto import strata_pb2_grpc as pb_grpc
-from proto.wire import ServerHandle, create_server
+from proto.serving import ServerHandle, create_server
 from storage.codec import decode_tensors, encode_tensors
 from storage.keys import KeyPair
 from storage.lineage import walk
@@ -66,7 +66,8 @@ def peers(tmp_path: Path) -> Iterator[dict[str, Peer]]:
         published = Published()
         handle = create_server("127.0.0.1:0")
         pb_grpc.add_PeerServiceServicer_to_server(
-            PeerServicer(aggregator_id=name, federation="toy", published=published, store=store), handle.server
+            PeerServicer(aggregator_id=name, federation="toy", published=published, store=store, offload=handle.offload),
+            handle.server,
         )
         handle.start()
         started[name] = Peer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -16,6 +17,7 @@ from proto import strata_pb2_grpc as pb_grpc
 from proto import wire
 from proto.errors import InvalidInput, NotFound, StrataError, Unavailable, WireError
 from proto.retry import RetryPolicy, retry_call
+from proto.serving import create_server, receive_header_stream
 
 # ---------------------------------------------------------------- chunking
 
@@ -114,10 +116,14 @@ def test_stream_with_header_round_trips_through_read_header_stream() -> None:
 # ---------------------------------------------------------------- a real server
 
 
+async def _inline(fn, *args):
+    return fn(*args)
+
+
 class _Servicer(pb_grpc.AgentServiceServicer):
     """Heartbeat's agent_id picks the behaviour; GetModel streams then fails."""
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         match request.agent_id:
             case "invalid":
                 raise InvalidInput("agent id has spaces", reason="bad_agent_id")
@@ -126,23 +132,25 @@ class _Servicer(pb_grpc.AgentServiceServicer):
             case "boom":
                 raise RuntimeError("secret-internal-detail")
             case "sleep":
-                time.sleep(1.0)
+                await asyncio.sleep(1.0)
             case "abort":
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, "go away")
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "go away")
         return pb.HeartbeatReply(next_interval_s=5.0)
 
-    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext):
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):
         yield pb.ModelChunk(header=pb.ModelHeader(model_cid="m", weights_size=10))
         raise NotFound("weights vanished", reason="blob_missing")
 
-    def SubmitUpdate(self, request_iterator, context: grpc.ServicerContext) -> pb.SubmitUpdateReply:
-        header, data = wire.read_header_stream(request_iterator, size_of=lambda h: h.weights_size, max_size=1 << 20)
+    async def SubmitUpdate(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.SubmitUpdateReply:
+        header, data = await receive_header_stream(
+            request_iterator, size_of=lambda h: h.weights_size, max_size=1 << 20, idle_timeout_s=5, offload=_inline
+        )
         return pb.SubmitUpdateReply(accepted=True, update_cid=hashlib.sha256(data).hexdigest())
 
 
 @pytest.fixture
 def server():
-    handle = wire.create_server("127.0.0.1:0", max_workers=4, max_message_bytes=64 * 1024)
+    handle = create_server("127.0.0.1:0", workers=4, max_message_bytes=64 * 1024)
     pb_grpc.add_AgentServiceServicer_to_server(_Servicer(), handle.server)
     handle.start()
     yield handle
@@ -247,7 +255,7 @@ def test_deadline_exceeded(stub) -> None:
 
 
 def test_retry_call_retries_unavailable_with_backoff_then_succeeds(stub) -> None:
-    dead = wire.create_server()
+    dead = create_server()
     dead_address = dead.address
     dead.stop(grace=0)  # nothing listens on this port any more
     dead_channel = wire.create_channel(dead_address)
@@ -273,7 +281,7 @@ def test_retry_call_retries_unavailable_with_backoff_then_succeeds(stub) -> None
 
 
 def test_retry_call_gives_up_after_attempts_and_respects_deadline() -> None:
-    dead = wire.create_server()
+    dead = create_server()
     address = dead.address
     dead.stop(grace=0)
     with wire.create_channel(address) as channel:
@@ -321,7 +329,7 @@ def test_retry_call_never_retries_invalid_argument(stub) -> None:
 
 
 def test_server_handle_lifecycle() -> None:
-    with wire.create_server() as handle:
+    with create_server() as handle:
         assert handle.port > 0
         handle.start()  # idempotent
     handle.stop()  # idempotent
@@ -330,9 +338,9 @@ def test_server_handle_lifecycle() -> None:
 
 
 def test_bind_failure_is_typed() -> None:
-    with wire.create_server() as first:
+    with create_server() as first:
         with pytest.raises(Unavailable) as info:
-            wire.create_server(first.address)
+            create_server(first.address)
         assert info.value.reason == "bind_failed"
 
 
@@ -370,7 +378,7 @@ def _self_signed(tmp_path) -> wire.TlsFiles:
 
 def test_tls_server_and_channel(tmp_path) -> None:
     tls = _self_signed(tmp_path)
-    handle = wire.create_server(tls=tls)
+    handle = create_server(tls=tls)
     pb_grpc.add_AgentServiceServicer_to_server(_Servicer(), handle.server)
     with handle:
         with wire.create_channel(handle.address, tls=wire.TlsFiles(ca=tls.cert)) as channel:
