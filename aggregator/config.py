@@ -98,6 +98,9 @@ class AggregatorConfig:
     synthesis: SynthesisSettings = field(default_factory=SynthesisSettings, metadata={"help": "semi-global synthesis"})
     round_config: dict[str, str] = _help("key/values handed to every trainer each round (epochs, lr, ...)", default_factory=dict)
     heartbeat_interval_s: float = _help("how often agents should heartbeat", default=5.0)
+    stream_idle_s: float = _help(
+        "an upload stream that sends nothing for this long is refused as stalled (reason bad_stream)", default=60.0
+    )
     workers: int = _help(
         "threads for blocking and CPU-bound work (hashing, validation, the journal, the store); connected "
         "agents need none: they are served on one event loop",
@@ -118,6 +121,8 @@ class AggregatorConfig:
             raise ConfigError("federation must not be empty")
         if self.heartbeat_interval_s <= 0:
             raise ConfigError("heartbeat_interval_s must be > 0")
+        if not self.stream_idle_s > 0:
+            raise ConfigError("stream_idle_s must be > 0")
         if self.workers < 1:
             raise ConfigError("workers must be >= 1")
         for entry in self.peers:

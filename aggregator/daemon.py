@@ -143,6 +143,7 @@ class AggregatorDaemon:
             ),
             agents=self.agents,
             heartbeat_interval_s=self.config.heartbeat_interval_s,
+            stream_idle_s=self.config.stream_idle_s,
             offload=self._server.offload,
             stopping=self._stopping,
         )

@@ -44,8 +44,6 @@ log = logging.getLogger("strata.intake.service")
 
 # a WatchModels stream re-checks its agent's home at least this often, even with no change signalled
 WATCH_WAKE_S = 30.0
-# a SubmitUpdate stream that sends nothing for this long is refused as stalled
-UPLOAD_IDLE_S = 60.0
 # recent models kept in memory for streaming; the current base is read from the store once
 CACHED_MODELS = 4
 
@@ -70,7 +68,7 @@ class StreamRefused(UpdateRefused):
 
 
 async def read_update_stream(
-    request_iterator: AsyncIterator[pb.UpdateChunk], *, max_bytes: int, offload: Offload
+    request_iterator: AsyncIterator[pb.UpdateChunk], *, max_bytes: int, idle_s: float, offload: Offload
 ) -> tuple[pb.UpdateHeader, bytes, str]:
     """Reassemble a SubmitUpdate stream: exactly one header first, then in-order chunks.
 
@@ -91,7 +89,7 @@ async def read_update_stream(
             remembering_header(),
             size_of=lambda h: h.weights_size,
             max_size=max_bytes,
-            idle_timeout_s=UPLOAD_IDLE_S,
+            idle_timeout_s=idle_s,
             offload=offload,
             on_chunk=builder.update,
         )
@@ -172,10 +170,12 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         home: Home,
         agents: AgentRegistry,
         heartbeat_interval_s: float,
+        stream_idle_s: float,
         offload: Offload,
         stopping: threading.Event,
     ) -> None:
         self._home = home
+        self._stream_idle_s = stream_idle_s
         self._agents = agents
         self._heartbeat_interval_s = heartbeat_interval_s
         self._offload = offload
@@ -260,7 +260,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         intake = self._home.intake
         try:
             header, weights, received_cid = await read_update_stream(
-                request_iterator, max_bytes=self._home.max_update_bytes, offload=self._offload
+                request_iterator, max_bytes=self._home.max_update_bytes, idle_s=self._stream_idle_s, offload=self._offload
             )
             self._agents.touch(header.agent_id)
             result = await self._offload(intake.submit, submission_from_header(header, weights, received_cid))

@@ -95,6 +95,9 @@ class RelayConfig:
         "refuse device updates with ||update - base|| > this x max(||base||, 1); 0 disables", default=10.0
     )
     heartbeat_interval_s: float = _help("how often devices should heartbeat", default=5.0)
+    stream_idle_s: float = _help(
+        "an upload stream that sends nothing for this long is refused as stalled (reason bad_stream)", default=60.0
+    )
     workers: int = _help(
         "threads for blocking and CPU-bound work (hashing, validation, the journal, the store); connected "
         "agents need none: they are served on one event loop",
@@ -115,6 +118,8 @@ class RelayConfig:
             raise ConfigError("max_update_bytes must be > 0")
         if self.max_relative_norm < 0:
             raise ConfigError("max_relative_norm must be >= 0 (0 disables the check)")
+        if not self.stream_idle_s > 0:
+            raise ConfigError("stream_idle_s must be > 0")
         if self.workers < 1:
             raise ConfigError("workers must be >= 1")
         for name in ("heartbeat_interval_s", "agent_timeout_s"):

@@ -123,6 +123,7 @@ class RelayDaemon:
             home=RelayHome(relay=self.relay, round_config=lambda: dict(self.client.round_config)),
             agents=self.agents,
             heartbeat_interval_s=self.config.heartbeat_interval_s,
+            stream_idle_s=self.config.stream_idle_s,
             offload=self._server.offload,
             stopping=self._stopping,
         )
