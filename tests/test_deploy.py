@@ -23,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import pytest
 import yaml
 
 from tests.procs import ProcessFactory, StrataProcess, procs_fixture, run_strata, wait_healthy
+from tests.scrape import Metrics, scrape
 
 __all__ = ["procs_fixture"]
 
@@ -458,15 +458,22 @@ def _run_fleet(fleet: NativeFleet) -> None:
     lineage = run_strata("lineage", semi_global, "--coordinator", coordinator, "--json", home=fleet.root / "cli-home")
     assert lineage.returncode == 0 and semi_global in lineage.stdout, lineage.stderr
 
-    # every Strata target in prometheus.yml answers at its mapped address
+    # every Strata target in prometheus.yml answers at its mapped address, with what the run did
+    expected: dict[str, Callable[[Metrics], bool]] = {
+        "strata-coordinator": lambda m: m.value("strata_coordinator_aggregators_alive") == 3
+        and m.value("strata_coordinator_models_indexed") > 0,
+        "strata-aggregator": lambda m: m.value("strata_aggregator_rounds_closed_total") >= 2
+        and m.value("strata_aggregator_ring_members") == 3,
+        "strata-relay": lambda m: m.value("strata_relay_bytes_served_total") > 0,
+    }
     for job, targets in _prometheus_targets().items():
         if not job.startswith("strata-"):
             continue
         for target in targets:
             host, port = target.rsplit(":", 1)
             ip, port_ = fleet.hosts.endpoint(host, int(port))
-            with urllib.request.urlopen(f"http://{ip}:{port_}/metrics", timeout=5) as reply:
-                assert reply.status == 200 and b"# TYPE" in reply.read(), target
+            metrics = scrape(port_, host=ip)
+            assert expected[job](metrics), f"{target}: {metrics.samples}"
 
     for processes in reversed(list(fleet.running.values())):
         for process in processes:
