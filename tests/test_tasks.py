@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -303,13 +302,23 @@ def test_digits_fedavg_three_non_iid_clients_five_rounds() -> None:
     assert np.array_equal(DigitsTask.predict(weights, test_x.reshape(-1, 8, 8)), predicted)
 
 
-def test_digits_local_epoch_is_fast() -> None:
+def test_digits_local_epoch_does_the_work_max_samples_allows() -> None:
+    """An epoch's cost is its optimizer steps: ceil(max_samples / batch_size), counted through
+    torch's global step hook. How long one takes is measured in bench/local_epoch.py."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
     task = _digits(partition={"count": 1}, max_samples=300)
-    weights = task.initial_weights()
-    task.train(weights, {"epochs": 1})  # warm-up
-    started = time.perf_counter()
-    task.train(weights, {"epochs": 1})
-    assert time.perf_counter() - started < 0.5
+    steps: list[int] = []
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: steps.append(1))
+    try:
+        _, num_samples, metrics = task.train(task.initial_weights(), {"epochs": 1})
+        one_epoch = len(steps)
+        task.train(task.initial_weights(), {"epochs": 3, "batch_size": 100})
+    finally:
+        handle.remove()
+    assert num_samples == 300
+    assert one_epoch == metrics["batches"] == 10  # ceil(300 / 32)
+    assert len(steps) - one_epoch == 3 * 3  # 3 epochs of ceil(300 / 100)
 
 
 # --- mnist ------------------------------------------------------------------------------------
