@@ -33,7 +33,7 @@ from intake.agents import AgentRegistry
 from intake.home import BaseModel
 from intake.service import AgentServicer
 from proto import strata_pb2_grpc as pb_grpc
-from proto.errors import ConfigError, StrataError
+from proto.errors import ConfigError, InvalidInput, NotFound, StrataError
 from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
 from proto.serving import ServerHandle, create_server
 from storage.cid import is_cid
@@ -223,7 +223,12 @@ class AggregatorDaemon:
     def _initial_base(self) -> str:
         spec = self.config.initial_model
         if is_cid(spec):
-            Manifest.from_bytes(self.store.get(spec))  # must exist and be a model
+            try:
+                Manifest.from_bytes(self.store.get(spec))  # must exist and be a model
+            except (NotFound, InvalidInput) as exc:
+                raise ConfigError(
+                    f"initial_model {spec} is not a model in the store {self.store}: {exc}", reason="bad_config"
+                ) from None
             return spec
         if spec.startswith("task:") and self._initial_model_factory is not None:
             return self._initial_model_factory(self.store, self.key)

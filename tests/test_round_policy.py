@@ -251,11 +251,6 @@ def test_initial_model_cid_not_in_the_store_is_a_one_line_error(procs: ProcessFa
     assert not aggregator.events("aggregator_started")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the error is the store's NotFound (exit 3); it does not say that initial_model named the CID. "
-    "aggregator/daemon.py _initial_base should raise ConfigError naming initial_model (exit 2).",
-)
 def test_initial_model_cid_not_in_the_store_names_the_setting(procs: ProcessFactory, tmp_path: Path) -> None:
     absent = cid_of(b"not a model anyone stored")
     aggregator = procs.strata(*_serve_args(tmp_path, free_port(), tmp_path / "empty-store", absent), name="agg")
