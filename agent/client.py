@@ -52,6 +52,7 @@ class Client:
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 10.0,
         watch: bool = True,
+        start_jitter_s: float = 0.0,
         channel_factory: Callable[[str], grpc.Channel] = create_channel,
     ) -> None:
         self.seeds = [seeds] if isinstance(seeds, str) else list(seeds)
@@ -66,6 +67,8 @@ class Client:
         self._state = AgentState(state_dir, agent_id=agent_id) if state_dir else None
         self.agent_id = self._state.agent_id if self._state else (agent_id or f"agent-{random.getrandbits(32):08x}")
         self._key = self._state.key if self._state else KeyPair.generate()
+        self._start_jitter_s = start_jitter_s
+        self._joined_once = False
         retry = RetryPolicy(base_s=backoff_base_s, max_s=backoff_max_s)
         identity = Identity(
             agent_id=self.agent_id,
@@ -97,7 +100,11 @@ class Client:
         self.close()
 
     def connect(self) -> Client:
-        """Join, then start the watch and heartbeat threads (unless built with watch=False)."""
+        """Join (after a random wait of up to `start_jitter_s`, so a fleet started together does not
+        arrive together), then start the watch and heartbeat threads (unless built with watch=False)."""
+        if self._start_jitter_s > 0 and not self._joined_once:
+            self._session.closed.wait(random.random() * self._start_jitter_s)
+        self._joined_once = True
         self.join()
         if self._loops is not None:
             self._loops.start()
@@ -132,6 +139,11 @@ class Client:
     @property
     def round_config(self) -> dict[str, str]:
         return self._session.round_config
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """How often this client heartbeats: what its home last asked for."""
+        return self._session.heartbeat_interval_s
 
     # ------------------------------------------------------------------ models
 

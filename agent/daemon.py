@@ -62,6 +62,7 @@ class AgentDaemon:
             join_timeout_s=config.join_timeout_s,
             backoff_base_s=config.backoff_base_s,
             backoff_max_s=config.backoff_max_s,
+            start_jitter_s=config.start_jitter_s,
         )
         # a failed download is tried again under the same policy as every other retry
         download_retry = RetryPolicy(base_s=config.backoff_base_s, max_s=config.backoff_max_s).backoff(stop=self._stop)

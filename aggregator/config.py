@@ -97,7 +97,15 @@ class AggregatorConfig:
     round: RoundSettings = field(default_factory=RoundSettings, metadata={"help": "round policy"})
     synthesis: SynthesisSettings = field(default_factory=SynthesisSettings, metadata={"help": "semi-global synthesis"})
     round_config: dict[str, str] = _help("key/values handed to every trainer each round (epochs, lr, ...)", default_factory=dict)
-    heartbeat_interval_s: float = _help("how often agents should heartbeat", default=5.0)
+    heartbeat_interval_s: float = _help(
+        "how often agents heartbeat while few; the interval handed out grows to keep within heartbeat_budget_per_s",
+        default=5.0,
+    )
+    heartbeat_budget_per_s: float = _help(
+        "heartbeats per second this daemon plans for: with N agents, each is told to heartbeat every "
+        "max(heartbeat_interval_s, N / budget) seconds",
+        default=500.0,
+    )
     stream_idle_s: float = _help(
         "an upload stream that sends nothing for this long is refused as stalled (reason bad_stream)", default=60.0
     )
@@ -121,6 +129,8 @@ class AggregatorConfig:
             raise ConfigError("federation must not be empty")
         if self.heartbeat_interval_s <= 0:
             raise ConfigError("heartbeat_interval_s must be > 0")
+        if not self.heartbeat_budget_per_s > 0:
+            raise ConfigError("heartbeat_budget_per_s must be > 0")
         if not self.stream_idle_s > 0:
             raise ConfigError("stream_idle_s must be > 0")
         if self.workers < 1:

@@ -72,7 +72,11 @@ class AggregatorDaemon:
         self.shared_store = open_store(config.shared_store) if config.shared_store else self.store
         self.key = KeyPair.load_or_create(self.state_dir / "aggregator.key")
         self.journal = Journal(self.state_dir / "journal.sqlite")
-        self.agents = AgentRegistry(timeout_s=config.round.agent_timeout_s)
+        self.agents = AgentRegistry(
+            timeout_s=config.round.agent_timeout_s,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_budget_per_s=config.heartbeat_budget_per_s,
+        )
         self._initial_model_factory = initial_model_factory
         self._stopping = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -142,7 +146,6 @@ class AggregatorDaemon:
                 round_config=self.config.round_config,
             ),
             agents=self.agents,
-            heartbeat_interval_s=self.config.heartbeat_interval_s,
             stream_idle_s=self.config.stream_idle_s,
             offload=self._server.offload,
             stopping=self._stopping,

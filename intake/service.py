@@ -169,7 +169,6 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         *,
         home: Home,
         agents: AgentRegistry,
-        heartbeat_interval_s: float,
         stream_idle_s: float,
         offload: Offload,
         stopping: threading.Event,
@@ -177,7 +176,6 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._home = home
         self._stream_idle_s = stream_idle_s
         self._agents = agents
-        self._heartbeat_interval_s = heartbeat_interval_s
         self._offload = offload
         self._stopping = stopping
         self._changes = Signal()
@@ -224,7 +222,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 aggregator_id=self._home.id,
                 base=model_ref(base),
                 ring_version=self._home.ring_version,
-                heartbeat_interval_s=self._heartbeat_interval_s,
+                heartbeat_interval_s=self._agents.heartbeat_interval(),
                 round_config=self._home.round_config(),
             )
         )
@@ -300,7 +298,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         if not request.agent_id:
             raise InvalidInput("agent_id is empty", reason="bad_request")
         self._agents.touch(request.agent_id, telemetry_to_dict(request.telemetry))
-        reply = pb.HeartbeatReply(current_base=model_ref(self._home.current()), next_interval_s=self._heartbeat_interval_s)
+        reply = pb.HeartbeatReply(
+            current_base=model_ref(self._home.current()), next_interval_s=self._agents.heartbeat_interval()
+        )
         redirect = self._home.redirect_for(request.agent_id)
         if redirect is not None:
             reply.home_changed.CopyFrom(_redirect_pb(redirect, "home_changed"))

@@ -94,7 +94,15 @@ class RelayConfig:
     max_relative_norm: float = _help(
         "refuse device updates with ||update - base|| > this x max(||base||, 1); 0 disables", default=10.0
     )
-    heartbeat_interval_s: float = _help("how often devices should heartbeat", default=5.0)
+    heartbeat_interval_s: float = _help(
+        "how often devices heartbeat while few; the interval handed out grows to keep within heartbeat_budget_per_s",
+        default=5.0,
+    )
+    heartbeat_budget_per_s: float = _help(
+        "heartbeats per second this daemon plans for: with N devices, each is told to heartbeat every "
+        "max(heartbeat_interval_s, N / budget) seconds",
+        default=500.0,
+    )
     stream_idle_s: float = _help(
         "an upload stream that sends nothing for this long is refused as stalled (reason bad_stream)", default=60.0
     )
@@ -122,6 +130,6 @@ class RelayConfig:
             raise ConfigError("stream_idle_s must be > 0")
         if self.workers < 1:
             raise ConfigError("workers must be >= 1")
-        for name in ("heartbeat_interval_s", "agent_timeout_s"):
+        for name in ("heartbeat_interval_s", "heartbeat_budget_per_s", "agent_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")

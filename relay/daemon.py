@@ -78,7 +78,11 @@ class RelayDaemon:
         self.store = open_store(config.store or str(self.state_dir / "store"))
         self.key = KeyPair.load_or_create(self.state_dir / "relay.key")
         self.journal = RelayJournal(self.state_dir / "journal.sqlite")
-        self.agents = AgentRegistry(timeout_s=config.agent_timeout_s)
+        self.agents = AgentRegistry(
+            timeout_s=config.agent_timeout_s,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_budget_per_s=config.heartbeat_budget_per_s,
+        )
         upstream = config.upstream
         self.client = Client(
             config.seeds,
@@ -122,7 +126,6 @@ class RelayDaemon:
         self._device_service = AgentServicer(
             home=RelayHome(relay=self.relay, round_config=lambda: dict(self.client.round_config)),
             agents=self.agents,
-            heartbeat_interval_s=self.config.heartbeat_interval_s,
             stream_idle_s=self.config.stream_idle_s,
             offload=self._server.offload,
             stopping=self._stopping,
