@@ -169,8 +169,14 @@ class Client:
         return self._transfer.bytes_downloaded
 
     def wait_for_model(self, timeout: float | None = None) -> dict[str, np.ndarray]:
-        """Wait for a base model this client has not handed out yet, download it, and return its tensors."""
-        target = self._session.wait_for_base_other_than(self._returned_cid, timeout)
+        """Wait for a base model this client has not handed out yet, download it, and return its tensors.
+
+        A training client waits for a base it is invited to train on (a home with selection
+        invites a sample of its agents each round); an inference-only client takes every base.
+        """
+        target = self._session.wait_for_base_other_than(
+            self._returned_cid, timeout, invited_only=self.capability != "inference"
+        )
         _, tensors = self._transfer.download(target.model_cid)
         self._returned_cid = target.model_cid
         if self._state is not None:

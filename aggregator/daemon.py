@@ -25,6 +25,7 @@ from aggregator.journal import Journal
 from aggregator.peers import GrpcPeerAccess, PeerServicer, Published, pointer_for
 from aggregator.ringview import RingView, static_ring
 from aggregator.rounds import RoundManager, Synthesizer
+from aggregator.selection import Selector
 from aggregator.strategies import make_strategy
 from aggregator.synthesis import SemiGlobalSynthesizer
 from coordinator.client import AggregatorInfo, CoordinatorClient
@@ -102,6 +103,7 @@ class AggregatorDaemon:
             synthesize=self._synthesize,
             on_new_base=self._announce_base,
             on_model=self._on_model,
+            selector=Selector(config.selection),
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -309,7 +311,10 @@ class AggregatorDaemon:
     def _tick_loop(self) -> None:
         while not self._stopping.wait(TICK_S):
             try:
-                self.rounds.maybe_close(self.agents.active_trainers())
+                active = self.agents.active()
+                if self.rounds.invite(active):
+                    self._agents_changed()  # the newly invited learn it on their watch stream
+                self.rounds.maybe_close(self.rounds.expected_trainers(active))
             except StrataError as exc:
                 log.error("round_close_failed", extra={"fields": {"reason": exc.reason, "error": str(exc)}})
             except Exception:

@@ -51,6 +51,9 @@ class AggregatorHome:
     def round_config(self) -> dict[str, str]:
         return dict(self._round_config)
 
+    def invitation(self, agent_id: str) -> tuple[bool, float]:
+        return self._rounds.invited(agent_id), self._rounds.check_back_s
+
     def prepare_download(self, model_cid: str) -> None:
         if model_cid != self._rounds.current.model_cid and not self.store.has(model_cid):
             raise NotFound(f"model {model_cid} is not in {self.id}'s store", reason="not_found")

@@ -53,9 +53,14 @@ _STREAM_REFUSALS = {"oversize": Refusal.TOO_LARGE, "missing_header": Refusal.BAD
 Offload = Callable[..., Awaitable[Any]]
 
 
-def model_ref(base: BaseModel) -> pb.ModelRef:
+def model_ref(base: BaseModel, *, invited: bool = True, check_back_s: float = 0.0) -> pb.ModelRef:
     return pb.ModelRef(
-        model_cid=base.model_cid, round=base.round, federation=base.federation, weights_cid=base.weights_cid
+        model_cid=base.model_cid,
+        round=base.round,
+        federation=base.federation,
+        weights_cid=base.weights_cid,
+        not_invited=not invited,
+        check_back_s=0.0 if invited else check_back_s,
     )
 
 
@@ -196,6 +201,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 reason=Refusal.UNKNOWN_FEDERATION,
             )
 
+    def _ref_for(self, base: BaseModel, agent_id: str) -> pb.ModelRef:
+        invited, check_back_s = self._home.invitation(agent_id)
+        return model_ref(base, invited=invited, check_back_s=check_back_s)
+
     def _current_or_none(self) -> BaseModel | None:
         try:
             return self._home.current()
@@ -220,7 +229,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         return pb.JoinReply(
             home=pb.Home(
                 aggregator_id=self._home.id,
-                base=model_ref(base),
+                base=self._ref_for(base, request.agent_id),
                 ring_version=self._home.ring_version,
                 heartbeat_interval_s=self._agents.heartbeat_interval(),
                 round_config=self._home.round_config(),
@@ -279,7 +288,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelEvent]:
         self._check_federation(request.federation)
-        known = request.known_cid
+        # what the agent was last told: the base, and whether it is invited to train on it
+        known: tuple[str, bool] = (request.known_cid, True)
         while not self._stopping.is_set():
             if request.agent_id:
                 redirect = self._home.redirect_for(request.agent_id)
@@ -288,10 +298,12 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                     return
                 self._agents.touch(request.agent_id)
             current = self._current_or_none()
-            if current is not None and current.model_cid != known:
-                known = current.model_cid
-                yield pb.ModelEvent(new_base=model_ref(current))
-                continue
+            if current is not None:
+                ref = self._ref_for(current, request.agent_id)
+                if (ref.model_cid, not ref.not_invited) != known:
+                    known = (ref.model_cid, not ref.not_invited)
+                    yield pb.ModelEvent(new_base=ref)
+                    continue
             await self._changes.wait(WATCH_WAKE_S)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
@@ -299,7 +311,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             raise InvalidInput("agent_id is empty", reason="bad_request")
         self._agents.touch(request.agent_id, telemetry_to_dict(request.telemetry))
         reply = pb.HeartbeatReply(
-            current_base=model_ref(self._home.current()), next_interval_s=self._agents.heartbeat_interval()
+            current_base=self._ref_for(self._home.current(), request.agent_id),
+            next_interval_s=self._agents.heartbeat_interval(),
         )
         redirect = self._home.redirect_for(request.agent_id)
         if redirect is not None:
