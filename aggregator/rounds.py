@@ -38,7 +38,7 @@ from intake.agents import AgentInfo
 from intake.home import BaseModel
 from intake.journal import AcceptedUpdate
 from intake.submission import Submission
-from intake.validation import UpdateLimits
+from intake.validation import UpdateLimits, squared_norms
 from proto.errors import Refusal, StrataError, UpdateRefused
 from storage.codec import decode_tensors, encode_tensors
 from storage.keys import KeyPair
@@ -112,6 +112,7 @@ class RoundManager:
         self._round: RoundRecord | None = None
         self._base: BaseModel | None = None
         self._base_tensors: dict[str, np.ndarray] = {}
+        self._base_squared_norms: dict[str, float] = {}
         self._aggregation: Aggregation | None = None
         self._accepted: list[AcceptedUpdate] = []
         self._deadline = 0.0
@@ -156,6 +157,7 @@ class RoundManager:
             model_cid=record.base_cid, round=record.round, weights_cid=manifest.weights, federation=self.federation
         )
         self._base_tensors = decode_tensors(weights)
+        self._base_squared_norms = squared_norms(self._base_tensors)
         self._aggregation = self._strategy.start(self._base_tensors)
         self._accepted = []
         if self._selector is not None:
@@ -195,7 +197,11 @@ class RoundManager:
         with self._lock:
             if self._round is None:
                 raise StrataError("round manager not started", reason="not_started")
-            return OpenRound(round=self._round.round, base_tensors=self._base_tensors)
+            return OpenRound(
+                round=self._round.round,
+                base_tensors=self._base_tensors,
+                base_squared_norms=self._base_squared_norms,
+            )
 
     def fold(self, update: AcceptedUpdate, tensors: Mapping[str, np.ndarray]) -> int:
         assert self._aggregation is not None

@@ -49,6 +49,8 @@ class OpenRound:
 
     round: int
     base_tensors: Mapping[str, np.ndarray]
+    # ||t||² of each base tensor (intake.validation.squared_norms), measured once per base
+    base_squared_norms: Mapping[str, float] | None = None
 
 
 class Receiver(Protocol):
@@ -162,7 +164,11 @@ class Intake:
         blob_written = self._writer.submit(self._store.put, sub.weights, cid=weights_cid)
         try:
             tensors = validate_update(
-                sub.weights, base=current.base_tensors, declared_tensors=sub.tensors, limits=policy.limits
+                sub.weights,
+                base=current.base_tensors,
+                declared_tensors=sub.tensors,
+                limits=policy.limits,
+                base_squared_norms=current.base_squared_norms,
             )
             manifest = update_manifest(
                 sub, weights_cid, federation=policy.federation, recorder=self.receiver_id, key=self._key,

@@ -430,8 +430,18 @@ async def receive_header_stream(
         if on_chunk is not None:
             on_chunk(chunk.data)
 
-    while (message := await next_message()) is not None:
-        if message.WhichOneof("part") != "chunk":
-            raise WireError("a second header arrived inside the stream", reason="unexpected_header")
-        await offload(absorb, message.chunk)
+    # each chunk is absorbed (checked, kept, hashed) off the loop while the next one arrives
+    absorbing: asyncio.Future[Any] | None = None
+    try:
+        while (message := await next_message()) is not None:
+            if message.WhichOneof("part") != "chunk":
+                raise WireError("a second header arrived inside the stream", reason="unexpected_header")
+            if absorbing is not None:
+                await absorbing
+            absorbing = asyncio.ensure_future(offload(absorb, message.chunk))
+        if absorbing is not None:
+            await absorbing
+    finally:
+        if absorbing is not None and not absorbing.done():
+            absorbing.cancel()
     return header, await offload(reassembler.finish)
