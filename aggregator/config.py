@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from intake.config import ServingSettings
 from proto.errors import ConfigError
 
 
@@ -136,23 +137,7 @@ class AggregatorConfig:
     synthesis: SynthesisSettings = field(default_factory=SynthesisSettings, metadata={"help": "semi-global synthesis"})
     selection: SelectionSettings = field(default_factory=SelectionSettings, metadata={"help": "who trains each round"})
     round_config: dict[str, str] = _help("key/values handed to every trainer each round (epochs, lr, ...)", default_factory=dict)
-    heartbeat_interval_s: float = _help(
-        "how often agents heartbeat while few; the interval handed out grows to keep within heartbeat_budget_per_s",
-        default=5.0,
-    )
-    heartbeat_budget_per_s: float = _help(
-        "heartbeats per second this daemon plans for: with N agents, each is told to heartbeat every "
-        "max(heartbeat_interval_s, N / budget) seconds",
-        default=500.0,
-    )
-    stream_idle_s: float = _help(
-        "an upload stream that sends nothing for this long is refused as stalled (reason bad_stream)", default=60.0
-    )
-    workers: int = _help(
-        "threads for blocking and CPU-bound work (hashing, validation, the journal, the store); connected "
-        "agents need none: they are served on one event loop",
-        default=8,
-    )
+    serving: ServingSettings = field(default_factory=ServingSettings, metadata={"help": "how agents are served"})
     coordinator: str = _help("coordinator address host:port; empty runs without one", default="")
     peers: list[str] = _help(
         "static membership without a coordinator: id=host:port entries (this aggregator included)",
@@ -166,14 +151,6 @@ class AggregatorConfig:
             raise ConfigError(f"listen must be host:port, got {self.listen!r}")
         if not self.federation:
             raise ConfigError("federation must not be empty")
-        if self.heartbeat_interval_s <= 0:
-            raise ConfigError("heartbeat_interval_s must be > 0")
-        if not self.heartbeat_budget_per_s > 0:
-            raise ConfigError("heartbeat_budget_per_s must be > 0")
-        if not self.stream_idle_s > 0:
-            raise ConfigError("stream_idle_s must be > 0")
-        if self.workers < 1:
-            raise ConfigError("workers must be >= 1")
         for entry in self.peers:
             if "=" not in entry or ":" not in entry.split("=", 1)[1]:
                 raise ConfigError(f"peers entries must look like id=host:port, got {entry!r}")

@@ -75,8 +75,8 @@ class AggregatorDaemon:
         self.journal = Journal(self.state_dir / "journal.sqlite")
         self.agents = AgentRegistry(
             timeout_s=config.round.agent_timeout_s,
-            heartbeat_interval_s=config.heartbeat_interval_s,
-            heartbeat_budget_per_s=config.heartbeat_budget_per_s,
+            heartbeat_interval_s=config.serving.heartbeat_interval_s,
+            heartbeat_budget_per_s=config.serving.heartbeat_budget_per_s,
         )
         self._initial_model_factory = initial_model_factory
         self._stopping = threading.Event()
@@ -112,7 +112,7 @@ class AggregatorDaemon:
         if self._started:
             return self
         self._started = True
-        self._server = create_server(self.config.listen, workers=self.config.workers)
+        self._server = create_server(self.config.listen, workers=self.config.serving.workers)
         advertise = self.config.advertise or f"{self._server.host}:{self._server.port}"
         self.ring_view = RingView(
             static_ring(Member(id=self.id, address=advertise), self.config.peers), on_change=self._agents_changed
@@ -148,7 +148,7 @@ class AggregatorDaemon:
                 round_config=self.config.round_config,
             ),
             agents=self.agents,
-            stream_idle_s=self.config.stream_idle_s,
+            stream_idle_s=self.config.serving.stream_idle_s,
             offload=self._server.offload,
             stopping=self._stopping,
         )

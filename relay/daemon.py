@@ -80,8 +80,8 @@ class RelayDaemon:
         self.journal = RelayJournal(self.state_dir / "journal.sqlite")
         self.agents = AgentRegistry(
             timeout_s=config.agent_timeout_s,
-            heartbeat_interval_s=config.heartbeat_interval_s,
-            heartbeat_budget_per_s=config.heartbeat_budget_per_s,
+            heartbeat_interval_s=config.serving.heartbeat_interval_s,
+            heartbeat_budget_per_s=config.serving.heartbeat_budget_per_s,
         )
         upstream = config.upstream
         self.client = Client(
@@ -121,12 +121,12 @@ class RelayDaemon:
         if self._started:
             return self
         self._started = True
-        self._server = create_server(self.config.listen, workers=self.config.workers)
+        self._server = create_server(self.config.listen, workers=self.config.serving.workers)
         base = self.relay.start()
         self._device_service = AgentServicer(
             home=RelayHome(relay=self.relay, round_config=lambda: dict(self.client.round_config)),
             agents=self.agents,
-            stream_idle_s=self.config.stream_idle_s,
+            stream_idle_s=self.config.serving.stream_idle_s,
             offload=self._server.offload,
             stopping=self._stopping,
         )

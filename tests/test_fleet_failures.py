@@ -75,7 +75,7 @@ class Fleet:
                 "coordinator": self.coordinator_address,
                 "state_dir": str(self.root / name),
                 "store": str(self.store),
-                "heartbeat_interval_s": 1.0,
+                "serving": {"heartbeat_interval_s": 1.0},
                 "round": {"quorum": 1.0, "deadline_s": 3.0, "min_updates": 1, "agent_timeout_s": 6.0},
                 "synthesis": {"fetch_timeout_s": 2.0},
             },
