@@ -60,8 +60,10 @@ def own_ring(agg_id: str, port: int) -> RingView:
 def make_link(
     address: str, agg_id: str, port: int, tmp_path: Path, **kwargs: object
 ) -> CoordinatorLink:
+    channel_factory = kwargs.pop("channel_factory", None)
+    client = CoordinatorClient(address) if channel_factory is None else CoordinatorClient(address, channel_factory=channel_factory)
     return CoordinatorLink(
-        CoordinatorClient(address),
+        client,
         info=AggregatorInfo(id=agg_id, address=f"127.0.0.1:{port}", federations=("digits",)),
         ring_view=kwargs.pop("ring_view", None) or own_ring(agg_id, port),
         status_fn=kwargs.pop("status_fn", lambda: {"round": 3, "agent_count": 2}),

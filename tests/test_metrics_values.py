@@ -14,6 +14,7 @@ import numpy as np
 
 from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
 from aggregator.daemon import AggregatorDaemon
+from intake.config import ServingSettings
 from relay.config import ForwardSettings, RelayConfig, UpstreamSettings, WindowSettings
 from relay.daemon import RelayDaemon
 from storage.codec import decode_tensors, encode_tensors
@@ -42,7 +43,7 @@ def start_aggregator(tmp_path: Path, settings: RoundSettings) -> tuple[Aggregato
         listen="127.0.0.1:0",
         state_dir=str(tmp_path / "agg-state"),
         store=str(tmp_path / "agg-store"),
-        heartbeat_interval_s=0.5,
+        serving=ServingSettings(heartbeat_interval_s=0.5),
         round=settings,
         synthesis=SynthesisSettings(enabled=False),
         metrics_port=metrics_port,
@@ -124,7 +125,7 @@ def test_relay_counts_windows_devices_and_cache_bytes(tmp_path: Path) -> None:
             seeds=[aggregator.address],
             listen="127.0.0.1:0",
             state_dir=str(tmp_path / "relay-state"),
-            heartbeat_interval_s=0.5,
+            serving=ServingSettings(heartbeat_interval_s=0.5),
             agent_timeout_s=600.0,
             window=WindowSettings(max_devices=2, max_wait_s=600.0),
             forward=ForwardSettings(retry_s=0.2),

@@ -17,6 +17,7 @@ import pytest
 
 from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
 from aggregator.daemon import AggregatorDaemon
+from intake.config import ServingSettings
 from proto import strata_pb2 as pb
 from relay.config import ForwardSettings, RelayConfig, UpstreamSettings, WindowSettings
 from relay.daemon import RelayDaemon
@@ -34,7 +35,7 @@ def aggregator_config(tmp_path: Path, port: int) -> AggregatorConfig:
         listen=f"127.0.0.1:{port}",
         state_dir=str(tmp_path / "agg-state"),
         store=str(tmp_path / "agg-store"),
-        heartbeat_interval_s=0.5,
+        serving=ServingSettings(heartbeat_interval_s=0.5),
         round=RoundSettings(min_updates=1, quorum=0.01, deadline_s=60.0),
         synthesis=SynthesisSettings(enabled=False),
     )
@@ -79,7 +80,7 @@ def test_full_backlog_refuses_devices_until_upstream_drains_it(tmp_path: Path, l
             seeds=[aggregator.address],
             listen="127.0.0.1:0",
             state_dir=str(tmp_path / "relay-state"),
-            heartbeat_interval_s=0.5,
+            serving=ServingSettings(heartbeat_interval_s=0.5),
             agent_timeout_s=600.0,
             window=WindowSettings(max_devices=2, max_wait_s=600.0),
             forward=forward,

@@ -281,6 +281,7 @@ def test_digits_head_only_leaves_body_bit_identical() -> None:
     assert not np.array_equal(new["head.weight"], start["head.weight"])
 
 
+@pytest.mark.slow
 def test_digits_fedavg_three_non_iid_clients_five_rounds() -> None:
     clients = [_digits(partition={"index": i, "count": 3, "alpha": 0.5}) for i in range(3)]
     weights = clients[0].initial_weights()
@@ -302,6 +303,7 @@ def test_digits_fedavg_three_non_iid_clients_five_rounds() -> None:
     assert np.array_equal(DigitsTask.predict(weights, test_x.reshape(-1, 8, 8)), predicted)
 
 
+@pytest.mark.slow
 def test_digits_local_epoch_does_the_work_max_samples_allows() -> None:
     """An epoch's cost is its optimizer steps: ceil(max_samples / batch_size), counted through
     torch's global step hook. How long one takes is measured in bench/local_epoch.py."""
@@ -324,6 +326,7 @@ def test_digits_local_epoch_does_the_work_max_samples_allows() -> None:
 # --- mnist ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mnist_dataset_has_70000_images() -> None:
     train_x = MnistTask._dataset().train_x
     test_x, test_y = MnistTask.test_set()
@@ -332,6 +335,7 @@ def test_mnist_dataset_has_70000_images() -> None:
     assert np.array_equal(np.unique(test_y), np.arange(10))
 
 
+@pytest.mark.slow
 def test_mnist_quick_train_step() -> None:
     task = MnistTask(partition={"index": 2, "count": 10}, max_samples=128, max_batches=2)
     start = task.initial_weights()
