@@ -22,6 +22,7 @@ import pytest
 from agent.tasks.digits import DigitsTask
 from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
 from aggregator.daemon import AggregatorDaemon
+from intake.config import ServingSettings
 from proto import strata_pb2 as pb
 from storage.cid import cid_of
 from storage.codec import encode_tensors
@@ -54,7 +55,7 @@ def start_aggregator(tmp_path: Path, settings: RoundSettings) -> tuple[Aggregato
         listen="127.0.0.1:0",
         state_dir=str(tmp_path / "state"),
         store=str(tmp_path / "store"),
-        heartbeat_interval_s=0.5,
+        serving=ServingSettings(heartbeat_interval_s=0.5),
         round=settings,
         synthesis=SynthesisSettings(enabled=False),
         metrics_port=metrics_port,
