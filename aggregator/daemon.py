@@ -83,6 +83,7 @@ class AggregatorDaemon:
         self._ticker: threading.Thread | None = None
         self._server: ServerHandle | None = None
         self._agent_service: AgentServicer | None = None
+        self.home: AggregatorHome | None = None
         self._started = False
         self._metrics: MetricsEndpoint | None = None
         self.published = Published()
@@ -139,14 +140,15 @@ class AggregatorDaemon:
                 agents_fn=self.agents.active,
                 state_dir=self.state_dir,
             )
+        self.home = AggregatorHome(
+            aggregator_id=self.id,
+            rounds=self.rounds,
+            ring=self.ring_view,
+            store=self.store,
+            round_config=self.config.round_config,
+        )
         self._agent_service = AgentServicer(
-            home=AggregatorHome(
-                aggregator_id=self.id,
-                rounds=self.rounds,
-                ring=self.ring_view,
-                store=self.store,
-                round_config=self.config.round_config,
-            ),
+            home=self.home,
             agents=self.agents,
             stream_idle_s=self.config.serving.stream_idle_s,
             offload=self._server.offload,
@@ -254,6 +256,9 @@ class AggregatorDaemon:
             "strata_aggregator_updates_refused", "updates refused, by reason", labels=self.journal.refusal_counts(), label="reason"
         )
         yield counter("strata_aggregator_rounds_closed", "rounds closed", self.journal.closed_round_count())
+        if self.home is not None:
+            yield counter("strata_aggregator_model_bytes_served", "model bytes streamed to agents", self.home.bytes_served)
+            yield counter("strata_aggregator_model_downloads", "model downloads served to agents", self.home.downloads_served)
         yield gauge("strata_aggregator_round", "the current round", self.rounds.current.round)
         yield gauge("strata_aggregator_round_updates", "updates accepted in the current round", self.rounds.accepted_count)
         yield gauge("strata_aggregator_active_agents", "agents heard from within the timeout", len(self.agents.active()))

@@ -111,6 +111,9 @@ def test_aggregator_counts_accepted_refused_and_rounds(tmp_path: Path) -> None:
         "accepted": 3, "refused": refused, "rounds_closed": 1, "round": 1, "round_updates": 0, "active_agents": 3,
     }  # fmt: skip
     assert closed.value(AGG + "ring_members") == 1
+    # one download of the base (its weights) so far: the aggregator's egress to its fleet
+    weights_size = len(encode_tensors(tensors))
+    assert (idle.value(AGG + "model_downloads_total"), idle.value(AGG + "model_bytes_served_total")) == (1, weights_size)
 
 
 def test_relay_counts_windows_devices_and_cache_bytes(tmp_path: Path) -> None:
