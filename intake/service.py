@@ -38,7 +38,7 @@ from proto.serving import Signal, receive_header_stream
 from proto.wire import CHUNK_SIZE
 from storage.cid import CidBuilder
 from storage.manifest import Manifest
-from storage.store import ContentStore
+from storage.store import ContentStore, StagedWrite
 
 log = logging.getLogger("strata.intake.service")
 
@@ -73,14 +73,26 @@ class StreamRefused(UpdateRefused):
 
 
 async def read_update_stream(
-    request_iterator: AsyncIterator[pb.UpdateChunk], *, max_bytes: int, idle_s: float, offload: Offload
+    request_iterator: AsyncIterator[pb.UpdateChunk],
+    *,
+    max_bytes: int,
+    idle_s: float,
+    offload: Offload,
+    staged: StagedWrite | None = None,
 ) -> tuple[pb.UpdateHeader, bytes, str]:
     """Reassemble a SubmitUpdate stream: exactly one header first, then in-order chunks.
 
     Returns (header, weights, CID of the weights), the CID hashed chunk by chunk while
-    the rest of the stream is still arriving. Raises StreamRefused.
+    the rest of the stream is still arriving, and each chunk written to `staged` as it
+    arrives. Raises StreamRefused.
     """
     builder = CidBuilder()
+
+    def absorb(data: bytes) -> None:
+        builder.update(data)
+        if staged is not None:
+            staged.write(data)
+
     arrived: list[pb.UpdateHeader] = []
 
     async def remembering_header() -> AsyncIterator[pb.UpdateChunk]:
@@ -96,7 +108,7 @@ async def read_update_stream(
             max_size=max_bytes,
             idle_timeout_s=idle_s,
             offload=offload,
-            on_chunk=builder.update,
+            on_chunk=absorb,
         )
         return header, weights, await offload(builder.finish)
     except WireError as exc:
@@ -105,9 +117,12 @@ async def read_update_stream(
         ) from None
 
 
-def submission_from_header(header: pb.UpdateHeader, weights: bytes, received_cid: str = "") -> Submission:
+def submission_from_header(
+    header: pb.UpdateHeader, weights: bytes, received_cid: str = "", *, staged: StagedWrite | None = None
+) -> Submission:
     return Submission(
         received_cid=received_cid,
+        staged=staged,
         agent_id=header.agent_id,
         round=header.round,
         base_cid=header.base_cid,
@@ -264,13 +279,28 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def SubmitUpdate(
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
     ) -> pb.SubmitUpdateReply:
+        # the upload is written to the store while it arrives; the intake commits it, or it is dropped
+        staged = await self._offload(self._home.store.stage)
+        try:
+            return await self._submit(request_iterator, staged)
+        finally:
+            # after a commit this keeps the object; otherwise it drops the partial file (quick:
+            # no fsync), and it must run even when the call is cancelled
+            staged.discard()
+
+    async def _submit(self, request_iterator: AsyncIterator[pb.UpdateChunk], staged: StagedWrite) -> pb.SubmitUpdateReply:
         intake = self._home.intake
         try:
             header, weights, received_cid = await read_update_stream(
-                request_iterator, max_bytes=self._home.max_update_bytes, idle_s=self._stream_idle_s, offload=self._offload
+                request_iterator,
+                max_bytes=self._home.max_update_bytes,
+                idle_s=self._stream_idle_s,
+                offload=self._offload,
+                staged=staged,
             )
             self._agents.touch(header.agent_id)
-            result = await self._offload(intake.submit, submission_from_header(header, weights, received_cid))
+            submission = submission_from_header(header, weights, received_cid, staged=staged)
+            result = await self._offload(intake.submit, submission)
         except StreamRefused as refusal:
             # refused while reading the stream, before the intake saw it
             if refusal.header is not None:

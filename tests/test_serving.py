@@ -108,6 +108,8 @@ def test_idle_streams_and_stalled_uploads_hold_no_threads_and_starve_nobody(aggr
     # a stalled upload is refused as a bad stream once it sat idle longer than stream_idle_s
     assert crowd.outcomes["upload"] == ["bad_stream"] * STALLED_UPLOADS
     assert aggregator.journal.refusal_counts() == {"bad_stream": STALLED_UPLOADS}
+    # nothing of the refused uploads stays behind in the store
+    assert list((Path(aggregator.config.store) / "tmp").iterdir()) == []
 
 
 GARBAGE = b"\xff\xff\xff\xff\x0f"  # not a protobuf message of any type: an invalid tag
