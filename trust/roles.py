@@ -75,7 +75,7 @@ _READERS = frozenset({Role.OPERATOR, Role.AUDIT})
 
 DEVICE_UPDATE_READERS: frozenset[Role] = frozenset({Role.AUDIT})
 
-HEALTH_METHODS = (method(HEALTH_SERVICE, "Check"), method(HEALTH_SERVICE, "Watch"))
+HEALTH_METHODS = (method(HEALTH_SERVICE, "Check"), method(HEALTH_SERVICE, "Watch"), method(HEALTH_SERVICE, "List"))
 
 ROLE_TABLE: Mapping[str, frozenset[Role] | _Anyone] = {
     # AgentService: devices, and relays as agents of their upstream
