@@ -13,8 +13,9 @@ certificate certifies. `tls_files()` is the `proto.wire.TlsFiles` view that
 `create_server(tls=...)` and `create_channel(tls=...)` take (a server given `ca`
 demands client certificates).
 
-Renewal replaces ``key.pem`` then ``cert.pem`` (each atomically); the manifest key
-stays. `ReloadingBundle` picks up the renewed pair without a restart: its
+Renewal replaces ``key.pem`` then ``cert.pem``, each by renaming a new file over the
+old one (`write` does; so must any other tool, since a reader notices changes by
+inode, size and mtime); the manifest key stays. `ReloadingBundle` picks up the renewed pair without a restart: its
 `server_credentials()` are gRPC's dynamic SSL credentials, whose fetcher gRPC calls
 before each new connection's handshake (it works with grpc.aio servers; see
 tests/test_trust_bundle.py), and which serve the new certificate as soon as the pair

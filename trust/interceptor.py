@@ -22,6 +22,10 @@ Composition: pass it to `proto.serving.create_server(interceptors=[...])`, which
 keeps `ErrorInterceptor` outermost. Public methods (probes, Enroll) run for anyone;
 with a valid certificate `caller()` still names the caller.
 
+Order: for unary RPCs `ErrorInterceptor` parses the request before this interceptor
+runs, so undecodable bytes from an unauthenticated caller are INVALID_ARGUMENT
+``bad_request`` rather than UNAUTHENTICATED; nothing reaches a handler either way.
+
 Notes for handlers: `caller()` is a ContextVar, so it follows the call's task and
 tasks it creates, but not `offload` (thread pools do not copy contexts): read it on
 the loop and pass it along.
