@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from proto.errors import StrataError
-from strata import cmd_daemons, cmd_demo, cmd_device, cmd_fleet, cmd_history, cmd_model
+from strata import cmd_certs, cmd_daemons, cmd_demo, cmd_device, cmd_fleet, cmd_history, cmd_model
 from strata.cli_common import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, exit_code_for, print_json
 
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for module in (cmd_model, cmd_history, cmd_daemons, cmd_fleet, cmd_device, cmd_demo):
+    for module in (cmd_model, cmd_history, cmd_daemons, cmd_fleet, cmd_device, cmd_certs, cmd_demo):
         module.register(commands)
     return parser
 
