@@ -213,7 +213,7 @@ class _Inventory(DurableSqlite):
         )
 
     def rows(self, where: str = "", args: tuple[object, ...] = ()) -> list[IssuedCertificate]:
-        rows = self._read(f"SELECT pem, issued_at, how FROM issued {where} ORDER BY issued_at, serial", args)
+        rows = self._read(f"SELECT pem, issued_at, how FROM issued {where} ORDER BY issued_at, rowid", args)
         return [
             IssuedCertificate(certified=read_certificate(row["pem"]), issued_at=row["issued_at"], how=row["how"], pem=row["pem"])
             for row in rows
