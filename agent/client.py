@@ -53,6 +53,7 @@ class Client:
         backoff_max_s: float = 10.0,
         watch: bool = True,
         start_jitter_s: float = 0.0,
+        key: KeyPair | None = None,
         channel_factory: Callable[[str], grpc.Channel] = create_channel,
     ) -> None:
         self.seeds = [seeds] if isinstance(seeds, str) else list(seeds)
@@ -66,7 +67,8 @@ class Client:
         self.trainable_tensors = list(trainable_tensors) if trainable_tensors else None
         self._state = AgentState(state_dir, agent_id=agent_id) if state_dir else None
         self.agent_id = self._state.agent_id if self._state else (agent_id or f"agent-{random.getrandbits(32):08x}")
-        self._key = self._state.key if self._state else KeyPair.generate()
+        # the manifest-signing key: given (a certified one, with TLS), kept in state_dir, or made up
+        self._key = key or (self._state.key if self._state else KeyPair.generate())
         self._start_jitter_s = start_jitter_s
         self._joined_once = False
         retry = RetryPolicy(base_s=backoff_base_s, max_s=backoff_max_s)

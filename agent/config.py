@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proto.errors import ConfigError
+from trust.security import TlsSettings
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -37,6 +38,7 @@ class AgentConfig:
         "wait a random 0..start_jitter_s before the first join, so a fleet started together does not arrive together",
         default=1.0,
     )
+    tls: TlsSettings = field(default_factory=TlsSettings, metadata={"help": "mutual TLS (the agent's bundle)"})
     max_rounds: int = _help("stop after this many submitted updates; 0 runs until stopped", default=0)
     metrics_port: int = _help("Prometheus metrics port on 0.0.0.0 (one per process: the first config's); 0 disables", default=0)
     log_level: str = _help("debug | info | warning | error", default="info")

@@ -13,6 +13,7 @@ from typing import Any
 
 from intake.config import ServingSettings
 from proto.errors import ConfigError
+from trust.security import TlsSettings
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -138,6 +139,7 @@ class AggregatorConfig:
     selection: SelectionSettings = field(default_factory=SelectionSettings, metadata={"help": "who trains each round"})
     round_config: dict[str, str] = _help("key/values handed to every trainer each round (epochs, lr, ...)", default_factory=dict)
     serving: ServingSettings = field(default_factory=ServingSettings, metadata={"help": "how agents are served"})
+    tls: TlsSettings = field(default_factory=TlsSettings, metadata={"help": "mutual TLS"})
     coordinator: str = _help("coordinator address host:port; empty runs without one", default="")
     peers: list[str] = _help(
         "static membership without a coordinator: id=host:port entries (this aggregator included)",

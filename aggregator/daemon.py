@@ -43,6 +43,7 @@ from storage.manifest import Manifest
 from storage.models import load_manifest
 from storage.open import open_store
 from storage.store import ContentStore, default_store_path
+from trust.security import Security, channel_factory
 
 log = logging.getLogger("strata.aggregator")
 
@@ -71,7 +72,9 @@ class AggregatorDaemon:
         )
         self.store = open_store(config.store or str(default_store_path()))
         self.shared_store = open_store(config.shared_store) if config.shared_store else self.store
-        self.key = KeyPair.load_or_create(self.state_dir / "aggregator.key")
+        self.security = Security.configure(config.tls, listen=config.listen, who=self.id)
+        # with TLS, manifests are signed with the key the certificate certifies: one identity, one key
+        self.key = self.security.manifest_key if self.security else KeyPair.load_or_create(self.state_dir / "aggregator.key")
         self.journal = Journal(self.state_dir / "journal.sqlite")
         self.agents = AgentRegistry(
             timeout_s=config.round.agent_timeout_s,
@@ -87,7 +90,7 @@ class AggregatorDaemon:
         self._started = False
         self._metrics: MetricsEndpoint | None = None
         self.published = Published()
-        self.peer_access = GrpcPeerAccess()
+        self.peer_access = GrpcPeerAccess(channel_factory(self.security))
         self.ring_view: RingView | None = None
         self.synthesizer: Synthesizer | None = synthesizer
         self.link: CoordinatorLink | None = None
@@ -113,7 +116,12 @@ class AggregatorDaemon:
         if self._started:
             return self
         self._started = True
-        self._server = create_server(self.config.listen, workers=self.config.serving.workers)
+        self._server = create_server(
+            self.config.listen,
+            workers=self.config.serving.workers,
+            credentials=self.security.server_credentials() if self.security else None,
+            interceptors=[self.security.interceptor] if self.security else (),
+        )
         advertise = self.config.advertise or f"{self._server.host}:{self._server.port}"
         self.ring_view = RingView(
             static_ring(Member(id=self.id, address=advertise), self.config.peers), on_change=self._agents_changed
@@ -133,7 +141,7 @@ class AggregatorDaemon:
         self._recover_published()
         if self.config.coordinator:
             self.link = CoordinatorLink(
-                CoordinatorClient(self.config.coordinator),
+                CoordinatorClient(self.config.coordinator, channel_factory=channel_factory(self.security)),
                 info=AggregatorInfo(id=self.id, address=advertise, federations=(self.config.federation,)),
                 ring_view=self.ring_view,
                 status_fn=self._status,

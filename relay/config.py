@@ -13,6 +13,7 @@ from typing import Any
 
 from intake.config import ServingSettings
 from proto.errors import ConfigError
+from trust.security import TlsSettings
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -96,6 +97,7 @@ class RelayConfig:
         "refuse device updates with ||update - base|| > this x max(||base||, 1); 0 disables", default=10.0
     )
     serving: ServingSettings = field(default_factory=ServingSettings, metadata={"help": "how agents are served"})
+    tls: TlsSettings = field(default_factory=TlsSettings, metadata={"help": "mutual TLS"})
     agent_timeout_s: float = _help("a device not heard from for this long is no longer active", default=30.0)
     metrics_port: int = _help("Prometheus metrics port on the listen host; 0 disables", default=0)
     log_level: str = _help("debug | info | warning | error", default="info")

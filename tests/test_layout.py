@@ -18,12 +18,12 @@ OURS = ("proto", "storage", "coordinator", "intake", "aggregator", "relay", "age
 ALLOWED = {
     "proto": set(),
     "storage": {"proto"},
-    "coordinator": {"proto", "storage"},
-    "intake": {"proto", "storage"},
-    "aggregator": {"proto", "storage", "intake", "coordinator.ring", "coordinator.client"},
-    "relay": {"proto", "storage", "intake", "aggregator.strategies", "agent"},
-    "agent": {"proto", "storage"},
     "trust": {"proto", "storage"},
+    "coordinator": {"proto", "storage", "trust"},
+    "intake": {"proto", "storage", "trust"},
+    "aggregator": {"proto", "storage", "trust", "intake", "coordinator.ring", "coordinator.client"},
+    "relay": {"proto", "storage", "trust", "intake", "aggregator.strategies", "agent"},
+    "agent": {"proto", "storage", "trust"},
     "strata": set(OURS),
 }
 # modules that hold domain logic: they never speak gRPC or protobuf (services and clients do)
