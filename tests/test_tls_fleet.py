@@ -22,6 +22,7 @@ from proto.wire import create_channel
 from relay.config import RelayConfig, WindowSettings
 from relay.daemon import RelayDaemon
 from storage.keys import KeyPair
+from strata.cli import main as cli_main
 from strata.wiring import initial_model_factory
 from tests.agent_service_contract import wait_until
 from trust.ca import FleetCA
@@ -121,6 +122,12 @@ def test_a_round_closes_under_mtls_and_strangers_are_refused(fleet: Fleet, tmp_p
             )
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert len(coordinator.membership.ring()) == 1
+
+        # the operator CLI: with an operator bundle it reads the fleet; without one the handshake fails
+        operator = fleet.bundle(Role.OPERATOR, "ops")
+        assert cli_main(["fleet", "status", "--coordinator", coordinator.address, "--bundle", operator, "--json"]) == 0
+        assert cli_main(["health", aggregator.address, "--bundle", operator]) == 0
+        assert cli_main(["fleet", "status", "--coordinator", coordinator.address, "--bundle", "", "--timeout", "2"]) == 5
     finally:
         for client in clients:
             client.close()
