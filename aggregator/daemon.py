@@ -72,7 +72,9 @@ class AggregatorDaemon:
         )
         self.store = open_store(config.store or str(default_store_path()))
         self.shared_store = open_store(config.shared_store) if config.shared_store else self.store
-        self.security = Security.configure(config.tls, listen=config.listen, who=self.id)
+        self.security = Security.configure(
+            config.tls, listen=config.listen, who=self.id, fair_share=config.serving.fair_share()
+        )
         # with TLS, manifests are signed with the key the certificate certifies: one identity, one key
         self.key = self.security.manifest_key if self.security else KeyPair.load_or_create(self.state_dir / "aggregator.key")
         self.journal = Journal(self.state_dir / "journal.sqlite")
@@ -120,7 +122,7 @@ class AggregatorDaemon:
             self.config.listen,
             workers=self.config.serving.workers,
             credentials=self.security.server_credentials() if self.security else None,
-            interceptors=[self.security.interceptor] if self.security else (),
+            interceptors=self.security.interceptors() if self.security else (),
         )
         advertise = self.config.advertise or f"{self._server.host}:{self._server.port}"
         self.ring_view = RingView(

@@ -90,7 +90,7 @@ class CoordinatorDaemon:
                 handle = create_server(
                     self.config.listen,
                     credentials=self.security.server_credentials() if self.security else None,
-                    interceptors=[self.security.interceptor] if self.security else (),
+                    interceptors=self.security.interceptors() if self.security else (),
                 )
             except Exception:
                 self._close_stores()

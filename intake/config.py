@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proto.errors import ConfigError
+from trust.limits import FairShare
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -30,6 +31,12 @@ class ServingSettings:
     stream_idle_s: float = _help(
         "an upload stream that sends nothing for this long is refused as stalled (reason bad_stream)", default=60.0
     )
+    caller_max_streams: int = _help(
+        "with TLS: streaming calls one identity may hold open at once (beyond: RESOURCE_EXHAUSTED)", default=16
+    )
+    caller_calls_per_s: float = _help(
+        "with TLS: calls per second one identity may make on average (bursts of 5x allowed)", default=20.0
+    )
     workers: int = _help(
         "threads for blocking and CPU-bound work (hashing, validation, the journal, the store); connected "
         "agents need none: they are served on one event loop",
@@ -40,5 +47,12 @@ class ServingSettings:
         for name in ("heartbeat_interval_s", "heartbeat_budget_per_s", "stream_idle_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"serving.{name} must be > 0")
-        if self.workers < 1:
-            raise ConfigError("serving.workers must be >= 1")
+        if self.workers < 1 or self.caller_max_streams < 1:
+            raise ConfigError("serving.workers and serving.caller_max_streams must be >= 1")
+        if not self.caller_calls_per_s > 0:
+            raise ConfigError("serving.caller_calls_per_s must be > 0")
+
+    def fair_share(self) -> FairShare:
+        return FairShare(
+            max_streams=self.caller_max_streams, rate_per_s=self.caller_calls_per_s, burst=5 * self.caller_calls_per_s
+        )

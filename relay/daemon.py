@@ -77,7 +77,9 @@ class RelayDaemon:
         self.state_dir = Path(os.path.expanduser(config.state_dir or f"~/.strata/relay/{self.id}"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store or str(self.state_dir / "store"))
-        self.security = Security.configure(config.tls, listen=config.listen, who=self.id)
+        self.security = Security.configure(
+            config.tls, listen=config.listen, who=self.id, fair_share=config.serving.fair_share()
+        )
         # with TLS, the relay signs its combined updates with the key its certificate certifies
         self.key = self.security.manifest_key if self.security else KeyPair.load_or_create(self.state_dir / "relay.key")
         self.journal = RelayJournal(self.state_dir / "journal.sqlite")
@@ -129,7 +131,7 @@ class RelayDaemon:
             self.config.listen,
             workers=self.config.serving.workers,
             credentials=self.security.server_credentials() if self.security else None,
-            interceptors=[self.security.interceptor] if self.security else (),
+            interceptors=self.security.interceptors() if self.security else (),
         )
         base = self.relay.start()
         self._device_service = AgentServicer(

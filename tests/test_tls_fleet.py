@@ -134,3 +134,45 @@ def test_a_round_closes_under_mtls_and_strangers_are_refused(fleet: Fleet, tmp_p
         relay.stop()
         aggregator.stop()
         coordinator.stop()
+
+
+def test_one_identity_over_its_share_is_refused_while_others_are_served(fleet: Fleet, tmp_path: Path) -> None:
+    config = AggregatorConfig(
+        id="agg-fair",
+        listen="127.0.0.1:0",
+        state_dir=str(tmp_path / "agg"),
+        store=str(tmp_path / "store"),
+        synthesis=SynthesisSettings(enabled=False),
+        serving=ServingSettings(caller_max_streams=4, caller_calls_per_s=2.0),
+        tls=TlsSettings(bundle=fleet.bundle(Role.AGGREGATOR, "agg-fair")),
+    )
+    aggregator = AggregatorDaemon(config, initial_model_factory=initial_model_factory(config)).start()
+    greedy, polite = Security(fleet.bundle(Role.AGENT, "greedy")), Security(fleet.bundle(Role.AGENT, "polite"))
+    try:
+        with greedy.channel(aggregator.address) as channel:
+            stub = pb_grpc.AgentServiceStub(channel)
+            watches = [stub.WatchModels(pb.WatchModelsRequest(agent_id="greedy"), timeout=30) for _ in range(5)]
+            refused = []
+            for watch in watches:  # the first event of each, or its refusal
+                try:
+                    next(watch)
+                except grpc.RpcError as exc:
+                    refused.append((exc.code(), exc.details().split(":")[0]))
+            assert refused == [(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_streams")]
+            # a burst of 10 calls passes, then the bucket is empty: the caller must slow down
+            codes = []
+            for _ in range(15):
+                try:
+                    stub.Heartbeat(pb.HeartbeatRequest(agent_id="greedy"), timeout=5)
+                    codes.append("ok")
+                except grpc.RpcError as exc:
+                    codes.append(exc.details().split(":")[0])
+            assert "rate_limited" in codes and codes[0] == "ok"
+            # someone else is not affected
+            with polite.channel(aggregator.address) as other:
+                reply = pb_grpc.AgentServiceStub(other).Join(pb.JoinRequest(agent_id="polite"), timeout=5)
+                assert reply.WhichOneof("outcome") == "home"
+            for watch in watches:
+                watch.cancel()
+    finally:
+        aggregator.stop()

@@ -23,6 +23,7 @@ from storage.keys import KeyPair
 from trust.bundle import ReloadingBundle
 from trust.identity import Identity
 from trust.interceptor import TrustInterceptor
+from trust.limits import FairShare
 from trust.revocation import RevocationList
 
 log = logging.getLogger("strata.trust")
@@ -44,15 +45,18 @@ class TlsSettings:
 
 
 class Security:
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, *, fair_share: FairShare | None = None) -> None:
         self.bundle = ReloadingBundle(directory)
         self.interceptor = TrustInterceptor.for_bundle(self.bundle.current())
+        self.fair_share = fair_share or FairShare()
 
     @classmethod
-    def configure(cls, settings: TlsSettings, *, listen: str = "", who: str) -> Security | None:
+    def configure(
+        cls, settings: TlsSettings, *, listen: str = "", who: str, fair_share: FairShare | None = None
+    ) -> Security | None:
         """The security `settings` ask for; None for plaintext (with a warning when `listen` is not loopback)."""
         if settings.bundle:
-            security = cls(settings.bundle)
+            security = cls(settings.bundle, fair_share=fair_share)
             log.info("tls_on", extra={"fields": {"who": who, "identity": str(security.identity)}})
             return security
         if listen and not is_loopback(listen):
@@ -73,6 +77,10 @@ class Security:
 
     def server_credentials(self) -> grpc.ServerCredentials:
         return self.bundle.server_credentials()
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Who may call what, then how much of it: the trust check first, so the limits know the caller."""
+        return [self.interceptor, self.fair_share]
 
     def channel(self, address: str, **options: Any) -> grpc.Channel:
         """A mutual-TLS channel with the current certificate (a renewed one applies to new channels)."""
