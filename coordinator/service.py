@@ -21,8 +21,10 @@ from coordinator.messages import (
     FleetStatus,
     agent_entry_from_pb,
     agent_entry_to_pb,
+    announcements_from_pb,
     fleet_status_to_pb,
     heartbeat_from_pb,
+    index_results_to_pb,
     info_from_pb,
     lease_to_pb,
     lineage_to_pb,
@@ -93,6 +95,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> pb.AnnounceModelReply:
         cid = await self._offload(self._index.record, request.manifest, dict(request.notes))
         return pb.AnnounceModelReply(model_cid=cid)
+
+    async def AnnounceModels(
+        self, request: pb.AnnounceModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AnnounceModelsReply:
+        results = await self._offload(self._index.record_many, announcements_from_pb(request))
+        return index_results_to_pb(results)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsReply:
         records = await self._offload(

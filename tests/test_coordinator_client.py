@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from coordinator.client import AgentEntry, AggregatorInfo, CoordinatorClient, Progress
-from coordinator.index import ModelIndex
+from coordinator.index import MAX_BATCH, ModelIndex
 from coordinator.membership import Membership
 from coordinator.service import CoordinatorServicer
 from proto import strata_pb2_grpc as pb_grpc
@@ -89,6 +89,41 @@ def test_models_and_agents_round_trip(
     )
     [entry] = index.list_agents("agg-a")
     assert entry.capability == "inference" and entry.telemetry["cpu_percent"] == 12.5
+
+
+def test_a_batch_of_announcements_answers_item_by_item(
+    client: CoordinatorClient, served: tuple[ServerHandle, Membership, ModelIndex], keypair: KeyPair
+) -> None:
+    _, _, index = served
+    base = make_manifest(keypair, kind="base", round=0, seed="batch")
+    cluster = make_manifest(keypair, round=1, parents=(base.cid,), seed="batch")
+    forged = dataclasses.replace(make_manifest(keypair, round=2, seed="batch"), num_samples=1)
+    results = client.announce_many(
+        [
+            (base.to_bytes(), {"n": "1"}),
+            (b"not a manifest", None),
+            (forged.to_bytes(), None),
+            (cluster.to_bytes(), None),
+        ]
+    )
+    assert [(r.cid, r.reason) for r in results] == [
+        (base.cid, ""),
+        ("", "invalid_manifest"),
+        ("", "bad_signature"),
+        (cluster.cid, ""),
+    ]
+    assert results[2].refused and "signature" in results[2].message
+    assert index.count() == 2 and index.get(base.cid).notes == {"n": "1"}
+    assert [r.cid for r in client.lineage(cluster.cid).ancestors] == [base.cid]
+    # resending is safe: the same verdicts, nothing indexed twice
+    assert client.announce_many([(cluster.to_bytes(), None), (b"not a manifest", None)])[0].cid == cluster.cid
+    assert index.count() == 2 and client.announce_many([]) == []
+
+
+def test_a_batch_over_the_coordinators_limit_is_refused_whole(client: CoordinatorClient) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        client.announce_many([(b"{}", None)] * (MAX_BATCH + 1))
+    assert refused.value.reason == "batch_too_large" and not is_retryable(refused.value)
 
 
 def test_refusals_become_typed_errors(client: CoordinatorClient, keypair: KeyPair) -> None:
