@@ -314,7 +314,8 @@ class ModelIndex(DurableSqlite):
         IntegrityError for a missing or bad signature. Recording the same bytes
         again changes nothing but merges `notes`.
         """
-        validated = self._validate(manifest_bytes, notes)
+        manifest_bytes = bytes(manifest_bytes)
+        validated = self._validate(manifest_bytes, notes, cid_of(manifest_bytes))
         self._write(self._statements([validated]))
         return validated.cid
 
@@ -340,7 +341,7 @@ class ModelIndex(DurableSqlite):
                 results.append(IndexResult(cid=cid))
                 continue
             try:
-                validated = self._validate(manifest, notes)
+                validated = self._validate(manifest, notes, cid)
             except StrataError as err:
                 results.append(IndexResult(reason=err.reason, message=err.message))
                 continue
@@ -355,12 +356,13 @@ class ModelIndex(DurableSqlite):
         rows = self._read("SELECT cid FROM models WHERE cid IN (SELECT value FROM json_each(?))", (json.dumps(cids),))
         return {row[0] for row in rows}
 
-    def _validate(self, manifest_bytes: bytes, notes: Mapping[str, str] | None) -> _Validated:
+    def _validate(self, manifest_bytes: bytes, notes: Mapping[str, str] | None, cid: str) -> _Validated:
+        """`cid` is cid_of(manifest_bytes), which the caller already needed (hashing is not free)."""
         manifest = Manifest.from_bytes(manifest_bytes)
         if manifest.signature is not None or self._require_signature:
             manifest.verify_signature()
         row = (
-            manifest.cid,
+            cid,
             manifest.kind,
             manifest.federation,
             manifest.round,
