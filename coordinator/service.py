@@ -9,6 +9,7 @@ which maps them to gRPC status.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -35,9 +36,12 @@ from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.serving import Signal
 
-__all__ = ["SERVICE_NAME", "CoordinatorServicer"]
+__all__ = ["ANNOUNCE_CONCURRENCY", "SERVICE_NAME", "CoordinatorServicer"]
 
 SERVICE_NAME = "strata.v1.CoordinatorService"
+# AnnounceModels batches validated at once. Validation is CPU-bound under the GIL, so more would
+# not index faster; fewer leave the offload pool free for heartbeats and queries meanwhile.
+ANNOUNCE_CONCURRENCY = 2
 # A WatchRing stream re-reads the ring at least this often, even with no change signalled.
 WATCH_WAKE_S = 30.0
 
@@ -58,6 +62,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._offload = offload
         self._stopping = stopping or threading.Event()
         self._ring_changed = Signal()
+        self._announcing = asyncio.Semaphore(ANNOUNCE_CONCURRENCY)
         membership.on_change(self._ring_changed.notify)
 
     def changed(self) -> None:
@@ -99,7 +104,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def AnnounceModels(
         self, request: pb.AnnounceModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.AnnounceModelsReply:
-        results = await self._offload(self._index.record_many, announcements_from_pb(request))
+        async with self._announcing:
+            results = await self._offload(self._index.record_many, announcements_from_pb(request))
         return index_results_to_pb(results)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsReply:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -13,7 +16,7 @@ import pytest
 from coordinator.client import AgentEntry, AggregatorInfo, CoordinatorClient, Progress
 from coordinator.index import MAX_BATCH, ModelIndex
 from coordinator.membership import Membership
-from coordinator.service import CoordinatorServicer
+from coordinator.service import ANNOUNCE_CONCURRENCY, CoordinatorServicer
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import (
     FailedPrecondition,
@@ -124,6 +127,41 @@ def test_a_batch_over_the_coordinators_limit_is_refused_whole(client: Coordinato
     with pytest.raises(InvalidInput) as refused:
         client.announce_many([(b"{}", None)] * (MAX_BATCH + 1))
     assert refused.value.reason == "batch_too_large" and not is_retryable(refused.value)
+
+
+class _SlowIndex(ModelIndex):
+    """Takes 0.2 s a batch and remembers how many batches it held at once."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self._guard = threading.Lock()
+        self.inside = self.most = 0
+
+    def record_many(self, items):  # type: ignore[no-untyped-def]
+        with self._guard:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        time.sleep(0.2)
+        with self._guard:
+            self.inside -= 1
+        return super().record_many(items)
+
+
+def test_batches_take_at_most_two_offload_workers() -> None:
+    membership, index = Membership(), _SlowIndex()
+    handle = create_server("127.0.0.1:0", workers=4)
+    pb_grpc.add_CoordinatorServiceServicer_to_server(
+        CoordinatorServicer(membership, index, offload=handle.offload), handle.server
+    )
+    with handle, CoordinatorClient(handle.address, timeout_s=10.0) as client:
+        with ThreadPoolExecutor(6) as senders:
+            batches = [senders.submit(client.announce_many, [(b"not a manifest", None)]) for _ in range(6)]
+            # the other two workers stay free for membership meanwhile
+            client.register(AggregatorInfo(id="a", address="127.0.0.1:7070"))
+            assert [f.result()[0].reason for f in batches] == ["invalid_manifest"] * 6
+    assert 1 <= index.most <= ANNOUNCE_CONCURRENCY == 2
+    membership.close()
+    index.close()
 
 
 def test_refusals_become_typed_errors(client: CoordinatorClient, keypair: KeyPair) -> None:
