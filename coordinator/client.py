@@ -106,11 +106,10 @@ class CoordinatorClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: Callable[..., T], request: object, *, timeout_s: float | None = None) -> T:
+    def _call(self, method: Callable[..., T], request: object) -> T:
         if self._closed:
             raise FailedPrecondition(f"the client of coordinator {self.address} is closed", reason="closed")
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        return _translated(lambda: method(request, timeout=timeout))
+        return _translated(lambda: method(request, timeout=self.timeout_s))
 
     # ------------------------------------------------------------ membership
 
@@ -147,17 +146,14 @@ class CoordinatorClient:
         request = pb.AnnounceModelRequest(manifest=manifest, notes=dict(notes or {}))
         return self._call(self._stub.AnnounceModel, request).model_cid
 
-    def announce_many(
-        self, items: Iterable[tuple[bytes, Mapping[str, str] | None]], *, timeout_s: float | None = None
-    ) -> list[IndexResult]:
+    def announce_many(self, items: Iterable[tuple[bytes, Mapping[str, str] | None]]) -> list[IndexResult]:
         """Index many manifests in one call (at most `coordinator.index.MAX_BATCH`): one result per
         item, in order, each the model's CID or why the coordinator refused it for good.
 
         A failure of the call as a whole (e.g. Unavailable) refused nothing: resending is safe.
-        `timeout_s` overrides the client's deadline for this call.
         """
         items = list(items)
-        reply = self._call(self._stub.AnnounceModels, announcements_to_pb(items), timeout_s=timeout_s)
+        reply = self._call(self._stub.AnnounceModels, announcements_to_pb(items))
         results = index_results_from_pb(reply)
         if len(results) != len(items):
             raise StrataError(
