@@ -2,7 +2,7 @@
 
 - `lease.LeaseKeeper`: register, heartbeat, report agents;
 - `ring_follower.RingFollower`: keep the `RingView` on the coordinator's ring;
-- `announcements.Announcer`: deliver model manifests from a durable outbox.
+- `announcements.Announcer`: deliver model manifests from a durable outbox, in batches.
 
 `start()` never blocks and never fails because the coordinator is away; each
 job retries with `proto.retry` backoff. `stop()` ends them within a bound and

@@ -9,6 +9,7 @@ which maps them to gRPC status.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,8 +22,10 @@ from coordinator.messages import (
     FleetStatus,
     agent_entry_from_pb,
     agent_entry_to_pb,
+    announcements_from_pb,
     fleet_status_to_pb,
     heartbeat_from_pb,
+    index_results_to_pb,
     info_from_pb,
     lease_to_pb,
     lineage_to_pb,
@@ -33,9 +36,12 @@ from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.serving import Signal
 
-__all__ = ["SERVICE_NAME", "CoordinatorServicer"]
+__all__ = ["ANNOUNCE_CONCURRENCY", "SERVICE_NAME", "CoordinatorServicer"]
 
 SERVICE_NAME = "strata.v1.CoordinatorService"
+# AnnounceModels batches validated at once. Validation is CPU-bound under the GIL, so more would
+# not index faster; fewer leave the offload pool free for heartbeats and queries meanwhile.
+ANNOUNCE_CONCURRENCY = 2
 # A WatchRing stream re-reads the ring at least this often, even with no change signalled.
 WATCH_WAKE_S = 30.0
 
@@ -56,6 +62,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._offload = offload
         self._stopping = stopping or threading.Event()
         self._ring_changed = Signal()
+        self._announcing = asyncio.Semaphore(ANNOUNCE_CONCURRENCY)
         membership.on_change(self._ring_changed.notify)
 
     def changed(self) -> None:
@@ -93,6 +100,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> pb.AnnounceModelReply:
         cid = await self._offload(self._index.record, request.manifest, dict(request.notes))
         return pb.AnnounceModelReply(model_cid=cid)
+
+    async def AnnounceModels(
+        self, request: pb.AnnounceModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AnnounceModelsReply:
+        async with self._announcing:
+            results = await self._offload(self._index.record_many, announcements_from_pb(request))
+        return index_results_to_pb(results)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsReply:
         records = await self._offload(

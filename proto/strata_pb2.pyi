@@ -414,6 +414,28 @@ class AnnounceModelReply(_message.Message):
     model_cid: str
     def __init__(self, model_cid: _Optional[str] = ...) -> None: ...
 
+class AnnounceModelsRequest(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[AnnounceModelRequest]
+    def __init__(self, models: _Optional[_Iterable[_Union[AnnounceModelRequest, _Mapping]]] = ...) -> None: ...
+
+class AnnounceResult(_message.Message):
+    __slots__ = ("model_cid", "reason", "message")
+    MODEL_CID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    model_cid: str
+    reason: str
+    message: str
+    def __init__(self, model_cid: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class AnnounceModelsReply(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[AnnounceResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[AnnounceResult, _Mapping]]] = ...) -> None: ...
+
 class ModelRecord(_message.Message):
     __slots__ = ("model_cid", "kind", "federation", "round", "producer", "parents", "num_samples", "metrics", "created_at", "weights_cid", "manifest")
     class MetricsEntry(_message.Message):

@@ -462,6 +462,11 @@ class CoordinatorServiceStub:
                 request_serializer=proto_dot_strata__pb2.AnnounceModelRequest.SerializeToString,
                 response_deserializer=proto_dot_strata__pb2.AnnounceModelReply.FromString,
                 _registered_method=True)
+        self.AnnounceModels = channel.unary_unary(
+                '/strata.v1.CoordinatorService/AnnounceModels',
+                request_serializer=proto_dot_strata__pb2.AnnounceModelsRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.AnnounceModelsReply.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/strata.v1.CoordinatorService/ListModels',
                 request_serializer=proto_dot_strata__pb2.ListModelsRequest.SerializeToString,
@@ -518,6 +523,14 @@ class CoordinatorServiceServicer:
 
     def AnnounceModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AnnounceModels(self, request, context):
+        """A refused manifest does not fail the call: its result says why. A call that fails as a whole
+        (e.g. UNAVAILABLE) refused nothing; resending the same batch is safe, indexing is idempotent.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -579,6 +592,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.AnnounceModel,
                     request_deserializer=proto_dot_strata__pb2.AnnounceModelRequest.FromString,
                     response_serializer=proto_dot_strata__pb2.AnnounceModelReply.SerializeToString,
+            ),
+            'AnnounceModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnnounceModels,
+                    request_deserializer=proto_dot_strata__pb2.AnnounceModelsRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.AnnounceModelsReply.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -741,6 +759,33 @@ class CoordinatorService:
             '/strata.v1.CoordinatorService/AnnounceModel',
             proto_dot_strata__pb2.AnnounceModelRequest.SerializeToString,
             proto_dot_strata__pb2.AnnounceModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnnounceModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/AnnounceModels',
+            proto_dot_strata__pb2.AnnounceModelsRequest.SerializeToString,
+            proto_dot_strata__pb2.AnnounceModelsReply.FromString,
             options,
             channel_credentials,
             insecure,

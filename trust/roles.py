@@ -11,7 +11,7 @@ Who calls what, and why:
   submits its combined update like a device); downstream it serves AgentService.
 - aggregator: PeerService (its peers' synthesis: GetLatest, Announce, FetchBlob),
   and the coordinator's membership and index writes (RegisterAggregator,
-  HeartbeatAggregator, GetRing, WatchRing, AnnounceModel, ReportAgents).
+  HeartbeatAggregator, GetRing, WatchRing, AnnounceModel(s), ReportAgents).
 - operator: the coordinator's reads (ListModels, GetLineage, ListAgents, FleetStatus,
   GetRing).
 - audit: everything an operator reads, plus PeerService.FetchBlob, the one RPC that
@@ -93,6 +93,7 @@ ROLE_TABLE: Mapping[str, frozenset[Role] | _Anyone] = {
     method(COORDINATOR_SERVICE, "HeartbeatAggregator"): _AGGREGATOR,
     method(COORDINATOR_SERVICE, "WatchRing"): _AGGREGATOR,
     method(COORDINATOR_SERVICE, "AnnounceModel"): _AGGREGATOR,
+    method(COORDINATOR_SERVICE, "AnnounceModels"): _AGGREGATOR,
     method(COORDINATOR_SERVICE, "ReportAgents"): _AGGREGATOR,
     method(COORDINATOR_SERVICE, "GetRing"): _AGGREGATOR | _READERS,
     # ... reads by operators and auditors
