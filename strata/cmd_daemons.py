@@ -240,6 +240,8 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or configs[0].log_level)
     stop = threading.Event()
     group = AgentGroup(configs, stop)
+    # enrollment happens here, before any agent runs: a refused token is the command's one-line error
+    group.ensure_identities()
     metrics = (
         serve_metrics(group.collect_metrics, host="0.0.0.0", port=configs[0].metrics_port)
         if configs[0].metrics_port
