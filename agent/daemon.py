@@ -35,6 +35,24 @@ log = logging.getLogger("strata.agent")
 _WAIT_SLICE_S = 1.0
 
 
+def enroll_if_needed(config: AgentConfig, *, stop: threading.Event | None = None) -> bool:
+    """Enroll when `config.enroll` has a token and `tls.bundle` holds no valid bundle yet; True if it enrolled.
+
+    An enrollment port that is not up yet is waited for like an aggregator (join_timeout_s);
+    a refusal (a bad token, say) is raised at once."""
+    if not (config.tls.bundle and config.enroll.token):
+        return False
+    return ensure_bundle(
+        config.enroll,
+        config.tls.bundle,
+        agent_id=config.id,
+        state_dir=config.state_dir,
+        timeout_s=config.rpc_timeout_s,
+        retry=RetryPolicy(base_s=config.backoff_base_s, max_s=config.backoff_max_s, deadline_s=config.join_timeout_s),
+        stop=stop,
+    )
+
+
 class AgentDaemon:
     def __init__(self, config: AgentConfig, trainer: Trainer | None = None, *, stop: threading.Event | None = None) -> None:
         self.config = config
@@ -54,17 +72,7 @@ class AgentDaemon:
         Raises the enrollment's refusal (a bad token, say) as a StrataError; idempotent."""
         config = self.config
         if self.security is None and config.tls.bundle:
-            if config.enroll.token:
-                ensure_bundle(
-                    config.enroll,
-                    config.tls.bundle,
-                    agent_id=config.id,
-                    state_dir=config.state_dir,
-                    timeout_s=config.rpc_timeout_s,
-                    # an enrollment port not up yet is waited for like an aggregator
-                    retry=RetryPolicy(base_s=config.backoff_base_s, max_s=config.backoff_max_s, deadline_s=config.join_timeout_s),
-                    stop=self._stop,
-                )
+            enroll_if_needed(config, stop=self._stop)
             self.security = Security.configure(config.tls, who=config.id or "agent")
         return self.security
 
@@ -208,11 +216,6 @@ class AgentGroup:
         self.configs = list(configs)
         self.daemons = [AgentDaemon(config, stop=stop) for config in self.configs]
         self.results = [0] * len(self.daemons)
-
-    def ensure_identities(self) -> None:
-        """Enroll every agent that needs to, before any runs: a refused token stops the whole group."""
-        for daemon in self.daemons:
-            daemon.ensure_identity()
 
     def _run_one(self, index: int) -> None:
         try:
