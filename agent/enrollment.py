@@ -271,11 +271,12 @@ class Renewer:
 
     def start(self) -> Renewer:
         if self._thread is None and not self._stop.is_set():
+            due = self.due()  # scheduled from now, before the thread reads it
             self._thread = threading.Thread(target=self._run, name="strata-agent-renew", daemon=True)
             self._thread.start()
             log.info(
                 "renewal_scheduled",
-                extra={"fields": {"identity": str(self._bundle.identity), "at": round(self.due(), 1), "address": self.address}},
+                extra={"fields": {"identity": str(self._bundle.identity), "at": round(due, 1), "address": self.address}},
             )
         return self
 
