@@ -44,6 +44,8 @@ from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import FailedPrecondition, StrataError
 from proto.wire import STREAM_TIMEOUT_S, create_channel, error_from_rpc
+from trust.messages import revocations_from_reply
+from trust.revocation import RevocationList
 
 __all__ = ["AgentEntry", "AggregatorInfo", "CoordinatorClient", "IndexResult", "Lease", "Progress", "RingWatch"]
 
@@ -135,6 +137,12 @@ class CoordinatorClient:
             raise FailedPrecondition(f"the client of coordinator {self.address} is closed", reason="closed")
         request = pb.WatchRingRequest(known_version=known_version, federation=federation)
         return RingWatch(_translated(lambda: self._stub.WatchRing(request, timeout=timeout_s)))
+
+    def revocations(self, known_version: int = 0) -> RevocationList | None:
+        """The fleet's revocation list if it is newer than `known_version`, else None. Parsed, not verified:
+        whoever installs it verifies the CA's signature (`trust.security.Security.set_revocations`)."""
+        reply = self._call(self._stub.GetRevocations, pb.GetRevocationsRequest(known_version=known_version))
+        return revocations_from_reply(reply)
 
     def fleet_status(self) -> FleetStatus:
         return fleet_status_from_pb(self._call(self._stub.FleetStatus, pb.FleetStatusRequest()))
