@@ -84,6 +84,10 @@ class Fleet:
         self.procs.append(proc)
         return proc
 
+    def log_text(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.log_dir / f"{name}.log"
         if not path.exists():

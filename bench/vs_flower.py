@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -284,6 +285,15 @@ def _flower_env(root: Path, superlink_port: int, superexec_poll_s: float) -> dic
     return env
 
 
+def _wait_for_activations(fleet: Fleet, count: int, superlink: subprocess.Popen, timeout_s: float = 180.0) -> None:
+    """Wait until the SuperLink has logged `count` activated SuperNodes."""
+    give_up = time.monotonic() + timeout_s
+    while fleet.log_text("superlink").count("[Fleet.ActivateNode] Activated") < count:
+        if superlink.poll() is not None or time.monotonic() > give_up:
+            raise RuntimeError(f"SuperNode {count - 1} did not activate:\n{fleet.log_tail(f'supernode-{count - 1}')}")
+        time.sleep(0.1)
+
+
 def run_flower(n: int, rounds: int, params: int, root: Path, *, tuned: bool, patched: bool = False) -> dict[str, Any]:
     pull_s = TUNED_PULL_S if tuned else STOCK_PULL_S
     superexec_poll_s = TUNED_SUPEREXEC_POLL_S if tuned else STOCK_SUPEREXEC_POLL_S
@@ -320,6 +330,10 @@ def run_flower(n: int, rounds: int, params: int, root: Path, *, tuned: bool, pat
         try:
             wait_for_port(port, 120, alive=superlink)
             for i in range(n):
+                # one at a time, each once the previous one is active: 64 SuperNodes registering
+                # at once on a loaded machine timed out, retried into "key already registered"
+                # (HTTP 412) and exited after 3 tries (exit code 305)
+                _wait_for_activations(fleet, i, superlink)
                 fleet.start(
                     f"supernode-{i}",
                     [
@@ -365,7 +379,12 @@ class FleetAborted(RuntimeError):
         self.sampler, self.rounds_done = sampler, rounds_done
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(f"signal {signum}")  # so the fleet's finally: blocks stop every process
+
+
 def worker(system: str, n: int, rounds: int, params: int, out: Path) -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if os.environ.get("VS_FLOWER_NETNS") == "1":
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     with tempfile.TemporaryDirectory(prefix=f"vs-flower-{system}-{n}-") as tmp:
@@ -448,7 +467,11 @@ def run_one(system: str, n: int, rounds: int, params: int, netns: bool, out_dir:
                           timeout=1200 + 900 * (rounds + 1))
     if done.returncode != 0:
         print("FAILED")
-        raise SystemExit(f"{system} N={n} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+        reason = (done.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}", file=sys.stderr)
+        return {"system": system, "n": n, "params": params, "aborted": f"failed: {reason}", "rounds_done": 0,
+                "peak_rss_mib": 0.0, "peak_rss_server_mib": 0.0, "max_processes": 0,
+                "load_before": load_before, "load_after": os.getloadavg()[0]}
     result = json.loads(out.read_text())
     result["load_before"], result["load_after"] = load_before, os.getloadavg()[0]
     if "aborted" in result:
@@ -592,9 +615,9 @@ def main() -> int:
             systems += ["flower-patched"] if n in what_if else []
             for system in systems:
                 results.append(run_one(system, n, rounds_for(n), params, netns, Path(tmp)))
+                if args.json:  # after every system, so a run cut short keeps what it measured
+                    args.json.write_text(json.dumps({"flwr": flwr, "results": results}, indent=1))
     report(results, flwr, params)
-    if args.json:
-        args.json.write_text(json.dumps({"flwr": flwr, "results": results}, indent=1))
     return 0
 
 
