@@ -502,8 +502,10 @@ def report(results: list[dict[str, Any]], flwr: str, params: int) -> None:
     rows = []
     for r in results:
         if "aborted" in r:
-            rows.append([r["n"], SYSTEMS[r["system"]], f"{r['rounds_done']} done", "ABORTED", "-", f">{r['peak_rss_mib']:.0f}",
-                         f"{r['peak_rss_server_mib']:.0f}", "-", "-", r["max_processes"], "-"])
+            seen = r["peak_rss_mib"] > 0  # a stopped worker reports nothing
+            rows.append([r["n"], SYSTEMS[r["system"]], f"{r['rounds_done']} done", "ABORTED", "-",
+                         f">{r['peak_rss_mib']:.0f}" if seen else "-", f"{r['peak_rss_server_mib']:.0f}" if seen else "-",
+                         "-", "-", r["max_processes"] or "-", "-"])
             continue
         rows.append(
             [
