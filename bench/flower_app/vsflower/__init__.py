@@ -1,0 +1,1 @@
+"""bench/vs_flower.py's workload as a Flower App (ServerApp + ClientApp)."""
