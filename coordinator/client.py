@@ -191,9 +191,11 @@ class CoordinatorClient:
         )
         return [record_from_pb(r) for r in self._call(self._stub.ListModels, request).models]
 
-    def lineage(self, model_cid: str, depth: int = 0) -> Lineage:
-        """A model's indexed ancestry; depth 0: the coordinator's default depth."""
-        return lineage_from_pb(self._call(self._stub.GetLineage, pb.LineageRequest(model_cid=model_cid, depth=depth)))
+    def lineage(self, model_cid: str, depth: int = 0, *, with_manifests: bool = True) -> Lineage:
+        """A model's indexed ancestry; depth 0: the coordinator's default depth. Without manifests,
+        records carry their fields only (a large cluster's lineage then fits one reply)."""
+        request = pb.LineageRequest(model_cid=model_cid, depth=depth, omit_manifests=not with_manifests)
+        return lineage_from_pb(self._call(self._stub.GetLineage, request))
 
     def report_agents(self, aggregator_id: str, agents: Iterable[AgentEntry]) -> None:
         """Replace what the coordinator lists for `aggregator_id`'s agents with `agents`."""

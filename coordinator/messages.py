@@ -164,7 +164,7 @@ def record_from_pb(message: pb.ModelRecord) -> ModelRecord:
     )
 
 
-def record_to_pb(record: ModelRecord) -> pb.ModelRecord:
+def record_to_pb(record: ModelRecord, *, with_manifest: bool = True) -> pb.ModelRecord:
     return pb.ModelRecord(
         model_cid=record.cid,
         kind=record.kind,
@@ -176,7 +176,7 @@ def record_to_pb(record: ModelRecord) -> pb.ModelRecord:
         metrics=record.metrics,
         created_at=record.created_at,
         weights_cid=record.weights,
-        manifest=record.manifest,
+        manifest=record.manifest if with_manifest else b"",
     )
 
 
@@ -189,11 +189,11 @@ def lineage_from_pb(message: pb.LineageReply) -> Lineage:
     )
 
 
-def lineage_to_pb(lineage: Lineage) -> pb.LineageReply:
+def lineage_to_pb(lineage: Lineage, *, with_manifests: bool = True) -> pb.LineageReply:
     return pb.LineageReply(
-        model=record_to_pb(lineage.model),
-        ancestors=[record_to_pb(r) for r in lineage.ancestors],
-        children=[record_to_pb(r) for r in lineage.children],
+        model=record_to_pb(lineage.model, with_manifest=with_manifests),
+        ancestors=[record_to_pb(r, with_manifest=with_manifests) for r in lineage.ancestors],
+        children=[record_to_pb(r, with_manifest=with_manifests) for r in lineage.children],
         missing=lineage.missing,
     )
 

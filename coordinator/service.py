@@ -167,7 +167,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     async def GetLineage(self, request: pb.LineageRequest, context: grpc.aio.ServicerContext) -> pb.LineageReply:
         lineage = await self._offload(self._index.lineage, request.model_cid, request.depth or DEFAULT_LINEAGE_DEPTH)
-        return lineage_to_pb(lineage)
+        return lineage_to_pb(lineage, with_manifests=not request.omit_manifests)
 
     # ------------------------------------------------------------ agents and fleet
 

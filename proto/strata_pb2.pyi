@@ -496,12 +496,14 @@ class ListModelsReply(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelRecord, _Mapping]]] = ...) -> None: ...
 
 class LineageRequest(_message.Message):
-    __slots__ = ("model_cid", "depth")
+    __slots__ = ("model_cid", "depth", "omit_manifests")
     MODEL_CID_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
+    OMIT_MANIFESTS_FIELD_NUMBER: _ClassVar[int]
     model_cid: str
     depth: int
-    def __init__(self, model_cid: _Optional[str] = ..., depth: _Optional[int] = ...) -> None: ...
+    omit_manifests: bool
+    def __init__(self, model_cid: _Optional[str] = ..., depth: _Optional[int] = ..., omit_manifests: _Optional[bool] = ...) -> None: ...
 
 class LineageReply(_message.Message):
     __slots__ = ("model", "ancestors", "children", "missing")

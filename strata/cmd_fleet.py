@@ -149,7 +149,7 @@ def lineage_from_index(
     """A lineage view built from the coordinator's index rather than the store."""
     dial = {"channel_factory": channel_factory} if channel_factory is not None else {}
     with CoordinatorClient(address, timeout_s=DEFAULT_TIMEOUT_S, **dial) as coordinator:
-        lineage = coordinator.lineage(model_cid, depth or 0)
+        lineage = coordinator.lineage(model_cid, depth or 0, with_manifests=False)
     nodes = {}
     for record in [lineage.model, *lineage.ancestors]:
         nodes[record.cid] = render.LineageNode(

@@ -86,6 +86,9 @@ def test_models_and_agents_round_trip(
     assert record.weights == cluster.weights and record.metrics == {"loss": 0.5}
     lineage = client.lineage(cluster.cid)
     assert [r.cid for r in lineage.ancestors] == [base.cid] and lineage.missing == []
+    assert lineage.model.manifest == cluster.to_bytes()
+    slim = client.lineage(cluster.cid, with_manifests=False)
+    assert slim.model.manifest == b"" and slim.model.parents == (base.cid,) and slim.model.kind == "cluster"
 
     client.report_agents(
         "agg-a", [AgentEntry(agent_id="x", last_seen=5.0, capability="inference", telemetry={"cpu_percent": 12.5})]
