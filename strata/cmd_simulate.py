@@ -207,20 +207,26 @@ def progress_line(p: Any) -> str:
 
 def report_text(report: Any) -> str:
     o = report.options
+    learning = any("base_accuracy" in r.metric_sums for r in report.rounds)
     lines = [
         f"simulated   {o.agents} devices ({o.trainer}) for {report.seconds:.1f} s against {', '.join(o.seeds)}; "
         f"stopped by {report.stopped_by}",
         f"online      {report.online_at_end} at the end; {report.joined} ever joined; homes: "
         + (", ".join(f"{h} {n}" for h, n in report.homes.items()) or "none"),
         "",
-        f"{'home':<12} {'round':>5} {'devices':>7} {'accepted':>8} {'dup':>4} {'refused':>7} {'particip.':>9} {'round s':>8}  model",
+        f"{'home':<12} {'round':>5} {'devices':>7} {'accepted':>8} {'dup':>4} {'refused':>7} {'particip.':>9} {'round s':>8}"
+        + (f" {'base acc':>8}" if learning else "")
+        + "  model",
     ]
     for r in report.rounds:
         part = f"{r.accepted / r.devices:.3f}" if r.devices else "-"
         round_s = f"{r.round_s:.2f}" if r.round_s is not None else "open"
+        accuracy = r.metrics().get("base_accuracy")
         lines.append(
             f"{r.home:<12} {r.round:>5} {r.devices:>7} {r.accepted:>8} {r.duplicates:>4} {sum(r.refused.values()):>7} "
-            f"{part:>9} {round_s:>8}  {r.model[:14] + '…' if r.model else '-'}"
+            f"{part:>9} {round_s:>8}"
+            + (f" {accuracy:>8.3f}" if accuracy is not None else f" {'-':>8}" if learning else "")
+            + f"  {r.model[:14] + '…' if r.model else '-'}"
         )
     lines += ["", f"{'latency ms':<12} {'count':>7} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}"]
     for kind, s in report.latency.items():

@@ -72,9 +72,9 @@ def test_ledger_rounds_participation_and_round_time() -> None:
     ledger.devices_at("agg-a", 2)
     ledger.devices_at("agg-a", 4)
     ledger.base_seen("agg-a", 3, "cid-3", now=11.0, devices=4)  # seen again: changes nothing
-    for _ in range(3):
-        ledger.accepted("agg-a", 3, duplicate=False)
-    ledger.accepted("agg-a", 3, duplicate=True)
+    for accuracy in (0.5, 0.6, 0.7):
+        ledger.accepted("agg-a", 3, duplicate=False, metrics={"base_accuracy": accuracy, "loss": float("nan")})
+    ledger.accepted("agg-a", 3, duplicate=True, metrics={"base_accuracy": 0.0})  # a resend counts once
     ledger.refused("agg-a", 3, "stale")
     assert ledger.rounds_closed("agg-a") == 0
     ledger.base_seen("agg-a", 4, "cid-4", now=12.5, devices=4)
@@ -84,6 +84,7 @@ def test_ledger_rounds_participation_and_round_time() -> None:
     assert (first.round, first.devices, first.accepted, first.duplicates) == (3, 4, 3, 1)
     assert first.closed and first.round_s == pytest.approx(2.5)
     assert first.to_json()["participation"] == 0.75 and first.to_json()["refused"] == {"stale": 1}
+    assert first.metrics() == {"base_accuracy": pytest.approx(0.6)}  # a non-finite claim is left out
     assert not second.closed and second.round_s is None
     assert ledger.rounds_closed("agg-a") == 1 and ledger.rounds_closed("agg-b") == 0
     assert ledger.homes() == ["agg-a"]

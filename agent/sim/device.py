@@ -64,6 +64,8 @@ from storage.manifest import Manifest
 log = logging.getLogger("strata.sim.device")
 
 _NETWORKS = ("wifi", "cellular", "ethernet")
+# trainer metrics the round ledger averages (a task's loss and accuracy, of the update and of its base)
+_ROUND_METRICS = ("loss", "accuracy")
 
 
 @dataclass(kw_only=True)
@@ -175,10 +177,10 @@ class VirtualDevice:
                 tasks.append(asyncio.ensure_future(self._work()))
             timeout = None if math.isinf(online_s) else online_s
             done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:  # a bug in the simulator, not the fleet: say so, and let the device leave
+            for task in done:
+                # a trainer that cannot train (e.g. a partition too small), or a bug: the run ends with it
                 if not task.cancelled() and task.exception() is not None:
-                    self._stats.counts["device_crashed"] += 1
-                    log.error("device_crashed", exc_info=task.exception(), extra={"fields": {"agent": self.agent_id}})
+                    raise task.exception()  # type: ignore[misc]
             return True
         finally:
             for task in tasks:
@@ -510,7 +512,9 @@ class VirtualDevice:
         if reply.accepted:
             stats.counts["acknowledged"] += 1
             stats.latency["update"].add(update_s)
-            stats.ledger.accepted(self.home_id, reply.round, duplicate=reply.duplicate)
+            metrics = {name: value for name, value in header.metrics.items() if name in _ROUND_METRICS}
+            metrics.update({f"base_{n}": v for n, v in header.base_metrics.items() if n in _ROUND_METRICS})
+            stats.ledger.accepted(self.home_id, reply.round, duplicate=reply.duplicate, metrics=metrics)
             stats.receipts.append(
                 Receipt(
                     agent_id=self.agent_id,

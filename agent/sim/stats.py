@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,9 @@ class RoundStats:
     accepted: int = 0
     duplicates: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+    # sums of the accepted updates' metrics ("base_" + the base's, as devices evaluated it on their own data)
+    metric_sums: Counter[str] = field(default_factory=Counter)
+    metric_counts: Counter[str] = field(default_factory=Counter)
 
     @property
     def closed(self) -> bool:
@@ -107,6 +111,10 @@ class RoundStats:
     @property
     def round_s(self) -> float | None:
         return None if self.next_seen is None else self.next_seen - self.first_seen
+
+    def metrics(self) -> dict[str, float]:
+        """Means over this round's accepted updates, e.g. base_accuracy: how good the round's base was."""
+        return {name: total / self.metric_counts[name] for name, total in sorted(self.metric_sums.items())}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,6 +128,7 @@ class RoundStats:
             "duplicates": self.duplicates,
             "refused": dict(self.refused),
             "participation": round(self.accepted / self.devices, 4) if self.devices else None,
+            "metrics": {name: round(value, 4) for name, value in self.metrics().items()},
         }
 
 
@@ -160,12 +169,16 @@ class RoundLedger:
             stats = self._rounds[key] = RoundStats(home=home, round=round_, model="", first_seen=math.nan, devices=0)
         return stats
 
-    def accepted(self, home: str, round_: int, *, duplicate: bool) -> None:
+    def accepted(self, home: str, round_: int, *, duplicate: bool, metrics: Mapping[str, float] | None = None) -> None:
         stats = self._stats(home, round_)
         if duplicate:
             stats.duplicates += 1
-        else:
-            stats.accepted += 1
+            return
+        stats.accepted += 1
+        for name, value in (metrics or {}).items():
+            if math.isfinite(value):
+                stats.metric_sums[name] += value
+                stats.metric_counts[name] += 1
 
     def refused(self, home: str, round_: int, reason: str) -> None:
         self._stats(home, round_).refused[reason] += 1
