@@ -201,7 +201,7 @@ def progress_line(p: Any) -> str:
     return (
         f"[{p.elapsed_s:6.1f}s] online {p.online}/{p.agents}  {homes}{more}  acked {p.acknowledged}  "
         f"refused {p.refused}  errors {p.errors}{stalled}  hb p99 {_ms(p.heartbeat.p99_ms)} ms  "
-        f"join p99 {_ms(p.join.p99_ms)} ms"
+        f"join p99 {_ms(p.join.p99_ms)} ms  lag p99 {_ms(p.loop_lag.p99_ms)} ms"
     )
 
 

@@ -270,6 +270,7 @@ def test_devices_follow_redirects_and_submit_signed_updates_of_the_base_they_wer
     assert report.models_decoded == 1 and report.counts["downloads"] == 20
     assert report.latency["submit"].count == len(report.receipts) == 20
     assert report.latency["join"].count == 40  # each hop of each join
+    assert report.to_json()["latency_ms"]["loop_lag"]["count"] == report.latency["loop_lag"].count
 
 
 def test_a_broken_off_upload_is_sent_again_byte_for_byte() -> None:

@@ -25,7 +25,7 @@ from agent.sim.device import Fleet, VirtualDevice
 from agent.sim.models import ModelCache
 from agent.sim.options import SimOptions
 from agent.sim.schedule import plan_fleet
-from agent.sim.stats import LATENCY_KINDS, FleetStats, LatencySummary, Receipt, RoundStats
+from agent.sim.stats import LATENCY_KINDS, LOOP_LAG, FleetStats, LatencySummary, Receipt, RoundStats
 from agent.sim.trainers import make_trainer
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
@@ -36,6 +36,8 @@ log = logging.getLogger("strata.sim")
 
 # devices get this long to close their connections once the simulation stops
 STOP_GRACE_S = 10.0
+# how often the run checks its stop conditions (and measures its own loop's lag)
+_TICK_S = 0.25
 # a stalled upload declares this many bytes and sends none of them
 STALLED_DECLARED_BYTES = 1 << 20
 
@@ -55,6 +57,8 @@ class Progress:
     # since the previous snapshot
     heartbeat: LatencySummary
     join: LatencySummary
+    # how late this process's own loop ran: its client-side latencies include this much queueing
+    loop_lag: LatencySummary
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,13 +192,14 @@ class Simulation:
 
     async def _watch_progress(self, fleet: Fleet, started: float, tasks: list[asyncio.Task[None]]) -> None:
         assert self._stop is not None
-        marks = {kind: self.stats.latency[kind].mark() for kind in ("heartbeat", "join")}
+        marks = {kind: self.stats.latency[kind].mark() for kind in ("heartbeat", "join", LOOP_LAG)}
         next_progress = self._clock() + self._progress_s
         while not self._stop.is_set():
+            asleep = self._clock()
             try:
-                await asyncio.wait_for(self._stop.wait(), timeout=0.25)
+                await asyncio.wait_for(self._stop.wait(), timeout=_TICK_S)
             except TimeoutError:
-                pass
+                self.stats.latency[LOOP_LAG].add(max(0.0, self._clock() - asleep - _TICK_S))
             why = self._done(started)
             if why:
                 self._stopped_by = self._stopped_by or why
@@ -221,6 +226,7 @@ class Simulation:
             stalled_open=self._stalled_open,
             heartbeat=stats.latency["heartbeat"].since(marks["heartbeat"]),
             join=stats.latency["join"].since(marks["join"]),
+            loop_lag=stats.latency[LOOP_LAG].since(marks[LOOP_LAG]),
         )
 
     def _report(self, fleet: Fleet, started: float) -> SimReport:
@@ -233,7 +239,7 @@ class Simulation:
             joined=len(fleet.joined),
             homes={h: len(members) for h, members in sorted(fleet.homes.items())},
             rounds=stats.ledger.rounds(),
-            latency={kind: stats.latency[kind].summary() for kind in LATENCY_KINDS},
+            latency={kind: stats.latency[kind].summary() for kind in (*LATENCY_KINDS, LOOP_LAG)},
             counts=dict(stats.counts),
             refusals=dict(stats.refusals),
             errors=dict(stats.errors),

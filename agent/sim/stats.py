@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 LATENCY_KINDS = ("join", "heartbeat", "download", "submit", "update")
+# how late the simulator's own loop wakes up: when this grows, its client-side latencies include its own queueing
+LOOP_LAG = "loop_lag"
 PERCENTILES = (0.50, 0.95, 0.99)
 
 
@@ -215,7 +217,7 @@ class FleetStats:
     """Everything one simulation counts."""
 
     def __init__(self) -> None:
-        self.latency = {kind: Latencies() for kind in LATENCY_KINDS}
+        self.latency = {kind: Latencies() for kind in (*LATENCY_KINDS, LOOP_LAG)}
         self.counts: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
         # failed calls by "rpc:STATUS"
