@@ -52,6 +52,8 @@ class Client:
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 10.0,
         watch: bool = True,
+        start_jitter_s: float = 0.0,
+        key: KeyPair | None = None,
         channel_factory: Callable[[str], grpc.Channel] = create_channel,
     ) -> None:
         self.seeds = [seeds] if isinstance(seeds, str) else list(seeds)
@@ -65,7 +67,10 @@ class Client:
         self.trainable_tensors = list(trainable_tensors) if trainable_tensors else None
         self._state = AgentState(state_dir, agent_id=agent_id) if state_dir else None
         self.agent_id = self._state.agent_id if self._state else (agent_id or f"agent-{random.getrandbits(32):08x}")
-        self._key = self._state.key if self._state else KeyPair.generate()
+        # the manifest-signing key: given (a certified one, with TLS), kept in state_dir, or made up
+        self._key = key or (self._state.key if self._state else KeyPair.generate())
+        self._start_jitter_s = start_jitter_s
+        self._joined_once = False
         retry = RetryPolicy(base_s=backoff_base_s, max_s=backoff_max_s)
         identity = Identity(
             agent_id=self.agent_id,
@@ -97,7 +102,11 @@ class Client:
         self.close()
 
     def connect(self) -> Client:
-        """Join, then start the watch and heartbeat threads (unless built with watch=False)."""
+        """Join (after a random wait of up to `start_jitter_s`, so a fleet started together does not
+        arrive together), then start the watch and heartbeat threads (unless built with watch=False)."""
+        if self._start_jitter_s > 0 and not self._joined_once:
+            self._session.closed.wait(random.random() * self._start_jitter_s)
+        self._joined_once = True
         self.join()
         if self._loops is not None:
             self._loops.start()
@@ -133,6 +142,11 @@ class Client:
     def round_config(self) -> dict[str, str]:
         return self._session.round_config
 
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """How often this client heartbeats: what its home last asked for."""
+        return self._session.heartbeat_interval_s
+
     # ------------------------------------------------------------------ models
 
     def current(self) -> ModelInfo:
@@ -157,8 +171,14 @@ class Client:
         return self._transfer.bytes_downloaded
 
     def wait_for_model(self, timeout: float | None = None) -> dict[str, np.ndarray]:
-        """Wait for a base model this client has not handed out yet, download it, and return its tensors."""
-        target = self._session.wait_for_base_other_than(self._returned_cid, timeout)
+        """Wait for a base model this client has not handed out yet, download it, and return its tensors.
+
+        A training client waits for a base it is invited to train on (a home with selection
+        invites a sample of its agents each round); an inference-only client takes every base.
+        """
+        target = self._session.wait_for_base_other_than(
+            self._returned_cid, timeout, invited_only=self.capability != "inference"
+        )
         _, tensors = self._transfer.download(target.model_cid)
         self._returned_cid = target.model_cid
         if self._state is not None:

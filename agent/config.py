@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proto.errors import ConfigError
+from trust.security import TlsSettings
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -33,6 +34,11 @@ class AgentConfig:
     join_timeout_s: float = _help("give up joining after this long with no aggregator answering", default=600.0)
     backoff_base_s: float = _help("first retry delay; doubles per attempt, with full jitter", default=0.5)
     backoff_max_s: float = _help("longest retry delay", default=10.0)
+    start_jitter_s: float = _help(
+        "wait a random 0..start_jitter_s before the first join, so a fleet started together does not arrive together",
+        default=1.0,
+    )
+    tls: TlsSettings = field(default_factory=TlsSettings, metadata={"help": "mutual TLS (the agent's bundle)"})
     max_rounds: int = _help("stop after this many submitted updates; 0 runs until stopped", default=0)
     metrics_port: int = _help("Prometheus metrics port on 0.0.0.0 (one per process: the first config's); 0 disables", default=0)
     log_level: str = _help("debug | info | warning | error", default="info")
@@ -46,6 +52,8 @@ class AgentConfig:
             raise ConfigError("metrics_port must be 0..65535")
         if self.max_rounds < 0:
             raise ConfigError("max_rounds must be >= 0")
+        if self.start_jitter_s < 0:
+            raise ConfigError("start_jitter_s must be >= 0")
         for name in ("rpc_timeout_s", "join_timeout_s", "backoff_base_s", "backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")

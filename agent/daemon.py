@@ -22,6 +22,7 @@ from agent.trainer import Trainer, has_evaluate, load_trainer
 from proto.errors import StrataError
 from proto.metrics import counter, gauge
 from proto.retry import RetryPolicy
+from trust.security import Security, channel_factory
 
 log = logging.getLogger("strata.agent")
 
@@ -50,10 +51,12 @@ class AgentDaemon:
         trainable = self._trainable() if config.capability != "inference" else None
         capability = "partial_train" if trainable and config.capability == "train" else config.capability
         state_dir = config.state_dir or os.path.join("~", ".strata", "agent", config.id or "default")
+        security = Security.configure(config.tls, who=config.id or "agent")
         self.client = client = Client(
             config.seeds,
             federation=config.federation,
-            agent_id=config.id,
+            # with TLS the agent is who its certificate says, and signs with the key it certifies
+            agent_id=security.identity.id if security else config.id,
             display_name=config.name,
             capability=capability,
             trainable_tensors=trainable,
@@ -62,6 +65,9 @@ class AgentDaemon:
             join_timeout_s=config.join_timeout_s,
             backoff_base_s=config.backoff_base_s,
             backoff_max_s=config.backoff_max_s,
+            start_jitter_s=config.start_jitter_s,
+            key=security.manifest_key if security else None,
+            channel_factory=channel_factory(security),
         )
         # a failed download is tried again under the same policy as every other retry
         download_retry = RetryPolicy(base_s=config.backoff_base_s, max_s=config.backoff_max_s).backoff(stop=self._stop)

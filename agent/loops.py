@@ -133,6 +133,9 @@ class BackgroundLoops:
                     session.rejoin("home_unreachable")
                 continue
             failures = 0
+            if reply.next_interval_s > 0:
+                # the home spreads its heartbeat load: follow the interval it hands out
+                session.heartbeat_interval_s = reply.next_interval_s
             session.announce(reply.current_base)
             if reply.HasField("home_changed") and reply.home_changed.address:
                 session.learn(reply.home_changed.address)

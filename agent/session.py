@@ -33,11 +33,24 @@ DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo:
-    """A base model as the home announces it: its model CID, round and weights CID."""
+    """A base model as the home announces it: its model CID, round and weights CID, and whether
+    this agent is invited to train on it (a home with selection invites a sample each round)."""
 
     model_cid: str
     round: int
     weights_cid: str = ""
+    invited: bool = True
+    check_back_s: float = 0.0
+
+    @classmethod
+    def from_ref(cls, ref: pb.ModelRef) -> ModelInfo:
+        return cls(
+            model_cid=ref.model_cid,
+            round=ref.round,
+            weights_cid=ref.weights_cid,
+            invited=not ref.not_invited,
+            check_back_s=ref.check_back_s,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,7 +188,7 @@ class Session:
             self.home_id, self.home_address = home.aggregator_id, address
             self.round_config = dict(home.round_config)
             self.heartbeat_interval_s = home.heartbeat_interval_s or DEFAULT_HEARTBEAT_INTERVAL_S
-            self.latest = ModelInfo(model_cid=home.base.model_cid, round=home.base.round, weights_cid=home.base.weights_cid)
+            self.latest = ModelInfo.from_ref(home.base)
             self.cond.notify_all()
         log.info(
             "joined",
@@ -211,19 +224,22 @@ class Session:
         """Record a base the home announced (by push or poll) and wake whoever waits for one."""
         if not ref.model_cid:
             return
+        announced = ModelInfo.from_ref(ref)
         with self.cond:
-            if self.latest is None or self.latest.model_cid != ref.model_cid:
-                self.latest = ModelInfo(model_cid=ref.model_cid, round=ref.round, weights_cid=ref.weights_cid)
+            if self.latest is None or (self.latest.model_cid, self.latest.invited) != (announced.model_cid, announced.invited):
+                self.latest = announced
                 self.cond.notify_all()
 
-    def wait_for_base_other_than(self, model_cid: str, timeout: float | None) -> ModelInfo:
-        """Block until the home announces a base other than `model_cid`; Unavailable (reason
-        "timeout") after `timeout` seconds, FailedPrecondition (reason "closed") once closed."""
+    def wait_for_base_other_than(self, model_cid: str, timeout: float | None, *, invited_only: bool = False) -> ModelInfo:
+        """Block until the home announces a base other than `model_cid` (with `invited_only`, one
+        this agent is invited to train on); Unavailable (reason "timeout") after `timeout` seconds,
+        FailedPrecondition (reason "closed") once closed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             while not self.closed.is_set():
-                if self.latest is not None and self.latest.model_cid != model_cid:
-                    return self.latest
+                latest = self.latest
+                if latest is not None and latest.model_cid != model_cid and (latest.invited or not invited_only):
+                    return latest
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise Unavailable("no new model before the timeout", reason="timeout")

@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from intake.config import ServingSettings
 from proto.errors import ConfigError
+from trust.security import TlsSettings
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -80,6 +82,44 @@ class SynthesisSettings:
             raise ConfigError("synthesis.peer_wait_s must be >= 0")
 
 
+_SELECTION_MODES = ("all", "fraction", "count")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectionSettings:
+    mode: str = _help("who trains each round: all | fraction | count", default="all")
+    fraction: float = _help("with mode fraction: the share of eligible agents invited each round", default=0.1)
+    count: int = _help("with mode count: agents invited per round (per aggregator)", default=100)
+    min_battery_percent: float = _help("only agents reporting at least this battery; 0: no filter", default=0.0)
+    require_charging: bool = _help("only agents reporting that they are charging", default=False)
+    networks: list[str] = _help("only agents on one of these networks (e.g. [wifi, ethernet]); empty: any", default_factory=list)
+    min_uplink_kbps: float = _help("only agents reporting at least this uplink; 0: no filter", default=0.0)
+    check_back_s: float = _help("uninvited agents are told to check back after this long", default=30.0)
+
+    def __post_init__(self) -> None:
+        if self.mode not in _SELECTION_MODES:
+            raise ConfigError(f"selection.mode must be one of {list(_SELECTION_MODES)}, got {self.mode!r}")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError("selection.fraction must be in (0, 1]")
+        if self.count < 1:
+            raise ConfigError("selection.count must be >= 1")
+        if not 0 <= self.min_battery_percent <= 100:
+            raise ConfigError("selection.min_battery_percent must be in [0, 100]")
+        if self.min_uplink_kbps < 0 or not self.check_back_s > 0:
+            raise ConfigError("selection.min_uplink_kbps must be >= 0 and selection.check_back_s > 0")
+
+    def params(self) -> dict[str, object]:
+        """The settings that shaped a round's invitations, for its manifest."""
+        chosen = {"fraction": self.fraction} if self.mode == "fraction" else {"count": self.count} if self.mode == "count" else {}
+        filters = {
+            "min_battery_percent": self.min_battery_percent,
+            "require_charging": self.require_charging,
+            "networks": list(self.networks),
+            "min_uplink_kbps": self.min_uplink_kbps,
+        }
+        return {**chosen, **{k: v for k, v in filters.items() if v}}
+
+
 @dataclass(frozen=True, kw_only=True)
 class AggregatorConfig:
     id: str = _help("this aggregator's id on the ring (default: agg-<hostname>)", default="")
@@ -96,16 +136,10 @@ class AggregatorConfig:
     strategy: str = _help("aggregation strategy", default="fedavg")
     round: RoundSettings = field(default_factory=RoundSettings, metadata={"help": "round policy"})
     synthesis: SynthesisSettings = field(default_factory=SynthesisSettings, metadata={"help": "semi-global synthesis"})
+    selection: SelectionSettings = field(default_factory=SelectionSettings, metadata={"help": "who trains each round"})
     round_config: dict[str, str] = _help("key/values handed to every trainer each round (epochs, lr, ...)", default_factory=dict)
-    heartbeat_interval_s: float = _help("how often agents should heartbeat", default=5.0)
-    stream_idle_s: float = _help(
-        "an upload stream that sends nothing for this long is refused as stalled (reason bad_stream)", default=60.0
-    )
-    workers: int = _help(
-        "threads for blocking and CPU-bound work (hashing, validation, the journal, the store); connected "
-        "agents need none: they are served on one event loop",
-        default=8,
-    )
+    serving: ServingSettings = field(default_factory=ServingSettings, metadata={"help": "how agents are served"})
+    tls: TlsSettings = field(default_factory=TlsSettings, metadata={"help": "mutual TLS"})
     coordinator: str = _help("coordinator address host:port; empty runs without one", default="")
     peers: list[str] = _help(
         "static membership without a coordinator: id=host:port entries (this aggregator included)",
@@ -119,12 +153,6 @@ class AggregatorConfig:
             raise ConfigError(f"listen must be host:port, got {self.listen!r}")
         if not self.federation:
             raise ConfigError("federation must not be empty")
-        if self.heartbeat_interval_s <= 0:
-            raise ConfigError("heartbeat_interval_s must be > 0")
-        if not self.stream_idle_s > 0:
-            raise ConfigError("stream_idle_s must be > 0")
-        if self.workers < 1:
-            raise ConfigError("workers must be >= 1")
         for entry in self.peers:
             if "=" not in entry or ":" not in entry.split("=", 1)[1]:
                 raise ConfigError(f"peers entries must look like id=host:port, got {entry!r}")

@@ -25,6 +25,7 @@ from aggregator.journal import Journal
 from aggregator.peers import GrpcPeerAccess, PeerServicer, Published, pointer_for
 from aggregator.ringview import RingView, static_ring
 from aggregator.rounds import RoundManager, Synthesizer
+from aggregator.selection import Selector
 from aggregator.strategies import make_strategy
 from aggregator.synthesis import SemiGlobalSynthesizer
 from coordinator.client import AggregatorInfo, CoordinatorClient
@@ -33,7 +34,7 @@ from intake.agents import AgentRegistry
 from intake.home import BaseModel
 from intake.service import AgentServicer
 from proto import strata_pb2_grpc as pb_grpc
-from proto.errors import ConfigError, StrataError
+from proto.errors import ConfigError, InvalidInput, NotFound, StrataError
 from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
 from proto.serving import ServerHandle, create_server
 from storage.cid import is_cid
@@ -42,6 +43,7 @@ from storage.manifest import Manifest
 from storage.models import load_manifest
 from storage.open import open_store
 from storage.store import ContentStore, default_store_path
+from trust.security import Security, channel_factory
 
 log = logging.getLogger("strata.aggregator")
 
@@ -70,18 +72,27 @@ class AggregatorDaemon:
         )
         self.store = open_store(config.store or str(default_store_path()))
         self.shared_store = open_store(config.shared_store) if config.shared_store else self.store
-        self.key = KeyPair.load_or_create(self.state_dir / "aggregator.key")
+        self.security = Security.configure(
+            config.tls, listen=config.listen, who=self.id, fair_share=config.serving.fair_share()
+        )
+        # with TLS, manifests are signed with the key the certificate certifies: one identity, one key
+        self.key = self.security.manifest_key if self.security else KeyPair.load_or_create(self.state_dir / "aggregator.key")
         self.journal = Journal(self.state_dir / "journal.sqlite")
-        self.agents = AgentRegistry(timeout_s=config.round.agent_timeout_s)
+        self.agents = AgentRegistry(
+            timeout_s=config.round.agent_timeout_s,
+            heartbeat_interval_s=config.serving.heartbeat_interval_s,
+            heartbeat_budget_per_s=config.serving.heartbeat_budget_per_s,
+        )
         self._initial_model_factory = initial_model_factory
         self._stopping = threading.Event()
         self._ticker: threading.Thread | None = None
         self._server: ServerHandle | None = None
         self._agent_service: AgentServicer | None = None
+        self.home: AggregatorHome | None = None
         self._started = False
         self._metrics: MetricsEndpoint | None = None
         self.published = Published()
-        self.peer_access = GrpcPeerAccess()
+        self.peer_access = GrpcPeerAccess(channel_factory(self.security))
         self.ring_view: RingView | None = None
         self.synthesizer: Synthesizer | None = synthesizer
         self.link: CoordinatorLink | None = None
@@ -98,6 +109,7 @@ class AggregatorDaemon:
             synthesize=self._synthesize,
             on_new_base=self._announce_base,
             on_model=self._on_model,
+            selector=Selector(config.selection),
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -106,7 +118,12 @@ class AggregatorDaemon:
         if self._started:
             return self
         self._started = True
-        self._server = create_server(self.config.listen, workers=self.config.workers)
+        self._server = create_server(
+            self.config.listen,
+            workers=self.config.serving.workers,
+            credentials=self.security.server_credentials() if self.security else None,
+            interceptors=self.security.interceptors() if self.security else (),
+        )
         advertise = self.config.advertise or f"{self._server.host}:{self._server.port}"
         self.ring_view = RingView(
             static_ring(Member(id=self.id, address=advertise), self.config.peers), on_change=self._agents_changed
@@ -126,24 +143,24 @@ class AggregatorDaemon:
         self._recover_published()
         if self.config.coordinator:
             self.link = CoordinatorLink(
-                CoordinatorClient(self.config.coordinator),
+                CoordinatorClient(self.config.coordinator, channel_factory=channel_factory(self.security)),
                 info=AggregatorInfo(id=self.id, address=advertise, federations=(self.config.federation,)),
                 ring_view=self.ring_view,
                 status_fn=self._status,
                 agents_fn=self.agents.active,
                 state_dir=self.state_dir,
             )
+        self.home = AggregatorHome(
+            aggregator_id=self.id,
+            rounds=self.rounds,
+            ring=self.ring_view,
+            store=self.store,
+            round_config=self.config.round_config,
+        )
         self._agent_service = AgentServicer(
-            home=AggregatorHome(
-                aggregator_id=self.id,
-                rounds=self.rounds,
-                ring=self.ring_view,
-                store=self.store,
-                round_config=self.config.round_config,
-            ),
+            home=self.home,
             agents=self.agents,
-            heartbeat_interval_s=self.config.heartbeat_interval_s,
-            stream_idle_s=self.config.stream_idle_s,
+            stream_idle_s=self.config.serving.stream_idle_s,
             offload=self._server.offload,
             stopping=self._stopping,
         )
@@ -223,7 +240,12 @@ class AggregatorDaemon:
     def _initial_base(self) -> str:
         spec = self.config.initial_model
         if is_cid(spec):
-            Manifest.from_bytes(self.store.get(spec))  # must exist and be a model
+            try:
+                Manifest.from_bytes(self.store.get(spec))  # must exist and be a model
+            except (NotFound, InvalidInput) as exc:
+                raise ConfigError(
+                    f"initial_model {spec} is not a model in the store {self.store}: {exc}", reason="bad_config"
+                ) from None
             return spec
         if spec.startswith("task:") and self._initial_model_factory is not None:
             return self._initial_model_factory(self.store, self.key)
@@ -244,6 +266,9 @@ class AggregatorDaemon:
             "strata_aggregator_updates_refused", "updates refused, by reason", labels=self.journal.refusal_counts(), label="reason"
         )
         yield counter("strata_aggregator_rounds_closed", "rounds closed", self.journal.closed_round_count())
+        if self.home is not None:
+            yield counter("strata_aggregator_model_bytes_served", "model bytes streamed to agents", self.home.bytes_served)
+            yield counter("strata_aggregator_model_downloads", "model downloads served to agents", self.home.downloads_served)
         yield gauge("strata_aggregator_round", "the current round", self.rounds.current.round)
         yield gauge("strata_aggregator_round_updates", "updates accepted in the current round", self.rounds.accepted_count)
         yield gauge("strata_aggregator_active_agents", "agents heard from within the timeout", len(self.agents.active()))
@@ -301,7 +326,10 @@ class AggregatorDaemon:
     def _tick_loop(self) -> None:
         while not self._stopping.wait(TICK_S):
             try:
-                self.rounds.maybe_close(self.agents.active_trainers())
+                active = self.agents.active()
+                if self.rounds.invite(active):
+                    self._agents_changed()  # the newly invited learn it on their watch stream
+                self.rounds.maybe_close(self.rounds.expected_trainers(active))
             except StrataError as exc:
                 log.error("round_close_failed", extra={"fields": {"reason": exc.reason, "error": str(exc)}})
             except Exception:

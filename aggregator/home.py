@@ -33,6 +33,9 @@ class AggregatorHome:
         self._rounds = rounds
         self._ring = ring
         self._round_config = dict(round_config)
+        # egress counters: read by the metrics endpoint; += on an int from the serving loop only
+        self.bytes_served = 0
+        self.downloads_served = 0
 
     def current(self) -> BaseModel:
         return self._rounds.current
@@ -51,9 +54,14 @@ class AggregatorHome:
     def round_config(self) -> dict[str, str]:
         return dict(self._round_config)
 
+    def invitation(self, agent_id: str) -> tuple[bool, float]:
+        return self._rounds.invited(agent_id), self._rounds.check_back_s
+
     def prepare_download(self, model_cid: str) -> None:
         if model_cid != self._rounds.current.model_cid and not self.store.has(model_cid):
             raise NotFound(f"model {model_cid} is not in {self.id}'s store", reason="not_found")
 
     def downloaded(self, size: int) -> None:
-        """Nothing to count yet: an aggregator's egress is not metered."""
+        """Count model bytes streamed to agents: the aggregator's egress to its fleet."""
+        self.bytes_served += size
+        self.downloads_served += 1

@@ -37,6 +37,12 @@ CREATE TABLE IF NOT EXISTS rounds (
     refusals TEXT,
     extra TEXT
 );
+CREATE TABLE IF NOT EXISTS invitations (
+    round INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    invited_at REAL NOT NULL,
+    PRIMARY KEY (round, agent_id)
+);
 """
 
 
@@ -64,6 +70,7 @@ class Journal(IntakeJournal):
     """The aggregator's round journal: the intake's tables plus the rounds."""
 
     SCHEMA = INTAKE_SCHEMA + _ROUNDS_SCHEMA
+    SCHEMA_VERSION = 3
 
     def open_round(self, round_: int, base_cid: str, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -115,6 +122,27 @@ class Journal(IntakeJournal):
 
     def history(self) -> list[RoundRecord]:
         return [_round_from_row(row) for row in self._read("SELECT * FROM rounds ORDER BY round")]
+
+    # ---------------------------------------------------------- invitations (selection)
+
+    def record_invitations(self, round_: int, agent_ids: Sequence[str], *, now: float) -> None:
+        self._write(
+            [
+                ("INSERT OR IGNORE INTO invitations (round, agent_id, invited_at) VALUES (?, ?, ?)", (round_, a, now))
+                for a in agent_ids
+            ]
+        )
+
+    def invited(self, round_: int) -> set[str]:
+        return {row["agent_id"] for row in self._read("SELECT agent_id FROM invitations WHERE round = ?", (round_,))}
+
+    def was_invited(self, round_: int, agent_id: str) -> bool:
+        return bool(self._read("SELECT 1 FROM invitations WHERE round = ? AND agent_id = ?", (round_, agent_id)))
+
+    def times_invited(self) -> dict[str, int]:
+        """How many rounds each agent was invited to, over the journal's life."""
+        rows = self._read("SELECT agent_id, COUNT(*) AS n FROM invitations GROUP BY agent_id")
+        return {row["agent_id"]: int(row["n"]) for row in rows}
 
     def closed_round_count(self) -> int:
         return int(self._read("SELECT COUNT(*) AS n FROM rounds WHERE closed_at IS NOT NULL")[0]["n"])

@@ -23,20 +23,23 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 
 from aggregator.config import RoundSettings
 from aggregator.journal import Journal, RoundRecord
+from aggregator.selection import Selector, expected_trainers
 from aggregator.staleness import make_discount
 from aggregator.strategies import Aggregation, Strategy, weighted_means
 from intake.accept import Intake, IntakePolicy, OpenRound
+from intake.agents import AgentInfo
 from intake.home import BaseModel
 from intake.journal import AcceptedUpdate
-from intake.validation import UpdateLimits
-from proto.errors import StrataError
+from intake.submission import Submission
+from intake.validation import UpdateLimits, squared_norms
+from proto.errors import Refusal, StrataError, UpdateRefused
 from storage.codec import decode_tensors, encode_tensors
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer
@@ -70,6 +73,7 @@ class RoundManager:
         synthesize: Synthesizer | None = None,
         on_new_base: Callable[[BaseModel], None] | None = None,
         on_model: Callable[[Manifest], None] | None = None,
+        selector: Selector | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.aggregator_id = aggregator_id
@@ -83,6 +87,7 @@ class RoundManager:
         self._synthesize = synthesize
         self._on_new_base = on_new_base
         self._on_model = on_model
+        self._selector = selector if selector is not None and not selector.invites_everyone else None
         self._clock = clock
         self._lock = threading.RLock()
         self.intake = Intake(
@@ -101,20 +106,27 @@ class RoundManager:
             store=store,
             journal=journal,
             key=key,
+            admit=self._admit if self._selector is not None else None,
             clock=clock,
         )
         self._round: RoundRecord | None = None
         self._base: BaseModel | None = None
         self._base_tensors: dict[str, np.ndarray] = {}
+        self._base_squared_norms: dict[str, float] = {}
         self._aggregation: Aggregation | None = None
         self._accepted: list[AcceptedUpdate] = []
         self._deadline = 0.0
+        # this round's invited agents; None while everyone is invited (no selection)
+        self._invited: frozenset[str] | None = None
+        self._times_invited: dict[str, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> BaseModel:
         """Open round 0 on a fresh journal, or rebuild the open round after a restart."""
         with self._lock:
+            if self._selector is not None:
+                self._times_invited = self._journal.times_invited()
             record = self._journal.current_round()
             if record is None:
                 initial = self._initial_base() if callable(self._initial_base) else self._initial_base
@@ -145,8 +157,11 @@ class RoundManager:
             model_cid=record.base_cid, round=record.round, weights_cid=manifest.weights, federation=self.federation
         )
         self._base_tensors = decode_tensors(weights)
+        self._base_squared_norms = squared_norms(self._base_tensors)
         self._aggregation = self._strategy.start(self._base_tensors)
         self._accepted = []
+        if self._selector is not None:
+            self._invited = frozenset(self._journal.invited(record.round))
         self._deadline = max(record.opened_at, self._clock() if record.opened_at == 0 else record.opened_at) + (
             self.settings.deadline_s
         )
@@ -182,13 +197,64 @@ class RoundManager:
         with self._lock:
             if self._round is None:
                 raise StrataError("round manager not started", reason="not_started")
-            return OpenRound(round=self._round.round, base_tensors=self._base_tensors)
+            return OpenRound(
+                round=self._round.round,
+                base_tensors=self._base_tensors,
+                base_squared_norms=self._base_squared_norms,
+            )
 
     def fold(self, update: AcceptedUpdate, tensors: Mapping[str, np.ndarray]) -> int:
         assert self._aggregation is not None
         self._aggregation.add(tensors, update.weight)
         self._accepted.append(update)
         return len(self._accepted)
+
+    # ------------------------------------------------------------------ selection
+
+    def invite(self, active: Sequence[AgentInfo]) -> list[str]:
+        """Invite eligible active agents into free places of this round (none without selection)."""
+        if self._selector is None:
+            return []
+        with self._lock:
+            if self._round is None or self._invited is None:
+                return []
+            chosen = self._selector.choose(
+                self._round.round, active, invited=set(self._invited), times_invited=self._times_invited
+            )
+            if not chosen:
+                return []
+            self._journal.record_invitations(self._round.round, chosen, now=self._clock())
+            self._invited = self._invited | frozenset(chosen)
+            for agent_id in chosen:
+                self._times_invited[agent_id] = self._times_invited.get(agent_id, 0) + 1
+            log.info("agents_invited", extra={"fields": {"round": self._round.round, "new": len(chosen), "invited": len(self._invited)}})
+            return chosen
+
+    def invited(self, agent_id: str) -> bool:
+        """Whether `agent_id` trains this round; read without the lock (agents ask on the serving loop)."""
+        invited = self._invited
+        return invited is None or agent_id in invited
+
+    @property
+    def check_back_s(self) -> float:
+        return self._selector.settings.check_back_s if self._selector is not None else 0.0
+
+    def expected_trainers(self, active: Sequence[AgentInfo]) -> int:
+        """The active agents this round waits for: every trainer, or the invited ones."""
+        return expected_trainers(active, None if self._invited is None else set(self._invited))
+
+    def _admit(self, sub: Submission) -> None:
+        """With selection, only invited agents' updates count (a relay is one invited agent)."""
+        with self._lock:
+            current = self._round.round if self._round is not None else -1
+            invited = self._invited
+        if sub.round == current and invited is not None and sub.agent_id in invited:
+            return
+        if sub.round != current and self._journal.was_invited(sub.round, sub.agent_id):
+            return
+        raise UpdateRefused(
+            f"agent {sub.agent_id} was not invited to train in round {sub.round}", reason=Refusal.NOT_INVITED
+        )
 
     # ------------------------------------------------------------------ close
 
@@ -256,6 +322,7 @@ class RoundManager:
             extra={
                 "base_metrics": weighted_means([(u.base_metrics, u.num_samples) for u in accepted]),
                 "trigger": trigger,
+                **self._selection_record(accepted),
             },
         )
         aggregation_s = time.perf_counter() - started
@@ -301,6 +368,18 @@ class RoundManager:
         if self._on_new_base is not None:
             self._on_new_base(self.current)
         return next_base
+
+    def _selection_record(self, accepted: Sequence[AcceptedUpdate]) -> dict[str, object]:
+        """Who was invited and who answered, for the cluster manifest (nothing without selection)."""
+        if self._selector is None or self._invited is None:
+            return {}
+        return {
+            "selection": {
+                **self._selector.describe(),
+                "invited": sorted(self._invited),
+                "answered": sorted({u.agent_id for u in accepted} & self._invited),
+            }
+        }
 
     def history(self) -> list[RoundRecord]:
         return self._journal.history()

@@ -17,6 +17,7 @@ mean, Krum) will read the accepted updates back from the store, tensor by tensor
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
@@ -77,8 +78,12 @@ def weighted_means(items: list[tuple[Mapping[str, float], int]]) -> dict[str, fl
 
 
 def _axpy_(accumulator: torch.Tensor, x: np.ndarray, alpha: float) -> None:
-    # accumulator += alpha * x in one fused, multi-threaded pass over x's memory
-    accumulator.add_(torch.from_numpy(np.ascontiguousarray(x)), alpha=alpha)
+    # accumulator += alpha * x in one fused, multi-threaded pass over x's memory; x is only read,
+    # so a read-only view of an update's bytes needs no copy (torch would warn that it could write)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        source = torch.from_numpy(np.ascontiguousarray(x))
+    accumulator.add_(source, alpha=alpha)
 
 
 # ------------------------------------------------------------------ template

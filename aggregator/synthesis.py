@@ -18,10 +18,12 @@ Screening, in order (refusal reason in brackets):
 - signature does not verify [bad_signature]; producer not a ring member [not_member];
   not a cluster model of this federation from that producer [wrong_model];
 - names, shapes or dtypes differ from ours [shape_mismatch]; NaN/inf [not_finite];
+- a norm more than 10x or less than 1/10 of ours [norm_outlier], whatever the
+  number of candidates;
 - an outlier [outlier]: robust z-score of its L2 distance to the coordinate-wise
-  median of all candidates (ours included) above `outlier_z`; with fewer than 3
-  candidates the median says nothing, so a norm-ratio guard (norm more than 10x
-  or less than 1/10 of ours) [norm_outlier] applies to every candidate.
+  median of all candidates (ours included) above `outlier_z`, applied only from
+  5 models up (MIN_MODELS_FOR_Z, ours included): over fewer, the median says
+  little and honest peers whose data simply differs get flagged.
 
 The semi-global manifest's parents are our cluster model plus the peer cluster
 models used; refused ones are listed with their reasons in `extra.refused_peers`.

@@ -76,7 +76,6 @@ class Params:
     batch_size: int = 64
     lr: float = 0.05
     holdout: float = 0.05
-    grpc_workers: int = 256
     round_timeout_s: float = 300.0
 
 
@@ -141,6 +140,7 @@ def run_fleet(setup: Setup, params: Params, workdir: Path) -> dict[str, Any]:
     from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
     from aggregator.daemon import AggregatorDaemon
     from coordinator.ring import Member
+    from intake.config import ServingSettings
     from storage.keys import KeyPair
     from storage.open import open_store
     from strata.supervise import free_port
@@ -171,8 +171,7 @@ def run_fleet(setup: Setup, params: Params, workdir: Path) -> dict[str, Any]:
             ),
             synthesis=SynthesisSettings(enabled=setup.synthesis, peers="all"),
             peers=[f"{m.id}={m.address}" for m in members] if len(members) > 1 else [],
-            heartbeat_interval_s=2.0,
-            grpc_workers=params.grpc_workers,
+            serving=ServingSettings(heartbeat_interval_s=2.0),
         )
         daemons.append(AggregatorDaemon(config).start())
 
@@ -394,13 +393,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--setups", default="a,b,c", help="comma-separated subset of a,b,c")
     parser.add_argument("--lr", type=float, help="agent learning rate (default 0.05)")
     parser.add_argument("--max-batches", type=int, help="local batches per round (default 20)")
-    parser.add_argument("--grpc-workers", type=int, help="aggregator gRPC pool size (config grpc_workers)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default bench/)")
     args = parser.parse_args(argv)
 
     params = Params(rounds=3, agents_per_group=2, max_batches=3) if args.quick else Params()
-    overrides = {k: v for k, v in {"rounds": args.rounds, "lr": args.lr, "max_batches": args.max_batches,
-                                   "grpc_workers": args.grpc_workers}.items() if v is not None}
+    overrides = {k: v for k, v in {"rounds": args.rounds, "lr": args.lr, "max_batches": args.max_batches}.items()
+                 if v is not None}
     params = Params(**{**asdict(params), **overrides})
     keys = [k.strip() for k in args.setups.split(",") if k.strip()]
     unknown = set(keys) - set(SETUPS)

@@ -14,6 +14,7 @@ from typing import Any
 
 from coordinator.ring import Member
 from proto.errors import ConfigError
+from trust.security import TlsSettings
 
 _LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 
@@ -40,6 +41,7 @@ class CoordinatorConfig:
         default_factory=list,
     )
     metrics_port: int = _help("Prometheus metrics port on the listen host; 0 disables", default=0)
+    tls: TlsSettings = field(default_factory=TlsSettings, metadata={"help": "mutual TLS"})
     log_level: str = _help("debug | info | warning | error", default="info")
 
     def __post_init__(self) -> None:

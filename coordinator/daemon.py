@@ -26,6 +26,7 @@ from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import FailedPrecondition
 from proto.metrics import MetricsEndpoint, gauge, serve_metrics
 from proto.serving import ServerHandle, create_server
+from trust.security import Security
 
 __all__ = ["EXPIRY_TICK_S", "CoordinatorDaemon"]
 
@@ -48,6 +49,7 @@ class CoordinatorDaemon:
         self._started = False
         self._handle: ServerHandle | None = None
         self._servicer: CoordinatorServicer | None = None
+        self.security: Security | None = None
         self._ticker: threading.Thread | None = None
         self.membership: Membership | None = None
         self.index: ModelIndex | None = None
@@ -84,7 +86,12 @@ class CoordinatorDaemon:
             )
             self.index = ModelIndex(state / INDEX_DB)
             try:
-                handle = create_server(self.config.listen)
+                self.security = Security.configure(self.config.tls, listen=self.config.listen, who="coordinator")
+                handle = create_server(
+                    self.config.listen,
+                    credentials=self.security.server_credentials() if self.security else None,
+                    interceptors=self.security.interceptors() if self.security else (),
+                )
             except Exception:
                 self._close_stores()
                 raise

@@ -49,6 +49,8 @@ class OpenRound:
 
     round: int
     base_tensors: Mapping[str, np.ndarray]
+    # ||t||² of each base tensor (intake.validation.squared_norms), measured once per base
+    base_squared_norms: Mapping[str, float] | None = None
 
 
 class Receiver(Protocol):
@@ -159,10 +161,14 @@ class Intake:
         # The durable blob write overlaps validation (both mostly outside the GIL); a refused
         # update's blob is removed again unless the store held it before.
         held_before = self._store.has(weights_cid)
-        blob_written = self._writer.submit(self._store.put, sub.weights, cid=weights_cid)
+        blob_written = self._writer.submit(self._store_blob, sub, weights_cid)
         try:
             tensors = validate_update(
-                sub.weights, base=current.base_tensors, declared_tensors=sub.tensors, limits=policy.limits
+                sub.weights,
+                base=current.base_tensors,
+                declared_tensors=sub.tensors,
+                limits=policy.limits,
+                base_squared_norms=current.base_squared_norms,
             )
             manifest = update_manifest(
                 sub, weights_cid, federation=policy.federation, recorder=self.receiver_id, key=self._key,
@@ -218,6 +224,11 @@ class Intake:
             },
         )
         return SubmitResult(update_cid=manifest.cid, round=counted_round, duplicate=False)
+
+    def _store_blob(self, sub: Submission, weights_cid: str) -> str:
+        if sub.staged is not None:
+            return sub.staged.commit(weights_cid)
+        return self._store.put(sub.weights, cid=weights_cid)
 
     def _staleness(self, base_round: int, current_round: int) -> int:
         # a relay re-homed to an aggregator a round behind sees a base from its future: age 0

@@ -1,11 +1,18 @@
-"""The agents an aggregator knows: who joined, with what capability, and when each was last heard from.
+"""The agents a home knows: who joined, with what capability, and when each was last heard from.
 
 "Active" means heard from (join, heartbeat, download, submit) within the timeout;
 the round quorum counts active agents that can train.
+
+Heartbeats adapt to the fleet: each agent is told to heartbeat every
+max(min interval, known agents / budget) seconds, so the home answers about
+`budget` heartbeats a second however many agents it holds, and an agent counts
+as active for at least three of its intervals. Agents silent for ten timeouts
+are forgotten.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -29,12 +36,35 @@ class AgentInfo:
         return self.capability in (TRAIN, PARTIAL_TRAIN)
 
 
+# an agent counts as active for this many of its heartbeat intervals
+_INTERVALS_BEFORE_INACTIVE = 3
+# an agent silent for this many timeouts is forgotten
+_TIMEOUTS_BEFORE_FORGOTTEN = 10
+
+
 class AgentRegistry:
-    def __init__(self, *, timeout_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        heartbeat_interval_s: float = 5.0,
+        heartbeat_budget_per_s: float = math.inf,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._timeout_s = timeout_s
+        self._min_interval_s = heartbeat_interval_s
+        self._budget_per_s = heartbeat_budget_per_s
         self._clock = clock
         self._agents: dict[str, AgentInfo] = {}
         self._lock = threading.Lock()
+
+    def heartbeat_interval(self) -> float:
+        """How often each agent should heartbeat, so that all of them together stay within the budget."""
+        return max(self._min_interval_s, len(self._agents) / self._budget_per_s)
+
+    def timeout(self) -> float:
+        """How long an agent may stay silent and still count as active."""
+        return max(self._timeout_s, _INTERVALS_BEFORE_INACTIVE * self.heartbeat_interval())
 
     def join(self, agent_id: str, *, display_name: str, capability: str, telemetry: dict) -> AgentInfo:
         now = self._clock()
@@ -65,9 +95,13 @@ class AgentRegistry:
             self._agents.pop(agent_id, None)
 
     def active(self) -> list[AgentInfo]:
-        cutoff = self._clock() - self._timeout_s
+        timeout = self.timeout()
+        now = self._clock()
         with self._lock:
-            return [a for a in self._agents.values() if a.last_seen >= cutoff]
+            forgotten = [k for k, a in self._agents.items() if a.last_seen < now - _TIMEOUTS_BEFORE_FORGOTTEN * timeout]
+            for agent_id in forgotten:
+                del self._agents[agent_id]
+            return [a for a in self._agents.values() if a.last_seen >= now - timeout]
 
     def active_trainers(self) -> int:
         return sum(1 for a in self.active() if a.trains)

@@ -56,6 +56,10 @@ class Home(Protocol):
         """Key/values handed to every trainer (epochs, lr, ...)."""
         ...
 
+    def invitation(self, agent_id: str) -> tuple[bool, float]:
+        """(whether `agent_id` trains on the current base, when an uninvited agent should check back)."""
+        ...
+
     def prepare_download(self, model_cid: str) -> None:
         """Make `model_cid` streamable from `store` (a relay fetches it upstream once), or raise NotFound."""
         ...

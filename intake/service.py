@@ -38,7 +38,7 @@ from proto.serving import Signal, receive_header_stream
 from proto.wire import CHUNK_SIZE
 from storage.cid import CidBuilder
 from storage.manifest import Manifest
-from storage.store import ContentStore
+from storage.store import ContentStore, StagedWrite
 
 log = logging.getLogger("strata.intake.service")
 
@@ -53,9 +53,14 @@ _STREAM_REFUSALS = {"oversize": Refusal.TOO_LARGE, "missing_header": Refusal.BAD
 Offload = Callable[..., Awaitable[Any]]
 
 
-def model_ref(base: BaseModel) -> pb.ModelRef:
+def model_ref(base: BaseModel, *, invited: bool = True, check_back_s: float = 0.0) -> pb.ModelRef:
     return pb.ModelRef(
-        model_cid=base.model_cid, round=base.round, federation=base.federation, weights_cid=base.weights_cid
+        model_cid=base.model_cid,
+        round=base.round,
+        federation=base.federation,
+        weights_cid=base.weights_cid,
+        not_invited=not invited,
+        check_back_s=0.0 if invited else check_back_s,
     )
 
 
@@ -68,14 +73,26 @@ class StreamRefused(UpdateRefused):
 
 
 async def read_update_stream(
-    request_iterator: AsyncIterator[pb.UpdateChunk], *, max_bytes: int, idle_s: float, offload: Offload
+    request_iterator: AsyncIterator[pb.UpdateChunk],
+    *,
+    max_bytes: int,
+    idle_s: float,
+    offload: Offload,
+    staged: StagedWrite | None = None,
 ) -> tuple[pb.UpdateHeader, bytes, str]:
     """Reassemble a SubmitUpdate stream: exactly one header first, then in-order chunks.
 
     Returns (header, weights, CID of the weights), the CID hashed chunk by chunk while
-    the rest of the stream is still arriving. Raises StreamRefused.
+    the rest of the stream is still arriving, and each chunk written to `staged` as it
+    arrives. Raises StreamRefused.
     """
     builder = CidBuilder()
+
+    def absorb(data: bytes) -> None:
+        builder.update(data)
+        if staged is not None:
+            staged.write(data)
+
     arrived: list[pb.UpdateHeader] = []
 
     async def remembering_header() -> AsyncIterator[pb.UpdateChunk]:
@@ -91,7 +108,7 @@ async def read_update_stream(
             max_size=max_bytes,
             idle_timeout_s=idle_s,
             offload=offload,
-            on_chunk=builder.update,
+            on_chunk=absorb,
         )
         return header, weights, await offload(builder.finish)
     except WireError as exc:
@@ -100,9 +117,12 @@ async def read_update_stream(
         ) from None
 
 
-def submission_from_header(header: pb.UpdateHeader, weights: bytes, received_cid: str = "") -> Submission:
+def submission_from_header(
+    header: pb.UpdateHeader, weights: bytes, received_cid: str = "", *, staged: StagedWrite | None = None
+) -> Submission:
     return Submission(
         received_cid=received_cid,
+        staged=staged,
         agent_id=header.agent_id,
         round=header.round,
         base_cid=header.base_cid,
@@ -169,7 +189,6 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         *,
         home: Home,
         agents: AgentRegistry,
-        heartbeat_interval_s: float,
         stream_idle_s: float,
         offload: Offload,
         stopping: threading.Event,
@@ -177,7 +196,6 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._home = home
         self._stream_idle_s = stream_idle_s
         self._agents = agents
-        self._heartbeat_interval_s = heartbeat_interval_s
         self._offload = offload
         self._stopping = stopping
         self._changes = Signal()
@@ -197,6 +215,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 f"{self._home.id} serves {self._home.federation!r}, not {federation!r}",
                 reason=Refusal.UNKNOWN_FEDERATION,
             )
+
+    def _ref_for(self, base: BaseModel, agent_id: str) -> pb.ModelRef:
+        invited, check_back_s = self._home.invitation(agent_id)
+        return model_ref(base, invited=invited, check_back_s=check_back_s)
 
     def _current_or_none(self) -> BaseModel | None:
         try:
@@ -222,9 +244,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         return pb.JoinReply(
             home=pb.Home(
                 aggregator_id=self._home.id,
-                base=model_ref(base),
+                base=self._ref_for(base, request.agent_id),
                 ring_version=self._home.ring_version,
-                heartbeat_interval_s=self._heartbeat_interval_s,
+                heartbeat_interval_s=self._agents.heartbeat_interval(),
                 round_config=self._home.round_config(),
             )
         )
@@ -257,13 +279,28 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def SubmitUpdate(
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
     ) -> pb.SubmitUpdateReply:
+        # the upload is written to the store while it arrives; the intake commits it, or it is dropped
+        staged = await self._offload(self._home.store.stage)
+        try:
+            return await self._submit(request_iterator, staged)
+        finally:
+            # after a commit this keeps the object; otherwise it drops the partial file (quick:
+            # no fsync), and it must run even when the call is cancelled
+            staged.discard()
+
+    async def _submit(self, request_iterator: AsyncIterator[pb.UpdateChunk], staged: StagedWrite) -> pb.SubmitUpdateReply:
         intake = self._home.intake
         try:
             header, weights, received_cid = await read_update_stream(
-                request_iterator, max_bytes=self._home.max_update_bytes, idle_s=self._stream_idle_s, offload=self._offload
+                request_iterator,
+                max_bytes=self._home.max_update_bytes,
+                idle_s=self._stream_idle_s,
+                offload=self._offload,
+                staged=staged,
             )
             self._agents.touch(header.agent_id)
-            result = await self._offload(intake.submit, submission_from_header(header, weights, received_cid))
+            submission = submission_from_header(header, weights, received_cid, staged=staged)
+            result = await self._offload(intake.submit, submission)
         except StreamRefused as refusal:
             # refused while reading the stream, before the intake saw it
             if refusal.header is not None:
@@ -281,7 +318,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self, request: pb.WatchModelsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelEvent]:
         self._check_federation(request.federation)
-        known = request.known_cid
+        # what the agent was last told: the base, and whether it is invited to train on it
+        known: tuple[str, bool] = (request.known_cid, True)
         while not self._stopping.is_set():
             if request.agent_id:
                 redirect = self._home.redirect_for(request.agent_id)
@@ -290,17 +328,22 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                     return
                 self._agents.touch(request.agent_id)
             current = self._current_or_none()
-            if current is not None and current.model_cid != known:
-                known = current.model_cid
-                yield pb.ModelEvent(new_base=model_ref(current))
-                continue
+            if current is not None:
+                ref = self._ref_for(current, request.agent_id)
+                if (ref.model_cid, not ref.not_invited) != known:
+                    known = (ref.model_cid, not ref.not_invited)
+                    yield pb.ModelEvent(new_base=ref)
+                    continue
             await self._changes.wait(WATCH_WAKE_S)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         if not request.agent_id:
             raise InvalidInput("agent_id is empty", reason="bad_request")
         self._agents.touch(request.agent_id, telemetry_to_dict(request.telemetry))
-        reply = pb.HeartbeatReply(current_base=model_ref(self._home.current()), next_interval_s=self._heartbeat_interval_s)
+        reply = pb.HeartbeatReply(
+            current_base=self._ref_for(self._home.current(), request.agent_id),
+            next_interval_s=self._agents.heartbeat_interval(),
+        )
         redirect = self._home.redirect_for(request.agent_id)
         if redirect is not None:
             reply.home_changed.CopyFrom(_redirect_pb(redirect, "home_changed"))

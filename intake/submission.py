@@ -19,6 +19,7 @@ from storage.cid import cid_of, is_cid
 from storage.codec import summarize
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer, rfc3339
+from storage.store import StagedWrite
 
 # SQLite integers are signed 64-bit; a larger claim is refused as a malformed header, not an overflow
 MAX_NUM_SAMPLES = (1 << 63) - 1
@@ -43,6 +44,8 @@ class Submission:
     manifest: bytes = b""
     # the CID the receiving service computed from these bytes as they arrived (saves a pass)
     received_cid: str = ""
+    # the same bytes, already written to the store as they arrived (saves the write after)
+    staged: StagedWrite | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -78,11 +78,14 @@ def validate_update(
     base: Mapping[str, np.ndarray],
     declared_tensors: list[str] | tuple[str, ...],
     limits: UpdateLimits,
+    base_squared_norms: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Check an update's bytes against its base and return its tensors.
 
     `declared_tensors` is the header's list of included tensors; empty means all of
-    the base's. Raises UpdateRefused with the reason of the first failed check.
+    the base's. Raises UpdateRefused with the reason of the first failed check. The returned
+    arrays are read-only views of `weights`. `base_squared_norms` (see `squared_norms`) saves
+    measuring the base again for every update.
     """
     check_size(len(weights), limits)
     try:
@@ -94,7 +97,7 @@ def validate_update(
     problem = mismatch(base, summary, expected=expected)
     if problem is None:
         try:
-            tensors = decode_tensors(weights)
+            tensors = decode_tensors(weights, writable=False)
         except CodecError as exc:
             raise UpdateRefused(str(exc), reason=Refusal.INVALID_SAFETENSORS) from None
         problem = mismatch(base, tensors, expected=expected)
@@ -105,7 +108,7 @@ def validate_update(
         raise UpdateRefused(problem, reason=Refusal.NOT_FINITE)
 
     if limits.max_relative_norm is not None:
-        change, base_norm = relative_change(base, tensors)
+        change, base_norm = relative_change(base, tensors, base_squared_norms)
         bound = limits.max_relative_norm * max(base_norm, 1.0)
         if change > bound:
             raise UpdateRefused(
@@ -116,14 +119,43 @@ def validate_update(
     return tensors
 
 
-def relative_change(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> tuple[float, float]:
-    """(||update - base||₂, ||base||₂) over the tensors the update includes."""
+# elements per pass when measuring a change: the scratch buffer stays in cache, no model-sized temporary
+_NORM_CHUNK = 1 << 18
+
+
+def squared_norms(tensors: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """||t||² of each floating tensor: a base's are computed once per round, not once per update."""
+    out = {}
+    for name, array in tensors.items():
+        if array.dtype.kind == "f":
+            flat = array.reshape(-1).astype(np.float32, copy=False)
+            out[name] = float(np.dot(flat, flat))
+    return out
+
+
+def _squared_distance(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.reshape(-1).astype(np.float32, copy=False)
+    b = b.reshape(-1).astype(np.float32, copy=False)
+    scratch = np.empty(min(a.size, _NORM_CHUNK), np.float32)
+    total = 0.0
+    for start in range(0, a.size, _NORM_CHUNK):
+        delta = scratch[: min(_NORM_CHUNK, a.size - start)]
+        np.subtract(a[start : start + delta.size], b[start : start + delta.size], out=delta)
+        total += float(np.dot(delta, delta))
+    return total
+
+
+def relative_change(
+    base: Mapping[str, np.ndarray],
+    update: Mapping[str, np.ndarray],
+    base_squared_norms: Mapping[str, float] | None = None,
+) -> tuple[float, float]:
+    """(||update - base||₂, ||base||₂) over the floating tensors the update includes."""
+    norms = base_squared_norms if base_squared_norms is not None else squared_norms({n: base[n] for n in update})
     change_sq = base_sq = 0.0
     for name, array in update.items():
         if array.dtype.kind != "f":
             continue
-        reference = base[name].reshape(-1).astype(np.float32, copy=False)
-        delta = array.reshape(-1).astype(np.float32, copy=False) - reference
-        change_sq += float(np.dot(delta, delta))
-        base_sq += float(np.dot(reference, reference))
+        change_sq += _squared_distance(array, base[name])
+        base_sq += norms[name]
     return change_sq**0.5, base_sq**0.5

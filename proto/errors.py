@@ -97,10 +97,11 @@ class Refusal(StrEnum):
     UNKNOWN_FEDERATION = "unknown_federation"
     BAD_MANIFEST = "bad_manifest"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    NOT_INVITED = "not_invited"
 
 
 # Refusals that resending the same update can never overcome: an agent drops such an update.
-FINAL_REFUSALS = frozenset({Refusal.STALE, Refusal.CONFLICT, Refusal.UNKNOWN_BASE})
+FINAL_REFUSALS = frozenset({Refusal.STALE, Refusal.CONFLICT, Refusal.UNKNOWN_BASE, Refusal.NOT_INVITED})
 
 
 class UpdateRefused(InvalidInput):

@@ -210,13 +210,17 @@ def create_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     tls: TlsFiles | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> ServerHandle:
     """A grpc.aio server with limits, keepalive, health and `ErrorInterceptor`, bound but not started.
 
     `workers` sizes the pool `offload` runs blocking work in. Port 0 binds a free
-    port; the handle's `.port` is the one bound.
+    port; the handle's `.port` is the one bound. TLS comes from `tls` (files) or
+    `credentials` (e.g. reloading ones, `trust.security`); neither is plaintext.
     """
-    return run_on_loop(_create(address, workers, tuple(interceptors), max_message_bytes, tls))
+    if tls is not None and credentials is None:
+        credentials = server_credentials(tls)
+    return run_on_loop(_create(address, workers, tuple(interceptors), max_message_bytes, credentials))
 
 
 async def _create(
@@ -224,7 +228,7 @@ async def _create(
     workers: int,
     interceptors: tuple[grpc.aio.ServerInterceptor, ...],
     max_message_bytes: int,
-    tls: TlsFiles | None,
+    credentials: grpc.ServerCredentials | None,
 ) -> ServerHandle:
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -247,10 +251,10 @@ async def _create(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     try:
-        if tls is None:
+        if credentials is None:
             port = server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(address, server_credentials(tls))
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as e:
         raise Unavailable(f"cannot bind {address}: {e}", reason="bind_failed") from e
     if port == 0:
@@ -430,8 +434,18 @@ async def receive_header_stream(
         if on_chunk is not None:
             on_chunk(chunk.data)
 
-    while (message := await next_message()) is not None:
-        if message.WhichOneof("part") != "chunk":
-            raise WireError("a second header arrived inside the stream", reason="unexpected_header")
-        await offload(absorb, message.chunk)
+    # each chunk is absorbed (checked, kept, hashed) off the loop while the next one arrives
+    absorbing: asyncio.Future[Any] | None = None
+    try:
+        while (message := await next_message()) is not None:
+            if message.WhichOneof("part") != "chunk":
+                raise WireError("a second header arrived inside the stream", reason="unexpected_header")
+            if absorbing is not None:
+                await absorbing
+            absorbing = asyncio.ensure_future(offload(absorb, message.chunk))
+        if absorbing is not None:
+            await absorbing
+    finally:
+        if absorbing is not None and not absorbing.done():
+            absorbing.cancel()
     return header, await offload(reassembler.finish)

@@ -35,16 +35,20 @@ class Telemetry(_message.Message):
     def __init__(self, cpu_percent: _Optional[float] = ..., memory_mb: _Optional[float] = ..., battery_percent: _Optional[float] = ..., charging: _Optional[bool] = ..., network: _Optional[str] = ..., uplink_kbps: _Optional[float] = ...) -> None: ...
 
 class ModelRef(_message.Message):
-    __slots__ = ("model_cid", "round", "federation", "weights_cid")
+    __slots__ = ("model_cid", "round", "federation", "weights_cid", "not_invited", "check_back_s")
     MODEL_CID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_CID_FIELD_NUMBER: _ClassVar[int]
+    NOT_INVITED_FIELD_NUMBER: _ClassVar[int]
+    CHECK_BACK_S_FIELD_NUMBER: _ClassVar[int]
     model_cid: str
     round: int
     federation: str
     weights_cid: str
-    def __init__(self, model_cid: _Optional[str] = ..., round: _Optional[int] = ..., federation: _Optional[str] = ..., weights_cid: _Optional[str] = ...) -> None: ...
+    not_invited: bool
+    check_back_s: float
+    def __init__(self, model_cid: _Optional[str] = ..., round: _Optional[int] = ..., federation: _Optional[str] = ..., weights_cid: _Optional[str] = ..., not_invited: _Optional[bool] = ..., check_back_s: _Optional[float] = ...) -> None: ...
 
 class Redirect(_message.Message):
     __slots__ = ("aggregator_id", "address", "ring_version", "reason")

@@ -234,8 +234,9 @@ class Reassembler:
         self.expected_size = expected_size
         self.expected_cid = expected_cid
         self._what = what
-        # grows as bytes arrive: a declared size is a stranger's claim, not a reason to allocate
-        self._buffer = bytearray()
+        # the pieces as they arrived, joined once at the end: a declared size is a stranger's
+        # claim, not a reason to allocate, and growing one buffer would copy it again and again
+        self._pieces: list[bytes | memoryview] = []
         self._received = 0
         self._sha256 = sha256.lower() if sha256 else None
         self._hasher = hashlib.sha256() if sha256 else None
@@ -258,7 +259,7 @@ class Reassembler:
                 f"{self.expected_size}{self._what}",
                 reason="oversize",
             )
-        self._buffer += data
+        self._pieces.append(data)
         if self._hasher is not None:
             self._hasher.update(data)
         self._received = end
@@ -275,8 +276,8 @@ class Reassembler:
                 f"stream{self._what} hashes to sha256 {self._hasher.hexdigest()}, not the declared {self._sha256}",
                 reason="hash_mismatch",
             )
-        data = bytes(self._buffer)
-        self._buffer = bytearray()
+        data = b"".join(self._pieces)
+        self._pieces = []
         if self._verify is not None:
             self._verify(data)
         return data

@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from intake.config import ServingSettings
 from proto.errors import ConfigError
+from trust.security import TlsSettings
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -94,15 +96,8 @@ class RelayConfig:
     max_relative_norm: float = _help(
         "refuse device updates with ||update - base|| > this x max(||base||, 1); 0 disables", default=10.0
     )
-    heartbeat_interval_s: float = _help("how often devices should heartbeat", default=5.0)
-    stream_idle_s: float = _help(
-        "an upload stream that sends nothing for this long is refused as stalled (reason bad_stream)", default=60.0
-    )
-    workers: int = _help(
-        "threads for blocking and CPU-bound work (hashing, validation, the journal, the store); connected "
-        "agents need none: they are served on one event loop",
-        default=8,
-    )
+    serving: ServingSettings = field(default_factory=ServingSettings, metadata={"help": "how agents are served"})
+    tls: TlsSettings = field(default_factory=TlsSettings, metadata={"help": "mutual TLS"})
     agent_timeout_s: float = _help("a device not heard from for this long is no longer active", default=30.0)
     metrics_port: int = _help("Prometheus metrics port on the listen host; 0 disables", default=0)
     log_level: str = _help("debug | info | warning | error", default="info")
@@ -118,10 +113,5 @@ class RelayConfig:
             raise ConfigError("max_update_bytes must be > 0")
         if self.max_relative_norm < 0:
             raise ConfigError("max_relative_norm must be >= 0 (0 disables the check)")
-        if not self.stream_idle_s > 0:
-            raise ConfigError("stream_idle_s must be > 0")
-        if self.workers < 1:
-            raise ConfigError("workers must be >= 1")
-        for name in ("heartbeat_interval_s", "agent_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0")
+        if not self.agent_timeout_s > 0:
+            raise ConfigError("agent_timeout_s must be > 0")

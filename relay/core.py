@@ -35,7 +35,7 @@ from intake.accept import Intake, IntakePolicy, OpenRound
 from intake.home import BaseModel
 from intake.journal import AcceptedUpdate
 from intake.submission import Submission
-from intake.validation import UpdateLimits
+from intake.validation import UpdateLimits, squared_norms
 from proto.errors import Refusal, Unavailable, UpdateRefused
 from relay.cache import ModelCache
 from relay.config import RelayConfig
@@ -85,6 +85,7 @@ class Relay:
         self._lock = threading.RLock()
         self._base: BaseModel | None = None
         self._base_tensors: dict[str, np.ndarray] = {}
+        self._base_squared_norms: dict[str, float] = {}
         self._pool: list[AcceptedUpdate] = []
         self._pool_tensors: set[str] = set()
         self._aggregation: Aggregation | None = None
@@ -146,6 +147,7 @@ class Relay:
                 model_cid=model_cid, round=round_, weights_cid=manifest.weights, federation=self.federation
             )
             self._base_tensors = tensors
+            self._base_squared_norms = squared_norms(tensors)
             self.cache.protect([model_cid])
             if self._aggregation is None:
                 self._aggregation = self._strategy.start(tensors)
@@ -174,7 +176,9 @@ class Relay:
         with self._lock:
             if self._base is None:
                 raise Unavailable("the relay has no model from upstream yet", reason="no_base")
-            return OpenRound(round=self._base.round, base_tensors=self._base_tensors)
+            return OpenRound(
+                round=self._base.round, base_tensors=self._base_tensors, base_squared_norms=self._base_squared_norms
+            )
 
     def _admit(self, sub: Submission) -> None:
         """Back-pressure: refuse devices while too much waits to be forwarded upstream."""

@@ -30,7 +30,6 @@ from proto.errors import FailedPrecondition, StrataError, Unavailable
 from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
 from proto.retry import RetryPolicy
 from proto.serving import ServerHandle, create_server
-from proto.wire import create_channel
 from relay.cache import ModelCache
 from relay.config import RelayConfig
 from relay.core import Relay
@@ -40,6 +39,8 @@ from relay.journal import RelayJournal
 from storage.keys import KeyPair
 from storage.manifest import Manifest
 from storage.open import open_store
+from trust.security import Security
+from trust.security import channel_factory as security_channels
 
 log = logging.getLogger("strata.relay")
 
@@ -70,15 +71,23 @@ class _ClientUpstream:
 
 
 class RelayDaemon:
-    def __init__(self, config: RelayConfig, *, channel_factory: Callable[[str], grpc.Channel] = create_channel) -> None:
+    def __init__(self, config: RelayConfig, *, channel_factory: Callable[[str], grpc.Channel] | None = None) -> None:
         self.config = config
         self.id = config.id or default_relay_id()
         self.state_dir = Path(os.path.expanduser(config.state_dir or f"~/.strata/relay/{self.id}"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store or str(self.state_dir / "store"))
-        self.key = KeyPair.load_or_create(self.state_dir / "relay.key")
+        self.security = Security.configure(
+            config.tls, listen=config.listen, who=self.id, fair_share=config.serving.fair_share()
+        )
+        # with TLS, the relay signs its combined updates with the key its certificate certifies
+        self.key = self.security.manifest_key if self.security else KeyPair.load_or_create(self.state_dir / "relay.key")
         self.journal = RelayJournal(self.state_dir / "journal.sqlite")
-        self.agents = AgentRegistry(timeout_s=config.agent_timeout_s)
+        self.agents = AgentRegistry(
+            timeout_s=config.agent_timeout_s,
+            heartbeat_interval_s=config.serving.heartbeat_interval_s,
+            heartbeat_budget_per_s=config.serving.heartbeat_budget_per_s,
+        )
         upstream = config.upstream
         self.client = Client(
             config.seeds,
@@ -90,7 +99,8 @@ class RelayDaemon:
             join_timeout_s=upstream.join_timeout_s,
             backoff_base_s=upstream.backoff_base_s,
             backoff_max_s=upstream.backoff_max_s,
-            channel_factory=channel_factory,
+            key=self.key,
+            channel_factory=channel_factory or security_channels(self.security),
         )
         self.cache = ModelCache(self.store, self._fetch_upstream, max_bytes=config.cache.max_bytes)
         self.relay = Relay(
@@ -117,13 +127,17 @@ class RelayDaemon:
         if self._started:
             return self
         self._started = True
-        self._server = create_server(self.config.listen, workers=self.config.workers)
+        self._server = create_server(
+            self.config.listen,
+            workers=self.config.serving.workers,
+            credentials=self.security.server_credentials() if self.security else None,
+            interceptors=self.security.interceptors() if self.security else (),
+        )
         base = self.relay.start()
         self._device_service = AgentServicer(
             home=RelayHome(relay=self.relay, round_config=lambda: dict(self.client.round_config)),
             agents=self.agents,
-            heartbeat_interval_s=self.config.heartbeat_interval_s,
-            stream_idle_s=self.config.stream_idle_s,
+            stream_idle_s=self.config.serving.stream_idle_s,
             offload=self._server.offload,
             stopping=self._stopping,
         )

@@ -39,6 +39,10 @@ class RelayHome:
     def round_config(self) -> dict[str, str]:
         return dict(self._round_config())
 
+    def invitation(self, agent_id: str) -> tuple[bool, float]:
+        """A relay takes every device's update: its upstream invitation is its own, as one agent."""
+        return True, 0.0
+
     def prepare_download(self, model_cid: str) -> None:
         self._relay.cache.ensure(model_cid)
 

@@ -341,8 +341,11 @@ def _short(value: Any) -> str:
 # ---------------------------------------------------------------- decoding
 
 
-def decode_tensors(data: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
-    """Validated numpy arrays (writable copies); BF16 comes back as float32, exactly."""
+def decode_tensors(data: bytes | bytearray | memoryview, *, writable: bool = True) -> dict[str, np.ndarray]:
+    """Validated numpy arrays; BF16 comes back as float32, exactly.
+
+    Writable copies by default; `writable=False` gives read-only views of `data` where the
+    bytes already are the array (native byte order), saving a model-sized copy."""
     layout = _parse(data)
     result: dict[str, np.ndarray] = {}
     for name, info in layout.summary.items():
@@ -354,7 +357,7 @@ def decode_tensors(data: bytes | bytearray | memoryview) -> dict[str, np.ndarray
         elif info.dtype == "BOOL":
             array = raw.view(np.uint8) != 0  # any nonzero byte is True, as in torch
         else:
-            array = raw.astype(raw.dtype.newbyteorder("="), copy=True)
+            array = raw.astype(raw.dtype.newbyteorder("="), copy=writable)
         result[name] = array.reshape(info.shape)
     return result
 

@@ -68,6 +68,30 @@ def _hash_mismatch(cid: str, actual: str) -> IntegrityError:
     )
 
 
+class StagedWrite:
+    """Bytes handed to a store as they arrive, made durable under their CID only by `commit`.
+
+    A receiver writes an upload while it is still streaming in, so the durable write
+    overlaps the network instead of following it. `discard` (or garbage) drops it;
+    both are idempotent, and `discard` after `commit` keeps what was committed.
+    """
+
+    def __init__(self, store: ContentStore) -> None:
+        self._store = store
+        self._pieces: list[bytes | memoryview] = []
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._pieces.append(data)
+
+    def commit(self, cid: str) -> str:
+        """Store what was written under `cid` (the caller hashed these very bytes); return it."""
+        pieces, self._pieces = self._pieces, []
+        return self._store.put(iter(pieces), cid=cid)
+
+    def discard(self) -> None:
+        self._pieces = []
+
+
 class ContentStore(abc.ABC):
     """A content-addressed blob store. Use as a context manager, or call close()."""
 
@@ -94,6 +118,11 @@ class ContentStore(abc.ABC):
     def _has_sized(self, cid: str, data: PutData) -> bool:
         """Whether an intact-looking copy of `cid` is already stored (stores may refine this)."""
         return False
+
+    def stage(self) -> StagedWrite:
+        """Start writing an object whose CID will be known only at the end (see `StagedWrite`)."""
+        self._check_open()
+        return StagedWrite(self)
 
     def get(self, cid: str) -> bytes:
         """The bytes of `cid`, re-hashed: IntegrityError(reason="hash_mismatch") if they do
@@ -305,23 +334,32 @@ class LocalStore(ContentStore):
                 os.fchmod(out.fileno(), 0o644)
                 os.fsync(out.fileno())
             cid = known_cid or builder.finish()
-            target = self._objects / cid[-2:] / cid
-            try:
-                existing = target.stat().st_size
-            except FileNotFoundError:
-                existing = None
-            if existing == size:
-                return cid  # already stored; the temp file is dropped below
-            # Absent, or a damaged copy of the wrong size: (re)place it atomically.
-            target.parent.mkdir(exist_ok=True)
-            os.replace(temp, target)
+            self._install(temp, size, cid)
             temp = ""
-            _fsync_dir(target.parent)
             return cid
         finally:
             if temp:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
+
+    def _install(self, temp: str, size: int, cid: str) -> None:
+        """Move a durable temp file into place as `cid` (or drop it when an intact copy exists)."""
+        target = self._objects / cid[-2:] / cid
+        try:
+            existing = target.stat().st_size
+        except FileNotFoundError:
+            existing = None
+        if existing == size:
+            os.unlink(temp)  # already stored
+            return
+        # Absent, or a damaged copy of the wrong size: (re)place it atomically.
+        target.parent.mkdir(exist_ok=True)
+        os.replace(temp, target)
+        _fsync_dir(target.parent)
+
+    def stage(self) -> StagedWrite:
+        self._check_open()
+        return _LocalStagedWrite(self)
 
     def _open(self, cid: str) -> BinaryIO:
         try:
@@ -447,3 +485,47 @@ def default_store_path() -> Path:
     if configured:
         return Path(configured).expanduser()
     return Path(os.path.expanduser("~")) / ".strata" / "store"
+
+
+# a staged write asks the kernel to write back what it holds every this many bytes, so the
+# final fsync (the acknowledgement's wait) flushes only the tail
+_WRITEBACK_EVERY = 8 << 20
+
+
+class _LocalStagedWrite(StagedWrite):
+    """A temp file in the store's tmp directory, written back as it grows, renamed into place on commit."""
+
+    def __init__(self, store: LocalStore) -> None:
+        super().__init__(store)
+        self._local = store
+        fd, self._temp = tempfile.mkstemp(dir=store._tmp, prefix="staged-")
+        self._file = os.fdopen(fd, "wb")
+        self._size = 0
+        self._unsynced = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        written = self._file.write(data)
+        self._size += written
+        self._unsynced += written
+        if self._unsynced >= _WRITEBACK_EVERY:
+            self._file.flush()
+            os.fdatasync(self._file.fileno())
+            self._unsynced = 0
+
+    def commit(self, cid: str) -> str:
+        validate_cid(cid)
+        self._file.flush()
+        os.fchmod(self._file.fileno(), 0o644)
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._local._install(self._temp, self._size, cid)
+        self._temp = ""
+        return cid
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self._temp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._temp)
+            self._temp = ""

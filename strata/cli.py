@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from proto.errors import StrataError
 from strata import (
+    cmd_certs,
     cmd_daemons,
     cmd_demo,
     cmd_device,
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for module in (cmd_model, cmd_history, cmd_daemons, cmd_fleet, cmd_device, cmd_demo, cmd_simulate):
+    for module in (cmd_model, cmd_history, cmd_daemons, cmd_fleet, cmd_device, cmd_certs, cmd_demo, cmd_simulate):
         module.register(commands)
     return parser
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from proto.errors import IntegrityError, NotFound, StrataError, Unavailable
 
@@ -52,6 +55,23 @@ def add_store_option(parser: argparse.ArgumentParser) -> None:
         help="content store: a directory, local:/path or ipfs:/multiaddr (default: $STRATA_STORE or "
         "~/.strata/store); repeat to read several in order, e.g. an aggregator's and a relay's",
     )
+
+
+def add_bundle_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bundle",
+        metavar="DIR",
+        default=os.environ.get("STRATA_BUNDLE", ""),
+        help="your bundle (strata certs issue --role operator): mutual TLS to a fleet that requires it "
+        "(default: $STRATA_BUNDLE; none: plaintext)",
+    )
+
+
+def channel_factory_for(args: argparse.Namespace) -> Callable[[str], Any]:
+    """How this command dials daemons: with the operator's certificate (--bundle), or in plaintext."""
+    from trust.security import Security, channel_factory
+
+    return channel_factory(Security(args.bundle) if getattr(args, "bundle", "") else None)
 
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:

@@ -13,8 +13,10 @@ from typing import Any
 from strata.cli_common import (
     EXIT_OK,
     add_actions,
+    add_bundle_option,
     add_json_option,
     add_log_level_option,
+    channel_factory_for,
     print_json,
 )
 from strata.config import config_to_dict, describe_config, load_config
@@ -80,6 +82,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     health.add_argument("address", help="host:port of any Strata daemon")
     health.add_argument("--service", default="", help="a service name, e.g. strata.v1.AgentService (default: the server)")
     health.add_argument("--timeout", type=float, default=3.0, help="deadline in seconds (default: 3)")
+    add_bundle_option(health)
     add_json_option(health)
     health.set_defaults(handler=cmd_health)
 
@@ -120,9 +123,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from proto.errors import Unavailable
-    from proto.wire import create_channel, error_from_rpc
+    from proto.wire import error_from_rpc
 
-    with create_channel(args.address) as channel:
+    with channel_factory_for(args)(args.address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout

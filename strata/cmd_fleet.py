@@ -13,7 +13,14 @@ from coordinator.index import ModelRecord
 from proto.errors import InvalidInput
 from proto.wire import DEFAULT_TIMEOUT_S
 from strata import render
-from strata.cli_common import EXIT_OK, add_actions, add_json_option, print_json
+from strata.cli_common import (
+    EXIT_OK,
+    add_actions,
+    add_bundle_option,
+    add_json_option,
+    channel_factory_for,
+    print_json,
+)
 
 
 def _add_coordinator(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
@@ -25,6 +32,7 @@ def _add_coordinator(parser: argparse.ArgumentParser, handler: Callable[[argpars
         help="coordinator address (default: $STRATA_COORDINATOR or 127.0.0.1:7000)",
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds (default: 5)")
+    add_bundle_option(parser)
     add_json_option(parser)
     parser.set_defaults(handler=handler)
 
@@ -58,7 +66,7 @@ def _ago(timestamp: float) -> str:
 
 
 def cmd_fleet_status(args: argparse.Namespace) -> int:
-    with CoordinatorClient(args.coordinator, timeout_s=args.timeout) as coordinator:
+    with CoordinatorClient(args.coordinator, timeout_s=args.timeout, channel_factory=channel_factory_for(args)) as coordinator:
         fleet = coordinator.fleet_status()
     rows = [
         {
@@ -82,7 +90,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
 
 
 def cmd_ring_show(args: argparse.Namespace) -> int:
-    with CoordinatorClient(args.coordinator, timeout_s=args.timeout) as coordinator:
+    with CoordinatorClient(args.coordinator, timeout_s=args.timeout, channel_factory=channel_factory_for(args)) as coordinator:
         ring = coordinator.ring()
     placements = {agent: ring.owner(agent).id for agent in args.agent} if len(ring) else {}
     if args.json:
@@ -118,7 +126,7 @@ def _record_json(record: ModelRecord) -> dict[str, Any]:
 def cmd_models_list(args: argparse.Namespace) -> int:
     if args.round < 0 or args.limit <= 0:
         raise InvalidInput("--round must be >= 0 and --limit > 0", reason="bad_argument")
-    with CoordinatorClient(args.coordinator, timeout_s=args.timeout) as coordinator:
+    with CoordinatorClient(args.coordinator, timeout_s=args.timeout, channel_factory=channel_factory_for(args)) as coordinator:
         records = coordinator.list_models(
             kind=args.kind,
             aggregator=args.aggregator,
@@ -135,9 +143,12 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def lineage_from_index(address: str, model_cid: str, depth: int | None) -> render.LineageView:
+def lineage_from_index(
+    address: str, model_cid: str, depth: int | None, *, channel_factory: Callable[[str], Any] | None = None
+) -> render.LineageView:
     """A lineage view built from the coordinator's index rather than the store."""
-    with CoordinatorClient(address, timeout_s=DEFAULT_TIMEOUT_S) as coordinator:
+    dial = {"channel_factory": channel_factory} if channel_factory is not None else {}
+    with CoordinatorClient(address, timeout_s=DEFAULT_TIMEOUT_S, **dial) as coordinator:
         lineage = coordinator.lineage(model_cid, depth or 0)
     nodes = {}
     for record in [lineage.model, *lineage.ancestors]:

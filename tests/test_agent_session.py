@@ -123,6 +123,15 @@ def test_home_changed_in_a_heartbeat_rejoins_on_the_new_home() -> None:
         assert a.calls["Heartbeat"] >= 1
 
 
+def test_the_client_heartbeats_at_the_interval_its_home_hands_out() -> None:
+    with serving(FakeHome("agg-a")) as (a,):
+        a.heartbeat_interval_s = 0.05  # Join's interval: the first heartbeat comes quickly
+        a.next_interval_s = 7.5  # then the home asks for fewer, as a busy aggregator does
+        with client(a.address, watch=True) as c:
+            wait_until(lambda: a.calls["Heartbeat"] >= 1, 5.0, "no heartbeat arrived", poll_s=0.01)
+            wait_until(lambda: c.heartbeat_interval_s == 7.5, 5.0, "the client kept its old interval")
+
+
 def test_a_home_that_goes_away_is_replaced_by_another_known_aggregator() -> None:
     b = FakeHome("agg-b")
     with serving(b):

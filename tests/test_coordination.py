@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 
 from aggregator.coordination import CoordinatorLink
@@ -18,6 +20,7 @@ from coordinator.membership import AggregatorInfo
 from coordinator.ring import Member, Ring
 from intake.agents import AgentInfo
 from proto.errors import InvalidInput
+from proto.wire import create_channel
 from storage.keys import KeyPair
 from tests.test_coordinator import make_manifest
 
@@ -57,8 +60,10 @@ def own_ring(agg_id: str, port: int) -> RingView:
 def make_link(
     address: str, agg_id: str, port: int, tmp_path: Path, **kwargs: object
 ) -> CoordinatorLink:
+    channel_factory = kwargs.pop("channel_factory", None)
+    client = CoordinatorClient(address) if channel_factory is None else CoordinatorClient(address, channel_factory=channel_factory)
     return CoordinatorLink(
-        CoordinatorClient(address),
+        client,
         info=AggregatorInfo(id=agg_id, address=f"127.0.0.1:{port}", federations=("digits",)),
         ring_view=kwargs.pop("ring_view", None) or own_ring(agg_id, port),
         status_fn=kwargs.pop("status_fn", lambda: {"round": 3, "agent_count": 2}),
@@ -112,9 +117,7 @@ def test_link_survives_a_late_coordinator_and_catches_up(tmp_path: Path, keypair
     manifests = [make_manifest(keypair, round=r, seed="late") for r in (1, 2)]
     daemon = None
     try:
-        started = time.monotonic()
-        link.start()
-        assert time.monotonic() - started < 0.5  # start never waits for the coordinator
+        link.start()  # returns at once: test_start_never_waits_for_the_coordinator
         for m in manifests:
             link.announce(m.to_bytes(), notes={"source": "test"})
         time.sleep(0.6)
@@ -211,12 +214,57 @@ def test_coordinator_restart_brings_the_ring_back(tmp_path: Path, keypair: KeyPa
         daemon.stop(grace=0)
 
 
+class _Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "held by the test, then released"
+
+
+class _Gate(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    """Holds every RPC on a channel, counting them; once released, each fails as UNAVAILABLE.
+    No call ever reaches the channel (grpc crashes a continuation run after close())."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.held = 0
+
+    def _hold(self, continuation, details, request):  # noqa: ANN001, ANN202 - grpc's interceptor signature
+        self.held += 1
+        self.released.wait(60)
+        raise _Unavailable()
+
+    intercept_unary_unary = intercept_unary_stream = intercept_stream_unary = _hold
+
+
+def test_start_never_waits_for_the_coordinator(tmp_path: Path) -> None:
+    gate = _Gate()
+    link = make_link(
+        f"127.0.0.1:{free_port()}",
+        "agg-a",
+        7070,
+        tmp_path,
+        channel_factory=lambda address: grpc.intercept_channel(create_channel(address), gate),
+    )
+    starter = threading.Thread(target=link.start, daemon=True)
+    try:
+        starter.start()
+        starter.join(timeout=30)  # every RPC is held: a start() that waits for one never returns
+        assert not starter.is_alive(), "start() waited for a call to the coordinator"
+        assert wait_until(lambda: gate.held >= 1), "the link never called the coordinator"
+        assert not link.registered.is_set()
+    finally:
+        gate.released.set()
+        link.stop()
+
+
 def test_stop_is_idempotent_and_bounded(tmp_path: Path) -> None:
     link = make_link(f"127.0.0.1:{free_port()}", "agg-a", 7070, tmp_path).start()
-    started = time.monotonic()
-    link.stop()
-    link.stop()
-    assert time.monotonic() - started < 3.0
+    stopper = threading.Thread(target=lambda: (link.stop(), link.stop()), daemon=True)
+    stopper.start()
+    stopper.join(timeout=30)  # stop() joins its threads within about 2 s; this only catches a hang
+    assert not stopper.is_alive(), "stop() did not return"
     with pytest.raises(InvalidInput):
         link.start()
 

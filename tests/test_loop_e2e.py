@@ -45,7 +45,7 @@ def start_aggregator(
         "--set", f"listen=127.0.0.1:{port}",
         "--set", f"state_dir={tmp_path / 'agg-state'}",
         "--set", f"store={tmp_path / 'store'}",
-        "--set", "heartbeat_interval_s=1",
+        "--set", "serving.heartbeat_interval_s=1",
     ]
     for setting in settings:
         args += ["--set", setting]

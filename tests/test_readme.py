@@ -26,3 +26,13 @@ def test_readme_setup_is_exactly_two_make_commands() -> None:
     assert commands == ["make demo", "make test"]
     makefile = (README.parent / "Makefile").read_text()
     assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+
+
+def test_readme_and_synthesis_docstring_state_min_models_for_z() -> None:
+    """The z-score threshold is stated in prose twice; both must be the constant the code uses."""
+    import aggregator.synthesis as synthesis
+
+    readme = re.findall(r"from (\d+) models up", README.read_text())
+    assert readme == [str(synthesis.MIN_MODELS_FOR_Z)], f"README says {readme}, code says {synthesis.MIN_MODELS_FOR_Z}"
+    doc = re.findall(r"applied only from\s+(\d+) models up \(MIN_MODELS_FOR_Z", synthesis.__doc__ or "")
+    assert doc == [str(synthesis.MIN_MODELS_FOR_Z)], f"synthesis docstring says {doc}"

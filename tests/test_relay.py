@@ -24,6 +24,7 @@ from aggregator.daemon import AggregatorDaemon
 from aggregator.journal import Journal
 from aggregator.rounds import RoundManager
 from aggregator.strategies import FedAvg
+from intake.config import ServingSettings
 from intake.submission import Submission
 from proto import strata_pb2 as pb
 from proto.errors import UpdateRefused
@@ -64,7 +65,7 @@ def aggregator_config(tmp_path: Path, port: int = 0, **round_settings: object) -
         listen=f"127.0.0.1:{port}",
         state_dir=str(tmp_path / "agg-state"),
         store=str(tmp_path / "agg-store"),
-        heartbeat_interval_s=0.5,
+        serving=ServingSettings(heartbeat_interval_s=0.5),
         round=RoundSettings(**settings),
         synthesis=SynthesisSettings(enabled=False),
     )
@@ -80,7 +81,7 @@ def relay_config(tmp_path: Path, upstream: str, *, max_devices: int = 1, max_wai
         seeds=[upstream],
         listen="127.0.0.1:0",
         state_dir=str(tmp_path / "relay-state"),
-        heartbeat_interval_s=0.5,
+        serving=ServingSettings(heartbeat_interval_s=0.5),
         window=WindowSettings(max_devices=max_devices, max_wait_s=max_wait_s),
         forward=extra.pop("forward", ForwardSettings(retry_s=0.2)),
         upstream=UpstreamSettings(join_timeout_s=5.0, backoff_base_s=0.1, backoff_max_s=0.5, rpc_timeout_s=5.0),

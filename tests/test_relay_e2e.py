@@ -103,7 +103,7 @@ def test_acknowledged_device_updates_survive_kill_9_of_the_relay(procs: ProcessF
         "--set", f"seeds={aggregator.address}",
         "--set", f"listen=127.0.0.1:{port}",
         "--set", f"state_dir={tmp_path / 'relay-state'}",
-        "--set", "heartbeat_interval_s=0.5",
+        "--set", "serving.heartbeat_interval_s=0.5",
         "--set", "window.max_wait_s=600",
         "--set", "forward.retry_s=0.2",
     ]  # fmt: skip

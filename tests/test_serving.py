@@ -17,6 +17,7 @@ import pytest
 
 from aggregator.config import AggregatorConfig, RoundSettings
 from aggregator.daemon import AggregatorDaemon
+from intake.config import ServingSettings
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.serving import serving_loop
@@ -37,8 +38,7 @@ def aggregator(tmp_path: Path) -> Iterator[AggregatorDaemon]:
         state_dir=str(tmp_path / "state"),
         store=str(tmp_path / "store"),
         round=RoundSettings(min_updates=1, quorum=1.0, deadline_s=600.0),
-        workers=2,
-        stream_idle_s=1.0,
+        serving=ServingSettings(workers=2, stream_idle_s=1.0),
     )
     daemon = AggregatorDaemon(config, initial_model_factory=initial_model_factory(config)).start()
     yield daemon
@@ -108,6 +108,8 @@ def test_idle_streams_and_stalled_uploads_hold_no_threads_and_starve_nobody(aggr
     # a stalled upload is refused as a bad stream once it sat idle longer than stream_idle_s
     assert crowd.outcomes["upload"] == ["bad_stream"] * STALLED_UPLOADS
     assert aggregator.journal.refusal_counts() == {"bad_stream": STALLED_UPLOADS}
+    # nothing of the refused uploads stays behind in the store
+    assert list((Path(aggregator.config.store) / "tmp").iterdir()) == []
 
 
 GARBAGE = b"\xff\xff\xff\xff\x0f"  # not a protobuf message of any type: an invalid tag

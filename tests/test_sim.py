@@ -348,3 +348,23 @@ def test_grpc_cancel_of_a_stream_reaches_the_device_as_cancelled_error() -> None
                 return await asyncio.wait_for(reader, 5)
 
     assert asyncio.run(main())
+
+
+def test_devices_train_only_on_a_base_they_are_invited_to() -> None:
+    with serving(FakeHome()) as (home,):
+        home.heartbeat_interval_s = 0.2
+        home.announced.not_invited = True  # a home with selection left these devices out of the round
+        home.announced.check_back_s = 0.2
+        options = SimOptions(seeds=(home.address,), agents=8, ramp_s=0.1)
+        simulation = Simulation(options)
+
+        def invited_later() -> bool:
+            if home.calls["Heartbeat"] >= 24 and home.announced.not_invited:
+                assert home.calls["GetModel"] == 0 and not home.submitted  # idle while not invited
+                home.announced.not_invited = False  # the next heartbeat invites them
+            return len(home.submitted) >= 8
+
+        report = _run_until(simulation, invited_later)
+    assert len(home.submitted) == 8 and report.counts["acknowledged"] == 8
+    (round_0,) = report.rounds
+    assert (round_0.devices, round_0.invited, round_0.accepted) == (8, 8, 8)

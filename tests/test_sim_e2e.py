@@ -21,6 +21,7 @@ from agent.sim.schedule import agent_id
 from aggregator.config import AggregatorConfig, RoundSettings
 from aggregator.daemon import AggregatorDaemon
 from coordinator.ring import Member, Ring
+from intake.config import ServingSettings
 from strata.wiring import initial_model_factory
 from tests.procs import free_port
 
@@ -44,7 +45,7 @@ def ring_of_two(tmp_path: Path) -> Iterator[dict[str, AggregatorDaemon]]:
             store=str(tmp_path / "store"),
             peers=[f"{m.id}={m.address}" for m in members],
             round=RoundSettings(min_updates=share[member.id], quorum=1.0, deadline_s=3600.0),
-            heartbeat_interval_s=5.0,
+            serving=ServingSettings(heartbeat_interval_s=5.0),
         )
         daemons[member.id] = AggregatorDaemon(config, initial_model_factory=initial_model_factory(config)).start()
     yield daemons

@@ -76,6 +76,24 @@ class StoreContract:
         with open(path, "rb") as handle:
             assert store.put(handle) == cid_of(data[::-1])
 
+    def test_a_staged_write_is_stored_only_on_commit(self, store: ContentStore) -> None:
+        data = _blob(3 * CHUNK_SIZE + 5)
+        cid = cid_of(data)
+        staged = store.stage()
+        for start in range(0, len(data), CHUNK_SIZE):
+            staged.write(data[start : start + CHUNK_SIZE])
+        assert not store.has(cid)
+        assert staged.commit(cid) == cid
+        staged.discard()  # after a commit, a discard keeps the object
+        assert store.get(cid) == data
+
+    def test_a_discarded_staged_write_leaves_nothing(self, store: ContentStore) -> None:
+        staged = store.stage()
+        staged.write(b"half an upload")
+        staged.discard()
+        staged.discard()
+        assert cid_of(b"half an upload") not in set(store)
+
     def test_put_refuses_text(self, store: ContentStore) -> None:
         with pytest.raises(TypeError):
             store.put("text is not bytes")  # type: ignore[arg-type]
@@ -206,6 +224,20 @@ def test_local_put_of_an_existing_object_does_not_rewrite_it(local_store: LocalS
     local_store.put(b"same bytes")
     after = local_store.path_of(cid).stat()
     assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+
+
+def test_local_staged_writes_leave_no_temp_files(local_store: LocalStore) -> None:
+    committed, dropped = local_store.stage(), local_store.stage()
+    committed.write(b"kept")
+    dropped.write(b"dropped")
+    committed.commit(cid_of(b"kept"))
+    dropped.discard()
+    assert list((local_store.root / "tmp").iterdir()) == []
+    # committing bytes the store already holds drops the staged copy
+    again = local_store.stage()
+    again.write(b"kept")
+    again.commit(cid_of(b"kept"))
+    assert list((local_store.root / "tmp").iterdir()) == []
 
 
 def test_local_iteration_ignores_foreign_files(local_store: LocalStore) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import time
 
 import grpc
 import pytest
@@ -246,10 +245,9 @@ def test_health_check_serving(server) -> None:
 
 
 def test_deadline_exceeded(stub) -> None:
-    started = time.monotonic()
+    # the handler sleeps 1 s and then answers OK: only the 0.2 s deadline can end the call this way
     e = _call_error(lambda: stub.Heartbeat(pb.HeartbeatRequest(agent_id="sleep"), timeout=0.2))
     assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 0.9
     assert wire.is_retryable(e)
     assert isinstance(wire.error_from_rpc(e), Unavailable)
 

@@ -10,7 +10,8 @@ order, with the same messages:
   home hands out: first at a random point of the first interval, then every
   `next_interval_s` of the last reply; `agent.loops.HOME_LOST_AFTER` failures in
   a row re-join;
-- for each new base: GetModel by CID, checked (`agent.sim.models`), evaluated and
+- for each new base it is invited to train on (a home with selection invites a
+  sample of its agents each round): GetModel by CID, checked (`agent.sim.models`), evaluated and
   trained (in the thread pool), then a signed `local` update built by
   `agent.submit.local_update` with `agent.submit.update_header`, streamed in
   ~1 MiB chunks, retried `agent.submit.SUBMIT_ATTEMPTS` times (re-joining first)
@@ -100,6 +101,8 @@ class Fleet:
 class _Base:
     model_cid: str
     round: int
+    # a home with selection invites a sample of its agents each round; the rest stay idle
+    invited: bool = True
 
 
 async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
@@ -137,6 +140,7 @@ class VirtualDevice:
         self._round_config: dict[str, str] = {}
         self._latest: _Base | None = None
         self._latest_at = 0.0
+        self._invited_to: tuple[str, int] | None = None
         self._base_changed = asyncio.Event()
         self._rejoining: asyncio.Task[None] | None = None
         self._watch_call: Any = None
@@ -292,19 +296,26 @@ class VirtualDevice:
     # ------------------------------------------------------------------ the announced base
 
     def _announce(self, ref: pb.ModelRef) -> None:
+        """The home told this device its base (as agent.session.Session.announce records it)."""
         if not ref.model_cid:
             return
         fleet = self.fleet
-        fleet.stats.ledger.base_seen(
+        ledger = fleet.stats.ledger
+        ledger.base_seen(
             self.home_id, ref.round, ref.model_cid, now=fleet.clock(), devices=len(fleet.homes.get(self.home_id, ()))
         )
-        if self._latest is None or self._latest.model_cid != ref.model_cid:
-            self._latest = _Base(model_cid=ref.model_cid, round=ref.round)
+        announced = _Base(model_cid=ref.model_cid, round=ref.round, invited=not ref.not_invited)
+        if self._latest is None or (self._latest.model_cid, self._latest.invited) != (announced.model_cid, announced.invited):
+            self._latest = announced
             self._latest_at = fleet.clock()
             self._base_changed.set()
+            if announced.invited and self._invited_to != (self.home_id, ref.round):
+                self._invited_to = (self.home_id, ref.round)
+                ledger.invited(self.home_id, ref.round)
 
     async def _base_other_than(self, model_cid: str) -> tuple[_Base, float]:
-        while self._latest is None or self._latest.model_cid == model_cid:
+        """The next base other than `model_cid` this device is invited to train on."""
+        while self._latest is None or self._latest.model_cid == model_cid or not self._latest.invited:
             self._base_changed.clear()
             await self._base_changed.wait()
         return self._latest, self._latest_at

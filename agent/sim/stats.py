@@ -99,6 +99,8 @@ class RoundStats:
     # the most of the simulator's devices at this home at once while the round was open
     devices: int
     next_seen: float | None = None
+    # devices told they are invited to train on this round's base (all of them without selection)
+    invited: int = 0
     accepted: int = 0
     duplicates: int = 0
     refused: Counter[str] = field(default_factory=Counter)
@@ -126,6 +128,7 @@ class RoundStats:
             "closed": self.closed,
             "round_s": None if self.round_s is None else round(self.round_s, 3),
             "devices": self.devices,
+            "invited": self.invited,
             "accepted": self.accepted,
             "duplicates": self.duplicates,
             "refused": dict(self.refused),
@@ -170,6 +173,10 @@ class RoundLedger:
         if stats is None:  # counted in a round this simulator never saw announced (it joined later)
             stats = self._rounds[key] = RoundStats(home=home, round=round_, model="", first_seen=math.nan, devices=0)
         return stats
+
+    def invited(self, home: str, round_: int) -> None:
+        """One device was told it is invited to train on `home`'s base of `round_`."""
+        self._stats(home, round_).invited += 1
 
     def accepted(self, home: str, round_: int, *, duplicate: bool, metrics: Mapping[str, float] | None = None) -> None:
         stats = self._stats(home, round_)

@@ -1,0 +1,56 @@
+"""Trust for a Strata fleet: a fleet CA, identities in certificates, bootstrap tokens, revocation, one role table,
+and the interceptor that enforces it.
+
+- `trust.identity`: `Identity(role, id)`, `strata://<fleet>/<role>/<id>` SAN URIs, the manifest-key extension;
+- `trust.ca`: `FleetCA` (init, load, issue, sign_csr, inventory, revoke);
+- `trust.bundle`: a process's credentials as one directory; `ReloadingBundle` for renewal without restart;
+- `trust.tokens`: Kubernetes-style bootstrap tokens in a `TokenStore`;
+- `trust.enroll`: token + CSR in, certificate out (the Enroll RPC's core);
+- `trust.revocation`: the CA-signed `RevocationList`;
+- `trust.roles`: THE role table;
+- `trust.interceptor`: `TrustInterceptor` and `caller()`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Exports load lazily, so `import trust.identity` does not drag in gRPC or SQLite.
+_EXPORTS = {
+    "Certified": "trust.identity",
+    "Identity": "trust.identity",
+    "Role": "trust.identity",
+    "identity_of": "trust.identity",
+    "read_certificate": "trust.identity",
+    "IdentityError": "trust.errors",
+    "PermissionDenied": "trust.errors",
+    "Unauthenticated": "trust.errors",
+    "FleetCA": "trust.ca",
+    "parse_duration": "trust.ca",
+    "Bundle": "trust.bundle",
+    "ReloadingBundle": "trust.bundle",
+    "Grant": "trust.tokens",
+    "TokenRefused": "trust.tokens",
+    "TokenStore": "trust.tokens",
+    "Enrollment": "trust.enroll",
+    "enrollment_request": "trust.enroll",
+    "RevocationList": "trust.revocation",
+    "ROLE_TABLE": "trust.roles",
+    "TrustInterceptor": "trust.interceptor",
+    "caller": "trust.interceptor",
+    "caller_certificate": "trust.interceptor",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trust' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
