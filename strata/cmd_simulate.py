@@ -172,8 +172,14 @@ def _run(options: Any, *, progress_s: float, out: TextIO) -> Any:
 
     async def main() -> Any:
         loop = asyncio.get_running_loop()
+
+        def interrupted(signum: int) -> None:
+            # the first Ctrl-C stops cleanly and reports; a second one is Python's own (KeyboardInterrupt)
+            loop.remove_signal_handler(signum)
+            simulation.stop("interrupted")
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, simulation.stop, "interrupted")
+            loop.add_signal_handler(signum, interrupted, signum)
         try:
             return await simulation.run()
         finally:
