@@ -26,12 +26,15 @@ from agent.session import Identity, ModelInfo, Session
 from agent.state import AgentState
 from agent.submit import SubmitReceipt, SubmitRefused, Submitter, local_update
 from agent.transfer import ModelTransfer
+from proto import strata_pb2 as pb
 from proto.convert import CAPABILITIES
 from proto.errors import FailedPrecondition, InvalidInput
 from proto.retry import RetryPolicy
-from proto.wire import DEFAULT_TIMEOUT_S, create_channel
+from proto.wire import DEFAULT_TIMEOUT_S, create_channel, error_from_rpc
 from storage.keys import KeyPair
 from storage.manifest import Manifest
+from trust.messages import revocations_from_reply
+from trust.revocation import RevocationList
 
 __all__ = ["Client", "ModelInfo", "SubmitReceipt", "SubmitRefused"]
 
@@ -123,6 +126,11 @@ class Client:
     @property
     def closed(self) -> bool:
         return self._session.closed.is_set()
+
+    def drop_channels(self) -> None:
+        """Dial every aggregator anew from the next call on (after a certificate renewal: new connections
+        present the new certificate); calls in flight finish on the channels they started on."""
+        self._session.drop_channels()
 
     # ------------------------------------------------------------------ the home
 
@@ -252,6 +260,24 @@ class Client:
     def already_submitted(self, model_cid: str) -> bool:
         """True when an update trained on `model_cid` was acknowledged (as remembered across restarts)."""
         return self._submitter.already_submitted(model_cid)
+
+    # ------------------------------------------------------------------ revocation
+
+    @property
+    def revocations_version(self) -> int:
+        """The version of the revocation list the home enforces, as its last heartbeat said (0: none)."""
+        return self._session.revocations_version
+
+    def revocations(self, known_version: int = 0) -> RevocationList | None:
+        """The home's revocation list if it is newer than `known_version`, else None. Parsed, not verified:
+        whoever installs it verifies the CA's signature. What a relay serves its own devices by."""
+        try:
+            reply = self._session.stub().GetRevocations(
+                pb.GetRevocationsRequest(known_version=known_version), timeout=self._session.rpc_timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return revocations_from_reply(reply)
 
     def describe(self) -> dict[str, Any]:
         latest = self._session.latest

@@ -18,6 +18,35 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EnrollSettings:
+    coordinator: str = _help(
+        "host:port of the coordinator's enrollment port (its enroll_listen): with a token and no usable bundle "
+        "at tls.bundle yet, the agent enrolls there on start and writes its bundle to tls.bundle",
+        default="",
+    )
+    token: str = _help("bootstrap token from `strata certs token`: buys the agent its first certificate", default="")
+    ca: str = _help("the fleet CA certificate (a ca.pem) the coordinator is verified with before the token is sent", default="")
+    renew_address: str = _help(
+        "host:port of the coordinator's mutual-TLS port, where the agent renews its certificate at ~2/3 of its "
+        "lifetime; empty: the address the coordinator named when the agent enrolled",
+        default="",
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("coordinator", "renew_address"):
+            value = getattr(self, name)
+            if value and not _is_host_port(value):
+                raise ConfigError(f"enroll.{name} must be host:port, got {value!r}")
+        if self.token and not (self.coordinator and self.ca):
+            raise ConfigError("enroll.token needs enroll.coordinator (the enrollment port) and enroll.ca (the fleet CA)")
+
+
+def _is_host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     id: str = _help("agent id (default: generated once and kept in state_dir)", default="")
     name: str = _help("display name shown to operators (default: the id)", default="")
@@ -38,7 +67,13 @@ class AgentConfig:
         "wait a random 0..start_jitter_s before the first join, so a fleet started together does not arrive together",
         default=1.0,
     )
-    tls: TlsSettings = field(default_factory=TlsSettings, metadata={"help": "mutual TLS (the agent's bundle)"})
+    tls: TlsSettings = field(
+        default_factory=TlsSettings,
+        metadata={"help": "mutual TLS (the agent's bundle; where enrollment writes it)"},
+    )
+    enroll: EnrollSettings = field(
+        default_factory=EnrollSettings, metadata={"help": "enrollment with a bootstrap token, and renewal"}
+    )
     max_rounds: int = _help("stop after this many submitted updates; 0 runs until stopped", default=0)
     metrics_port: int = _help("Prometheus metrics port on 0.0.0.0 (one per process: the first config's); 0 disables", default=0)
     log_level: str = _help("debug | info | warning | error", default="info")
@@ -57,3 +92,5 @@ class AgentConfig:
         for name in ("rpc_timeout_s", "join_timeout_s", "backoff_base_s", "backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
+        if self.enroll.token and not self.tls.bundle:
+            raise ConfigError("enroll.token needs tls.bundle: the directory the enrolled bundle is written to")

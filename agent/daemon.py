@@ -3,6 +3,10 @@
 It persists its identity and progress under its state directory, so a restarted
 agent resends an unacknowledged update (the aggregator answers "duplicate")
 instead of training and counting twice, and skips a base it already trained on.
+
+Under TLS with `enroll` configured, the agent first makes sure it holds a valid
+certificate (enrolling with its bootstrap token if not: `agent.enrollment`), then
+renews it in the background while it trains.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from prometheus_client.core import Metric
 
 from agent.client import Client, SubmitRefused
 from agent.config import AgentConfig
+from agent.enrollment import Renewer, ensure_bundle, renew_address
 from agent.trainer import Trainer, has_evaluate, load_trainer
 from proto.errors import StrataError
 from proto.metrics import counter, gauge
@@ -30,6 +35,24 @@ log = logging.getLogger("strata.agent")
 _WAIT_SLICE_S = 1.0
 
 
+def enroll_if_needed(config: AgentConfig, *, stop: threading.Event | None = None) -> bool:
+    """Enroll when `config.enroll` has a token and `tls.bundle` holds no valid bundle yet; True if it enrolled.
+
+    An enrollment port that is not up yet is waited for like an aggregator (join_timeout_s);
+    a refusal (a bad token, say) is raised at once."""
+    if not (config.tls.bundle and config.enroll.token):
+        return False
+    return ensure_bundle(
+        config.enroll,
+        config.tls.bundle,
+        agent_id=config.id,
+        state_dir=config.state_dir,
+        timeout_s=config.rpc_timeout_s,
+        retry=RetryPolicy(base_s=config.backoff_base_s, max_s=config.backoff_max_s, deadline_s=config.join_timeout_s),
+        stop=stop,
+    )
+
+
 class AgentDaemon:
     def __init__(self, config: AgentConfig, trainer: Trainer | None = None, *, stop: threading.Event | None = None) -> None:
         self.config = config
@@ -37,9 +60,40 @@ class AgentDaemon:
         self._stop = stop or threading.Event()
         self.rounds_done = 0
         self.client: Client | None = None
+        self.security: Security | None = None
+        self.renewer: Renewer | None = None
 
     def stop(self) -> None:
         self._stop.set()
+
+    def ensure_identity(self) -> Security | None:
+        """The agent's security, enrolling first when `enroll` is configured and there is no valid bundle yet.
+
+        Raises the enrollment's refusal (a bad token, say) as a StrataError; idempotent."""
+        config = self.config
+        if self.security is None and config.tls.bundle:
+            enroll_if_needed(config, stop=self._stop)
+            self.security = Security.configure(config.tls, who=config.id or "agent")
+        return self.security
+
+    def _start_renewer(self, security: Security, client: Client) -> None:
+        if not self.config.enroll.coordinator and not self.config.enroll.renew_address:
+            return  # not an enrolled agent: its bundle is renewed by whoever issued it
+        address = renew_address(self.config.enroll, self.config.tls.bundle)
+        if not address:
+            log.warning(
+                "no_renew_address",
+                extra={"fields": {"agent": client.agent_id, "hint": "set enroll.renew_address to the coordinator's mTLS port"}},
+            )
+            return
+        self.renewer = Renewer(
+            security.bundle,
+            address=address,
+            channel_factory=security.channel,
+            on_renewed=client.drop_channels,
+            timeout_s=self.config.rpc_timeout_s,
+            retry=RetryPolicy(base_s=self.config.backoff_base_s, max_s=max(self.config.backoff_max_s, 30.0)),
+        ).start()
 
     def _trainable(self) -> list[str] | None:
         getter = getattr(self.trainer, "trainable_tensors", None)
@@ -50,13 +104,14 @@ class AgentDaemon:
         config = self.config
         trainable = self._trainable() if config.capability != "inference" else None
         capability = "partial_train" if trainable and config.capability == "train" else config.capability
-        state_dir = config.state_dir or os.path.join("~", ".strata", "agent", config.id or "default")
-        security = Security.configure(config.tls, who=config.id or "agent")
+        security = self.ensure_identity()
+        agent_id = security.identity.id if security else config.id
+        state_dir = config.state_dir or os.path.join("~", ".strata", "agent", agent_id or "default")
         self.client = client = Client(
             config.seeds,
             federation=config.federation,
             # with TLS the agent is who its certificate says, and signs with the key it certifies
-            agent_id=security.identity.id if security else config.id,
+            agent_id=agent_id,
             display_name=config.name,
             capability=capability,
             trainable_tensors=trainable,
@@ -71,6 +126,8 @@ class AgentDaemon:
         )
         # a failed download is tried again under the same policy as every other retry
         download_retry = RetryPolicy(base_s=config.backoff_base_s, max_s=config.backoff_max_s).backoff(stop=self._stop)
+        if security is not None:
+            self._start_renewer(security, client)
         try:
             client.connect()
             self._resend_pending(client)
@@ -88,6 +145,8 @@ class AgentDaemon:
                     break
         finally:
             client.close()
+            if self.renewer is not None:
+                self.renewer.stop()
         log.info("agent_stopped", extra={"fields": {"agent": client.agent_id, "updates": self.rounds_done}})
         return self.rounds_done
 

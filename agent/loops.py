@@ -133,6 +133,7 @@ class BackgroundLoops:
                     session.rejoin("home_unreachable")
                 continue
             failures = 0
+            session.revocations_version = reply.revocations_version
             if reply.next_interval_s > 0:
                 # the home spreads its heartbeat load: follow the interval it hands out
                 session.heartbeat_interval_s = reply.next_interval_s

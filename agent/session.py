@@ -93,6 +93,9 @@ class Session:
         self._join_policy = RetryPolicy(base_s=retry.base_s, max_s=retry.max_s, deadline_s=join_timeout_s)
         self._channel_factory = channel_factory
         self._channels: dict[str, grpc.Channel] = {}
+        # channels dropped by drop_channels() whose calls may still be in flight
+        self._retired: list[grpc.Channel] = []
+        self._channels_lock = threading.Lock()
         self._known_addresses: list[str] = list(dict.fromkeys(seeds))
         self.cond = threading.Condition()
         self.closed = threading.Event()
@@ -101,24 +104,44 @@ class Session:
         self.round_config: dict[str, str] = {}
         self.heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self.latest: ModelInfo | None = None
+        # the version of the revocation list the home enforces, as its last heartbeat reply said
+        self.revocations_version = 0
         self._rejoin_lock = threading.Lock()
 
     # ------------------------------------------------------------------ wire
 
     def stub(self, address: str = "") -> pb_grpc.AgentServiceStub:
         """A stub on `address` (default: the home), over one cached channel per address."""
+        return pb_grpc.AgentServiceStub(self.channel(address))
+
+    def channel(self, address: str = "") -> grpc.Channel:
+        """The cached channel to `address` (default: the home), dialled on first use."""
         address = address or self.home_address
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = self._channel_factory(address)
-        return pb_grpc.AgentServiceStub(channel)
+        with self._channels_lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = self._channel_factory(address)
+            return channel
+
+    def drop_channels(self) -> None:
+        """Dial anew from now on: e.g. after a certificate renewal, so new connections present the new
+        certificate. Calls already in flight finish on the old channels, which are closed at the next
+        drop or at close()."""
+        with self._channels_lock:
+            dropped, self._channels = list(self._channels.values()), {}
+            finished, self._retired = self._retired, dropped
+        for channel in finished:
+            channel.close()
 
     def close(self) -> None:
         """End every wait and close every channel; idempotent."""
         self.closed.set()
         with self.cond:
             self.cond.notify_all()
-        for channel in list(self._channels.values()):
+        with self._channels_lock:
+            channels = list(self._channels.values()) + self._retired
+            self._retired = []
+        for channel in channels:
             channel.close()
 
     # ------------------------------------------------------------------ joining

@@ -1,10 +1,17 @@
 """Model announcements to the coordinator's index: a durable outbox and the sender that drains it.
 
 `Announcer.announce()` appends to the outbox (SQLite under the aggregator's
-state dir) and returns at once; `run()` delivers the oldest entry first and
-deletes it once the coordinator indexed it, so after an outage of either side
-the index catches up, in order. An entry the coordinator refuses (a bad
-manifest or signature) is dropped: resending the same bytes cannot help.
+state dir) and returns at once. `run()` takes the oldest entries (up to
+BATCH_SIZE of them and BATCH_BYTES of manifests), sends them in one
+AnnounceModels call, and deletes exactly those the coordinator answered for:
+indexed, or refused for good (a bad manifest or signature: resending the same
+bytes cannot help; the refusal is logged). A call that fails for a while
+(coordinator away, deadline) keeps the whole batch for the next attempt, so
+after an outage of either side the index catches up, in order.
+
+A batch the coordinator refuses as a whole (an older coordinator without
+AnnounceModels, a batch over its limits) is delivered one by one with
+AnnounceModel instead, so each manifest still gets its own verdict.
 """
 
 from __future__ import annotations
@@ -13,18 +20,23 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from coordinator.client import CoordinatorClient
+from coordinator.client import CoordinatorClient, IndexResult
 from proto.errors import StrataError
 from proto.retry import RetryPolicy
-from proto.wire import is_retryable
+from proto.wire import MAX_MESSAGE_BYTES, is_retryable
 from storage.durable import DurableSqlite
 
 log = logging.getLogger("strata.aggregator.announcements")
 
 OUTBOX_FILE = "coordinator-backlog.db"
+# the most announcements one AnnounceModels call carries (the coordinator takes up to 1000)
+BATCH_SIZE = 500
+# ... and the most manifest bytes, well under the message limit (a cluster model names every
+# update it folded, ~50 bytes each); a single larger manifest still goes, alone
+BATCH_BYTES = MAX_MESSAGE_BYTES // 2
 # how often an idle sender looks at the outbox without being woken
 _IDLE_S = 1.0
 
@@ -48,6 +60,8 @@ CREATE TABLE IF NOT EXISTS backlog (
 );
 """
     SCHEMA_VERSION = 1
+    # the index can be caught up again; a fsync per accepted update on the acknowledgement's path cannot be paid
+    SYNCHRONOUS = "NORMAL"
 
     def push(self, manifest: bytes, notes: Mapping[str, str]) -> None:
         self._write(
@@ -59,14 +73,26 @@ CREATE TABLE IF NOT EXISTS backlog (
             ]
         )
 
-    def oldest(self) -> Announcement | None:
-        rows = self._read("SELECT seq, manifest, notes FROM backlog ORDER BY seq LIMIT 1")
-        if not rows:
-            return None
-        return Announcement(seq=rows[0]["seq"], manifest=bytes(rows[0]["manifest"]), notes=json.loads(rows[0]["notes"]))
+    def oldest(self, limit: int = 1, *, max_bytes: int | None = None) -> list[Announcement]:
+        """Up to `limit` of the oldest announcements, oldest first, cut where their manifests
+        would exceed `max_bytes` (the first one is always included)."""
+        sizes = self._read("SELECT seq, length(manifest) AS size FROM backlog ORDER BY seq LIMIT ?", (limit,))
+        if not sizes:
+            return []
+        last, total = sizes[0]["seq"], 0
+        for index, row in enumerate(sizes):
+            total += row["size"]
+            if index and max_bytes is not None and total > max_bytes:
+                break
+            last = row["seq"]
+        rows = self._read(
+            "SELECT seq, manifest, notes FROM backlog WHERE seq BETWEEN ? AND ? ORDER BY seq", (sizes[0]["seq"], last)
+        )
+        return [Announcement(seq=r["seq"], manifest=bytes(r["manifest"]), notes=json.loads(r["notes"])) for r in rows]
 
-    def remove(self, seq: int) -> None:
-        self._write([("DELETE FROM backlog WHERE seq = ?", (seq,))])
+    def remove(self, seqs: Iterable[int]) -> None:
+        """Delete these announcements, all in one transaction."""
+        self._write([("DELETE FROM backlog WHERE seq IN (SELECT value FROM json_each(?))", (json.dumps(list(seqs)),))])
 
     def __len__(self) -> int:
         return int(self._read("SELECT COUNT(*) AS n FROM backlog")[0]["n"])
@@ -82,8 +108,12 @@ class Announcer:
         outbox: Outbox,
         policy: RetryPolicy,
         stop: threading.Event,
+        batch_size: int = BATCH_SIZE,
+        batch_bytes: int = BATCH_BYTES,
     ) -> None:
         self._client = client
+        self._batch_size = batch_size
+        self._batch_bytes = batch_bytes
         self._outbox = outbox
         self._policy = policy
         self._stop = stop
@@ -115,22 +145,48 @@ class Announcer:
     def run(self) -> None:
         backoff = self._policy.backoff(stop=self._stop)
         while not self._stop.is_set():
-            item = self._outbox.oldest()
-            if item is None:
+            batch = self._outbox.oldest(self._batch_size, max_bytes=self._batch_bytes)
+            if not batch:
                 self._wake.wait(_IDLE_S)
                 self._wake.clear()
                 continue
             try:
-                cid = self._client.announce(item.manifest, item.notes)
-                log.debug("model_announced", extra={"fields": {"model": cid}})
-            except StrataError as err:
+                results = self._deliver(batch)
+            except StrataError:
                 if self._stop.is_set():
                     return
-                if is_retryable(err):
-                    backoff.wait()
-                    continue
-                log.warning("announcement_refused", extra={"fields": {"reason": err.reason, "error": str(err)}})
+                backoff.wait()  # retryable: the batch stays, oldest first
+                continue
             backoff.reset()
-            self._outbox.remove(item.seq)
+            refused = [r for r in results if r.refused]
+            for result in refused:
+                log.warning("announcement_refused", extra={"fields": {"reason": result.reason, "error": result.message}})
+            log.debug("models_announced", extra={"fields": {"indexed": len(results) - len(refused), "refused": len(refused)}})
+            self._outbox.remove(item.seq for item in batch[: len(results)])
             with self._delivered:
                 self._delivered.notify_all()
+
+    def _deliver(self, batch: list[Announcement]) -> list[IndexResult]:
+        """The coordinator's verdicts on the first len(result) items of `batch`: all of them, unless
+        a retryable failure cut the one-by-one fallback short. Raises when there is no verdict at
+        all: a retryable failure, or any failure once stopping (a closed client refuses nothing)."""
+        try:
+            return self._client.announce_many([(item.manifest, item.notes) for item in batch])
+        except StrataError as err:
+            if is_retryable(err) or self._stop.is_set():
+                raise
+            log.warning(
+                "announce_batch_refused",
+                extra={"fields": {"reason": err.reason, "error": str(err), "size": len(batch), "fallback": "one_by_one"}},
+            )
+        results: list[IndexResult] = []
+        for item in batch:
+            try:
+                results.append(IndexResult(cid=self._client.announce(item.manifest, item.notes)))
+            except StrataError as err:
+                if is_retryable(err) or self._stop.is_set():
+                    if results:
+                        return results
+                    raise
+                results.append(IndexResult(reason=err.reason, message=str(err)))
+        return results

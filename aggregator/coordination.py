@@ -2,7 +2,7 @@
 
 - `lease.LeaseKeeper`: register, heartbeat, report agents;
 - `ring_follower.RingFollower`: keep the `RingView` on the coordinator's ring;
-- `announcements.Announcer`: deliver model manifests from a durable outbox.
+- `announcements.Announcer`: deliver model manifests from a durable outbox, in batches.
 
 `start()` never blocks and never fails because the coordinator is away; each
 job retries with `proto.retry` backoff. `stop()` ends them within a bound and
@@ -22,7 +22,7 @@ from aggregator.announcements import OUTBOX_FILE, Announcer, Outbox
 from aggregator.lease import LeaseKeeper
 from aggregator.ring_follower import RingFollower
 from aggregator.ringview import RingView
-from coordinator.client import AggregatorInfo, CoordinatorClient
+from coordinator.client import AggregatorInfo, CoordinatorClient, Lease
 from proto.errors import InvalidInput
 from proto.retry import RetryPolicy
 
@@ -38,7 +38,8 @@ class CoordinatorLink:
     """Keeps this aggregator registered, its ring view current and the coordinator's index fed.
 
     The link owns `client` and closes it on `stop()`. `state_dir` holds the
-    announcement outbox (None: in memory). See `LeaseKeeper` for `status_fn` and `agents_fn`.
+    announcement outbox (None: in memory). See `LeaseKeeper` for `status_fn`, `agents_fn`
+    and `on_lease`.
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class CoordinatorLink:
         agents_interval_s: float = 10.0,
         retry_max_s: float = 5.0,
         watch_timeout_s: float = 300.0,
+        on_lease: Callable[[Lease], None] | None = None,
     ) -> None:
         self._client = client
         self.ring_view = ring_view
@@ -66,6 +68,7 @@ class CoordinatorLink:
             agents_interval_s=agents_interval_s,
             policy=policy,
             stop=self._stop,
+            on_lease=on_lease,
         )
         self.registered = self._lease.registered
         self._follower = RingFollower(

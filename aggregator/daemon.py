@@ -43,12 +43,16 @@ from storage.manifest import Manifest
 from storage.models import load_manifest
 from storage.open import open_store
 from storage.store import ContentStore, default_store_path
+from trust.distribution import RevocationFollower, RevocationsAgentService
+from trust.revocation import RevocationList
 from trust.security import Security, channel_factory
 
 log = logging.getLogger("strata.aggregator")
 
 # how often the ticker checks quorum and deadlines
 TICK_S = 0.2
+# the revocation list this aggregator enforces, as last installed, in its state_dir
+REVOCATIONS_FILE = "revocations.json"
 
 InitialModelFactory = Callable[[ContentStore, KeyPair], str]
 
@@ -77,6 +81,9 @@ class AggregatorDaemon:
         )
         # with TLS, manifests are signed with the key the certificate certifies: one identity, one key
         self.key = self.security.manifest_key if self.security else KeyPair.load_or_create(self.state_dir / "aggregator.key")
+        if self.security is not None:
+            # the last revocation list enforced is enforced again from the first call after a restart
+            self.security.keep_revocations(self.state_dir / REVOCATIONS_FILE)
         self.journal = Journal(self.state_dir / "journal.sqlite")
         self.agents = AgentRegistry(
             timeout_s=config.round.agent_timeout_s,
@@ -142,13 +149,21 @@ class AggregatorDaemon:
         base = self.rounds.start()
         self._recover_published()
         if self.config.coordinator:
+            client = CoordinatorClient(self.config.coordinator, channel_factory=channel_factory(self.security))
+            # each lease names the fleet's revocation list version; a newer one is fetched and enforced at once
+            follower = (
+                RevocationFollower(self.security, client.revocations, upstream=self.config.coordinator)
+                if self.security is not None
+                else None
+            )
             self.link = CoordinatorLink(
-                CoordinatorClient(self.config.coordinator, channel_factory=channel_factory(self.security)),
+                client,
                 info=AggregatorInfo(id=self.id, address=advertise, federations=(self.config.federation,)),
                 ring_view=self.ring_view,
                 status_fn=self._status,
                 agents_fn=self.agents.active,
                 state_dir=self.state_dir,
+                on_lease=(lambda lease: follower.announced(lease.revocations_version)) if follower else None,
             )
         self.home = AggregatorHome(
             aggregator_id=self.id,
@@ -164,7 +179,10 @@ class AggregatorDaemon:
             offload=self._server.offload,
             stopping=self._stopping,
         )
-        pb_grpc.add_AgentServiceServicer_to_server(self._agent_service, self._server.server)
+        # the relays below this home fetch the revocation list it enforces
+        pb_grpc.add_AgentServiceServicer_to_server(
+            RevocationsAgentService(self._agent_service, self._revocations), self._server.server
+        )
         pb_grpc.add_PeerServiceServicer_to_server(
             PeerServicer(
                 aggregator_id=self.id,
@@ -236,6 +254,9 @@ class AggregatorDaemon:
         return f"{self._server.host}:{self._server.port}"
 
     # ------------------------------------------------------------------ internals
+
+    def _revocations(self) -> RevocationList | None:
+        return self.security.revocations if self.security is not None else None
 
     def _initial_base(self) -> str:
         spec = self.config.initial_model

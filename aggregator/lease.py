@@ -5,6 +5,8 @@ away), then heartbeats every interval the lease names. Each heartbeat carries th
 registration, so a coordinator that lost its state re-registers us; a NotFound
 answer makes us register at once. After a successful heartbeat, every
 `agents_interval_s`, the aggregator's agents are reported to the agent directory.
+Every lease granted is handed to `on_lease` (e.g. to follow the revocation list
+whose version it names).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ _MIN_INTERVAL_S = 0.05
 class LeaseKeeper:
     """`status_fn()` returns {"round", "agent_count", "last_cluster_cid", "last_semi_global_cid"}
     (missing keys count as empty); `agents_fn()` returns objects or dicts with agent_id,
-    display_name, capability ("train", "partial_train", "inference"), telemetry (dict) and last_seen."""
+    display_name, capability ("train", "partial_train", "inference"), telemetry (dict) and last_seen;
+    `on_lease(lease)` runs on this thread after each register and heartbeat."""
 
     def __init__(
         self,
@@ -42,8 +45,10 @@ class LeaseKeeper:
         agents_interval_s: float,
         policy: RetryPolicy,
         stop: threading.Event,
+        on_lease: Callable[[Lease], None] | None = None,
     ) -> None:
         self._client = client
+        self._on_lease = on_lease
         self.info = info
         self._status_fn = status_fn
         self._agents_fn = agents_fn
@@ -86,9 +91,18 @@ class LeaseKeeper:
                 continue
             backoff.reset()
             wait_s = self.heartbeat_interval_s
+            self._leased()
             if self._agents_fn is not None and time.monotonic() - last_report >= self._agents_interval_s:
                 if self._report_agents():
                     last_report = time.monotonic()
+
+    def _leased(self) -> None:
+        if self._on_lease is None or self._lease is None:
+            return
+        try:
+            self._on_lease(self._lease)
+        except Exception:  # noqa: BLE001 - whatever the hook does, the lease is kept
+            log.exception("on_lease_failed")
 
     def _register(self) -> None:
         self._lease = self._client.register(self.info)

@@ -107,6 +107,8 @@ class RoundManager:
             journal=journal,
             key=key,
             admit=self._admit if self._selector is not None else None,
+            # device updates are indexed too, so an operator can trace a model down to them
+            on_accepted=self._emit,
             clock=clock,
         )
         self._round: RoundRecord | None = None

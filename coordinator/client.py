@@ -13,7 +13,7 @@ worth another attempt. The channel comes from an injectable factory, so tests
 can point the client anywhere; the client owns it and closes it in `close()`.
 
 The domain types an aggregator hands the client (AggregatorInfo, Progress,
-AgentEntry) or keeps from it (Lease) are re-exported here: the aggregator may import only the client.
+AgentEntry) or keeps from it (Lease, IndexResult) are re-exported here: the aggregator may import only the client.
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ from typing import TypeVar
 
 import grpc
 
-from coordinator.index import AgentEntry, Lineage, ModelRecord
+from coordinator.index import AgentEntry, IndexResult, Lineage, ModelRecord
 from coordinator.membership import AggregatorInfo, Lease, Progress
 from coordinator.messages import (
     FleetStatus,
     agent_entry_to_pb,
+    announcements_to_pb,
     fleet_status_from_pb,
     heartbeat_to_pb,
+    index_results_from_pb,
     info_to_pb,
     lease_from_pb,
     lineage_from_pb,
@@ -40,10 +42,12 @@ from coordinator.messages import (
 from coordinator.ring import Ring
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
-from proto.errors import FailedPrecondition
+from proto.errors import FailedPrecondition, StrataError
 from proto.wire import STREAM_TIMEOUT_S, create_channel, error_from_rpc
+from trust.messages import revocations_from_reply
+from trust.revocation import RevocationList
 
-__all__ = ["AgentEntry", "AggregatorInfo", "CoordinatorClient", "Lease", "Progress", "RingWatch"]
+__all__ = ["AgentEntry", "AggregatorInfo", "CoordinatorClient", "IndexResult", "Lease", "Progress", "RingWatch"]
 
 # the deadline of every unary call unless the caller names another
 CALL_TIMEOUT_S = 5.0
@@ -134,6 +138,12 @@ class CoordinatorClient:
         request = pb.WatchRingRequest(known_version=known_version, federation=federation)
         return RingWatch(_translated(lambda: self._stub.WatchRing(request, timeout=timeout_s)))
 
+    def revocations(self, known_version: int = 0) -> RevocationList | None:
+        """The fleet's revocation list if it is newer than `known_version`, else None. Parsed, not verified:
+        whoever installs it verifies the CA's signature (`trust.security.Security.set_revocations`)."""
+        reply = self._call(self._stub.GetRevocations, pb.GetRevocationsRequest(known_version=known_version))
+        return revocations_from_reply(reply)
+
     def fleet_status(self) -> FleetStatus:
         return fleet_status_from_pb(self._call(self._stub.FleetStatus, pb.FleetStatusRequest()))
 
@@ -143,6 +153,22 @@ class CoordinatorClient:
         """Index a model manifest; returns its CID. InvalidInput or IntegrityError: refused for good."""
         request = pb.AnnounceModelRequest(manifest=manifest, notes=dict(notes or {}))
         return self._call(self._stub.AnnounceModel, request).model_cid
+
+    def announce_many(self, items: Iterable[tuple[bytes, Mapping[str, str] | None]]) -> list[IndexResult]:
+        """Index many manifests in one call (at most `coordinator.index.MAX_BATCH`): one result per
+        item, in order, each the model's CID or why the coordinator refused it for good.
+
+        A failure of the call as a whole (e.g. Unavailable) refused nothing: resending is safe.
+        """
+        items = list(items)
+        reply = self._call(self._stub.AnnounceModels, announcements_to_pb(items))
+        results = index_results_from_pb(reply)
+        if len(results) != len(items):
+            raise StrataError(
+                f"coordinator {self.address} answered {len(results)} results for {len(items)} announcements",
+                reason="bad_reply",
+            )
+        return results
 
     def list_models(
         self,

@@ -14,8 +14,10 @@ from typing import Any
 
 from coordinator.ring import Member
 from proto.errors import ConfigError
+from trust.ca import MAX_VALIDITY
 from trust.security import TlsSettings
 
+_MAX_VALIDITY_S = MAX_VALIDITY.total_seconds()
 _LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 
 
@@ -42,6 +44,19 @@ class CoordinatorConfig:
     )
     metrics_port: int = _help("Prometheus metrics port on the listen host; 0 disables", default=0)
     tls: TlsSettings = field(default_factory=TlsSettings, metadata={"help": "mutual TLS"})
+    ca_dir: str = _help(
+        "the fleet CA directory (`strata certs init`; `strata certs token` keeps its tokens there): agents "
+        "enroll and renew against it, and its revocation list is served to the aggregators; empty: neither",
+        default="",
+    )
+    enroll_listen: str = _help(
+        "host:port of the TLS-only enrollment port, where agents holding a bootstrap token (and no certificate "
+        "yet) enroll; needs tls.bundle and ca_dir; empty: no enrollment",
+        default="",
+    )
+    enroll_validity_s: float = _help(
+        "lifetime of the certificates agents enroll and renew for (they renew at about 2/3 of it)", default=86400.0
+    )
     log_level: str = _help("debug | info | warning | error", default="info")
 
     def __post_init__(self) -> None:
@@ -60,6 +75,20 @@ class CoordinatorConfig:
                 f"lease_ttl_s ({self.lease_ttl_s}), or every lease lapses between heartbeats"
             )
         self.static_members()  # validates the entries
+        if self.enroll_listen:
+            host, sep, port = self.enroll_listen.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ConfigError(f"enroll_listen must be host:port, got {self.enroll_listen!r}")
+            if not self.ca_dir:
+                raise ConfigError("enroll_listen needs ca_dir: the CA that signs enrolled certificates")
+            if not self.tls.bundle:
+                raise ConfigError(
+                    "enroll_listen needs tls.bundle: the enrollment port serves TLS with the coordinator's certificate"
+                )
+        if not (self.enroll_validity_s > 0 and self.enroll_validity_s <= _MAX_VALIDITY_S):
+            raise ConfigError(
+                f"enroll_validity_s must be in (0, {_MAX_VALIDITY_S:g}] seconds, got {self.enroll_validity_s!r}"
+            )
         if not (0 <= self.metrics_port <= 65535):
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.log_level.lower() not in _LOG_LEVELS:
@@ -70,6 +99,10 @@ class CoordinatorConfig:
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser()
+
+    @property
+    def ca_path(self) -> Path | None:
+        return Path(self.ca_dir).expanduser() if self.ca_dir else None
 
     def static_members(self) -> list[Member]:
         """The `members` entries as ring members (empty: membership comes from leases)."""

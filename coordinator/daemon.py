@@ -7,6 +7,12 @@
 State (ring version, last known members, model index, agent directory) lives in
 `state_dir`, so a new daemon on the same directory carries on where the last
 one stopped. With static `members`, the ring is those members, version 1, forever.
+
+With `ca_dir` (the fleet CA directory) the coordinator also issues certificates:
+agents enroll with a bootstrap token on the TLS-only `enroll_listen` port and renew
+on the main port, and the CA's revocation list (re-read whenever `strata certs
+revoke` rewrites it) is enforced here, named in every lease and served to the
+aggregators.
 """
 
 from __future__ import annotations
@@ -15,18 +21,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 from prometheus_client.core import Metric
 
 from coordinator.config import CoordinatorConfig
 from coordinator.index import ModelIndex
 from coordinator.membership import Membership
-from coordinator.service import SERVICE_NAME, CoordinatorServicer
+from coordinator.service import SERVICE_NAME, CoordinatorServicer, EnrollmentServicer
 from proto import strata_pb2_grpc as pb_grpc
-from proto.errors import FailedPrecondition
+from proto.errors import ConfigError, FailedPrecondition
 from proto.metrics import MetricsEndpoint, gauge, serve_metrics
 from proto.serving import ServerHandle, create_server
+from trust.ca import REVOCATIONS_FILE, FleetCA
+from trust.distribution import RevocationFile
+from trust.enroll import Enrollment
+from trust.messages import version_of
+from trust.revocation import RevocationList
 from trust.security import Security
+from trust.tokens import TokenStore
 
 __all__ = ["EXPIRY_TICK_S", "CoordinatorDaemon"]
 
@@ -35,6 +48,8 @@ log = logging.getLogger("strata.coordinator")
 EXPIRY_TICK_S = 0.5
 MEMBERSHIP_DB = "membership.db"
 INDEX_DB = "index.db"
+# in the CA directory, where `strata certs token` writes them
+TOKENS_DB = "tokens.db"
 
 
 class CoordinatorDaemon:
@@ -54,6 +69,11 @@ class CoordinatorDaemon:
         self.membership: Membership | None = None
         self.index: ModelIndex | None = None
         self._metrics: MetricsEndpoint | None = None
+        self.ca: FleetCA | None = None
+        self.tokens: TokenStore | None = None
+        self.revocation_file: RevocationFile | None = None
+        self.enrollment: Enrollment | None = None
+        self._enroll_handle: ServerHandle | None = None
 
     @property
     def port(self) -> int:
@@ -66,6 +86,17 @@ class CoordinatorDaemon:
         if self._handle is None:
             raise FailedPrecondition("the coordinator is not started", reason="not_started")
         return self._handle.address
+
+    @property
+    def enroll_address(self) -> str:
+        """host:port of the enrollment port; FailedPrecondition if there is none."""
+        if self._enroll_handle is None:
+            raise FailedPrecondition("the coordinator serves no enrollment port", reason="not_started")
+        return self._enroll_handle.address
+
+    def revocations(self) -> RevocationList | None:
+        """The CA directory's revocation list as last read (None without ca_dir)."""
+        return self.revocation_file.current() if self.revocation_file is not None else None
 
     def start(self) -> CoordinatorDaemon:
         with self._lock:
@@ -87,6 +118,7 @@ class CoordinatorDaemon:
             self.index = ModelIndex(state / INDEX_DB)
             try:
                 self.security = Security.configure(self.config.tls, listen=self.config.listen, who="coordinator")
+                self._open_ca()
                 handle = create_server(
                     self.config.listen,
                     credentials=self.security.server_credentials() if self.security else None,
@@ -96,13 +128,27 @@ class CoordinatorDaemon:
                 self._close_stores()
                 raise
             servicer = CoordinatorServicer(
-                self.membership, self.index, offload=handle.offload, stopping=self._stopping
+                self.membership,
+                self.index,
+                offload=handle.offload,
+                stopping=self._stopping,
+                revocations=self.revocations,
+                enrollment=self.enrollment,
+                renew_address=handle.address,
             )
             self._servicer = servicer
             pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, handle.server)
+            try:
+                self._enroll_handle = self._enrollment_server(handle.address)
+            except Exception:
+                handle.stop(0)
+                self._close_stores()
+                raise
             handle.start()
             handle.set_serving(SERVICE_NAME, True)
             self._handle = handle
+            if self._enroll_handle is not None:
+                self._enroll_handle.start()
             self._ticker = threading.Thread(
                 target=self._tick, name="coordinator-expiry", daemon=True
             )
@@ -120,14 +166,66 @@ class CoordinatorDaemon:
                         "ring_version": ring.version,
                         "members": [m.id for m in ring.members],
                         "static": bool(self.config.members),
+                        "ca_dir": str(self.ca.directory) if self.ca is not None else None,
+                        "enroll_address": self._enroll_handle.address if self._enroll_handle is not None else None,
+                        "revocations_version": version_of(self.revocations()),
                     }
                 },
             )
             return self
 
+    def _open_ca(self) -> None:
+        """With ca_dir: the CA, its tokens, its revocation list (enforced here too) and the enrollment core."""
+        ca_path = self.config.ca_path
+        if ca_path is None:
+            return
+        self.ca = FleetCA.load(ca_path)
+        if self.security is not None and self.security.bundle.current().ca_pem != self.ca.cert_pem:
+            raise ConfigError(
+                f"ca_dir {ca_path} holds another CA than the one tls.bundle trusts: "
+                "the coordinator would issue certificates its own fleet refuses"
+            )
+        self.tokens = TokenStore(ca_path / TOKENS_DB)
+        self.revocation_file = RevocationFile(ca_path / REVOCATIONS_FILE, self.ca.cert)
+        self.enrollment = Enrollment(
+            self.ca,
+            self.tokens,
+            revocations=self.revocation_file.current,
+            validity=timedelta(seconds=self.config.enroll_validity_s),
+        )
+        self._enforce_revocations()
+
+    def _enrollment_server(self, renew_address: str) -> ServerHandle | None:
+        """The TLS-only port serving Enroll (bound, not started); None without enroll_listen."""
+        if not self.config.enroll_listen:
+            return None
+        assert self.security is not None and self.enrollment is not None  # the config insists on both
+        handle = create_server(
+            self.config.enroll_listen,
+            # server TLS with the coordinator's certificate; callers present none (they enroll to get one)
+            credentials=self.security.bundle.server_credentials(require_client_auth=False),
+            interceptors=self.security.interceptors(),
+        )
+        pb_grpc.add_CoordinatorServiceServicer_to_server(
+            EnrollmentServicer(self.enrollment, offload=handle.offload, renew_address=renew_address), handle.server
+        )
+        return handle
+
+    def _enforce_revocations(self) -> None:
+        """Install the CA directory's list on this coordinator's own port when it is newer."""
+        if self.security is None or self.revocation_file is None:
+            return
+        revocations = self.revocation_file.current()
+        if revocations is not None and revocations.version > self.security.revocations_version:
+            self.security.set_revocations(revocations)
+
     def _tick(self) -> None:
         assert self.membership is not None
         while not self._stopping.wait(EXPIRY_TICK_S):
+            try:
+                self._enforce_revocations()
+            except Exception:  # noqa: BLE001 - the ticker must outlive one bad tick
+                log.exception("revocations_failed")
             try:
                 expired = self.membership.expire()
             except Exception:  # noqa: BLE001 - the ticker must outlive one bad tick
@@ -156,6 +254,8 @@ class CoordinatorDaemon:
             self._stopping.set()
             if self._servicer is not None:
                 self._servicer.changed()  # watch streams see the stop at once
+            if self._enroll_handle is not None:
+                self._enroll_handle.stop(grace)
             if self._handle is not None:
                 self._handle.stop(grace)
             if self._metrics is not None:
@@ -175,12 +275,18 @@ class CoordinatorDaemon:
         yield gauge("strata_coordinator_ring_members", "aggregators on the ring", len(ring))
         yield gauge("strata_coordinator_aggregators_alive", "aggregators with a live lease", sum(s.alive for s in statuses))
         yield gauge("strata_coordinator_models_indexed", "manifests in the model index", self.index.count())
+        if self.revocation_file is not None:
+            yield gauge("strata_coordinator_revocations_version", "version of the fleet's revocation list", self.revocation_file.version)
 
     def _close_stores(self) -> None:
         if self.membership is not None:
             self.membership.close()
         if self.index is not None:
             self.index.close()
+        if self.tokens is not None:
+            self.tokens.close()
+        if self.ca is not None:
+            self.ca.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until `stop()` has finished; False if `timeout` passed first."""

@@ -84,6 +84,8 @@ class Lease:
     heartbeat_interval_s: float
     ring_version: int
     expires_at: float
+    # the fleet's revocation list version, which the service adds (membership knows none)
+    revocations_version: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,10 +11,11 @@ Core modules (`ring`, `membership`, `index`) stay free of gRPC and `*_pb2`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
-from coordinator.index import AgentEntry, Lineage, ModelRecord
+from coordinator.index import AgentEntry, IndexResult, Lineage, ModelRecord
 from coordinator.membership import AggregatorInfo, AggregatorStatus, Lease, Progress
 from coordinator.ring import Member, Ring
 from proto import strata_pb2 as pb
@@ -120,6 +121,30 @@ def fleet_status_to_pb(status: FleetStatus) -> pb.FleetStatusReply:
 
 
 # ---------------------------------------------------------------- models
+
+# one announcement: canonical manifest bytes and the notes recorded beside them
+Announcement = tuple[bytes, Mapping[str, str] | None]
+
+
+def announcements_from_pb(message: pb.AnnounceModelsRequest) -> list[Announcement]:
+    return [(m.manifest, dict(m.notes)) for m in message.models]
+
+
+def announcements_to_pb(items: Iterable[Announcement]) -> pb.AnnounceModelsRequest:
+    return pb.AnnounceModelsRequest(
+        models=[pb.AnnounceModelRequest(manifest=manifest, notes=dict(notes or {})) for manifest, notes in items]
+    )
+
+
+def index_results_from_pb(message: pb.AnnounceModelsReply) -> list[IndexResult]:
+    return [IndexResult(cid=r.model_cid, reason=r.reason, message=r.message) for r in message.results]
+
+
+def index_results_to_pb(results: Iterable[IndexResult]) -> pb.AnnounceModelsReply:
+    return pb.AnnounceModelsReply(
+        results=[pb.AnnounceResult(model_cid=r.cid, reason=r.reason, message=r.message) for r in results]
+    )
+
 
 
 def record_from_pb(message: pb.ModelRecord) -> ModelRecord:

@@ -1,28 +1,36 @@
-"""CoordinatorService over gRPC: a thin adapter from protobuf to `Membership` and `ModelIndex`.
+"""CoordinatorService over gRPC: a thin adapter from protobuf to `Membership`, `ModelIndex` and `trust.enroll`.
 
-Each handler turns the request into domain values (`coordinator.messages`),
-calls one core method and turns the result back. Handlers run on the serving
-loop (`proto.serving`); the core's SQLite work is offloaded to the server's pool.
-Typed errors raised by the core leave through `proto.serving.ErrorInterceptor`,
-which maps them to gRPC status.
+Each handler turns the request into domain values (`coordinator.messages`,
+`trust.messages`), calls one core method and turns the result back. Handlers run
+on the serving loop (`proto.serving`); the core's SQLite and signing work is
+offloaded to the server's pool. Typed errors raised by the core leave through
+`proto.serving.ErrorInterceptor`, which maps them to gRPC status.
+
+Enroll is not served here but by `EnrollmentServicer`, alone on the coordinator's
+TLS-only enrollment port: token holders have no certificate to reach this port with.
+Renew is served here: the certificate being renewed authenticates it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
 
 from coordinator.index import DEFAULT_LINEAGE_DEPTH, ModelIndex
-from coordinator.membership import Membership
+from coordinator.membership import Lease, Membership
 from coordinator.messages import (
     FleetStatus,
     agent_entry_from_pb,
     agent_entry_to_pb,
+    announcements_from_pb,
     fleet_status_to_pb,
     heartbeat_from_pb,
+    index_results_to_pb,
     info_from_pb,
     lease_to_pb,
     lineage_to_pb,
@@ -31,17 +39,50 @@ from coordinator.messages import (
 )
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
+from proto.errors import FailedPrecondition
 from proto.serving import Signal
+from trust.enroll import Enrollment
+from trust.errors import Unauthenticated
+from trust.interceptor import caller_certificate
+from trust.messages import (
+    Certificate,
+    certificate_to_pb,
+    enroll_request_from_pb,
+    renew_request_from_pb,
+    revocations_reply,
+    version_of,
+)
+from trust.revocation import RevocationList
 
-__all__ = ["SERVICE_NAME", "CoordinatorServicer"]
+__all__ = ["ANNOUNCE_CONCURRENCY", "SERVICE_NAME", "CoordinatorServicer", "EnrollmentServicer"]
 
 SERVICE_NAME = "strata.v1.CoordinatorService"
+# AnnounceModels batches validated at once. Validation is CPU-bound under the GIL, so more would
+# not index faster; fewer leave the offload pool free for heartbeats and queries meanwhile.
+ANNOUNCE_CONCURRENCY = 2
 # A WatchRing stream re-reads the ring at least this often, even with no change signalled.
 WATCH_WAKE_S = 30.0
 
 
+def _no_revocations() -> RevocationList | None:
+    return None
+
+
+def _disabled(enrollment: Enrollment | None) -> Enrollment:
+    if enrollment is None:
+        raise FailedPrecondition(
+            "this coordinator issues no certificates (its ca_dir is not set)", reason="enrollment_disabled"
+        )
+    return enrollment
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
-    """`stopping`, once set and `changed()` called, ends every open WatchRing stream."""
+    """`stopping`, once set and `changed()` called, ends every open WatchRing stream.
+
+    `revocations()` is the fleet's current revocation list (its version goes out with every
+    lease); `enrollment` renews certificates (None: this coordinator has no CA);
+    `renew_address` is where holders renew, as certificate replies name it.
+    """
 
     def __init__(
         self,
@@ -50,13 +91,23 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         *,
         offload: Callable[..., Awaitable[Any]],
         stopping: threading.Event | None = None,
+        revocations: Callable[[], RevocationList | None] = _no_revocations,
+        enrollment: Enrollment | None = None,
+        renew_address: str = "",
     ) -> None:
         self._membership = membership
         self._index = index
         self._offload = offload
         self._stopping = stopping or threading.Event()
+        self._revocations = revocations
+        self._enrollment = enrollment
+        self.renew_address = renew_address
         self._ring_changed = Signal()
+        self._announcing = asyncio.Semaphore(ANNOUNCE_CONCURRENCY)
         membership.on_change(self._ring_changed.notify)
+
+    def _stamped(self, lease: Lease) -> pb.Lease:
+        return lease_to_pb(replace(lease, revocations_version=version_of(self._revocations())))
 
     def changed(self) -> None:
         """Wake every WatchRing stream (e.g. to notice shutdown)."""
@@ -65,13 +116,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     # ------------------------------------------------------------ membership
 
     async def RegisterAggregator(self, request: pb.AggregatorInfo, context: grpc.aio.ServicerContext) -> pb.Lease:
-        return lease_to_pb(await self._offload(self._membership.register, info_from_pb(request)))
+        return self._stamped(await self._offload(self._membership.register, info_from_pb(request)))
 
     async def HeartbeatAggregator(
         self, request: pb.AggregatorHeartbeat, context: grpc.aio.ServicerContext
     ) -> pb.Lease:
         aggregator_id, progress, info = heartbeat_from_pb(request)
-        return lease_to_pb(await self._offload(self._membership.heartbeat, aggregator_id, progress, info=info))
+        return self._stamped(await self._offload(self._membership.heartbeat, aggregator_id, progress, info=info))
 
     async def GetRing(self, request: pb.GetRingRequest, context: grpc.aio.ServicerContext) -> pb.Ring:
         return ring_to_pb(self._membership.ring(request.federation or None))
@@ -93,6 +144,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> pb.AnnounceModelReply:
         cid = await self._offload(self._index.record, request.manifest, dict(request.notes))
         return pb.AnnounceModelReply(model_cid=cid)
+
+    async def AnnounceModels(
+        self, request: pb.AnnounceModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AnnounceModelsReply:
+        async with self._announcing:
+            results = await self._offload(self._index.record_many, announcements_from_pb(request))
+        return index_results_to_pb(results)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsReply:
         records = await self._offload(
@@ -124,3 +182,35 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     async def FleetStatus(self, request: pb.FleetStatusRequest, context: grpc.aio.ServicerContext) -> pb.FleetStatusReply:
         return fleet_status_to_pb(FleetStatus(ring=self._membership.ring(), aggregators=self._membership.status()))
+
+    # ------------------------------------------------------------ certificates and revocation
+
+    async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext) -> pb.CertificateReply:
+        enrollment = _disabled(self._enrollment)
+        current = caller_certificate()  # read on the loop: the pool does not see the call's context
+        if current is None:
+            raise Unauthenticated("Renew needs the certificate being renewed", reason="no_certificate")
+        enrolled = await self._offload(enrollment.renew, current, renew_request_from_pb(request))
+        return certificate_to_pb(Certificate(enrolled=enrolled, renew_address=self.renew_address))
+
+    async def GetRevocations(
+        self, request: pb.GetRevocationsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevocationsReply:
+        return revocations_reply(self._revocations(), request.known_version)
+
+
+class EnrollmentServicer(pb_grpc.CoordinatorServiceServicer):
+    """The enrollment port's one RPC: a bootstrap token and a CSR in, a certificate out.
+
+    Every other CoordinatorService method is UNIMPLEMENTED here (and refused before that
+    by the trust interceptor: callers on this port present no certificate).
+    """
+
+    def __init__(self, enrollment: Enrollment, *, offload: Callable[..., Awaitable[Any]], renew_address: str = "") -> None:
+        self._enrollment = enrollment
+        self._offload = offload
+        self.renew_address = renew_address
+
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.CertificateReply:
+        enrolled = await self._offload(self._enrollment.enroll, enroll_request_from_pb(request))
+        return certificate_to_pb(Certificate(enrolled=enrolled, renew_address=self.renew_address))

@@ -38,6 +38,7 @@ from intake.submission import Submission, SubmitResult, check_header, update_man
 from intake.validation import UpdateLimits, validate_update
 from proto.errors import Refusal, UpdateRefused
 from storage.keys import KeyPair
+from storage.manifest import Manifest
 from storage.store import ContentStore
 
 log = logging.getLogger("strata.intake")
@@ -91,6 +92,7 @@ class Intake:
         journal: IntakeJournal,
         key: KeyPair,
         admit: Callable[[Submission], None] | None = None,
+        on_accepted: Callable[[Manifest], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.receiver_id = receiver_id
@@ -100,6 +102,7 @@ class Intake:
         self._journal = journal
         self._key = key
         self._admit = admit
+        self._on_accepted = on_accepted
         self._clock = clock
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="strata-blob-writer")
 
@@ -209,6 +212,8 @@ class Intake:
                 assert previous is not None
                 return _resend(previous, weights_cid, sub)
             accepted = self._receiver.fold(update, tensors)
+        if self._on_accepted is not None:
+            self._on_accepted(manifest)
         log.info(
             "update_accepted",
             extra={

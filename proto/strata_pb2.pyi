@@ -258,14 +258,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., federation: _Optional[str] = ..., known_cid: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("current_base", "home_changed", "next_interval_s")
+    __slots__ = ("current_base", "home_changed", "next_interval_s", "revocations_version")
     CURRENT_BASE_FIELD_NUMBER: _ClassVar[int]
     HOME_CHANGED_FIELD_NUMBER: _ClassVar[int]
     NEXT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    REVOCATIONS_VERSION_FIELD_NUMBER: _ClassVar[int]
     current_base: ModelRef
     home_changed: Redirect
     next_interval_s: float
-    def __init__(self, current_base: _Optional[_Union[ModelRef, _Mapping]] = ..., home_changed: _Optional[_Union[Redirect, _Mapping]] = ..., next_interval_s: _Optional[float] = ...) -> None: ...
+    revocations_version: int
+    def __init__(self, current_base: _Optional[_Union[ModelRef, _Mapping]] = ..., home_changed: _Optional[_Union[Redirect, _Mapping]] = ..., next_interval_s: _Optional[float] = ..., revocations_version: _Optional[int] = ...) -> None: ...
 
 class ClusterPointer(_message.Message):
     __slots__ = ("model_cid", "round", "num_samples", "producer", "created_at", "federation", "weights_cid")
@@ -334,16 +336,18 @@ class AggregatorInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., federations: _Optional[_Iterable[str]] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("ttl_s", "heartbeat_interval_s", "ring_version", "expires_at")
+    __slots__ = ("ttl_s", "heartbeat_interval_s", "ring_version", "expires_at", "revocations_version")
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     RING_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOCATIONS_VERSION_FIELD_NUMBER: _ClassVar[int]
     ttl_s: float
     heartbeat_interval_s: float
     ring_version: int
     expires_at: float
-    def __init__(self, ttl_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., ring_version: _Optional[int] = ..., expires_at: _Optional[float] = ...) -> None: ...
+    revocations_version: int
+    def __init__(self, ttl_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., ring_version: _Optional[int] = ..., expires_at: _Optional[float] = ..., revocations_version: _Optional[int] = ...) -> None: ...
 
 class AggregatorHeartbeat(_message.Message):
     __slots__ = ("id", "round", "agent_count", "last_cluster_cid", "last_semi_global_cid", "info")
@@ -413,6 +417,28 @@ class AnnounceModelReply(_message.Message):
     MODEL_CID_FIELD_NUMBER: _ClassVar[int]
     model_cid: str
     def __init__(self, model_cid: _Optional[str] = ...) -> None: ...
+
+class AnnounceModelsRequest(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[AnnounceModelRequest]
+    def __init__(self, models: _Optional[_Iterable[_Union[AnnounceModelRequest, _Mapping]]] = ...) -> None: ...
+
+class AnnounceResult(_message.Message):
+    __slots__ = ("model_cid", "reason", "message")
+    MODEL_CID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    model_cid: str
+    reason: str
+    message: str
+    def __init__(self, model_cid: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class AnnounceModelsReply(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[AnnounceResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[AnnounceResult, _Mapping]]] = ...) -> None: ...
 
 class ModelRecord(_message.Message):
     __slots__ = ("model_cid", "kind", "federation", "round", "producer", "parents", "num_samples", "metrics", "created_at", "weights_cid", "manifest")
@@ -554,3 +580,53 @@ class FleetStatusReply(_message.Message):
     ring: Ring
     aggregators: _containers.RepeatedCompositeFieldContainer[AggregatorStatus]
     def __init__(self, ring: _Optional[_Union[Ring, _Mapping]] = ..., aggregators: _Optional[_Iterable[_Union[AggregatorStatus, _Mapping]]] = ...) -> None: ...
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("token", "agent_id", "csr_pem", "manifest_key", "proof")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_KEY_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    agent_id: str
+    csr_pem: bytes
+    manifest_key: str
+    proof: str
+    def __init__(self, token: _Optional[str] = ..., agent_id: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., manifest_key: _Optional[str] = ..., proof: _Optional[str] = ...) -> None: ...
+
+class RenewRequest(_message.Message):
+    __slots__ = ("csr_pem", "manifest_key", "proof")
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_KEY_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: bytes
+    manifest_key: str
+    proof: str
+    def __init__(self, csr_pem: _Optional[bytes] = ..., manifest_key: _Optional[str] = ..., proof: _Optional[str] = ...) -> None: ...
+
+class CertificateReply(_message.Message):
+    __slots__ = ("certificate_pem", "ca_pem", "identity", "renew_address")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    RENEW_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: bytes
+    ca_pem: bytes
+    identity: str
+    renew_address: str
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., identity: _Optional[str] = ..., renew_address: _Optional[str] = ...) -> None: ...
+
+class GetRevocationsRequest(_message.Message):
+    __slots__ = ("known_version",)
+    KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    known_version: int
+    def __init__(self, known_version: _Optional[int] = ...) -> None: ...
+
+class RevocationsReply(_message.Message):
+    __slots__ = ("version", "revocations")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    revocations: bytes
+    def __init__(self, version: _Optional[int] = ..., revocations: _Optional[bytes] = ...) -> None: ...

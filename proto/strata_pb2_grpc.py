@@ -59,6 +59,11 @@ class AgentServiceStub:
                 request_serializer=proto_dot_strata__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=proto_dot_strata__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.GetRevocations = channel.unary_unary(
+                '/strata.v1.AgentService/GetRevocations',
+                request_serializer=proto_dot_strata__pb2.GetRevocationsRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.RevocationsReply.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -94,6 +99,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRevocations(self, request, context):
+        """the revocation list this home enforces, for the relays below it
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +133,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=proto_dot_strata__pb2.HeartbeatRequest.FromString,
                     response_serializer=proto_dot_strata__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'GetRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRevocations,
+                    request_deserializer=proto_dot_strata__pb2.GetRevocationsRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.RevocationsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +275,33 @@ class AgentService:
             '/strata.v1.AgentService/Heartbeat',
             proto_dot_strata__pb2.HeartbeatRequest.SerializeToString,
             proto_dot_strata__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.AgentService/GetRevocations',
+            proto_dot_strata__pb2.GetRevocationsRequest.SerializeToString,
+            proto_dot_strata__pb2.RevocationsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -462,6 +506,11 @@ class CoordinatorServiceStub:
                 request_serializer=proto_dot_strata__pb2.AnnounceModelRequest.SerializeToString,
                 response_deserializer=proto_dot_strata__pb2.AnnounceModelReply.FromString,
                 _registered_method=True)
+        self.AnnounceModels = channel.unary_unary(
+                '/strata.v1.CoordinatorService/AnnounceModels',
+                request_serializer=proto_dot_strata__pb2.AnnounceModelsRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.AnnounceModelsReply.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/strata.v1.CoordinatorService/ListModels',
                 request_serializer=proto_dot_strata__pb2.ListModelsRequest.SerializeToString,
@@ -486,6 +535,21 @@ class CoordinatorServiceStub:
                 '/strata.v1.CoordinatorService/FleetStatus',
                 request_serializer=proto_dot_strata__pb2.FleetStatusRequest.SerializeToString,
                 response_deserializer=proto_dot_strata__pb2.FleetStatusReply.FromString,
+                _registered_method=True)
+        self.Enroll = channel.unary_unary(
+                '/strata.v1.CoordinatorService/Enroll',
+                request_serializer=proto_dot_strata__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.CertificateReply.FromString,
+                _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/strata.v1.CoordinatorService/Renew',
+                request_serializer=proto_dot_strata__pb2.RenewRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.CertificateReply.FromString,
+                _registered_method=True)
+        self.GetRevocations = channel.unary_unary(
+                '/strata.v1.CoordinatorService/GetRevocations',
+                request_serializer=proto_dot_strata__pb2.GetRevocationsRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.RevocationsReply.FromString,
                 _registered_method=True)
 
 
@@ -522,6 +586,14 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AnnounceModels(self, request, context):
+        """A refused manifest does not fail the call: its result says why. A call that fails as a whole
+        (e.g. UNAVAILABLE) refused nothing; resending the same batch is safe, indexing is idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -548,6 +620,28 @@ class CoordinatorServiceServicer:
 
     def FleetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Enroll(self, request, context):
+        """a bootstrap token buys a device its first certificate; served on the coordinator's
+        TLS-only enrollment port (enroll_listen), where callers present no certificate
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """a certificate for a new TLS key of the caller's own identity, while its certificate is valid
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRevocations(self, request, context):
+        """the CA-signed revocation list, when it is newer than known_version
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -580,6 +674,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_strata__pb2.AnnounceModelRequest.FromString,
                     response_serializer=proto_dot_strata__pb2.AnnounceModelReply.SerializeToString,
             ),
+            'AnnounceModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnnounceModels,
+                    request_deserializer=proto_dot_strata__pb2.AnnounceModelsRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.AnnounceModelsReply.SerializeToString,
+            ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
                     request_deserializer=proto_dot_strata__pb2.ListModelsRequest.FromString,
@@ -604,6 +703,21 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.FleetStatus,
                     request_deserializer=proto_dot_strata__pb2.FleetStatusRequest.FromString,
                     response_serializer=proto_dot_strata__pb2.FleetStatusReply.SerializeToString,
+            ),
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=proto_dot_strata__pb2.EnrollRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.CertificateReply.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=proto_dot_strata__pb2.RenewRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.CertificateReply.SerializeToString,
+            ),
+            'GetRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRevocations,
+                    request_deserializer=proto_dot_strata__pb2.GetRevocationsRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.RevocationsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -752,6 +866,33 @@ class CoordinatorService:
             _registered_method=True)
 
     @staticmethod
+    def AnnounceModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/AnnounceModels',
+            proto_dot_strata__pb2.AnnounceModelsRequest.SerializeToString,
+            proto_dot_strata__pb2.AnnounceModelsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListModels(request,
             target,
             options=(),
@@ -876,6 +1017,87 @@ class CoordinatorService:
             '/strata.v1.CoordinatorService/FleetStatus',
             proto_dot_strata__pb2.FleetStatusRequest.SerializeToString,
             proto_dot_strata__pb2.FleetStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/Enroll',
+            proto_dot_strata__pb2.EnrollRequest.SerializeToString,
+            proto_dot_strata__pb2.CertificateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/Renew',
+            proto_dot_strata__pb2.RenewRequest.SerializeToString,
+            proto_dot_strata__pb2.CertificateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/GetRevocations',
+            proto_dot_strata__pb2.GetRevocationsRequest.SerializeToString,
+            proto_dot_strata__pb2.RevocationsReply.FromString,
             options,
             channel_credentials,
             insecure,

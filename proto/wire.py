@@ -83,11 +83,13 @@ def create_channel(
     keepalive_time_s: float = KEEPALIVE_TIME_S,
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
     tls: TlsFiles | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.Channel:
     """A channel with the same size limits as `create_server` and client keepalive.
 
-    With `tls`, `ca` verifies the server and `cert`+`key` present a client certificate.
+    With `tls`, `ca` verifies the server and `cert`+`key` present a client certificate;
+    `credentials` (e.g. from a bundle held in memory) stand in for the files.
     """
     opts: list[tuple[str, Any]] = _size_options(max_message_bytes) + [
         ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
@@ -101,6 +103,8 @@ def create_channel(
         ("grpc.max_reconnect_backoff_ms", 2000),
         *options,
     ]
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=opts)
     if tls is None:
         return grpc.insecure_channel(address, options=opts)
     root = Path(tls.ca).read_bytes() if tls.ca else None

@@ -39,6 +39,8 @@ from relay.journal import RelayJournal
 from storage.keys import KeyPair
 from storage.manifest import Manifest
 from storage.open import open_store
+from trust.distribution import RevocationFollower, RevocationsAgentService
+from trust.revocation import RevocationList
 from trust.security import Security
 from trust.security import channel_factory as security_channels
 
@@ -46,6 +48,8 @@ log = logging.getLogger("strata.relay")
 
 # how often the ticker checks the window and the upstream base
 TICK_S = 0.2
+# the revocation list this relay enforces, as last installed, in its state_dir
+REVOCATIONS_FILE = "revocations.json"
 
 
 def default_relay_id() -> str:
@@ -82,6 +86,9 @@ class RelayDaemon:
         )
         # with TLS, the relay signs its combined updates with the key its certificate certifies
         self.key = self.security.manifest_key if self.security else KeyPair.load_or_create(self.state_dir / "relay.key")
+        if self.security is not None:
+            # the last revocation list enforced is enforced again from the first call after a restart
+            self.security.keep_revocations(self.state_dir / REVOCATIONS_FILE)
         self.journal = RelayJournal(self.state_dir / "journal.sqlite")
         self.agents = AgentRegistry(
             timeout_s=config.agent_timeout_s,
@@ -101,6 +108,12 @@ class RelayDaemon:
             backoff_max_s=upstream.backoff_max_s,
             key=self.key,
             channel_factory=channel_factory or security_channels(self.security),
+        )
+        # the home's heartbeat names the revocation list it enforces; a newer one is fetched and enforced here
+        self._revocation_follower = (
+            RevocationFollower(self.security, self.client.revocations, upstream="home")
+            if self.security is not None
+            else None
         )
         self.cache = ModelCache(self.store, self._fetch_upstream, max_bytes=config.cache.max_bytes)
         self.relay = Relay(
@@ -141,7 +154,10 @@ class RelayDaemon:
             offload=self._server.offload,
             stopping=self._stopping,
         )
-        pb_grpc.add_AgentServiceServicer_to_server(self._device_service, self._server.server)
+        # devices behind a relay-of-relays fetch the revocation list from this one
+        pb_grpc.add_AgentServiceServicer_to_server(
+            RevocationsAgentService(self._device_service, self._revocations), self._server.server
+        )
         self._server.start()
         for target, name in (
             (self._upstream_loop, "upstream"),
@@ -258,7 +274,12 @@ class RelayDaemon:
                 backoff.wait()
                 continue
             backoff.reset()
+            if self._revocation_follower is not None:
+                self._revocation_follower.announced(self.client.revocations_version)
             self._stopping.wait(TICK_S)
+
+    def _revocations(self) -> RevocationList | None:
+        return self.security.revocations if self.security is not None else None
 
     def _devices_changed(self) -> None:
         """A new base, or the relay stopping: wake the devices' watch streams."""

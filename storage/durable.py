@@ -28,6 +28,9 @@ class DurableSqlite:
 
     SCHEMA = ""
     SCHEMA_VERSION = 1
+    # FULL: a returned write survives power loss. NORMAL (WAL): it survives the process being
+    # killed, and only the last transactions may be lost with the power; for what can be rebuilt.
+    SYNCHRONOUS = "FULL"
 
     def __init__(self, path: str | Path | None, *, readonly: bool = False) -> None:
         """Open (creating if needed) the database; `readonly` opens an existing one for
@@ -50,7 +53,7 @@ class DurableSqlite:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA synchronous={self.SYNCHRONOUS}")
         self._db.execute("PRAGMA busy_timeout=5000")
         fresh = not self._db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
         self._check_version(fresh=fresh)

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="strata",
         description="Strata: federated learning across a ring of aggregators, with content-addressed model lineage.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 usage/invalid input, 3 not found, 4 integrity failure, "
-        "5 unavailable, 130 interrupted. Run `strata COMMAND --help` for details.",
+        "5 unavailable, 6 refused (bad or revoked credentials), 130 interrupted. "
+        "Run `strata COMMAND --help` for details.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True

@@ -10,6 +10,7 @@ Exit codes:
   3  not found (no such model, file or aggregator state)
   4  integrity failure (a hash or signature does not verify)
   5  unavailable (a daemon or store could not be reached in time)
+  6  refused (a bad credential: a bootstrap token or certificate the fleet does not accept, or a revoked one)
   130 interrupted (Ctrl-C)
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 from proto.errors import IntegrityError, NotFound, StrataError, Unavailable
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTEGRITY, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
+EXIT_REFUSED = 6
 EXIT_INTERRUPTED = 130
 
 
@@ -37,6 +39,8 @@ def exit_code_for(error: StrataError) -> int:
         return EXIT_UNAVAILABLE
     if error.status in ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "ALREADY_EXISTS"):
         return EXIT_USAGE
+    if error.status in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return EXIT_REFUSED
     return EXIT_INTERNAL
 
 

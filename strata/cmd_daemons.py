@@ -223,7 +223,7 @@ def cmd_aggregator_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_agent_run(args: argparse.Namespace) -> int:
-    from agent.daemon import AgentGroup
+    from agent.daemon import AgentGroup, enroll_if_needed
     from proto.metrics import serve_metrics
 
     paths = args.config or [None]
@@ -239,6 +239,9 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     setup_logging(args.log_level or configs[0].log_level)
     stop = threading.Event()
+    # enrollment comes first, before any trainer loads or agent runs: a refused token is the command's one-line error
+    for config in configs:
+        enroll_if_needed(config, stop=stop)
     group = AgentGroup(configs, stop)
     metrics = (
         serve_metrics(group.collect_metrics, host="0.0.0.0", port=configs[0].metrics_port)

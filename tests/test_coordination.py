@@ -176,6 +176,26 @@ def test_refused_announcement_is_dropped(tmp_path: Path) -> None:
         daemon.stop(grace=0)
 
 
+def test_a_backlog_with_a_refused_manifest_catches_up(tmp_path: Path, keypair: KeyPair) -> None:
+    port = free_port()
+    manifests = [make_manifest(keypair, round=r, seed="backlog") for r in range(7)]
+    link = make_link(f"127.0.0.1:{port}", "agg-a", 7070, tmp_path).start()
+    daemon = None
+    try:
+        for n, m in enumerate(manifests):  # queued while the coordinator is away
+            link.announce(m.to_bytes(), notes={"n": str(n)})
+            if n == 3:
+                link.announce(b"not a manifest")
+        daemon = coordinator(tmp_path / "coord", port)
+        assert link.flush(timeout_s=10.0) and link.pending_announcements() == 0
+        assert daemon.index is not None and daemon.index.count() == 7
+        assert daemon.index.get(manifests[5].cid).notes == {"n": "5"}
+    finally:
+        link.stop()
+        if daemon is not None:
+            daemon.stop(grace=0)
+
+
 def test_coordinator_restart_brings_the_ring_back(tmp_path: Path, keypair: KeyPair) -> None:
     port = free_port()
     state = tmp_path / "coord"

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from coordinator.client import AgentEntry, AggregatorInfo, CoordinatorClient, Progress
-from coordinator.index import ModelIndex
+from coordinator.index import MAX_BATCH, ModelIndex
 from coordinator.membership import Membership
-from coordinator.service import CoordinatorServicer
+from coordinator.service import ANNOUNCE_CONCURRENCY, CoordinatorServicer
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import (
     FailedPrecondition,
@@ -89,6 +92,76 @@ def test_models_and_agents_round_trip(
     )
     [entry] = index.list_agents("agg-a")
     assert entry.capability == "inference" and entry.telemetry["cpu_percent"] == 12.5
+
+
+def test_a_batch_of_announcements_answers_item_by_item(
+    client: CoordinatorClient, served: tuple[ServerHandle, Membership, ModelIndex], keypair: KeyPair
+) -> None:
+    _, _, index = served
+    base = make_manifest(keypair, kind="base", round=0, seed="batch")
+    cluster = make_manifest(keypair, round=1, parents=(base.cid,), seed="batch")
+    forged = dataclasses.replace(make_manifest(keypair, round=2, seed="batch"), num_samples=1)
+    results = client.announce_many(
+        [
+            (base.to_bytes(), {"n": "1"}),
+            (b"not a manifest", None),
+            (forged.to_bytes(), None),
+            (cluster.to_bytes(), None),
+        ]
+    )
+    assert [(r.cid, r.reason) for r in results] == [
+        (base.cid, ""),
+        ("", "invalid_manifest"),
+        ("", "bad_signature"),
+        (cluster.cid, ""),
+    ]
+    assert results[2].refused and "signature" in results[2].message
+    assert index.count() == 2 and index.get(base.cid).notes == {"n": "1"}
+    assert [r.cid for r in client.lineage(cluster.cid).ancestors] == [base.cid]
+    # resending is safe: the same verdicts, nothing indexed twice
+    assert client.announce_many([(cluster.to_bytes(), None), (b"not a manifest", None)])[0].cid == cluster.cid
+    assert index.count() == 2 and client.announce_many([]) == []
+
+
+def test_a_batch_over_the_coordinators_limit_is_refused_whole(client: CoordinatorClient) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        client.announce_many([(b"{}", None)] * (MAX_BATCH + 1))
+    assert refused.value.reason == "batch_too_large" and not is_retryable(refused.value)
+
+
+class _SlowIndex(ModelIndex):
+    """Takes 0.2 s a batch and remembers how many batches it held at once."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self._guard = threading.Lock()
+        self.inside = self.most = 0
+
+    def record_many(self, items):  # type: ignore[no-untyped-def]
+        with self._guard:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        time.sleep(0.2)
+        with self._guard:
+            self.inside -= 1
+        return super().record_many(items)
+
+
+def test_batches_take_at_most_two_offload_workers() -> None:
+    membership, index = Membership(), _SlowIndex()
+    handle = create_server("127.0.0.1:0", workers=4)
+    pb_grpc.add_CoordinatorServiceServicer_to_server(
+        CoordinatorServicer(membership, index, offload=handle.offload), handle.server
+    )
+    with handle, CoordinatorClient(handle.address, timeout_s=10.0) as client:
+        with ThreadPoolExecutor(6) as senders:
+            batches = [senders.submit(client.announce_many, [(b"not a manifest", None)]) for _ in range(6)]
+            # the other two workers stay free for membership meanwhile
+            client.register(AggregatorInfo(id="a", address="127.0.0.1:7070"))
+            assert [f.result()[0].reason for f in batches] == ["invalid_manifest"] * 6
+    assert 1 <= index.most <= ANNOUNCE_CONCURRENCY == 2
+    membership.close()
+    index.close()
 
 
 def test_refusals_become_typed_errors(client: CoordinatorClient, keypair: KeyPair) -> None:

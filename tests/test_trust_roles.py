@@ -46,7 +46,7 @@ def test_the_table_is_as_designed() -> None:
         entry = ROLE_TABLE[name]
         return {"*"} if entry is ANYONE else {r.value for r in entry}
 
-    for rpc in ("Join", "GetModel", "SubmitUpdate", "WatchModels", "Heartbeat"):
+    for rpc in ("Join", "GetModel", "SubmitUpdate", "WatchModels", "Heartbeat", "GetRevocations"):
         assert who(f"/strata.v1.AgentService/{rpc}") == {"agent", "relay"}
     assert who("/strata.v1.PeerService/GetLatest") == who("/strata.v1.PeerService/Announce") == {"aggregator"}
     assert who("/strata.v1.PeerService/FetchBlob") == {"aggregator", "audit"}
@@ -56,6 +56,8 @@ def test_the_table_is_as_designed() -> None:
     for rpc in ("ListModels", "GetLineage", "ListAgents", "FleetStatus"):
         assert who(f"/strata.v1.CoordinatorService/{rpc}") == {"operator", "audit"}
     assert who("/strata.v1.CoordinatorService/Enroll") == {"*"}
+    assert who("/strata.v1.CoordinatorService/Renew") == {"agent"}
+    assert who("/strata.v1.CoordinatorService/GetRevocations") == {"aggregator", "operator", "audit"}
     for name in HEALTH_METHODS:
         assert is_public(name)
     assert DEVICE_UPDATE_READERS == {Role.AUDIT}

@@ -8,7 +8,11 @@ and the interceptor that enforces it.
 - `trust.enroll`: token + CSR in, certificate out (the Enroll RPC's core);
 - `trust.revocation`: the CA-signed `RevocationList`;
 - `trust.roles`: THE role table;
-- `trust.interceptor`: `TrustInterceptor` and `caller()`.
+- `trust.interceptor`: `TrustInterceptor` and `caller()`;
+- `trust.limits`: `FairShare`, per-identity call and stream limits;
+- `trust.security`: a process's bundle, interceptors, channels and enforced revocation list, as one object;
+- `trust.messages`: the enrollment and revocation RPCs' protobuf conversions;
+- `trust.distribution`: how the revocation list travels (CA directory -> coordinator -> aggregators -> relays).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ _EXPORTS = {
     "Enrollment": "trust.enroll",
     "enrollment_request": "trust.enroll",
     "RevocationList": "trust.revocation",
+    "RevocationFile": "trust.distribution",
+    "RevocationFollower": "trust.distribution",
     "ROLE_TABLE": "trust.roles",
     "TrustInterceptor": "trust.interceptor",
     "caller": "trust.interceptor",

@@ -33,7 +33,7 @@ from storage.keys import KeyPair
 from trust.bundle import Bundle
 from trust.ca import FleetCA, enrollment_proof_message, private_key_pem
 from trust.errors import PermissionDenied
-from trust.identity import Certified, Identity
+from trust.identity import Certified, Identity, Role
 from trust.revocation import RevocationList
 from trust.tokens import TokenStore
 
@@ -102,6 +102,8 @@ class Enrollment:
         """Raises InvalidInput (bad CSR, proof or id), TokenRefused, PermissionDenied (revoked) or Conflict
         (identity_taken)."""
         self._ca.check_csr(request.csr_pem, request.manifest_key, request.proof)
+        # a malformed id is refused before the token is spent, like a bad CSR
+        Identity(Role.AGENT, request.requested_id)
         grant = self._tokens.redeem(request.token)
         identity = Identity(grant.role, request.requested_id)
         return self._certify(identity, request)

@@ -18,6 +18,10 @@ reason, never INTERNAL):
 - PERMISSION_DENIED: ``revoked``, ``role_not_allowed``, ``not_in_role_table``,
   ``not_own_id``.
 
+Revocation also reaches streams already open: a stream whose caller is revoked
+after it was admitted ends with PERMISSION_DENIED ``revoked`` at its next message,
+either way, so a revoked agent's watch stream or upload does not outlive the list.
+
 Composition: pass it to `proto.serving.create_server(interceptors=[...])`, which
 keeps `ErrorInterceptor` outermost. Public methods (probes, Enroll) run for anyone;
 with a valid certificate `caller()` still names the caller.
@@ -216,18 +220,25 @@ class TrustInterceptor(grpc.aio.ServerInterceptor):
             self.check_own_ids(method, request, certified)
         return certified, request
 
+    def _still_trusted(self, certified: Certified | None) -> None:
+        """For streams admitted before a revocation arrived: refuse their next message."""
+        if certified is not None and self._is_revoked(certified):
+            raise PermissionDenied(f"{certified.identity} (serial {certified.serial}) was revoked", reason="revoked")
+
     def _checked_stream(self, method: str, requests: AsyncIterator[Any], certified: Certified | None) -> AsyncIterator[Any]:
-        if not self._own_id_fields.get(method) or certified is None:
+        if certified is None:
             return requests
+        own_ids = bool(self._own_id_fields.get(method))
 
         async def checked() -> AsyncIterator[Any]:
-            first = True
+            first = own_ids
             async for message in requests:
                 if first:
                     # the header of a header-then-chunks stream; checked as it arrives, so the
                     # handler's idle limits still govern a caller that sends nothing
                     self.check_own_ids(method, message, certified)
                     first = False
+                self._still_trusted(certified)
                 yield message
 
         return checked()
@@ -250,6 +261,7 @@ class TrustInterceptor(grpc.aio.ServerInterceptor):
             token = _caller.set(certified)
             try:
                 async for response in behavior(request, context):
+                    self._still_trusted(certified)
                     yield response
             finally:
                 try:

@@ -8,20 +8,24 @@ without an entry here fails the build.
 Who calls what, and why:
 
 - agent, relay: AgentService. A relay is one agent upstream (it joins, downloads and
-  submits its combined update like a device); downstream it serves AgentService.
+  submits its combined update like a device); downstream it serves AgentService, and
+  fetches the revocation list it enforces from its home (GetRevocations).
+- agent: the coordinator's Renew (a new certificate for its own identity, while the
+  one it presents is valid).
 - aggregator: PeerService (its peers' synthesis: GetLatest, Announce, FetchBlob),
   and the coordinator's membership and index writes (RegisterAggregator,
-  HeartbeatAggregator, GetRing, WatchRing, AnnounceModel, ReportAgents).
+  HeartbeatAggregator, GetRing, WatchRing, AnnounceModel(s), ReportAgents), and the
+  revocation list it enforces (GetRevocations).
 - operator: the coordinator's reads (ListModels, GetLineage, ListAgents, FleetStatus,
-  GetRing).
+  GetRing, GetRevocations).
 - audit: everything an operator reads, plus PeerService.FetchBlob, the one RPC that
   returns stored objects by CID; `DEVICE_UPDATE_READERS` is the handler's answer to
   "may this caller read a device's update?" (today FetchBlob serves published models
   only).
-- coordinator: nothing; it serves. (It will push revocation lists over RPCs added
-  with the wiring; they get their entry here then.)
+- coordinator: nothing; it serves (aggregators pull the revocation list from it).
 - anyone, with or without a certificate: grpc.health.v1 (probes) and the
-  coordinator's Enroll (a bootstrap token authenticates it).
+  coordinator's Enroll (a bootstrap token authenticates it; the coordinator serves it
+  on its TLS-only enrollment port only, since token holders have no certificate).
 
 `OWN_ID_FIELDS` names, per method, the request field that must be the caller's own
 id ("an id in a message must be the caller's own"); the interceptor checks it
@@ -84,6 +88,7 @@ ROLE_TABLE: Mapping[str, frozenset[Role] | _Anyone] = {
     method(AGENT_SERVICE, "SubmitUpdate"): _DEVICES,
     method(AGENT_SERVICE, "WatchModels"): _DEVICES,
     method(AGENT_SERVICE, "Heartbeat"): _DEVICES,
+    method(AGENT_SERVICE, "GetRevocations"): _DEVICES,
     # PeerService: aggregators synthesizing; auditors fetching stored objects
     method(PEER_SERVICE, "GetLatest"): _AGGREGATOR,
     method(PEER_SERVICE, "Announce"): _AGGREGATOR,
@@ -93,6 +98,7 @@ ROLE_TABLE: Mapping[str, frozenset[Role] | _Anyone] = {
     method(COORDINATOR_SERVICE, "HeartbeatAggregator"): _AGGREGATOR,
     method(COORDINATOR_SERVICE, "WatchRing"): _AGGREGATOR,
     method(COORDINATOR_SERVICE, "AnnounceModel"): _AGGREGATOR,
+    method(COORDINATOR_SERVICE, "AnnounceModels"): _AGGREGATOR,
     method(COORDINATOR_SERVICE, "ReportAgents"): _AGGREGATOR,
     method(COORDINATOR_SERVICE, "GetRing"): _AGGREGATOR | _READERS,
     # ... reads by operators and auditors
@@ -100,15 +106,18 @@ ROLE_TABLE: Mapping[str, frozenset[Role] | _Anyone] = {
     method(COORDINATOR_SERVICE, "GetLineage"): _READERS,
     method(COORDINATOR_SERVICE, "ListAgents"): _READERS,
     method(COORDINATOR_SERVICE, "FleetStatus"): _READERS,
-    # enrollment: a bootstrap token, not a certificate, authenticates it
+    method(COORDINATOR_SERVICE, "GetRevocations"): _AGGREGATOR | _READERS,
+    # enrollment: a bootstrap token, not a certificate, authenticates it; renewal: the
+    # certificate being replaced does
     method(COORDINATOR_SERVICE, "Enroll"): ANYONE,
+    method(COORDINATOR_SERVICE, "Renew"): frozenset({Role.AGENT}),
     # probes
     **{name: ANYONE for name in HEALTH_METHODS},
 }
 
-# Entries for RPCs the wiring step adds to strata.proto; the coverage test insists that
-# each is still absent there, so the entry moves out of this set when the RPC lands.
-PENDING_METHODS = frozenset({method(COORDINATOR_SERVICE, "Enroll")})
+# Entries for RPCs not yet in strata.proto; the coverage test insists that each is
+# still absent there, so an entry moves out of this set when its RPC lands.
+PENDING_METHODS: frozenset[str] = frozenset()
 
 # method -> dotted paths of the request fields holding the caller's own id. Empty values
 # pass (handlers already refuse an empty id where one is required, and an empty id

@@ -6,18 +6,27 @@ restart), authorizes every call through `trust.interceptor.TrustInterceptor` and
 `trust.roles`, dials every peer with its client certificate, and signs manifests
 with the manifest key its certificate certifies. Empty, it speaks plaintext: for
 demos and tests on loopback; listening anywhere else without TLS logs a warning.
+
+The revocation list a process enforces arrives while it runs (`trust.distribution`);
+`set_revocations` installs a newer one, and with `keep_revocations(path)` the
+installed list is also kept on disk, so a restarted daemon enforces it before it
+hears from upstream again.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
+from proto.errors import StrataError
 from proto.wire import create_channel
 from storage.keys import KeyPair
 from trust.bundle import ReloadingBundle
@@ -49,6 +58,7 @@ class Security:
         self.bundle = ReloadingBundle(directory)
         self.interceptor = TrustInterceptor.for_bundle(self.bundle.current())
         self.fair_share = fair_share or FairShare()
+        self._revocations_path: Path | None = None
 
     @classmethod
     def configure(
@@ -83,11 +93,69 @@ class Security:
         return [self.interceptor, self.fair_share]
 
     def channel(self, address: str, **options: Any) -> grpc.Channel:
-        """A mutual-TLS channel with the current certificate (a renewed one applies to new channels)."""
-        return create_channel(address, tls=self.bundle.tls_files(), **options)
+        """A mutual-TLS channel with the current certificate (a renewed one applies to new channels).
+
+        The credentials come from the bundle as last read whole, never from files halfway
+        through a renewal."""
+        return create_channel(address, credentials=self.bundle.channel_credentials(), **options)
+
+    # ------------------------------------------------------------ revocation
+
+    @property
+    def revocations(self) -> RevocationList | None:
+        """The revocation list this process enforces (None: none yet)."""
+        return self.interceptor.revocations
+
+    @property
+    def revocations_version(self) -> int:
+        revocations = self.interceptor.revocations
+        return 0 if revocations is None else revocations.version
 
     def set_revocations(self, revocations: RevocationList) -> bool:
-        return self.interceptor.set_revocations(revocations)
+        """Enforce `revocations` from the next call on, if the CA signed it and it is newer than the list
+        held (False otherwise; IntegrityError if the signature does not verify)."""
+        if not self.interceptor.set_revocations(revocations):
+            return False
+        log.info(
+            "revocations_installed",
+            extra={
+                "fields": {
+                    "version": revocations.version,
+                    "identities": len(revocations.identities),
+                    "serials": len(revocations.serials),
+                }
+            },
+        )
+        if self._revocations_path is not None:
+            _write_atomic(self._revocations_path, revocations.to_bytes())
+        return True
+
+    def keep_revocations(self, path: str | Path) -> None:
+        """Keep the enforced list in `path`: enforce the one saved there now (if it verifies), and save
+        every newer one installed from here on."""
+        self._revocations_path = Path(path)
+        if not self._revocations_path.is_file():
+            return
+        try:
+            self.interceptor.set_revocations(RevocationList.from_bytes(self._revocations_path.read_bytes()))
+        except (StrataError, OSError) as e:
+            log.warning("saved_revocations_unusable", extra={"fields": {"path": str(path), "error": str(e)[:200]}})
+            return
+        log.info("revocations_restored", extra={"fields": {"version": self.revocations_version, "path": str(path)}})
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(temp)
+        raise
+    os.close(fd)
+    os.replace(temp, path)
 
 
 def channel_factory(security: Security | None) -> ChannelFactory:
