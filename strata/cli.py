@@ -12,7 +12,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from proto.errors import StrataError
-from strata import cmd_certs, cmd_daemons, cmd_demo, cmd_device, cmd_fleet, cmd_history, cmd_model
+from strata import (
+    cmd_certs,
+    cmd_daemons,
+    cmd_demo,
+    cmd_device,
+    cmd_fleet,
+    cmd_history,
+    cmd_model,
+    cmd_simulate,
+)
 from strata.cli_common import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, exit_code_for, print_json
 
 
@@ -26,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for module in (cmd_model, cmd_history, cmd_daemons, cmd_fleet, cmd_device, cmd_certs, cmd_demo):
+    for module in (cmd_model, cmd_history, cmd_daemons, cmd_fleet, cmd_device, cmd_certs, cmd_demo, cmd_simulate):
         module.register(commands)
     return parser
 
