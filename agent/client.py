@@ -94,6 +94,8 @@ class Client:
         self._submitter = Submitter(self._session, key=self._key, state=self._state, retry=retry)
         self._loops = BackgroundLoops(self._session) if watch else None
         self._returned_cid = self._state.progress.last_base_cid if self._state else ""
+        # the round the home announced the returned base for (its manifest says the round that made it)
+        self._returned_round: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -189,6 +191,7 @@ class Client:
         )
         _, tensors = self._transfer.download(target.model_cid)
         self._returned_cid = target.model_cid
+        self._returned_round = target.round
         if self._state is not None:
             self._state.progress.last_base_cid = target.model_cid
             self._state.save()
@@ -222,12 +225,11 @@ class Client:
         if held is None:
             raise FailedPrecondition("no base model downloaded yet: call wait_for_model() first", reason="no_base")
         base = held[0]
-        latest = self._session.latest
         pending, blob = local_update(
             weights,
             base=base,
             federation=self.federation,
-            round=latest.round if latest is not None and latest.model_cid == base.cid else base.round,
+            round=self._base_round(base.cid),
             agent_id=self.agent_id,
             key=self._key,
             num_samples=num_samples,
@@ -236,6 +238,17 @@ class Client:
             tensors=self.trainable_tensors,
         )
         return self._submitter.submit_local(pending, blob)
+
+    def _base_round(self, base_cid: str) -> int:
+        """The round `base_cid` is the base of, as the home announced it: still the latest, or the one
+        handed out by `wait_for_model` (a newer base may have arrived while this one was trained on)."""
+        latest = self._session.latest
+        if latest is not None and latest.model_cid == base_cid:
+            return latest.round
+        if base_cid == self._returned_cid and self._returned_round is not None:
+            return self._returned_round
+        held = self._transfer.held
+        return held[0].round if held is not None else 0
 
     def resend_pending(self) -> SubmitReceipt | None:
         """After a restart: send the update that was written but never acknowledged, if any."""

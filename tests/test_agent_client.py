@@ -163,6 +163,21 @@ def test_submit_sends_a_signed_update_naming_its_base(home: FakeHome) -> None:
     assert receipt.update_cid == update.cid and not receipt.duplicate
 
 
+def test_an_update_names_the_round_its_base_was_announced_for_even_after_a_newer_base(home: FakeHome) -> None:
+    """A base made in round 4 is the base of round 5; a round-6 base arriving during training changes nothing."""
+    home.serve(*make_model(round_=4))
+    home.announced.round = 5
+    with client_for(home, watch=True) as client:
+        weights = client.wait_for_model(timeout=5)
+        home.serve(*make_model(round_=5, value=2.0))
+        home.announced.round = 6
+        home.events.put(pb.ModelEvent(new_base=home.announced))
+        wait_until(lambda: client.round == 6, 5.0, "the newer base never reached the client", poll_s=0.01)
+        client.submit({n: a + 1 for n, a in weights.items()}, 12)
+    (header, _), = home.submitted
+    assert header.round == 5 and Manifest.from_bytes(header.manifest).round == 5
+
+
 def test_submit_retries_while_the_home_is_unavailable_rejoining_each_time(home: FakeHome) -> None:
     home.submit_failures = 2
     with client_for(home) as client:

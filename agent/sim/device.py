@@ -430,7 +430,7 @@ class VirtualDevice:
                 self._stats.counts["straggler_waits"] += 1
                 await asyncio.sleep(self._options.straggler_delay.draw(self._rng))
             header, blob = await asyncio.get_running_loop().run_in_executor(
-                self.fleet.executor, self._signed_update, model, *trained
+                self.fleet.executor, self._signed_update, model, base.round, *trained
             )
             self._trained_cid = model.cid
             await self._send(header, blob, seen_at)
@@ -462,17 +462,17 @@ class VirtualDevice:
         return weights, num_samples, metrics, base_metrics
 
     def _signed_update(
-        self, model: SharedModel, weights: dict, num_samples: int, metrics: dict, base_metrics: dict
+        self, model: SharedModel, base_round: int, weights: dict, num_samples: int, metrics: dict, base_metrics: dict
     ) -> tuple[pb.UpdateHeader, bytes]:
         """The signed local update and its SubmitUpdate header, exactly as agent.client.Client builds them."""
         if self._key is None:
             self._key = KeyPair.generate()
-        latest = self._latest
+        # the round the home announced this base for: its manifest names the round that made it
         pending, blob = local_update(
             weights,
             base=model.manifest,
             federation=self._options.federation,
-            round=latest.round if latest is not None and latest.model_cid == model.cid else model.manifest.round,
+            round=base_round,
             agent_id=self.agent_id,
             key=self._key,
             num_samples=num_samples,
