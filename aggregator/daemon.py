@@ -30,7 +30,7 @@ from aggregator.strategies import make_strategy
 from aggregator.synthesis import SemiGlobalSynthesizer
 from coordinator.client import AggregatorInfo, CoordinatorClient
 from coordinator.ring import Member
-from intake.agents import AgentRegistry
+from intake.agents import AgentInfo, AgentRegistry
 from intake.home import BaseModel
 from intake.service import AgentServicer
 from proto import strata_pb2_grpc as pb_grpc
@@ -51,6 +51,8 @@ log = logging.getLogger("strata.aggregator")
 
 # how often the ticker checks quorum and deadlines
 TICK_S = 0.2
+# how often the ticker lists the active agents (for invitations and the quorum)
+ACTIVE_LIST_S = 1.0
 # the revocation list this aggregator enforces, as last installed, in its state_dir
 REVOCATIONS_FILE = "revocations.json"
 
@@ -345,11 +347,17 @@ class AggregatorDaemon:
             self._agent_service.changed()
 
     def _tick_loop(self) -> None:
+        # the active agents are listed once a second (and right after a round closes), not every tick:
+        # at 10,000 agents a listing is a pass over the registry under the lock every heartbeat needs
+        active: list[AgentInfo] = []
+        listed_at, listed_round = float("-inf"), -1
         while not self._stopping.wait(TICK_S):
             try:
-                active = self.agents.active()
-                if self.rounds.invite(active):
-                    self._agents_changed()  # the newly invited learn it on their watch stream
+                round_ = self.rounds.current.round
+                if time.monotonic() - listed_at >= ACTIVE_LIST_S or round_ != listed_round:
+                    active, listed_at, listed_round = self.agents.active(), time.monotonic(), round_
+                    if self.rounds.invite(active):
+                        self._agents_changed()  # the newly invited learn it on their watch stream
                 self.rounds.maybe_close(self.rounds.expected_trainers(active))
             except StrataError as exc:
                 log.error("round_close_failed", extra={"fields": {"reason": exc.reason, "error": str(exc)}})

@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 TRAIN, PARTIAL_TRAIN, INFERENCE = "train", "partial_train", "inference"
 CAPABILITIES = (TRAIN, PARTIAL_TRAIN, INFERENCE)
@@ -55,7 +55,7 @@ class AgentRegistry:
         self._min_interval_s = heartbeat_interval_s
         self._budget_per_s = heartbeat_budget_per_s
         self._clock = clock
-        self._agents: dict[str, AgentInfo] = {}
+        self._agents: dict[str, _Record] = {}
         self._lock = threading.Lock()
 
     def heartbeat_interval(self) -> float:
@@ -69,43 +69,64 @@ class AgentRegistry:
     def join(self, agent_id: str, *, display_name: str, capability: str, telemetry: dict) -> AgentInfo:
         now = self._clock()
         with self._lock:
-            previous = self._agents.get(agent_id)
-            info = AgentInfo(
-                agent_id=agent_id,
-                display_name=display_name,
-                capability=capability if capability in CAPABILITIES else TRAIN,
-                telemetry=telemetry,
-                joined_at=previous.joined_at if previous else now,
-                last_seen=now,
-            )
-            self._agents[agent_id] = info
-            return info
+            record = self._agents.get(agent_id)
+            if record is None:
+                record = self._agents[agent_id] = _Record(agent_id, now)
+            record.display_name = display_name
+            record.capability = capability if capability in CAPABILITIES else TRAIN
+            record.telemetry = telemetry
+            record.last_seen = now
+            return record.info()
 
     def touch(self, agent_id: str, telemetry: dict | None = None) -> None:
+        """Heard from `agent_id` now. Updates its record in place: every heartbeat of a large fleet
+        passes here, and replacing records would leave the garbage collector a fleet's worth of work."""
         now = self._clock()
         with self._lock:
-            info = self._agents.get(agent_id)
-            if info is None:
+            record = self._agents.get(agent_id)
+            if record is None:
                 # heard from before it joined here (e.g. after our restart): count it as a trainer
-                info = AgentInfo(agent_id=agent_id, joined_at=now)
-            self._agents[agent_id] = replace(info, last_seen=now, telemetry=telemetry or info.telemetry)
-
-    def forget(self, agent_id: str) -> None:
-        with self._lock:
-            self._agents.pop(agent_id, None)
+                record = self._agents[agent_id] = _Record(agent_id, now)
+            record.last_seen = now
+            if telemetry:
+                record.telemetry = telemetry
 
     def active(self) -> list[AgentInfo]:
         timeout = self.timeout()
         now = self._clock()
         with self._lock:
-            forgotten = [k for k, a in self._agents.items() if a.last_seen < now - _TIMEOUTS_BEFORE_FORGOTTEN * timeout]
+            forgotten = [k for k, r in self._agents.items() if r.last_seen < now - _TIMEOUTS_BEFORE_FORGOTTEN * timeout]
             for agent_id in forgotten:
                 del self._agents[agent_id]
-            return [a for a in self._agents.values() if a.last_seen >= now - timeout]
+            return [r.info() for r in self._agents.values() if r.last_seen >= now - timeout]
 
     def active_trainers(self) -> int:
         return sum(1 for a in self.active() if a.trains)
 
     def all(self) -> list[AgentInfo]:
         with self._lock:
-            return list(self._agents.values())
+            return [r.info() for r in self._agents.values()]
+
+
+class _Record:
+    """An agent as the registry keeps it: mutable, so a heartbeat allocates nothing."""
+
+    __slots__ = ("agent_id", "capability", "display_name", "joined_at", "last_seen", "telemetry")
+
+    def __init__(self, agent_id: str, now: float) -> None:
+        self.agent_id = agent_id
+        self.display_name = ""
+        self.capability = TRAIN
+        self.telemetry: dict[str, float | str | bool] = {}
+        self.joined_at = now
+        self.last_seen = now
+
+    def info(self) -> AgentInfo:
+        return AgentInfo(
+            agent_id=self.agent_id,
+            display_name=self.display_name,
+            capability=self.capability,
+            telemetry=self.telemetry,
+            joined_at=self.joined_at,
+            last_seen=self.last_seen,
+        )
