@@ -8,7 +8,9 @@ and the interceptor that enforces it.
 - `trust.enroll`: token + CSR in, certificate out (the Enroll RPC's core);
 - `trust.revocation`: the CA-signed `RevocationList`;
 - `trust.roles`: THE role table;
-- `trust.interceptor`: `TrustInterceptor` and `caller()`.
+- `trust.interceptor`: `TrustInterceptor`, `caller()` and `current_signers()`;
+- `trust.signers`: `Signers`, whether a manifest's signer is the key certified for its producer;
+- `trust.reads`: what a caller may read (device updates: audit only, logged).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ _EXPORTS = {
     "TrustInterceptor": "trust.interceptor",
     "caller": "trust.interceptor",
     "caller_certificate": "trust.interceptor",
+    "current_signers": "trust.interceptor",
+    "Signer": "trust.signers",
+    "SignerError": "trust.signers",
+    "Signers": "trust.signers",
 }
 
 __all__ = sorted(_EXPORTS)
