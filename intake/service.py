@@ -39,6 +39,9 @@ from proto.wire import CHUNK_SIZE
 from storage.cid import CidBuilder
 from storage.manifest import Manifest
 from storage.store import ContentStore, StagedWrite
+from trust.identity import Certified
+from trust.interceptor import caller_certificate, current_signers
+from trust.signers import Signers
 
 log = logging.getLogger("strata.intake.service")
 
@@ -118,11 +121,19 @@ async def read_update_stream(
 
 
 def submission_from_header(
-    header: pb.UpdateHeader, weights: bytes, received_cid: str = "", *, staged: StagedWrite | None = None
+    header: pb.UpdateHeader,
+    weights: bytes,
+    received_cid: str = "",
+    *,
+    staged: StagedWrite | None = None,
+    caller: Certified | None = None,
+    signers: Signers | None = None,
 ) -> Submission:
     return Submission(
         received_cid=received_cid,
         staged=staged,
+        caller=caller,
+        signers=signers,
         agent_id=header.agent_id,
         round=header.round,
         base_cid=header.base_cid,
@@ -290,6 +301,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def _submit(self, request_iterator: AsyncIterator[pb.UpdateChunk], staged: StagedWrite) -> pb.SubmitUpdateReply:
         intake = self._home.intake
+        # on the loop: neither follows `offload` into the pool where the intake runs
+        caller, signers = caller_certificate(), current_signers()
         try:
             header, weights, received_cid = await read_update_stream(
                 request_iterator,
@@ -299,7 +312,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 staged=staged,
             )
             self._agents.touch(header.agent_id)
-            submission = submission_from_header(header, weights, received_cid, staged=staged)
+            submission = submission_from_header(
+                header, weights, received_cid, staged=staged, caller=caller, signers=signers
+            )
             result = await self._offload(intake.submit, submission)
         except StreamRefused as refusal:
             # refused while reading the stream, before the intake saw it
