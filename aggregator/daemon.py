@@ -22,7 +22,13 @@ from aggregator.config import AggregatorConfig
 from aggregator.coordination import CoordinatorLink
 from aggregator.home import AggregatorHome
 from aggregator.journal import Journal
-from aggregator.peers import GrpcPeerAccess, PeerServicer, Published, pointer_for
+from aggregator.peers import (
+    GrpcPeerAccess,
+    PeerServicer,
+    Published,
+    device_update_lookup,
+    pointer_for,
+)
 from aggregator.ringview import RingView, static_ring
 from aggregator.rounds import RoundManager, Synthesizer
 from aggregator.selection import Selector
@@ -170,6 +176,9 @@ class AggregatorDaemon:
                 published=self.published,
                 store=self.shared_store,
                 offload=self._server.offload,
+                # auditors may fetch the device updates this aggregator accepted (logged)
+                private_store=self.store,
+                device_update=device_update_lookup(self.journal),
             ),
             self._server.server,
         )

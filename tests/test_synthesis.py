@@ -216,3 +216,19 @@ def test_waits_briefly_for_a_peer_still_closing_the_same_round(tmp_path: Path, p
     assert semi.extra["peer_rounds"] and set(semi.extra["peer_rounds"].values()) == {3}
     _, weights = load_model(store, semi.cid)
     np.testing.assert_allclose(decode_tensors(weights)["w"], BASE["w"] + 2.0, rtol=1e-6)
+
+
+def test_a_device_update_is_never_published(tmp_path: Path) -> None:
+    """FetchBlob serves what is published; a device update cannot be, so its CIDs never are."""
+    from proto.errors import InvalidInput
+
+    with LocalStore(tmp_path / "s") as store:
+        for kind in ("local", "relay"):
+            update = save_model(
+                store, weights=encode_tensors(BASE), kind=kind, federation="toy", round=0,
+                producer=Producer(role="agent", id="a1"), key=KeyPair.generate(),
+            )  # fmt: skip
+            published = Published()
+            with pytest.raises(InvalidInput, match="device update"):
+                published.add(update)
+            assert update.cid not in published and update.weights not in published

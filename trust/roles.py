@@ -9,15 +9,17 @@ Who calls what, and why:
 
 - agent, relay: AgentService. A relay is one agent upstream (it joins, downloads and
   submits its combined update like a device); downstream it serves AgentService.
+  GetModel serves them base, cluster and semi-global models, never a device update
+  (kind local or relay), whatever CID they ask for.
 - aggregator: PeerService (its peers' synthesis: GetLatest, Announce, FetchBlob),
   and the coordinator's membership and index writes (RegisterAggregator,
   HeartbeatAggregator, GetRing, WatchRing, AnnounceModel, ReportAgents).
 - operator: the coordinator's reads (ListModels, GetLineage, ListAgents, FleetStatus,
   GetRing).
-- audit: everything an operator reads, plus PeerService.FetchBlob, the one RPC that
-  returns stored objects by CID; `DEVICE_UPDATE_READERS` is the handler's answer to
-  "may this caller read a device's update?" (today FetchBlob serves published models
-  only).
+- audit: everything an operator reads, plus the two RPCs that return stored models by
+  CID, AgentService.GetModel (on aggregators and relays) and PeerService.FetchBlob
+  (on aggregators); `DEVICE_UPDATE_READERS` is the handlers' answer to "may this
+  caller read a device's update?" (`trust.reads`), and each such read is logged.
 - coordinator: nothing; it serves. (It will push revocation lists over RPCs added
   with the wiring; they get their entry here then.)
 - anyone, with or without a certificate: grpc.health.v1 (probes) and the
@@ -80,7 +82,7 @@ HEALTH_METHODS = (method(HEALTH_SERVICE, "Check"), method(HEALTH_SERVICE, "Watch
 ROLE_TABLE: Mapping[str, frozenset[Role] | _Anyone] = {
     # AgentService: devices, and relays as agents of their upstream
     method(AGENT_SERVICE, "Join"): _DEVICES,
-    method(AGENT_SERVICE, "GetModel"): _DEVICES,
+    method(AGENT_SERVICE, "GetModel"): _DEVICES | DEVICE_UPDATE_READERS,
     method(AGENT_SERVICE, "SubmitUpdate"): _DEVICES,
     method(AGENT_SERVICE, "WatchModels"): _DEVICES,
     method(AGENT_SERVICE, "Heartbeat"): _DEVICES,
