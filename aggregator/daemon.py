@@ -142,6 +142,8 @@ class AggregatorDaemon:
                 key=self.key,
                 ring=lambda: self.ring_view.ring,
                 peers=self.peer_access,
+                # with TLS, a peer's cluster model counts only if a certified ring member signed it
+                signers=self.security.signers if self.security else None,
             )
         base = self.rounds.start()
         self._recover_published()
