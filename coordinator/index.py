@@ -6,6 +6,18 @@ what each was made from. A manifest is parsed, validated and signature-checked
 before it is recorded under its CID; recording is idempotent. The raw manifest
 bytes are kept, so anyone can re-verify the CID and the signature.
 
+With TLS, an announcement counts only from the model's producer: an aggregator
+announces what it made (its cluster and semi-global models), so the announcer's
+identity must be the manifest's producer (PERMISSION_DENIED ``not_producer``), and
+the manifest must be signed by the announcer's certified manifest key with its
+certificate embedded, issued by the fleet CA, valid at ``created_at`` and not
+revoked (PERMISSION_DENIED ``uncertified_signer``). Device updates are never
+announced, not even ones an aggregator recorded on a device's behalf: they stay
+in the store of the home that received them.
+
+The index holds manifests (and so CIDs and lineage), never weights: nothing here
+reads or serves a weights blob.
+
 The agent directory is what aggregators last reported about their agents.
 
 One SQLite file through `storage.durable` (WAL, synchronous=FULL, one
@@ -28,6 +40,9 @@ from proto.errors import InvalidInput, NotFound
 from storage.cid import validate_cid
 from storage.durable import DurableSqlite
 from storage.manifest import Manifest
+from trust.errors import PermissionDenied
+from trust.identity import Certified
+from trust.signers import SignerError, Signers
 
 __all__ = ["AgentEntry", "Lineage", "ModelIndex", "ModelRecord"]
 
@@ -142,6 +157,32 @@ def _row_to_record(row: sqlite3.Row) -> ModelRecord:
     )
 
 
+def _check_announcer(manifest: Manifest, announcer: Certified, signers: Signers | None) -> None:
+    producer, identity = manifest.producer, announcer.identity
+    if (producer.role, producer.id) != (identity.role.value, identity.id):
+        raise PermissionDenied(
+            f"{identity} may announce only models it produced, not {manifest.kind} model {manifest.cid} "
+            f"of {producer.role}/{producer.id}",
+            reason="not_producer",
+        )
+    assert manifest.signature is not None  # verified above
+    if manifest.signature["public_key"] != announcer.manifest_key:
+        raise PermissionDenied(
+            f"model {manifest.cid} is not signed by {identity}'s certified manifest key", reason="uncertified_signer"
+        )
+    if signers is None:
+        return
+    try:
+        signer = signers.check(manifest)
+    except SignerError as exc:
+        raise PermissionDenied(f"model {manifest.cid}: its signer does not count ({exc.reason}): {exc}", reason="uncertified_signer") from None
+    if signer.certified.identity != identity:
+        raise PermissionDenied(
+            f"model {manifest.cid} embeds the certificate of {signer.certified.identity}, not {identity}'s",
+            reason="uncertified_signer",
+        )
+
+
 class ModelIndex(DurableSqlite):
     """Thread-safe; `path=None` keeps the index in memory."""
 
@@ -161,16 +202,27 @@ class ModelIndex(DurableSqlite):
 
     # ------------------------------------------------------------ models
 
-    def record(self, manifest_bytes: bytes, notes: Mapping[str, str] | None = None) -> str:
+    def record(
+        self,
+        manifest_bytes: bytes,
+        notes: Mapping[str, str] | None = None,
+        *,
+        announcer: Certified | None = None,
+        signers: Signers | None = None,
+    ) -> str:
         """Validate and index a manifest; returns its CID (the model ID).
 
         Raises ManifestError (an InvalidInput) for a malformed manifest and
-        IntegrityError for a missing or bad signature. Recording the same bytes
-        again changes nothing but merges `notes`.
+        IntegrityError for a missing or bad signature; with `announcer` (the TLS
+        caller) and `signers`, PermissionDenied unless the announcer produced and
+        signed it with its certified key (see the module docstring). Recording the
+        same bytes again changes nothing but merges `notes`.
         """
         manifest = Manifest.from_bytes(manifest_bytes)
-        if manifest.signature is not None or self._require_signature:
+        if manifest.signature is not None or self._require_signature or announcer is not None:
             manifest.verify_signature()
+        if announcer is not None:
+            _check_announcer(manifest, announcer, signers)
         notes = {str(k): str(v) for k, v in (notes or {}).items()}
         cid = manifest.cid
         row = (

@@ -32,6 +32,7 @@ from coordinator.messages import (
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.serving import Signal
+from trust.interceptor import caller_certificate, current_signers
 
 __all__ = ["SERVICE_NAME", "CoordinatorServicer"]
 
@@ -91,7 +92,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def AnnounceModel(
         self, request: pb.AnnounceModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.AnnounceModelReply:
-        cid = await self._offload(self._index.record, request.manifest, dict(request.notes))
+        # with TLS only the producer may announce a model, signed with its certified key; read on the loop
+        announcer, signers = caller_certificate(), current_signers()
+        cid = await self._offload(
+            self._index.record, request.manifest, dict(request.notes), announcer=announcer, signers=signers
+        )
         return pb.AnnounceModelReply(model_cid=cid)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsReply:
