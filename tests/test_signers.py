@@ -1,12 +1,14 @@
 """Certified signers, offline: a manifest counts only if the certificate it embeds is the fleet CA's, names its
 producer, certifies the key that signed it, was valid when it was made and is not revoked.
 
-Real certificates from real fleet CAs (`trust.ca.FleetCA`) on an injectable clock; no wire.
+Real certificates from real fleet CAs (`trust.ca.FleetCA`) on an injectable clock; no wire. `strata verify --ca`
+over a real fleet's lineage is in tests/test_tls_fleet.py; here, its unknown signer and bad arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +22,9 @@ from storage.cid import cid_of
 from storage.codec import encode_tensors, summarize
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer, rfc3339
+from storage.models import save_model
+from storage.store import LocalStore
+from strata.cli import main as cli_main
 from trust.bundle import Bundle
 from trust.ca import FleetCA
 from trust.identity import Identity, Role
@@ -190,3 +195,38 @@ def test_security_signs_with_its_certified_key_and_embeds_the_current_certificat
     again = _manifest(kind="relay", producer=("relay", "relay-1"), num_samples=3).signed(security.manifest_key)
     assert renewed.certified.serial != first.certified.serial
     assert security.signers.check(again).certified.serial == renewed.certified.serial
+
+
+def test_strata_verify_ca_exits_4_on_an_unknown_signer(ca: FleetCA, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca_pem = tmp_path / "ca.pem"
+    ca_pem.write_bytes(ca.cert_pem)
+    alice = _certified(_issue(ca, Role.AGENT, "alice"))
+    with LocalStore(tmp_path / "store") as store:
+        update = save_model(
+            store, weights=WEIGHTS, kind="local", federation="digits", round=0,
+            producer=Producer(role="agent", id="alice"), key=alice, base=cid_of(b"base"), created_at=rfc3339(NOW),
+        )  # fmt: skip
+        # a base model put by an operator with a key no CA certified, and a cluster model of both
+        stranger = save_model(
+            store, weights=WEIGHTS, kind="base", federation="digits", round=0,
+            producer=Producer(role="operator", id="ops"), key=KeyPair.generate(), created_at=rfc3339(NOW),
+        )  # fmt: skip
+        agg = _certified(_issue(ca, Role.AGGREGATOR, "agg-a"))
+        cluster = save_model(
+            store, weights=WEIGHTS, kind="cluster", federation="digits", round=0,
+            producer=Producer(role="aggregator", id="agg-a"), key=agg, parents=[update.cid, stranger.cid],
+            created_at=rfc3339(NOW),
+        )  # fmt: skip
+    args = ["verify", cluster.cid, "--store", str(tmp_path / "store"), "--json"]
+    capsys.readouterr()
+    assert cli_main(args) == 0  # self-consistent
+    capsys.readouterr()
+    assert cli_main([*args, "--ca", str(ca_pem)]) == 4
+    result = json.loads(capsys.readouterr().out)
+    assert [(p["cid"], p["reason"]) for p in result["problems"]] == [(stranger.cid, "uncertified")]
+    signers = {row["cid"]: row.get("signer", {}).get("identity") for row in result["signers"]}
+    assert signers == {cluster.cid: "aggregator/agg-a", update.cid: "agent/alice", stranger.cid: None}
+    # a file that is not a certificate is invalid input; a missing one is not found
+    (tmp_path / "junk.pem").write_text("junk")
+    assert cli_main([*args, "--ca", str(tmp_path / "junk.pem")]) == 2
+    assert cli_main([*args, "--ca", str(tmp_path / "missing.pem")]) == 3
