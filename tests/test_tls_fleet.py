@@ -391,3 +391,54 @@ def test_the_coordinator_serves_manifests_and_lineage_never_weights() -> None:
     for method in service.methods:
         walk(method.output_type)
     assert "strata.v1.ModelRecord" in seen  # the walk reached the index's records
+
+
+def test_two_aggregators_under_mtls_blend_each_others_certified_cluster_models(fleet: Fleet, tmp_path: Path) -> None:
+    """Synthesis with the fleet CA: each aggregator's semi-global model uses its peer's cluster model, whose
+    embedded certificate names that ring member; nothing is refused."""
+    coordinator = CoordinatorDaemon(
+        CoordinatorConfig(
+            listen="127.0.0.1:0", state_dir=str(tmp_path / "coord"), tls=TlsSettings(bundle=fleet.bundle(Role.COORDINATOR, "coord"))
+        )
+    ).start()
+    aggregators: list[AggregatorDaemon] = []
+    clients: list[Client] = []
+    try:
+        for name in ("agg-a", "agg-b"):
+            config = AggregatorConfig(
+                id=name,
+                listen="127.0.0.1:0",
+                coordinator=coordinator.address,
+                state_dir=str(tmp_path / name),
+                store=str(tmp_path / f"{name}-store"),
+                round=RoundSettings(quorum=1.0, min_updates=1, deadline_s=600.0),
+                synthesis=SynthesisSettings(peer_wait_s=10.0),
+                serving=ServingSettings(heartbeat_interval_s=0.5),
+                tls=TlsSettings(bundle=fleet.bundle(Role.AGGREGATOR, name)),
+            )
+            aggregators.append(AggregatorDaemon(config, initial_model_factory=initial_model_factory(config)).start())
+        wait_until(lambda: len(coordinator.membership.ring()) == 2, 20, "both aggregators to register")
+        wait_until(lambda: all(len(a.ring_view.ring) == 2 for a in aggregators), 20, "both to follow the ring of two")
+        ring = aggregators[0].ring_view.ring
+        # one agent homed at each aggregator
+        names = {ring.owner(f"agent-{i}").id: f"agent-{i}" for i in range(64)}
+        for name in ("agg-a", "agg-b"):
+            client = _agent_client(fleet, names[name], [a.address for a in aggregators]).connect()
+            clients.append(client)
+            weights = client.wait_for_model(timeout=30)
+            client.submit({k: v + np.float32(0.01) for k, v in weights.items()}, 10)
+        wait_until(lambda: all(a.rounds.current.round == 1 for a in aggregators), 60, "round 0 to close on both")
+        for aggregator, peer in zip(aggregators, reversed(aggregators), strict=True):
+            semi = Manifest.from_bytes(aggregator.store.get(aggregator.rounds.current.model_cid))
+            assert semi.kind == "semi-global", semi.kind
+            assert semi.extra["refused_peers"] == []
+            peer_cluster = peer.rounds.closed_rounds()[0].cluster_cid
+            assert peer_cluster in semi.parents
+            assert aggregator.security is not None
+            assert aggregator.security.signers.check(semi).certified.identity == Identity(Role.AGGREGATOR, aggregator.id)
+    finally:
+        for client in clients:
+            client.close()
+        for aggregator in aggregators:
+            aggregator.stop()
+        coordinator.stop()
