@@ -22,7 +22,13 @@ from aggregator.config import AggregatorConfig
 from aggregator.coordination import CoordinatorLink
 from aggregator.home import AggregatorHome
 from aggregator.journal import Journal
-from aggregator.peers import GrpcPeerAccess, PeerServicer, Published, pointer_for
+from aggregator.peers import (
+    GrpcPeerAccess,
+    PeerServicer,
+    Published,
+    device_update_lookup,
+    pointer_for,
+)
 from aggregator.ringview import RingView, static_ring
 from aggregator.rounds import RoundManager, Synthesizer
 from aggregator.selection import Selector
@@ -147,6 +153,8 @@ class AggregatorDaemon:
                 key=self.key,
                 ring=lambda: self.ring_view.ring,
                 peers=self.peer_access,
+                # with TLS, a peer's cluster model counts only if a certified ring member signed it
+                signers=self.security.signers if self.security else None,
             )
         base = self.rounds.start()
         self._recover_published()
@@ -192,6 +200,9 @@ class AggregatorDaemon:
                 published=self.published,
                 store=self.shared_store,
                 offload=self._server.offload,
+                # auditors may fetch the device updates this aggregator accepted (logged)
+                private_store=self.store,
+                device_update=device_update_lookup(self.journal),
             ),
             self._server.server,
         )

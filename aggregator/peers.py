@@ -2,9 +2,18 @@
 
 Served: `GetLatest` (this aggregator's latest cluster pointer), `Announce` (a
 peer pushing its pointer; kept as a hint), and `FetchBlob` (published objects
-only: cluster and semi-global manifests and their weights; local updates stay
+only: cluster and semi-global manifests and their weights; device updates stay
 private). Asked: `GrpcPeerAccess` implements `synthesis.PeerAccess` over gRPC
 with deadlines, verifying every fetched byte against its CID.
+
+What FetchBlob serves is decided by CID, never by what the caller claims: an
+object is served only if a published model is, or names as its weights, that
+CID (`Published` refuses to publish a device update). An auditor
+(`trust.roles.DEVICE_UPDATE_READERS`) may also fetch the manifest or the weights
+of a device update this aggregator accepted, and each such fetch is logged
+(`trust.reads`). A round closed on a single update publishes a cluster model
+whose weights may be that update's exact bytes; they are then served as the
+cluster model's, which every agent downloads anyway.
 """
 
 from __future__ import annotations
@@ -17,15 +26,34 @@ import grpc
 
 from aggregator.synthesis import ClusterPointer, PeerAccess
 from coordinator.ring import Member
+from intake.journal import IntakeJournal
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
-from proto.errors import IntegrityError, NotFound
+from proto.errors import IntegrityError, InvalidInput, NotFound
 from proto.wire import CHUNK_SIZE, create_channel, error_from_rpc, iter_chunks, read_header_stream
 from storage.cid import cid_of, validate_cid
 from storage.manifest import Manifest
 from storage.store import ContentStore
+from trust.identity import Certified
+from trust.interceptor import caller_certificate
+from trust.reads import is_device_update, log_device_update_read, may_read_device_updates
+
+# "manifest" or "weights" when a CID is part of a device update this aggregator accepted; None otherwise
+DeviceUpdateLookup = Callable[[str], str | None]
 
 _MAX_BLOB_BYTES = 4 << 30
+
+
+def device_update_lookup(journal: IntakeJournal) -> DeviceUpdateLookup:
+    """Which part of an accepted device update a CID is, from the intake journal."""
+
+    def lookup(cid: str) -> str | None:
+        update = journal.update_holding(cid)
+        if update is None:
+            return None
+        return "manifest" if update.update_cid == cid else "weights"
+
+    return lookup
 
 
 def pointer_to_pb(pointer: ClusterPointer) -> pb.ClusterPointer:
@@ -73,6 +101,8 @@ class Published:
         self._lock = threading.Lock()
 
     def add(self, manifest: Manifest) -> None:
+        if is_device_update(manifest.kind):
+            raise InvalidInput(f"{manifest.cid} is a device update ({manifest.kind}): never published", reason="device_update")
         with self._lock:
             self._cids.update((manifest.cid, manifest.weights))
 
@@ -101,12 +131,18 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
         published: Published,
         store: ContentStore,
         offload: Callable[..., Awaitable[Any]],
+        private_store: ContentStore | None = None,
+        device_update: DeviceUpdateLookup | None = None,
     ) -> None:
+        """`store` serves published objects; `private_store` and `device_update` (both or neither) let
+        auditors fetch the device updates this aggregator accepted."""
         self._id = aggregator_id
         self._federation = federation
         self._published = published
         self._store = store
         self._offload = offload
+        self._private = private_store
+        self._device_update = device_update
 
     async def GetLatest(self, request: pb.LatestRequest, context: grpc.aio.ServicerContext) -> pb.LatestReply:
         reply = pb.LatestReply(aggregator_id=self._id)
@@ -123,13 +159,27 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
     async def FetchBlob(
         self, request: pb.FetchBlobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.BlobChunk]:
+        caller = caller_certificate()  # on the loop: it does not follow `offload`
         cid = validate_cid(request.cid)
-        if cid not in self._published:
-            raise NotFound(f"{cid} is not a published object of aggregator {self._id}", reason="not_found")
-        data = await self._offload(self._store.get, cid)
+        if cid in self._published:
+            data = await self._offload(self._store.get, cid)
+        else:
+            data = await self._device_update_for_audit(cid, caller)
         yield pb.BlobChunk(header=pb.BlobHeader(cid=cid, size=len(data)))
         for offset, piece in iter_chunks(data, CHUNK_SIZE):
             yield pb.BlobChunk(chunk=pb.Chunk(offset=offset, data=piece.tobytes()))
+
+
+    async def _device_update_for_audit(self, cid: str, caller: Certified | None) -> bytes:
+        not_published = NotFound(f"{cid} is not a published object of aggregator {self._id}", reason="not_found")
+        if self._device_update is None or self._private is None or not may_read_device_updates(caller):
+            raise not_published
+        what = await self._offload(self._device_update, cid)
+        if what is None:
+            raise not_published
+        data = await self._offload(self._private.get, cid)
+        log_device_update_read(caller, cid, what, via="PeerService.FetchBlob")
+        return data
 
 
 class GrpcPeerAccess(PeerAccess):

@@ -17,6 +17,10 @@ Screening, in order (refusal reason in brackets):
   to their CID [hash_mismatch]; not a valid manifest [invalid_manifest];
 - signature does not verify [bad_signature]; producer not a ring member [not_member];
   not a cluster model of this federation from that producer [wrong_model];
+- with TLS (`signers` given): the embedded certificate is not a current one of the
+  fleet CA (issued by it, valid now and at the model's created_at, not revoked)
+  certifying the signing key for aggregator <producer>, the ring member asked
+  [uncertified_signer];
 - names, shapes or dtypes differ from ours [shape_mismatch]; NaN/inf [not_finite];
 - a norm more than 10x or less than 1/10 of ours [norm_outlier], whatever the
   number of candidates;
@@ -51,6 +55,8 @@ from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer
 from storage.models import save_model
 from storage.store import ContentStore
+from trust.identity import Role
+from trust.signers import SignerError, Signers
 
 log = logging.getLogger("strata.aggregator.synthesis")
 
@@ -90,6 +96,7 @@ class PeerReason(StrEnum):
     HASH_MISMATCH = "hash_mismatch"
     NORM_OUTLIER = "norm_outlier"
     OUTLIER = "outlier"
+    UNCERTIFIED_SIGNER = "uncertified_signer"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,9 +143,11 @@ class SemiGlobalSynthesizer:
         shared_store: ContentStore | None = None,
         peers: PeerAccess,
         publish: Callable[[Manifest], None] | None = None,
+        signers: Signers | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
+        """`signers` (with TLS): peers' cluster models count only if certified ring members signed them."""
         self.aggregator_id = aggregator_id
         self.federation = federation
         self.settings = settings
@@ -148,6 +157,7 @@ class SemiGlobalSynthesizer:
         self._ring = ring
         self._peers = peers
         self._publish = publish
+        self._signers = signers
         self._clock = clock
         self._rng = rng or random.Random()
         self._decay = make_discount(settings.decay, **settings.decay_params)
@@ -221,6 +231,7 @@ class SemiGlobalSynthesizer:
                 f"expected a {self.federation} cluster model by aggregator {member.id}, got {manifest.kind} "
                 f"of {manifest.federation} by {manifest.producer.role}:{manifest.producer.id}",
             )
+        self._check_signer(manifest, member, ring)
         weights = self._fetch(member, manifest.weights)
         try:
             peer_tensors = decode_tensors(weights)
@@ -233,6 +244,21 @@ class SemiGlobalSynthesizer:
         if problem is not None:
             raise _Refused(cid, who, PeerReason.NOT_FINITE, problem)
         return _Candidate(pointer=pointer, manifest=manifest, tensors=peer_tensors, age=age)
+
+    def _check_signer(self, manifest: Manifest, member: Member, ring: Ring) -> None:
+        """With TLS: the signer is the ring member asked, certified now by the fleet CA as that aggregator."""
+        if self._signers is None:
+            return
+        cid, who = manifest.cid, member.id
+        try:
+            signer = self._signers.check(manifest, current=True)
+        except SignerError as exc:
+            raise _Refused(cid, who, PeerReason.UNCERTIFIED_SIGNER, f"{exc.reason}: {exc}") from None
+        identity = signer.certified.identity
+        if signer.recorded_for or identity.role != Role.AGGREGATOR or identity.id != member.id or identity.id not in ring:
+            raise _Refused(
+                cid, who, PeerReason.UNCERTIFIED_SIGNER, f"signed by {identity}, not by ring member aggregator/{member.id}"
+            )
 
     def _latest_pointer(self, member: Member, round_: int, timeout: float) -> ClusterPointer | None:
         """The peer's latest pointer, waiting (bounded by peer_wait_s from the start of this

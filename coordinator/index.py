@@ -10,6 +10,18 @@ ones are written in one transaction. Queries are shaped to read indexes only
 (see the schema's comments and `_listing`), so their cost follows the size of
 the answer, not the size of the index.
 
+With TLS, an announcement counts only from the model's producer: an aggregator
+announces what it made (its cluster and semi-global models), so the announcer's
+identity must be the manifest's producer (PERMISSION_DENIED ``not_producer``), and
+the manifest must be signed by the announcer's certified manifest key with its
+certificate embedded, issued by the fleet CA, valid at ``created_at`` and not
+revoked (PERMISSION_DENIED ``uncertified_signer``). Device updates are never
+announced, not even ones an aggregator recorded on a device's behalf: they stay
+in the store of the home that received them.
+
+The index holds manifests (and so CIDs and lineage), never weights: nothing here
+reads or serves a weights blob.
+
 The agent directory is what aggregators last reported about their agents.
 
 One SQLite file through `storage.durable` (WAL, synchronous=FULL, one
@@ -33,6 +45,9 @@ from proto.errors import InvalidInput, NotFound, StrataError
 from storage.cid import cid_of, validate_cid
 from storage.durable import DurableSqlite, Statement
 from storage.manifest import KINDS, Manifest
+from trust.errors import PermissionDenied
+from trust.identity import Certified
+from trust.signers import SignerError, Signers
 
 __all__ = ["MAX_BATCH", "AgentEntry", "IndexResult", "Lineage", "ModelIndex", "ModelRecord"]
 
@@ -278,6 +293,43 @@ class _Validated:
         return self.row[0]
 
 
+# device updates reach the index through the aggregator that accepted them, signed by their producers
+_RELAYED_KINDS = ("local", "relay")
+
+
+def _check_announcer(manifest: Manifest, announcer: Certified, signers: Signers | None) -> None:
+    """With TLS: an aggregator announces its own models, and the device updates it accepted (each signed by
+    its producer's certified key); anyone else announces only models it produced and signed itself."""
+    producer, identity = manifest.producer, announcer.identity
+    own = (producer.role, producer.id) == (identity.role.value, identity.id)
+    recorder = manifest.extra.get("recorded_by")
+    relayed = (
+        manifest.kind in _RELAYED_KINDS and identity.role.value == "aggregator" and recorder in (None, identity.id)
+    )
+    if not own and not relayed:
+        raise PermissionDenied(
+            f"{identity} may announce only models it produced, not {manifest.kind} model {manifest.cid} "
+            f"of {producer.role}/{producer.id}",
+            reason="not_producer",
+        )
+    assert manifest.signature is not None  # verified above
+    if own and manifest.signature["public_key"] != announcer.manifest_key:
+        raise PermissionDenied(
+            f"model {manifest.cid} is not signed by {identity}'s certified manifest key", reason="uncertified_signer"
+        )
+    if signers is None:
+        return
+    try:
+        signer = signers.check(manifest)
+    except SignerError as exc:
+        raise PermissionDenied(f"model {manifest.cid}: its signer does not count ({exc.reason}): {exc}", reason="uncertified_signer") from None
+    if own and signer.certified.identity != identity:
+        raise PermissionDenied(
+            f"model {manifest.cid} embeds the certificate of {signer.certified.identity}, not {identity}'s",
+            reason="uncertified_signer",
+        )
+
+
 class ModelIndex(DurableSqlite):
     """Thread-safe; `path=None` keeps the index in memory."""
 
@@ -307,19 +359,34 @@ class ModelIndex(DurableSqlite):
 
     # ------------------------------------------------------------ models
 
-    def record(self, manifest_bytes: bytes, notes: Mapping[str, str] | None = None) -> str:
+    def record(
+        self,
+        manifest_bytes: bytes,
+        notes: Mapping[str, str] | None = None,
+        *,
+        announcer: Certified | None = None,
+        signers: Signers | None = None,
+    ) -> str:
         """Validate and index a manifest; returns its CID (the model ID).
 
         Raises ManifestError (an InvalidInput) for a malformed manifest and
-        IntegrityError for a missing or bad signature. Recording the same bytes
-        again changes nothing but merges `notes`.
+        IntegrityError for a missing or bad signature; with `announcer` (the TLS
+        caller) and `signers`, PermissionDenied unless the announcer produced and
+        signed it with its certified key (see the module docstring). Recording the
+        same bytes again changes nothing but merges `notes`.
         """
         manifest_bytes = bytes(manifest_bytes)
-        validated = self._validate(manifest_bytes, notes, cid_of(manifest_bytes))
+        validated = self._validate(manifest_bytes, notes, cid_of(manifest_bytes), announcer=announcer, signers=signers)
         self._write(self._statements([validated]))
         return validated.cid
 
-    def record_many(self, items: Iterable[tuple[bytes, Mapping[str, str] | None]]) -> list[IndexResult]:
+    def record_many(
+        self,
+        items: Iterable[tuple[bytes, Mapping[str, str] | None]],
+        *,
+        announcer: Certified | None = None,
+        signers: Signers | None = None,
+    ) -> list[IndexResult]:
         """Validate each (manifest, notes) like `record` and index every valid one, all in one transaction.
 
         Returns one result per item, in order: the CID, or why that manifest was refused
@@ -341,7 +408,7 @@ class ModelIndex(DurableSqlite):
                 results.append(IndexResult(cid=cid))
                 continue
             try:
-                validated = self._validate(manifest, notes, cid)
+                validated = self._validate(manifest, notes, cid, announcer=announcer, signers=signers)
             except StrataError as err:
                 results.append(IndexResult(reason=err.reason, message=err.message))
                 continue
@@ -356,11 +423,21 @@ class ModelIndex(DurableSqlite):
         rows = self._read("SELECT cid FROM models WHERE cid IN (SELECT value FROM json_each(?))", (json.dumps(cids),))
         return {row[0] for row in rows}
 
-    def _validate(self, manifest_bytes: bytes, notes: Mapping[str, str] | None, cid: str) -> _Validated:
+    def _validate(
+        self,
+        manifest_bytes: bytes,
+        notes: Mapping[str, str] | None,
+        cid: str,
+        *,
+        announcer: Certified | None = None,
+        signers: Signers | None = None,
+    ) -> _Validated:
         """`cid` is cid_of(manifest_bytes), which the caller already needed (hashing is not free)."""
         manifest = Manifest.from_bytes(manifest_bytes)
-        if manifest.signature is not None or self._require_signature:
+        if manifest.signature is not None or self._require_signature or announcer is not None:
             manifest.verify_signature()
+        if announcer is not None:
+            _check_announcer(manifest, announcer, signers)
         row = (
             cid,
             manifest.kind,

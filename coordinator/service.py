@@ -43,7 +43,7 @@ from proto.errors import FailedPrecondition
 from proto.serving import Signal
 from trust.enroll import Enrollment
 from trust.errors import Unauthenticated
-from trust.interceptor import caller_certificate
+from trust.interceptor import caller_certificate, current_signers
 from trust.messages import (
     Certificate,
     certificate_to_pb,
@@ -142,14 +142,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def AnnounceModel(
         self, request: pb.AnnounceModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.AnnounceModelReply:
-        cid = await self._offload(self._index.record, request.manifest, dict(request.notes))
+        # with TLS only the producer may announce a model, signed with its certified key; read on the loop
+        announcer, signers = caller_certificate(), current_signers()
+        cid = await self._offload(
+            self._index.record, request.manifest, dict(request.notes), announcer=announcer, signers=signers
+        )
         return pb.AnnounceModelReply(model_cid=cid)
 
     async def AnnounceModels(
         self, request: pb.AnnounceModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.AnnounceModelsReply:
+        announcer, signers = caller_certificate(), current_signers()
         async with self._announcing:
-            results = await self._offload(self._index.record_many, announcements_from_pb(request))
+            results = await self._offload(
+                self._index.record_many, announcements_from_pb(request), announcer=announcer, signers=signers
+            )
         return index_results_to_pb(results)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsReply:

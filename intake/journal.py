@@ -146,6 +146,11 @@ class IntakeJournal(DurableSqlite):
             return False
         return True
 
+    def update_holding(self, cid: str) -> AcceptedUpdate | None:
+        """The accepted update whose manifest or weights are `cid`, if any (for audit reads: rare, unindexed)."""
+        rows = self._read("SELECT * FROM updates WHERE update_cid = ? OR weights_cid = ? LIMIT 1", (cid, cid))
+        return _update_from_row(rows[0]) if rows else None
+
     def open_updates(self) -> list[AcceptedUpdate]:
         """Accepted updates not yet closed into a batch, oldest first: what a restart folds back in."""
         rows = self._read("SELECT * FROM updates WHERE batch IS NULL ORDER BY accepted_at, agent_id")

@@ -2,7 +2,9 @@
 
 A device cannot tell an aggregator from a relay: Join answers with a home (or a
 redirect to the ring's owner), GetModel streams the manifest then the weights in
-~1 MiB chunks, SubmitUpdate refusals carry the same reason codes, WatchModels
+~1 MiB chunks (base, cluster and semi-global models only: a device update is
+refused PERMISSION_DENIED ``device_update`` unless the caller is an auditor,
+`trust.reads`, and each audit read is logged), SubmitUpdate refusals carry the same reason codes, WatchModels
 and Heartbeat announce new bases and home changes.
 
 Handlers are coroutines on the serving loop (`proto.serving`): an idle agent's
@@ -39,6 +41,16 @@ from proto.wire import CHUNK_SIZE
 from storage.cid import CidBuilder
 from storage.manifest import Manifest
 from storage.store import ContentStore, StagedWrite
+from trust.errors import PermissionDenied
+from trust.identity import Certified
+from trust.interceptor import caller_certificate, current_signers
+from trust.reads import (
+    DEVICE_UPDATE,
+    is_device_update,
+    log_device_update_read,
+    may_read_device_updates,
+)
+from trust.signers import Signers
 
 log = logging.getLogger("strata.intake.service")
 
@@ -118,11 +130,19 @@ async def read_update_stream(
 
 
 def submission_from_header(
-    header: pb.UpdateHeader, weights: bytes, received_cid: str = "", *, staged: StagedWrite | None = None
+    header: pb.UpdateHeader,
+    weights: bytes,
+    received_cid: str = "",
+    *,
+    staged: StagedWrite | None = None,
+    caller: Certified | None = None,
+    signers: Signers | None = None,
 ) -> Submission:
     return Submission(
         received_cid=received_cid,
         staged=staged,
+        caller=caller,
+        signers=signers,
         agent_id=header.agent_id,
         round=header.round,
         base_cid=header.base_cid,
@@ -175,10 +195,16 @@ class ModelBytes:
             self._ready.popitem(last=False)
 
 
-def read_model(store: ContentStore, model_cid: str) -> tuple[bytes, bytes]:
-    """A model's manifest bytes and weight bytes, both hash-verified by the store."""
+def read_model(store: ContentStore, model_cid: str, *, device_updates: bool = False) -> tuple[bytes, bytes]:
+    """A model's manifest bytes and weight bytes, both hash-verified by the store.
+
+    A device update is read only with `device_updates`; otherwise its manifest is read and
+    PermissionDenied("device_update") raised before its weights are touched."""
     manifest_bytes = store.get(model_cid)
-    return manifest_bytes, store.get(Manifest.from_bytes(manifest_bytes).weights)
+    manifest = Manifest.from_bytes(manifest_bytes)
+    if not device_updates and is_device_update(manifest.kind):
+        raise PermissionDenied(f"{model_cid} is a device update ({manifest.kind})", reason=DEVICE_UPDATE)
+    return manifest_bytes, store.get(manifest.weights)
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
@@ -206,8 +232,24 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._changes.notify()
 
     async def _load_model(self, model_cid: str) -> tuple[bytes, bytes]:
+        """A model any agent may read (never a device update: those are not kept in memory)."""
         await self._offload(self._home.prepare_download, model_cid)
         return await self._offload(read_model, self._home.store, model_cid)
+
+    async def _model(self, model_cid: str, caller: Certified | None) -> tuple[bytes, bytes]:
+        """The model's bytes for `caller`: a device update only for an auditor, and logged."""
+        try:
+            return await self._models.get(model_cid)
+        except PermissionDenied as refused:
+            if refused.reason != DEVICE_UPDATE:
+                raise
+            if not may_read_device_updates(caller):
+                who = str(caller.identity) if caller is not None else "a caller without a certificate"
+                raise PermissionDenied(f"{refused.message}; {who} may not read device updates", reason=DEVICE_UPDATE) from None
+        assert caller is not None
+        manifest_bytes, weights = await self._offload(read_model, self._home.store, model_cid, device_updates=True)
+        log_device_update_read(caller, model_cid, "model", via="AgentService.GetModel")
+        return manifest_bytes, weights
 
     def _check_federation(self, federation: str) -> None:
         if federation and federation != self._home.federation:
@@ -252,6 +294,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         )
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelChunk]:
+        caller = caller_certificate()  # on the loop: it does not follow `offload`
         self._check_federation(request.federation)
         if request.agent_id:
             self._agents.touch(request.agent_id)
@@ -261,7 +304,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         if request.if_none_match and request.if_none_match == model_cid:
             yield pb.ModelChunk(header=pb.ModelHeader(model_cid=model_cid, not_modified=True, round=round_))
             return
-        manifest_bytes, weights = await self._models.get(model_cid)
+        manifest_bytes, weights = await self._model(model_cid, caller)
         manifest = Manifest.from_bytes(manifest_bytes)
         yield pb.ModelChunk(
             header=pb.ModelHeader(
@@ -290,6 +333,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     async def _submit(self, request_iterator: AsyncIterator[pb.UpdateChunk], staged: StagedWrite) -> pb.SubmitUpdateReply:
         intake = self._home.intake
+        # on the loop: neither follows `offload` into the pool where the intake runs
+        caller, signers = caller_certificate(), current_signers()
         try:
             header, weights, received_cid = await read_update_stream(
                 request_iterator,
@@ -299,7 +344,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 staged=staged,
             )
             self._agents.touch(header.agent_id)
-            submission = submission_from_header(header, weights, received_cid, staged=staged)
+            submission = submission_from_header(
+                header, weights, received_cid, staged=staged, caller=caller, signers=signers
+            )
             result = await self._offload(intake.submit, submission)
         except StreamRefused as refusal:
             # refused while reading the stream, before the intake saw it

@@ -5,6 +5,14 @@ fields plus the weight bytes. `check_header` refuses a malformed header before
 anything is hashed twice or stored; `update_manifest` checks the sender's own
 signed manifest against the header (or, for a sender that sent none, records
 one under the receiver's key). Pure functions: no store, no journal, no grpc.
+
+With TLS the service also hands over the caller's certificate and how the server
+judges signers (`trust.interceptor.caller_certificate()` and `current_signers()`,
+read on the event loop: they do not follow the work into the thread pool). A
+sender's manifest then counts only if its producer is the caller (role and id;
+refused ``not_producer``) and it is signed by the caller's certified manifest key
+with that certificate embedded, issued by the fleet CA, valid at its
+``created_at`` and not revoked (refused ``uncertified_signer``).
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from storage.codec import summarize
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer, rfc3339
 from storage.store import StagedWrite
+from trust.identity import Certified
+from trust.signers import SignerError, Signers
 
 # SQLite integers are signed 64-bit; a larger claim is refused as a malformed header, not an overflow
 MAX_NUM_SAMPLES = (1 << 63) - 1
@@ -46,6 +56,9 @@ class Submission:
     received_cid: str = ""
     # the same bytes, already written to the store as they arrived (saves the write after)
     staged: StagedWrite | None = None
+    # with TLS: who sent it (their certificate) and how this server judges manifest signers
+    caller: Certified | None = None
+    signers: Signers | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +120,8 @@ def update_manifest(
         manifest.verify_signature()
     except StrataError as exc:
         raise UpdateRefused(f"update manifest: {exc}", reason=Refusal.BAD_MANIFEST) from None
+    if sub.caller is not None:
+        _check_certified_signer(manifest, sub.caller, sub.signers)
     expected = (sub.kind, federation, sub.round, weights_cid, sub.base_cid, sub.num_samples, sub.agent_id)
     actual = (
         manifest.kind,
@@ -121,3 +136,31 @@ def update_manifest(
     if wrong:
         raise UpdateRefused(f"update manifest disagrees with the header on {wrong}", reason=Refusal.BAD_MANIFEST)
     return manifest
+
+
+def _check_certified_signer(manifest: Manifest, caller: Certified, signers: Signers | None) -> None:
+    """The manifest counts only if the caller produced it and signed it with its certified key."""
+    producer, identity = manifest.producer, caller.identity
+    if (producer.role, producer.id) != (identity.role.value, identity.id):
+        raise UpdateRefused(
+            f"update manifest names producer {producer.role}/{producer.id}, but the caller is {identity}",
+            reason=Refusal.NOT_PRODUCER,
+        )
+    assert manifest.signature is not None  # verify_signature passed
+    if manifest.signature["public_key"] != caller.manifest_key:
+        raise UpdateRefused(
+            f"update manifest is signed by a key that is not {identity}'s certified manifest key",
+            reason=Refusal.UNCERTIFIED_SIGNER,
+        )
+    if signers is not None:
+        try:
+            signer = signers.check(manifest)
+        except SignerError as exc:
+            raise UpdateRefused(
+                f"update manifest's signer does not count ({exc.reason}): {exc}", reason=Refusal.UNCERTIFIED_SIGNER
+            ) from None
+        if signer.certified.identity != identity:
+            raise UpdateRefused(
+                f"update manifest embeds the certificate of {signer.certified.identity}, not the caller's ({identity})",
+                reason=Refusal.UNCERTIFIED_SIGNER,
+            )

@@ -98,10 +98,24 @@ class Refusal(StrEnum):
     BAD_MANIFEST = "bad_manifest"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     NOT_INVITED = "not_invited"
+    # with TLS: the manifest is not signed by the caller's certified manifest key (or its embedded
+    # certificate does not certify that key for the caller, or is revoked)
+    UNCERTIFIED_SIGNER = "uncertified_signer"
+    # with TLS: the manifest's producer (role and id) is not the caller
+    NOT_PRODUCER = "not_producer"
 
 
 # Refusals that resending the same update can never overcome: an agent drops such an update.
-FINAL_REFUSALS = frozenset({Refusal.STALE, Refusal.CONFLICT, Refusal.UNKNOWN_BASE, Refusal.NOT_INVITED})
+FINAL_REFUSALS = frozenset(
+    {
+        Refusal.STALE,
+        Refusal.CONFLICT,
+        Refusal.UNKNOWN_BASE,
+        Refusal.NOT_INVITED,
+        Refusal.UNCERTIFIED_SIGNER,
+        Refusal.NOT_PRODUCER,
+    }
+)
 
 
 class UpdateRefused(InvalidInput):

@@ -12,6 +12,7 @@ import binascii
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -47,13 +48,33 @@ def _unb64(text: object, length: int | None = None) -> bytes | None:
 
 
 class KeyPair:
-    """An ed25519 private key and its public half."""
+    """An ed25519 private key and its public half, and optionally the certificate that certifies it.
 
-    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+    A certified pair (`with_certificate`) embeds its certificate in every manifest it
+    signs (`storage.manifest.Manifest.signed`), so anyone holding the fleet CA can
+    tell offline whose key signed it. The certificate is read when a manifest is
+    signed, so a pair whose certificate source follows renewals always embeds the
+    current one.
+    """
+
+    def __init__(
+        self, private_key: Ed25519PrivateKey, *, certificate: str | Callable[[], str | None] | None = None
+    ) -> None:
         self._private = private_key
         self._public_raw = private_key.public_key().public_bytes(
             _RAW, serialization.PublicFormat.Raw
         )
+        self._certificate = certificate
+
+    def with_certificate(self, certificate: str | Callable[[], str | None] | None) -> KeyPair:
+        """This key with a certificate (PEM text, or a function returning the current one); None: bare."""
+        return KeyPair(self._private, certificate=certificate)
+
+    @property
+    def certificate(self) -> str | None:
+        """The PEM certificate certifying this key (embedded in what it signs); None for a bare key."""
+        source = self._certificate
+        return source() if callable(source) else source
 
     @classmethod
     def generate(cls) -> KeyPair:
@@ -69,7 +90,8 @@ class KeyPair:
         return _b64(self._private.sign(data))
 
     def __repr__(self) -> str:
-        return f"KeyPair(public_key={self.public_key!r})"
+        certified = ", certified" if self._certificate is not None else ""
+        return f"KeyPair(public_key={self.public_key!r}{certified})"
 
     # ------------------------------------------------------------ files
 

@@ -7,7 +7,16 @@ CID, so changing any byte of a model or of anything in its lineage changes the
 IDs above it.
 
 The producer's ed25519 signature covers the canonical bytes of every field
-except ``signature`` itself (`signing_bytes`). The CID covers the bytes as
+except ``signature`` itself (`signing_bytes`), the embedded certificate included.
+
+``certificate`` (optional): the PEM certificate from the fleet CA that certifies
+the signing key for the producer (its SAN names the producer's role and id, its
+manifest-key extension the key in ``signature.public_key``). A producer with a
+fleet certificate embeds it whenever it signs (`signed` takes it from a
+certified `KeyPair`), so anyone holding the fleet CA can check offline who
+signed what (`trust.signers`). A manifest without one has no ``certificate``
+key at all, so manifests written before it, and manifests of fleets without a
+CA, keep their bytes and their CIDs. The CID covers the bytes as
 stored (`to_bytes`), signature included. A manifest built in code serializes
 canonically; one parsed by `from_bytes` keeps the exact bytes it was parsed
 from, so its `cid` is always the CID those bytes are stored under, even if a
@@ -38,18 +47,25 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "Producer",
+    "DEVICE_UPDATE_KINDS",
     "canonical_json",
     "now_rfc3339",
+    "timestamp",
 ]
 
 SCHEMA = "strata/model/1"
 KINDS = ("base", "local", "relay", "cluster", "semi-global", "fork")
+# a device's own update and a relay's combined one: private to the receiver, never served to other devices
+DEVICE_UPDATE_KINDS = ("local", "relay")
+# a PEM certificate is about 1 KiB; this leaves room for long SANs and nothing more
+MAX_CERTIFICATE_CHARS = 16384
+_PEM_CERTIFICATE = re.compile(r"^-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----\r?\n?$")
 
 _FEDERATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 _FIELDS = (
     "schema", "kind", "federation", "round", "producer", "weights", "tensors", "parents",
-    "base", "num_samples", "metrics", "algorithm", "extra", "created_at", "signature",
+    "base", "num_samples", "metrics", "algorithm", "extra", "created_at", "certificate", "signature",
 )  # fmt: skip
 _REQUIRED = ("schema", "kind", "federation", "round", "producer", "weights", "tensors")
 
@@ -79,6 +95,13 @@ def rfc3339(timestamp: float) -> str:
 def now_rfc3339() -> str:
     """The current UTC time as RFC 3339 with milliseconds."""
     return rfc3339(time.time())
+
+
+def timestamp(text: str) -> float:
+    """POSIX seconds of an RFC 3339 UTC time as manifests write it ("...Z", up to 9 fraction digits)."""
+    body = text[:-1] if text.endswith("Z") else text
+    head, dot, fraction = body.partition(".")
+    return datetime.fromisoformat(f"{head}.{fraction[:6]}" if dot else head).replace(tzinfo=UTC).timestamp()
 
 
 def _is_int(value: Any) -> bool:
@@ -145,6 +168,7 @@ class Manifest:
     algorithm: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=now_rfc3339)
+    certificate: str | None = None
     signature: dict[str, str] | None = None
     schema: str = SCHEMA
     # The exact bytes this manifest was parsed from, if any (see the module docstring).
@@ -191,6 +215,8 @@ class Manifest:
         if self.algorithm and not isinstance(self.algorithm.get("name"), str):
             raise _bad("algorithm.name", "expected a string naming the algorithm")
         self._check_created_at()
+        if self.certificate is not None:
+            self._check_certificate(self.certificate)
         if self.signature is not None:
             self._set("signature", self._checked_signature(self.signature))
 
@@ -247,6 +273,15 @@ class Manifest:
         )
 
     @staticmethod
+    def _check_certificate(value: Any) -> None:
+        if (
+            not isinstance(value, str)
+            or len(value) > MAX_CERTIFICATE_CHARS
+            or not _PEM_CERTIFICATE.match(value)
+        ):
+            raise _bad("certificate", "expected one PEM certificate (-----BEGIN CERTIFICATE-----...)")
+
+    @staticmethod
     def _checked_signature(signature: Any) -> dict[str, str]:
         if not isinstance(signature, Mapping) or set(signature) != {"alg", "public_key", "sig"}:
             raise _bad("signature", "expected an object with keys 'alg', 'public_key', 'sig'")
@@ -277,6 +312,8 @@ class Manifest:
             "tensors": {name: info.to_json() for name, info in self.tensors.items()},
             "weights": self.weights,
         }
+        if self.certificate is not None:
+            record["certificate"] = self.certificate
         if include_signature:
             record["signature"] = self.signature
         return record
@@ -333,6 +370,10 @@ class Manifest:
         }
         if "created_at" not in optional:
             raise _bad("created_at", "missing")
+        if "certificate" in record:
+            # present means a certificate: an explicit null would sign differently than it serializes
+            Manifest._check_certificate(record["certificate"])
+            optional["certificate"] = record["certificate"]
         return cls(
             schema=record["schema"],
             kind=record["kind"],
@@ -362,13 +403,20 @@ class Manifest:
     # ------------------------------------------------------------ signatures
 
     def signed(self, key: KeyPair) -> Manifest:
-        """A copy of this manifest signed by `key` (any previous signature is replaced)."""
+        """A copy of this manifest signed by `key` (any previous signature is replaced).
+
+        A certified `key` embeds its certificate first, so the signature covers it; a bare
+        key leaves `certificate` as it is."""
+        certificate = key.certificate
+        unsigned = dataclasses.replace(
+            self, signature=None, certificate=certificate if certificate is not None else self.certificate
+        )
         signature = {
             "alg": KEY_TYPE,
             "public_key": key.public_key,
-            "sig": key.sign(self.signing_bytes()),
+            "sig": key.sign(unsigned.signing_bytes()),
         }
-        return dataclasses.replace(self, signature=signature)
+        return dataclasses.replace(unsigned, signature=signature)
 
     def verify_signature(self) -> None:
         """Raise IntegrityError: reason "unsigned" without a signature, "bad_signature" if it

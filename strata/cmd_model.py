@@ -1,4 +1,13 @@
-"""`strata model put|show|export`, `strata lineage` and `strata verify`."""
+"""`strata model put|show|export`, `strata lineage` and `strata verify`.
+
+`strata verify CID` re-hashes the lineage and checks each signature against the key
+its manifest names (self-consistency). With `--ca fleet-ca.pem` it also checks every
+signer against the fleet CA (`trust.signers`): each manifest must embed a
+certificate the CA issued to its producer (role and id), certifying the key that
+signed it and valid at its ``created_at``; with `--revocations` a revoked signer
+fails too. It prints who signed what, and exits 4 on an unknown signer, a
+certificate from another CA, a revoked signer or any mismatch.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +16,13 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from proto.errors import InvalidInput, NotFound
 from storage.cid import validate_cid
 from storage.codec import CodecError, decode_torch, encode_tensors
 from storage.keys import KeyPair
-from storage.lineage import verify, walk
+from storage.lineage import LineageGraph, verify, walk
 from storage.manifest import KINDS, Producer
 from storage.models import load_manifest, load_model, save_model
 from storage.open import open_store
@@ -28,6 +38,9 @@ from strata.cli_common import (
     channel_factory_for,
     print_json,
 )
+from trust.identity import load_certificate
+from trust.revocation import RevocationList
+from trust.signers import SignerError, Signers
 
 
 def resolve_store(args: argparse.Namespace) -> ContentStore:
@@ -91,8 +104,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_bundle_option(lineage)
 
-    _store_command(
+    verify_parser = _store_command(
         commands, "verify", "re-hash a model's whole lineage, weights and signatures; exit 4 on any mismatch", cmd_verify
+    )
+    verify_parser.add_argument(
+        "--ca",
+        type=Path,
+        metavar="FLEET-CA.PEM",
+        help="also check every signer against this fleet CA: each manifest must embed a certificate the CA issued "
+        "to its producer, certifying the key that signed it, valid when it was made; prints who signed what",
+    )
+    verify_parser.add_argument(
+        "--revocations",
+        type=Path,
+        metavar="FILE",
+        help="with --ca: the CA's signed revocation list (e.g. ~/.strata/ca/revocations.json); a revoked signer fails",
     )
 
 
@@ -209,8 +235,46 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return EXIT_OK if not broken else EXIT_INTEGRITY
 
 
+def _signers(args: argparse.Namespace) -> Signers | None:
+    """The fleet's signer check from --ca (and --revocations), or None without --ca."""
+    if args.revocations is not None and args.ca is None:
+        raise InvalidInput("--revocations needs --ca (the CA that signed the list)", reason="usage")
+    if args.ca is None:
+        return None
+    ca_pem = _read_file(args.ca, "--ca")
+    revocations = None
+    if args.revocations is not None:
+        revocations = RevocationList.from_bytes(_read_file(args.revocations, "--revocations"))
+    # a list the CA did not sign is an integrity failure (exit 4), like any other signature
+    return Signers(load_certificate(ca_pem), revocations=revocations)
+
+
+def _read_file(path: Path, option: str) -> bytes:
+    if not path.is_file():
+        raise NotFound(f"{option}: no such file: {path}", reason="file_not_found")
+    return path.read_bytes()
+
+
+def _signer_rows(graph: LineageGraph, signers: Signers) -> list[dict[str, Any]]:
+    """Who signed each model of the lineage read, in walk order (or why its signer does not count)."""
+    rows = []
+    for cid, manifest in graph.nodes.items():
+        row: dict[str, Any] = {
+            "cid": cid,
+            "kind": manifest.kind,
+            "producer": f"{manifest.producer.role}/{manifest.producer.id}",
+        }
+        try:
+            row["signer"] = signers.check(manifest).to_json()
+        except SignerError as exc:
+            row.update(problem=exc.reason, message=str(exc))
+        rows.append(row)
+    return rows
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     validate_cid(args.cid)
+    signers = _signers(args)
     with resolve_store(args) as store:
         try:
             graph = verify(store, args.cid)
@@ -218,18 +282,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise InvalidInput(str(exc), reason=exc.reason) from None
     if any(p.cid == args.cid and p.reason == "missing" for p in graph.problems):
         raise NotFound(f"model {args.cid} is not in the store", reason="not_found")
-    result = {
-        "model": args.cid,
-        "ok": graph.ok,
-        "models_checked": len(graph.nodes),
-        "problems": [{"cid": p.cid, "where": p.where, "reason": p.reason, "message": p.message} for p in graph.problems],
-    }
+    problems = [{"cid": p.cid, "where": p.where, "reason": p.reason, "message": p.message} for p in graph.problems]
+    rows = _signer_rows(graph, signers) if signers is not None else []
+    # a bad or missing signature is already a lineage problem; every other signer problem is one more
+    signed_badly = {(p.cid, p.reason) for p in graph.problems}
+    problems += [
+        {"cid": row["cid"], "where": "signer", "reason": row["problem"], "message": row["message"]}
+        for row in rows
+        if "problem" in row and (row["cid"], row["problem"]) not in signed_badly
+    ]
+    ok = not problems
+    result: dict[str, Any] = {"model": args.cid, "ok": ok, "models_checked": len(graph.nodes), "problems": problems}
+    if signers is not None:
+        result.update(fleet=signers.fleet, signers=rows)
     if args.json:
         print_json(result)
-    elif graph.ok:
-        print(f"ok: {len(graph.nodes)} model(s), their weights and signatures verify")
+        return EXIT_OK if ok else EXIT_INTEGRITY
+    if ok:
+        certified = f"; every signer is certified by fleet {signers.fleet}'s CA" if signers is not None else ""
+        print(f"ok: {len(graph.nodes)} model(s), their weights and signatures verify{certified}")
     else:
-        print(f"FAILED: {len(graph.problems)} problem(s) in {len(graph.nodes)} model(s) read")
-        for problem in graph.problems:
-            print(f"  {problem.reason}: {problem.cid} ({problem.where}): {problem.message}")
-    return EXIT_OK if graph.ok else EXIT_INTEGRITY
+        print(f"FAILED: {len(problems)} problem(s) in {len(graph.nodes)} model(s) read")
+        for problem in problems:
+            print(f"  {problem['reason']}: {problem['cid']} ({problem['where']}): {problem['message']}")
+    if rows:
+        print("signers:")
+        print(render.signers_text(rows))
+    return EXIT_OK if ok else EXIT_INTEGRITY

@@ -152,6 +152,7 @@ def manifest_text(cid: str, manifest: Manifest) -> str:
         f"samples    {manifest.num_samples}",
         f"created    {manifest.created_at}",
         f"signed     {'ed25519 ' + manifest.signature['public_key'][:16] + '…' if manifest.signature else 'no'}",
+        f"cert       {'embedded (check the signer: strata verify --ca)' if manifest.certificate else 'none'}",
     ]
     if manifest.metrics:
         lines.append("metrics    " + " ".join(f"{k}={v:.4g}" for k, v in sorted(manifest.metrics.items())))
@@ -181,3 +182,17 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
+
+
+def signers_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Who signed what: one line per model of a lineage, from `strata verify --ca`'s rows."""
+    lines = []
+    for row in rows:
+        head = f"  {row['cid']}  {row['kind']:<11} {row['producer']:<28}"
+        signer = row.get("signer")
+        if signer is not None:
+            recorded = f", recorded for {signer['recorded_for']}" if signer.get("recorded_for") else ""
+            lines.append(f"{head} signed by {signer['identity']} (serial {signer['serial']}){recorded}")
+        else:
+            lines.append(f"{head} NOT CERTIFIED ({row['problem']}): {row['message']}")
+    return "\n".join(lines)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import pytest
 
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
@@ -152,6 +153,21 @@ class AgentServiceContract:
             assert accepted.update_cid and accepted.round == home.base.round
             again = submit(stub, blob, agent_id="contract-submit", base=home.base)
             assert again.accepted and again.duplicate and again.update_cid == accepted.update_cid
+
+    def test_get_model_never_serves_a_device_update_whatever_its_cid(self, agent_service: ServiceUnderTest) -> None:
+        """Plaintext has no auditor: a device update is refused to everyone, its sender included."""
+        channel, stub = stub_for(agent_service.address)
+        with channel:
+            home = join(stub, "contract-private")
+            reply = submit(stub, nudged(base_tensors(stub, home.base.model_cid)), agent_id="contract-private", base=home.base)
+            assert reply.accepted, reply
+            with pytest.raises(grpc.RpcError) as info:
+                get_model(stub, reply.update_cid)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "device_update" in (info.value.details() or "")
+            # the base is still served, by CID too
+            header, _ = get_model(stub, home.base.model_cid)
+            assert header.model_cid == home.base.model_cid
 
     def test_watch_models_announces_new_base(self, agent_service: ServiceUnderTest) -> None:
         channel, stub = stub_for(agent_service.address)

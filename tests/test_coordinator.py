@@ -21,7 +21,12 @@ from proto.wire import create_channel
 from storage.cid import cid_of
 from storage.codec import TensorInfo
 from storage.keys import KeyPair
-from storage.manifest import Manifest, Producer
+from storage.manifest import Manifest, Producer, rfc3339
+from trust.bundle import Bundle
+from trust.ca import FleetCA
+from trust.errors import PermissionDenied
+from trust.identity import Identity, Role
+from trust.signers import Signers
 
 
 class FakeClock:
@@ -476,3 +481,38 @@ def test_static_daemon(tmp_path: Path) -> None:
         ring = pb_grpc.CoordinatorServiceStub(channel).GetRing(pb.GetRingRequest(), timeout=5)
         channel.close()
     assert ring.version == 1 and [m.id for m in ring.members] == ["a", "b"]
+
+
+# ---------------------------------------------------------------- announcements with TLS
+
+
+def test_with_tls_only_the_producer_announces_its_certified_models(index: ModelIndex, tmp_path: Path) -> None:
+    now = rfc3339(time.time())
+    with FleetCA.init(tmp_path / "ca", "demo") as ca:
+        agg_a = ca.issue(Identity(Role.AGGREGATOR, "agg-a"), KeyPair.generate())
+        agg_b = ca.issue(Identity(Role.AGGREGATOR, "agg-b"), KeyPair.generate())
+        key_a = agg_a.manifest_key.with_certificate(agg_a.cert_pem.decode())
+        signers = Signers(ca.cert)
+
+        def refused(manifest: Manifest, announcer: Bundle = agg_a, check: Signers = signers) -> str:
+            with pytest.raises(PermissionDenied) as info:
+                index.record(manifest.to_bytes(), announcer=announcer.certified, signers=check)
+            return info.value.reason
+
+        cluster = make_manifest(key_a, created_at=now)
+        assert index.record(cluster.to_bytes(), announcer=agg_a.certified, signers=signers) == cluster.cid
+        # agg-b relaying agg-a's genuine model: only the producer announces
+        assert refused(make_manifest(key_a, round=2, created_at=now), announcer=agg_b) == "not_producer"
+        # a device update agg-a recorded for an agent is indexed when agg-a announces it, and only then
+        recorded = dataclasses.replace(
+            make_manifest(key_a, kind="local", created_at=now), producer=Producer(role="agent", id="a1"), extra={"recorded_by": "agg-a"}
+        ).signed(key_a)
+        assert refused(recorded, announcer=agg_b) == "not_producer"
+        assert index.record(recorded.to_bytes(), announcer=agg_a.certified, signers=signers) == recorded.cid
+        # a key of agg-a's own that its certificate does not certify; the certified key without its certificate
+        assert refused(make_manifest(KeyPair.generate(), round=3, created_at=now)) == "uncertified_signer"
+        assert refused(make_manifest(agg_a.manifest_key, round=4, created_at=now)) == "uncertified_signer"
+        # revoked since
+        revoked = Signers(ca.cert, revocations=ca.revoke(identities=[Identity(Role.AGGREGATOR, "agg-a")]))
+        assert refused(make_manifest(key_a, round=5, created_at=now), check=revoked) == "uncertified_signer"
+    assert sorted(r.cid for r in index.list()) == sorted([cluster.cid, recorded.cid])

@@ -140,14 +140,14 @@ class _SlowIndex(ModelIndex):
         self._guard = threading.Lock()
         self.inside = self.most = 0
 
-    def record_many(self, items):  # type: ignore[no-untyped-def]
+    def record_many(self, items, **checks):  # type: ignore[no-untyped-def]
         with self._guard:
             self.inside += 1
             self.most = max(self.most, self.inside)
         time.sleep(0.2)
         with self._guard:
             self.inside -= 1
-        return super().record_many(items)
+        return super().record_many(items, **checks)
 
 
 def test_batches_take_at_most_two_offload_workers() -> None:

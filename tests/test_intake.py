@@ -6,7 +6,9 @@ window (both are tested end to end elsewhere); everything else is the real code.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,10 +22,14 @@ from intake.submission import Submission
 from intake.validation import UpdateLimits
 from proto.errors import Refusal, UpdateRefused
 from storage.cid import cid_of
-from storage.codec import encode_tensors
+from storage.codec import encode_tensors, summarize
 from storage.keys import KeyPair
-from storage.manifest import Manifest
+from storage.manifest import Manifest, Producer, rfc3339
 from storage.store import LocalStore
+from trust.bundle import Bundle
+from trust.ca import FleetCA
+from trust.identity import Identity, Role
+from trust.signers import Signers
 
 W = "w"
 BASE_TENSORS = {W: np.ones(4, np.float32)}
@@ -176,3 +182,96 @@ def test_open_updates_are_what_a_restart_folds_back(fx: Fixture) -> None:
     fx.intake.submit(fx.sub("a1"))
     fx.intake.submit(fx.sub("a2", value=1.25))
     assert [u.agent_id for u in fx.journal.open_updates()] == ["a1", "a2"]
+
+
+# ------------------------------------------------------------------ certified signers (with TLS)
+
+
+class Certs:
+    """A real fleet CA and certified agents, and the Signers a TLS server judges manifests with."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.ca = FleetCA.init(tmp_path / "ca", "demo")
+        self.signers = Signers(self.ca.cert)
+
+    def bundle(self, name: str) -> Bundle:
+        return self.ca.issue(Identity(Role.AGENT, name), KeyPair.generate())
+
+
+def _signed_sub(
+    fx: Fixture, bundle: Bundle, key: KeyPair, *, producer: str = "a1", signers: Signers | None = None
+) -> Submission:
+    """A submission by the TLS caller `bundle`, carrying a manifest signed by `key`."""
+    sub = fx.sub(bundle.identity.id)
+    manifest = Manifest(
+        kind="local",
+        federation="digits",
+        round=sub.round,
+        producer=Producer(role="agent", id=producer),
+        weights=cid_of(sub.weights),
+        tensors=summarize(sub.weights),
+        base=sub.base_cid,
+        num_samples=sub.num_samples,
+        created_at=rfc3339(time.time()),
+    ).signed(key)
+    return dataclasses.replace(sub, manifest=manifest.to_bytes(), caller=bundle.certified, signers=signers)
+
+
+@pytest.fixture
+def certs(tmp_path: Path):
+    found = Certs(tmp_path)
+    yield found
+    found.ca.close()
+
+
+def test_with_tls_the_callers_certified_key_and_certificate_count(fx: Fixture, certs: Certs) -> None:
+    a1 = certs.bundle("a1")
+    key = a1.manifest_key.with_certificate(a1.cert_pem.decode())
+    result = fx.intake.submit(_signed_sub(fx, a1, key, signers=certs.signers))
+    stored = Manifest.from_bytes(fx.store.get(result.update_cid))
+    assert stored.certificate == a1.cert_pem.decode()
+    assert certs.signers.check(stored).certified.identity == a1.identity
+
+
+def test_with_tls_a_key_of_the_agents_own_but_not_its_certified_one_is_an_uncertified_signer(
+    fx: Fixture, certs: Certs
+) -> None:
+    a1 = certs.bundle("a1")
+    own = KeyPair.generate()  # a key of a1's own, not the one its certificate certifies
+    assert fx.refused(_signed_sub(fx, a1, own)) == Refusal.UNCERTIFIED_SIGNER
+    # its real certificate embedded does not help: the certificate does not certify that key
+    assert fx.refused(_signed_sub(fx, a1, own.with_certificate(a1.cert_pem.decode()), signers=certs.signers)) == (
+        Refusal.UNCERTIFIED_SIGNER
+    )
+    assert fx.journal.refusal_counts() == {"uncertified_signer": 2}
+    assert fx.receiver.folded == [] and not fx.store.has(cid_of(fx.sub().weights))
+
+
+def test_with_tls_the_certified_key_without_its_certificate_or_with_anothers_is_refused(fx: Fixture, certs: Certs) -> None:
+    a1, a2 = certs.bundle("a1"), certs.bundle("a2")
+    # signed by the certified key, but nothing embedded for an offline reader to check
+    assert fx.refused(_signed_sub(fx, a1, a1.manifest_key, signers=certs.signers)) == Refusal.UNCERTIFIED_SIGNER
+    # a2's certificate under a1's key
+    stolen = a1.manifest_key.with_certificate(a2.cert_pem.decode())
+    assert fx.refused(_signed_sub(fx, a1, stolen, signers=certs.signers)) == Refusal.UNCERTIFIED_SIGNER
+
+
+def test_with_tls_a_manifest_naming_another_producer_is_refused(fx: Fixture, certs: Certs) -> None:
+    a1, a2 = certs.bundle("a1"), certs.bundle("a2")
+    # a2's genuinely signed manifest, sent by a1
+    a2_key = a2.manifest_key.with_certificate(a2.cert_pem.decode())
+    assert fx.refused(_signed_sub(fx, a1, a2_key, producer="a2", signers=certs.signers)) == Refusal.NOT_PRODUCER
+
+
+def test_with_tls_a_revoked_signer_is_refused(fx: Fixture, certs: Certs) -> None:
+    a1 = certs.bundle("a1")
+    key = a1.manifest_key.with_certificate(a1.cert_pem.decode())
+    revoked = Signers(certs.ca.cert, revocations=certs.ca.revoke(serials=[a1.certified.serial]))
+    assert fx.refused(_signed_sub(fx, a1, key, signers=revoked)) == Refusal.UNCERTIFIED_SIGNER
+
+
+def test_with_tls_a_sender_without_a_manifest_gets_one_recorded_by_the_receiver(fx: Fixture, certs: Certs) -> None:
+    a1 = certs.bundle("a1")
+    result = fx.intake.submit(dataclasses.replace(fx.sub("a1"), caller=a1.certified, signers=certs.signers))
+    recorded = Manifest.from_bytes(fx.store.get(result.update_cid))
+    assert recorded.producer.id == "a1" and recorded.extra["recorded_by"] == "agg-t"

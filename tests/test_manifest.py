@@ -356,3 +356,67 @@ def test_load_model_checks_weights_against_the_manifest(local_store: LocalStore)
     with pytest.raises(IntegrityError) as caught:
         load_model(local_store, liar.cid)
     assert caught.value.reason == "weights_mismatch"
+
+
+# ------------------------------------------------------------------ embedded certificates
+
+# storage checks only that it is one PEM certificate; trust.signers reads it (tests/test_signers.py)
+CERT = "-----BEGIN CERTIFICATE-----\nTUlJQmVnaW4=\nZmFrZQ==\n-----END CERTIFICATE-----\n"
+
+
+def test_a_manifest_without_a_certificate_has_no_certificate_key_so_old_bytes_and_cids_stay(keypair: KeyPair) -> None:
+    manifest = _manifest().signed(keypair)
+    assert manifest.certificate is None
+    assert b"certificate" not in manifest.to_bytes()
+    record = json.loads(manifest.to_bytes())
+    # an old manifest (written before the field existed) parses to the same bytes and CID
+    again = Manifest.from_json(record)
+    assert again.to_bytes() == manifest.to_bytes() and again.cid == manifest.cid
+
+
+def test_a_certified_key_embeds_its_certificate_under_the_signature(keypair: KeyPair) -> None:
+    certified = keypair.with_certificate(CERT)
+    assert certified.public_key == keypair.public_key and certified.certificate == CERT
+    manifest = _manifest().signed(certified)
+    assert manifest.certificate == CERT
+    manifest.verify_signature()
+    assert json.loads(manifest.to_bytes())["certificate"] == CERT
+    assert b"certificate" in manifest.signing_bytes()
+    parsed = Manifest.from_bytes(manifest.to_bytes())
+    assert parsed.certificate == CERT and parsed.cid == manifest.cid
+    # swapping the certificate breaks the signature: it is covered
+    swapped = json.loads(manifest.to_bytes())
+    swapped["certificate"] = CERT.replace("ZmFrZQ==", "b3RoZXI=")
+    with pytest.raises(IntegrityError):
+        Manifest.from_bytes(canonical_json(swapped)).verify_signature()
+    # deterministic: the same content signed by the same certified key gives the same CID
+    assert _manifest().signed(certified).cid == manifest.cid
+
+
+def test_a_certificate_source_is_read_at_each_signing(keypair: KeyPair) -> None:
+    current = [CERT]
+    certified = keypair.with_certificate(lambda: current[0])
+    first = _manifest().signed(certified)
+    current[0] = CERT.replace("ZmFrZQ==", "cmVuZXc=")  # a renewal: same key, new certificate
+    second = _manifest().signed(certified)
+    assert first.certificate == CERT and second.certificate == current[0]
+    assert "certified" in repr(certified) and "certified" not in repr(keypair)
+
+
+def test_a_bare_key_keeps_a_certificate_already_in_the_manifest(keypair: KeyPair) -> None:
+    manifest = _manifest(certificate=CERT).signed(keypair)
+    assert manifest.certificate == CERT
+    manifest.verify_signature()
+
+
+@pytest.mark.parametrize(
+    "value", [None, "", "not a pem", 7, CERT + CERT, CERT.replace("BEGIN CERTIFICATE", "BEGIN PRIVATE KEY"), CERT + "x" * 20000]
+)
+def test_a_certificate_field_that_is_not_one_pem_certificate_is_refused(value: Any) -> None:
+    record = json.loads(_manifest().to_bytes())
+    record["certificate"] = value
+    with pytest.raises(ManifestError, match="certificate"):
+        Manifest.from_bytes(canonical_json(record))
+    if value is not None:
+        with pytest.raises(ManifestError, match="certificate"):
+            _manifest(certificate=value)

@@ -27,6 +27,7 @@ from storage.lineage import walk
 from storage.manifest import Manifest, Producer
 from storage.models import load_model, save_model
 from storage.store import LocalStore
+from trust.signers import Signers
 
 BASE = {"w": np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32), "b": np.array([0.5, -0.5], dtype=np.float32)}
 
@@ -79,7 +80,9 @@ def peers(tmp_path: Path) -> Iterator[dict[str, Peer]]:
         peer.store.close()
 
 
-def _synthesizer(tmp_path: Path, ring: Ring, **settings: object) -> tuple[SemiGlobalSynthesizer, LocalStore, KeyPair]:
+def _synthesizer(
+    tmp_path: Path, ring: Ring, *, signers: Signers | None = None, **settings: object
+) -> tuple[SemiGlobalSynthesizer, LocalStore, KeyPair]:
     store = LocalStore(tmp_path / "agg-a")
     key = KeyPair.generate()
     synthesizer = SemiGlobalSynthesizer(
@@ -90,6 +93,7 @@ def _synthesizer(tmp_path: Path, ring: Ring, **settings: object) -> tuple[SemiGl
         key=key,
         ring=lambda: ring,
         peers=GrpcPeerAccess(),
+        signers=signers,
     )
     return synthesizer, store, key
 
@@ -216,3 +220,58 @@ def test_waits_briefly_for_a_peer_still_closing_the_same_round(tmp_path: Path, p
     assert semi.extra["peer_rounds"] and set(semi.extra["peer_rounds"].values()) == {3}
     _, weights = load_model(store, semi.cid)
     np.testing.assert_allclose(decode_tensors(weights)["w"], BASE["w"] + 2.0, rtol=1e-6)
+
+
+def test_a_device_update_is_never_published(tmp_path: Path) -> None:
+    """FetchBlob serves what is published; a device update cannot be, so its CIDs never are."""
+    from proto.errors import InvalidInput
+
+    with LocalStore(tmp_path / "s") as store:
+        for kind in ("local", "relay"):
+            update = save_model(
+                store, weights=encode_tensors(BASE), kind=kind, federation="toy", round=0,
+                producer=Producer(role="agent", id="a1"), key=KeyPair.generate(),
+            )  # fmt: skip
+            published = Published()
+            with pytest.raises(InvalidInput, match="device update"):
+                published.add(update)
+            assert update.cid not in published and update.weights not in published
+
+
+def test_with_a_fleet_ca_only_certified_ring_members_count(tmp_path: Path, peers: dict[str, Peer]) -> None:
+    """With TLS, a peer's cluster model counts only if its embedded certificate is a current one of the fleet
+    CA, certifying the signing key for aggregator <producer>, the ring member asked."""
+    from trust.ca import FleetCA
+    from trust.identity import Identity, Role
+
+    with FleetCA.init(tmp_path / "ca", "testfleet") as ca:
+
+        def certified(name: str, key: KeyPair) -> KeyPair:
+            bundle = ca.issue(Identity(Role.AGGREGATOR, name), key)
+            return key.with_certificate(bundle.cert_pem.decode())
+
+        own = {k: v + 0.1 for k, v in BASE.items()}
+        # agg-b: honest, signed with its certified key
+        peers["agg-b"].key = certified("agg-b", peers["agg-b"].key)
+        honest = peers["agg-b"].publish({k: v + 0.2 for k, v in BASE.items()}, round_=1, num_samples=100)
+        # agg-c's pointer names a model "by agg-c" that a non-member, agg-x, signed with its own certified key
+        outsider_key = certified("agg-x", KeyPair.generate())
+        impostor = save_model(
+            peers["agg-c"].store, weights=encode_tensors(own), kind="cluster", federation="toy", round=1,
+            producer=Producer(role="aggregator", id="agg-c"), key=outsider_key, num_samples=50,
+        )  # fmt: skip
+        peers["agg-c"].publish_manifest(impostor)
+        # agg-d: a member, but signing with a bare key: nothing certifies it
+        peers["agg-d"].publish({k: v - 0.1 for k, v in BASE.items()}, round_=1, num_samples=100)
+        synthesizer, store, key = _synthesizer(
+            tmp_path, _ring(peers, "agg-b", "agg-c", "agg-d"), signers=Signers(ca.cert), decay="constant", decay_params={}
+        )
+        cluster = _own_cluster(store, certified("agg-a", key), own, round_=1, num_samples=100)
+
+        semi = synthesizer(cluster, own)
+
+    refused = {r["producer"]: r for r in semi.extra["refused_peers"]}
+    assert {p: r["reason"] for p, r in refused.items()} == {"agg-c": "uncertified_signer", "agg-d": "uncertified_signer"}
+    assert "not_producer" in refused["agg-c"]["message"] and "agg-x" in refused["agg-c"]["message"]
+    assert "uncertified" in refused["agg-d"]["message"]
+    assert set(semi.parents) == {cluster.cid, honest.cid}

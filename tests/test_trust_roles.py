@@ -46,8 +46,10 @@ def test_the_table_is_as_designed() -> None:
         entry = ROLE_TABLE[name]
         return {"*"} if entry is ANYONE else {r.value for r in entry}
 
-    for rpc in ("Join", "GetModel", "SubmitUpdate", "WatchModels", "Heartbeat", "GetRevocations"):
+    for rpc in ("Join", "SubmitUpdate", "WatchModels", "Heartbeat", "GetRevocations"):
         assert who(f"/strata.v1.AgentService/{rpc}") == {"agent", "relay"}
+    # auditors read models by CID, device updates included (the handler decides which kinds)
+    assert who("/strata.v1.AgentService/GetModel") == {"agent", "relay", "audit"}
     assert who("/strata.v1.PeerService/GetLatest") == who("/strata.v1.PeerService/Announce") == {"aggregator"}
     assert who("/strata.v1.PeerService/FetchBlob") == {"aggregator", "audit"}
     for rpc in ("RegisterAggregator", "HeartbeatAggregator", "WatchRing", "AnnounceModel", "ReportAgents"):

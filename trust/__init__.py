@@ -8,11 +8,13 @@ and the interceptor that enforces it.
 - `trust.enroll`: token + CSR in, certificate out (the Enroll RPC's core);
 - `trust.revocation`: the CA-signed `RevocationList`;
 - `trust.roles`: THE role table;
-- `trust.interceptor`: `TrustInterceptor` and `caller()`;
+- `trust.interceptor`: `TrustInterceptor`, `caller()` and `current_signers()`;
 - `trust.limits`: `FairShare`, per-identity call and stream limits;
 - `trust.security`: a process's bundle, interceptors, channels and enforced revocation list, as one object;
 - `trust.messages`: the enrollment and revocation RPCs' protobuf conversions;
-- `trust.distribution`: how the revocation list travels (CA directory -> coordinator -> aggregators -> relays).
+- `trust.distribution`: how the revocation list travels (CA directory -> coordinator -> aggregators -> relays);
+- `trust.signers`: `Signers`, whether a manifest's signer is the key certified for its producer;
+- `trust.reads`: what a caller may read (device updates: audit only, logged).
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ _EXPORTS = {
     "TrustInterceptor": "trust.interceptor",
     "caller": "trust.interceptor",
     "caller_certificate": "trust.interceptor",
+    "current_signers": "trust.interceptor",
+    "Signer": "trust.signers",
+    "SignerError": "trust.signers",
+    "Signers": "trust.signers",
 }
 
 __all__ = sorted(_EXPORTS)

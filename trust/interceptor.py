@@ -32,7 +32,8 @@ runs, so undecodable bytes from an unauthenticated caller are INVALID_ARGUMENT
 
 Notes for handlers: `caller()` is a ContextVar, so it follows the call's task and
 tasks it creates, but not `offload` (thread pools do not copy contexts): read it on
-the loop and pass it along.
+the loop and pass it along. The same holds for `current_signers()`, how the server
+handling the call judges manifest signers (its fleet CA and current revocation list).
 """
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ from trust.errors import IdentityError, PermissionDenied, Unauthenticated
 from trust.identity import Certified, Identity, ca_fleet, load_certificate, read_certificate
 from trust.revocation import RevocationList
 from trust.roles import ANYONE, OWN_ID_FIELDS, ROLE_TABLE
+from trust.signers import Signers
 
-__all__ = ["TrustInterceptor", "caller", "caller_certificate", "require_own_id"]
+__all__ = ["TrustInterceptor", "caller", "caller_certificate", "current_signers", "require_own_id"]
 
 _PEM_CERT_KEY = "x509_pem_cert"
 
 _caller: ContextVar[Certified | None] = ContextVar("strata_caller", default=None)
+_signers: ContextVar[Signers | None] = ContextVar("strata_signers", default=None)
 
 
 def caller() -> Identity | None:
@@ -71,6 +74,12 @@ def caller_certificate() -> Certified | None:
     """Everything the caller's certificate certifies: identity, manifest key (check a manifest's signer
     against it), serial, validity."""
     return _caller.get()
+
+
+def current_signers() -> Signers | None:
+    """How the server handling this call judges manifest signers (its fleet CA, its current revocation list);
+    None outside a call authorized by a `TrustInterceptor`, i.e. without TLS."""
+    return _signers.get()
 
 
 def require_own_id(value: str, what: str = "id") -> None:
@@ -126,6 +135,8 @@ class TrustInterceptor(grpc.aio.ServerInterceptor):
         self._revocations: RevocationList | None = None
         if revocations is not None:
             self.set_revocations(revocations)
+        # manifest signers are judged by the same CA and the same current revocation list as callers
+        self.signers = Signers(self._ca, revocations=lambda: self._revocations, clock=clock)
 
     @classmethod
     def for_bundle(cls, bundle: Bundle, **kwargs: Any) -> TrustInterceptor:
@@ -246,11 +257,12 @@ class TrustInterceptor(grpc.aio.ServerInterceptor):
     def _unary(self, behavior: Callable, method: str, *, streaming_request: bool) -> Callable:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             certified, request = self._admit(method, request, context, streaming_request=streaming_request)
-            token = _caller.set(certified)
+            token, signers_token = _caller.set(certified), _signers.set(self.signers)
             try:
                 result = behavior(request, context)
                 return await result if inspect.isawaitable(result) else result
             finally:
+                _signers.reset(signers_token)
                 _caller.reset(token)
 
         return call
@@ -258,13 +270,14 @@ class TrustInterceptor(grpc.aio.ServerInterceptor):
     def _streaming(self, behavior: Callable, method: str, *, streaming_request: bool) -> Callable:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             certified, request = self._admit(method, request, context, streaming_request=streaming_request)
-            token = _caller.set(certified)
+            token, signers_token = _caller.set(certified), _signers.set(self.signers)
             try:
                 async for response in behavior(request, context):
                     self._still_trusted(certified)
                     yield response
             finally:
                 try:
+                    _signers.reset(signers_token)
                     _caller.reset(token)
                 except ValueError:  # closed from another context (a finalizer): nothing of ours to restore
                     pass

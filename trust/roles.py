@@ -9,7 +9,9 @@ Who calls what, and why:
 
 - agent, relay: AgentService. A relay is one agent upstream (it joins, downloads and
   submits its combined update like a device); downstream it serves AgentService, and
-  fetches the revocation list it enforces from its home (GetRevocations).
+  fetches the revocation list it enforces from its home (GetRevocations). GetModel
+  serves them base, cluster and semi-global models, never a device update (kind local
+  or relay), whatever CID they ask for.
 - agent: the coordinator's Renew (a new certificate for its own identity, while the
   one it presents is valid).
 - aggregator: PeerService (its peers' synthesis: GetLatest, Announce, FetchBlob),
@@ -18,10 +20,10 @@ Who calls what, and why:
   revocation list it enforces (GetRevocations).
 - operator: the coordinator's reads (ListModels, GetLineage, ListAgents, FleetStatus,
   GetRing, GetRevocations).
-- audit: everything an operator reads, plus PeerService.FetchBlob, the one RPC that
-  returns stored objects by CID; `DEVICE_UPDATE_READERS` is the handler's answer to
-  "may this caller read a device's update?" (today FetchBlob serves published models
-  only).
+- audit: everything an operator reads, plus the two RPCs that return stored models by
+  CID, AgentService.GetModel (on aggregators and relays) and PeerService.FetchBlob
+  (on aggregators); `DEVICE_UPDATE_READERS` is the handlers' answer to "may this
+  caller read a device's update?" (`trust.reads`), and each such read is logged.
 - coordinator: nothing; it serves (aggregators pull the revocation list from it).
 - anyone, with or without a certificate: grpc.health.v1 (probes) and the
   coordinator's Enroll (a bootstrap token authenticates it; the coordinator serves it
@@ -84,7 +86,7 @@ HEALTH_METHODS = (method(HEALTH_SERVICE, "Check"), method(HEALTH_SERVICE, "Watch
 ROLE_TABLE: Mapping[str, frozenset[Role] | _Anyone] = {
     # AgentService: devices, and relays as agents of their upstream
     method(AGENT_SERVICE, "Join"): _DEVICES,
-    method(AGENT_SERVICE, "GetModel"): _DEVICES,
+    method(AGENT_SERVICE, "GetModel"): _DEVICES | DEVICE_UPDATE_READERS,
     method(AGENT_SERVICE, "SubmitUpdate"): _DEVICES,
     method(AGENT_SERVICE, "WatchModels"): _DEVICES,
     method(AGENT_SERVICE, "Heartbeat"): _DEVICES,

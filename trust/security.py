@@ -4,7 +4,10 @@ Every daemon config has a `tls` section with one key, `bundle`. Set, the process
 serves mutual TLS with the bundle's certificate (reloaded on renewal with no
 restart), authorizes every call through `trust.interceptor.TrustInterceptor` and
 `trust.roles`, dials every peer with its client certificate, and signs manifests
-with the manifest key its certificate certifies. Empty, it speaks plaintext: for
+with the manifest key its certificate certifies, embedding that certificate in
+every manifest it signs (`manifest_key` is a certified `KeyPair` that follows
+renewals). `signers` judges the manifests others signed against the same fleet
+CA and the revocation list the interceptor holds. Empty, it speaks plaintext: for
 demos and tests on loopback; listening anywhere else without TLS logs a warning.
 
 The revocation list a process enforces arrives while it runs (`trust.distribution`);
@@ -15,6 +18,7 @@ hears from upstream again.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -34,6 +38,7 @@ from trust.identity import Identity
 from trust.interceptor import TrustInterceptor
 from trust.limits import FairShare
 from trust.revocation import RevocationList
+from trust.signers import Signers
 
 log = logging.getLogger("strata.trust")
 
@@ -59,6 +64,8 @@ class Security:
         self.interceptor = TrustInterceptor.for_bundle(self.bundle.current())
         self.fair_share = fair_share or FairShare()
         self._revocations_path: Path | None = None
+        key = self.bundle.current().manifest_key
+        self._manifest_key = key.with_certificate(functools.partial(_certificate_of, self.bundle, key.public_key))
 
     @classmethod
     def configure(
@@ -82,8 +89,14 @@ class Security:
 
     @property
     def manifest_key(self) -> KeyPair:
-        """The key this identity's manifests are signed with: the one its certificate certifies."""
-        return self.bundle.current().manifest_key
+        """The key this identity's manifests are signed with: the one its certificate certifies, carrying
+        the current certificate (renewals keep the key), which it embeds in every manifest it signs."""
+        return self._manifest_key
+
+    @property
+    def signers(self) -> Signers:
+        """How this process judges others' manifest signers: its fleet CA and current revocation list."""
+        return self.interceptor.signers
 
     def server_credentials(self) -> grpc.ServerCredentials:
         return self.bundle.server_credentials()
@@ -156,6 +169,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
     os.close(fd)
     os.replace(temp, path)
+
+
+def _certificate_of(bundle: ReloadingBundle, public_key: str) -> str | None:
+    """The bundle's current certificate as PEM text, while it certifies `public_key` (renewals keep the key)."""
+    current = bundle.current()
+    return current.cert_pem.decode("ascii") if current.certified.manifest_key == public_key else None
 
 
 def channel_factory(security: Security | None) -> ChannelFactory:
