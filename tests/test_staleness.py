@@ -57,8 +57,13 @@ def test_any_discount_in_zero_to_one_is_a_valid_configuration(name: str, params:
         ("exponential", {"half_life": -1.0}, "gives 2.0"),
         ("polynomial", {"exponent": -1.0}, "gives 2.0"),
         ("exponential", {"half_life": 1e-5}, "gives 0.0"),
+        ("exponential", {"half_life": 0}, "division by zero"),
+        ("polynomial", {"exponent": -2000.0}, "out of range"),
     ],
-    ids=["unknown", "wrong parameter", "negative half-life", "growing with age", "zero one round on"],
+    ids=[
+        "unknown", "wrong parameter", "negative half-life", "growing with age", "zero one round on", "zero half-life",
+        "overflow",
+    ],
 )
 def test_bad_discounts_are_refused_as_config_errors(name: str, params: dict, says: str) -> None:
     with pytest.raises(InvalidInput) as info:
