@@ -51,7 +51,7 @@ def make_discount(name: str, **params: Any) -> Discount:
         ) from None
     try:
         probe = function(1.0, **params)
-    except TypeError as exc:
+    except (TypeError, ArithmeticError) as exc:
         raise InvalidInput(f"staleness discount {name!r}: {exc}", reason="bad_config") from None
     if not (math.isfinite(probe) and 0 < probe <= 1):
         raise InvalidInput(f"staleness discount {name!r} with {params} gives {probe}", reason="bad_config")

@@ -7,6 +7,7 @@ window (both are tested end to end elsewhere); everything else is the real code.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -18,9 +19,9 @@ import pytest
 from aggregator.staleness import make_discount
 from intake.accept import Intake, IntakePolicy, OpenRound
 from intake.journal import AcceptedUpdate, IntakeJournal
-from intake.submission import Submission
+from intake.submission import Submission, SubmitResult
 from intake.validation import UpdateLimits
-from proto.errors import Refusal, UpdateRefused
+from proto.errors import Refusal, Unavailable, UpdateRefused
 from storage.cid import cid_of
 from storage.codec import encode_tensors, summarize
 from storage.keys import KeyPair
@@ -36,13 +37,16 @@ BASE_TENSORS = {W: np.ones(4, np.float32)}
 
 
 class ListReceiver:
-    def __init__(self, round_: int) -> None:
-        self.round = round_
+    def __init__(self, round_: int, base: Mapping[str, np.ndarray] = BASE_TENSORS) -> None:
+        self.round: int | None = round_
+        self.base = base
         self.lock = threading.RLock()
         self.folded: list[tuple[AcceptedUpdate, dict]] = []
 
     def open_round(self) -> OpenRound:
-        return OpenRound(round=self.round, base_tensors=BASE_TENSORS)
+        if self.round is None:
+            raise Unavailable("no base model yet")
+        return OpenRound(round=self.round, base_tensors=self.base)
 
     def fold(self, update: AcceptedUpdate, tensors: Mapping[str, np.ndarray]) -> int:
         self.folded.append((update, dict(tensors)))
@@ -50,10 +54,12 @@ class ListReceiver:
 
 
 class Fixture:
-    def __init__(self, tmp_path: Path, *, round_: int = 5, max_staleness: int = 2, admit=None) -> None:
+    def __init__(
+        self, tmp_path: Path, *, round_: int = 5, max_staleness: int = 2, admit=None, base=BASE_TENSORS
+    ) -> None:
         self.store = LocalStore(tmp_path / "store")
         self.journal = IntakeJournal(tmp_path / "journal.sqlite")
-        self.receiver = ListReceiver(round_)
+        self.receiver = ListReceiver(round_, base)
         self.bases = {r: cid_of(f"base of round {r}".encode()) for r in range(round_ + 1)}
         for r, cid in self.bases.items():
             self.journal.record_base(cid, r)
@@ -76,14 +82,19 @@ class Fixture:
 
     def sub(self, agent: str = "a1", *, round_: int = 5, value: float = 1.5, num_samples: int = 10, **fields) -> Submission:
         fields.setdefault("federation", "digits")
+        fields.setdefault("weights", encode_tensors({W: np.full(4, value, np.float32)}))
         return Submission(
             agent_id=agent,
             round=round_,
             base_cid=self.bases.get(round_, cid_of(b"a base nobody served")),
             num_samples=num_samples,
-            weights=encode_tensors({W: np.full(4, value, np.float32)}),
             **fields,
         )
+
+    def close(self) -> None:
+        self.intake.close()
+        self.journal.close()
+        self.store.close()
 
     def refused(self, sub: Submission) -> Refusal:
         with pytest.raises(UpdateRefused) as info:
@@ -95,22 +106,31 @@ class Fixture:
 def fx(tmp_path: Path):
     fixture = Fixture(tmp_path)
     yield fixture
-    fixture.intake.close()
-    fixture.journal.close()
-    fixture.store.close()
+    fixture.close()
 
 
 def test_an_accepted_update_is_stored_journaled_and_folded(fx: Fixture) -> None:
     sub = fx.sub()
     result = fx.intake.submit(sub)
-    assert not result.duplicate and result.round == 5
+    assert result.duplicate is False and result.round == 5
     (update, tensors) = fx.receiver.folded[0]
     assert update.update_cid == result.update_cid and update.weights_cid == cid_of(sub.weights)
     np.testing.assert_allclose(tensors[W], 1.5)
     assert fx.journal.find_update("a1", sub.base_cid) == update
-    assert fx.store.has(update.weights_cid)
+    assert update.accepted_at == 1000.0  # the intake's clock
+    assert fx.store.get(update.weights_cid) == sub.weights
     manifest = Manifest.from_bytes(fx.store.get(update.update_cid))
     assert (manifest.kind, manifest.round, manifest.base, manifest.num_samples) == ("local", 5, sub.base_cid, 10)
+    # the sender sent no manifest: the receiver recorded one, at its clock's time, under its own name
+    assert manifest.extra == {"recorded_by": "agg-t"} and manifest.created_at == rfc3339(1000.0)
+
+
+def test_the_journal_keeps_what_the_sender_reported(fx: Fixture) -> None:
+    sub = fx.sub("relay-1", kind="relay", metrics={"loss": 0.25}, base_metrics={"loss": 0.5})
+    fx.intake.submit(sub)
+    update = fx.journal.find_update("relay-1", sub.base_cid)
+    assert (update.kind, update.metrics, update.base_metrics) == ("relay", {"loss": 0.25}, {"loss": 0.5})
+    assert (update.trained_round, update.counted_round, update.size, update.tensors) == (5, 5, len(sub.weights), (W,))
 
 
 def test_stale_updates_count_by_their_discount(fx: Fixture) -> None:
@@ -130,10 +150,39 @@ def test_too_stale_is_refused_and_journaled(fx: Fixture) -> None:
 def test_a_resend_is_a_duplicate_and_a_different_update_is_a_conflict(fx: Fixture) -> None:
     first = fx.intake.submit(fx.sub())
     again = fx.intake.submit(fx.sub())
-    assert again.duplicate and again.update_cid == first.update_cid
+    assert again == SubmitResult(update_cid=first.update_cid, round=first.round, duplicate=True)
     assert fx.refused(fx.sub(value=2.5)) == Refusal.CONFLICT
     assert fx.refused(fx.sub(num_samples=11)) == Refusal.CONFLICT
     assert len(fx.receiver.folded) == 1
+
+
+def test_a_resend_is_answered_from_the_journal_even_after_its_round_is_too_old(fx: Fixture) -> None:
+    first = fx.intake.submit(fx.sub())
+    fx.receiver.round = 8  # three rounds on: a new update on that base would be stale
+    assert fx.intake.submit(fx.sub()) == SubmitResult(update_cid=first.update_cid, round=5, duplicate=True)
+    assert fx.refused(fx.sub(value=2.5)) == Refusal.CONFLICT
+
+
+def test_a_submission_that_loses_the_race_to_the_journal_is_answered_as_a_resend(tmp_path: Path) -> None:
+    """Two submissions for one (agent, base) both pass the early check; the journal keeps the first
+    recorded, and the other is answered from it: a duplicate if it is the same update, else a conflict."""
+    racing: list[Submission] = []
+
+    def admit(sub: Submission) -> None:
+        if racing:  # the other submission lands between this one's early check and its journal write
+            fixture.intake.submit(racing.pop())
+
+    fixture = Fixture(tmp_path, admit=admit)
+    racing.append(fixture.sub())
+    result = fixture.intake.submit(fixture.sub())
+    winner = fixture.journal.find_update("a1", fixture.bases[5])
+    assert result == SubmitResult(update_cid=winner.update_cid, round=5, duplicate=True)
+
+    racing.append(fixture.sub("a2", value=2.5))
+    assert fixture.refused(fixture.sub("a2")) == Refusal.CONFLICT
+    assert fixture.journal.find_update("a2", fixture.bases[5]).weights_cid == cid_of(fixture.sub("a2", value=2.5).weights)
+    assert [u.agent_id for u, _ in fixture.receiver.folded] == ["a1", "a2"]
+    fixture.close()
 
 
 @pytest.mark.parametrize(
@@ -142,14 +191,56 @@ def test_a_resend_is_a_duplicate_and_a_different_update_is_a_conflict(fx: Fixtur
         ({"round_": 9}, Refusal.UNKNOWN_BASE),
         ({"federation": "mnist"}, Refusal.UNKNOWN_FEDERATION),
         ({"kind": "cluster"}, Refusal.BAD_HEADER),
+        ({"agent": ""}, Refusal.BAD_HEADER),
+        ({"num_samples": 0}, Refusal.BAD_HEADER),
+        ({"weights_cid": cid_of(b"other bytes")}, Refusal.HASH_MISMATCH),
+        ({"weights": b"\x00" * ((1 << 20) + 1)}, Refusal.TOO_LARGE),
+        ({"weights": b"\x00" * 64}, Refusal.INVALID_SAFETENSORS),
+        ({"weights": encode_tensors({W: np.ones(5, np.float32)})}, Refusal.SHAPE_MISMATCH),
         ({"value": float("nan")}, Refusal.NOT_FINITE),
+        ({"value": 1e3}, Refusal.NORM_BOUND),
+        ({"manifest": b"{"}, Refusal.BAD_MANIFEST),
     ],
-    ids=["unknown base", "federation", "kind", "nan"],
+    ids=[
+        "unknown base", "federation", "kind", "no agent", "no samples", "hash", "size", "garbage", "shape", "nan", "norm",
+        "manifest",
+    ],
 )
 def test_refusals_keep_their_reason_and_fold_nothing(fx: Fixture, change: dict, reason: Refusal) -> None:
-    assert fx.refused(fx.sub(**change)) == reason
+    sub = fx.sub(**change)
+    assert fx.refused(sub) == reason
     assert fx.journal.refusal_counts(5) == {reason.value: 1}
     assert fx.receiver.folded == [] and fx.journal.accepted_count() == 0
+    assert not fx.store.has(cid_of(sub.weights))
+
+
+def test_a_refusal_before_the_receiver_has_a_round_is_journaled_under_round_zero(fx: Fixture) -> None:
+    fx.receiver.round = None
+    assert fx.refused(fx.sub(federation="mnist")) == Refusal.UNKNOWN_FEDERATION
+    assert fx.journal.refusal_counts(0) == {"unknown_federation": 1}
+
+
+def test_acceptance_and_refusal_are_logged_as_one_event_each(fx: Fixture, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="strata.intake"):
+        result = fx.intake.submit(fx.sub(round_=4))
+        fx.refused(fx.sub("a2", value=float("nan")))
+    accepted, refused = [r for r in caplog.records if r.name == "strata.intake"]
+    assert accepted.getMessage() == "update_accepted"
+    assert accepted.fields == {
+        "agent": "a1", "round": 5, "staleness": 1, "num_samples": 10, "tensors": 1, "update": result.update_cid,
+        "accepted": 1,
+    }  # fmt: skip
+    assert refused.getMessage() == "update_refused"
+    assert refused.fields == {"agent": "a2", "round": 5, "reason": "not_finite", "message": "tensor 'w' contains NaN or infinite values"}
+
+
+def test_a_partial_update_is_validated_against_the_tensors_it_declares(tmp_path: Path) -> None:
+    fixture = Fixture(tmp_path, base={**BASE_TENSORS, "head": np.zeros(2, np.float32)})
+    sub = fixture.sub(weights=encode_tensors({"head": np.ones(2, np.float32)}), tensors=("head",))
+    fixture.intake.submit(sub)
+    (update, tensors) = fixture.receiver.folded[0]
+    assert update.tensors == ("head",) and list(tensors) == ["head"]
+    fixture.close()
 
 
 def test_a_header_round_that_is_not_the_bases_round_is_refused(fx: Fixture) -> None:
@@ -169,13 +260,15 @@ def test_a_refused_updates_new_blob_is_removed_but_a_held_one_stays(fx: Fixture)
 
 def test_the_receivers_admission_check_refuses_before_anything_is_stored(tmp_path: Path) -> None:
     def full(sub: Submission) -> None:
-        raise UpdateRefused("backlog full", reason=Refusal.UPSTREAM_UNAVAILABLE)
+        if sub.agent_id == "late":
+            raise UpdateRefused("backlog full", reason=Refusal.UPSTREAM_UNAVAILABLE)
 
     fixture = Fixture(tmp_path, admit=full)
-    sub = fixture.sub()
+    sub = fixture.sub("late")
     assert fixture.refused(sub) == Refusal.UPSTREAM_UNAVAILABLE
     assert not fixture.store.has(cid_of(sub.weights))
-    fixture.intake.close()
+    assert not fixture.intake.submit(fixture.sub("early", value=2.0)).duplicate
+    fixture.close()
 
 
 def test_open_updates_are_what_a_restart_folds_back(fx: Fixture) -> None:

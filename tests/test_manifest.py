@@ -162,9 +162,10 @@ def test_flipping_any_bit_of_stored_bytes_is_caught(keypair: KeyPair) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "needle"),
     [
-        ("kind", "global", "expected one of"),
-        ("federation", "", "federation"),
-        ("federation", "a/b", "federation"),
+        ("kind", "global", "expected one of base, local, relay, cluster, semi-global, fork; got 'global'"),
+        ("federation", "", "expected 1-128 characters"),
+        ("federation", "a/b", "got 'a/b'"),
+        ("producer", "agg", "'producer': expected a Producer"),
         ("round", -1, "non-negative integer"),
         ("round", 1.5, "non-negative integer"),
         ("round", True, "non-negative integer"),
@@ -173,20 +174,33 @@ def test_flipping_any_bit_of_stored_bytes_is_caught(keypair: KeyPair) -> None:
         ("parents", ("x",), "expected a CID"),
         ("parents", (PARENT, PARENT), "more than once"),
         ("parents", PARENT, "list of CIDs"),
+        ("parents", None, "'parents': expected a list of CIDs"),
         ("base", "x", "CID or null"),
         ("metrics", {"loss": math.nan}, "finite"),
         ("metrics", {"loss": math.inf}, "finite"),
         ("metrics", {"acc": "high"}, "finite"),
         ("metrics", {"acc": True}, "finite"),
+        ("metrics", [1.0], "'metrics': expected an object mapping names to numbers"),
+        ("metrics", {"": 1.0}, "'metrics': metric names must be non-empty strings"),
         ("algorithm", {"params": {}}, "naming the algorithm"),
         ("extra", {"x": math.inf}, "NaN and infinities"),
-        ("extra", {"x": object()}, "not a JSON value"),
+        ("extra", {"x": [1.0, math.inf]}, "'extra.x[1]': NaN and infinities"),
+        ("extra", {"x": object()}, "'extra.x': object is not a JSON value"),
+        ("extra", {1: "one"}, "'extra': object keys must be strings, got 1"),
+        ("extra", ["x"], "'extra': expected a JSON object"),
         ("created_at", "yesterday", "RFC 3339"),
         ("created_at", "2026-13-45T01:02:03Z", "RFC 3339"),
         ("created_at", "2026-11-24T01:02:03+01:00", "RFC 3339"),
+        ("created_at", "2026-11-24 01:02:03.456Z", "RFC 3339"),
+        ("created_at", 0, "RFC 3339"),
         ("schema", "strata/model/2", "strata/model/1"),
         ("signature", {"alg": "rsa", "public_key": "a", "sig": "b"}, "ed25519"),
+        ("signature", {"alg": "ed25519"}, "'signature': expected an object with keys 'alg', 'public_key', 'sig'"),
+        ("signature", {"alg": "ed25519", "public_key": "", "sig": "b"}, "'signature.public_key': expected a base64 string"),
         ("tensors", {"w": {"dtype": "F32", "shape": [1]}}, "TensorInfo"),
+        ("tensors", ["w"], "'tensors': expected an object mapping tensor names"),
+        ("tensors", {"": TensorInfo("F32", (1,))}, "'tensors': tensor names must be non-empty strings"),
+        ("tensors", {"w": TensorInfo("Q8", (1,))}, "'tensors.w': unknown dtype 'Q8'"),
     ],
 )
 def test_constructor_names_the_bad_field(field: str, value: Any, needle: str) -> None:
@@ -215,10 +229,11 @@ def _json_with(**changes: Any) -> bytes:
         (_json_with(weights=...), "manifest field 'weights': missing"),
         (_json_with(created_at=...), "manifest field 'created_at': missing"),
         (_json_with(surprise=1), "manifest field 'surprise': unknown field"),
-        (_json_with(producer="agg"), "manifest field 'producer'"),
+        (_json_with(producer="agg"), "manifest field 'producer': expected an object with keys 'role' and 'id'"),
         (_json_with(producer={"role": "agent", "id": ""}), "manifest field 'producer.id'"),
-        (_json_with(tensors={"w": {"dtype": "Q8", "shape": [1]}}), "manifest field 'tensors.w'"),
-        (_json_with(parents="Qm"), "manifest field 'parents'"),
+        (_json_with(tensors={"w": {"dtype": "Q8", "shape": [1]}}), "manifest field 'tensors.w': unknown dtype 'Q8'"),
+        (_json_with(tensors=["w"]), "manifest field 'tensors': expected an object mapping tensor names"),
+        (_json_with(parents="Qm"), "manifest field 'parents': expected a list of CIDs"),
         (_json_with(metrics=[1]), "manifest field 'metrics'"),
         (b"[]", "expected a JSON object"),
         (b"{", "not valid UTF-8 JSON"),
@@ -235,6 +250,53 @@ def test_from_bytes_names_the_bad_field(data: bytes, needle: str) -> None:
 
 def test_manifests_are_hashable_by_cid() -> None:
     assert len({_manifest(), _manifest(), _manifest(round=9)}) == 2
+
+
+def test_a_manifest_without_parents_has_none() -> None:
+    assert Manifest.from_bytes(_json_with(parents=...)).parents == ()
+
+
+def test_producer_fields_are_at_most_256_characters() -> None:
+    assert Producer(role="agent", id="x" * 256).id == "x" * 256
+    with pytest.raises(ManifestError, match="'producer.id': expected a non-empty string of at most 256 chars"):
+        Producer(role="agent", id="x" * 257)
+
+
+def test_created_at_may_carry_up_to_nanoseconds() -> None:
+    assert _manifest(created_at="2026-11-24T01:02:03.123456789Z").created_at == "2026-11-24T01:02:03.123456789Z"
+
+
+def test_canonical_json_refuses_nan() -> None:
+    with pytest.raises(ValueError):
+        canonical_json({"x": math.nan})
+
+
+def test_extra_and_algorithm_carry_any_json() -> None:
+    extra = {"count": 3, "flags": [True, None, "x", 1.5, {"depth": 2}]}
+    manifest = _manifest(extra=extra, algorithm={"name": "fedavg", "params": {"k": 2}})
+    assert manifest.extra == extra and manifest.algorithm["params"] == {"k": 2}
+    assert Manifest.from_bytes(manifest.to_bytes()) == manifest
+
+
+def test_a_manifest_is_normalized_and_shares_nothing_with_its_caller(keypair: KeyPair) -> None:
+    tensors = {"dense.bias": TensorInfo("F32", (3,)), "dense.kernel": TensorInfo("F32", (4, 3))}
+    metrics, parents, extra = {"accuracy": 1, "loss": 0.25}, [PARENT], {"refused": [{"peer": "agg-2", "reason": "stale"}]}
+    manifest = _manifest(tensors=tensors, metrics=metrics, parents=parents, extra=extra)
+    # an int metric is a float, a list of parents a tuple: equal content, equal manifest, equal CID
+    as_float = _manifest(metrics={"accuracy": 1.0, "loss": 0.25}, parents=(PARENT,))
+    assert manifest == as_float and manifest.cid == as_float.cid
+    assert manifest.parents == (PARENT,) and manifest.metrics == {"accuracy": 1.0, "loss": 0.25}
+    tensors["extra.weight"] = TensorInfo("F32", (1,))
+    metrics["loss"] = 9.0
+    parents.append(cid_of(b"another parent"))
+    extra["refused"].clear()
+    assert manifest.to_bytes() == _manifest().to_bytes()
+
+    signed = _manifest().signed(keypair)
+    signature = dict(signed.signature)
+    copy = dataclasses.replace(signed, signature=signature)
+    signature["sig"] = "QUJD"
+    copy.verify_signature()
 
 
 # ------------------------------------------------------------------ keys

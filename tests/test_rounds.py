@@ -172,7 +172,9 @@ def test_a_restart_rebuilds_the_open_round_from_the_journal(rounds: Rounds) -> N
 
 def test_a_closed_rounds_updates_are_not_folded_again_after_a_restart(rounds: Rounds) -> None:
     rounds.submit("a1", 1.0)
-    rounds.manager.maybe_close(active_trainers=1)
+    cluster = rounds.manager.maybe_close(active_trainers=1)
+    (update,) = rounds.journal.iter_all_updates()
+    assert update.batch == cluster.cid and rounds.journal.open_updates() == []  # closed into the cluster model
     rounds.restart()
     assert rounds.manager.current.round == 1 and rounds.manager.accepted_count == 0
 

@@ -40,10 +40,33 @@ def test_make_discount_binds_its_parameters() -> None:
 
 @pytest.mark.parametrize(
     ("name", "params"),
-    [("linear", {}), ("polynomial", {"half_life": 2.0}), ("exponential", {"half_life": -1.0}), ("polynomial", {"exponent": -1.0})],
-    ids=["unknown", "wrong parameter", "negative half-life", "growing with age"],
+    [("constant", {}), ("polynomial", {"exponent": 0.0}), ("exponential", {"half_life": 0.001})],
+    ids=["constant", "no discount", "steep"],
 )
-def test_bad_discounts_are_refused_as_config_errors(name: str, params: dict) -> None:
+def test_any_discount_in_zero_to_one_is_a_valid_configuration(name: str, params: dict) -> None:
+    """1 at every age (no discount) is valid, and so is a steep discount still above 0 one round on."""
+    discount = make_discount(name, **params)
+    assert discount(0) == 1.0 and 0 < discount(1) <= 1
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "says"),
+    [
+        ("linear", {}, "unknown staleness discount 'linear'; known: ['constant', 'exponential', 'polynomial']"),
+        ("polynomial", {"half_life": 2.0}, "'half_life'"),
+        ("exponential", {"half_life": -1.0}, "gives 2.0"),
+        ("polynomial", {"exponent": -1.0}, "gives 2.0"),
+        ("exponential", {"half_life": 1e-5}, "gives 0.0"),
+        ("exponential", {"half_life": 0}, "division by zero"),
+        ("polynomial", {"exponent": -2000.0}, "out of range"),
+    ],
+    ids=[
+        "unknown", "wrong parameter", "negative half-life", "growing with age", "zero one round on", "zero half-life",
+        "overflow",
+    ],
+)
+def test_bad_discounts_are_refused_as_config_errors(name: str, params: dict, says: str) -> None:
     with pytest.raises(InvalidInput) as info:
         make_discount(name, **params)
     assert info.value.reason == "bad_config"
+    assert says in str(info.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -19,10 +21,14 @@ LIMITS = UpdateLimits(max_update_bytes=1 << 20, max_relative_norm=10.0)
 BASE_CID = "QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o"
 
 
-def refusal(call) -> Refusal:
+def refused(call) -> UpdateRefused:
     with pytest.raises(UpdateRefused) as info:
         call()
-    return info.value.reason
+    return info.value
+
+
+def refusal(call) -> Refusal:
+    return refused(call).reason
 
 
 def blob(**tensors: np.ndarray) -> bytes:
@@ -43,26 +49,53 @@ def test_a_declared_subset_is_a_partial_update() -> None:
 
 
 @pytest.mark.parametrize(
-    ("weights", "declared", "reason"),
+    ("weights", "declared", "reason", "says"),
     [
-        (b"\x00" * 16, (), Refusal.INVALID_SAFETENSORS),
-        (encode_tensors({W: np.ones((2, 2), np.float32)}), (), Refusal.SHAPE_MISMATCH),  # missing b
-        (encode_tensors({W: np.ones((3, 2), np.float32), B: np.zeros(2, np.float32)}), (), Refusal.SHAPE_MISMATCH),
-        (encode_tensors({W: np.ones((2, 2), np.float64), B: np.zeros(2, np.float32)}), (), Refusal.SHAPE_MISMATCH),
-        (encode_tensors({B: np.zeros(2, np.float32)}), ("nope",), Refusal.SHAPE_MISMATCH),
-        (encode_tensors({W: np.full((2, 2), np.nan, np.float32), B: np.zeros(2, np.float32)}), (), Refusal.NOT_FINITE),
-        (encode_tensors({W: np.full((2, 2), np.inf, np.float32), B: np.zeros(2, np.float32)}), (), Refusal.NOT_FINITE),
-        (encode_tensors({W: np.full((2, 2), 1e3, np.float32), B: np.zeros(2, np.float32)}), (), Refusal.NORM_BOUND),
+        (b"\x00" * 16, (), Refusal.INVALID_SAFETENSORS, "not safetensors"),
+        (encode_tensors({W: np.ones((2, 2), np.float32)}), (), Refusal.SHAPE_MISMATCH, "missing ['b']"),
+        (
+            encode_tensors({W: np.ones((3, 2), np.float32), B: np.zeros(2, np.float32)}), (), Refusal.SHAPE_MISMATCH,
+            "shape (3, 2) != base (2, 2)",
+        ),
+        (
+            encode_tensors({W: np.ones((2, 2), np.float64), B: np.zeros(2, np.float32)}), (), Refusal.SHAPE_MISMATCH,
+            "dtype float64 != base float32",
+        ),
+        (encode_tensors({B: np.zeros(2, np.float32)}), ("nope",), Refusal.SHAPE_MISMATCH, "not in the base model: ['nope']"),
+        # declared and sent, but not a base tensor
+        (encode_tensors({"nope": np.zeros(2, np.float32)}), ("nope",), Refusal.SHAPE_MISMATCH, "not in the base model"),
+        (
+            encode_tensors({W: np.full((2, 2), np.nan, np.float32), B: np.zeros(2, np.float32)}), (), Refusal.NOT_FINITE,
+            "'w' contains NaN",
+        ),
+        (
+            encode_tensors({W: np.full((2, 2), np.inf, np.float32), B: np.zeros(2, np.float32)}), (), Refusal.NOT_FINITE,
+            "infinite",
+        ),
+        (
+            encode_tensors({W: np.full((2, 2), 1e3, np.float32), B: np.zeros(2, np.float32)}), (), Refusal.NORM_BOUND,
+            "over the bound 20",
+        ),
     ],
-    ids=["garbage", "missing tensor", "shape", "dtype", "undeclared name", "nan", "inf", "norm"],
+    ids=["garbage", "missing tensor", "shape", "dtype", "undeclared name", "declared unknown name", "nan", "inf", "norm"],
 )
-def test_each_bad_update_gets_its_own_reason(weights: bytes, declared: tuple, reason: Refusal) -> None:
-    assert refusal(lambda: validate_update(weights, base=BASE, declared_tensors=declared, limits=LIMITS)) == reason
+def test_each_bad_update_gets_its_own_reason(weights: bytes, declared: tuple, reason: Refusal, says: str) -> None:
+    error = refused(lambda: validate_update(weights, base=BASE, declared_tensors=declared, limits=LIMITS))
+    assert error.reason == reason
+    assert says in error.message  # the sender and the operator are told what was wrong
 
 
 def test_too_large_is_refused_before_parsing() -> None:
     tiny = UpdateLimits(max_update_bytes=10, max_relative_norm=None)
-    assert refusal(lambda: validate_update(b"\x00" * 11, base=BASE, declared_tensors=(), limits=tiny)) == Refusal.TOO_LARGE
+    error = refused(lambda: validate_update(b"\x00" * 11, base=BASE, declared_tensors=(), limits=tiny))
+    assert error.reason == Refusal.TOO_LARGE and "11 bytes" in error.message and "limit is 10" in error.message
+
+
+def test_an_update_of_exactly_the_size_limit_is_not_too_large() -> None:
+    weights = blob()
+    at_limit = UpdateLimits(max_update_bytes=len(weights), max_relative_norm=None)
+    validate_update(weights, base=BASE, declared_tensors=(), limits=at_limit)
+    check_header(submission(weights=weights), at_limit, kinds=("local",))
 
 
 def test_the_norm_bound_is_relative_to_the_base_and_can_be_disabled() -> None:
@@ -78,6 +111,22 @@ def test_the_norm_bound_is_relative_to_the_base_and_can_be_disabled() -> None:
     validate_update(encode_tensors({W: BASE[W] + 1e6, B: BASE[B]}), base=BASE, declared_tensors=(), limits=unbounded)
 
 
+def test_the_norm_bound_of_a_small_base_is_relative_to_norm_one() -> None:
+    """max(||base||, 1): a zero base allows a change of max_relative_norm x 1, not more."""
+    zero = {B: np.zeros(4, np.float32)}
+    limits = UpdateLimits(max_update_bytes=1 << 20, max_relative_norm=1.0)
+    validate_update(encode_tensors({B: np.full(4, 0.5, np.float32)}), base=zero, declared_tensors=(), limits=limits)
+    over = encode_tensors({B: np.full(4, 0.75, np.float32)})  # L2 1.5
+    assert refusal(lambda: validate_update(over, base=zero, declared_tensors=(), limits=limits)) == Refusal.NORM_BOUND
+
+
+def test_relative_change_is_the_l2_norm_over_the_floating_tensors() -> None:
+    base = {"steps": np.array([1], np.int64), W: np.array([2.0, 2.0, 1.0], np.float32)}
+    update = {"steps": np.array([100], np.int64), W: np.array([2.0, 5.0, 5.0], np.float32)}
+    # integer tensors (counters) are skipped, wherever they are; ||(0, 3, 4)|| = 5, ||(2, 2, 1)|| = 3
+    assert relative_change(base, update) == pytest.approx((5.0, 3.0))
+
+
 def test_mismatch_is_the_one_compatibility_rule() -> None:
     assert mismatch(BASE, {B: np.zeros(2, np.float32)}) is None  # a subset is a partial update
     assert mismatch(BASE, {B: np.zeros(2, np.float32)}, expected=[W, B]) is not None
@@ -86,6 +135,12 @@ def test_mismatch_is_the_one_compatibility_rule() -> None:
     assert "shape" in mismatch(BASE, {B: np.zeros(3, np.float32)})
     assert "dtype" in mismatch(BASE, {B: np.zeros(2, np.int32)})
     assert non_finite({W: np.array([1.0, np.nan])}) and non_finite({W: np.array([1, 2])}) is None
+
+
+def test_mismatch_checks_only_shapes_of_tensors_without_a_numpy_dtype() -> None:
+    assert mismatch(BASE, {B: SimpleNamespace(shape=(2,))}) is None
+    assert "shape" in mismatch(BASE, {B: SimpleNamespace(shape=(3,))})
+    assert mismatch(BASE, {"x": np.zeros(2)}, expected=["x"]) == "declared tensors not in the base model: ['x']"
 
 
 # ---------------------------------------------------------------- the header
@@ -105,21 +160,29 @@ def test_a_good_header_gives_the_weights_cid() -> None:
 
 
 @pytest.mark.parametrize(
-    ("fields", "reason"),
+    ("fields", "reason", "says"),
     [
-        ({"agent_id": ""}, Refusal.BAD_HEADER),
-        ({"base_cid": "not-a-cid"}, Refusal.BAD_HEADER),
-        ({"num_samples": 0}, Refusal.BAD_HEADER),
-        ({"num_samples": -5}, Refusal.BAD_HEADER),
-        ({"num_samples": MAX_NUM_SAMPLES + 1}, Refusal.BAD_HEADER),  # 2^63: would overflow the journal
-        ({"kind": "cluster"}, Refusal.BAD_HEADER),
-        ({"weights_cid": "QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n"}, Refusal.HASH_MISMATCH),
-        ({"weights": b"\x00" * (2 << 20)}, Refusal.TOO_LARGE),
+        ({"agent_id": ""}, Refusal.BAD_HEADER, "agent_id"),
+        ({"base_cid": "not-a-cid"}, Refusal.BAD_HEADER, "'not-a-cid'"),
+        ({"num_samples": 0}, Refusal.BAD_HEADER, "got 0"),
+        ({"num_samples": -5}, Refusal.BAD_HEADER, "got -5"),
+        ({"num_samples": MAX_NUM_SAMPLES + 1}, Refusal.BAD_HEADER, "num_samples"),  # 2^63: would overflow the journal
+        ({"kind": "cluster"}, Refusal.BAD_HEADER, "'cluster'"),
+        (
+            {"weights_cid": "QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n"}, Refusal.HASH_MISMATCH,
+            "header says QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n",
+        ),
+        ({"weights": b"\x00" * (2 << 20)}, Refusal.TOO_LARGE, "bytes"),
     ],
     ids=["no agent", "base not a cid", "zero samples", "negative samples", "2^63 samples", "kind", "cid", "size"],
 )
-def test_bad_headers_are_refused(fields: dict, reason: Refusal) -> None:
-    assert refusal(lambda: check_header(submission(**fields), LIMITS, kinds=("local",))) == reason
+def test_bad_headers_are_refused(fields: dict, reason: Refusal, says: str) -> None:
+    error = refused(lambda: check_header(submission(**fields), LIMITS, kinds=("local",)))
+    assert error.reason == reason and says in error.message
+
+
+def test_one_sample_is_enough() -> None:
+    check_header(submission(num_samples=1), LIMITS, kinds=("local",))
 
 
 def test_the_largest_sample_count_the_journal_holds_passes_the_header() -> None:
@@ -170,12 +233,14 @@ def test_a_sender_manifest_that_matches_the_header_is_kept_as_sent() -> None:
 def test_a_manifest_that_disagrees_with_the_header_is_refused(changes: dict) -> None:
     sub = submission()
     bad = signed_manifest(KeyPair.generate(), sub, **changes)
-    reason = refusal(
+    error = refused(
         lambda: update_manifest(
             submission(manifest=bad), cid_of(sub.weights), federation="digits", recorder="agg", key=KeyPair.generate()
         )
     )
-    assert reason == Refusal.BAD_MANIFEST
+    assert error.reason == Refusal.BAD_MANIFEST
+    field = "producer.id" if "producer" in changes else next(iter(changes))
+    assert error.message.endswith(f"disagrees with the header on {[field]}")
 
 
 def test_a_tampered_or_unreadable_manifest_is_refused() -> None:
@@ -184,13 +249,14 @@ def test_a_tampered_or_unreadable_manifest_is_refused() -> None:
     # a field the header does not repeat: only the signature can tell it was changed
     tampered = sent.replace(b'"loss":0.5', b'"loss":0.1')
     assert tampered != sent
-    for bad in (tampered, b"{not json", b"\xff" * 10):
-        reason = refusal(
+    for bad, says in ((tampered, "bad signature"), (b"{not json", "not valid UTF-8 JSON"), (b"\xff" * 10, "UTF-8")):
+        error = refused(
             lambda bad=bad: update_manifest(
                 submission(manifest=bad), cid_of(sub.weights), federation="digits", recorder="agg", key=KeyPair.generate()
             )
         )
-        assert reason == Refusal.BAD_MANIFEST
+        assert error.reason == Refusal.BAD_MANIFEST and error.message.startswith("update manifest: ")
+        assert says in error.message
 
 
 def test_without_a_sender_manifest_the_receiver_records_and_signs_one() -> None:
@@ -202,3 +268,11 @@ def test_without_a_sender_manifest_the_receiver_records_and_signs_one() -> None:
     assert manifest.created_at == "1970-01-01T00:00:00.000Z"
     assert manifest.signature["public_key"] == key.public_key
     manifest.verify_signature()
+
+
+def test_a_relays_update_without_a_manifest_is_recorded_as_the_relays_with_its_parents() -> None:
+    parents = (cid_of(b"device update 1"), cid_of(b"device update 2"))
+    sub = submission(agent_id="relay-1", kind="relay", parents=parents)
+    manifest = update_manifest(sub, cid_of(sub.weights), federation="digits", recorder="agg-a", key=KeyPair.generate())
+    assert manifest.producer == Producer(role="relay", id="relay-1")
+    assert (manifest.kind, manifest.parents) == ("relay", parents)
