@@ -23,11 +23,14 @@ receiver supplies its current round and base tensors, a lock, and `fold`.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,7 +39,7 @@ import numpy as np
 from intake.journal import AcceptedUpdate, IntakeJournal
 from intake.submission import Submission, SubmitResult, check_header, update_manifest
 from intake.validation import UpdateLimits, validate_update
-from proto.errors import Refusal, UpdateRefused
+from proto.errors import FailedPrecondition, NotFound, Refusal, UpdateRefused
 from storage.keys import KeyPair
 from storage.manifest import Manifest
 from storage.store import ContentStore
@@ -105,6 +108,9 @@ class Intake:
         self._on_accepted = on_accepted
         self._clock = clock
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="strata-blob-writer")
+        # submissions in flight per weights CID: a refused one leaves the blob to the others
+        self._claims: collections.Counter[str] = collections.Counter()
+        self._claims_lock = threading.Lock()
 
     def close(self) -> None:
         """Wait for blob writes in flight; idempotent."""
@@ -161,34 +167,70 @@ class Intake:
         if self._admit is not None:
             self._admit(sub)
 
-        # The durable blob write overlaps validation (both mostly outside the GIL); a refused
-        # update's blob is removed again unless the store held it before.
+        # The durable blob write overlaps validation (both mostly outside the GIL). A refused
+        # update's blob is removed again, unless something else holds it (see _drop_blob).
         held_before = self._store.has(weights_cid)
-        blob_written = self._writer.submit(self._store_blob, sub, weights_cid)
+        self._claim(weights_cid)
         try:
-            tensors = validate_update(
-                sub.weights,
-                base=current.base_tensors,
-                declared_tensors=sub.tensors,
-                limits=policy.limits,
-                base_squared_norms=current.base_squared_norms,
-            )
-            manifest = update_manifest(
-                sub, weights_cid, federation=policy.federation, recorder=self.receiver_id, key=self._key,
-                clock=self._clock,
-            )
-        except UpdateRefused:
-            blob_written.result()
-            if not held_before:
-                self._store.delete(weights_cid, force=True)
-            raise
-        # stored before journaled, journaled before acknowledged
+            blob_written = self._writer.submit(self._store_blob, sub, weights_cid)
+            try:
+                outcome = self._validate_and_journal(sub, weights_cid, base_round, current, blob_written)
+            except UpdateRefused:
+                blob_written.result()
+                self._drop_blob(weights_cid, held_before)
+                raise
+        finally:
+            self._release(weights_cid)
+        if isinstance(outcome, SubmitResult):  # a concurrent resend of the same update won the race
+            return outcome
+        update, manifest, accepted = outcome
+        if self._on_accepted is not None:
+            self._on_accepted(manifest)
+        log.info(
+            "update_accepted",
+            extra={
+                "fields": {
+                    "agent": sub.agent_id,
+                    "round": update.counted_round,
+                    "staleness": update.staleness,
+                    "num_samples": sub.num_samples,
+                    "tensors": len(update.tensors),
+                    "update": manifest.cid,
+                    "accepted": accepted,
+                }
+            },
+        )
+        return SubmitResult(update_cid=manifest.cid, round=update.counted_round, duplicate=False)
+
+    def _validate_and_journal(
+        self, sub: Submission, weights_cid: str, base_round: int, current: OpenRound, blob_written: Future[str]
+    ) -> tuple[AcceptedUpdate, Manifest, int] | SubmitResult:
+        """Validate; then, stored before journaled and journaled before acknowledged: store the manifest, and
+        under the receiver's lock journal the update and fold it in (so no round closes between the two).
+        Returns (the update, its manifest, the open batch's size), or the answer to a resend that won a race."""
+        policy = self.policy
+        tensors = validate_update(
+            sub.weights,
+            base=current.base_tensors,
+            declared_tensors=sub.tensors,
+            limits=policy.limits,
+            base_squared_norms=current.base_squared_norms,
+        )
+        manifest = update_manifest(
+            sub, weights_cid, federation=policy.federation, recorder=self.receiver_id, key=self._key, clock=self._clock
+        )
         blob_written.result()
         self._store.put(manifest.to_bytes(), cid=manifest.cid)
-
         with self._receiver.lock:
             counted_round = self._receiver.open_round().round
             staleness = self._staleness(base_round, counted_round)
+            weight = sub.num_samples * policy.discount(staleness)
+            if not (math.isfinite(weight) and weight > 0):
+                # a steep discount can round an old update's weight down to nothing: it cannot count
+                raise UpdateRefused(
+                    f"update trained {staleness} rounds ago weighs {weight!r} under the staleness discount",
+                    reason=Refusal.STALE,
+                )
             update = AcceptedUpdate(
                 agent_id=sub.agent_id,
                 base_cid=sub.base_cid,
@@ -197,7 +239,7 @@ class Intake:
                 update_cid=manifest.cid,
                 weights_cid=weights_cid,
                 num_samples=sub.num_samples,
-                weight=sub.num_samples * policy.discount(staleness),
+                weight=weight,
                 staleness=staleness,
                 size=len(sub.weights),
                 tensors=tuple(sorted(tensors)),
@@ -207,28 +249,29 @@ class Intake:
                 accepted_at=self._clock(),
             )
             if not self._journal.record_update(update):
-                # a concurrent resend of the same (agent, base) won the race
                 previous = self._journal.find_update(sub.agent_id, sub.base_cid)
                 assert previous is not None
                 return _resend(previous, weights_cid, sub)
-            accepted = self._receiver.fold(update, tensors)
-        if self._on_accepted is not None:
-            self._on_accepted(manifest)
-        log.info(
-            "update_accepted",
-            extra={
-                "fields": {
-                    "agent": sub.agent_id,
-                    "round": counted_round,
-                    "staleness": staleness,
-                    "num_samples": sub.num_samples,
-                    "tensors": len(tensors),
-                    "update": manifest.cid,
-                    "accepted": accepted,
-                }
-            },
-        )
-        return SubmitResult(update_cid=manifest.cid, round=counted_round, duplicate=False)
+            return update, manifest, self._receiver.fold(update, tensors)
+
+    def _claim(self, weights_cid: str) -> None:
+        with self._claims_lock:
+            self._claims[weights_cid] += 1
+
+    def _release(self, weights_cid: str) -> None:
+        with self._claims_lock:
+            self._claims[weights_cid] -= 1
+            if not self._claims[weights_cid]:
+                del self._claims[weights_cid]
+
+    def _drop_blob(self, weights_cid: str, held_before: bool) -> None:
+        """Remove a refused update's blob, unless the store held it before, another submission of the
+        same bytes is still in flight (it decides), or an accepted update or a pin needs it."""
+        with self._claims_lock:
+            if held_before or self._claims[weights_cid] > 1 or self._journal.references_weights(weights_cid):
+                return
+            with contextlib.suppress(NotFound, FailedPrecondition):  # gone already, or pinned: kept
+                self._store.delete(weights_cid)
 
     def _store_blob(self, sub: Submission, weights_cid: str) -> str:
         if sub.staged is not None:

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS updates (
     PRIMARY KEY (agent_id, base_cid)
 );
 CREATE INDEX IF NOT EXISTS updates_by_batch ON updates (batch);
+CREATE INDEX IF NOT EXISTS updates_by_weights ON updates (weights_cid);
 CREATE TABLE IF NOT EXISTS refusals (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     round INTEGER NOT NULL,
@@ -155,6 +156,10 @@ class IntakeJournal(DurableSqlite):
         """Accepted updates not yet closed into a batch, oldest first: what a restart folds back in."""
         rows = self._read("SELECT * FROM updates WHERE batch IS NULL ORDER BY accepted_at, agent_id")
         return [_update_from_row(row) for row in rows]
+
+    def references_weights(self, weights_cid: str) -> bool:
+        """Whether an accepted update's weights are `weights_cid` (so the blob must stay)."""
+        return bool(self._read("SELECT 1 FROM updates WHERE weights_cid = ? LIMIT 1", (weights_cid,)))
 
     def iter_all_updates(self) -> Iterator[AcceptedUpdate]:
         for row in self._read("SELECT * FROM updates ORDER BY accepted_at, agent_id"):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from intake.validation import UpdateLimits, check_size
 from proto.errors import Refusal, StrataError, UpdateRefused
 from storage.cid import cid_of, is_cid
-from storage.codec import summarize
+from storage.codec import CodecError, summarize
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer, rfc3339
 from storage.store import StagedWrite
@@ -133,6 +133,14 @@ def update_manifest(
         manifest.producer.id,
     )
     wrong = [name for name, want, got in zip(_MANIFEST_FIELDS, expected, actual, strict=True) if want != got]
+    if manifest.parents != tuple(sub.parents):
+        wrong.append("parents")
+    try:
+        held = summarize(sub.weights)
+    except CodecError as exc:
+        raise UpdateRefused(str(exc), reason=Refusal.INVALID_SAFETENSORS) from None
+    if manifest.tensors != held:  # lineage would later find it naming tensors its weights do not hold
+        wrong.append("tensors")
     if wrong:
         raise UpdateRefused(f"update manifest disagrees with the header on {wrong}", reason=Refusal.BAD_MANIFEST)
     return manifest

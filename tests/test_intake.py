@@ -55,9 +55,17 @@ class ListReceiver:
 
 class Fixture:
     def __init__(
-        self, tmp_path: Path, *, round_: int = 5, max_staleness: int = 2, admit=None, base=BASE_TENSORS
+        self,
+        tmp_path: Path,
+        *,
+        round_: int = 5,
+        max_staleness: int = 2,
+        admit=None,
+        base=BASE_TENSORS,
+        store: LocalStore | None = None,
+        discount=None,
     ) -> None:
-        self.store = LocalStore(tmp_path / "store")
+        self.store = store or LocalStore(tmp_path / "store")
         self.journal = IntakeJournal(tmp_path / "journal.sqlite")
         self.receiver = ListReceiver(round_, base)
         self.bases = {r: cid_of(f"base of round {r}".encode()) for r in range(round_ + 1)}
@@ -70,7 +78,7 @@ class Fixture:
                 kinds=("local", "relay"),
                 limits=UpdateLimits(max_update_bytes=1 << 20, max_relative_norm=10.0),
                 max_staleness=max_staleness,
-                discount=make_discount("polynomial", exponent=1.0),
+                discount=discount or make_discount("polynomial", exponent=1.0),
             ),
             receiver=self.receiver,
             store=self.store,
@@ -368,3 +376,63 @@ def test_with_tls_a_sender_without_a_manifest_gets_one_recorded_by_the_receiver(
     result = fx.intake.submit(dataclasses.replace(fx.sub("a1"), caller=a1.certified, signers=certs.signers))
     recorded = Manifest.from_bytes(fx.store.get(result.update_cid))
     assert recorded.producer.id == "a1" and recorded.extra["recorded_by"] == "agg-t"
+
+
+class _MeetingStore(LocalStore):
+    """A store whose weights writes wait for each other: two submissions of the same new bytes both
+    find the store without them, then both write (a race made deterministic)."""
+
+    def __init__(self, root: Path, weights_cid: str) -> None:
+        super().__init__(root)
+        self._weights_cid = weights_cid
+        self.meeting = threading.Barrier(2, timeout=10)
+
+    def put(self, data, *, cid=None):  # type: ignore[no-untyped-def]
+        if cid == self._weights_cid:
+            self.meeting.wait()
+        return super().put(data, cid=cid)
+
+
+def test_a_refused_twin_never_deletes_the_blob_an_accepted_update_journaled(tmp_path: Path) -> None:
+    weights = encode_tensors({W: np.full(4, 1.5, np.float32)})
+    store = _MeetingStore(tmp_path / "store", cid_of(weights))
+    fx = Fixture(tmp_path, store=store)
+    good = fx.sub("good", weights=weights)
+    # the same bytes under a manifest that disagrees with its header: refused after its blob is written
+    twin = fx.sub("twin", weights=weights)
+    forged = dataclasses.replace(
+        twin, manifest=Manifest.from_bytes(update_manifest_bytes(fx, good)).to_bytes()
+    )
+    results: dict[str, object] = {}
+
+    def submit(name: str, sub: Submission) -> None:
+        try:
+            results[name] = fx.intake.submit(sub)
+        except UpdateRefused as refusal:
+            results[name] = refusal.reason
+
+    threads = [threading.Thread(target=submit, args=("good", good)), threading.Thread(target=submit, args=("twin", forged))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results["twin"] == Refusal.BAD_MANIFEST and isinstance(results["good"], SubmitResult)
+    assert store.get(cid_of(weights)) == weights  # the accepted update's weights are still there
+    fx.intake.close()
+
+
+def update_manifest_bytes(fx: Fixture, sub: Submission) -> bytes:
+    """A manifest signed for `sub` (as its agent would send it)."""
+    from intake.submission import update_manifest
+
+    return update_manifest(
+        sub, cid_of(sub.weights), federation="digits", recorder="x", key=KeyPair.generate(), clock=lambda: 0.0
+    ).to_bytes()
+
+
+def test_an_update_whose_discount_rounds_its_weight_to_nothing_is_refused_stale(tmp_path: Path) -> None:
+    steep = make_discount("exponential", half_life=0.001)  # passes the one-round probe, gives 0.0 at two
+    fx = Fixture(tmp_path, discount=steep)
+    reason = fx.refused(fx.sub(round_=3))
+    assert reason == Refusal.STALE and fx.receiver.folded == [] and fx.journal.accepted_count() == 0
+    fx.intake.close()

@@ -204,7 +204,8 @@ def signed_manifest(key: KeyPair, sub: Submission, **changes) -> bytes:
         created_at=now_rfc3339(),
     )
     fields.update(changes)
-    return Manifest(tensors=summarize(sub.weights), **fields).signed(key).to_bytes()
+    fields.setdefault("tensors", summarize(sub.weights))
+    return Manifest(**fields).signed(key).to_bytes()
 
 
 def test_a_sender_manifest_that_matches_the_header_is_kept_as_sent() -> None:
@@ -227,8 +228,10 @@ def test_a_sender_manifest_that_matches_the_header_is_kept_as_sent() -> None:
         {"base": "QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n"},
         {"num_samples": 11},
         {"producer": Producer(role="agent", id="mallory")},
+        {"parents": ("QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n",)},
+        {"tensors": summarize(encode_tensors({W: np.ones((20, 20), np.float32), B: np.zeros(2, np.float32)}))},
     ],
-    ids=["kind", "federation", "round", "weights", "base", "num_samples", "producer"],
+    ids=["kind", "federation", "round", "weights", "base", "num_samples", "producer", "parents", "tensors"],
 )
 def test_a_manifest_that_disagrees_with_the_header_is_refused(changes: dict) -> None:
     sub = submission()
