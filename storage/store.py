@@ -489,7 +489,7 @@ def default_store_path() -> Path:
 
 # a staged write asks the kernel to write back what it holds every this many bytes, so the
 # final fsync (the acknowledgement's wait) flushes only the tail
-_WRITEBACK_EVERY = 8 << 20
+_WRITEBACK_EVERY = 1 << 20
 
 
 class _LocalStagedWrite(StagedWrite):
