@@ -1,0 +1,180 @@
+"""Attack your own daemons: a live coordinator, aggregator and relay take a few hundred fuzzed calls on
+every RPC of strata.proto, then must still be healthy, have accepted nothing, and have logged no traceback.
+
+The fuzzer (tests/fuzz) builds its cases from the descriptors: random valid messages, mutated and
+garbage bytes, boundary values, hostile encodings, broken chunk streams and updates forged against the
+real base model. Set STRATA_FUZZ_SEED to replay another draw; `bench/fuzz.py` is the long run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
+from aggregator.daemon import AggregatorDaemon
+from coordinator.config import CoordinatorConfig
+from coordinator.daemon import CoordinatorDaemon
+from intake.config import ServingSettings
+from proto import strata_pb2 as pb
+from proto import strata_pb2_grpc as pb_grpc
+from proto.serving import serving_loop
+from proto.wire import create_channel
+from relay.config import RelayConfig, UpstreamSettings
+from relay.daemon import RelayDaemon
+from strata.wiring import initial_model_factory
+from tests.agent_service_contract import wait_until
+from tests.fuzz import AGGREGATOR_SERVICES, COORDINATOR_SERVICES, RELAY_SERVICES, Target, fetch_base
+from tests.fuzz.cases import CaseFactory
+from tests.fuzz.runner import Tally, run
+from tests.fuzz.streams import UpdateForger, chunk_framing, signed_manifests
+
+pytestmark = pytest.mark.slow  # three daemons, a torch model and ~15 s of fuzzing on a busy machine
+
+SEED = int(os.environ.get("STRATA_FUZZ_SEED", "20260501"))
+PER_RPC = int(os.environ.get("STRATA_FUZZ_PER_RPC", "16"))  # 18 RPCs on three daemons: about 290 calls
+STREAM_IDLE_S = 1.0
+SUBMIT = "/strata.v1.AgentService/SubmitUpdate"
+
+
+@dataclass
+class Fleet:
+    coordinator: CoordinatorDaemon
+    aggregator: AggregatorDaemon
+    relay: RelayDaemon
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    coordinator = CoordinatorDaemon(CoordinatorConfig(listen="127.0.0.1:0", state_dir=str(tmp_path / "coordinator"))).start()
+    serving = ServingSettings(workers=2, stream_idle_s=STREAM_IDLE_S)
+    config = AggregatorConfig(
+        id="agg-fuzz",
+        listen="127.0.0.1:0",
+        state_dir=str(tmp_path / "agg"),
+        store=str(tmp_path / "agg-store"),
+        coordinator=coordinator.address,
+        round=RoundSettings(min_updates=1, quorum=1.0, deadline_s=600.0),
+        synthesis=SynthesisSettings(enabled=False),
+        serving=serving,
+    )
+    aggregator = AggregatorDaemon(config, initial_model_factory=initial_model_factory(config)).start()
+    relay = RelayDaemon(
+        RelayConfig(
+            id="relay-fuzz",
+            seeds=[aggregator.address],
+            listen="127.0.0.1:0",
+            state_dir=str(tmp_path / "relay"),
+            serving=serving,
+            upstream=UpstreamSettings(join_timeout_s=5.0, backoff_base_s=0.1, backoff_max_s=0.5, rpc_timeout_s=5.0),
+        )
+    ).start()
+    try:
+        wait_until(lambda: relay.relay.has_base, 30, "the relay to adopt the aggregator's base")
+        yield Fleet(coordinator, aggregator, relay)
+    finally:
+        relay.stop(grace=0)
+        aggregator.stop(grace=0)
+        coordinator.stop(grace=0)
+
+
+def factory_for(target: Target, rng: random.Random, seeds: list[str], byte_seeds: list[bytes]) -> CaseFactory:
+    forgers = {}
+    if "strata.v1.AgentService" in target.services:
+        framing = chunk_framing(pb.UpdateChunk.DESCRIPTOR)
+        assert framing is not None
+        forgers[SUBMIT] = UpdateForger(fetch_base(target.address), framing, rng)
+    return CaseFactory(rng, seeds=seeds, byte_seeds=byte_seeds, stall_s=STREAM_IDLE_S + 0.5, forgers=forgers)
+
+
+def attack(targets: list[Target], seeds: list[str], byte_seeds: list[bytes]) -> dict[str, Tally]:
+    """Fuzz every target at once, from the serving loop (one thread for every client call)."""
+    factories = {t.name: factory_for(t, random.Random(f"{SEED}:{t.name}"), seeds, byte_seeds) for t in targets}
+
+    async def all_targets() -> list[Tally]:
+        return await asyncio.gather(
+            *(run(t.address, factories[t.name].cases(t.rpcs(), PER_RPC), concurrency=8) for t in targets)
+        )
+
+    tallies = asyncio.run_coroutine_threadsafe(all_targets(), serving_loop()).result(timeout=240)
+    return {t.name: tally for t, tally in zip(targets, tallies, strict=True)}
+
+
+def healthy(address: str) -> bool:
+    with create_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_fuzzed_calls_on_every_rpc_are_refused_cleanly_and_every_daemon_serves_on(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    targets = [
+        Target("coordinator", fleet.coordinator.address, COORDINATOR_SERVICES),
+        Target("aggregator", fleet.aggregator.address, AGGREGATOR_SERVICES),
+        Target("relay", fleet.relay.address, RELAY_SERVICES),
+    ]
+    base = fleet.aggregator.rounds.current
+    seeds = [base.model_cid, base.weights_cid, "digits", "agg-fuzz", "relay-fuzz", fleet.aggregator.address]
+
+    tallies = attack(targets, seeds, signed_manifests(fetch_base(fleet.aggregator.address)))
+
+    total = Tally()
+    for name, tally in tallies.items():
+        print(f"--- {name}\n{tally.render()}")
+        total.merge(tally)
+    assert sum(total.calls.values()) >= 250
+    assert set(total.calls) == {rpc.path for t in targets for rpc in t.rpcs()}, "every RPC was fuzzed"
+    histogram = total.histogram()
+    assert histogram["UNKNOWN"] == 0 and histogram["INTERNAL"] == 0, total.render()
+    assert total.finding_count == 0, total.render()
+    assert histogram["INVALID_ARGUMENT"] > 0 and histogram["OK refused:bad_stream"] > 0, histogram
+
+    # every daemon serves on: health, a normal Join at both homes, the ring at the coordinator
+    assert all(healthy(t.address) for t in targets)
+    for home in (fleet.aggregator.address, fleet.relay.address):
+        with create_channel(home) as channel:
+            reply = pb_grpc.AgentServiceStub(channel).Join(pb.JoinRequest(agent_id="after-the-fuzz", federation="digits"), timeout=10)
+        # the fuzzer may have registered aggregators on the ring, so a redirect is a fine answer too
+        assert reply.WhichOneof("outcome") in ("home", "redirect")
+    with create_channel(fleet.coordinator.address) as channel:
+        ring = pb_grpc.CoordinatorServiceStub(channel).GetRing(pb.GetRingRequest(), timeout=10)
+    assert "agg-fuzz" in {m.id for m in ring.members}
+
+    # nothing the fuzzer sent was accepted, and no daemon logged a traceback
+    assert fleet.aggregator.journal.accepted_count() == 0
+    assert fleet.relay.journal.accepted_count() == 0
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert tracebacks == [], [f"{r.name}: {r.getMessage()}" for r in tracebacks]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [f"{r.name}: {r.getMessage()}" for r in errors]
+
+
+def test_a_forged_update_is_refused_for_its_own_reason(fleet: Fleet) -> None:
+    """The forger's updates reach the checks they target (a hole behind an earlier check would hide)."""
+    framing = chunk_framing(pb.UpdateChunk.DESCRIPTOR)
+    assert framing is not None
+    forger = UpdateForger(fetch_base(fleet.aggregator.address), framing, random.Random(SEED))
+    expected = {
+        "nan": "not_finite",
+        "shape": "shape_mismatch",
+        "norm_blowup": "norm_bound",
+        "json_garbage": "invalid_safetensors",
+        "cid_mismatch": "hash_mismatch",
+        "unknown_base": "unknown_base",
+        "garbage_manifest": "bad_manifest",
+        "manifest_disagrees": "bad_manifest",
+    }
+    with create_channel(fleet.aggregator.address) as channel:
+        call = channel.stream_unary(SUBMIT, response_deserializer=pb.SubmitUpdateReply.FromString)
+        reasons = {kind: call(iter(forger.stream(kind, pb.UpdateHeader.DESCRIPTOR)), timeout=30).reason for kind in expected}
+    assert reasons == expected
