@@ -26,7 +26,7 @@ from typing import Any
 
 from proto.errors import InvalidInput, NotFound
 from storage.cid import validate_cid
-from storage.durable import DurableSqlite
+from storage.durable import MAX_INTEGER, DurableSqlite
 from storage.manifest import Manifest
 
 __all__ = ["AgentEntry", "Lineage", "ModelIndex", "ModelRecord"]
@@ -171,6 +171,9 @@ class ModelIndex(DurableSqlite):
         manifest = Manifest.from_bytes(manifest_bytes)
         if manifest.signature is not None or self._require_signature:
             manifest.verify_signature()
+        for name in ("round", "num_samples"):
+            if getattr(manifest, name) > MAX_INTEGER:
+                raise InvalidInput(f"manifest {name} {getattr(manifest, name)} is past 2^63-1", reason="invalid_manifest")
         notes = {str(k): str(v) for k, v in (notes or {}).items()}
         cid = manifest.cid
         row = (
@@ -237,6 +240,8 @@ class ModelIndex(DurableSqlite):
         """
         if limit is not None and limit < 0:
             raise InvalidInput(f"limit must be >= 0, got {limit}", reason="bad_query")
+        if round is not None and not 0 <= round <= MAX_INTEGER:
+            raise InvalidInput(f"round must be in 0..2^63-1, got {round}", reason="bad_query")
         where, args = [], []
         for column, value in (
             ("kind", kind),

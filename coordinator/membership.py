@@ -27,7 +27,7 @@ from pathlib import Path
 
 from coordinator.ring import Member, Ring
 from proto.errors import InvalidInput, NotFound
-from storage.durable import DurableSqlite, Statement
+from storage.durable import MAX_INTEGER, DurableSqlite, Statement
 
 __all__ = ["AggregatorInfo", "AggregatorStatus", "Lease", "Membership", "Progress"]
 
@@ -94,6 +94,12 @@ class Progress:
     agent_count: int = 0
     last_cluster_cid: str = ""
     last_semi_global_cid: str = ""
+
+    def __post_init__(self) -> None:
+        # checked before any lease is touched: a round the lease store cannot hold is refused, not half-applied
+        for name in ("round", "agent_count"):
+            if not 0 <= getattr(self, name) <= MAX_INTEGER:
+                raise InvalidInput(f"heartbeat {name} must be in 0..2^63-1, got {getattr(self, name)}", reason="bad_progress")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -30,14 +32,16 @@ from proto.serving import serving_loop
 from proto.wire import create_channel
 from relay.config import RelayConfig, UpstreamSettings
 from relay.daemon import RelayDaemon
+from storage.cid import cid_of
+from storage.codec import encode_tensors, summarize
+from storage.keys import KeyPair
+from storage.manifest import Manifest, Producer
 from strata.wiring import initial_model_factory
 from tests.agent_service_contract import wait_until
 from tests.fuzz import AGGREGATOR_SERVICES, COORDINATOR_SERVICES, RELAY_SERVICES, Target, fetch_base
 from tests.fuzz.cases import CaseFactory
 from tests.fuzz.runner import Tally, run
 from tests.fuzz.streams import UpdateForger, chunk_framing, signed_manifests
-
-pytestmark = pytest.mark.slow  # three daemons, a torch model and ~15 s of fuzzing on a busy machine
 
 SEED = int(os.environ.get("STRATA_FUZZ_SEED", "20260501"))
 PER_RPC = int(os.environ.get("STRATA_FUZZ_PER_RPC", "16"))  # 18 RPCs on three daemons: about 290 calls
@@ -114,6 +118,7 @@ def healthy(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.slow  # three daemons, a torch model and ~10 s of fuzzing on a busy machine
 def test_fuzzed_calls_on_every_rpc_are_refused_cleanly_and_every_daemon_serves_on(
     fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -159,6 +164,7 @@ def test_fuzzed_calls_on_every_rpc_are_refused_cleanly_and_every_daemon_serves_o
     assert errors == [], [f"{r.name}: {r.getMessage()}" for r in errors]
 
 
+@pytest.mark.slow
 def test_a_forged_update_is_refused_for_its_own_reason(fleet: Fleet) -> None:
     """The forger's updates reach the checks they target (a hole behind an earlier check would hide)."""
     framing = chunk_framing(pb.UpdateChunk.DESCRIPTOR)
@@ -178,3 +184,74 @@ def test_a_forged_update_is_refused_for_its_own_reason(fleet: Fleet) -> None:
         call = channel.stream_unary(SUBMIT, response_deserializer=pb.SubmitUpdateReply.FromString)
         reasons = {kind: call(iter(forger.stream(kind, pb.UpdateHeader.DESCRIPTOR)), timeout=30).reason for kind in expected}
     assert reasons == expected
+
+
+# ------------------------------------------------------------------ findings, replayed byte for byte
+
+U64_MAX = (1 << 64) - 1
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[CoordinatorDaemon]:
+    daemon = CoordinatorDaemon(CoordinatorConfig(listen="127.0.0.1:0", state_dir=str(tmp_path / "coordinator"))).start()
+    yield daemon
+    daemon.stop(grace=0)
+
+
+def raw_status(address: str, method: str, request: bytes) -> grpc.StatusCode:
+    with create_channel(address) as channel:
+        try:
+            channel.unary_unary(f"/strata.v1.CoordinatorService/{method}")(request, timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("round_", [1 << 63, U64_MAX])
+def test_list_models_with_a_round_past_sqlite_integers_is_invalid_argument(coordinator: CoordinatorDaemon, round_: int) -> None:
+    """Found by the fuzzer: ListModelsRequest round=2^64-1 (bytes 20ffffffffffffffffff01) was INTERNAL
+    (OverflowError from sqlite3 in ModelIndex.list)."""
+    request = pb.ListModelsRequest(round=round_).SerializeToString()
+    assert raw_status(coordinator.address, "ListModels", request) == grpc.StatusCode.INVALID_ARGUMENT
+    assert raw_status(coordinator.address, "ListModels", pb.ListModelsRequest(round=(1 << 63) - 1).SerializeToString()) == grpc.StatusCode.OK
+
+
+def test_a_heartbeat_with_a_round_past_sqlite_integers_is_refused_and_the_lease_stays_sound(coordinator: CoordinatorDaemon) -> None:
+    """Found by the fuzzer: AggregatorHeartbeat id=<registered> round=2^64-1 was INTERNAL, and the status
+    had already been replaced in memory with a round no later write could store."""
+    with create_channel(coordinator.address) as channel:
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+        info = pb.AggregatorInfo(id="agg-a", address="127.0.0.1:1", federations=["digits"])
+        stub.RegisterAggregator(info, timeout=10)
+        request = pb.AggregatorHeartbeat(id="agg-a", round=U64_MAX).SerializeToString()
+        assert raw_status(coordinator.address, "HeartbeatAggregator", request) == grpc.StatusCode.INVALID_ARGUMENT
+        stub.HeartbeatAggregator(pb.AggregatorHeartbeat(id="agg-a", round=3), timeout=10)
+        statuses = {s.info.id: s for s in stub.FleetStatus(pb.FleetStatusRequest(), timeout=10).aggregators}
+    assert statuses["agg-a"].round == 3
+    assert coordinator.membership is not None
+    coordinator.membership.register(coordinator.membership.status()[0].info)  # still writable
+
+
+@pytest.mark.parametrize("edge", ["round", "num_samples"])
+def test_announcing_a_signed_manifest_with_a_count_past_sqlite_integers_is_invalid_argument(
+    coordinator: CoordinatorDaemon, edge: str
+) -> None:
+    """Found by the fuzzer: AnnounceModel with a correctly signed manifest whose round or num_samples
+    is 2^63 or more was INTERNAL (OverflowError from sqlite3 in ModelIndex.record)."""
+    blob = encode_tensors({"w": np.zeros(3, np.float32)})
+
+    def announce(value: int) -> grpc.StatusCode:
+        manifest = Manifest(
+            kind="cluster",
+            federation="digits",
+            producer=Producer(role="aggregator", id="agg-a"),
+            weights=cid_of(blob),
+            tensors=summarize(blob),
+            **{"round": 1, "num_samples": 1, edge: value},
+        ).signed(KeyPair.generate())
+        request = pb.AnnounceModelRequest(manifest=manifest.to_bytes()).SerializeToString()
+        return raw_status(coordinator.address, "AnnounceModel", request)
+
+    assert announce(1 << 63) == grpc.StatusCode.INVALID_ARGUMENT
+    assert announce(U64_MAX) == grpc.StatusCode.INVALID_ARGUMENT
+    assert announce((1 << 63) - 1) == grpc.StatusCode.OK
