@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from coordinator.ring import Member, Ring
+from coordinator.ring import MAX_WEIGHT, Member, Ring
 from proto.errors import InvalidInput, NotFound
 from storage.durable import MAX_INTEGER, DurableSqlite, Statement
 
@@ -67,9 +67,11 @@ class AggregatorInfo:
                 f"aggregator {self.id!r}: address must be host:port, got {self.address!r}",
                 reason="bad_aggregator",
             )
-        if not (self.weight > 0):
+        # checked here, before the lease table holds it: a weight the ring cannot use would fail
+        # every ring rebuild after it, not just this registration
+        if not (0 < self.weight <= MAX_WEIGHT):
             raise InvalidInput(
-                f"aggregator {self.id!r}: weight must be > 0, got {self.weight}",
+                f"aggregator {self.id!r}: weight must be in (0, {MAX_WEIGHT:g}], got {self.weight}",
                 reason="bad_aggregator",
             )
         object.__setattr__(self, "federations", tuple(self.federations))

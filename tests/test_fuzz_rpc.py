@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 from collections.abc import Iterator
@@ -105,7 +106,10 @@ def attack(targets: list[Target], seeds: list[str], byte_seeds: list[bytes]) -> 
 
     async def all_targets() -> list[Tally]:
         return await asyncio.gather(
-            *(run(t.address, factories[t.name].cases(t.rpcs(), PER_RPC), concurrency=8) for t in targets)
+            *(
+                run(t.address, factories[t.name].cases(t.rpcs(), PER_RPC), concurrency=8, learn=factories[t.name].learn)
+                for t in targets
+            )
         )
 
     tallies = asyncio.run_coroutine_threadsafe(all_targets(), serving_loop()).result(timeout=240)
@@ -129,7 +133,7 @@ def test_fuzzed_calls_on_every_rpc_are_refused_cleanly_and_every_daemon_serves_o
         Target("relay", fleet.relay.address, RELAY_SERVICES),
     ]
     base = fleet.aggregator.rounds.current
-    seeds = [base.model_cid, base.weights_cid, "digits", "agg-fuzz", "relay-fuzz", fleet.aggregator.address]
+    seeds = [base.model_cid, base.weights_cid, "digits", "agg-fuzz", "relay-fuzz", fleet.aggregator.address, "h:1", "local"]
 
     tallies = attack(targets, seeds, signed_manifests(fetch_base(fleet.aggregator.address)))
 
@@ -255,3 +259,18 @@ def test_announcing_a_signed_manifest_with_a_count_past_sqlite_integers_is_inval
     assert announce(1 << 63) == grpc.StatusCode.INVALID_ARGUMENT
     assert announce(U64_MAX) == grpc.StatusCode.INVALID_ARGUMENT
     assert announce((1 << 63) - 1) == grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("weight", [math.inf, 1.7976931348623157e308])
+def test_a_registration_with_an_unbounded_weight_is_refused_and_leaves_the_ring_working(
+    coordinator: CoordinatorDaemon, weight: float
+) -> None:
+    """Found by the fuzzer: AggregatorInfo weight=inf (or any weight whose ×100 overflows) was INTERNAL,
+    and it stayed on the lease table, so every registration after it failed too until its lease expired."""
+    poisoned = pb.AggregatorInfo(id="agg-heavy", address="127.0.0.1:1", weight=weight).SerializeToString()
+    assert raw_status(coordinator.address, "RegisterAggregator", poisoned) == grpc.StatusCode.INVALID_ARGUMENT
+    with create_channel(coordinator.address) as channel:
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+        stub.RegisterAggregator(pb.AggregatorInfo(id="agg-b", address="127.0.0.1:2"), timeout=10)
+        ring = stub.GetRing(pb.GetRingRequest(), timeout=10)
+    assert [m.id for m in ring.members] == ["agg-b"]
