@@ -15,6 +15,7 @@ transaction per write, a versioned schema); imports no gRPC.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections import deque
@@ -324,6 +325,9 @@ class ModelIndex(DurableSqlite):
         for entry in entries:
             if not entry.agent_id:
                 raise InvalidInput("agent_id must not be empty", reason="bad_agent")
+            # SQLite stores NaN as NULL (refused by NOT NULL), and an infinite time would outrank every later report
+            if not math.isfinite(entry.last_seen):
+                raise InvalidInput(f"agent {entry.agent_id[:80]!r}: last_seen must be finite", reason="bad_agent")
         forget = (
             "DELETE FROM agents WHERE reported_by = ? AND agent_id NOT IN (SELECT value FROM json_each(?))",
             (aggregator_id, json.dumps([e.agent_id for e in entries])),

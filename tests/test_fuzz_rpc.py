@@ -274,3 +274,14 @@ def test_a_registration_with_an_unbounded_weight_is_refused_and_leaves_the_ring_
         stub.RegisterAggregator(pb.AggregatorInfo(id="agg-b", address="127.0.0.1:2"), timeout=10)
         ring = stub.GetRing(pb.GetRingRequest(), timeout=10)
     assert [m.id for m in ring.members] == ["agg-b"]
+
+
+@pytest.mark.parametrize("last_seen", [math.nan, math.inf])
+def test_a_report_of_an_agent_seen_at_nan_is_invalid_argument(coordinator: CoordinatorDaemon, last_seen: float) -> None:
+    """Found by the fuzzer: ReportAgentsRequest with an AgentRecord last_seen=NaN was INTERNAL
+    (SQLite stores NaN as NULL, and agents.last_seen is NOT NULL)."""
+    request = pb.ReportAgentsRequest(aggregator_id="agg-a", agents=[pb.AgentRecord(agent_id="d1", last_seen=last_seen)])
+    assert raw_status(coordinator.address, "ReportAgents", request.SerializeToString()) == grpc.StatusCode.INVALID_ARGUMENT
+    with create_channel(coordinator.address) as channel:
+        listed = pb_grpc.CoordinatorServiceStub(channel).ListAgents(pb.ListAgentsRequest(), timeout=10)
+    assert list(listed.agents) == []
