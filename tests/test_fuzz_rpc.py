@@ -29,7 +29,8 @@ from coordinator.daemon import CoordinatorDaemon
 from intake.config import ServingSettings
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
-from proto.serving import serving_loop
+from proto.errors import InvalidInput
+from proto.serving import create_server, serving_loop
 from proto.wire import create_channel
 from relay.config import RelayConfig, UpstreamSettings
 from relay.daemon import RelayDaemon
@@ -285,3 +286,21 @@ def test_a_report_of_an_agent_seen_at_nan_is_invalid_argument(coordinator: Coord
     with create_channel(coordinator.address) as channel:
         listed = pb_grpc.CoordinatorServiceStub(channel).ListAgents(pb.ListAgentsRequest(), timeout=10)
     assert list(listed.agents) == []
+
+
+def test_a_refusal_that_quotes_a_megabyte_input_still_reaches_the_caller_as_itself() -> None:
+    """Found by the fuzzer: RegisterAggregator id=<1 MiB> address="x" was refused with a message quoting
+    the id; over 16 KiB of status details broke gRPC's metadata limit, so the caller got
+    RESOURCE_EXHAUSTED (which clients retry) instead of INVALID_ARGUMENT with its reason."""
+
+    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise InvalidInput(f"name {request.decode()!r} is not allowed", reason="bad_name")
+
+    handler = grpc.method_handlers_generic_handler("fuzz.Echo", {"Say": grpc.unary_unary_rpc_method_handler(refuse)})
+    with create_server() as server:
+        server.server.add_generic_rpc_handlers((handler,))
+        with create_channel(server.address) as channel, pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary("/fuzz.Echo/Say")(b"n" * (1 << 20), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("bad_name: name 'nnn") and len(info.value.details()) < 4096
+    assert ("strata-reason", "bad_name") in tuple(info.value.trailing_metadata())
