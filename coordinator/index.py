@@ -79,6 +79,8 @@ _UPSERT_AGENT = (
 )
 _COLUMNS = "cid, kind, federation, round, producer, producer_role, parents, num_samples, metrics, created_at, weights, manifest, notes"
 DEFAULT_LINEAGE_DEPTH = 16
+# the longest agent id, home, display name or network name kept in the agent directory
+MAX_AGENT_NAME_CHARS = 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -321,6 +323,8 @@ class ModelIndex(DurableSqlite):
         """
         if not aggregator_id:
             raise InvalidInput("aggregator_id must not be empty", reason="bad_aggregator")
+        if len(aggregator_id) > MAX_AGENT_NAME_CHARS:
+            raise InvalidInput(f"aggregator_id is {len(aggregator_id)} characters; the limit is {MAX_AGENT_NAME_CHARS}", reason="bad_aggregator")
         entries = list(agents)
         for entry in entries:
             if not entry.agent_id:
@@ -328,6 +332,18 @@ class ModelIndex(DurableSqlite):
             # SQLite stores NaN as NULL (refused by NOT NULL), and an infinite time would outrank every later report
             if not math.isfinite(entry.last_seen):
                 raise InvalidInput(f"agent {entry.agent_id[:80]!r}: last_seen must be finite", reason="bad_agent")
+            names = {
+                "agent_id": entry.agent_id,
+                "home": entry.home,
+                "display_name": entry.display_name,
+                "capability": entry.capability,
+                "network": str(entry.telemetry.get("network", "")),
+            }
+            for name, value in names.items():
+                if len(value) > MAX_AGENT_NAME_CHARS:
+                    raise InvalidInput(
+                        f"agent {name} is {len(value)} characters; the limit is {MAX_AGENT_NAME_CHARS}", reason="bad_agent"
+                    )
         forget = (
             "DELETE FROM agents WHERE reported_by = ? AND agent_id NOT IN (SELECT value FROM json_each(?))",
             (aggregator_id, json.dumps([e.agent_id for e in entries])),

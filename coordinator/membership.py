@@ -50,6 +50,21 @@ CREATE TABLE IF NOT EXISTS aggregators (
 """
 
 
+# What the coordinator keeps of a caller's names: plenty for any id, host:port, federation or CID, and
+# small enough that every aggregator ever seen still fits one FleetStatus reply (4 MiB) many times over.
+MAX_NAME_CHARS = 256
+MAX_FEDERATIONS = 64
+
+
+def _check_names(what: str, **names: str) -> None:
+    for field_name, value in names.items():
+        if len(value) > MAX_NAME_CHARS:
+            raise InvalidInput(
+                f"{what} {field_name} is {len(value)} characters; the limit is {MAX_NAME_CHARS}",
+                reason=f"bad_{what}",
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class AggregatorInfo:
     """What an aggregator registers: its id, its AgentService/PeerService address, its share of the ring."""
@@ -62,6 +77,14 @@ class AggregatorInfo:
     def __post_init__(self) -> None:
         if not self.id:
             raise InvalidInput("aggregator id must not be empty", reason="bad_aggregator")
+        _check_names("aggregator", id=self.id, address=self.address)
+        if len(self.federations) > MAX_FEDERATIONS:
+            raise InvalidInput(
+                f"aggregator {self.id!r} names {len(self.federations)} federations; the limit is {MAX_FEDERATIONS}",
+                reason="bad_aggregator",
+            )
+        for federation in self.federations:
+            _check_names("aggregator", federation=federation)
         if ":" not in self.address:
             raise InvalidInput(
                 f"aggregator {self.id!r}: address must be host:port, got {self.address!r}",
@@ -102,6 +125,7 @@ class Progress:
         for name in ("round", "agent_count"):
             if not 0 <= getattr(self, name) <= MAX_INTEGER:
                 raise InvalidInput(f"heartbeat {name} must be in 0..2^63-1, got {getattr(self, name)}", reason="bad_progress")
+        _check_names("progress", last_cluster_cid=self.last_cluster_cid, last_semi_global_cid=self.last_semi_global_cid)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,9 +223,14 @@ class Membership:
         # The members of the last ring get a fresh lease: one ttl to heartbeat before they expire.
         grace_until = self._clock() + self.ttl_s
         for row in self._db.statuses():
-            info = AggregatorInfo(
-                id=row[0], address=row[1], federations=tuple(json.loads(row[2])), weight=row[3]
-            )
+            try:
+                info = AggregatorInfo(
+                    id=row[0], address=row[1], federations=tuple(json.loads(row[2])), weight=row[3]
+                )
+            except InvalidInput as exc:
+                # kept by an older coordinator that checked less; one such entry must not stop this one
+                log.warning("aggregator_skipped", extra={"fields": {"aggregator": str(row[0])[:80], "error": str(exc)}})
+                continue
             self._statuses[info.id] = AggregatorStatus(
                 info=info,
                 alive=bool(row[4]),

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,3 +305,56 @@ def test_a_refusal_that_quotes_a_megabyte_input_still_reaches_the_caller_as_itse
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("bad_name: name 'nnn") and len(info.value.details()) < 4096
     assert ("strata-reason", "bad_name") in tuple(info.value.trailing_metadata())
+
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("method", "request_"),
+    [
+        ("RegisterAggregator", pb.AggregatorInfo(id="a" * MIB, address="127.0.0.1:1")),
+        ("RegisterAggregator", pb.AggregatorInfo(id="agg-x", address="127.0.0.1:" + "1" * MIB)),
+        ("RegisterAggregator", pb.AggregatorInfo(id="agg-x", address="127.0.0.1:1", federations=["f"] * 100_000)),
+        ("RegisterAggregator", pb.AggregatorInfo(id="agg-x", address="127.0.0.1:1", federations=["f" * MIB])),
+        ("HeartbeatAggregator", pb.AggregatorHeartbeat(id="agg-a", last_cluster_cid="Q" * MIB)),
+        ("HeartbeatAggregator", pb.AggregatorHeartbeat(id="agg-a", last_semi_global_cid="Q" * MIB)),
+        ("ReportAgents", pb.ReportAgentsRequest(aggregator_id="agg-a", agents=[pb.AgentRecord(agent_id="d" * MIB)])),
+        ("ReportAgents", pb.ReportAgentsRequest(aggregator_id="agg-a", agents=[pb.AgentRecord(agent_id="d1", display_name="n" * MIB)])),
+        ("ReportAgents", pb.ReportAgentsRequest(aggregator_id="agg-a", agents=[pb.AgentRecord(agent_id="d1", home_aggregator="h" * MIB)])),
+        ("ReportAgents", pb.ReportAgentsRequest(aggregator_id="agg-a", agents=[pb.AgentRecord(agent_id="d1", telemetry=pb.Telemetry(network="w" * MIB))])),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_megabyte_names_are_refused_before_they_are_kept(coordinator: CoordinatorDaemon, method: str, request_: object) -> None:
+    """Found by the fuzzer: the coordinator kept whatever a caller named (1 MiB aggregator ids and
+    addresses, 100k federations, megabyte CIDs, agent names and telemetry), in memory and in SQLite, for
+    good; a few of them pushed FleetStatus, GetRing and ListAgents replies past the 4 MiB limit, so those
+    RPCs failed with RESOURCE_EXHAUSTED (and a grpc traceback in the log) from then on, restarts included."""
+    with create_channel(coordinator.address) as channel:
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+        stub.RegisterAggregator(pb.AggregatorInfo(id="agg-a", address="127.0.0.1:1"), timeout=10)
+        for _ in range(5):
+            assert raw_status(coordinator.address, method, request_.SerializeToString()) == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert stub.FleetStatus(pb.FleetStatusRequest(), timeout=10).ByteSize() < 10_000
+        assert stub.GetRing(pb.GetRingRequest(), timeout=10).ByteSize() < 10_000
+        assert stub.ListAgents(pb.ListAgentsRequest(), timeout=10).ByteSize() < 10_000
+
+
+def test_a_coordinator_starts_over_a_lease_table_that_holds_a_megabyte_registration(tmp_path: Path) -> None:
+    """What the bounds above leave behind on a coordinator that ran before them: the old entry is skipped."""
+    state = tmp_path / "coordinator"
+    CoordinatorDaemon(CoordinatorConfig(listen="127.0.0.1:0", state_dir=str(state))).start().stop(grace=0)
+    with sqlite3.connect(state / "membership.db") as db:
+        db.execute(
+            "INSERT INTO aggregators (id, address, federations, weight, in_ring, round, agent_count,"
+            " last_cluster_cid, last_semi_global_cid, last_seen) VALUES (?, '127.0.0.1:1', '[]', 1.0, 1, 0, 0, '', '', 0)",
+            ("a" * MIB,),
+        )
+    daemon = CoordinatorDaemon(CoordinatorConfig(listen="127.0.0.1:0", state_dir=str(state))).start()
+    try:
+        with create_channel(daemon.address) as channel:
+            fleet = pb_grpc.CoordinatorServiceStub(channel).FleetStatus(pb.FleetStatusRequest(), timeout=10)
+        assert list(fleet.aggregators) == []
+    finally:
+        daemon.stop(grace=0)
