@@ -27,9 +27,11 @@ from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
 from aggregator.daemon import AggregatorDaemon
 from coordinator.config import CoordinatorConfig
 from coordinator.daemon import CoordinatorDaemon
+from intake.agents import AgentRegistry
 from intake.config import ServingSettings
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
+from proto.convert import telemetry_to_dict
 from proto.errors import InvalidInput
 from proto.serving import create_server, serving_loop
 from proto.wire import create_channel
@@ -358,3 +360,56 @@ def test_a_coordinator_starts_over_a_lease_table_that_holds_a_megabyte_registrat
         assert list(fleet.aggregators) == []
     finally:
         daemon.stop(grace=0)
+
+
+@pytest.mark.parametrize(
+    ("method", "request_"),
+    [
+        ("Join", pb.JoinRequest(agent_id="a" * MIB)),
+        ("Join", pb.JoinRequest(agent_id="d1", display_name="n" * MIB)),
+        ("Join", pb.JoinRequest(agent_id="d1", telemetry=pb.Telemetry(network="w" * MIB))),
+        ("Heartbeat", pb.HeartbeatRequest(agent_id="a" * MIB)),
+        ("Heartbeat", pb.HeartbeatRequest(agent_id="d1", telemetry=pb.Telemetry(network="w" * MIB))),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_a_home_refuses_megabyte_agent_names_instead_of_keeping_them(method: str, request_: object) -> None:
+    """Found by the fuzzer: a home (aggregator or relay) kept any agent id, display name and telemetry
+    network a Join or Heartbeat named, for ten agent timeouts (300 s by default): 3 MiB per call held in
+    memory, and the aggregator's whole agent report to the coordinator refused while it lasted."""
+    registry = AgentRegistry(timeout_s=30.0)
+    convert = {"Join": _join, "Heartbeat": _heartbeat}[method]
+    with pytest.raises(InvalidInput) as info:
+        convert(registry, request_)
+    assert len(str(info.value)) < 200
+    assert registry.all() == []
+
+
+def _join(registry: AgentRegistry, request: pb.JoinRequest) -> None:
+    registry.join(request.agent_id, display_name=request.display_name, capability="train", telemetry=telemetry_to_dict(request.telemetry))
+
+
+def _heartbeat(registry: AgentRegistry, request: pb.HeartbeatRequest) -> None:
+    registry.touch(request.agent_id, telemetry_to_dict(request.telemetry))
+
+
+@pytest.mark.slow
+def test_megabyte_agent_names_are_invalid_argument_at_both_homes(fleet: Fleet) -> None:
+    huge = "a" * MIB
+    calls = [
+        ("Join", pb.JoinRequest(agent_id="d1", display_name=huge, federation="digits"), False),
+        ("Heartbeat", pb.HeartbeatRequest(agent_id=huge), False),
+        ("GetModel", pb.GetModelRequest(agent_id=huge), True),
+        ("WatchModels", pb.WatchModelsRequest(agent_id=huge), True),
+    ]
+    for home in (fleet.aggregator, fleet.relay):
+        with create_channel(home.address) as channel:
+            for method, request, streams in calls:
+                path = f"/strata.v1.AgentService/{method}"
+                with pytest.raises(grpc.RpcError) as info:
+                    if streams:
+                        next(iter(channel.unary_stream(path)(request.SerializeToString(), timeout=10)))
+                    else:
+                        channel.unary_unary(path)(request.SerializeToString(), timeout=10)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, info.value.details())
+        assert all(len(a.agent_id) < 300 and len(a.display_name) < 300 for a in home.agents.all())
