@@ -28,8 +28,12 @@ from tests.fuzz.wire import MUTATORS, WIRE_ODDITIES, garbage_that_fails
 # the share of each category in a run (client streams add `stream` and `forged`)
 CATEGORY_WEIGHTS = {"valid": 0.22, "mutated": 0.26, "garbage": 0.12, "boundary": 0.2, "wire": 0.12, "slow_reader": 0.04}
 STREAM_WEIGHTS = {"stream": 0.25, "forged": 0.25}
-# built boundary messages are kept for reuse up to this many bytes in all
+# boundary messages over _CACHE_FROM bytes are built once and reused, up to _CACHE_BYTES in all
+_CACHE_FROM = 256 << 10
 _CACHE_BYTES = 48 << 20
+# answered requests kept per RPC as bases for mutations and boundary values
+_CORPUS_SIZE = 64
+_CORPUS_ITEM_BYTES = 16 << 10
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class CaseFactory:
         self._boundaries: dict[str, list[Boundary]] = {}
         self._boundary_turn: dict[str, int] = {}
         self._built: dict[str, bytes] = {}
+        self._corpus: dict[str, list[bytes]] = {}
         self._built_bytes = 0
 
     # ------------------------------------------------------------ one request message
@@ -83,9 +88,33 @@ class CaseFactory:
     def valid(self, rpc: Rpc) -> bytes:
         return self.gen.message(rpc.input).SerializeToString()
 
+    def learn(self, case: Case, status: str) -> None:
+        """Keep requests the server answered (OK, or a stream it held open) as bases for later
+        mutations and boundary values: they got past the first checks, so their neighbours go deeper."""
+        if len(case.messages) != 1 or not status.startswith(("OK", "OPEN")) or status == "OK accepted":
+            return
+        if case.size > _CORPUS_ITEM_BYTES or case.kind.startswith(("garbage", "wire", "stream", "forged")):
+            return
+        try:
+            case.rpc.parse_input(case.messages[0])  # a mutation may have been answered with a refusal
+        except Exception:  # noqa: BLE001 - not a base for anything
+            return
+        corpus = self._corpus.setdefault(case.rpc.path, [])
+        if len(corpus) < _CORPUS_SIZE:
+            corpus.append(case.messages[0])
+        else:
+            corpus[self.rng.randrange(_CORPUS_SIZE)] = case.messages[0]
+
+    def _base(self, rpc: Rpc) -> bytes:
+        """A valid serialization: one the server answered before (half the time, when there is one) or a new one."""
+        corpus = self._corpus.get(rpc.path)
+        if corpus and self.rng.random() < 0.5:
+            return self.rng.choice(corpus)
+        return self.valid(rpc)
+
     def mutated(self, rpc: Rpc) -> tuple[str, bytes]:
         name = self.rng.choice(sorted(MUTATORS))
-        return f"mutated:{name}", MUTATORS[name](self.valid(rpc), self.rng)
+        return f"mutated:{name}", MUTATORS[name](self._base(rpc), self.rng)
 
     def garbage(self, rpc: Rpc) -> bytes:
         return garbage_that_fails(rpc.parse_input, self.rng)
@@ -111,8 +140,10 @@ class CaseFactory:
         cache_key = f"{key}:{case.label}"
         data = self._built.get(cache_key)
         if data is None:
-            data = case.build()
-            if self._built_bytes + len(data) <= _CACHE_BYTES:
+            # mostly inside a random valid message; a megabyte case is built once and reused
+            base = rpc.parse_input(self._base(rpc)) if self.rng.random() < 0.7 else None
+            data = case.build(base)
+            if len(data) > _CACHE_FROM and self._built_bytes + len(data) <= _CACHE_BYTES:
                 self._built[cache_key] = data
                 self._built_bytes += len(data)
         return f"boundary:{case.label}", data

@@ -320,14 +320,18 @@ def _nested(prefix: Sequence[FieldDescriptor], fill: Callable[[Message], None]) 
 
 @dataclass(frozen=True)
 class Boundary:
-    """One edge value in one field; `build()` serializes it (lazily: some are megabytes)."""
+    """One edge value in one field; `build()` serializes it (lazily: some are megabytes), into an
+    otherwise empty message or into a copy of `base` (so the edge value meets plausible neighbours
+    and reaches the checks behind the first one)."""
 
     label: str
     descriptor: Descriptor
     edit: Callable[[Message], None]
 
-    def build(self) -> bytes:
+    def build(self, base: Message | None = None) -> bytes:
         msg = message_class(self.descriptor)()
+        if base is not None:
+            msg.CopyFrom(base)
         self.edit(msg)
         return msg.SerializeToString()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -20,6 +20,12 @@ import grpc
 from tests.fuzz.cases import Case
 
 BAD_CODES = frozenset({"UNKNOWN", "INTERNAL"})
+# the server built a reply over its own message limit: the request was fine, the state behind it is not
+REPLY_TOO_LARGE = "RESOURCE_EXHAUSTED reply_too_large"
+_REPLY_TOO_LARGE = "Sent message larger than max"
+# the server refused with status details past gRPC's metadata limit: the caller lost the refusal itself
+DETAILS_TOO_LARGE = "RESOURCE_EXHAUSTED details_too_large"
+_DETAILS_TOO_LARGE = "metadata size exceeds"
 # a server stream still open after this long without a message is an open watch, not a failure
 STREAM_IDLE_S = 0.5
 # at most this many responses are read from one server stream
@@ -41,7 +47,13 @@ class Outcome:
 
     @property
     def finding(self) -> bool:
-        return self.status in BAD_CODES or self.accepted or self.bad_reply or self.status.startswith("CLIENT_ERROR")
+        return (
+            self.status in BAD_CODES
+            or self.status in (REPLY_TOO_LARGE, DETAILS_TOO_LARGE)
+            or self.accepted
+            or self.bad_reply
+            or self.status.startswith("CLIENT_ERROR")
+        )
 
 
 @dataclass
@@ -171,6 +183,10 @@ async def send(channel: grpc.aio.Channel, case: Case, *, timeout_s: float = 10.0
             status, bad_reply = await _read_stream(case, call)
     except grpc.aio.AioRpcError as exc:
         status, details = exc.code().name, exc.details() or ""
+        if status == "RESOURCE_EXHAUSTED" and _REPLY_TOO_LARGE in details:
+            status = REPLY_TOO_LARGE
+        elif status == "RESOURCE_EXHAUSTED" and _DETAILS_TOO_LARGE in details:
+            status = DETAILS_TOO_LARGE
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 - the harness's own failures are reported, not hidden
@@ -194,9 +210,11 @@ async def run(
     concurrency: int = 16,
     timeout_s: float = 10.0,
     tally: Tally | None = None,
+    learn: Callable[[Case, str], None] | None = None,
 ) -> Tally:
     """Send `cases` (drawn lazily, so megabyte cases are not all held at once) with up to
-    `concurrency` calls in flight on one channel."""
+    `concurrency` calls in flight on one channel. `learn(case, status)` hears every outcome
+    (CaseFactory.learn builds its corpus from it)."""
     tally = tally if tally is not None else Tally()
     source = iter(cases)
     lock = asyncio.Lock()
@@ -207,7 +225,10 @@ async def run(
                 case = next(source, None)
             if case is None:
                 return
-            tally.add(await send(channel, case, timeout_s=timeout_s))
+            outcome = await send(channel, case, timeout_s=timeout_s)
+            tally.add(outcome)
+            if learn is not None:
+                learn(case, outcome.status)
 
     async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
         await asyncio.gather(*(worker(channel) for _ in range(concurrency)))
