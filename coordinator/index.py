@@ -79,6 +79,11 @@ _UPSERT_AGENT = (
 )
 _COLUMNS = "cid, kind, federation, round, producer, producer_role, parents, num_samples, metrics, created_at, weights, manifest, notes"
 DEFAULT_LINEAGE_DEPTH = 16
+# Notes are a few labelled findings beside a manifest (e.g. refused_peers). SQLite's json_patch merges
+# them in time quadratic in their keys (100k keys: ~16 s holding the index), so they are bounded first.
+MAX_NOTES = 64
+MAX_NOTE_KEY_CHARS = 128
+MAX_NOTE_VALUE_CHARS = 64 << 10
 # the longest agent id, home, display name or network name kept in the agent directory
 MAX_AGENT_NAME_CHARS = 256
 
@@ -117,6 +122,18 @@ class AgentEntry:
     capability: str = "train"
     display_name: str = ""
     reported_by: str = ""
+
+
+def _check_notes(notes: Mapping[str, str]) -> None:
+    if len(notes) > MAX_NOTES:
+        raise InvalidInput(f"{len(notes)} notes; the limit is {MAX_NOTES}", reason="bad_notes")
+    for key, value in notes.items():
+        if len(key) > MAX_NOTE_KEY_CHARS or len(value) > MAX_NOTE_VALUE_CHARS:
+            raise InvalidInput(
+                f"note {key[:40]!r} is {len(key)} + {len(value)} characters; the limits are "
+                f"{MAX_NOTE_KEY_CHARS} for a key and {MAX_NOTE_VALUE_CHARS} for a value",
+                reason="bad_notes",
+            )
 
 
 def _unix_seconds(rfc3339: str) -> float:
@@ -178,6 +195,7 @@ class ModelIndex(DurableSqlite):
             if getattr(manifest, name) > MAX_INTEGER:
                 raise InvalidInput(f"manifest {name} {getattr(manifest, name)} is past 2^63-1", reason="invalid_manifest")
         notes = {str(k): str(v) for k, v in (notes or {}).items()}
+        _check_notes(notes)
         cid = manifest.cid
         row = (
             cid,

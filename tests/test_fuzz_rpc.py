@@ -413,3 +413,40 @@ def test_megabyte_agent_names_are_invalid_argument_at_both_homes(fleet: Fleet) -
                         channel.unary_unary(path)(request.SerializeToString(), timeout=10)
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, info.value.details())
         assert all(len(a.agent_id) < 300 and len(a.display_name) < 300 for a in home.agents.all())
+
+
+def _signed_manifest_bytes(**fields: object) -> bytes:
+    blob = encode_tensors({"w": np.zeros(3, np.float32)})
+    values = {"round": 1, "num_samples": 1, **fields}
+    return (
+        Manifest(
+            kind="cluster",
+            federation="digits",
+            producer=Producer(role="aggregator", id="agg-a"),
+            weights=cid_of(blob),
+            tensors=summarize(blob),
+            **values,  # type: ignore[arg-type]
+        )
+        .signed(KeyPair.generate())
+        .to_bytes()
+    )
+
+
+def test_announcing_a_model_with_100k_notes_is_refused_at_once_and_the_index_serves_on(coordinator: CoordinatorDaemon) -> None:
+    """Found by tests/fuzz (bench/fuzz.py: 740 DEADLINE_EXCEEDED on every coordinator RPC that touches SQLite):
+    AnnounceModel of a valid manifest with notes=<100k entries> merged them with SQLite's json_patch, which
+    is quadratic in the keys: ~16 s per call holding the index lock and an offload thread, so a few such calls
+    starved ListModels, GetLineage, ReportAgents and even RegisterAggregator/HeartbeatAggregator (same pool),
+    and real aggregators lost their leases."""
+    manifest = _signed_manifest_bytes()
+    notes = {f"k{i}": "v" for i in range(100_000)}
+    with create_channel(coordinator.address) as channel:
+        stub = pb_grpc.CoordinatorServiceStub(channel)
+        stub.AnnounceModel(pb.AnnounceModelRequest(manifest=manifest), timeout=10)
+        for _ in range(2):
+            request = pb.AnnounceModelRequest(manifest=manifest, notes=notes).SerializeToString()
+            assert raw_status(coordinator.address, "AnnounceModel", request) == grpc.StatusCode.INVALID_ARGUMENT
+        big_value = pb.AnnounceModelRequest(manifest=manifest, notes={"refused_peers": "x" * MIB}).SerializeToString()
+        assert raw_status(coordinator.address, "AnnounceModel", big_value) == grpc.StatusCode.INVALID_ARGUMENT
+        stub.AnnounceModel(pb.AnnounceModelRequest(manifest=manifest, notes={"refused_peers": '{"agg-b": "outlier"}'}), timeout=10)
+        assert len(stub.ListModels(pb.ListModelsRequest(), timeout=5).models) == 1
