@@ -10,7 +10,9 @@ boundary values, hostile encodings, broken chunk streams, updates forged
 against the real base). Reported: calls and messages per RPC, the status
 histogram per daemon, findings (UNKNOWN/INTERNAL, replies over the limit,
 accepted updates), crashes, health and a normal Join/GetRing afterwards,
-tracebacks in each daemon's log, and each daemon's RSS before, half-way and after.
+tracebacks in each daemon's log, and each daemon's RSS before and after each
+of `--rounds` equal parts of the run (growth that keeps going part after part
+is a leak; growth that stops is the allocator's high-water mark).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=20260501)
     parser.add_argument("--concurrency", type=int, default=8, help="calls in flight per daemon")
     parser.add_argument("--stream-idle-s", type=float, default=2.0, help="the daemons' stream idle limit")
+    parser.add_argument("--rounds", type=int, default=4, help="parts of the run, with each daemon's RSS after each")
     return parser.parse_args()
 
 
@@ -72,24 +75,25 @@ def main() -> int:
                 factories[name] = CaseFactory(rng, seeds=seeds, byte_seeds=byte_seeds, stall_s=args.stream_idle_s + 1.0, forgers=forgers)
             rpc_count = sum(len(d.target.rpcs()) for d in daemons.values())
             per_rpc = math.ceil(args.calls / rpc_count)
-            halves = (per_rpc // 2, per_rpc - per_rpc // 2)
+            parts = [per_rpc // args.rounds + (1 if i < per_rpc % args.rounds else 0) for i in range(args.rounds)]
             log_before = {name: len(d.log_lines()) for name, d in daemons.items()}
             tallies = {name: Tally() for name in daemons}
 
-            async def attack(count: int) -> None:
-                await asyncio.gather(
-                    *(
-                        run(d.address, factories[n].cases(d.target.rpcs(), count), concurrency=args.concurrency,
-                            tally=tallies[n], learn=factories[n].learn)
-                        for n, d in daemons.items()
-                    )
-                )  # fmt: skip
+            async def attack() -> None:
+                # one event loop for the whole run: grpc.aio does not outlive the loop it first ran on
+                for count in parts:
+                    await asyncio.gather(
+                        *(
+                            run(d.address, factories[n].cases(d.target.rpcs(), count), concurrency=args.concurrency,
+                                tally=tallies[n], learn=factories[n].learn)
+                            for n, d in daemons.items()
+                        )
+                    )  # fmt: skip
+                    for name, daemon in daemons.items():
+                        rss[name].append(daemon.rss_mb() if daemon.process.alive else float("nan"))
 
             fuzz_started = time.monotonic()
-            for half in halves:
-                asyncio.run(attack(half))
-                for name, daemon in daemons.items():
-                    rss[name].append(daemon.rss_mb() if daemon.process.alive else float("nan"))
+            asyncio.run(attack())
             fuzz_s = time.monotonic() - fuzz_started
 
             alive = {name: d.process.alive for name, d in daemons.items()}
@@ -140,15 +144,14 @@ def report(args, daemons, tallies, rss, alive, healthy, answers, accepted, logs,
         tracebacks = sum(1 for e in events if "exc" in e)
         errors = sum(1 for e in events if e.get("level") in ("error", "critical"))
         bad = sum(tally.histogram()[code] for code in bad_codes)
-        before, mid, after = rss[name]
         summary.append([
             name, sum(tally.calls.values()), bad, tally.finding_count, accepted.get(name, "-"),
             "yes" if alive[name] else "CRASHED", "yes" if healthy.get(name) else "NO", answers.get(name, "-"),
-            tracebacks, errors, len(events), f"{before:.0f}", f"{mid:.0f}", f"{after:.0f}", f"{after - before:+.0f}",
+            tracebacks, errors, len(events), " / ".join(f"{v:.0f}" for v in rss[name]), f"{rss[name][-1] - rss[name][0]:+.0f}",
         ])  # fmt: skip
     print_table(
         ["daemon", "calls", "UNKNOWN/INTERNAL", "findings", "accepted", "alive", "healthy", "after", "tracebacks",
-         "errors", "log lines", "RSS MiB before", "half-way", "after", "growth"],
+         "errors", "log lines", f"RSS MiB: before / after each of {args.rounds} parts", "growth"],
         summary,
     )  # fmt: skip
     for name, tally in tallies.items():

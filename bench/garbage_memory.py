@@ -137,16 +137,16 @@ async def blast(subject: Subject, count: int, rng: random.Random, concurrency: i
     return await run(subject.address, garbage_cases(subject.rpcs, count, rng), concurrency=concurrency, timeout_s=30.0)
 
 
-def measure(subject: Subject, args: argparse.Namespace) -> dict:
+async def measure(subject: Subject, args: argparse.Namespace) -> dict:
     rng = random.Random(f"{args.seed}:{subject.name}")
     rss_start = subject.rss_mb()
     offset = subject.log_size()
-    asyncio.run(blast(subject, args.warmup, rng, args.concurrency))
+    await blast(subject, args.warmup, rng, args.concurrency)
     rss_warm = subject.rss_mb()
     started = time.monotonic()
-    tally = asyncio.run(blast(subject, args.messages, rng, args.concurrency))
+    tally = await blast(subject, args.messages, rng, args.concurrency)
     seconds = time.monotonic() - started
-    time.sleep(0.5)  # let the last log lines reach the file
+    await asyncio.sleep(0.5)  # let the last log lines reach the file
     rss_end = subject.rss_mb()
     return {
         "tally": tally,
@@ -178,9 +178,14 @@ def main() -> int:
                 Subject(d.name, d.address, d.process.pid, d.target.rpcs(), d.process.stderr_path, True) for d in daemons.values()
             ]
             subjects.append(Subject("bare grpcio", f"127.0.0.1:{port}", bare.pid, rpcs(pb.DESCRIPTOR), bare.stderr_path, False))
-            for subject in subjects:
-                print(f"{subject.name}: {args.warmup} + {args.messages} corrupt messages over {len(subject.rpcs)} RPCs ...", flush=True)
-                results[subject.name] = measure(subject, args)
+
+            async def measure_all() -> None:
+                # one event loop for the whole run: grpc.aio does not outlive the loop it first ran on
+                for subject in subjects:
+                    print(f"{subject.name}: {args.warmup} + {args.messages} corrupt messages over {len(subject.rpcs)} RPCs ...", flush=True)
+                    results[subject.name] = await measure(subject, args)
+
+            asyncio.run(measure_all())
             alive = {s.name: _alive(s.pid) for s in subjects}
         finally:
             fleet.stop()

@@ -3,7 +3,10 @@ every RPC of strata.proto, then must still be healthy, have accepted nothing, an
 
 The fuzzer (tests/fuzz) builds its cases from the descriptors: random valid messages, mutated and
 garbage bytes, boundary values, hostile encodings, broken chunk streams and updates forged against the
-real base model. Set STRATA_FUZZ_SEED to replay another draw; `bench/fuzz.py` is the long run.
+real base model. Set STRATA_FUZZ_SEED to draw other cases and STRATA_FUZZ_PER_RPC for more of them
+(`pytest -s` prints the status histogram per daemon); `bench/fuzz.py` is the long run.
+
+Below the fuzz runs, each finding of the fuzzer is replayed byte for byte against the daemon it broke.
 """
 
 from __future__ import annotations
@@ -150,7 +153,8 @@ def test_fuzzed_calls_on_every_rpc_are_refused_cleanly_and_every_daemon_serves_o
     histogram = total.histogram()
     assert histogram["UNKNOWN"] == 0 and histogram["INTERNAL"] == 0, total.render()
     assert total.finding_count == 0, total.render()
-    assert histogram["INVALID_ARGUMENT"] > 0 and histogram["OK refused:bad_stream"] > 0, histogram
+    assert histogram["INVALID_ARGUMENT"] > 0, histogram
+    assert any(status.startswith("OK refused:") for status in histogram), histogram  # SubmitUpdate answers refusals
 
     # every daemon serves on: health, a normal Join at both homes, the ring at the coordinator
     assert all(healthy(t.address) for t in targets)
