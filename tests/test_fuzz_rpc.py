@@ -129,7 +129,7 @@ def healthy(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.mark.slow  # three daemons, a torch model and ~10 s of fuzzing on a busy machine
+# about 2 s on a quiet machine (three in-process daemons and ~290 calls); 8 s seen at load average 35
 def test_fuzzed_calls_on_every_rpc_are_refused_cleanly_and_every_daemon_serves_on(
     fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -176,7 +176,6 @@ def test_fuzzed_calls_on_every_rpc_are_refused_cleanly_and_every_daemon_serves_o
     assert errors == [], [f"{r.name}: {r.getMessage()}" for r in errors]
 
 
-@pytest.mark.slow
 def test_a_forged_update_is_refused_for_its_own_reason(fleet: Fleet) -> None:
     """The forger's updates reach the checks they target (a hole behind an earlier check would hide)."""
     framing = chunk_framing(pb.UpdateChunk.DESCRIPTOR)
@@ -397,7 +396,6 @@ def _heartbeat(registry: AgentRegistry, request: pb.HeartbeatRequest) -> None:
     registry.touch(request.agent_id, telemetry_to_dict(request.telemetry))
 
 
-@pytest.mark.slow
 def test_megabyte_agent_names_are_invalid_argument_at_both_homes(fleet: Fleet) -> None:
     huge = "a" * MIB
     calls = [
