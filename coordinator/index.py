@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sqlite3
 import time
 from collections import deque
@@ -43,7 +44,7 @@ from typing import Any
 
 from proto.errors import InvalidInput, NotFound, StrataError
 from storage.cid import cid_of, validate_cid
-from storage.durable import DurableSqlite, Statement
+from storage.durable import MAX_INTEGER, DurableSqlite, Statement
 from storage.manifest import KINDS, Manifest
 from trust.errors import PermissionDenied
 from trust.identity import Certified
@@ -139,6 +140,14 @@ DEFAULT_LINEAGE_DEPTH = 16
 # the most manifests one `record_many` call takes
 MAX_BATCH = 1000
 
+# Notes are a few labelled findings beside a manifest (e.g. refused_peers). SQLite's json_patch merges
+# them in time quadratic in their keys (100k keys: ~16 s holding the index), so they are bounded first.
+MAX_NOTES = 64
+MAX_NOTE_KEY_CHARS = 128
+MAX_NOTE_VALUE_CHARS = 64 << 10
+# the longest agent id, home, display name or network name kept in the agent directory
+MAX_AGENT_NAME_CHARS = 256
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelRecord:
@@ -174,6 +183,18 @@ class AgentEntry:
     capability: str = "train"
     display_name: str = ""
     reported_by: str = ""
+
+
+def _check_notes(notes: Mapping[str, str]) -> None:
+    if len(notes) > MAX_NOTES:
+        raise InvalidInput(f"{len(notes)} notes; the limit is {MAX_NOTES}", reason="bad_notes")
+    for key, value in notes.items():
+        if len(key) > MAX_NOTE_KEY_CHARS or len(value) > MAX_NOTE_VALUE_CHARS:
+            raise InvalidInput(
+                f"note {key[:40]!r} is {len(key)} + {len(value)} characters; the limits are "
+                f"{MAX_NOTE_KEY_CHARS} for a key and {MAX_NOTE_VALUE_CHARS} for a value",
+                reason="bad_notes",
+            )
 
 
 def _unix_seconds(rfc3339: str) -> float:
@@ -438,6 +459,10 @@ class ModelIndex(DurableSqlite):
             manifest.verify_signature()
         if announcer is not None:
             _check_announcer(manifest, announcer, signers)
+        for name in ("round", "num_samples"):
+            if getattr(manifest, name) > MAX_INTEGER:
+                raise InvalidInput(f"manifest {name} {getattr(manifest, name)} is past 2^63-1", reason="invalid_manifest")
+        _check_notes({str(k): str(v) for k, v in (notes or {}).items()})
         row = (
             cid,
             manifest.kind,
@@ -500,6 +525,8 @@ class ModelIndex(DurableSqlite):
         """
         if limit is not None and limit < 0:
             raise InvalidInput(f"limit must be >= 0, got {limit}", reason="bad_query")
+        if round is not None and not 0 <= round <= MAX_INTEGER:
+            raise InvalidInput(f"round must be in 0..2^63-1, got {round}", reason="bad_query")
         query, args = _listing(
             kinds=[kind] if kind else list(KINDS),
             producer=aggregator or None,
@@ -564,10 +591,27 @@ class ModelIndex(DurableSqlite):
         """
         if not aggregator_id:
             raise InvalidInput("aggregator_id must not be empty", reason="bad_aggregator")
+        if len(aggregator_id) > MAX_AGENT_NAME_CHARS:
+            raise InvalidInput(f"aggregator_id is {len(aggregator_id)} characters; the limit is {MAX_AGENT_NAME_CHARS}", reason="bad_aggregator")
         entries = list(agents)
         for entry in entries:
             if not entry.agent_id:
                 raise InvalidInput("agent_id must not be empty", reason="bad_agent")
+            # SQLite stores NaN as NULL (refused by NOT NULL), and an infinite time would outrank every later report
+            if not math.isfinite(entry.last_seen):
+                raise InvalidInput(f"agent {entry.agent_id[:80]!r}: last_seen must be finite", reason="bad_agent")
+            names = {
+                "agent_id": entry.agent_id,
+                "home": entry.home,
+                "display_name": entry.display_name,
+                "capability": entry.capability,
+                "network": str(entry.telemetry.get("network", "")),
+            }
+            for name, value in names.items():
+                if len(value) > MAX_AGENT_NAME_CHARS:
+                    raise InvalidInput(
+                        f"agent {name} is {len(value)} characters; the limit is {MAX_AGENT_NAME_CHARS}", reason="bad_agent"
+                    )
         forget = (
             "DELETE FROM agents WHERE reported_by = ? AND agent_id NOT IN (SELECT value FROM json_each(?))",
             (aggregator_id, json.dumps([e.agent_id for e in entries])),

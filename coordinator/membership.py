@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from coordinator.ring import Member, Ring
+from coordinator.ring import MAX_WEIGHT, Member, Ring
 from proto.errors import InvalidInput, NotFound
-from storage.durable import DurableSqlite, Statement
+from storage.durable import MAX_INTEGER, DurableSqlite, Statement
 
 __all__ = ["AggregatorInfo", "AggregatorStatus", "Lease", "Membership", "Progress"]
 
@@ -50,6 +50,21 @@ CREATE TABLE IF NOT EXISTS aggregators (
 """
 
 
+# What the coordinator keeps of a caller's names: plenty for any id, host:port, federation or CID, and
+# small enough that every aggregator ever seen still fits one FleetStatus reply (4 MiB) many times over.
+MAX_NAME_CHARS = 256
+MAX_FEDERATIONS = 64
+
+
+def _check_names(what: str, **names: str) -> None:
+    for field_name, value in names.items():
+        if len(value) > MAX_NAME_CHARS:
+            raise InvalidInput(
+                f"{what} {field_name} is {len(value)} characters; the limit is {MAX_NAME_CHARS}",
+                reason=f"bad_{what}",
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class AggregatorInfo:
     """What an aggregator registers: its id, its AgentService/PeerService address, its share of the ring."""
@@ -62,14 +77,24 @@ class AggregatorInfo:
     def __post_init__(self) -> None:
         if not self.id:
             raise InvalidInput("aggregator id must not be empty", reason="bad_aggregator")
+        _check_names("aggregator", id=self.id, address=self.address)
+        if len(self.federations) > MAX_FEDERATIONS:
+            raise InvalidInput(
+                f"aggregator {self.id!r} names {len(self.federations)} federations; the limit is {MAX_FEDERATIONS}",
+                reason="bad_aggregator",
+            )
+        for federation in self.federations:
+            _check_names("aggregator", federation=federation)
         if ":" not in self.address:
             raise InvalidInput(
                 f"aggregator {self.id!r}: address must be host:port, got {self.address!r}",
                 reason="bad_aggregator",
             )
-        if not (self.weight > 0):
+        # checked here, before the lease table holds it: a weight the ring cannot use would fail
+        # every ring rebuild after it, not just this registration
+        if not (0 < self.weight <= MAX_WEIGHT):
             raise InvalidInput(
-                f"aggregator {self.id!r}: weight must be > 0, got {self.weight}",
+                f"aggregator {self.id!r}: weight must be in (0, {MAX_WEIGHT:g}], got {self.weight}",
                 reason="bad_aggregator",
             )
         object.__setattr__(self, "federations", tuple(self.federations))
@@ -96,6 +121,13 @@ class Progress:
     agent_count: int = 0
     last_cluster_cid: str = ""
     last_semi_global_cid: str = ""
+
+    def __post_init__(self) -> None:
+        # checked before any lease is touched: a round the lease store cannot hold is refused, not half-applied
+        for name in ("round", "agent_count"):
+            if not 0 <= getattr(self, name) <= MAX_INTEGER:
+                raise InvalidInput(f"heartbeat {name} must be in 0..2^63-1, got {getattr(self, name)}", reason="bad_progress")
+        _check_names("progress", last_cluster_cid=self.last_cluster_cid, last_semi_global_cid=self.last_semi_global_cid)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,9 +225,14 @@ class Membership:
         # The members of the last ring get a fresh lease: one ttl to heartbeat before they expire.
         grace_until = self._clock() + self.ttl_s
         for row in self._db.statuses():
-            info = AggregatorInfo(
-                id=row[0], address=row[1], federations=tuple(json.loads(row[2])), weight=row[3]
-            )
+            try:
+                info = AggregatorInfo(
+                    id=row[0], address=row[1], federations=tuple(json.loads(row[2])), weight=row[3]
+                )
+            except InvalidInput as exc:
+                # kept by an older coordinator that checked less; one such entry must not stop this one
+                log.warning("aggregator_skipped", extra={"fields": {"aggregator": str(row[0])[:80], "error": str(exc)}})
+                continue
             self._statuses[info.id] = AggregatorStatus(
                 info=info,
                 alive=bool(row[4]),

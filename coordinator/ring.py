@@ -15,6 +15,10 @@ from uhashring import HashRing as _UHashRing
 
 from proto.errors import FailedPrecondition, InvalidInput
 
+# a weight is a relative share of the ring; past this its ketama weight (x100) stops being a sane
+# integer, and at infinity it cannot be one at all
+MAX_WEIGHT = 1e6
+
 
 @dataclass(frozen=True, kw_only=True)
 class Member:
@@ -25,8 +29,8 @@ class Member:
     def __post_init__(self) -> None:
         if not self.id:
             raise InvalidInput("ring member id must not be empty", reason="bad_member")
-        if not (self.weight > 0):
-            raise InvalidInput(f"ring member {self.id!r}: weight must be > 0", reason="bad_member")
+        if not (0 < self.weight <= MAX_WEIGHT):
+            raise InvalidInput(f"ring member {self.id!r}: weight must be in (0, {MAX_WEIGHT:g}]", reason="bad_member")
 
 
 class Ring:

@@ -192,6 +192,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     # ------------------------------------------------------------ certificates and revocation
 
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.CertificateReply:
+        raise FailedPrecondition(
+            "Enroll is served on the coordinator's enrollment port (enroll_listen), not here", reason="wrong_port"
+        )
+
     async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext) -> pb.CertificateReply:
         enrollment = _disabled(self._enrollment)
         current = caller_certificate()  # read on the loop: the pool does not see the call's context

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from proto.errors import InvalidInput
+
 TRAIN, PARTIAL_TRAIN, INFERENCE = "train", "partial_train", "inference"
 CAPABILITIES = (TRAIN, PARTIAL_TRAIN, INFERENCE)
 
@@ -34,6 +36,18 @@ class AgentInfo:
     @property
     def trains(self) -> bool:
         return self.capability in (TRAIN, PARTIAL_TRAIN)
+
+
+# the longest agent id, display name or telemetry network name a home keeps (the coordinator's agent
+# directory keeps the same); anything longer is refused, not held for ten timeouts
+MAX_AGENT_NAME_CHARS = 256
+
+
+def _check_names(agent_id: str, telemetry: dict | None, **names: str) -> None:
+    named = {"agent_id": agent_id, **names, "network": str((telemetry or {}).get("network", ""))}
+    for name, value in named.items():
+        if len(value) > MAX_AGENT_NAME_CHARS:
+            raise InvalidInput(f"agent {name} is {len(value)} characters; the limit is {MAX_AGENT_NAME_CHARS}", reason="bad_request")
 
 
 # an agent counts as active for this many of its heartbeat intervals
@@ -67,6 +81,7 @@ class AgentRegistry:
         return max(self._timeout_s, _INTERVALS_BEFORE_INACTIVE * self.heartbeat_interval())
 
     def join(self, agent_id: str, *, display_name: str, capability: str, telemetry: dict) -> AgentInfo:
+        _check_names(agent_id, telemetry, display_name=display_name)
         now = self._clock()
         with self._lock:
             record = self._agents.get(agent_id)
@@ -81,6 +96,7 @@ class AgentRegistry:
     def touch(self, agent_id: str, telemetry: dict | None = None) -> None:
         """Heard from `agent_id` now. Updates its record in place: every heartbeat of a large fleet
         passes here, and replacing records would leave the garbage collector a fleet's worth of work."""
+        _check_names(agent_id, telemetry)
         now = self._clock()
         with self._lock:
             record = self._agents.get(agent_id)

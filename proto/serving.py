@@ -51,6 +51,8 @@ T = TypeVar("T")
 _SERVER_MIN_PING_INTERVAL_S = 10.0
 # one log line per this many seconds for each kind of refused garbage, however much arrives
 _REFUSAL_LOG_INTERVAL_S = 5.0
+# status details are sent as trailing metadata, which gRPC caps at 16 KiB
+_MAX_DETAILS_CHARS = 1024
 
 
 # ---------------------------------------------------------------- the loop
@@ -389,10 +391,20 @@ async def _abort_for(e: Exception, context: grpc.aio.ServicerContext, method: st
         )
         code = getattr(grpc.StatusCode, e.status, grpc.StatusCode.INTERNAL)
         context.set_trailing_metadata(((REASON_METADATA_KEY, _ascii(e.reason)),))
-        await context.abort(code, f"{e.reason}: {e.message}")
+        await context.abort(code, _details(f"{e.reason}: {e.message}"))
+    if isinstance(e, NotImplementedError):  # a generated servicer's method this server does not serve
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"unimplemented: {method} is not served here")
     log.error("unhandled error in rpc", exc_info=e, extra={"fields": {"method": method}})
     context.set_trailing_metadata(((REASON_METADATA_KEY, "internal"),))
     await context.abort(grpc.StatusCode.INTERNAL, "internal: internal server error (details are in the server log)")
+
+
+def _details(text: str) -> str:
+    """Status details short enough for the trailers: a message quoting a caller's megabyte input would
+    break gRPC's 16 KiB metadata limit, and the caller would get RESOURCE_EXHAUSTED instead of its refusal."""
+    if len(text) <= _MAX_DETAILS_CHARS:
+        return text
+    return f"{text[:_MAX_DETAILS_CHARS]}... ({len(text) - _MAX_DETAILS_CHARS} more characters)"
 
 
 def _ascii(text: str) -> str:

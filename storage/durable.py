@@ -22,6 +22,10 @@ from proto.errors import FailedPrecondition, NotFound
 
 Statement = tuple[str, tuple[Any, ...]]
 
+# the largest integer a SQLite column holds (signed 64-bit); protobuf's uint64 goes twice as far,
+# so a number from the wire is checked against this before it reaches a query
+MAX_INTEGER = (1 << 63) - 1
+
 
 class DurableSqlite:
     """A SQLite file (or, with `path=None`, a private in-memory database) with durable writes."""
