@@ -51,6 +51,12 @@ def test_head_only_devices_and_an_inference_device_through_a_relay(
             )
             for i in range(2)
         ] + [AgentConfig(id="viewer", seeds=[relay.address], capability="inference", state_dir=str(tmp_path / "viewer"))]
+        # both trainers are known to the relay before either trains, so its window waits for two
+        # (they start with a random delay, and the window counts the trainers it has heard from)
+        channel, stub = stub_for(relay.address)
+        for device in ("dev-0", "dev-1"):
+            join(stub, device)
+        channel.close()
         runner = threading.Thread(target=run_agents, args=(configs, stop), daemon=True)
         runner.start()
         wait_until(lambda: aggregator.rounds.current.model_cid != base_cid, 60, "a round closed upstream")
