@@ -49,7 +49,7 @@ from storage.manifest import Manifest
 from storage.models import load_manifest
 from storage.open import open_store
 from storage.store import ContentStore, default_store_path
-from trust.distribution import RevocationFollower, RevocationsAgentService
+from trust.distribution import RevocationFollower
 from trust.revocation import RevocationList
 from trust.security import Security, channel_factory
 
@@ -188,11 +188,10 @@ class AggregatorDaemon:
             stream_idle_s=self.config.serving.stream_idle_s,
             offload=self._server.offload,
             stopping=self._stopping,
+            # the relays below this home fetch the revocation list it enforces
+            revocations=self._revocations,
         )
-        # the relays below this home fetch the revocation list it enforces
-        pb_grpc.add_AgentServiceServicer_to_server(
-            RevocationsAgentService(self._agent_service, self._revocations), self._server.server
-        )
+        pb_grpc.add_AgentServiceServicer_to_server(self._agent_service, self._server.server)
         pb_grpc.add_PeerServiceServicer_to_server(
             PeerServicer(
                 aggregator_id=self.id,

@@ -44,12 +44,14 @@ from storage.store import ContentStore, StagedWrite
 from trust.errors import PermissionDenied
 from trust.identity import Certified
 from trust.interceptor import caller_certificate, current_signers
+from trust.messages import revocations_reply, version_of
 from trust.reads import (
     DEVICE_UPDATE,
     is_device_update,
     log_device_update_read,
     may_read_device_updates,
 )
+from trust.revocation import RevocationList
 from trust.signers import Signers
 
 log = logging.getLogger("strata.intake.service")
@@ -218,8 +220,12 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         stream_idle_s: float,
         offload: Offload,
         stopping: threading.Event,
+        revocations: Callable[[], RevocationList | None] = lambda: None,
     ) -> None:
+        """`revocations` gives the revocation list this home enforces: served to relays below it
+        (GetRevocations), its version named in every heartbeat so they know when to fetch."""
         self._home = home
+        self._revocations = revocations
         self._stream_idle_s = stream_idle_s
         self._agents = agents
         self._offload = offload
@@ -390,8 +396,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         reply = pb.HeartbeatReply(
             current_base=self._ref_for(self._home.current(), request.agent_id),
             next_interval_s=self._agents.heartbeat_interval(),
+            revocations_version=version_of(self._revocations()),
         )
         redirect = self._home.redirect_for(request.agent_id)
         if redirect is not None:
             reply.home_changed.CopyFrom(_redirect_pb(redirect, "home_changed"))
         return reply
+
+    async def GetRevocations(
+        self, request: pb.GetRevocationsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevocationsReply:
+        return revocations_reply(self._revocations(), request.known_version)

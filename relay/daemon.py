@@ -39,7 +39,7 @@ from relay.journal import RelayJournal
 from storage.keys import KeyPair
 from storage.manifest import Manifest
 from storage.open import open_store
-from trust.distribution import RevocationFollower, RevocationsAgentService
+from trust.distribution import RevocationFollower
 from trust.revocation import RevocationList
 from trust.security import Security
 from trust.security import channel_factory as security_channels
@@ -153,11 +153,10 @@ class RelayDaemon:
             stream_idle_s=self.config.serving.stream_idle_s,
             offload=self._server.offload,
             stopping=self._stopping,
+            # devices (and relays below this one) fetch the revocation list it enforces
+            revocations=self._revocations,
         )
-        # devices behind a relay-of-relays fetch the revocation list from this one
-        pb_grpc.add_AgentServiceServicer_to_server(
-            RevocationsAgentService(self._device_service, self._revocations), self._server.server
-        )
+        pb_grpc.add_AgentServiceServicer_to_server(self._device_service, self._server.server)
         self._server.start()
         for target, name in (
             (self._upstream_loop, "upstream"),

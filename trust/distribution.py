@@ -7,7 +7,7 @@ GetRevocations). Each aggregator's lease heartbeat sees the version; when it is 
 than the list the aggregator enforces, a `RevocationFollower` fetches and installs it
 (`trust.security.Security.set_revocations`, which verifies the CA signature and
 refuses older versions). A home serves the list it enforces to the relays below it
-(`RevocationsAgentService`: AgentService GetRevocations, and the version in every
+(`intake.service.AgentServicer`: GetRevocations, and the version in every
 HeartbeatReply), and each relay follows its home the same way. So a revoked caller is
 refused everywhere within about one heartbeat interval per hop.
 
@@ -22,18 +22,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import grpc
 from cryptography import x509
 
-from proto import strata_pb2 as pb
 from proto.errors import StrataError
 from trust.identity import load_certificate
-from trust.messages import revocations_reply, version_of
+from trust.messages import version_of
 from trust.revocation import RevocationList
 
-__all__ = ["RevocationFile", "RevocationFollower", "RevocationsAgentService"]
+__all__ = ["RevocationFile", "RevocationFollower"]
 
 log = logging.getLogger("strata.trust.revocations")
 
@@ -134,26 +132,3 @@ class RevocationFollower:
             return False
 
 
-class RevocationsAgentService:
-    """An AgentService servicer (`inner`) that also serves the revocation list its process enforces.
-
-    GetRevocations answers from `revocations()`, and every HeartbeatReply names that list's
-    version, so relays below this home know when to fetch. Every other RPC is `inner`'s.
-    """
-
-    def __init__(self, inner: Any, revocations: Callable[[], RevocationList | None]) -> None:
-        self._inner = inner
-        self._revocations = revocations
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
-        reply = await self._inner.Heartbeat(request, context)
-        reply.revocations_version = version_of(self._revocations())
-        return reply
-
-    async def GetRevocations(
-        self, request: pb.GetRevocationsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RevocationsReply:
-        return revocations_reply(self._revocations(), request.known_version)
