@@ -76,6 +76,26 @@ def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
 
 
+def channel_options(
+    *,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    keepalive_time_s: float = KEEPALIVE_TIME_S,
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+) -> list[tuple[str, Any]]:
+    """The options every Strata channel uses (also for grpc.aio channels a caller builds itself)."""
+    return _size_options(max_message_bytes) + [
+        ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # gRPC backs off up to 120 s between reconnects by default; a peer that comes
+        # back (a restarted aggregator or coordinator) should be found within seconds
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
 def create_channel(
     address: str,
     *,
@@ -91,18 +111,9 @@ def create_channel(
     With `tls`, `ca` verifies the server and `cert`+`key` present a client certificate;
     `credentials` (e.g. from a bundle held in memory) stand in for the files.
     """
-    opts: list[tuple[str, Any]] = _size_options(max_message_bytes) + [
-        ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        # gRPC backs off up to 120 s between reconnects by default; a peer that comes
-        # back (a restarted aggregator or coordinator) should be found within seconds
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.min_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-        *options,
-    ]
+    opts = channel_options(
+        max_message_bytes=max_message_bytes, keepalive_time_s=keepalive_time_s, keepalive_timeout_s=keepalive_timeout_s
+    ) + list(options)
     if credentials is not None:
         return grpc.secure_channel(address, credentials, options=opts)
     if tls is None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from agent.sim import Delay, SimOptions, Simulation
-from agent.sim.connections import channel_options
+from agent.sim.connections import sim_channel_options
 from agent.sim.models import ModelCache
 from agent.sim.schedule import backoff_s, first_heartbeat_s, online_s, plan_fleet
 from agent.sim.stats import Latencies, RoundLedger, nearest_rank, summarize
@@ -173,10 +173,10 @@ def test_device_channels_use_the_agent_channel_options(monkeypatch: pytest.Monke
     captured: dict = {}
     monkeypatch.setattr(wire.grpc, "insecure_channel", lambda address, options: captured.setdefault("options", options))
     wire.create_channel("127.0.0.1:1")
-    ours = channel_options(own_connection=True)
+    ours = sim_channel_options(own_connection=True)
     assert ours[:-1] == captured["options"]
     assert ours[-1] == ("grpc.use_local_subchannel_pool", 1)  # every device its own connection
-    assert ("grpc.use_local_subchannel_pool", 1) not in channel_options(own_connection=False)
+    assert ("grpc.use_local_subchannel_pool", 1) not in sim_channel_options(own_connection=False)
 
 
 # ---------------------------------------------------------------- models: checked per download, decoded once

@@ -89,11 +89,6 @@ class FairShare(grpc.aio.ServerInterceptor):
         for _, key in idle[: len(idle) // 2 + 1]:
             del self._shares[key]
 
-    def open_streams(self, key: str) -> int:
-        with self._lock:
-            share = self._shares.get(key)
-            return share.streams if share is not None else 0
-
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],

@@ -19,25 +19,12 @@ from typing import Any
 
 import grpc
 
-from proto.wire import KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S, MAX_MESSAGE_BYTES
+from proto.wire import channel_options
 
 
-def channel_options(*, own_connection: bool) -> list[tuple[str, Any]]:
-    """proto.wire.create_channel's options (kept equal by tests/test_sim.py), plus the pool choice."""
-    options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", int(KEEPALIVE_TIME_S * 1000)),
-        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.min_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-    ]
-    if own_connection:
-        options.append(("grpc.use_local_subchannel_pool", 1))
-    return options
+def sim_channel_options(*, own_connection: bool) -> list[tuple[str, Any]]:
+    """proto.wire's channel options, plus the pool choice: with `own_connection`, one TCP connection per device."""
+    return channel_options() + ([("grpc.use_local_subchannel_pool", 1)] if own_connection else [])
 
 
 class Connections:
@@ -47,25 +34,21 @@ class Connections:
         self._shared = shared
         self._pools: dict[str, list[grpc.aio.Channel]] = {}
         self._turn: dict[str, itertools.count] = {}
-        self.open_channels = 0
 
     def open(self, address: str) -> grpc.aio.Channel:
         if not self._shared:
-            self.open_channels += 1
-            return grpc.aio.insecure_channel(address, options=channel_options(own_connection=True))
+            return grpc.aio.insecure_channel(address, options=sim_channel_options(own_connection=True))
         pool = self._pools.get(address)
         if pool is None:
             pool = self._pools[address] = [
-                grpc.aio.insecure_channel(address, options=channel_options(own_connection=True)) for _ in range(self._shared)
+                grpc.aio.insecure_channel(address, options=sim_channel_options(own_connection=True)) for _ in range(self._shared)
             ]
             self._turn[address] = itertools.count()
-            self.open_channels += self._shared
         return pool[next(self._turn[address]) % len(pool)]
 
     async def release(self, channel: grpc.aio.Channel) -> None:
         """A device is done with `channel`: its own is closed (cancelling its calls); a shared one stays."""
         if not self._shared:
-            self.open_channels -= 1
             await channel.close()
 
     async def close(self) -> None:
