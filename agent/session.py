@@ -164,15 +164,21 @@ class Session:
         """
         if self.closed.is_set():
             raise FailedPrecondition("client closed", reason="closed")
-        retry_call(
-            self._join_any,
-            policy=self._join_policy,
-            retryable=is_retryable,
-            stop=self.closed,
-            before_retry=lambda error: log.info(
-                "join_retry", extra={"fields": {"agent": self.identity.agent_id, "error": str(error)}}
-            ),
-        )
+        try:
+            retry_call(
+                self._join_any,
+                policy=self._join_policy,
+                retryable=is_retryable,
+                stop=self.closed,
+                before_retry=lambda error: log.info(
+                    "join_retry", extra={"fields": {"agent": self.identity.agent_id, "error": str(error)}}
+                ),
+            )
+        except Exception as exc:
+            # close() may shut the channel under an attempt in flight (grpc raises ValueError then)
+            if self.closed.is_set() and not isinstance(exc, FailedPrecondition):
+                raise FailedPrecondition("client closed", reason="closed") from exc
+            raise
 
     def _join_any(self) -> None:
         """One pass over the candidates; Unavailable (reason "no_aggregator") when none answered."""

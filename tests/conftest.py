@@ -16,8 +16,19 @@ import pytest
 from storage.keys import KeyPair
 from storage.store import LocalStore
 
-# modules whose every test runs the `strata` CLI as a subprocess or starts a Kubo node
-_SLOW_MODULES = {"test_cli_model.py", "test_cli_daemons.py", "test_ipfs_store.py", "test_history.py"}
+# modules whose every test runs the `strata` CLI as a subprocess, starts a Kubo node, or runs a whole
+# fleet of daemons in-process through several rounds (agents restarting, enrolling, being refused)
+_SLOW_MODULES = {
+    "test_cli_model.py",
+    "test_cli_daemons.py",
+    "test_ipfs_store.py",
+    "test_history.py",
+    "test_enroll_fleet.py",
+    "test_tls_fleet.py",
+    "test_agent_resume.py",
+    "test_relay_backpressure.py",
+    "test_metrics_values.py",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -196,6 +196,7 @@ def test_a_backlog_with_a_refused_manifest_catches_up(tmp_path: Path, keypair: K
             daemon.stop(grace=0)
 
 
+@pytest.mark.slow
 def test_coordinator_restart_brings_the_ring_back(tmp_path: Path, keypair: KeyPair) -> None:
     port = free_port()
     state = tmp_path / "coord"
