@@ -7,6 +7,7 @@ so `strata agent run` works with no file at all against a local aggregator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from proto.errors import ConfigError
@@ -25,6 +26,11 @@ class EnrollSettings:
         default="",
     )
     token: str = _help("bootstrap token from `strata certs token`: buys the agent its first certificate", default="")
+    token_file: str = _help(
+        "a file holding the bootstrap token, read when the agent enrolls (e.g. one an init container wrote); "
+        "used when token is empty",
+        default="",
+    )
     ca: str = _help("the fleet CA certificate (a ca.pem) the coordinator is verified with before the token is sent", default="")
     renew_address: str = _help(
         "host:port of the coordinator's mutual-TLS port, where the agent renews its certificate at ~2/3 of its "
@@ -37,8 +43,25 @@ class EnrollSettings:
             value = getattr(self, name)
             if value and not _is_host_port(value):
                 raise ConfigError(f"enroll.{name} must be host:port, got {value!r}")
-        if self.token and not (self.coordinator and self.ca):
+        if self.token and self.token_file:
+            raise ConfigError("set enroll.token or enroll.token_file, not both")
+        if self.has_token and not (self.coordinator and self.ca):
             raise ConfigError("enroll.token needs enroll.coordinator (the enrollment port) and enroll.ca (the fleet CA)")
+
+    @property
+    def has_token(self) -> bool:
+        """Whether a bootstrap token is configured (inline or as a file, which may not exist yet)."""
+        return bool(self.token or self.token_file)
+
+    def bootstrap_token(self) -> str:
+        """The token, read from `token_file` when it is not inline; ConfigError if that file is unreadable."""
+        if self.token or not self.token_file:
+            return self.token
+        path = Path(self.token_file).expanduser()
+        try:
+            return path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"enroll.token_file {path}: {e}") from None
 
 
 def _is_host_port(value: str) -> bool:
@@ -92,5 +115,5 @@ class AgentConfig:
         for name in ("rpc_timeout_s", "join_timeout_s", "backoff_base_s", "backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
-        if self.enroll.token and not self.tls.bundle:
+        if self.enroll.has_token and not self.tls.bundle:
             raise ConfigError("enroll.token needs tls.bundle: the directory the enrolled bundle is written to")

@@ -40,7 +40,7 @@ def enroll_if_needed(config: AgentConfig, *, stop: threading.Event | None = None
 
     An enrollment port that is not up yet is waited for like an aggregator (join_timeout_s);
     a refusal (a bad token, say) is raised at once."""
-    if not (config.tls.bundle and config.enroll.token):
+    if not (config.tls.bundle and config.enroll.has_token):
         return False
     return ensure_bundle(
         config.enroll,

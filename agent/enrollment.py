@@ -128,7 +128,7 @@ def enroll(
     tls_key = new_tls_key()
     manifest_key = manifest_key or KeyPair.generate()
     request = enroll_request_to_pb(
-        enrollment_request(token=settings.token, requested_id=requested_id, tls_key=tls_key, manifest_key=manifest_key)
+        enrollment_request(token=settings.bootstrap_token(), requested_id=requested_id, tls_key=tls_key, manifest_key=manifest_key)
     )
     where = f"enrollment at {settings.coordinator}"
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
@@ -199,7 +199,7 @@ def ensure_bundle(
     existing = Bundle.load(directory) if (directory / CERT_FILE).is_file() else None
     if existing is not None and existing.seconds_left(clock()) > 0:
         return False
-    if not settings.token:
+    if not settings.has_token:
         if existing is None:
             raise NotFound(
                 f"tls.bundle {directory} holds no bundle, and there is no enroll.token to enroll with", reason="no_bundle"

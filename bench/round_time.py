@@ -1,6 +1,7 @@
 """Round time: 8 agents, a 1M-parameter model, trivial training, seconds per round.
 
-Run alone: `python bench/round_time.py` (`--quick` for a smoke run).
+Run alone: `python bench/round_time.py` (`--quick` for a smoke run; `--tls-cost` for
+mutual TLS off vs on).
 
 One in-process AggregatorDaemon (quorum 1.0, so a round closes when all 8 agents
 have submitted) and 8 AgentDaemons in threads, each with `NoiseTrainer` (w += small
@@ -15,6 +16,13 @@ moves bytes (same messages and chunking), best of N.
 
 Quoted, not measured here: Flower 1.41's deployment engine took about 20 s per round
 for this shape on this machine. Target: under 2 s per round (median).
+
+`--tls-cost`: the same fleet with mutual TLS off and on, in the same run. A throwaway
+fleet CA issues the aggregator's bundle and one per agent (`tls.bundle`), so every
+download and upload is encrypted and every call authorized by the role table. The
+fleets alternate off-on, on-off, off-on, ... (`--pairs`) so drift and warm-up on a
+shared machine fall on both sides; the ratio of the median round times over all rounds
+of each side is printed, and each pair's ratio. Target: mTLS at most 10% slower.
 """
 
 from __future__ import annotations
@@ -49,12 +57,17 @@ from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.wire import STREAM_TIMEOUT_S, create_channel, read_header_stream, stream_with_header
 from storage.codec import encode_tensors
+from storage.keys import KeyPair
 from storage.store import LocalStore
+from trust.ca import FleetCA
+from trust.identity import Identity, Role
+from trust.security import TlsSettings
 
 AGENTS = 8
 PARAMS = 1_000_000
 FLOWER_QUOTED_S = 20.0
 TARGET_S = 2.0
+TLS_TARGET_RATIO = 1.10
 
 
 class NoiseTrainer:
@@ -73,9 +86,23 @@ class NoiseTrainer:
         return noisy, 100, {"loss": 1.0}
 
 
-def run_rounds(rounds: int, root: Path) -> list[float]:
-    """Seconds per round for rounds 1..rounds (round 0 includes startup)."""
+def issue_bundles(root: Path) -> dict[str, TlsSettings]:
+    """A throwaway fleet CA in `root`, and a bundle for the aggregator and each agent, keyed by id."""
+    with FleetCA.init(root / "ca", "bench") as ca:
+        bundles = {"agg-bench": (Identity(Role.AGGREGATOR, "agg-bench"), ["localhost", "127.0.0.1"])}
+        bundles |= {f"agent-{i}": (Identity(Role.AGENT, f"agent-{i}"), []) for i in range(AGENTS)}
+        settings = {}
+        for name, (identity, hosts) in bundles.items():
+            directory = root / "bundles" / name
+            ca.issue(identity, KeyPair.generate(), hosts=hosts).write(directory)
+            settings[name] = TlsSettings(bundle=str(directory))
+    return settings
+
+
+def run_rounds(rounds: int, root: Path, *, mtls: bool = False) -> list[float]:
+    """Seconds per round for rounds 1..rounds (round 0 includes startup); `mtls`: every hop mutual TLS."""
     os.environ["HOME"] = str(root / "home")
+    tls = issue_bundles(root) if mtls else {}
     store_dir = root / "store"
     with LocalStore(store_dir) as store:
         base_cid = save_base_model(store, random_model(PARAMS, seed=3))
@@ -87,6 +114,7 @@ def run_rounds(rounds: int, root: Path) -> list[float]:
         state_dir=str(root / "state"),
         store=f"local:{store_dir}",
         round=RoundSettings(quorum=1.0, min_updates=AGENTS, deadline_s=120.0),
+        tls=tls.get("agg-bench", TlsSettings()),
     )
     stop = threading.Event()
     with AggregatorDaemon(config) as daemon:
@@ -97,6 +125,7 @@ def run_rounds(rounds: int, root: Path) -> list[float]:
                     seeds=[daemon.address],
                     federation=_common.FEDERATION,
                     state_dir=str(root / f"agent-{i}"),
+                    tls=tls.get(f"agent-{i}", TlsSettings()),
                 ),
                 trainer=NoiseTrainer(seed=i),
                 stop=stop,
@@ -151,9 +180,40 @@ def raw_transfer_seconds(blob: bytes, repeats: int) -> float:
     return seconds
 
 
+def tls_cost(rounds: int, pairs: int) -> int:
+    """Median round time with mTLS on over off, fleets alternating; prints the figures."""
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for pair in range(pairs):
+        medians = {}
+        for mtls in (False, True) if pair % 2 == 0 else (True, False):
+            with tempfile.TemporaryDirectory(prefix="strata-bench-tls-") as tmp:
+                seconds = run_rounds(rounds, Path(tmp), mtls=mtls)
+            times[mtls] += seconds
+            medians[mtls] = median(seconds)
+        print(
+            f"  pair {pair + 1}/{pairs}: median off {medians[False]:.3f} s, on {medians[True]:.3f} s, "
+            f"on/off {medians[True] / medians[False]:.3f}x"
+        )
+    off, on = median(times[False]), median(times[True])
+    print(f"{AGENTS} agents, {PARAMS / 1e6:g}M float32 params, {pairs} x {rounds} rounds per side, quorum 1.0")
+    print_table(
+        ["mtls", "median s", "p90 s", "min / max s"],
+        [
+            [name, f"{median(ts):.3f}", f"{percentile(ts, 0.9):.3f}", f"{min(ts):.3f} / {max(ts):.3f}"]
+            for name, ts in (("off", times[False]), ("on", times[True]))
+        ],
+    )
+    ratio = on / off
+    verdict = "meets" if ratio <= TLS_TARGET_RATIO else "MISSES"
+    print(f"mTLS on / off: {ratio:.3f}x ({(ratio - 1) * 100:+.1f}%), {verdict} the target of <= {TLS_TARGET_RATIO:.2f}x")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds instead of 10")
+    parser.add_argument("--tls-cost", action="store_true", help="mutual TLS off vs on, same run, alternating fleets")
+    parser.add_argument("--pairs", type=int, default=2, help="with --tls-cost: off/on fleet pairs (default 2)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds to time (default 10, quick 3)")
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="torch intra-op threads in this process (0: torch's default)"
@@ -165,6 +225,8 @@ def main() -> int:
 
         torch.set_num_threads(args.torch_threads)
     rounds = args.rounds or (3 if args.quick else 10)
+    if args.tls_cost:
+        return tls_cost(rounds, args.pairs)
 
     blob = encode_tensors(random_model(PARAMS, seed=3))
     raw_s = raw_transfer_seconds(blob, repeats=3 if args.quick else 5)

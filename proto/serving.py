@@ -368,10 +368,23 @@ def _unary(behavior: Callable, method: str, parse: Callable) -> Callable:
     return call
 
 
+async def responses_of(result: Any) -> AsyncIterator[Any]:
+    """The responses of a server-streaming handler's `result`, whichever way it sends them.
+
+    Ours are async generators; grpc's own aio servicers (grpc.health.v1's Watch) are coroutines
+    that send with `context.write` and return None. An interceptor wrapping either must not
+    `async for` over a coroutine (that was INTERNAL for every Health.Watch)."""
+    if inspect.isawaitable(result):
+        await result
+        return
+    async for response in result:
+        yield response
+
+
 def _streaming(behavior: Callable, method: str, parse: Callable) -> Callable:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(parse(request), context):
+            async for response in responses_of(behavior(parse(request), context)):
                 yield response
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise

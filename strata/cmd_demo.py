@@ -22,6 +22,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--task", default="digits", help="built-in task (default: digits)")
     demo.add_argument("--no-coordinator", action="store_true", help="static membership instead of a coordinator")
     demo.add_argument("--devices", type=int, default=6, help="low-power devices behind one relay; 0: no relay (default: 6)")
+    demo.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS on every hop: a throwaway fleet CA and a bundle per process in the demo's directory",
+    )
     demo.add_argument("--timeout", type=float, default=170.0, help="give up after this many seconds (default: 170)")
     add_json_option(demo)
     demo.set_defaults(handler=cmd_demo)
@@ -40,5 +45,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         coordinator=not args.no_coordinator,
         relay_devices=args.devices,
         timeout_s=args.timeout,
+        tls=args.tls,
     )
     return run_demo(options, as_json=args.json)

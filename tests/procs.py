@@ -77,14 +77,18 @@ def wait_port(host: str, port: int, timeout: float = DEFAULT_TIMEOUT_S) -> None:
             time.sleep(POLL_S)
 
 
-def wait_healthy(address: str, timeout: float = DEFAULT_TIMEOUT_S, *, service: str = "") -> None:
-    """Return once the grpc.health.v1 check of `service` at `address` answers SERVING."""
+def wait_healthy(
+    address: str, timeout: float = DEFAULT_TIMEOUT_S, *, service: str = "", credentials: Any = None
+) -> None:
+    """Return once the grpc.health.v1 check of `service` at `address` answers SERVING (over TLS with
+    `credentials`, a grpc.ChannelCredentials, e.g. a bundle's)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     give_up = time.monotonic() + timeout
     last = "no answer"
-    with grpc.insecure_channel(address) as channel:
+    channel_for = grpc.insecure_channel if credentials is None else (lambda a: grpc.secure_channel(a, credentials))
+    with channel_for(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             remaining = give_up - time.monotonic()

@@ -102,3 +102,30 @@ def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
             demo.kill()
     time.sleep(0.5)
     assert _leftovers(tmp_path) == []
+
+
+def test_demo_with_tls_runs_every_hop_on_a_throwaway_fleet_ca(tmp_path: Path) -> None:
+    result = _strata(tmp_path, "demo", "--tls", "--json", "--rounds", "2", "--agents", "3", "--aggregators", "2", "--devices", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert is_cid(summary["final_model"])
+    assert {e["aggregator"] for e in summary["rounds"]} == {"agg-a", "agg-b"}
+
+    demo = tmp_path / ".strata" / "demo"
+    ca_pem = demo / "ca" / "ca.pem"
+    assert ca_pem.is_file() and (demo / "ca" / "ca.key").stat().st_mode & 0o077 == 0
+    # every process served or dialed with its own bundle, and none spoke plaintext
+    logs = {path.stem: path.read_text() for path in (demo / "logs").glob("*.log")}
+    assert set(logs) >= {"coordinator", "agg-a", "agg-b", "relay", "devices", "agents-0", "agents-1"}
+    for name, text in logs.items():
+        assert '"tls_on"' in text, name
+        assert "plaintext_on_the_network" not in text, name
+    # the demo read the coordinator's index as its operator, over mTLS
+    assert "the coordinator's index holds" in result.stderr
+
+    # every signer in the final model's chain (device updates behind the relay included) is certified by the demo's CA
+    stores = ["--store", str(tmp_path / ".strata" / "store"), "--store", str(demo / "relay" / "store")]
+    verified = _strata(tmp_path, "verify", summary["final_model"], "--ca", str(ca_pem), *stores, timeout=60)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "certified by fleet demo's CA" in verified.stdout
+    assert _leftovers(tmp_path) == []

@@ -17,11 +17,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +45,9 @@ IMAGE_HOME = "/var/lib/strata"  # the image's HOME (deploy/Dockerfile), where st
 AGGREGATORS = ("agg-a", "agg-b", "agg-c")
 KUBO = {"agg-a": "kubo-a", "agg-b": "kubo-b", "agg-c": "kubo-c"}
 STRATA_SERVICES = ("coordinator", *AGGREGATORS, "relay", "agent", "device")
+DAEMONS = ("coordinator", *AGGREGATORS, "relay")
+CERTS = "certs"  # the init service: the fleet CA, the bundles, the agents' token
+TOOLS = ("certs-cli",)  # `docker compose run` only (profile "tools")
 NON_STRATA = ("kubo-a", "kubo-b", "kubo-c", "prometheus")
 ROLE_CONFIG = {
     "coordinator": "coordinator.config:CoordinatorConfig",
@@ -151,7 +156,9 @@ def test_agents_scale(compose: dict[str, Any]) -> None:
         assert "container_name" not in service, name
         assert not any(k in ("STRATA_ID", "STRATA_STATE_DIR") for k in service.get("environment", {})), name
         for source, target, read_only in _mounts(service):
-            assert read_only and Path(source).parent == DEPLOY / "config", f"{name} mounts {source}:{target} writable"
+            assert read_only, f"{name} mounts {source}:{target} writable"
+            # its config, and the enrollment volume (the CA certificate and the bootstrap token)
+            assert Path(source).parent == DEPLOY / "config" or source == "enroll", f"{name} mounts {source}:{target}"
         (config_file,) = _config_mounts(service).values()
         config = _load_role_config("agent", config_file)
         assert config.id == ""
@@ -169,7 +176,69 @@ def test_healthchecks_use_grpc_health(compose: dict[str, Any]) -> None:
             assert test[1:3] == ["strata", "health"], f"{name}: {test}"
     for name in (*AGGREGATORS, "relay", "agent", "device"):
         for dependency, spec in services[name]["depends_on"].items():
-            assert spec["condition"] == "service_healthy", f"{name} -> {dependency}"
+            expected = "service_completed_successfully" if dependency == CERTS else "service_healthy"
+            assert spec["condition"] == expected, f"{name} -> {dependency}"
+
+
+def _issued(compose: dict[str, Any]) -> dict[str, tuple[str, list[str]]]:
+    """id -> (role, SANs) of each bundle the certs init service keeps (its CERTS_ISSUE)."""
+    out = {}
+    for spec in compose["services"][CERTS]["environment"]["CERTS_ISSUE"].split():
+        identity, _, sans = spec.partition("=")
+        role, _, id_ = identity.partition("/")
+        out[id_] = (role, [s for s in sans.split(",") if s])
+    return out
+
+
+def test_every_service_runs_mutual_tls_with_its_own_bundle(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    certs = services[CERTS]
+    assert certs["entrypoint"] == ["sh"] and certs["restart"] == "no"
+    issued = _issued(compose)
+    bundle_volumes = {s: t for s, t, _ in _mounts(certs) if not s.startswith("/")}
+    owners: dict[str, list[str]] = {}
+    for name in (*STRATA_SERVICES, "prometheus"):
+        service = services[name]
+        if name != "prometheus":
+            assert service["depends_on"][CERTS]["condition"] == "service_completed_successfully", name
+        for source, _, _ in _mounts(service):
+            if source in bundle_volumes:
+                owners.setdefault(source, []).append(name)
+    for name in DAEMONS:
+        service = services[name]
+        config = _load_role_config(_role(service), next(iter(_config_mounts(service).values())))
+        assert config.tls.bundle, f"{name} runs without tls.bundle"
+        # its bundle volume, read-only, where its config says; the bundle is of its role and id, and
+        # names the host the others dial it by
+        (volume,) = [s for s, t, ro in _mounts(service) if t == config.tls.bundle and ro]
+        id_ = getattr(config, "id", "") or name
+        assert bundle_volumes[volume] == f"/var/lib/strata/bundles/{id_}", (name, volume)
+        assert issued[id_] == (_role(service), [name, "localhost", "127.0.0.1"]), name
+        healthcheck = service["healthcheck"]["test"]
+        assert healthcheck[-2:] == ["--bundle", config.tls.bundle], name
+    # a daemon's private key is in its own volume only (the operator's is the coordinator's to use)
+    for volume, users in owners.items():
+        if volume.startswith("tls-"):
+            assert len(users) == 1, f"{volume} is mounted by {users}"
+    assert owners["fleet-ca"] == ["coordinator"]  # enrollment signs; nobody else holds the CA key
+    assert sorted(owners["enroll"]) == ["agent", "device"]
+    coordinator = _load_role_config("coordinator", _config_mounts(services["coordinator"])["/etc/strata/coordinator.yaml"])
+    assert coordinator.ca_dir == _target(certs, "fleet-ca") == _target(services["coordinator"], "fleet-ca")
+    assert coordinator.enroll_listen == "0.0.0.0:7001"
+    assert issued["operator"] == ("operator", [])
+    for name in ("agent", "device"):
+        config = _load_role_config("agent", next(iter(_config_mounts(services[name]).values())))
+        assert config.tls.bundle.startswith(IMAGE_HOME + "/"), "an agent's certificate lives in its own filesystem"
+        assert config.enroll.coordinator == "coordinator:7001" and config.enroll.renew_address == "coordinator:7000"
+        enroll = _target(services[name], "enroll")
+        assert config.enroll.ca == f"{enroll}/ca.pem" and config.enroll.token_file == f"{enroll}/agent.token"
+    for name in TOOLS:
+        assert services[name]["profiles"] == ["tools"], f"{name} must not start with `up`"
+
+
+def _target(service: dict[str, Any], volume: str) -> str:
+    (target,) = [t for s, t, _ in _mounts(service) if s == volume]
+    return target
 
 
 def test_configs_mounted_read_only_and_valid(compose: dict[str, Any]) -> None:
@@ -282,19 +351,44 @@ class NativeFleet:
         self.services = compose["services"]
         self.procs = procs
         self.root = root
-        self.hosts = HostMap(root, [*STRATA_SERVICES, *NON_STRATA])
+        self.hosts = HostMap(root, [*STRATA_SERVICES, *NON_STRATA, CERTS])
         self.running: dict[str, list[StrataProcess]] = {}
 
     def replica_paths(self, name: str, replica: int) -> dict[str, Path]:
-        """Container path -> local path for one replica: config mounts, volumes, HOME."""
+        """Container path -> local path for one replica: config mounts, volumes, HOME. A named volume is
+        one directory for every service and replica that mounts it, as in compose."""
         base = self.root / f"{name}-{replica}"
         paths: dict[str, Path] = {IMAGE_HOME: base / "home"}
         for source, target, _ in _mounts(self.services[name]):
             if Path(source).parent == DEPLOY / "config":
                 paths[target] = base / "config" / Path(target).name
             else:
-                paths[target] = base / "volumes" / target.strip("/").replace("/", "_")
+                paths[target] = self.root / "volumes" / source
         return paths
+
+    @staticmethod
+    def _nest(paths: dict[str, Path]) -> None:
+        """A mount inside another mount's tree appears there (/var/lib/strata/bundles/agg-a inside HOME):
+        a symlink where the outer directory would hold it, for paths a script derives from the outer one."""
+        for target, local in paths.items():
+            outer = max((p for p in paths if target.startswith(p.rstrip("/") + "/")), key=len, default=None)
+            if outer is None:
+                continue
+            nested = paths[outer] / target[len(outer.rstrip("/")) + 1 :]
+            if not nested.exists() and not nested.is_symlink():
+                nested.parent.mkdir(parents=True, exist_ok=True)
+                nested.symlink_to(local, target_is_directory=True)
+
+    def _with_host_ips(self, issue: str) -> str:
+        """CERTS_ISSUE with each compose hostname among a bundle's names joined by its loopback address,
+        which is what the others dial here (the hostname itself resolves nowhere)."""
+        specs = []
+        for spec in issue.split():
+            identity, sep, sans = spec.partition("=")
+            names = [n for n in sans.split(",") if n]
+            names += [self.hosts.ips[n] for n in names if n in self.hosts.ips]
+            specs.append(f"{identity}{sep}{','.join(names)}" if sep else identity)
+        return " ".join(specs)
 
     def prepare(self, name: str, replica: int) -> tuple[list[str], dict[str, str], Path, str]:
         service = self.services[name]
@@ -302,12 +396,39 @@ class NativeFleet:
         paths = self.replica_paths(name, replica)
         for local in paths.values():
             (local.parent if local.suffix else local).mkdir(parents=True, exist_ok=True)
+        self._nest(paths)
         for target, source in _config_mounts(service).items():
             paths[target].write_text(self.hosts.rewrite(source.read_text(), own_ip, paths))
         args = [self.hosts.rewrite(str(a), own_ip, paths) for a in service["command"]]
-        env = {k: self.hosts.rewrite(str(v), own_ip, paths) for k, v in (service.get("environment") or {}).items()}
+        environment = dict(service.get("environment") or {})
+        if "CERTS_ISSUE" in environment:
+            environment["CERTS_ISSUE"] = self._with_host_ips(environment["CERTS_ISSUE"])
+        env = {k: self.hosts.rewrite(str(v), own_ip, paths) for k, v in environment.items()}
         env["HOME"] = str(paths[IMAGE_HOME])
         return args, env, paths[IMAGE_HOME], own_ip
+
+    def run_init(self, name: str) -> str:
+        """Run a one-shot service (its entrypoint and command, e.g. `sh certs-init.sh`) to completion; its output."""
+        args, env, home, _ = self.prepare(name, 1)
+        entrypoint = [str(a) for a in self.services[name]["entrypoint"]]
+        from tests.procs import clean_env
+
+        # `strata` is this interpreter's console script
+        env = clean_env(home, {**env, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
+        result = subprocess.run(
+            [*entrypoint, *args], env=env, cwd=home, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+        )
+        assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"
+        return result.stdout
+
+    def bundle(self, name: str) -> Path:
+        """The local directory of the bundle `name`'s service mounts at its config's tls.bundle."""
+        service = self.services[name]
+        config = _load_role_config(_role(service), next(iter(_config_mounts(service).values())))
+        return self.replica_paths(name, 1)[config.tls.bundle]
+
+    def operator_bundle(self) -> Path:
+        return self.replica_paths("coordinator", 1)["/etc/strata/operator"]
 
     def start(self, name: str, replica: int = 1, extra_env: dict[str, str] | None = None) -> StrataProcess:
         args, env, home, _ = self.prepare(name, replica)
@@ -318,11 +439,15 @@ class NativeFleet:
 
     def healthcheck(self, name: str, timeout: float = 30.0) -> None:
         """Run the service's healthcheck command, as compose would, until it passes."""
+        from trust.bundle import Bundle
+
         test = self.services[name]["healthcheck"]["test"]
         assert test[:2] == ["CMD", "strata"], test
         own_ip = self.hosts.ips[name]
-        args = [self.hosts.rewrite(a.replace("127.0.0.1", own_ip), own_ip, {}) for a in test[2:]]
-        wait_healthy(args[1], timeout=timeout)  # fast poll first; then the exact command once
+        paths = self.replica_paths(name, 1)
+        args = [self.hosts.rewrite(a.replace("127.0.0.1", own_ip), own_ip, paths) for a in test[2:]]
+        credentials = Bundle.load(self.bundle(name)).channel_credentials()
+        wait_healthy(args[1], timeout=timeout, credentials=credentials)  # fast poll first; then the exact command once
         result = run_strata(*args, home=self.root / "healthcheck-home", timeout=30)
         assert result.returncode == 0, f"{name} healthcheck {args}: {result.stdout}{result.stderr}"
 
@@ -404,6 +529,12 @@ def _run_fleet(fleet: NativeFleet) -> None:
     from coordinator.ring import Member, Ring
 
     coordinator = fleet.address("coordinator", 7000)
+    # the init service: the fleet CA and every bundle; run again, it changes nothing (idempotent)
+    first = fleet.run_init(CERTS)
+    again = fleet.run_init(CERTS)
+    assert "created the CA" not in again and again.count(": current") == len(_issued({"services": fleet.services})), again
+    assert "renewed" in first and "renewed" not in again
+    operator = str(fleet.operator_bundle())
     fleet.start("coordinator").wait_for_event("coordinator_started", timeout=30)
     fleet.healthcheck("coordinator")
     aggregators = {name: fleet.start(name) for name in AGGREGATORS}
@@ -411,7 +542,9 @@ def _run_fleet(fleet: NativeFleet) -> None:
         fleet.healthcheck(name, timeout=60)
 
     def fleet_status() -> dict[str, Any]:
-        result = run_strata("fleet", "status", "--coordinator", coordinator, "--json", home=fleet.root / "cli-home")
+        result = run_strata(
+            "fleet", "status", "--coordinator", coordinator, "--bundle", operator, "--json", home=fleet.root / "cli-home"
+        )
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
@@ -449,13 +582,21 @@ def _run_fleet(fleet: NativeFleet) -> None:
     assert any(e["peers_used"] >= 1 for e in synthesized), tails()
     joined = {p.wait_for_event("joined", timeout=5)["agent"] for p in (*agents, device)}
     assert len(joined) == 3, joined  # the device generated its own id
+    # each enrolled with the shared bootstrap token as its own id, and every daemon served mutual TLS
+    enrolled = {p.wait_for_event("enrolled", timeout=5)["identity"] for p in (*agents, device)}
+    assert enrolled == {f"agent/{agent_id}" for agent_id in joined}, (enrolled, joined)
+    for name in DAEMONS:
+        assert fleet.running[name][0].events("tls_on"), f"{name} did not serve mutual TLS"
+        assert not fleet.running[name][0].events("plaintext_on_the_network"), name
     assert fleet.running["agent"][0].home != fleet.running["agent"][1].home  # one state dir per replica
     status = fleet_status()
     assert sorted(r["aggregator"] for r in status["aggregators"] if r["alive"]) == list(AGGREGATORS), status
 
     # the README's operator commands work against the fleet: lineage of a semi-global model
     semi_global = next(r["last_semi_global"] for r in status["aggregators"] if r["last_semi_global"] != "-")
-    lineage = run_strata("lineage", semi_global, "--coordinator", coordinator, "--json", home=fleet.root / "cli-home")
+    lineage = run_strata(
+        "lineage", semi_global, "--coordinator", coordinator, "--bundle", operator, "--json", home=fleet.root / "cli-home"
+    )
     assert lineage.returncode == 0 and semi_global in lineage.stdout, lineage.stderr
 
     # every Strata target in prometheus.yml answers at its mapped address, with what the run did

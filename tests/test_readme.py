@@ -36,3 +36,13 @@ def test_readme_and_synthesis_docstring_state_min_models_for_z() -> None:
     assert readme == [str(synthesis.MIN_MODELS_FOR_Z)], f"README says {readme}, code says {synthesis.MIN_MODELS_FOR_Z}"
     doc = re.findall(r"applied only from\s+(\d+) models up \(MIN_MODELS_FOR_Z", synthesis.__doc__ or "")
     assert doc == [str(synthesis.MIN_MODELS_FOR_Z)], f"synthesis docstring says {doc}"
+
+
+def test_the_role_table_is_generated_from_trust_roles() -> None:
+    from trust.roles import ROLE_TABLE
+
+    text = README.read_text()
+    block = re.search(r"<!-- roles -->\n(.*?)<!-- /roles -->", text, re.S)
+    assert block is not None, "the README's Security section lost its role table block"
+    rows = [line for line in block.group(1).splitlines() if line.startswith("| `")]
+    assert len(rows) == len(ROLE_TABLE)

@@ -150,3 +150,14 @@ def test_a_garbage_upload_chunk_is_refused_as_an_answer(aggregator: AggregatorDa
         call = channel.stream_unary("/strata.v1.AgentService/SubmitUpdate", response_deserializer=pb.SubmitUpdateReply.FromString)
         reply = call(iter([GARBAGE]), timeout=5)
     assert not reply.accepted and reply.reason == "bad_request"
+
+
+def test_health_watch_streams_through_the_error_interceptor(aggregator: AggregatorDaemon) -> None:
+    # grpc's aio HealthServicer.Watch is a coroutine writing with context.write, not an async generator;
+    # every wrapping interceptor used to `async for` over it and answer INTERNAL
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with create_channel(aggregator.address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()

@@ -196,3 +196,21 @@ def test_enrollment_config_is_checked_on_creation() -> None:
     with pytest.raises(ConfigError, match="enroll_validity_s"):
         CoordinatorConfig(enroll_validity_s=0)
     CoordinatorConfig(enroll_listen="127.0.0.1:7001", ca_dir="ca", tls=TlsSettings(bundle="b"))
+
+
+def test_the_bootstrap_token_can_come_from_a_file(tmp_path: Path) -> None:
+    # what the compose fleet's init service leaves for every agent replica
+    token_file = tmp_path / "agent.token"
+    settings = EnrollSettings(coordinator="coordinator:7001", ca=str(tmp_path / "ca.pem"), token_file=str(token_file))
+    assert settings.has_token
+    token_file.write_text("abcd.0123456789abcdef\n")
+    assert settings.bootstrap_token() == "abcd.0123456789abcdef"
+    token_file.unlink()
+    with pytest.raises(ConfigError):
+        settings.bootstrap_token()
+    with pytest.raises(ConfigError):
+        EnrollSettings(coordinator="c:1", ca="ca.pem", token="t", token_file=str(token_file))
+    with pytest.raises(ConfigError):
+        EnrollSettings(token_file=str(token_file))  # no enrollment port, no CA
+    with pytest.raises(ConfigError):
+        AgentConfig(enroll=settings)  # nowhere to write the bundle

@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from proto import serving
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import IntegrityError
@@ -305,8 +306,10 @@ def test_a_revocation_list_from_another_ca_is_refused(fleet: Fleet, tmp_path) ->
     assert (fleet.interceptor.revocations.version if fleet.interceptor.revocations else None) == version
 
 
-def test_refusals_log_one_line_per_method_and_reason(fleet: Fleet, caplog) -> None:
+def test_refusals_log_one_line_per_method_and_reason(fleet: Fleet, caplog, monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.INFO, logger="strata.serving")
+    # the limiter is process-wide: start from a clean slate, whatever earlier tests in this process refused
+    monkeypatch.setattr(serving._log_refusal, "_last", {})
     with fleet.channel("relay/r1") as channel:
         stub = pb_grpc.PeerServiceStub(channel)
         for _ in range(3):

@@ -49,6 +49,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 
+from proto.serving import responses_of
 from trust.bundle import Bundle
 from trust.errors import IdentityError, PermissionDenied, Unauthenticated
 from trust.identity import Certified, Identity, ca_fleet, load_certificate, read_certificate
@@ -272,7 +273,7 @@ class TrustInterceptor(grpc.aio.ServerInterceptor):
             certified, request = self._admit(method, request, context, streaming_request=streaming_request)
             token, signers_token = _caller.set(certified), _signers.set(self.signers)
             try:
-                async for response in behavior(request, context):
+                async for response in responses_of(behavior(request, context)):
                     self._still_trusted(certified)
                     yield response
             finally:

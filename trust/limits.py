@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from proto.errors import StrataError
+from proto.serving import responses_of
 from trust.interceptor import caller
 
 # identities whose buckets are kept; the least recently seen are dropped beyond it
@@ -128,7 +129,7 @@ class FairShare(grpc.aio.ServerInterceptor):
             if key is not None:
                 self._take(key, stream=True)
             try:
-                async for response in behavior(request, context):
+                async for response in responses_of(behavior(request, context)):
                     yield response
             finally:
                 if key is not None:

@@ -13,15 +13,21 @@ from coordinator.config import CoordinatorConfig
 from coordinator.ring import Member, Ring
 from proto.errors import InvalidInput
 from relay.config import RelayConfig, WindowSettings
+from storage.keys import KeyPair
 from storage.open import open_store
 from storage.store import default_store_path
 from strata.cmd_model import operator_key
 from strata.config import dump_config
 from strata.supervise import Supervisor, free_port, wait_for_port
+from trust.ca import FleetCA
+from trust.identity import Identity, Role
+from trust.security import ChannelFactory, Security, TlsSettings, channel_factory
 
 AGGREGATOR_NAMES = "abcdefghijklmnopqrstuvwxyz"
 RELAY_ID = "relay-1"
 DEVICE_SAMPLES = 60  # a low-power device's data: the first 60 samples of its share
+DEMO_FLEET = "demo"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +43,7 @@ class DemoOptions:
     relay_devices: int = 6
     inference_devices: int = 2
     timeout_s: float = 170.0
+    tls: bool = False  # a throwaway fleet CA in the demo's directory; mutual TLS on every hop
     home: Path = field(default_factory=lambda: Path.home() / ".strata")
 
     def __post_init__(self) -> None:
@@ -71,10 +78,21 @@ class Fleet:
         self.aggregators: list[Member] = []
         self.state_dirs: dict[str, Path] = {}  # aggregator id -> its state directory
         self.relay: RelayEndpoints | None = None
+        self._ca: FleetCA | None = None
+        self._operator: Security | None = None
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.dir / "ca"
 
     def prepare(self) -> None:
         """Fresh directories, and the coordinator's process, which boots while the caller loads the task."""
         self._fresh_dirs()
+        if self.options.tls:
+            # a throwaway CA: each run makes a new one, so nothing outlives the demo's directory
+            self._ca = FleetCA.init(self.ca_dir, DEMO_FLEET)
+            self._operator = Security(self._tls(Role.OPERATOR, "demo").bundle)
+            self.say(f"fleet CA      {self.ca_dir} (fleet {DEMO_FLEET!r}): mutual TLS on every hop")
         if self.options.coordinator:
             self._coordinator_port = self._launch_coordinator()
 
@@ -97,11 +115,29 @@ class Fleet:
 
     def stop(self) -> None:
         self.supervisor.stop_all()
+        if self._ca is not None:
+            self._ca.close()
+            self._ca = None
+
+    @property
+    def channels(self) -> ChannelFactory:
+        """How the demo itself dials the fleet: as its operator under TLS, else in plaintext."""
+        return channel_factory(self._operator)
+
+    def _tls(self, role: Role, name: str) -> TlsSettings:
+        """A bundle for `role`/`name` issued by the demo's CA (serving roles carry the loopback names);
+        plaintext settings without --tls."""
+        if self._ca is None:
+            return TlsSettings()
+        directory = self.dir / "bundles" / f"{role}-{name}"
+        hosts = LOOPBACK_NAMES if role in (Role.COORDINATOR, Role.AGGREGATOR, Role.RELAY) else ()
+        self._ca.issue(Identity(role, name), KeyPair.generate(), hosts=hosts).write(directory)
+        return TlsSettings(bundle=str(directory))
 
     # ------------------------------------------------------------------ set-up
 
     def _fresh_dirs(self) -> None:
-        for sub in ("aggregators", "agents", "coordinator", "relay", "config", "logs"):
+        for sub in ("aggregators", "agents", "coordinator", "relay", "config", "logs", "ca", "bundles"):
             shutil.rmtree(self.dir / sub, ignore_errors=True)
         (self.dir / "config").mkdir(parents=True, exist_ok=True)
 
@@ -123,7 +159,11 @@ class Fleet:
     def _launch_coordinator(self) -> int:
         port = free_port()
         self.coordinator_address = f"127.0.0.1:{port}"
-        config = CoordinatorConfig(listen=self.coordinator_address, state_dir=str(self.dir / "coordinator"))
+        config = CoordinatorConfig(
+            listen=self.coordinator_address,
+            state_dir=str(self.dir / "coordinator"),
+            tls=self._tls(Role.COORDINATOR, "coordinator"),
+        )
         self._run("coordinator", ["coordinator", "serve"], [self._write("coordinator", config)])
         return port
 
@@ -153,6 +193,7 @@ class Fleet:
             coordinator=self.coordinator_address,
             # without a coordinator, a static membership
             peers=[] if self.coordinator_address else [f"{m.id}={m.address}" for m in self.aggregators],
+            tls=self._tls(Role.AGGREGATOR, member.id),
         )
 
     def _place_agents(self) -> dict[str, list[str]]:
@@ -179,6 +220,7 @@ class Fleet:
             task=self.options.task,
             state_dir=str(self.dir / "agents" / agent_id),
             backoff_max_s=2.0,
+            tls=self._tls(Role.AGENT, agent_id),
         )
 
     def _start_agents(self) -> None:
@@ -232,6 +274,7 @@ class Fleet:
             store=str(self.relay.store),
             window=WindowSettings(max_devices=trainers, max_wait_s=8.0),
             metrics_port=metrics_port,
+            tls=self._tls(Role.RELAY, RELAY_ID),
         )
         self._run("relay", ["relay", "serve"], [self._write("relay", config)])
         wait_for_port("127.0.0.1", port, 60)

@@ -20,7 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.client import CoordinatorClient
 from proto.errors import NotFound, StrataError, Unavailable
+from proto.wire import create_channel
 from strata.cmd_history import read_history
+from trust.security import ChannelFactory
 
 _INDEX_WAIT_S = 5.0  # aggregators announce models to the coordinator in the background
 _SCRAPE_TIMEOUT_S = 5.0
@@ -34,12 +36,12 @@ def closed_rounds(state_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
-def indexed_lineage(coordinator: str, model_cid: str) -> set[str]:
+def indexed_lineage(coordinator: str, model_cid: str, *, channel_factory: ChannelFactory = create_channel) -> set[str]:
     """The models of `model_cid`'s lineage that the coordinator's index holds (what
     `strata lineage --coordinator` shows), once it holds the model and all its parents, or
     whatever it holds after a short wait: aggregators announce models in the background."""
     deadline = time.monotonic() + _INDEX_WAIT_S
-    with CoordinatorClient(coordinator) as index:
+    with CoordinatorClient(coordinator, channel_factory=channel_factory) as index:
         while True:
             try:
                 lineage = index.lineage(model_cid)

@@ -92,4 +92,6 @@ def summary_text(fleet: Fleet, final: RoundResult, summary: dict[str, Any]) -> s
             f"              strata verify {model} --store {fleet.store_url} --store {fleet.relay.store}"
             "   # down to the relay's device updates"
         )
+    if fleet.options.tls:
+        lines.append(f"              strata verify {model} --ca {fleet.ca_dir / 'ca.pem'}   # every signer against the fleet CA")
     return "\n".join(lines) + "\n"

@@ -48,7 +48,7 @@ def _evaluator(task_name: str) -> Evaluate:
 
 def _observe(fleet: Fleet, final: RoundResult) -> Observed:
     """What the daemons answer only while they run: the coordinator's index and the relay's counters."""
-    indexed = indexed_lineage(fleet.coordinator_address, final.model) if fleet.coordinator_address else None
+    indexed = indexed_lineage(fleet.coordinator_address, final.model, channel_factory=fleet.channels) if fleet.coordinator_address else None
     relay: dict = {}
     if fleet.relay is not None:
         try:
