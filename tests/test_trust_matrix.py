@@ -60,6 +60,7 @@ from relay.daemon import RelayDaemon
 from storage.keys import KeyPair
 from strata.wiring import initial_model_factory
 from tests.agent_service_contract import wait_until
+from tests.fuzz import AGGREGATOR_SERVICES, COORDINATOR_SERVICES, RELAY_SERVICES
 from tests.fuzz.messages import message_class
 from trust.bundle import Bundle
 from trust.ca import FleetCA
@@ -73,9 +74,6 @@ CALL_S = 5.0
 STREAM_FIRST_MESSAGE_S = 1.5
 SERVING_ROLES = (Role.AGGREGATOR, Role.COORDINATOR, Role.RELAY)
 
-AGGREGATOR_SERVICES = ("strata.v1.AgentService", "strata.v1.PeerService", "grpc.health.v1.Health")
-RELAY_SERVICES = ("strata.v1.AgentService", "grpc.health.v1.Health")
-COORDINATOR_SERVICES = ("strata.v1.CoordinatorService", "grpc.health.v1.Health")
 
 NEVER_FOR_A_RIGHT_CELL = frozenset(
     {

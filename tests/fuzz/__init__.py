@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from grpc_health.v1 import health_pb2
+
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.wire import create_channel, read_header_stream
@@ -31,9 +33,11 @@ __all__ = [
     "fetch_base",
 ]
 
-AGGREGATOR_SERVICES = ("strata.v1.AgentService", "strata.v1.PeerService")
-RELAY_SERVICES = ("strata.v1.AgentService",)
-COORDINATOR_SERVICES = ("strata.v1.CoordinatorService",)
+# every daemon also serves grpc's health service, behind the same interceptors
+HEALTH_SERVICE = "grpc.health.v1.Health"
+AGGREGATOR_SERVICES = ("strata.v1.AgentService", "strata.v1.PeerService", HEALTH_SERVICE)
+RELAY_SERVICES = ("strata.v1.AgentService", HEALTH_SERVICE)
+COORDINATOR_SERVICES = ("strata.v1.CoordinatorService", HEALTH_SERVICE)
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class Target:
     services: Sequence[str]
 
     def rpcs(self) -> list[Rpc]:
-        return rpcs(pb.DESCRIPTOR, services=self.services)
+        return rpcs(pb.DESCRIPTOR, health_pb2.DESCRIPTOR, services=self.services)
 
 
 def fetch_base(address: str, *, timeout_s: float = 30.0) -> BaseModel:
