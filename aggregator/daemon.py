@@ -29,6 +29,7 @@ from aggregator.peers import (
     device_update_lookup,
     pointer_for,
 )
+from aggregator.privacy import PrivacyGuard
 from aggregator.ringview import RingView, static_ring
 from aggregator.rounds import RoundManager, Synthesizer
 from aggregator.selection import Selector
@@ -125,6 +126,7 @@ class AggregatorDaemon:
             on_new_base=self._announce_base,
             on_model=self._on_model,
             selector=Selector(config.selection),
+            privacy=PrivacyGuard(config.privacy, federation=config.federation) if config.privacy.enabled else None,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -180,7 +182,8 @@ class AggregatorDaemon:
             rounds=self.rounds,
             ring=self.ring_view,
             store=self.store,
-            round_config=self.config.round_config,
+            # local DP travels to agents with the rest of the round config
+            round_config={**self.config.round_config, **self.config.privacy.round_config()},
         )
         self._agent_service = AgentServicer(
             home=self.home,

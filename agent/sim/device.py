@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 
 from agent.loops import HOME_LOST_AFTER
+from agent.privacy import apply_local_dp
 from agent.session import MAX_REDIRECTS
 from agent.sim.connections import Connections
 from agent.sim.models import ModelCache, SharedModel
@@ -468,6 +469,7 @@ class VirtualDevice:
         if self._key is None:
             self._key = KeyPair.generate()
         # the round the home announced this base for: its manifest names the round that made it
+        weights, dp = apply_local_dp(model.tensors, weights, self._round_config)
         pending, blob = local_update(
             weights,
             base=model.manifest,
@@ -478,6 +480,7 @@ class VirtualDevice:
             num_samples=num_samples,
             metrics=metrics,
             base_metrics=base_metrics,
+            dp=dp,
         )
         header = update_header(
             Manifest.from_bytes(pending.manifest.encode()),
