@@ -176,7 +176,7 @@ class PrivacyGuard:
                 "updates": count,
                 "weighting": "uniform (clipped deltas)",
                 "rounds": len(self._central) + 1,
-                "epsilon": central_eps,
+                "epsilon": _finite_or_none(central_eps),
             }
             if self._adaptive is not None:
                 next_clip, fraction = self._adaptive.next_clip(self.clip, count=count, unclipped=unclipped, rng=self._rng)
@@ -185,7 +185,7 @@ class PrivacyGuard:
                         "target_quantile": self._adaptive.target_quantile,
                         "learning_rate": self._adaptive.learning_rate,
                         "clipped_count_stddev": self._count_stddev(count),
-                        "unclipped_fraction": fraction,
+                        "unclipped_fraction": _finite_or_none(fraction),
                     },
                     next_clip=next_clip,
                 )
@@ -200,12 +200,13 @@ class PrivacyGuard:
                 "clip": self.settings.local.clip,
                 "noise_multiplier": self.settings.local.noise_multiplier,
                 "devices": len(devices),
-                "max_device_epsilon": max(devices.values(), default=0.0),
-                "device_epsilon": devices,
+                "max_device_epsilon": _finite_or_none(max(devices.values(), default=0.0)),
+                "device_epsilon": {agent: _finite_or_none(eps) for agent, eps in devices.items()},
             }
             for agent in devices:
                 self._device.setdefault(agent, []).append(PrivacyEvent(self.settings.local.noise_multiplier))
-        record["epsilon"] = self._federation_epsilon(central_eps, devices)
+        # null ε: no noise (clipping alone), so no finite guarantee; canonical JSON has no infinity
+        record["epsilon"] = _finite_or_none(self._federation_epsilon(central_eps, devices))
         self._observed = None
         return record
 
@@ -218,6 +219,10 @@ class PrivacyGuard:
         if self.settings.local.enabled:
             out["local"] = {"clip": self.settings.local.clip, "noise_multiplier": self.settings.local.noise_multiplier}
         return out
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 class _CentralDp(Strategy):
