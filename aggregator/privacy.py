@@ -210,6 +210,11 @@ class PrivacyGuard:
         self._observed = None
         return record
 
+    @property
+    def central_epsilon(self) -> float:
+        """ε of the central releases so far (0.0 before the first)."""
+        return epsilon_of(merge(self._central), self.settings.delta)
+
     def describe(self) -> dict[str, Any]:
         """The DP parameters, for the cluster manifest's `algorithm`."""
         out: dict[str, Any] = {"delta": self.settings.delta, "target_epsilon": self.settings.target_epsilon}
