@@ -88,6 +88,9 @@ class PrivacyGuard:
             noise = local_noise.get(update.counted_round)
             if noise is not None:
                 self._device.setdefault(update.agent_id, []).append(PrivacyEvent(noise))
+        if self.settings.central.enabled and self._central:
+            # a federation that stopped before a restart stays stopped: the next release is as unaffordable as it was
+            self.affordable(len(self._central), [])
 
     # ------------------------------------------------------------------ central DP
 

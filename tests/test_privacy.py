@@ -267,8 +267,10 @@ def test_the_budget_stops_training_with_a_log_line_and_refuses_further_updates(t
         # the ledger comes back from the journal after a restart: still one round spent, still stopped
         rounds.clock.now += 100
         rounds.restart()
-        rounds.submit("a3", 0.1)
+        with pytest.raises(UpdateRefused):
+            rounds.submit("a3", 0.1)
         assert rounds.manager.maybe_close(active_trainers=1) is None
+        assert len(rounds.manager.closed_rounds()) == 1
     finally:
         rounds.close()
 
