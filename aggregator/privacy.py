@@ -40,6 +40,7 @@ from privacy.mechanism import (
     clip_delta,
     effective_noise_multiplier,
 )
+from storage.manifest import Manifest
 
 log = logging.getLogger("strata.aggregator.privacy")
 
@@ -91,6 +92,35 @@ class PrivacyGuard:
         if self.settings.central.enabled and self._central:
             # a federation that stopped before a restart stays stopped: the next release is as unaffordable as it was
             self.affordable(len(self._central), [])
+
+    def local_dp_problem(self, kind: str, raw_manifest: bytes) -> str | None:
+        """Why a device update does not meet the federation's local DP (None when it does, or none is asked).
+
+        The device's own signed declaration (`extra.dp`) is all there is to check: noise cannot be
+        detected in an update. An update without a manifest declares nothing. A relay's combined
+        update is one contribution and is not checked. A manifest that does not parse is left to
+        the intake's validation, which refuses it with its own reason."""
+        local = self.settings.local
+        if not local.enabled or kind != "local":
+            return None
+        declared = None
+        if raw_manifest:
+            try:
+                manifest = Manifest.from_bytes(raw_manifest)
+            except Exception:
+                return None
+            declared = manifest.extra.get("dp") if isinstance(manifest.extra, Mapping) else None
+        if not isinstance(declared, Mapping):
+            return f"federation {self.federation} requires local DP (clip {local.clip}, noise {local.noise_multiplier}); the update declares none"
+        clip, noise = declared.get("clip"), declared.get("noise_multiplier")
+        if not (isinstance(clip, int | float) and isinstance(noise, int | float)):
+            return "the update's extra.dp lacks numeric clip and noise_multiplier"
+        if clip > local.clip or noise < local.noise_multiplier:
+            return (
+                f"the update declares local DP clip {clip}, noise {noise}; "
+                f"federation {self.federation} requires clip <= {local.clip}, noise >= {local.noise_multiplier}"
+            )
+        return None
 
     # ------------------------------------------------------------------ central DP
 

@@ -259,6 +259,10 @@ class RoundManager:
                 f"federation {self.federation} has spent its privacy budget; training has stopped",
                 reason=Refusal.PRIVACY_BUDGET_SPENT,
             )
+        if self._privacy is not None:
+            problem = self._privacy.local_dp_problem(sub.kind, sub.manifest)
+            if problem is not None:
+                raise UpdateRefused(problem, reason=Refusal.LOCAL_DP_REQUIRED)
         if self._selector is None:
             return
         with self._lock:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from agent.privacy import apply_local_dp
+from agent.submit import local_update
 from aggregator.privacy import PrivacyGuard
 from aggregator.rounds import RoundManager
 from aggregator.strategies import FedAvg
@@ -31,6 +32,8 @@ from privacy import (
 from privacy.config import CentralDpSettings, LocalDpSettings
 from proto.errors import ConfigError, InvalidInput, Refusal, UpdateRefused
 from storage.codec import encode_tensors
+from storage.keys import KeyPair
+from storage.models import load_model
 from tests.test_rounds import Rounds
 
 RNG_SEED = 1234
@@ -190,6 +193,33 @@ class PrivateRounds(Rounds):
         return manager
 
 
+    def submit_declared(self, agent: str, value: float, dp: dict | None) -> None:
+        """A device update with its own signed manifest, declaring `dp` (None: no local DP)."""
+        current = self.manager.current
+        base_manifest, _ = load_model(self.store, current.model_cid)
+        pending, blob = local_update(
+            {"w": np.full(2, value, np.float32)},
+            base=base_manifest,
+            federation="digits",
+            round=current.round,
+            agent_id=agent,
+            key=KeyPair.generate(),
+            num_samples=10,
+            dp=dp,
+        )
+        self.manager.intake.submit(
+            Submission(
+                agent_id=agent,
+                round=current.round,
+                base_cid=current.model_cid,
+                num_samples=10,
+                weights=blob,
+                federation="digits",
+                manifest=pending.manifest.encode(),
+            )
+        )
+
+
 def _private(tmp_path: Path, **central) -> PrivateRounds:
     return PrivateRounds(
         tmp_path,
@@ -290,6 +320,9 @@ def test_adaptive_clip_is_journaled_and_restored(tmp_path: Path) -> None:
         rounds.close()
 
 
+LOCAL = {"mechanism": "gaussian", "clip": 1.0, "noise_multiplier": 1.5}
+
+
 def test_local_dp_is_counted_per_device(tmp_path: Path) -> None:
     rounds = PrivateRounds(
         tmp_path, PrivacySettings(local=LocalDpSettings(clip=1.0, noise_multiplier=1.5)), quorum=1.0, min_updates=1
@@ -297,7 +330,7 @@ def test_local_dp_is_counted_per_device(tmp_path: Path) -> None:
     try:
         for agents in (["a1", "a2"], ["a1"], ["a1", "a3"]):
             for agent in agents:
-                rounds.submit(agent, 0.1)
+                rounds.submit_declared(agent, 0.1, LOCAL)
             cluster = rounds.manager.maybe_close(active_trainers=len(agents))
             assert cluster is not None
         local = cluster.extra["privacy"]["local"]
@@ -307,5 +340,27 @@ def test_local_dp_is_counted_per_device(tmp_path: Path) -> None:
         rounds.restart()
         guard = rounds.manager._privacy
         assert guard is not None and len(guard._device["a1"]) == 3 and len(guard._device["a2"]) == 1
+    finally:
+        rounds.close()
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [None, {**LOCAL, "clip": 2.0}, {**LOCAL, "noise_multiplier": 0.5}, {"mechanism": "gaussian"}],
+    ids=["none", "larger_clip", "less_noise", "no_numbers"],
+)
+def test_an_update_without_the_required_local_dp_is_refused(tmp_path: Path, declared: dict | None) -> None:
+    rounds = PrivateRounds(
+        tmp_path, PrivacySettings(local=LocalDpSettings(clip=1.0, noise_multiplier=1.5)), quorum=1.0, min_updates=1
+    )
+    try:
+        with pytest.raises(UpdateRefused) as refused:
+            rounds.submit_declared("a1", 0.1, declared)
+        assert refused.value.reason == Refusal.LOCAL_DP_REQUIRED
+        with pytest.raises(UpdateRefused) as unsigned:
+            rounds.submit("a2", 0.1)  # no manifest at all declares nothing either
+        assert unsigned.value.reason == Refusal.LOCAL_DP_REQUIRED
+        rounds.submit_declared("a3", 0.1, {**LOCAL, "clip": 0.5, "noise_multiplier": 2.0})  # stronger is fine
+        assert rounds.manager.accepted_count == 1
     finally:
         rounds.close()
