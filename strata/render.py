@@ -45,6 +45,7 @@ def view_from_graph(graph: LineageGraph) -> LineageView:
 def node_from_manifest(cid: str, manifest: Manifest) -> LineageNode:
     refused = manifest.extra.get("refused_peers") if isinstance(manifest.extra, dict) else None
     note = f"refused {len(refused)} peer model(s)" if refused else ""
+    note = "  ".join(part for part in (note, _privacy_tag(manifest)) if part)
     return LineageNode(
         cid=cid,
         kind=manifest.kind,
@@ -167,6 +168,18 @@ def manifest_text(cid: str, manifest: Manifest) -> str:
     for name, info in sorted(manifest.tensors.items()):
         lines.append(f"  {name:<32} {info.dtype:<5} {list(info.shape)}")
     return "\n".join(lines)
+
+
+def _privacy_tag(manifest: Manifest) -> str:
+    """A lineage node's DP in a few characters: a cluster's cumulative ε, a device's local DP."""
+    extra = manifest.extra if isinstance(manifest.extra, dict) else {}
+    spent, local = extra.get("privacy"), extra.get("dp")
+    if isinstance(spent, dict):
+        epsilon = spent.get("epsilon")
+        return f"DP ε={epsilon:.3g}" if isinstance(epsilon, int | float) else "DP ε=∞"
+    if isinstance(local, dict):
+        return f"local DP σ={local.get('noise_multiplier')} C={local.get('clip')}"
+    return ""
 
 
 def privacy_text(manifest: Manifest) -> str:

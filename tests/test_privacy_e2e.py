@@ -110,4 +110,9 @@ def test_dp_through_real_aggregators_is_recorded_in_manifests_and_history(
     )
     assert shown.returncode == 0, shown.stderr
     assert "privacy    ε=" in shown.stdout and "central(clip=" in shown.stdout and "adaptive" in shown.stdout
+    lineage = run_strata(
+        "lineage", closed[-1].cluster_cid, "--depth", "1", home=tmp_path / "cli", env={"STRATA_STORE": str(tmp_path / "store")}
+    )
+    assert lineage.returncode == 0, lineage.stderr
+    assert "DP ε=" in lineage.stdout and "local DP σ=0.05 C=1.0" in lineage.stdout
     store.close()
