@@ -98,6 +98,11 @@ def test_dp_through_real_aggregators_is_recorded_in_manifests_and_history(
                 update = Manifest.from_bytes(store.get(parent))
                 assert update.extra["dp"] == {"mechanism": "gaussian", "clip": 1.0, "noise_multiplier": 0.05}
 
+        # the Prometheus gauges say the same as the journal
+        all_closed = [r for r in daemon.journal.history() if r.closed_at is not None]
+        gauges = {m.name: m.samples[0].value for m in daemon._collect_metrics() if "privacy" in m.name}
+        assert gauges["strata_aggregator_privacy_epsilon"] == pytest.approx(all_closed[-1].extra["privacy"]["epsilon"])
+        assert gauges["strata_aggregator_privacy_budget_spent"] == 0.0
         history = run_strata("history", "--state-dir", str(tmp_path / aggregator_id), "--json", home=tmp_path / "cli")
         assert history.returncode == 0, history.stderr
         rows = [r for r in json.loads(history.stdout)[aggregator_id] if r["closed"]][:ROUNDS]
