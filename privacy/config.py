@@ -51,7 +51,7 @@ class CentralDpSettings:
     adaptive: bool = _help("adapt the clip norm each round towards target_quantile of the update norms", default=False)
     target_quantile: float = _help("adaptive clipping: the share of updates meant to fall under the clip norm", default=0.5)
     clip_learning_rate: float = _help("adaptive clipping: geometric step of the clip norm per round", default=0.2)
-    clipped_count_stddev: float = _help("adaptive clipping: noise std on the unclipped count; 0: updates/20 (Flower's default)", default=0.0)
+    clipped_count_stddev: float = _help("adaptive clipping: noise std on the unclipped count; 0: max(updates/20 as Flower, noise_multiplier)", default=0.0)
     seed: int = _help("seed of the aggregator's noise; 0: fresh OS entropy (use 0 in production)", default=0)
 
     def __post_init__(self) -> None:
