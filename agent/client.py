@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 
 from agent.loops import BackgroundLoops
+from agent.privacy import apply_local_dp
 from agent.session import Identity, ModelInfo, Session
 from agent.state import AgentState
 from agent.submit import SubmitReceipt, SubmitRefused, Submitter, local_update
@@ -225,6 +226,7 @@ class Client:
         if held is None:
             raise FailedPrecondition("no base model downloaded yet: call wait_for_model() first", reason="no_base")
         base = held[0]
+        weights, dp = apply_local_dp(held[1], weights, self.round_config, tensors=self.trainable_tensors)
         pending, blob = local_update(
             weights,
             base=base,
@@ -236,6 +238,7 @@ class Client:
             metrics=metrics,
             base_metrics=base_metrics,
             tensors=self.trainable_tensors,
+            dp=dp,
         )
         return self._submitter.submit_local(pending, blob)
 

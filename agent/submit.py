@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -60,10 +61,12 @@ def local_update(
     metrics: Mapping[str, float] | None = None,
     base_metrics: Mapping[str, float] | None = None,
     tensors: Sequence[str] | None = None,
+    dp: Mapping[str, Any] | None = None,
 ) -> tuple[PendingUpdate, bytes]:
     """A device update trained from `base`, signed by `key`: (its pending record, its weight bytes).
 
-    `tensors` names a partial update's tensors; None sends every tensor of `weights`.
+    `tensors` names a partial update's tensors; None sends every tensor of `weights`. `dp` is the
+    local DP already applied to `weights` (agent.privacy), named in the manifest's `extra.dp`.
     """
     names = list(tensors) if tensors else sorted(weights)
     missing = [n for n in names if n not in weights]
@@ -80,7 +83,10 @@ def local_update(
         base=base.cid,
         num_samples=int(num_samples),
         metrics={k: float(v) for k, v in (metrics or {}).items()},
-        extra={"base_metrics": {k: float(v) for k, v in (base_metrics or {}).items()}},
+        extra={
+            "base_metrics": {k: float(v) for k, v in (base_metrics or {}).items()},
+            **({"dp": dict(dp)} if dp else {}),
+        },
         created_at=now_rfc3339(),
     ).signed(key)
     pending = PendingUpdate(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from intake.config import ServingSettings
+from privacy.config import PrivacySettings
 from proto.errors import ConfigError
 from trust.security import TlsSettings
 
@@ -138,6 +139,9 @@ class AggregatorConfig:
     synthesis: SynthesisSettings = field(default_factory=SynthesisSettings, metadata={"help": "semi-global synthesis"})
     selection: SelectionSettings = field(default_factory=SelectionSettings, metadata={"help": "who trains each round"})
     round_config: dict[str, str] = _help("key/values handed to every trainer each round (epochs, lr, ...)", default_factory=dict)
+    privacy: PrivacySettings = field(
+        default_factory=PrivacySettings, metadata={"help": "differential privacy: local and central DP, the ε budget"}
+    )
     serving: ServingSettings = field(default_factory=ServingSettings, metadata={"help": "how agents are served"})
     tls: TlsSettings = field(default_factory=TlsSettings, metadata={"help": "mutual TLS"})
     coordinator: str = _help("coordinator address host:port; empty runs without one", default="")

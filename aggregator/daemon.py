@@ -29,6 +29,7 @@ from aggregator.peers import (
     device_update_lookup,
     pointer_for,
 )
+from aggregator.privacy import PrivacyGuard
 from aggregator.ringview import RingView, static_ring
 from aggregator.rounds import RoundManager, Synthesizer
 from aggregator.selection import Selector
@@ -112,6 +113,7 @@ class AggregatorDaemon:
         self.synthesizer: Synthesizer | None = synthesizer
         self.link: CoordinatorLink | None = None
         self._last_models: dict[str, str] = {}
+        self.privacy = PrivacyGuard(config.privacy, federation=config.federation) if config.privacy.enabled else None
         self.rounds = RoundManager(
             aggregator_id=self.id,
             federation=config.federation,
@@ -125,6 +127,7 @@ class AggregatorDaemon:
             on_new_base=self._announce_base,
             on_model=self._on_model,
             selector=Selector(config.selection),
+            privacy=self.privacy,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -180,7 +183,8 @@ class AggregatorDaemon:
             rounds=self.rounds,
             ring=self.ring_view,
             store=self.store,
-            round_config=self.config.round_config,
+            # local DP travels to agents with the rest of the round config
+            round_config={**self.config.round_config, **self.config.privacy.round_config()},
         )
         self._agent_service = AgentServicer(
             home=self.home,
@@ -303,6 +307,11 @@ class AggregatorDaemon:
             yield counter("strata_aggregator_model_bytes_served", "model bytes streamed to agents", self.home.bytes_served)
             yield counter("strata_aggregator_model_downloads", "model downloads served to agents", self.home.downloads_served)
         yield gauge("strata_aggregator_round", "the current round", self.rounds.current.round)
+        if self.privacy is not None:
+            if self.config.privacy.central.enabled:
+                # +Inf when there is no noise: clipping alone promises nothing
+                yield gauge("strata_aggregator_privacy_epsilon", "cumulative ε of the released cluster models", self.privacy.central_epsilon)
+            yield gauge("strata_aggregator_privacy_budget_spent", "1 once the ε budget stopped training", float(self.privacy.exhausted))
         yield gauge("strata_aggregator_round_updates", "updates accepted in the current round", self.rounds.accepted_count)
         yield gauge("strata_aggregator_active_agents", "agents heard from within the timeout", len(self.agents.active()))
         ring = self.ring_view.ring if self.ring_view is not None else None

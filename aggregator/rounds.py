@@ -30,6 +30,7 @@ import numpy as np
 
 from aggregator.config import RoundSettings
 from aggregator.journal import Journal, RoundRecord
+from aggregator.privacy import PrivacyGuard
 from aggregator.selection import Selector, expected_trainers
 from aggregator.staleness import make_discount
 from aggregator.strategies import Aggregation, Strategy, weighted_means
@@ -74,6 +75,7 @@ class RoundManager:
         on_new_base: Callable[[BaseModel], None] | None = None,
         on_model: Callable[[Manifest], None] | None = None,
         selector: Selector | None = None,
+        privacy: PrivacyGuard | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.aggregator_id = aggregator_id
@@ -81,7 +83,9 @@ class RoundManager:
         self.settings = settings
         self._store = store
         self._journal = journal
-        self._strategy = strategy
+        # central DP wraps the rule; the guard also keeps the ledger and the budget
+        self._privacy = privacy if privacy is not None and privacy.settings.enabled else None
+        self._strategy = self._privacy.wrap(strategy) if self._privacy is not None else strategy
         self._key = key
         self._initial_base = initial_base
         self._synthesize = synthesize
@@ -106,7 +110,7 @@ class RoundManager:
             store=store,
             journal=journal,
             key=key,
-            admit=self._admit if self._selector is not None else None,
+            admit=self._admit if self._selector is not None or self._privacy is not None else None,
             # device updates are indexed too, so an operator can trace a model down to them
             on_accepted=self._emit,
             clock=clock,
@@ -135,6 +139,8 @@ class RoundManager:
                 self._journal.open_round(0, initial, now=self._clock())
                 record = self._journal.current_round()
                 assert record is not None
+            if self._privacy is not None:
+                self._privacy.restore(self._journal.history(), self._journal.iter_all_updates())
             self._enter_round(record)
             accepted = self._journal.open_updates()
             for update in accepted:
@@ -246,7 +252,19 @@ class RoundManager:
         return expected_trainers(active, None if self._invited is None else set(self._invited))
 
     def _admit(self, sub: Submission) -> None:
-        """With selection, only invited agents' updates count (a relay is one invited agent)."""
+        """With selection, only invited agents' updates count (a relay is one invited agent);
+        with a privacy budget spent, none does."""
+        if self._privacy is not None and self._privacy.exhausted:
+            raise UpdateRefused(
+                f"federation {self.federation} has spent its privacy budget; training has stopped",
+                reason=Refusal.PRIVACY_BUDGET_SPENT,
+            )
+        if self._privacy is not None:
+            problem = self._privacy.local_dp_problem(sub.kind, sub.manifest)
+            if problem is not None:
+                raise UpdateRefused(problem, reason=Refusal.LOCAL_DP_REQUIRED)
+        if self._selector is None:
+            return
         with self._lock:
             current = self._round.round if self._round is not None else -1
             invited = self._invited
@@ -275,11 +293,11 @@ class RoundManager:
             count, now = len(self._accepted), self._clock()
             target = self.quorum_target(active_trainers)
             if count >= target and count > 0:
-                return self._close(trigger="quorum")
+                return self._close_within_budget(trigger="quorum")
             if now < self._deadline:
                 return None
             if count >= self.settings.min_updates:
-                return self._close(trigger="deadline")
+                return self._close_within_budget(trigger="deadline")
             self._deadline = now + self.settings.deadline_s
             log.info(
                 "round_extended",
@@ -295,11 +313,19 @@ class RoundManager:
             )
             return None
 
+    def _close_within_budget(self, *, trigger: str) -> Manifest | None:
+        # a release past the privacy budget never happens: the round stays open and training stops
+        assert self._round is not None
+        if self._privacy is not None and not self._privacy.affordable(self._round.round, self._accepted):
+            return None
+        return self._close(trigger=trigger)
+
     def _close(self, *, trigger: str) -> Manifest:
         assert self._round is not None and self._aggregation is not None and self._base is not None
         started = time.perf_counter()
         round_, accepted = self._round.round, list(self._accepted)
         result = self._aggregation.result()
+        privacy = {"privacy": self._privacy.spend(round_, accepted)} if self._privacy is not None else {}
         total = sum(u.num_samples for u in accepted)
         cluster = save_model(
             self._store,
@@ -315,7 +341,9 @@ class RoundManager:
             metrics=weighted_means([(u.metrics, u.num_samples) for u in accepted]),
             algorithm={
                 **self._strategy.describe(),
-                "weighting": "num_samples x staleness discount",
+                "weighting": "uniform: clipped deltas (central DP)"
+                if self._privacy is not None and self._privacy.settings.central.enabled
+                else "num_samples x staleness discount",
                 "staleness_discount": {
                     "name": self.settings.staleness_discount,
                     "params": dict(self.settings.staleness_params),
@@ -325,6 +353,7 @@ class RoundManager:
                 "base_metrics": weighted_means([(u.base_metrics, u.num_samples) for u in accepted]),
                 "trigger": trigger,
                 **self._selection_record(accepted),
+                **privacy,
             },
         )
         aggregation_s = time.perf_counter() - started
@@ -346,7 +375,12 @@ class RoundManager:
             metrics=dict(cluster.metrics),
             base_metrics=dict(cluster.extra.get("base_metrics", {})),
             refusals=self._journal.refusal_counts(round_),
-            extra={"trigger": trigger, "next_base_kind": next_base.kind, "stale_updates": sum(u.staleness > 0 for u in accepted)},
+            extra={
+                "trigger": trigger,
+                "next_base_kind": next_base.kind,
+                "stale_updates": sum(u.staleness > 0 for u in accepted),
+                **privacy,
+            },
         )
         self._journal.close_round(record, accepted, next_round=round_ + 1, next_base_cid=next_base.cid)
         log.info(

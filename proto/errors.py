@@ -103,6 +103,10 @@ class Refusal(StrEnum):
     UNCERTIFIED_SIGNER = "uncertified_signer"
     # with TLS: the manifest's producer (role and id) is not the caller
     NOT_PRODUCER = "not_producer"
+    # the federation spent its privacy budget (privacy.target_epsilon): training has stopped
+    PRIVACY_BUDGET_SPENT = "privacy_budget_spent"
+    # the federation requires local DP and the update's manifest does not declare it (or declares less)
+    LOCAL_DP_REQUIRED = "local_dp_required"
 
 
 # Refusals that resending the same update can never overcome: an agent drops such an update.
@@ -114,6 +118,8 @@ FINAL_REFUSALS = frozenset(
         Refusal.NOT_INVITED,
         Refusal.UNCERTIFIED_SIGNER,
         Refusal.NOT_PRODUCER,
+        Refusal.PRIVACY_BUDGET_SPENT,
+        Refusal.LOCAL_DP_REQUIRED,
     }
 )
 

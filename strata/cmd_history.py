@@ -79,6 +79,9 @@ def _rows(records: list[RoundRecord]) -> list[dict[str, Any]]:
             "cluster": r.cluster_cid,
             "next_base": r.next_base_cid,
             "next_base_kind": r.extra.get("next_base_kind"),
+            # cumulative (ε, δ) after this round, when the federation runs with DP (None: no finite ε)
+            "epsilon": (r.extra.get("privacy") or {}).get("epsilon"),
+            "delta": (r.extra.get("privacy") or {}).get("delta"),
             "closed": r.closed_at is not None,
         }
         for r in records
@@ -108,7 +111,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     columns = ["round", "participants", "num_samples", "accuracy", "loss", "train_loss", "refusals", "aggregation_s", "next_base"]
     for aggregator, rows in histories.items():
         print(f"== {aggregator}")
-        print(render.table([r for r in rows if r["closed"]], columns))
+        private = any(r["delta"] is not None for r in rows)
+        print(render.table([r for r in rows if r["closed"]], [*columns[:-1], "epsilon", columns[-1]] if private else columns))
         print()
     return EXIT_OK
 

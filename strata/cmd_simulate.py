@@ -58,6 +58,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     churn.add_argument("--partition", default="dirichlet", help="task trainers: iid, dirichlet or shards (default: dirichlet)")
     churn.add_argument("--alpha", type=float, default=0.5, help="task trainers: Dirichlet alpha (default: 0.5)")
     churn.add_argument("--stalled-uploads", type=int, default=0, help="misbehaving clients holding stalled SubmitUpdate streams")
+    hostile = sim.add_argument_group("attacks")
+    hostile.add_argument(
+        "--attack", default="",
+        help="what hostile devices send: sign_flip, scale, gaussian, label_flip (task trainers), little_is_enough, inflate_samples",
+    )
+    hostile.add_argument("--attackers", type=float, default=0.0, help="share of devices that are hostile (e.g. 0.2)")
+    hostile.add_argument(
+        "--attack-scale", type=float, default=10.0,
+        help="scale: the factor (10, 100); gaussian: the noise std; inflate_samples: the claim multiplier (default: 10)",
+    )
+    hostile.add_argument("--attack-z", type=float, default=0.0, help="little_is_enough's z (default 0: Baruch et al.'s z_max)")
     wire = sim.add_argument_group("simulator")
     wire.add_argument("--connections", type=int, default=0, help="share N gRPC connections per address (default 0: one per device)")
     wire.add_argument("--train-workers", type=int, default=2, help="threads for training (default: 2)")
@@ -81,6 +92,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _options(args: argparse.Namespace, seeds: Sequence[str], relay: str) -> Any:
     from agent.sim import Delay, SimOptions
+    from agent.sim.attacks import AttackOptions
 
     return SimOptions(
         seeds=tuple(seeds),
@@ -104,6 +116,7 @@ def _options(args: argparse.Namespace, seeds: Sequence[str], relay: str) -> Any:
         train_workers=args.train_workers,
         seed=args.seed,
         id_prefix=args.id_prefix,
+        attack=AttackOptions(name=args.attack, share=args.attackers, scale=args.attack_scale, z=args.attack_z),
     )
 
 

@@ -45,6 +45,7 @@ def view_from_graph(graph: LineageGraph) -> LineageView:
 def node_from_manifest(cid: str, manifest: Manifest) -> LineageNode:
     refused = manifest.extra.get("refused_peers") if isinstance(manifest.extra, dict) else None
     note = f"refused {len(refused)} peer model(s)" if refused else ""
+    note = "  ".join(part for part in (note, _privacy_tag(manifest)) if part)
     return LineageNode(
         cid=cid,
         kind=manifest.kind,
@@ -158,12 +159,51 @@ def manifest_text(cid: str, manifest: Manifest) -> str:
         lines.append("metrics    " + " ".join(f"{k}={v:.4g}" for k, v in sorted(manifest.metrics.items())))
     if manifest.algorithm:
         lines.append(f"algorithm  {manifest.algorithm}")
+    privacy = privacy_text(manifest)
+    if privacy:
+        lines.append(f"privacy    {privacy}")
     lines.append(f"parents    {len(manifest.parents)}")
     lines += [f"  {p}" for p in manifest.parents]
     lines.append(f"tensors    {len(manifest.tensors)}")
     for name, info in sorted(manifest.tensors.items()):
         lines.append(f"  {name:<32} {info.dtype:<5} {list(info.shape)}")
     return "\n".join(lines)
+
+
+def _privacy_tag(manifest: Manifest) -> str:
+    """A lineage node's DP in a few characters: a cluster's cumulative ε, a device's local DP."""
+    extra = manifest.extra if isinstance(manifest.extra, dict) else {}
+    spent, local = extra.get("privacy"), extra.get("dp")
+    if isinstance(spent, dict):
+        epsilon = spent.get("epsilon")
+        return f"DP ε={epsilon:.3g}" if isinstance(epsilon, int | float) else "DP ε=∞"
+    if isinstance(local, dict):
+        return f"local DP σ={local.get('noise_multiplier')} C={local.get('clip')}"
+    return ""
+
+
+def privacy_text(manifest: Manifest) -> str:
+    """The DP a model was made under, in one line: a cluster's ledger entry or a device's local DP."""
+    extra = manifest.extra if isinstance(manifest.extra, dict) else {}
+    parts = []
+    spent = extra.get("privacy")
+    if isinstance(spent, dict):
+        epsilon = spent.get("epsilon")
+        parts.append(f"ε={epsilon:.4g}" if isinstance(epsilon, int | float) else "ε=∞ (no noise)")
+        parts.append(f"δ={spent.get('delta')}")
+        central = spent.get("central")
+        if isinstance(central, dict):
+            adaptive = " adaptive" if "adaptive" in central else ""
+            parts.append(f"central(clip={central.get('clip'):.4g}{adaptive} σ={central.get('noise_multiplier')} rounds={central.get('rounds')})")
+        local = spent.get("local")
+        if isinstance(local, dict):
+            parts.append(f"local(clip={local.get('clip')} σ={local.get('noise_multiplier')} devices={local.get('devices')})")
+        if spent.get("target_epsilon"):
+            parts.append(f"budget ε≤{spent['target_epsilon']}")
+    local_dp = extra.get("dp")
+    if isinstance(local_dp, dict):
+        parts.append(f"local DP on device (clip={local_dp.get('clip')} σ={local_dp.get('noise_multiplier')})")
+    return " ".join(parts)
 
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

@@ -57,6 +57,7 @@ class FakeHome(pb_grpc.AgentServiceServicer):
         self.join_failures = 0  # Join fails UNAVAILABLE this many times first
         self.join_refusal = ""  # Join fails INVALID_ARGUMENT with this reason
         self.heartbeat_interval_s = 30.0  # what Join hands out
+        self.round_config: dict[str, str] = {}  # what Join hands out with the home
         self.next_interval_s = 0.0  # what Heartbeat hands out; 0: the same as Join
         self.heartbeat_home_changed: pb.Redirect | None = None
         self.submit_failures = 0  # SubmitUpdate fails UNAVAILABLE this many times first
@@ -87,7 +88,12 @@ class FakeHome(pb_grpc.AgentServiceServicer):
         if self.redirect_to:
             return pb.JoinReply(redirect=pb.Redirect(aggregator_id="elsewhere", address=self.redirect_to))
         return pb.JoinReply(
-            home=pb.Home(aggregator_id=self.aggregator_id, base=self.announced, heartbeat_interval_s=self.heartbeat_interval_s)
+            home=pb.Home(
+                aggregator_id=self.aggregator_id,
+                base=self.announced,
+                heartbeat_interval_s=self.heartbeat_interval_s,
+                round_config=self.round_config,
+            )
         )
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelChunk]:

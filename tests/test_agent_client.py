@@ -24,6 +24,7 @@ from agent.config import AgentConfig
 from agent.daemon import AgentDaemon
 from agent.state import AgentState
 from agent.submit import local_update, settle_pending
+from privacy.mechanism import delta_norm
 from proto import strata_pb2 as pb
 from proto.errors import (
     FINAL_REFUSALS,
@@ -33,7 +34,7 @@ from proto.errors import (
     Refusal,
     Unavailable,
 )
-from storage.codec import encode_tensors
+from storage.codec import decode_tensors, encode_tensors
 from storage.keys import KeyPair
 from storage.manifest import Manifest
 from tests.agent_fakes import FakeHome, make_model, serving
@@ -161,6 +162,18 @@ def test_submit_sends_a_signed_update_naming_its_base(home: FakeHome) -> None:
     assert (update.kind, update.base, update.producer.id, update.num_samples) == ("local", base.cid, "edge-1", 12)
     assert (header.base_cid, header.weights_cid, header.agent_id) == (base.cid, update.weights, "edge-1")
     assert receipt.update_cid == update.cid and not receipt.duplicate
+
+
+def test_local_dp_asked_for_in_the_round_config_is_applied_before_upload_and_named(home: FakeHome) -> None:
+    home.round_config = {"dp_clip": "0.5", "dp_noise_multiplier": "0.0"}
+    with client_for(home) as client:
+        weights = client.wait_for_model(timeout=5)
+        client.submit({n: a + 1 for n, a in weights.items()}, 12)
+    ((header, blob),) = home.submitted
+    update = Manifest.from_bytes(header.manifest)
+    assert update.extra["dp"] == {"mechanism": "gaussian", "clip": 0.5, "noise_multiplier": 0.0}
+    sent = decode_tensors(blob)
+    assert delta_norm(weights, sent) == pytest.approx(0.5, rel=1e-5)  # the +1 everywhere was clipped on the device
 
 
 def test_an_update_names_the_round_its_base_was_announced_for_even_after_a_newer_base(home: FakeHome) -> None:

@@ -12,18 +12,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = ("proto", "storage", "coordinator", "intake", "aggregator", "relay", "agent", "trust", "strata")
+OURS = ("proto", "storage", "coordinator", "intake", "aggregator", "relay", "agent", "trust", "privacy", "strata")
 # DESIGN's layout table: package -> what it may import of ours besides itself.
 # A dotted grant ("aggregator.strategies") allows that module only.
 ALLOWED = {
     "proto": set(),
     "storage": {"proto"},
     "trust": {"proto", "storage"},
+    "privacy": {"proto"},
     "coordinator": {"proto", "storage", "trust"},
     "intake": {"proto", "storage", "trust"},
-    "aggregator": {"proto", "storage", "trust", "intake", "coordinator.ring", "coordinator.client"},
+    "aggregator": {"proto", "storage", "trust", "privacy", "intake", "coordinator.ring", "coordinator.client"},
     "relay": {"proto", "storage", "trust", "intake", "aggregator.strategies", "agent"},
-    "agent": {"proto", "storage", "trust"},
+    "agent": {"proto", "storage", "trust", "privacy"},
     "strata": set(OURS),
 }
 # modules that hold domain logic: they never speak gRPC or protobuf (services and clients do)

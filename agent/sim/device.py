@@ -37,7 +37,9 @@ from typing import Any
 import grpc
 
 from agent.loops import HOME_LOST_AFTER
+from agent.privacy import apply_local_dp
 from agent.session import MAX_REDIRECTS
+from agent.sim.attacks import FleetAttack
 from agent.sim.connections import Connections
 from agent.sim.models import ModelCache, SharedModel
 from agent.sim.options import SimOptions
@@ -81,6 +83,8 @@ class Fleet:
     executor: Executor
     retry: RetryPolicy
     clock: Callable[[], float] = time.monotonic
+    # what hostile devices do to their updates (None: no attack)
+    attack: FleetAttack | None = None
     # home id -> indices of the devices there now
     homes: dict[str, set[int]] = field(default_factory=dict)
     online: int = 0
@@ -459,6 +463,10 @@ class VirtualDevice:
             self._trainer = self.fleet.trainer.for_device(self.plan)
         base_metrics = self._trainer.evaluate(model.tensors)
         weights, num_samples, metrics = self._trainer.train(model.tensors, round_config)
+        if self.plan.hostile and self.fleet.attack is not None:
+            weights, num_samples = self.fleet.attack.apply(
+                index=self.plan.index, base_cid=model.cid, base=model.tensors, weights=weights, num_samples=num_samples
+            )
         return weights, num_samples, metrics, base_metrics
 
     def _signed_update(
@@ -468,6 +476,7 @@ class VirtualDevice:
         if self._key is None:
             self._key = KeyPair.generate()
         # the round the home announced this base for: its manifest names the round that made it
+        weights, dp = apply_local_dp(model.tensors, weights, self._round_config)
         pending, blob = local_update(
             weights,
             base=model.manifest,
@@ -478,6 +487,7 @@ class VirtualDevice:
             num_samples=num_samples,
             metrics=metrics,
             base_metrics=base_metrics,
+            dp=dp,
         )
         header = update_header(
             Manifest.from_bytes(pending.manifest.encode()),

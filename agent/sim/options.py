@@ -10,6 +10,7 @@ import math
 import random
 from dataclasses import dataclass
 
+from agent.sim.attacks import AttackOptions
 from proto.errors import ConfigError
 from proto.wire import DEFAULT_TIMEOUT_S
 
@@ -115,6 +116,8 @@ class SimOptions:
     join_timeout_s: float = 600.0
     backoff_base_s: float = 0.5
     backoff_max_s: float = 10.0
+    # a hostile share of the fleet and what it sends (agent.sim.attacks)
+    attack: AttackOptions = AttackOptions()
 
     def __post_init__(self) -> None:
         if not self.seeds or not all(self.seeds):
@@ -150,6 +153,8 @@ class SimOptions:
         for name in ("rpc_timeout_s", "join_timeout_s", "backoff_base_s", "backoff_max_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
+        if self.attack.name == "label_flip" and self.trainer in (TRAINER_NONE, TRAINER_NOISE):
+            raise ConfigError("the label_flip attack needs a task trainer (digits, mnist)", reason="bad_attack")
         if self.backoff_max_s < self.backoff_base_s:
             raise ConfigError("backoff_max_s must be >= backoff_base_s")
 

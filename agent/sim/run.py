@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from agent.sim.attacks import FleetAttack
 from agent.sim.connections import Connections
 from agent.sim.device import Fleet, VirtualDevice
 from agent.sim.models import ModelCache
@@ -111,6 +112,9 @@ class SimReport:
                 "alpha": o.alpha if o.trainer not in ("none", "noise") else None,
                 "connections": o.connections or "one per device",
                 "stalled_uploads": o.stalled_uploads,
+                "attack": {"name": o.attack.name, "attackers": o.attack.share, "scale": o.attack.scale, "z": o.attack.z}
+                if o.attack.active
+                else None,
             },
         }
 
@@ -173,7 +177,12 @@ class Simulation:
             retry=RetryPolicy(base_s=options.backoff_base_s, max_s=options.backoff_max_s),
             clock=self._clock,
         )
-        devices = [VirtualDevice(plan, fleet) for plan in plan_fleet(options)]
+        plans = plan_fleet(options)
+        if options.attack.active:
+            fleet.attack = FleetAttack(
+                options.attack, devices=len(plans), attackers=sum(p.hostile for p in plans), seed=options.seed
+            )
+        devices = [VirtualDevice(plan, fleet) for plan in plans]
         started = self._clock()
         tasks = [asyncio.ensure_future(device.live()) for device in devices]
         tasks += [asyncio.ensure_future(self._stalled_upload(connections, i)) for i in range(options.stalled_uploads)]

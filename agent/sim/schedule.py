@@ -29,6 +29,8 @@ class DevicePlan:
     seeds: tuple[str, ...]
     behind_relay: bool = False
     straggler: bool = False
+    # a poisoning device (SimOptions.attack)
+    hostile: bool = False
 
 
 def agent_id(options: SimOptions, index: int) -> str:
@@ -56,6 +58,8 @@ def plan_fleet(options: SimOptions) -> list[DevicePlan]:
     rng.shuffle(order)  # who joins early is random, not by index
     slot = ramp / count if count else 0.0
     starts = {index: (position + rng.random()) * slot for position, index in enumerate(order)}
+    # drawn last, so adding attackers leaves every other draw of a seeded fleet as it was
+    hostile = _chosen(rng, count, options.attack.share) if options.attack.active else set()
     return [
         DevicePlan(
             index=i,
@@ -64,6 +68,7 @@ def plan_fleet(options: SimOptions) -> list[DevicePlan]:
             seeds=(options.relay,) if i in relayed else tuple(options.seeds),
             behind_relay=i in relayed,
             straggler=i in stragglers,
+            hostile=i in hostile,
         )
         for i in range(count)
     ]

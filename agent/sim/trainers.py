@@ -107,7 +107,7 @@ class TaskTrainer:
 
     trains = True
 
-    def __init__(self, name: str, *, count: int, scheme: str, alpha: float, seed: int) -> None:
+    def __init__(self, name: str, *, count: int, scheme: str, alpha: float, seed: int, flip_hostile: bool = False) -> None:
         from agent.tasks import builtin_task
 
         builtin_task(name)  # an unknown task fails here, before any device starts
@@ -116,10 +116,14 @@ class TaskTrainer:
         self._scheme = scheme
         self._alpha = alpha
         self._seed = seed
+        self._flip_hostile = flip_hostile
 
     def for_device(self, plan: DevicePlan) -> DeviceTrainer:
         partition = {"scheme": self._scheme, "alpha": self._alpha, "index": plan.index, "count": self._count, "seed": self._seed}
-        return _LazyTaskDevice(self.name, {"partition": partition, "seed": plan.index, "torch_threads": 1})
+        options: dict[str, Any] = {"partition": partition, "seed": plan.index, "torch_threads": 1}
+        if self._flip_hostile and plan.hostile:
+            options["label_flip"] = True
+        return _LazyTaskDevice(self.name, options)
 
 
 def make_trainer(options: SimOptions) -> FleetTrainer:
@@ -127,4 +131,11 @@ def make_trainer(options: SimOptions) -> FleetTrainer:
         return NoTrainer()
     if options.trainer == TRAINER_NOISE:
         return NoiseTrainer(seed=options.seed, scale=options.noise_scale)
-    return TaskTrainer(options.trainer, count=options.agents, scheme=options.partition, alpha=options.alpha, seed=options.seed)
+    return TaskTrainer(
+        options.trainer,
+        count=options.agents,
+        scheme=options.partition,
+        alpha=options.alpha,
+        seed=options.seed,
+        flip_hostile=options.attack.name == "label_flip",
+    )

@@ -76,12 +76,15 @@ class TorchTask:
         max_batches: int | None = None,
         holdout: float = 0.2,
         torch_threads: int | None = 1,
+        label_flip: bool = False,
     ) -> None:
         threads = as_optional_int(torch_threads, "torch_threads", minimum=1)
         if threads is not None and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         self.seed = as_int(seed, "seed", minimum=0)
         self.head_only = as_bool(head_only, "head_only")
+        # a poisoning device (the simulator's label_flip attack): trains on label c as (classes - 1 - c)
+        self.label_flip = as_bool(label_flip, "label_flip")
         self.optimizer = str(optimizer).lower()
         if self.optimizer not in ("sgd", "adam"):
             raise InvalidInput(f"{self.name}: optimizer must be 'sgd' or 'adam', got {optimizer!r}",
@@ -115,6 +118,7 @@ class TorchTask:
         if cap is not None:
             train_indices = train_indices[:cap]
         self.train_indices = np.sort(train_indices)
+        self._num_classes = int(data.train_y.max()) + 1
         self._model = self._build_model()
         self._tensor_names = tuple(self._model.state_dict())
         self._train_calls = 0
@@ -256,6 +260,8 @@ class TorchTask:
                 idx = order[start:start + settings.batch_size]
                 x = self._to_input(data.train_x[idx])
                 y = torch.from_numpy(data.train_y[idx].astype(np.int64))
+                if self.label_flip:
+                    y = self._num_classes - 1 - y
                 opt.zero_grad(set_to_none=True)
                 logits = model(x)
                 loss_sum = loss_fn(logits, y)
