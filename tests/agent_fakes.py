@@ -61,6 +61,7 @@ class FakeHome(pb_grpc.AgentServiceServicer):
         self.heartbeat_home_changed: pb.Redirect | None = None
         self.submit_failures = 0  # SubmitUpdate fails UNAVAILABLE this many times first
         self.submit_refusal = ""  # SubmitUpdate answers accepted=false with this reason
+        self.submit_hang = False  # SubmitUpdate reads the update and never answers (a home cut off mid-upload)
         self.submitted: list[tuple[pb.UpdateHeader, bytes]] = []
         self.events: queue.Queue[pb.ModelEvent] = queue.Queue()
         self.calls = {"Join": 0, "GetModel": 0, "SubmitUpdate": 0, "WatchModels": 0, "Heartbeat": 0}
@@ -111,6 +112,8 @@ class FakeHome(pb_grpc.AgentServiceServicer):
         if self.submit_failures > 0:
             self.submit_failures -= 1
             raise Unavailable("restarting", reason="restarting")
+        if self.submit_hang:
+            await asyncio.Event().wait()  # until the client goes away or the server stops
         self.submitted.append((header, blob))
         if self.submit_refusal:
             return pb.SubmitUpdateReply(accepted=False, reason=self.submit_refusal, message="refused by the test")

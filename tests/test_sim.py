@@ -350,6 +350,28 @@ def test_grpc_cancel_of_a_stream_reaches_the_device_as_cancelled_error() -> None
     assert asyncio.run(main())
 
 
+def test_an_upload_cut_off_by_a_move_to_another_home_is_sent_to_the_new_home() -> None:
+    """Re-homing closes the old home's channel, and grpc.aio raises CancelledError in the upload still
+    waiting on it. The device sends the update to its new home and goes on training. (Found by
+    bench/partition.py: devices back from a cut-off aggregator heartbeated but never trained again, so
+    their home's quorum was never met and every round waited for its deadline.)"""
+    with serving(FakeHome("agg-old"), FakeHome("agg-new")) as (old, new):
+        old.submit_hang = True
+        old.heartbeat_interval_s = 0.2
+        options = SimOptions(seeds=(old.address,), agents=5, ramp_s=0.1)
+
+        def moved_and_resent() -> bool:
+            if old.calls["SubmitUpdate"] >= 5 and old.heartbeat_home_changed is None:
+                old.redirect_to = new.address
+                old.heartbeat_home_changed = pb.Redirect(aggregator_id="agg-new", address=new.address)
+            return len(new.submitted) >= 5
+
+        report = _run_until(Simulation(options), moved_and_resent)
+    assert sorted(h.agent_id for h, _ in new.submitted) == [f"sim-{i:05d}" for i in range(5)]
+    assert report.homes["agg-new"] == 5
+    assert report.errors.get("submit:CUT_OFF") == 5, report.errors
+
+
 def test_devices_train_only_on_a_base_they_are_invited_to() -> None:
     with serving(FakeHome()) as (home,):
         home.heartbeat_interval_s = 0.2
