@@ -372,6 +372,17 @@ def test_an_upload_cut_off_by_a_move_to_another_home_is_sent_to_the_new_home() -
     assert report.errors.get("submit:CUT_OFF") == 5, report.errors
 
 
+def test_a_refusal_answered_before_the_last_chunk_is_counted_not_a_crash() -> None:
+    """Intake refuses on the header alone (unknown base, stale round) while the device is still writing
+    chunks; grpc.aio then fails the next write with InvalidStateError, and the answer is the call's own."""
+    with serving(FakeHome()) as (home,):
+        home.serve(*make_model(params=1 << 21))  # 8 MiB: several chunks behind the header
+        home.refuse_at_header = "unknown_base"
+        simulation = Simulation(SimOptions(seeds=(home.address,), agents=3, ramp_s=0.1))
+        report = _run_until(simulation, lambda: simulation.stats.refusals["unknown_base"] >= 3, timeout_s=60)
+    assert report.refusals == {"unknown_base": 3} and not report.errors and "acknowledged" not in report.counts
+
+
 def test_devices_train_only_on_a_base_they_are_invited_to() -> None:
     with serving(FakeHome()) as (home,):
         home.heartbeat_interval_s = 0.2

@@ -572,9 +572,15 @@ class VirtualDevice:
     async def _upload(self, header: pb.UpdateHeader, blob: bytes) -> pb.SubmitUpdateReply:
         call = self._stub().SubmitUpdate(timeout=STREAM_TIMEOUT_S)
         try:
-            for message in stream_with_header(pb.UpdateChunk, header, blob):
-                await call.write(message)
-            await call.done_writing()
+            try:
+                for message in stream_with_header(pb.UpdateChunk, header, blob):
+                    await call.write(message)
+                await call.done_writing()
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                # the call ended before the last chunk went: the home answered early (a refusal on the header
+                # alone), or the channel was closed under it. grpc.aio fails the write with InvalidStateError
+                # or an INTERNAL "Failed execute_batch"; the call's own outcome says what happened
+                pass
             reply = await call
         except asyncio.CancelledError:
             if _being_cancelled():
@@ -593,10 +599,10 @@ class VirtualDevice:
                 await call.write(message)
                 if message.WhichOneof("part") == "chunk":
                     self._stats.bytes["uploaded_then_dropped"] += len(message.chunk.data)
-        except grpc.aio.AioRpcError:
-            pass
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the call ended under the writes (an early answer, a closed channel): dropped all the same
         except asyncio.CancelledError:
             if _being_cancelled():
-                raise  # (a channel closed under the write: the drop this simulates happened anyway)
+                raise
         call.cancel()
         self._stats.counts["dropouts"] += 1
