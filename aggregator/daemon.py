@@ -304,6 +304,7 @@ class AggregatorDaemon:
             yield counter("strata_aggregator_model_downloads", "model downloads served to agents", self.home.downloads_served)
         yield gauge("strata_aggregator_round", "the current round", self.rounds.current.round)
         yield gauge("strata_aggregator_round_updates", "updates accepted in the current round", self.rounds.accepted_count)
+        yield counter("strata_aggregator_joins", "Joins answered with this aggregator as home", self.agents.joins)
         yield gauge("strata_aggregator_active_agents", "agents heard from within the timeout", len(self.agents.active()))
         ring = self.ring_view.ring if self.ring_view is not None else None
         yield gauge("strata_aggregator_ring_members", "members of the ring this aggregator follows", len(ring) if ring else 0)

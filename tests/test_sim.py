@@ -401,3 +401,19 @@ def test_devices_train_only_on_a_base_they_are_invited_to() -> None:
     assert len(home.submitted) == 8 and report.counts["acknowledged"] == 8
     (round_0,) = report.rounds
     assert (round_0.devices, round_0.invited, round_0.accepted) == (8, 8, 8)
+
+
+def test_receipts_are_written_one_json_object_a_line(tmp_path) -> None:
+    """`strata simulate --receipts PATH`: what tests and bench/partition.py check against the journals."""
+    import json
+
+    from agent.sim.stats import Receipt
+    from strata.cmd_simulate import write_receipts
+
+    receipts = [Receipt(agent_id=f"sim-{i}", home="agg-a", base_cid="Qmbase", update_cid=f"Qm{i}", round=i, duplicate=False) for i in range(3)]
+    path = tmp_path / "receipts.jsonl"
+    write_receipts(path, receipts)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["update_cid"] for line in lines] == ["Qm0", "Qm1", "Qm2"]
+    assert lines[0] == {"agent_id": "sim-0", "home": "agg-a", "base_cid": "Qmbase", "update_cid": "Qm0", "round": 0, "duplicate": False}
+    assert not (tmp_path / "receipts.jsonl.partial").exists()
