@@ -192,6 +192,10 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         devices_at_victim_min = min(
             (homes.get(victim, 0) for at, homes in watch.sims[0].history if at >= cut_at), default=devices_before
         )
+        first_left_at = next(
+            (at - cut_at for at, homes in watch.sims[0].history if at >= cut_at and homes.get(victim, 0) < devices_before),
+            None,
+        )
         left_at = next(
             (at - cut_at for at, homes in watch.sims[0].history if at >= cut_at and homes.get(victim, 0) == 0), None
         )
@@ -216,6 +220,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
             "victim": victim,
             "devices_before": devices_before,
             "devices_at_victim_min_during_cut": devices_at_victim_min,
+            "first_left_after_s": None if first_left_at is None else round(first_left_at, 1),
             "all_left_after_s": None if left_at is None else round(left_at, 1),
             "ring_during_cut": sorted(ring_during or []),
             "survivor_rounds_closed_during_cut": {
