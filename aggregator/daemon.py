@@ -313,6 +313,7 @@ class AggregatorDaemon:
                 yield gauge("strata_aggregator_privacy_epsilon", "cumulative ε of the released cluster models", self.privacy.central_epsilon)
             yield gauge("strata_aggregator_privacy_budget_spent", "1 once the ε budget stopped training", float(self.privacy.exhausted))
         yield gauge("strata_aggregator_round_updates", "updates accepted in the current round", self.rounds.accepted_count)
+        yield counter("strata_aggregator_joins", "Joins answered with this aggregator as home", self.agents.joins)
         yield gauge("strata_aggregator_active_agents", "agents heard from within the timeout", len(self.agents.active()))
         ring = self.ring_view.ring if self.ring_view is not None else None
         yield gauge("strata_aggregator_ring_members", "members of the ring this aggregator follows", len(ring) if ring else 0)

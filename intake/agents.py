@@ -71,6 +71,8 @@ class AgentRegistry:
         self._clock = clock
         self._agents: dict[str, _Record] = {}
         self._lock = threading.Lock()
+        # Joins answered with a home, ever: its rate is the reconnect storm a failover brings
+        self.joins = 0
 
     def heartbeat_interval(self) -> float:
         """How often each agent should heartbeat, so that all of them together stay within the budget."""
@@ -91,6 +93,7 @@ class AgentRegistry:
             record.capability = capability if capability in CAPABILITIES else TRAIN
             record.telemetry = telemetry
             record.last_seen = now
+            self.joins += 1
             return record.info()
 
     def touch(self, agent_id: str, telemetry: dict | None = None) -> None:

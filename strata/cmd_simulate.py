@@ -75,6 +75,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     wire.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same fleet")
     wire.add_argument("--id-prefix", default="sim", help="agent ids are PREFIX-00000, PREFIX-00001, … (default: sim)")
     wire.add_argument("--progress", type=float, default=2.0, help="seconds between progress lines on stderr (default: 2)")
+    wire.add_argument(
+        "--receipts", default="", metavar="PATH",
+        help="write every acknowledged update (agent, home, base, update CID, round) to PATH, one JSON object a line, "
+        "to check against the aggregators' journals",
+    )
     fleet = sim.add_argument_group("--start-fleet")
     fleet.add_argument("--start-fleet", type=int, default=0, metavar="K", help="start a coordinator and K aggregators first")
     fleet.add_argument("--quorum", type=float, default=0.8, help="their round.quorum (default: 0.8)")
@@ -152,6 +157,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if local is not None:
             print("stopping the fleet …", file=out, flush=True)
             local.stop()
+    if args.receipts:
+        write_receipts(Path(args.receipts).expanduser(), report.receipts)
     if args.json:
         summary = report.to_json()
         if local is not None:
@@ -160,6 +167,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         print(report_text(report))
     return EXIT_INTERRUPTED if report.stopped_by == "interrupted" else EXIT_OK
+
+
+def write_receipts(path: Path, receipts: Sequence[Any]) -> None:
+    """One JSON object per acknowledged update, written whole before it is renamed into place."""
+    import dataclasses
+    import json
+
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as out:
+        for receipt in receipts:
+            out.write(json.dumps(dataclasses.asdict(receipt), sort_keys=True) + "\n")
+    partial.replace(path)
 
 
 def _key_value(item: str) -> tuple[str, str]:

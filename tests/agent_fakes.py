@@ -30,9 +30,12 @@ FEDERATION = "digits"
 AGGREGATOR_KEY = KeyPair.generate()
 
 
-def make_model(round_: int = 0, value: float = 1.0, key: KeyPair = AGGREGATOR_KEY) -> tuple[Manifest, bytes]:
-    """A small signed base model: (manifest, weight bytes); the same arguments give the same model."""
-    blob = encode_tensors({"w": np.full(4, value, np.float32), "b": np.zeros(2, np.float32)})
+def make_model(
+    round_: int = 0, value: float = 1.0, key: KeyPair = AGGREGATOR_KEY, *, params: int = 4
+) -> tuple[Manifest, bytes]:
+    """A signed base model (small unless `params` says otherwise): (manifest, weight bytes); the same arguments
+    give the same model."""
+    blob = encode_tensors({"w": np.full(params, value, np.float32), "b": np.zeros(2, np.float32)})
     manifest = Manifest(
         kind="base",
         federation=FEDERATION,
@@ -62,6 +65,8 @@ class FakeHome(pb_grpc.AgentServiceServicer):
         self.heartbeat_home_changed: pb.Redirect | None = None
         self.submit_failures = 0  # SubmitUpdate fails UNAVAILABLE this many times first
         self.submit_refusal = ""  # SubmitUpdate answers accepted=false with this reason
+        self.submit_hang = False  # SubmitUpdate reads the update and never answers (a home cut off mid-upload)
+        self.refuse_at_header = ""  # SubmitUpdate answers this refusal as soon as the header arrives
         self.submitted: list[tuple[pb.UpdateHeader, bytes]] = []
         self.events: queue.Queue[pb.ModelEvent] = queue.Queue()
         self.calls = {"Join": 0, "GetModel": 0, "SubmitUpdate": 0, "WatchModels": 0, "Heartbeat": 0}
@@ -111,12 +116,17 @@ class FakeHome(pb_grpc.AgentServiceServicer):
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
     ) -> pb.SubmitUpdateReply:
         self.calls["SubmitUpdate"] += 1
+        if self.refuse_at_header:
+            async for _ in request_iterator:  # the header: answered before the chunks, as intake's header checks do
+                return pb.SubmitUpdateReply(accepted=False, reason=self.refuse_at_header, message="refused by the test")
         header, blob = await receive_header_stream(
             request_iterator, size_of=lambda h: h.weights_size, max_size=1 << 24, idle_timeout_s=10, offload=_inline
         )
         if self.submit_failures > 0:
             self.submit_failures -= 1
             raise Unavailable("restarting", reason="restarting")
+        if self.submit_hang:
+            await asyncio.Event().wait()  # until the client goes away or the server stops
         self.submitted.append((header, blob))
         if self.submit_refusal:
             return pb.SubmitUpdateReply(accepted=False, reason=self.submit_refusal, message="refused by the test")

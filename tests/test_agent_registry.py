@@ -37,3 +37,12 @@ def test_active_means_heard_within_the_timeout_and_long_silence_is_forgotten() -
     clock.now = 31.0 + 10 * 30.0 + 1
     registry.active()
     assert registry.all() == []
+
+
+def test_joins_are_counted_each_time_a_heartbeat_is_not() -> None:
+    """strata_aggregator_joins_total: its rate is the reconnect storm a failover brings (bench/partition.py)."""
+    registry = AgentRegistry(timeout_s=30.0)
+    for agent in ("a", "b", "a"):  # a re-join counts again
+        registry.join(agent, display_name=agent, capability="train", telemetry={})
+    registry.touch("a")
+    assert registry.joins == 3

@@ -350,6 +350,39 @@ def test_grpc_cancel_of_a_stream_reaches_the_device_as_cancelled_error() -> None
     assert asyncio.run(main())
 
 
+def test_an_upload_cut_off_by_a_move_to_another_home_is_sent_to_the_new_home() -> None:
+    """Re-homing closes the old home's channel, and grpc.aio raises CancelledError in the upload still
+    waiting on it. The device sends the update to its new home and goes on training. (Found by
+    bench/partition.py: devices back from a cut-off aggregator heartbeated but never trained again, so
+    their home's quorum was never met and every round waited for its deadline.)"""
+    with serving(FakeHome("agg-old"), FakeHome("agg-new")) as (old, new):
+        old.submit_hang = True
+        old.heartbeat_interval_s = 0.2
+        options = SimOptions(seeds=(old.address,), agents=5, ramp_s=0.1)
+
+        def moved_and_resent() -> bool:
+            if old.calls["SubmitUpdate"] >= 5 and old.heartbeat_home_changed is None:
+                old.redirect_to = new.address
+                old.heartbeat_home_changed = pb.Redirect(aggregator_id="agg-new", address=new.address)
+            return len(new.submitted) >= 5
+
+        report = _run_until(Simulation(options), moved_and_resent)
+    assert sorted(h.agent_id for h, _ in new.submitted) == [f"sim-{i:05d}" for i in range(5)]
+    assert report.homes["agg-new"] == 5
+    assert report.errors.get("submit:CUT_OFF") == 5, report.errors
+
+
+def test_a_refusal_answered_before_the_last_chunk_is_counted_not_a_crash() -> None:
+    """Intake refuses on the header alone (unknown base, stale round) while the device is still writing
+    chunks; grpc.aio then fails the next write with InvalidStateError, and the answer is the call's own."""
+    with serving(FakeHome()) as (home,):
+        home.serve(*make_model(params=1 << 21))  # 8 MiB: several chunks behind the header
+        home.refuse_at_header = "unknown_base"
+        simulation = Simulation(SimOptions(seeds=(home.address,), agents=3, ramp_s=0.1))
+        report = _run_until(simulation, lambda: simulation.stats.refusals["unknown_base"] >= 3, timeout_s=60)
+    assert report.refusals == {"unknown_base": 3} and not report.errors and "acknowledged" not in report.counts
+
+
 def test_devices_train_only_on_a_base_they_are_invited_to() -> None:
     with serving(FakeHome()) as (home,):
         home.heartbeat_interval_s = 0.2
@@ -368,3 +401,19 @@ def test_devices_train_only_on_a_base_they_are_invited_to() -> None:
     assert len(home.submitted) == 8 and report.counts["acknowledged"] == 8
     (round_0,) = report.rounds
     assert (round_0.devices, round_0.invited, round_0.accepted) == (8, 8, 8)
+
+
+def test_receipts_are_written_one_json_object_a_line(tmp_path) -> None:
+    """`strata simulate --receipts PATH`: what tests and bench/partition.py check against the journals."""
+    import json
+
+    from agent.sim.stats import Receipt
+    from strata.cmd_simulate import write_receipts
+
+    receipts = [Receipt(agent_id=f"sim-{i}", home="agg-a", base_cid="Qmbase", update_cid=f"Qm{i}", round=i, duplicate=False) for i in range(3)]
+    path = tmp_path / "receipts.jsonl"
+    write_receipts(path, receipts)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["update_cid"] for line in lines] == ["Qm0", "Qm1", "Qm2"]
+    assert lines[0] == {"agent_id": "sim-0", "home": "agg-a", "base_cid": "Qmbase", "update_cid": "Qm0", "round": 0, "duplicate": False}
+    assert not (tmp_path / "receipts.jsonl.partial").exists()

@@ -119,6 +119,14 @@ def _being_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+class _CutOff(Exception):
+    """A call ended because its channel was closed under it: the device re-homed meanwhile.
+
+    grpc.aio raises asyncio.CancelledError in the coroutine awaiting such a call, not an
+    AioRpcError; left alone it would end the task that made the call (a device that
+    never trains again, while its heartbeats keep it counted in its home's quorum)."""
+
+
 class VirtualDevice:
     def __init__(self, plan: DevicePlan, fleet: Fleet) -> None:
         self.plan = plan
@@ -389,6 +397,12 @@ class VirtualDevice:
                     ),
                     timeout=min(self._options.rpc_timeout_s, interval * 2),
                 )
+            except asyncio.CancelledError:
+                if _being_cancelled():
+                    raise
+                # a re-join closed the old home's channel under this heartbeat: send it to the new home now
+                self._stats.error("heartbeat", "CUT_OFF")
+                continue
             except grpc.aio.AioRpcError as exc:
                 self._stats.error("heartbeat", exc.code())
                 failures += 1
@@ -451,6 +465,11 @@ class VirtualDevice:
         except grpc.aio.AioRpcError as exc:
             self._stats.error("download", exc.code())
             raise error_from_rpc(exc) from exc
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            self._stats.error("download", "CUT_OFF")
+            raise Unavailable("the download was cut off: the device re-homed", reason="cut_off") from None
         model = self.fleet.models.admit(header, weights, asked_for=model_cid)
         self._stats.latency["download"].add(self.fleet.clock() - started)
         self._stats.counts["downloads"] += 1
@@ -513,6 +532,14 @@ class VirtualDevice:
             started = self.fleet.clock()
             try:
                 reply = await self._upload(header, blob)
+            except _CutOff:
+                # the device re-homed while this upload was in flight: send it to the new home
+                self._stats.error("submit", "CUT_OFF")
+                if attempt + 1 < SUBMIT_ATTEMPTS:
+                    attempt += 1
+                    continue
+                self._pending = None
+                return
             except grpc.aio.AioRpcError as exc:
                 self._stats.error("submit", exc.code())
                 if is_retryable(exc) and attempt + 1 < SUBMIT_ATTEMPTS:
@@ -554,10 +581,21 @@ class VirtualDevice:
 
     async def _upload(self, header: pb.UpdateHeader, blob: bytes) -> pb.SubmitUpdateReply:
         call = self._stub().SubmitUpdate(timeout=STREAM_TIMEOUT_S)
-        for message in stream_with_header(pb.UpdateChunk, header, blob):
-            await call.write(message)
-        await call.done_writing()
-        reply = await call
+        try:
+            try:
+                for message in stream_with_header(pb.UpdateChunk, header, blob):
+                    await call.write(message)
+                await call.done_writing()
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                # the call ended before the last chunk went: the home answered early (a refusal on the header
+                # alone), or the channel was closed under it. grpc.aio fails the write with InvalidStateError
+                # or an INTERNAL "Failed execute_batch"; the call's own outcome says what happened
+                pass
+            reply = await call
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise _CutOff() from None
         self._stats.bytes["uploaded"] += len(blob)
         return reply
 
@@ -571,7 +609,10 @@ class VirtualDevice:
                 await call.write(message)
                 if message.WhichOneof("part") == "chunk":
                     self._stats.bytes["uploaded_then_dropped"] += len(message.chunk.data)
-        except grpc.aio.AioRpcError:
-            pass
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the call ended under the writes (an early answer, a closed channel): dropped all the same
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
         call.cancel()
         self._stats.counts["dropouts"] += 1
