@@ -168,7 +168,7 @@ class Session:
             retry_call(
                 self._join_any,
                 policy=self._join_policy,
-                retryable=is_retryable,
+                retryable=lambda error: is_retryable(error, idempotent=True),
                 stop=self.closed,
                 before_retry=lambda error: log.info(
                     "join_retry", extra={"fields": {"agent": self.identity.agent_id, "error": str(error)}}
@@ -188,7 +188,7 @@ class Session:
                 self._join_via(address)
                 return
             except StrataError as exc:
-                if not is_retryable(exc):
+                if not is_retryable(exc, idempotent=True):
                     raise
                 last_error = exc
                 log.debug("join_failed", extra={"fields": {"address": address, "error": str(exc)}})

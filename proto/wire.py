@@ -182,12 +182,20 @@ def error_from_rpc(e: grpc.RpcError) -> StrataError:
     return err
 
 
-def is_retryable(e: BaseException) -> bool:
+def is_retryable(e: BaseException, *, idempotent: bool = False) -> bool:
     """True for failures a later attempt may not hit: UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
-    whether raw RPC errors or the typed errors `error_from_rpc` made of them."""
+    whether raw RPC errors or the typed errors `error_from_rpc` made of them.
+
+    For an idempotent call (Join), CANCELLED is retryable too: a caller that cancelled its own call
+    stops before asking, so CANCELLED here came from the channel or the server going away under
+    it, which a fleet losing an aggregator sees by the thousand."""
     if isinstance(e, grpc.RpcError):
         code, details, _ = _rpc_parts(e)
+        if idempotent and code == grpc.StatusCode.CANCELLED:
+            return True
         return code in _RETRYABLE and not _is_size_refusal(code, details)
+    if idempotent and isinstance(e, StrataError) and e.status == "CANCELLED":
+        return True
     # error_from_rpc keeps RESOURCE_EXHAUSTED as the status of a plain StrataError (a size refusal
     # becomes InvalidInput instead)
     return isinstance(e, Unavailable) or (isinstance(e, StrataError) and e.status == "RESOURCE_EXHAUSTED")

@@ -134,6 +134,8 @@ class _Servicer(pb_grpc.AgentServiceServicer):
                 await asyncio.sleep(1.0)
             case "abort":
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "go away")
+            case "cancelled":
+                await context.abort(grpc.StatusCode.CANCELLED, "server went away")
         return pb.HeartbeatReply(next_interval_s=5.0)
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):
@@ -242,6 +244,14 @@ def test_health_check_serving(server) -> None:
         server.set_serving("strata.v1.AgentService", False)
         reply = health.Check(health_pb2.HealthCheckRequest(service="strata.v1.AgentService"), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_cancelled_is_retried_only_for_an_idempotent_call(stub) -> None:
+    e = _call_error(lambda: stub.Heartbeat(pb.HeartbeatRequest(agent_id="cancelled"), timeout=5))
+    assert e.code() == grpc.StatusCode.CANCELLED
+    assert not wire.is_retryable(e) and wire.is_retryable(e, idempotent=True)
+    typed = wire.error_from_rpc(e)
+    assert not wire.is_retryable(typed) and wire.is_retryable(typed, idempotent=True)
 
 
 def test_deadline_exceeded(stub) -> None:

@@ -243,7 +243,7 @@ class VirtualDevice:
                     await self._join_via(address)
                     return
                 except StrataError as exc:
-                    if not is_retryable(exc):
+                    if not is_retryable(exc, idempotent=True):
                         raise
                     last = exc
             delay = backoff_s(self._rng, self.fleet.retry, retry)
