@@ -103,6 +103,7 @@ def test_attack_options_are_validated() -> None:
         SimOptions(attack=AttackOptions(name="label_flip", share=0.1))  # the noise trainer has no labels
 
 
+@pytest.mark.slow
 def test_label_flip_trains_the_hostile_devices_on_flipped_labels() -> None:
     options = SimOptions(agents=4, trainer="digits", partition="iid", attack=AttackOptions(name="label_flip", share=0.5))
     plans = plan_fleet(options)

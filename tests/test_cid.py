@@ -80,6 +80,7 @@ def test_matches_kubo_at_random_sizes(kubo: EmbeddedKubo, tmp_path: Path, seed: 
     assert cid_of(data) == _kubo_cid(kubo, tmp_path, data)
 
 
+@pytest.mark.slow
 def test_matches_kubo_at_64_mib(kubo: EmbeddedKubo, tmp_path: Path) -> None:
     data = _random_bytes(64 << 20, seed=64)
     assert cid_of(data) == _kubo_cid(kubo, tmp_path, data)

@@ -130,6 +130,7 @@ def healthy(address: str) -> bool:
 
 
 # about 2 s on a quiet machine (three in-process daemons and ~290 calls); 8 s seen at load average 35
+@pytest.mark.slow
 def test_fuzzed_calls_on_every_rpc_are_refused_cleanly_and_every_daemon_serves_on(
     fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
