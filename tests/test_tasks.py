@@ -211,7 +211,7 @@ def test_digits_initial_weights_are_named_float32_and_deterministic() -> None:
     task = _digits()
     weights = task.initial_weights()
     assert {k: v.shape for k, v in weights.items()} == {
-        "fc1.weight": (64, 64), "fc1.bias": (64,), "head.weight": (10, 64), "head.bias": (10,),
+        "fc1.weight": (128, 64), "fc1.bias": (128,), "head.weight": (10, 128), "head.bias": (10,),
     }
     assert all(v.dtype == np.float32 for v in weights.values())
     again = _digits().initial_weights()
@@ -255,6 +255,21 @@ def test_digits_round_config_strings_are_coerced_and_bad_values_refused() -> Non
     for bad in ({"epochs": "0"}, {"lr": "fast"}, {"batch_size": 1.5}):
         with pytest.raises(InvalidInput):
             task.train(start, bad)
+
+
+def test_digits_lr_decay_scales_each_round_step() -> None:
+    # One full-batch step without momentum moves the weights by -lr * gradient, so round 2
+    # with lr_decay 0.5 moves them by exactly a quarter of round 0's step.
+    task = _digits()
+    start = task.initial_weights()
+    config = {"epochs": 1, "batch_size": 10_000, "momentum": 0, "lr": 0.1, "lr_decay": "0.5"}
+    first, _, _ = task.train(start, {**config, "round": 0})
+    third, _, _ = task.train(start, {**config, "round": 2})
+    for name in start:
+        np.testing.assert_allclose(third[name] - start[name], (first[name] - start[name]) / 4, rtol=1e-3, atol=1e-7)
+    for bad in ("0", "1.5", "-0.5"):
+        with pytest.raises(InvalidInput):
+            task.train(start, {**config, "lr_decay": bad})
 
 
 def test_digits_refuses_mismatched_weights() -> None:

@@ -49,8 +49,12 @@ class TrainSettings:
     epochs: int
     batch_size: int
     lr: float
+    lr_decay: float  # the learning rate of round r is lr * lr_decay**r
     momentum: float
     max_batches: int | None
+
+    def round_lr(self, round_number: int) -> float:
+        return self.lr * self.lr_decay**round_number
 
 
 class TorchTask:
@@ -71,6 +75,7 @@ class TorchTask:
         epochs: int | None = None,
         batch_size: int | None = None,
         lr: float | None = None,
+        lr_decay: float = 1.0,
         momentum: float = 0.9,
         optimizer: str = "sgd",
         max_batches: int | None = None,
@@ -90,6 +95,7 @@ class TorchTask:
             epochs=as_int(self.default_epochs if epochs is None else epochs, "epochs", minimum=1),
             batch_size=as_int(self.default_batch_size if batch_size is None else batch_size, "batch_size", minimum=1),
             lr=as_float(self.default_lr if lr is None else lr, "lr", positive=True),
+            lr_decay=_as_decay(lr_decay),
             momentum=as_float(momentum, "momentum"),
             max_batches=as_optional_int(max_batches, "max_batches", minimum=1),
         )
@@ -170,9 +176,9 @@ class TorchTask:
         if round_key is None:
             round_key = self._train_calls
         self._train_calls += 1
+        round_number = as_int(round_key, "round", minimum=0)
         rng = np.random.default_rng(
-            [self.seed, 11, self.partition.get("group") or 0, self.partition["index"],
-             as_int(round_key, "round", minimum=0)]
+            [self.seed, 11, self.partition.get("group") or 0, self.partition["index"], round_number]
         )
         frozen = set()
         if self.head_only:
@@ -181,9 +187,9 @@ class TorchTask:
         for name, p in self._model.named_parameters():
             p.requires_grad_(name not in frozen)
         if self.optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=settings.lr)
+            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=settings.round_lr(round_number))
         else:
-            opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
+            opt = torch.optim.SGD(params, lr=settings.round_lr(round_number), momentum=settings.momentum)
 
         metrics = self._train_loop(opt, settings, rng)
         updated = _export(self._model)
@@ -233,6 +239,7 @@ class TorchTask:
             epochs=as_int(round_config.get("epochs", d.epochs), "epochs", minimum=1),
             batch_size=as_int(round_config.get("batch_size", d.batch_size), "batch_size", minimum=1),
             lr=as_float(round_config.get("lr", d.lr), "lr", positive=True),
+            lr_decay=_as_decay(round_config.get("lr_decay", d.lr_decay)),
             momentum=as_float(round_config.get("momentum", d.momentum), "momentum"),
             max_batches=as_optional_int(round_config.get("max_batches", d.max_batches), "max_batches", minimum=1),
         )
@@ -376,6 +383,13 @@ def as_float(value: Any, name: str, *, positive: bool = False) -> float:
         raise InvalidInput(f"{name} must be a finite{' positive' if positive else ''} number, got {value!r}",
                            reason="bad_task_option")
     return result
+
+
+def _as_decay(value: Any) -> float:
+    decay = as_float(value, "lr_decay", positive=True)
+    if decay > 1.0:
+        raise InvalidInput(f"lr_decay must be in (0, 1], got {value!r}", reason="bad_task_option")
+    return decay
 
 
 def as_bool(value: Any, name: str) -> bool:
