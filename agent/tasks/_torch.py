@@ -11,10 +11,11 @@ thread each avoids oversubscribing the CPU; pass ``torch_threads=None`` to leave
 
 from __future__ import annotations
 
+import copy
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -125,6 +126,21 @@ class TorchTask:
         self._tensor_names = tuple(self._model.state_dict())
         self._train_calls = 0
 
+    @classmethod
+    def pooled(cls, tasks: Sequence[TorchTask]) -> TorchTask:
+        """One task holding the union of ``tasks``' training and held-out samples: the
+        centralized reference a federation is measured against. It trains with the first
+        task's settings and seed; the given tasks are left untouched."""
+        if not tasks or any(type(t) is not cls for t in tasks):
+            raise InvalidInput(f"{cls.name}: pooled() needs one or more {cls.__name__} tasks", reason="bad_task_option")
+        union = copy.copy(tasks[0])
+        union.train_indices = np.unique(np.concatenate([t.train_indices for t in tasks]))
+        union.eval_indices = np.unique(np.concatenate([t.eval_indices for t in tasks]))
+        union.head_only = False
+        union._model = cls._build_model()
+        union._train_calls = 0
+        return union
+
     # --- what a subclass provides -------------------------------------------------------
 
     @classmethod
@@ -186,10 +202,11 @@ class TorchTask:
         params = [p for name, p in self._model.named_parameters() if name not in frozen]
         for name, p in self._model.named_parameters():
             p.requires_grad_(name not in frozen)
+        opt: _Optimizer
         if self.optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=settings.round_lr(round_number))
+            opt = torch.optim.Adam(params, lr=settings.round_lr(round_number))
         else:
-            opt = torch.optim.SGD(params, lr=settings.round_lr(round_number), momentum=settings.momentum)
+            opt = MomentumSGD(params, lr=settings.round_lr(round_number), momentum=settings.momentum)
 
         metrics = self._train_loop(opt, settings, rng)
         updated = _export(self._model)
@@ -244,14 +261,15 @@ class TorchTask:
             max_batches=as_optional_int(round_config.get("max_batches", d.max_batches), "max_batches", minimum=1),
         )
 
-    def _train_loop(self, opt: torch.optim.Optimizer, settings: TrainSettings, rng: np.random.Generator
+    def _train_loop(self, opt: _Optimizer, settings: TrainSettings, rng: np.random.Generator
                     ) -> dict[str, float]:
         data = self._dataset()
         model = self._model
         model.train()
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
-        total_loss = 0.0
-        correct = 0
+        # running sums stay tensors: reading them back every step would cost more than the step
+        total_loss = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.int64)
         seen = 0
         batches = 0
         budget = settings.max_batches
@@ -268,13 +286,14 @@ class TorchTask:
                 loss_sum = loss_fn(logits, y)
                 (loss_sum / y.shape[0]).backward()
                 opt.step()
-                total_loss += float(loss_sum.detach())
-                correct += int((logits.detach().argmax(dim=1) == y).sum())
+                with torch.no_grad():
+                    total_loss += loss_sum
+                    correct += (logits.argmax(dim=1) == y).sum()
                 seen += int(y.shape[0])
                 batches += 1
         return {
-            "loss": total_loss / max(seen, 1),
-            "accuracy": correct / max(seen, 1),
+            "loss": float(total_loss) / max(seen, 1),
+            "accuracy": int(correct) / max(seen, 1),
             "batches": float(batches),
         }
 
@@ -299,6 +318,44 @@ class TorchTask:
             # A private copy: incoming arrays may be read-only views of a safetensors buffer.
             tensors[name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
         model.load_state_dict(tensors, strict=True)
+
+
+class _Optimizer(Protocol):
+    def zero_grad(self, set_to_none: bool = ...) -> None: ...
+
+    def step(self) -> Any: ...
+
+
+class MomentumSGD:
+    """SGD with heavy-ball momentum, exactly as ``torch.optim.SGD`` computes it without dampening
+    or Nesterov: buf = momentum * buf + grad (buf = grad on the first step); p -= lr * buf.
+
+    Written out because torch.optim's first use in a process imports torch._dynamo (and sympy
+    with it): seconds per agent process, more than a whole demo round of training. One fused
+    update over all tensors also beats the per-tensor default on models this small."""
+
+    def __init__(self, params: Sequence[torch.Tensor], *, lr: float, momentum: float = 0.0) -> None:
+        self.params = list(params)
+        self.lr = lr
+        self.momentum = momentum
+        self._buffers: list[torch.Tensor] | None = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        params = self.params
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        if self.momentum:
+            if self._buffers is None:
+                self._buffers = [g.detach().clone() for g in grads]
+            else:
+                torch._foreach_mul_(self._buffers, self.momentum)
+                torch._foreach_add_(self._buffers, grads)
+            grads = self._buffers
+        torch._foreach_add_(params, grads, alpha=-self.lr)
 
 
 def _export(model: nn.Module) -> Weights:

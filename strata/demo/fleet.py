@@ -6,6 +6,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from agent.config import AgentConfig
 from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
@@ -73,14 +74,40 @@ class Fleet:
         self.coordinator_address = ""
         self._coordinator_port: int | None = None
         self.aggregators: list[Member] = []
+        self.homes: dict[str, list[str]] = {}  # aggregator id -> the ids of the agents it is home to
         self.state_dirs: dict[str, Path] = {}  # aggregator id -> its state directory
         self.relay: RelayEndpoints | None = None
 
     def prepare(self) -> None:
-        """Fresh directories, and the coordinator's process, which boots while the caller loads the task."""
+        """Fresh directories, the aggregators' addresses and the agents' places on their ring, and
+        the coordinator's process, which boots while the caller loads the task."""
         self._fresh_dirs()
+        self.aggregators = [
+            Member(id=f"agg-{AGGREGATOR_NAMES[i]}", address=f"127.0.0.1:{free_port()}")
+            for i in range(self.options.aggregators)
+        ]
+        self.homes = self._place_agents()
         if self.options.coordinator:
             self._coordinator_port = self._launch_coordinator()
+
+    def agent_task_options(self) -> dict[str, dict[str, Any]]:
+        """Each agent's task options (after prepare()): the class-skewed share of the data it trains on."""
+        options = self.options
+        result: dict[str, dict[str, Any]] = {}
+        for group, member in enumerate(self.aggregators):
+            ids = self.homes[member.id]
+            for index, agent_id in enumerate(ids):
+                partition = {
+                    "scheme": "dirichlet",
+                    "alpha": options.alpha,
+                    "groups": options.aggregators,
+                    "group": group,
+                    "group_alpha": options.group_alpha,
+                    "index": index,
+                    "count": len(ids),
+                }
+                result[agent_id] = {"partition": partition, "seed": index}
+        return result
 
     def start(self) -> None:
         """The base model, then every daemon (after prepare())."""
@@ -132,16 +159,12 @@ class Fleet:
         return port
 
     def _start_aggregators(self, base: str) -> None:
-        ports = [free_port() for _ in range(self.options.aggregators)]
-        self.aggregators = [
-            Member(id=f"agg-{AGGREGATOR_NAMES[i]}", address=f"127.0.0.1:{port}") for i, port in enumerate(ports)
-        ]
         for member in self.aggregators:
             self.state_dirs[member.id] = self.dir / "aggregators" / member.id
             config = self._aggregator_config(member, base)
             self._run(member.id, ["aggregator", "serve"], [self._write(member.id, config)])
-        for port in ports:
-            wait_for_port("127.0.0.1", port, 60)
+        for member in self.aggregators:
+            wait_for_port("127.0.0.1", int(member.address.rpartition(":")[2]), 60)
         self.say("aggregators   " + "  ".join(f"{m.id}={m.address}" for m in self.aggregators))
 
     def _aggregator_config(self, member: Member, base: str) -> AggregatorConfig:
@@ -188,28 +211,12 @@ class Fleet:
 
     def _start_agents(self) -> None:
         options = self.options
-        homes = self._place_agents()
+        homes = self.homes
         seeds = [m.address for m in self.aggregators]
         paths: list[Path] = []
-        for group, member in enumerate(self.aggregators):
-            ids = homes[member.id]
-            for index, agent_id in enumerate(ids):
-                partition = {
-                    "scheme": "dirichlet",
-                    "alpha": options.alpha,
-                    "groups": options.aggregators,
-                    "group": group,
-                    "group_alpha": options.group_alpha,
-                    "index": index,
-                    "count": len(ids),
-                }
-                config = replace(
-                    self._agent_config(agent_id),
-                    seeds=seeds,
-                    task_options={"partition": partition, "seed": index},
-                    max_rounds=options.rounds,
-                )
-                paths.append(self._write(agent_id, config))
+        for agent_id, task_options in self.agent_task_options().items():
+            config = replace(self._agent_config(agent_id), seeds=seeds, task_options=task_options, max_rounds=options.rounds)
+            paths.append(self._write(agent_id, config))
         processes = max(1, min(options.agent_processes, len(paths)))
         for p in range(processes):
             self._run(f"agents-{p}", ["agent", "run"], paths[p::processes])
