@@ -28,6 +28,19 @@ class Trainer(Protocol):
     ``evaluate(weights) -> dict[str, float]`` (local held-out metrics),
     ``initial_weights() -> Weights`` (to create a federation's base model),
     ``trainable_tensors() -> list[str] | None`` (None means all tensors change).
+
+    ``round_config`` is the federation's (the aggregator's ``round_config``, values as strings)
+    plus ``round``. Besides the trainer's own keys (``epochs``, ``lr``, ...) it may name a
+    non-IID algorithm the local objective must follow:
+
+    - ``prox_mu`` (FedProx): minimize ``loss(w) + prox_mu / 2 * ||w - w_base||^2``, where
+      ``w_base`` is the ``weights`` given to ``train``; in gradient terms, add
+      ``proximal_gradient(w, w_base, mu)`` to the loss gradient at every step. Read it with
+      ``prox_mu(round_config)``.
+
+    A trainer declares what it implements in an optional ``round_algorithms`` attribute
+    (e.g. ``frozenset({"fedprox"})``); the agent warns when a federation asks for one its
+    trainer does not declare, since the update would silently be plain FedAvg.
     """
 
     def train(
@@ -35,6 +48,39 @@ class Trainer(Protocol):
     ) -> tuple[Weights, int, dict[str, float]]:
         """Train from ``weights``; return (new weights, number of samples, metrics)."""
         ...
+
+
+PROX_MU = "prox_mu"
+
+
+def prox_mu(round_config: Mapping[str, Any]) -> float:
+    """FedProx's proximal weight from a round config: 0.0 (plain FedAvg) unless ``prox_mu`` is set."""
+    raw = round_config.get(PROX_MU, 0.0)
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        mu = float(raw)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"round config {PROX_MU} must be a number, got {raw!r}", reason="bad_round_config") from None
+    if not np.isfinite(mu) or mu < 0:
+        raise InvalidInput(f"round config {PROX_MU} must be finite and >= 0, got {raw!r}", reason="bad_round_config")
+    return mu
+
+
+def proximal_gradient(weights: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], mu: float) -> Weights:
+    """FedProx's term in the gradient of the local objective: ``mu * (w - w_base)`` per tensor."""
+    return {name: (np.float32(mu) * (np.asarray(w, dtype=np.float32) - np.asarray(base[name], dtype=np.float32)))
+            for name, w in weights.items()}
+
+
+def requested_algorithms(round_config: Mapping[str, Any]) -> set[str]:
+    """The non-IID algorithms a round config asks the local objective to follow."""
+    return {"fedprox"} if prox_mu(round_config) > 0 else set()
+
+
+def unsupported_algorithms(trainer: object, round_config: Mapping[str, Any]) -> set[str]:
+    """The algorithms ``round_config`` asks for that ``trainer`` does not declare in ``round_algorithms``."""
+    return requested_algorithms(round_config) - set(getattr(trainer, "round_algorithms", ()))
 
 
 def has_evaluate(trainer: object) -> bool:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from agent.tasks.partition import partition_indices
+from agent.trainer import prox_mu
 from proto.errors import InvalidInput
 
 Weights = dict[str, np.ndarray]
@@ -59,9 +60,14 @@ class TrainSettings:
 
 
 class TorchTask:
-    """A classifier trained with SGD (momentum) or Adam on one client's partition."""
+    """A classifier trained with SGD (momentum) or Adam on one client's partition.
+
+    With ``prox_mu`` > 0 in the round config (FedProx), every step follows the gradient of
+    ``loss + prox_mu / 2 * ||w - w_base||^2`` over the trained tensors.
+    """
 
     name: ClassVar[str] = ""
+    round_algorithms: ClassVar[frozenset[str]] = frozenset({"fedprox"})
     default_epochs: ClassVar[int] = 1
     default_batch_size: ClassVar[int] = 32
     default_lr: ClassVar[float] = 0.05
@@ -208,7 +214,12 @@ class TorchTask:
         else:
             opt = MomentumSGD(params, lr=settings.round_lr(round_number), momentum=settings.momentum)
 
-        metrics = self._train_loop(opt, settings, rng)
+        mu = prox_mu(round_config or {})
+        # FedProx's anchor: the base weights, as loaded, of the tensors this round trains
+        anchor = [p.detach().clone() for p in params] if mu > 0 else None
+        metrics = self._train_loop(opt, settings, rng, proximal=(params, anchor, mu) if anchor else None)
+        if mu > 0:
+            metrics["prox_mu"] = mu  # in the update's manifest: which objective it followed
         updated = _export(self._model)
         # Frozen tensors go back exactly as they came in, bit for bit.
         for name in frozen:
@@ -261,7 +272,8 @@ class TorchTask:
             max_batches=as_optional_int(round_config.get("max_batches", d.max_batches), "max_batches", minimum=1),
         )
 
-    def _train_loop(self, opt: _Optimizer, settings: TrainSettings, rng: np.random.Generator
+    def _train_loop(self, opt: _Optimizer, settings: TrainSettings, rng: np.random.Generator,
+                    proximal: tuple[list[torch.Tensor], list[torch.Tensor], float] | None = None
                     ) -> dict[str, float]:
         data = self._dataset()
         model = self._model
@@ -285,6 +297,8 @@ class TorchTask:
                 logits = model(x)
                 loss_sum = loss_fn(logits, y)
                 (loss_sum / y.shape[0]).backward()
+                if proximal is not None:
+                    add_proximal_gradient(*proximal)
                 opt.step()
                 with torch.no_grad():
                     total_loss += loss_sum
@@ -318,6 +332,15 @@ class TorchTask:
             # A private copy: incoming arrays may be read-only views of a safetensors buffer.
             tensors[name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
         model.load_state_dict(tensors, strict=True)
+
+
+@torch.no_grad()
+def add_proximal_gradient(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float) -> None:
+    """FedProx: add ``mu * (p - anchor)``, the gradient of ``mu / 2 * ||p - anchor||^2``, to each ``p.grad``."""
+    for p, a in zip(params, anchor, strict=True):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.add_(p - a, alpha=mu)
 
 
 class _Optimizer(Protocol):
