@@ -19,6 +19,7 @@ from agent.tasks import DigitsTask
 from agent.tasks._torch import MomentumSGD, add_proximal_gradient
 from agent.trainer import prox_mu, proximal_gradient, unsupported_algorithms
 from aggregator.config import AggregatorConfig
+from coordinator.ring import Member, Ring
 from proto.errors import ConfigError, InvalidInput
 from storage.codec import decode_tensors
 from storage.manifest import Manifest
@@ -122,7 +123,8 @@ def test_fedprox_through_two_real_aggregators(procs: ProcessFactory, tmp_path: P
             "--set", f"id={name}", "--set", f"listen=127.0.0.1:{port}",
             "--set", f"state_dir={tmp_path / name}", "--set", f"store={store}",
             "--set", f"peers={peers}", "--set", "serving.heartbeat_interval_s=1",
-            "--set", f"round.min_updates={AGENTS_PER_AGGREGATOR}", "--set", "round.deadline_s=60",
+            "--set", f"round.min_updates={AGENTS_PER_AGGREGATOR}", "--set", "round.quorum=1.0",
+            "--set", "round.deadline_s=60",
             "--set", f"round_config.prox_mu={MU}", "--set", "round_config.epochs=3",
             name=name,
         )
@@ -130,13 +132,23 @@ def test_fedprox_through_two_real_aggregators(procs: ProcessFactory, tmp_path: P
         aggregators[name].wait_for_event("aggregator_started", timeout=60)
         wait_healthy(f"127.0.0.1:{port}", timeout=20)
 
-    # agents join through agg-a and are redirected to their home on the ring
+    # agents join through agg-a and are redirected to their home on the ring; ids are picked
+    # so each aggregator is home to AGENTS_PER_AGGREGATOR of them
+    ring = Ring([Member(id=name, address=f"127.0.0.1:{port}") for name, port in ports.items()], version=1)
+    ids: dict[str, list[str]] = {name: [] for name in ports}
+    candidate = 0
+    while any(len(v) < AGENTS_PER_AGGREGATOR for v in ids.values()):
+        agent_id = f"prox-agent-{candidate}"
+        candidate += 1
+        home = ring.owner(agent_id).id
+        if len(ids[home]) < AGENTS_PER_AGGREGATOR:
+            ids[home].append(agent_id)
     configs = []
     count = 2 * AGENTS_PER_AGGREGATOR
-    for index in range(count):
+    for index, agent_id in enumerate(agent_id for group in ids.values() for agent_id in group):
         path = tmp_path / f"agent-{index}.yaml"
         path.write_text(yaml.safe_dump({
-            "id": f"agent-{index}",
+            "id": agent_id,
             "seeds": [f"127.0.0.1:{ports['agg-a']}"],
             "task": "digits",
             "task_options": {"partition": {"scheme": "dirichlet", "alpha": 0.5, "index": index, "count": count}},
