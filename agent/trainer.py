@@ -14,10 +14,30 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from agent.algorithms import (
+    PROX_MU,
+    prox_mu,
+    proximal_gradient,
+    requested_algorithms,
+    unsupported_algorithms,
+)
 from agent.options import call_with_options
 from proto.errors import InvalidInput
 
 Weights = dict[str, np.ndarray]
+
+# the non-IID algorithms' helpers, for trainers of users' own (see Trainer's docstring)
+__all__ = [
+    "PROX_MU",
+    "Trainer",
+    "Weights",
+    "has_evaluate",
+    "load_trainer",
+    "prox_mu",
+    "proximal_gradient",
+    "requested_algorithms",
+    "unsupported_algorithms",
+]
 
 
 @runtime_checkable
@@ -48,39 +68,6 @@ class Trainer(Protocol):
     ) -> tuple[Weights, int, dict[str, float]]:
         """Train from ``weights``; return (new weights, number of samples, metrics)."""
         ...
-
-
-PROX_MU = "prox_mu"
-
-
-def prox_mu(round_config: Mapping[str, Any]) -> float:
-    """FedProx's proximal weight from a round config: 0.0 (plain FedAvg) unless ``prox_mu`` is set."""
-    raw = round_config.get(PROX_MU, 0.0)
-    try:
-        if isinstance(raw, bool):
-            raise ValueError
-        mu = float(raw)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"round config {PROX_MU} must be a number, got {raw!r}", reason="bad_round_config") from None
-    if not np.isfinite(mu) or mu < 0:
-        raise InvalidInput(f"round config {PROX_MU} must be finite and >= 0, got {raw!r}", reason="bad_round_config")
-    return mu
-
-
-def proximal_gradient(weights: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], mu: float) -> Weights:
-    """FedProx's term in the gradient of the local objective: ``mu * (w - w_base)`` per tensor."""
-    return {name: (np.float32(mu) * (np.asarray(w, dtype=np.float32) - np.asarray(base[name], dtype=np.float32)))
-            for name, w in weights.items()}
-
-
-def requested_algorithms(round_config: Mapping[str, Any]) -> set[str]:
-    """The non-IID algorithms a round config asks the local objective to follow."""
-    return {"fedprox"} if prox_mu(round_config) > 0 else set()
-
-
-def unsupported_algorithms(trainer: object, round_config: Mapping[str, Any]) -> set[str]:
-    """The algorithms ``round_config`` asks for that ``trainer`` does not declare in ``round_algorithms``."""
-    return requested_algorithms(round_config) - set(getattr(trainer, "round_algorithms", ()))
 
 
 def has_evaluate(trainer: object) -> bool:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from agent.algorithms import prox_mu
 from agent.tasks.partition import partition_indices
-from agent.trainer import prox_mu
 from proto.errors import InvalidInput
 
 Weights = dict[str, np.ndarray]
