@@ -178,3 +178,17 @@ def test_fedprox_through_two_real_aggregators(procs: ProcessFactory, tmp_path: P
     assert accuracy > 0.5, accuracy  # 10 classes: chance is 0.1
     for process in aggregators.values():
         assert process.terminate() == 0, process.tail()
+
+
+def test_the_agent_warns_once_when_its_trainer_ignores_fedprox(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from agent.config import AgentConfig
+    from agent.daemon import AgentDaemon
+
+    daemon = AgentDaemon(AgentConfig(id="a1", state_dir=str(tmp_path)), trainer=_PlainTrainer())
+    client = SimpleNamespace(agent_id="a1")
+    with caplog.at_level("WARNING", logger="strata.agent"):
+        for round_number in range(3):
+            daemon._warn_unsupported(client, {"prox_mu": "0.1", "round": round_number})
+    assert [r.getMessage() for r in caplog.records] == ["trainer_ignores_algorithm"]
