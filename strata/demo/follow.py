@@ -53,7 +53,12 @@ class RoundResult:
 
 class Follower:
     def __init__(
-        self, fleet: Fleet, *, evaluate: Evaluate, reference: Callable[[], Reference], say: Callable[[str], None]
+        self,
+        fleet: Fleet,
+        *,
+        evaluate: Evaluate,
+        reference: Callable[[], Reference] | None,
+        say: Callable[[str], None],
     ) -> None:
         self.fleet = fleet
         self.evaluate = evaluate
@@ -103,7 +108,7 @@ class Follower:
         cluster_cid, next_base = row["cluster"], row["next_base"]
         cluster = self._metrics_of(store, cluster_cid)
         semi = self._metrics_of(store, next_base) if next_base != cluster_cid else cluster
-        centralized = self.reference().accuracy
+        centralized = self.reference().accuracy if self.reference is not None else []
         round_number = row["round"]
         result = RoundResult(
             round=row["round"],

@@ -70,13 +70,14 @@ def summary_text(fleet: Fleet, final: RoundResult, summary: dict[str, Any]) -> s
     lines = [
         f"\nfinal model   {model}  ({final.aggregator}, round {final.round}, {final.kind})",
         f"accuracy      {summary['final_accuracy']:.3f} on the held-out test split no agent trained on",
-        f"centralized   {summary['centralized']['accuracy'][-1]:.3f} for the same model trained on the union of the "
-        f"agents' data for as many epochs",
         f"lineage       {', '.join(f'{n} {k}' for k, n in lineage['kinds'].items())}"
         + (f" (+{behind} device updates in the relay's store)" if behind else "")
         + f"; cluster models from {', '.join(lineage['clusters_from'])}; verified={lineage['ok']}"
         + (f"; the coordinator's index holds {indexed} of them" if indexed is not None else ""),
     ]
+    if summary.get("centralized"):
+        lines.insert(2, f"centralized   {summary['centralized']['accuracy'][-1]:.3f} for the same model trained on the union "
+                        "of the agents' data for as many epochs")
     if relay:
         lines.append(
             f"relay         saved {relay.get('bytes_saved')} upstream bytes (devices downloaded "
