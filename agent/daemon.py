@@ -23,7 +23,7 @@ from prometheus_client.core import Metric
 from agent.client import Client, SubmitRefused
 from agent.config import AgentConfig
 from agent.enrollment import Renewer, ensure_bundle, renew_address
-from agent.trainer import Trainer, has_evaluate, load_trainer
+from agent.trainer import Trainer, has_evaluate, load_trainer, unsupported_algorithms
 from proto.errors import StrataError
 from proto.metrics import counter, gauge
 from proto.retry import RetryPolicy
@@ -62,6 +62,7 @@ class AgentDaemon:
         self.client: Client | None = None
         self.security: Security | None = None
         self.renewer: Renewer | None = None
+        self._warned_algorithms: set[str] = set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -162,6 +163,18 @@ class AgentDaemon:
                 extra={"fields": {"agent": client.agent_id, "update": receipt.update_cid, "duplicate": receipt.duplicate}},
             )
 
+    def _warn_unsupported(self, client: Client, round_config: dict[str, Any]) -> None:
+        """Once per algorithm: the federation asks for one this trainer does not declare, so its
+        updates are plain FedAvg (training goes on: the federation still gets them)."""
+        try:
+            missing = unsupported_algorithms(self.trainer, round_config) - self._warned_algorithms
+        except StrataError as exc:  # a malformed value: the trainer's own parsing reports it
+            log.warning("round_config_invalid", extra={"fields": {"agent": client.agent_id, "error": str(exc)}})
+            return
+        for algorithm in sorted(missing):
+            self._warned_algorithms.add(algorithm)
+            log.warning("trainer_ignores_algorithm", extra={"fields": {"agent": client.agent_id, "algorithm": algorithm}})
+
     def _train_round(self, client: Client, weights: dict[str, Any]) -> bool:
         info = client.current()
         base_metrics = self.trainer.evaluate(weights) if has_evaluate(self.trainer) else {}
@@ -177,6 +190,7 @@ class AgentDaemon:
             return False
         started = time.perf_counter()
         round_config = {**client.round_config, "round": info.round}
+        self._warn_unsupported(client, round_config)
         new_weights, num_samples, metrics = self.trainer.train(weights, round_config)
         train_s = time.perf_counter() - started
         if self._stop.is_set():

@@ -14,10 +14,30 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from agent.algorithms import (
+    PROX_MU,
+    prox_mu,
+    proximal_gradient,
+    requested_algorithms,
+    unsupported_algorithms,
+)
 from agent.options import call_with_options
 from proto.errors import InvalidInput
 
 Weights = dict[str, np.ndarray]
+
+# the non-IID algorithms' helpers, for trainers of users' own (see Trainer's docstring)
+__all__ = [
+    "PROX_MU",
+    "Trainer",
+    "Weights",
+    "has_evaluate",
+    "load_trainer",
+    "prox_mu",
+    "proximal_gradient",
+    "requested_algorithms",
+    "unsupported_algorithms",
+]
 
 
 @runtime_checkable
@@ -28,6 +48,19 @@ class Trainer(Protocol):
     ``evaluate(weights) -> dict[str, float]`` (local held-out metrics),
     ``initial_weights() -> Weights`` (to create a federation's base model),
     ``trainable_tensors() -> list[str] | None`` (None means all tensors change).
+
+    ``round_config`` is the federation's (the aggregator's ``round_config``, values as strings)
+    plus ``round``. Besides the trainer's own keys (``epochs``, ``lr``, ...) it may name a
+    non-IID algorithm the local objective must follow:
+
+    - ``prox_mu`` (FedProx): minimize ``loss(w) + prox_mu / 2 * ||w - w_base||^2``, where
+      ``w_base`` is the ``weights`` given to ``train``; in gradient terms, add
+      ``proximal_gradient(w, w_base, mu)`` to the loss gradient at every step. Read it with
+      ``prox_mu(round_config)``.
+
+    A trainer declares what it implements in an optional ``round_algorithms`` attribute
+    (e.g. ``frozenset({"fedprox"})``); the agent warns when a federation asks for one its
+    trainer does not declare, since the update would silently be plain FedAvg.
     """
 
     def train(

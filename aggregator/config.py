@@ -121,6 +121,18 @@ class SelectionSettings:
         return {**chosen, **{k: v for k, v in filters.items() if v}}
 
 
+def _check_prox_mu(round_config: dict[str, str]) -> None:
+    """FedProx's mu is read by every agent: refuse a bad one here, once, rather than on each device."""
+    if "prox_mu" not in round_config:
+        return
+    try:
+        mu = float(round_config["prox_mu"])
+    except (TypeError, ValueError):
+        mu = math.nan
+    if not math.isfinite(mu) or mu < 0:
+        raise ConfigError(f"round_config.prox_mu must be a finite number >= 0, got {round_config['prox_mu']!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class AggregatorConfig:
     id: str = _help("this aggregator's id on the ring (default: agg-<hostname>)", default="")
@@ -138,7 +150,11 @@ class AggregatorConfig:
     round: RoundSettings = field(default_factory=RoundSettings, metadata={"help": "round policy"})
     synthesis: SynthesisSettings = field(default_factory=SynthesisSettings, metadata={"help": "semi-global synthesis"})
     selection: SelectionSettings = field(default_factory=SelectionSettings, metadata={"help": "who trains each round"})
-    round_config: dict[str, str] = _help("key/values handed to every trainer each round (epochs, lr, ...)", default_factory=dict)
+    round_config: dict[str, str] = _help(
+        "key/values handed to every trainer each round (built-in tasks: epochs, batch_size, lr, lr_decay, momentum, "
+        "max_batches; prox_mu > 0: FedProx's proximal term)",
+        default_factory=dict,
+    )
     privacy: PrivacySettings = field(
         default_factory=PrivacySettings, metadata={"help": "differential privacy: local and central DP, the ε budget"}
     )
@@ -157,6 +173,7 @@ class AggregatorConfig:
             raise ConfigError(f"listen must be host:port, got {self.listen!r}")
         if not self.federation:
             raise ConfigError("federation must not be empty")
+        _check_prox_mu(self.round_config)
         for entry in self.peers:
             if "=" not in entry or ":" not in entry.split("=", 1)[1]:
                 raise ConfigError(f"peers entries must look like id=host:port, got {entry!r}")

@@ -8,7 +8,11 @@ Dirichlet(alpha = 0.5) across the 10 agents of each group. The same 30 slices tr
   (a) one aggregator with all 30 agents;
   (b) 3 aggregators x 10 agents, cluster models only (synthesis.enabled = false: each
       aggregator's next base is its own cluster model);
-  (c) 3 aggregators x 10 agents, semi-global (synthesis on, peers = all).
+  (c) 3 aggregators x 10 agents, semi-global (synthesis on, peers = all);
+  (d) centralized: one MnistTask holding the union of the same 30 slices (MnistTask.pooled),
+      trained in-process with a matched compute budget: each "round" it takes as many
+      batches of the same size and learning rate as the whole fleet does in one round
+      (30 agents x max_batches), so (a)-(d) see the same number of training samples.
 
 Everything is the real code path: in-process `AggregatorDaemon`s on 127.0.0.1 with a
 static peer ring, and 30 real `AgentDaemon`s (agent.daemon.run_agents, task "mnist") in
@@ -60,6 +64,7 @@ SETUPS: dict[str, Setup] = {
     "a": Setup(key="a", label="(a) 1 aggregator x 30 agents", aggregators=1, synthesis=False),
     "b": Setup(key="b", label="(b) 3 aggregators, cluster only", aggregators=3, synthesis=False),
     "c": Setup(key="c", label="(c) 3 aggregators, semi-global", aggregators=3, synthesis=True),
+    "d": Setup(key="d", label="(d) centralized, matched compute", aggregators=0, synthesis=False),
 }
 
 
@@ -102,6 +107,27 @@ def _place_agents(members: Sequence[Any], setup: Setup, params: Params) -> list[
     return placed
 
 
+def _task_options(group: int, index: int, params: Params) -> dict[str, Any]:
+    return {
+        "partition": {
+            "scheme": "dirichlet",
+            "alpha": params.alpha,
+            "groups": params.groups,
+            "group": group,
+            "group_alpha": params.group_alpha,
+            "index": index,
+            "count": params.agents_per_group,
+            "seed": params.partition_seed,
+        },
+        "seed": group * params.agents_per_group + index,
+        "max_samples": params.max_samples,
+        "max_batches": params.max_batches,
+        "batch_size": params.batch_size,
+        "lr": params.lr,
+        "holdout": params.holdout,
+    }
+
+
 def _agent_config(agent_id: str, group: int, index: int, home: Any, state_dir: Path, params: Params) -> Any:
     from agent.config import AgentConfig
 
@@ -110,24 +136,7 @@ def _agent_config(agent_id: str, group: int, index: int, home: Any, state_dir: P
         seeds=[home.address],
         federation=FEDERATION,
         task="mnist",
-        task_options={
-            "partition": {
-                "scheme": "dirichlet",
-                "alpha": params.alpha,
-                "groups": params.groups,
-                "group": group,
-                "group_alpha": params.group_alpha,
-                "index": index,
-                "count": params.agents_per_group,
-                "seed": params.partition_seed,
-            },
-            "seed": group * params.agents_per_group + index,
-            "max_samples": params.max_samples,
-            "max_batches": params.max_batches,
-            "batch_size": params.batch_size,
-            "lr": params.lr,
-            "holdout": params.holdout,
-        },
+        task_options=_task_options(group, index, params),
         state_dir=str(state_dir),
         max_rounds=params.rounds,
         backoff_max_s=2.0,
@@ -210,6 +219,33 @@ def run_fleet(setup: Setup, params: Params, workdir: Path) -> dict[str, Any]:
         for daemon in daemons:
             daemon.stop()
     return {"base": base_cid, "store": str(store_path), "records": records, "wall_s": wall_s, "agents": len(configs)}
+
+
+def run_centralized(params: Params) -> dict[str, Any]:
+    """(d): the union of the 30 slices in one task, trained with the fleet's per-round budget;
+    evaluated after every round like the fleets' base models."""
+    import math
+
+    from agent.tasks import MnistTask
+
+    started = time.monotonic()
+    slices = [MnistTask(**_task_options(group, index, params))
+              for group in range(params.groups) for index in range(params.agents_per_group)]
+    union = MnistTask.pooled(slices)
+    budget = len(slices) * params.max_batches  # batches the whole fleet trains per round
+    epochs = math.ceil(budget * params.batch_size / union.num_train_samples)
+    weights = MnistTask.seeded_weights(0)  # task_base_model's seed: the fleets' base
+    initial = MnistTask.evaluate_global(weights)
+    points = [{"round": 0, "accuracy": initial["accuracy"], "loss": initial["loss"]}]
+    train_s = 0.0
+    for round_number in range(params.rounds):
+        tick = time.monotonic()
+        weights, _, _ = union.train(weights, {"round": round_number, "epochs": epochs, "max_batches": budget})
+        train_s += time.monotonic() - tick
+        metrics = MnistTask.evaluate_global(weights)
+        points.append({"round": round_number + 1, "accuracy": metrics["accuracy"], "loss": metrics["loss"]})
+        print(f"  [d] round {round_number + 1}: {metrics['accuracy']:.4f}  {time.monotonic() - started:6.1f} s", flush=True)
+    return {"points": points, "wall_s": train_s, "samples": union.num_train_samples, "batches_per_round": budget}
 
 
 # ---------------------------------------------------------------- evaluation
@@ -310,9 +346,9 @@ def report(results: dict[str, Any], params: Params) -> dict[str, Any]:
         r2t = summary["rounds_to_target"]
         per = [f"{aid}={r2t[aid]}" for aid in sorted(r2t) if aid.startswith("agg-")]
         rows.append([summary["label"], _fmt(r2t["mean"]), _fmt(r2t["all"]), " ".join(per),
-                     f"{results['fleets'][key]['wall_s']:.0f}"])
-    print(f"\nrounds to {TARGET_ACCURACY:.0%} test accuracy (mean curve / every aggregator / each):")
-    print_table(["setup", "mean", "all", "per aggregator", "wall s"], rows)
+                     f"{summary['final']['mean']:.4f}", f"{results['fleets'][key]['wall_s']:.0f}"])
+    print(f"\nrounds to {TARGET_ACCURACY:.0%} test accuracy (mean curve / every aggregator / each), final accuracy:")
+    print_table(["setup", "mean", "all", "per aggregator", "final", "wall s"], rows)
 
     checkpoints = [k for k in CHECKPOINTS if k < params.rounds] + [params.rounds]
     rows = []
@@ -338,6 +374,8 @@ def report(results: dict[str, Any], params: Params) -> dict[str, Any]:
             verdict["c_target_met_mean"] = ratio is not None and ratio <= TARGET_RATIO
             ratio_all = verdict["c_over_a_all"]
             verdict["c_target_met_all"] = ratio_all is not None and ratio_all <= TARGET_RATIO
+        if "c" in summaries and "d" in summaries:
+            verdict["d_minus_c_final_mean"] = summaries["d"]["final"]["mean"] - summaries["c"]["final"]["mean"]
         if "b" in summaries and "c" in summaries:
             b, c = summaries["b"]["curves"]["mean"], summaries["c"]["curves"]["mean"]
             verdict["b_minus_c_final_mean"] = b[-1] - c[-1]
@@ -357,7 +395,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"a": "black", "b": "tab:red", "c": "tab:blue"}
+    colors = {"a": "black", "b": "tab:red", "c": "tab:blue", "d": "tab:green"}
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
     for axis in (full, zoom):
         for key, summary in results["summaries"].items():
@@ -390,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 2 agents per group")
     parser.add_argument("--rounds", type=int, help="rounds per setup (default 35)")
-    parser.add_argument("--setups", default="a,b,c", help="comma-separated subset of a,b,c")
+    parser.add_argument("--setups", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--lr", type=float, help="agent learning rate (default 0.05)")
     parser.add_argument("--max-batches", type=int, help="local batches per round (default 20)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default bench/)")
@@ -419,6 +457,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key in keys:
             setup = SETUPS[key]
             print(f"{setup.label}: {params.rounds} rounds", flush=True)
+            if key == "d":
+                central = run_centralized(params)
+                results["fleets"][key] = {"wall_s": round(central["wall_s"], 1), "agents": 0,
+                                          "samples": central["samples"],
+                                          "batches_per_round": central["batches_per_round"]}
+                results["evaluations"][key] = {"central": central["points"]}
+                results["summaries"][key] = summarize(setup, results["evaluations"][key])
+                continue
             fleet = run_fleet(setup, params, workdir)
             evaluate_started = time.monotonic()
             evaluations = evaluate_fleet(setup, fleet)

@@ -52,6 +52,11 @@ def test_demo_json_contract_and_lineage(tmp_path: Path) -> None:
     assert {e["aggregator"] for e in summary["rounds"]} == {"agg-a", "agg-b", "agg-c"}
     assert is_cid(summary["final_model"])
     assert summary["final_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    # the centralized reference: one accuracy per round, shown beside every aggregator's row
+    centralized = summary["centralized"]
+    assert len(centralized["accuracy"]) == 4 and centralized["epochs_per_round"] == 10
+    assert centralized["samples"] > 0 and centralized["accuracy"][-1] > 0.9
+    assert [e["centralized_accuracy"] for e in summary["rounds"]] == [centralized["accuracy"][e["round"]] for e in summary["rounds"]]
 
     # the store the demo used is the CLI's default one: lineage needs no flags
     lineage = _strata(tmp_path, "lineage", summary["final_model"], "--json", timeout=60)

@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from agent.tasks import BUILTIN_TASKS, DigitsTask, MnistTask, builtin_task, make_task
+from agent.tasks._torch import MomentumSGD
 from agent.tasks.partition import client_owners, partition_indices
 from agent.trainer import Trainer, has_evaluate, load_trainer
 from proto.errors import InvalidInput
@@ -211,7 +213,7 @@ def test_digits_initial_weights_are_named_float32_and_deterministic() -> None:
     task = _digits()
     weights = task.initial_weights()
     assert {k: v.shape for k, v in weights.items()} == {
-        "fc1.weight": (64, 64), "fc1.bias": (64,), "head.weight": (10, 64), "head.bias": (10,),
+        "fc1.weight": (128, 64), "fc1.bias": (128,), "head.weight": (10, 128), "head.bias": (10,),
     }
     assert all(v.dtype == np.float32 for v in weights.values())
     again = _digits().initial_weights()
@@ -255,6 +257,21 @@ def test_digits_round_config_strings_are_coerced_and_bad_values_refused() -> Non
     for bad in ({"epochs": "0"}, {"lr": "fast"}, {"batch_size": 1.5}):
         with pytest.raises(InvalidInput):
             task.train(start, bad)
+
+
+def test_digits_lr_decay_scales_each_round_step() -> None:
+    # One full-batch step without momentum moves the weights by -lr * gradient, so round 2
+    # with lr_decay 0.5 moves them by exactly a quarter of round 0's step.
+    task = _digits()
+    start = task.initial_weights()
+    config = {"epochs": 1, "batch_size": 10_000, "momentum": 0, "lr": 0.1, "lr_decay": "0.5"}
+    first, _, _ = task.train(start, {**config, "round": 0})
+    third, _, _ = task.train(start, {**config, "round": 2})
+    for name in start:
+        np.testing.assert_allclose(third[name] - start[name], (first[name] - start[name]) / 4, rtol=1e-3, atol=1e-7)
+    for bad in ("0", "1.5", "-0.5"):
+        with pytest.raises(InvalidInput):
+            task.train(start, {**config, "lr_decay": bad})
 
 
 def test_digits_refuses_mismatched_weights() -> None:
@@ -347,3 +364,33 @@ def test_mnist_quick_train_step() -> None:
     predicted = MnistTask.predict(new, test_x[:16])
     assert predicted.shape == (16,)
     assert np.array_equal(MnistTask.predict(new, test_x[:16].astype(np.float32) / 255.0), predicted)
+
+
+def test_pooled_task_holds_the_union_of_the_clients_samples() -> None:
+    clients = [_digits(partition={"index": i, "count": 3, "alpha": 0.5}) for i in range(3)]
+    pooled = DigitsTask.pooled(clients)
+    assert pooled.num_train_samples == sum(c.num_train_samples for c in clients)
+    np.testing.assert_array_equal(pooled.train_indices, np.sort(np.concatenate([c.train_indices for c in clients])))
+    start = clients[0].initial_weights()
+    _, n, _ = pooled.train(start, {"epochs": 1})
+    assert n == pooled.num_train_samples
+    assert clients[0].num_train_samples < n  # the clients are untouched
+    with pytest.raises(InvalidInput):
+        DigitsTask.pooled([])
+
+
+def test_momentum_sgd_matches_torch_sgd() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    ours = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    theirs = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    mine = MomentumSGD(ours, lr=0.1, momentum=0.9)
+    reference = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    x = torch.randn(8, 5)
+    for _ in range(4):
+        for params, opt in ((ours, mine), (theirs, reference)):
+            opt.zero_grad()
+            torch.nn.functional.linear(x, params[0], params[1]).square().sum().backward()
+            opt.step()
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)

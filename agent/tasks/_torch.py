@@ -11,15 +11,17 @@ thread each avoids oversubscribing the CPU; pass ``torch_threads=None`` to leave
 
 from __future__ import annotations
 
+import copy
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from agent.algorithms import prox_mu
 from agent.tasks.partition import partition_indices
 from proto.errors import InvalidInput
 
@@ -49,14 +51,23 @@ class TrainSettings:
     epochs: int
     batch_size: int
     lr: float
+    lr_decay: float  # the learning rate of round r is lr * lr_decay**r
     momentum: float
     max_batches: int | None
 
+    def round_lr(self, round_number: int) -> float:
+        return self.lr * self.lr_decay**round_number
+
 
 class TorchTask:
-    """A classifier trained with SGD (momentum) or Adam on one client's partition."""
+    """A classifier trained with SGD (momentum) or Adam on one client's partition.
+
+    With ``prox_mu`` > 0 in the round config (FedProx), every step follows the gradient of
+    ``loss + prox_mu / 2 * ||w - w_base||^2`` over the trained tensors.
+    """
 
     name: ClassVar[str] = ""
+    round_algorithms: ClassVar[frozenset[str]] = frozenset({"fedprox"})
     default_epochs: ClassVar[int] = 1
     default_batch_size: ClassVar[int] = 32
     default_lr: ClassVar[float] = 0.05
@@ -71,6 +82,7 @@ class TorchTask:
         epochs: int | None = None,
         batch_size: int | None = None,
         lr: float | None = None,
+        lr_decay: float = 1.0,
         momentum: float = 0.9,
         optimizer: str = "sgd",
         max_batches: int | None = None,
@@ -93,6 +105,7 @@ class TorchTask:
             epochs=as_int(self.default_epochs if epochs is None else epochs, "epochs", minimum=1),
             batch_size=as_int(self.default_batch_size if batch_size is None else batch_size, "batch_size", minimum=1),
             lr=as_float(self.default_lr if lr is None else lr, "lr", positive=True),
+            lr_decay=_as_decay(lr_decay),
             momentum=as_float(momentum, "momentum"),
             max_batches=as_optional_int(max_batches, "max_batches", minimum=1),
         )
@@ -122,6 +135,21 @@ class TorchTask:
         self._model = self._build_model()
         self._tensor_names = tuple(self._model.state_dict())
         self._train_calls = 0
+
+    @classmethod
+    def pooled(cls, tasks: Sequence[TorchTask]) -> TorchTask:
+        """One task holding the union of ``tasks``' training and held-out samples: the
+        centralized reference a federation is measured against. It trains with the first
+        task's settings and seed; the given tasks are left untouched."""
+        if not tasks or any(type(t) is not cls for t in tasks):
+            raise InvalidInput(f"{cls.name}: pooled() needs one or more {cls.__name__} tasks", reason="bad_task_option")
+        union = copy.copy(tasks[0])
+        union.train_indices = np.unique(np.concatenate([t.train_indices for t in tasks]))
+        union.eval_indices = np.unique(np.concatenate([t.eval_indices for t in tasks]))
+        union.head_only = False
+        union._model = cls._build_model()
+        union._train_calls = 0
+        return union
 
     # --- what a subclass provides -------------------------------------------------------
 
@@ -174,9 +202,9 @@ class TorchTask:
         if round_key is None:
             round_key = self._train_calls
         self._train_calls += 1
+        round_number = as_int(round_key, "round", minimum=0)
         rng = np.random.default_rng(
-            [self.seed, 11, self.partition.get("group") or 0, self.partition["index"],
-             as_int(round_key, "round", minimum=0)]
+            [self.seed, 11, self.partition.get("group") or 0, self.partition["index"], round_number]
         )
         frozen = set()
         if self.head_only:
@@ -184,12 +212,18 @@ class TorchTask:
         params = [p for name, p in self._model.named_parameters() if name not in frozen]
         for name, p in self._model.named_parameters():
             p.requires_grad_(name not in frozen)
+        opt: _Optimizer
         if self.optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=settings.lr)
+            opt = torch.optim.Adam(params, lr=settings.round_lr(round_number))
         else:
-            opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
+            opt = MomentumSGD(params, lr=settings.round_lr(round_number), momentum=settings.momentum)
 
-        metrics = self._train_loop(opt, settings, rng)
+        mu = prox_mu(round_config or {})
+        # FedProx's anchor: the base weights, as loaded, of the tensors this round trains
+        anchor = [p.detach().clone() for p in params] if mu > 0 else None
+        metrics = self._train_loop(opt, settings, rng, proximal=(params, anchor, mu) if anchor else None)
+        if mu > 0:
+            metrics["prox_mu"] = mu  # in the update's manifest: which objective it followed
         updated = _export(self._model)
         # Frozen tensors go back exactly as they came in, bit for bit.
         for name in frozen:
@@ -237,18 +271,21 @@ class TorchTask:
             epochs=as_int(round_config.get("epochs", d.epochs), "epochs", minimum=1),
             batch_size=as_int(round_config.get("batch_size", d.batch_size), "batch_size", minimum=1),
             lr=as_float(round_config.get("lr", d.lr), "lr", positive=True),
+            lr_decay=_as_decay(round_config.get("lr_decay", d.lr_decay)),
             momentum=as_float(round_config.get("momentum", d.momentum), "momentum"),
             max_batches=as_optional_int(round_config.get("max_batches", d.max_batches), "max_batches", minimum=1),
         )
 
-    def _train_loop(self, opt: torch.optim.Optimizer, settings: TrainSettings, rng: np.random.Generator
+    def _train_loop(self, opt: _Optimizer, settings: TrainSettings, rng: np.random.Generator,
+                    proximal: tuple[list[torch.Tensor], list[torch.Tensor], float] | None = None
                     ) -> dict[str, float]:
         data = self._dataset()
         model = self._model
         model.train()
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
-        total_loss = 0.0
-        correct = 0
+        # running sums stay tensors: reading them back every step would cost more than the step
+        total_loss = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.int64)
         seen = 0
         batches = 0
         budget = settings.max_batches
@@ -266,14 +303,17 @@ class TorchTask:
                 logits = model(x)
                 loss_sum = loss_fn(logits, y)
                 (loss_sum / y.shape[0]).backward()
+                if proximal is not None:
+                    add_proximal_gradient(*proximal)
                 opt.step()
-                total_loss += float(loss_sum.detach())
-                correct += int((logits.detach().argmax(dim=1) == y).sum())
+                with torch.no_grad():
+                    total_loss += loss_sum
+                    correct += (logits.argmax(dim=1) == y).sum()
                 seen += int(y.shape[0])
                 batches += 1
         return {
-            "loss": total_loss / max(seen, 1),
-            "accuracy": correct / max(seen, 1),
+            "loss": float(total_loss) / max(seen, 1),
+            "accuracy": int(correct) / max(seen, 1),
             "batches": float(batches),
         }
 
@@ -298,6 +338,53 @@ class TorchTask:
             # A private copy: incoming arrays may be read-only views of a safetensors buffer.
             tensors[name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
         model.load_state_dict(tensors, strict=True)
+
+
+@torch.no_grad()
+def add_proximal_gradient(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float) -> None:
+    """FedProx: add ``mu * (p - anchor)``, the gradient of ``mu / 2 * ||p - anchor||^2``, to each ``p.grad``."""
+    for p, a in zip(params, anchor, strict=True):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.add_(p - a, alpha=mu)
+
+
+class _Optimizer(Protocol):
+    def zero_grad(self, set_to_none: bool = ...) -> None: ...
+
+    def step(self) -> Any: ...
+
+
+class MomentumSGD:
+    """SGD with heavy-ball momentum, exactly as ``torch.optim.SGD`` computes it without dampening
+    or Nesterov: buf = momentum * buf + grad (buf = grad on the first step); p -= lr * buf.
+
+    Written out because torch.optim's first use in a process imports torch._dynamo (and sympy
+    with it): seconds per agent process, more than a whole demo round of training. One fused
+    update over all tensors also beats the per-tensor default on models this small."""
+
+    def __init__(self, params: Sequence[torch.Tensor], *, lr: float, momentum: float = 0.0) -> None:
+        self.params = list(params)
+        self.lr = lr
+        self.momentum = momentum
+        self._buffers: list[torch.Tensor] | None = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        params = self.params
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        if self.momentum:
+            if self._buffers is None:
+                self._buffers = [g.detach().clone() for g in grads]
+            else:
+                torch._foreach_mul_(self._buffers, self.momentum)
+                torch._foreach_add_(self._buffers, grads)
+            grads = self._buffers
+        torch._foreach_add_(params, grads, alpha=-self.lr)
 
 
 def _export(model: nn.Module) -> Weights:
@@ -382,6 +469,13 @@ def as_float(value: Any, name: str, *, positive: bool = False) -> float:
         raise InvalidInput(f"{name} must be a finite{' positive' if positive else ''} number, got {value!r}",
                            reason="bad_task_option")
     return result
+
+
+def _as_decay(value: Any) -> float:
+    decay = as_float(value, "lr_decay", positive=True)
+    if decay > 1.0:
+        raise InvalidInput(f"lr_decay must be in (0, 1], got {value!r}", reason="bad_task_option")
+    return decay
 
 
 def as_bool(value: Any, name: str) -> bool:

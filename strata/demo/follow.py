@@ -14,10 +14,14 @@ from storage.open import open_store
 from storage.store import ContentStore
 from strata.demo.fleet import Fleet
 from strata.demo.observe import closed_rounds
+from strata.demo.reference import Reference
 
 Evaluate = Callable[[dict], Mapping[str, float]]
 
-_HEADER = f"\n{'round':>5}  {'aggregator':<10} {'agents':>6}  {'cluster acc':>11}  {'semi-global acc':>15}  {'loss':>6}  model"
+_HEADER = (
+    f"\n{'round':>5}  {'aggregator':<10} {'agents':>6}  {'cluster acc':>11}  {'semi-global acc':>15}  {'loss':>6}  "
+    f"{'centralized':>11}  model"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +36,7 @@ class RoundResult:
     model: str
     kind: str
     cluster_accuracy: float
+    centralized_accuracy: float | None  # the centralized reference after as many epochs; None past its rounds
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -42,13 +47,22 @@ class RoundResult:
             "loss": self.loss,
             "model": self.model,
             "cluster_accuracy": self.cluster_accuracy,
+            "centralized_accuracy": self.centralized_accuracy,
         }
 
 
 class Follower:
-    def __init__(self, fleet: Fleet, *, evaluate: Evaluate, say: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        *,
+        evaluate: Evaluate,
+        reference: Callable[[], Reference] | None,
+        say: Callable[[str], None],
+    ) -> None:
         self.fleet = fleet
         self.evaluate = evaluate
+        self.reference = reference
         self.say = say
         self.results: list[RoundResult] = []
         self._seen: dict[str, int] = {}  # aggregator -> closed rounds reported
@@ -74,7 +88,9 @@ class Follower:
 
     def poll(self, store: ContentStore) -> None:
         for aggregator, state_dir in self.fleet.state_dirs.items():
-            closed = closed_rounds(state_dir)
+            # an aggregator may close a round past the last one the demo asked for (the relay's
+            # update alone meets min_updates); the run reports exactly `rounds` per aggregator
+            closed = closed_rounds(state_dir)[: self.fleet.options.rounds]
             for row in closed[self._seen.get(aggregator, 0) :]:
                 self._report(store, aggregator, row)
             self._seen[aggregator] = len(closed)
@@ -92,6 +108,8 @@ class Follower:
         cluster_cid, next_base = row["cluster"], row["next_base"]
         cluster = self._metrics_of(store, cluster_cid)
         semi = self._metrics_of(store, next_base) if next_base != cluster_cid else cluster
+        centralized = self.reference().accuracy if self.reference is not None else []
+        round_number = row["round"]
         result = RoundResult(
             round=row["round"],
             aggregator=aggregator,
@@ -101,11 +119,13 @@ class Follower:
             model=next_base,
             kind=row["next_base_kind"] or "cluster",
             cluster_accuracy=cluster["accuracy"],
+            centralized_accuracy=centralized[round_number] if round_number < len(centralized) else None,
         )
         if not self.results:
             self.say(_HEADER)
         self.results.append(result)
+        central = "" if result.centralized_accuracy is None else f"{result.centralized_accuracy:.3f}"
         self.say(
             f"{result.round:>5}  {aggregator:<10} {result.participants:>6}  {result.cluster_accuracy:>11.3f}  "
-            f"{result.accuracy:>15.3f}  {result.loss:>6.3f}  {result.model}"
+            f"{result.accuracy:>15.3f}  {result.loss:>6.3f}  {central:>11}  {result.model}"
         )

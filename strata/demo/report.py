@@ -75,6 +75,9 @@ def summary_text(fleet: Fleet, final: RoundResult, summary: dict[str, Any]) -> s
         + f"; cluster models from {', '.join(lineage['clusters_from'])}; verified={lineage['ok']}"
         + (f"; the coordinator's index holds {indexed} of them" if indexed is not None else ""),
     ]
+    if summary.get("centralized"):
+        lines.insert(2, f"centralized   {summary['centralized']['accuracy'][-1]:.3f} for the same model trained on the union "
+                        "of the agents' data for as many epochs")
     if relay:
         lines.append(
             f"relay         saved {relay.get('bytes_saved')} upstream bytes (devices downloaded "
