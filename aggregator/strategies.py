@@ -10,8 +10,10 @@ and they never mutate their inputs. Aggregation is per tensor with per-tensor
 weight sums, so partial updates (a device that trained only the head) average
 correctly and a tensor nobody trained keeps its base value.
 
-Only FedAvg exists today. Rules that need every update at once (median, trimmed
-mean, Krum) will read the accepted updates back from the store, tensor by tensor.
+FedAvg streams. Rules that need every update at once (median, trimmed mean, Krum,
+geometric median, clipped FedAvg) live in `aggregator.robust` and read the accepted
+updates back from the store, tensor by tensor; `make_strategy` knows them all, and
+`aggregator.server_opt` puts a server optimizer on top of any of them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from intake.validation import mismatch
 from proto.errors import InvalidInput
+from storage.store import ContentStore
 
 TensorDict = dict[str, np.ndarray]
 
@@ -93,7 +96,13 @@ class Aggregation(ABC):
     """One round's aggregation in progress."""
 
     @abstractmethod
-    def add(self, update: Mapping[str, np.ndarray], weight: float) -> None: ...
+    def add(self, update: Mapping[str, np.ndarray], weight: float, *, label: str = "", weights_cid: str = "") -> None:
+        """Fold in one update. `label` names it in `report()`; `weights_cid` lets a rule that
+        needs every update at once read it back from the store instead of keeping it."""
+
+    def report(self) -> dict[str, Any]:
+        """What the rule did to individual updates (refused, down-weighted), for the manifest."""
+        return {}
 
     @abstractmethod
     def result(self) -> TensorDict: ...
@@ -115,7 +124,8 @@ class Strategy(ABC):
         return {"name": self.name, "params": self.params()}
 
     @abstractmethod
-    def start(self, base: Mapping[str, np.ndarray]) -> Aggregation: ...
+    def start(self, base: Mapping[str, np.ndarray], *, store: ContentStore | None = None) -> Aggregation:
+        """A round's aggregation from its base; `store` holds the updates' blobs, for rules that read them back."""
 
 
 class _FedAvgAggregation(Aggregation):
@@ -130,7 +140,7 @@ class _FedAvgAggregation(Aggregation):
     def count(self) -> int:
         return self._count
 
-    def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
+    def add(self, update: Mapping[str, np.ndarray], weight: float, *, label: str = "", weights_cid: str = "") -> None:
         if self._finished:
             raise AggregationError("this aggregation already gave its result", reason="aggregation_finished")
         weight = check_weight(weight)
@@ -172,18 +182,27 @@ class FedAvg(Strategy):
 
     name = "fedavg"
 
-    def start(self, base: Mapping[str, np.ndarray]) -> Aggregation:
+    def start(self, base: Mapping[str, np.ndarray], *, store: ContentStore | None = None) -> Aggregation:
         return _FedAvgAggregation(base)
 
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {FedAvg.name: FedAvg}
 
 
+def strategy_names() -> list[str]:
+    from aggregator.robust import ROBUST_STRATEGIES  # robust builds on this module
+
+    return sorted({**STRATEGIES, **ROBUST_STRATEGIES})
+
+
 def make_strategy(name: str, **params: Any) -> Strategy:
+    """The rule `name` with its parameters; InvalidInput "bad_config" for an unknown name or parameter."""
+    from aggregator.robust import ROBUST_STRATEGIES
+
+    factory = {**STRATEGIES, **ROBUST_STRATEGIES}.get(name)
+    if factory is None:
+        raise InvalidInput(f"unknown aggregation strategy {name!r}; known: {strategy_names()}", reason="bad_config")
     try:
-        factory = STRATEGIES[name]
-    except KeyError:
-        raise InvalidInput(
-            f"unknown aggregation strategy {name!r}; known: {sorted(STRATEGIES)}", reason="bad_config"
-        ) from None
-    return factory(**params)
+        return factory(**params)
+    except TypeError as exc:  # a parameter the rule does not take
+        raise InvalidInput(f"strategy {name!r}: {exc}", reason="bad_config") from None

@@ -160,9 +160,13 @@ def test_weighted_means_weigh_by_samples_over_the_items_reporting_each_key() -> 
     assert weighted_means([({"loss": 1.0}, 0)]) == {}  # no weight behind it: no mean
 
 
-def test_make_strategy_knows_fedavg_and_refuses_the_rest() -> None:
+def test_make_strategy_knows_every_rule_and_refuses_the_rest() -> None:
     assert make_strategy("fedavg").describe() == {"name": "fedavg", "params": {}}
+    assert make_strategy("krum", f=2).describe() == {"name": "krum", "params": {"f": 2}}
     with pytest.raises(InvalidInput) as info:
-        make_strategy("krum")
+        make_strategy("bulyan")
     assert info.value.reason == "bad_config"
-    assert "'krum'" in str(info.value) and "known: ['fedavg']" in str(info.value)
+    assert "'bulyan'" in str(info.value) and "'fedavg', 'geomed', 'krum'" in str(info.value)
+    with pytest.raises(InvalidInput) as info:
+        make_strategy("fedavg", beta=0.1)
+    assert info.value.reason == "bad_config" and "beta" in str(info.value)
