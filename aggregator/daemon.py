@@ -31,8 +31,8 @@ from aggregator.peers import (
 )
 from aggregator.ringview import RingView, static_ring
 from aggregator.rounds import RoundManager, Synthesizer
+from aggregator.rules import make_strategy
 from aggregator.selection import Selector
-from aggregator.strategies import make_strategy
 from aggregator.synthesis import SemiGlobalSynthesizer
 from coordinator.client import AggregatorInfo, CoordinatorClient
 from coordinator.ring import Member

@@ -12,8 +12,8 @@ correctly and a tensor nobody trained keeps its base value.
 
 FedAvg streams. Rules that need every update at once (median, trimmed mean, Krum,
 geometric median, clipped FedAvg) live in `aggregator.robust` and read the accepted
-updates back from the store, tensor by tensor; `make_strategy` knows them all, and
-`aggregator.server_opt` puts a server optimizer on top of any of them.
+updates back from the store, tensor by tensor; `aggregator.server_opt` puts a server
+optimizer on top of any of them, and `aggregator.rules.make_strategy` knows them all.
 """
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ class Strategy(ABC):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.params()}
 
+    def resume(self, store: ContentStore, report: Mapping[str, Any]) -> None:  # noqa: B027 - most rules keep no state
+        """Pick up state kept across rounds from the last closed round's `report()` (after a restart)."""
+
     @abstractmethod
     def start(self, base: Mapping[str, np.ndarray], *, store: ContentStore | None = None) -> Aggregation:
         """A round's aggregation from its base; `store` holds the updates' blobs, for rules that read them back."""
@@ -187,22 +190,3 @@ class FedAvg(Strategy):
 
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {FedAvg.name: FedAvg}
-
-
-def strategy_names() -> list[str]:
-    from aggregator.robust import ROBUST_STRATEGIES  # robust builds on this module
-
-    return sorted({**STRATEGIES, **ROBUST_STRATEGIES})
-
-
-def make_strategy(name: str, **params: Any) -> Strategy:
-    """The rule `name` with its parameters; InvalidInput "bad_config" for an unknown name or parameter."""
-    from aggregator.robust import ROBUST_STRATEGIES
-
-    factory = {**STRATEGIES, **ROBUST_STRATEGIES}.get(name)
-    if factory is None:
-        raise InvalidInput(f"unknown aggregation strategy {name!r}; known: {strategy_names()}", reason="bad_config")
-    try:
-        return factory(**params)
-    except TypeError as exc:  # a parameter the rule does not take
-        raise InvalidInput(f"strategy {name!r}: {exc}", reason="bad_config") from None

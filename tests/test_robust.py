@@ -16,7 +16,8 @@ from aggregator.robust import (
     trimmed_mean,
     weiszfeld,
 )
-from aggregator.strategies import AggregationError, make_strategy, strategy_names
+from aggregator.rules import make_strategy, strategy_names
+from aggregator.strategies import AggregationError
 from proto.errors import IntegrityError, InvalidInput
 from storage.codec import encode_tensors
 from storage.store import LocalStore
@@ -27,7 +28,7 @@ FIVE = [1.0, 2.0, 3.0, 100.0, -100.0]
 
 def _aggregate(name: str, values: list[list[float]], weights: list[float] | None = None, **params: object) -> tuple[np.ndarray, dict]:
     base = {"w": np.zeros(len(values[0]), np.float32)}
-    aggregation = make_strategy(name, **params).start(base)
+    aggregation = make_strategy(name, params).start(base)
     for i, value in enumerate(values):
         aggregation.add({"w": np.array(value, np.float32)}, 1.0 if weights is None else weights[i], label=f"u{i}")
     return aggregation.result()["w"], aggregation.report()
@@ -133,12 +134,12 @@ def test_rules_never_mutate_inputs_and_give_one_result() -> None:
 )  # fmt: skip
 def test_bad_parameters_are_refused_as_bad_config(name: str, params: dict) -> None:
     with pytest.raises(InvalidInput) as info:
-        make_strategy(name, **params)
+        make_strategy(name, params)
     assert info.value.reason == "bad_config"
 
 
 def _store_backed(store: LocalStore, name: str, updates: list[dict[str, np.ndarray]], base: dict[str, np.ndarray], **params: object) -> dict:
-    aggregation = make_strategy(name, **params).start(base, store=store)
+    aggregation = make_strategy(name, params).start(base, store=store)
     for i, update in enumerate(updates):
         aggregation.add(update, float(i + 1), label=f"u{i}", weights_cid=store.put(encode_tensors(update)))
     return aggregation.result()
@@ -181,3 +182,66 @@ def test_a_blob_changed_in_the_store_is_refused_before_it_counts(tmp_path: Path)
     path.write_bytes(bytes(data))
     with pytest.raises(IntegrityError):
         aggregation.result()
+
+
+# ------------------------------------------------------------------ server optimizers, one step by hand
+
+
+def _one_step(server_opt: str, params: dict, base: float, aggregate: float, steps: int = 1) -> float:
+    strategy = make_strategy("fedavg", server_opt=server_opt, server_opt_params=params)
+    model = base
+    for _ in range(steps):
+        aggregation = strategy.start({"w": np.array([model], np.float64)})
+        aggregation.add({"w": np.array([model + (aggregate - base)], np.float64)}, 1.0)
+        model = float(aggregation.result()["w"][0])
+    return model
+
+
+def test_fedavgm_with_no_momentum_and_lr_one_is_fedavg_and_momentum_accumulates() -> None:
+    assert _one_step("fedavgm", {"lr": 1.0, "momentum": 0.0}, 1.0, 3.0) == pytest.approx(3.0)
+    # delta 2 each round: v1 = -2 -> x = 1 + 2 = 3; v2 = 0.5 * -2 - 2 = -3 -> x = 3 + 3 = 6
+    assert _one_step("fedavgm", {"lr": 1.0, "momentum": 0.5}, 1.0, 3.0, steps=2) == pytest.approx(6.0)
+
+
+def test_fedadam_first_step_by_hand() -> None:
+    # delta 2: m = 0.1 * 2 = 0.2; v = 0.01 * 4 = 0.04; lr_t = 0.1 * sqrt(0.01) / 0.1 = 0.1
+    # x' = 1 + 0.1 * 0.2 / (0.2 + 1e-9) = 1.1
+    assert _one_step("fedadam", {}, 1.0, 3.0) == pytest.approx(1.1, rel=1e-6)
+
+
+def test_fedyogi_first_step_by_hand() -> None:
+    # delta 2: m = 0.2; v = 0 - 0.01 * 4 * sign(0 - 4) = 0.04; x' = 1 + 0.01 * 0.2 / (0.2 + 1e-3)
+    assert _one_step("fedyogi", {}, 1.0, 3.0) == pytest.approx(1 + 0.01 * 0.2 / 0.201, rel=1e-6)
+
+
+def test_server_opt_state_survives_in_the_store_and_is_described(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    first = make_strategy("median", server_opt="fedadam", server_opt_params={"lr": 0.5})
+    assert first.describe() == {
+        "name": "median", "params": {}, "server_opt": {"name": "fedadam", "params": {"lr": 0.5, "beta1": 0.9, "beta2": 0.99, "tau": 1e-9}}
+    }  # fmt: skip
+    base = {"w": np.zeros(2, np.float32)}
+    aggregation = first.start(base, store=store)
+    aggregation.add({"w": np.ones(2, np.float32)}, 1.0)
+    aggregation.result()
+    report = aggregation.report()
+    assert report["server_opt"]["step"] == 1 and store.has(report["server_opt"]["state"])
+    # a restarted aggregator's fresh strategy resumes from the recorded state: step 2 matches
+    resumed = make_strategy("median", server_opt="fedadam", server_opt_params={"lr": 0.5})
+    resumed.resume(store, report)
+    outcomes = []
+    for strategy in (first, resumed):
+        aggregation = strategy.start(base, store=store)
+        aggregation.add({"w": np.full(2, 2.0, np.float32)}, 1.0)
+        outcomes.append(aggregation.result()["w"])
+        assert aggregation.report()["server_opt"]["step"] == 2
+    np.testing.assert_array_equal(outcomes[0], outcomes[1])
+
+
+@pytest.mark.parametrize(
+    ("server_opt", "params"), [("sgd", {}), ("fedadam", {"lr": -1}), ("fedadam", {"eta": 1}), ("none", {"lr": 1}), ("fedavgm", {"momentum": 1.0})]
+)
+def test_bad_server_opt_is_refused_as_bad_config(server_opt: str, params: dict) -> None:
+    with pytest.raises(InvalidInput) as info:
+        make_strategy("fedavg", server_opt=server_opt, server_opt_params=params)
+    assert info.value.reason == "bad_config"
