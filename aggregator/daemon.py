@@ -118,7 +118,12 @@ class AggregatorDaemon:
             settings=config.round,
             store=self.store,
             journal=self.journal,
-            strategy=make_strategy(config.strategy),
+            strategy=make_strategy(
+                config.strategy,
+                config.strategy_params,
+                server_opt=config.server_opt,
+                server_opt_params=config.server_opt_params,
+            ),
             key=self.key,
             initial_base=self._initial_base,
             synthesize=self._synthesize,

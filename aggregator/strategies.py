@@ -29,6 +29,7 @@ import torch
 
 from intake.validation import mismatch
 from proto.errors import InvalidInput
+from storage.manifest import MAX_METRICS
 from storage.store import ContentStore
 
 TensorDict = dict[str, np.ndarray]
@@ -68,8 +69,9 @@ def weighted_average(arrays: Iterable[np.ndarray], weights: Iterable[float]) -> 
     return (total / sum(weights)).astype(arrays[0].dtype)
 
 
-def weighted_means(items: list[tuple[Mapping[str, float], int]]) -> dict[str, float]:
-    """Per-key means weighted by sample counts, over the items that report each key."""
+def weighted_means(items: list[tuple[Mapping[str, float], int]], *, limit: int = MAX_METRICS) -> dict[str, float]:
+    """Per-key means weighted by sample counts, over the items that report each key; at most
+    `limit` keys (those with the most weight behind them), so a manifest stays within its bound."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for metrics, weight in items:
@@ -77,7 +79,8 @@ def weighted_means(items: list[tuple[Mapping[str, float], int]]) -> dict[str, fl
             if math.isfinite(value):
                 sums[name] = sums.get(name, 0.0) + value * weight
                 weights[name] = weights.get(name, 0.0) + weight
-    return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
+    kept = sorted((name for name in sums if weights[name] > 0), key=lambda name: (-weights[name], name))[:limit]
+    return {name: sums[name] / weights[name] for name in sorted(kept)}
 
 
 def _axpy_(accumulator: torch.Tensor, x: np.ndarray, alpha: float) -> None:

@@ -9,8 +9,10 @@ survivors with its own cluster model:
     weight_i = num_samples_i x decay(age_i)
 
 where age is in rounds (own round - peer round) or seconds, and `decay` is a
-named function from `aggregator.staleness`. The average is the same FedAvg
-kernel the rounds use; there is one implementation of the rule.
+named function from `aggregator.staleness`. The merge is `synthesis.strategy`,
+one of the same rules the rounds use (FedAvg by default; a robust rule such as
+median, krum or geomed keeps a poisoned peer model that passed screening out of
+the semi-global model); there is one implementation of each rule.
 
 Screening, in order (refusal reason in brackets):
 - too old [stale]; unreachable or missing [unavailable]; bytes that do not hash
@@ -30,7 +32,9 @@ Screening, in order (refusal reason in brackets):
   little and honest peers whose data simply differs get flagged.
 
 The semi-global manifest's parents are our cluster model plus the peer cluster
-models used; refused ones are listed with their reasons in `extra.refused_peers`.
+models used; refused ones are listed with their reasons in `extra.refused_peers`
+(a model the rule left out, e.g. not selected by Krum, as [rejected_by_rule]),
+and what the rule did (coefficients, clipping) in `extra.aggregation`.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ from enum import StrEnum
 import numpy as np
 
 from aggregator.config import SynthesisSettings
+from aggregator.rules import make_strategy
 from aggregator.staleness import make_discount
-from aggregator.strategies import FedAvg, weighted_means
+from aggregator.strategies import weighted_means
 from coordinator.ring import Member, Ring
 from intake.validation import mismatch, non_finite
 from proto.errors import IntegrityError, InvalidInput, NotFound, StrataError, Unavailable
@@ -97,6 +102,7 @@ class PeerReason(StrEnum):
     NORM_OUTLIER = "norm_outlier"
     OUTLIER = "outlier"
     UNCERTIFIED_SIGNER = "uncertified_signer"
+    REJECTED_BY_RULE = "rejected_by_rule"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +167,7 @@ class SemiGlobalSynthesizer:
         self._clock = clock
         self._rng = rng or random.Random()
         self._decay = make_discount(settings.decay, **settings.decay_params)
+        self._strategy = make_strategy(settings.strategy, settings.strategy_params)
         self.last_sources: dict[str, str] = {}
         self._wait_until = 0.0
 
@@ -314,14 +321,30 @@ class SemiGlobalSynthesizer:
         refused: Sequence[PeerRefusal],
     ) -> Manifest:
         weights = {cluster.cid: float(cluster.num_samples) * self._decay(0.0)}
-        aggregation = FedAvg().start(own)
-        aggregation.add(own, max(weights[cluster.cid], 1e-12))
+        aggregation = self._strategy.start(own)
+        aggregation.add(own, max(weights[cluster.cid], 1e-12), label=cluster.cid)
         for candidate in candidates:
             # the signed manifest's count, not the pointer's unsigned claim
             weight = float(candidate.manifest.num_samples) * self._decay(candidate.age)
             weights[candidate.manifest.cid] = weight
-            aggregation.add(candidate.tensors, max(weight, 1e-12))
+            aggregation.add(candidate.tensors, max(weight, 1e-12), label=candidate.manifest.cid)
         result = aggregation.result()
+        report = aggregation.report()
+        left_out = {entry["cid"]: entry for entry in report.get("refused", [])}
+        refused = [
+            *refused,
+            *(
+                PeerRefusal(
+                    model_cid=c.manifest.cid,
+                    producer=c.manifest.producer.id,
+                    reason=PeerReason.REJECTED_BY_RULE,
+                    message=f"{self._strategy.name}: {left_out[c.manifest.cid].get('message', '')}",
+                )
+                for c in candidates
+                if c.manifest.cid in left_out
+            ),
+        ]
+        candidates = [c for c in candidates if c.manifest.cid not in left_out]
         used = [cluster, *(c.manifest for c in candidates)]
         manifest = save_model(
             self._store,
@@ -345,8 +368,10 @@ class SemiGlobalSynthesizer:
                     "peers": self.settings.peers,
                     "outlier_z": self.settings.outlier_z,
                 },
+                "strategy": self._strategy.describe(),
             },
             extra={
+                **({"aggregation": report} if report else {}),
                 "weights": weights,
                 "peer_rounds": {c.manifest.cid: c.pointer.round for c in candidates},
                 "refused_peers": [r.to_json() for r in refused],

@@ -103,6 +103,10 @@ class Refusal(StrEnum):
     UNCERTIFIED_SIGNER = "uncertified_signer"
     # with TLS: the manifest's producer (role and id) is not the caller
     NOT_PRODUCER = "not_producer"
+    # num_samples above the federation's maximum, with the aggregator set to refuse such claims
+    TOO_MANY_SAMPLES = "too_many_samples"
+    # more metrics than a header may carry, or a metric name too long
+    BAD_METRICS = "bad_metrics"
 
 
 # Refusals that resending the same update can never overcome: an agent drops such an update.
@@ -114,6 +118,8 @@ FINAL_REFUSALS = frozenset(
         Refusal.NOT_INVITED,
         Refusal.UNCERTIFIED_SIGNER,
         Refusal.NOT_PRODUCER,
+        Refusal.TOO_MANY_SAMPLES,
+        Refusal.BAD_METRICS,
     }
 )
 
