@@ -11,7 +11,9 @@ from aggregator.rules import make_strategy
 from intake.submission import Submission
 from proto.errors import Refusal, UpdateRefused
 from storage.codec import encode_tensors
+from storage.lineage import walk
 from storage.manifest import MAX_METRICS
+from strata import render
 from tests.test_rounds import Rounds, W
 
 
@@ -42,6 +44,11 @@ def test_krum_refusals_name_the_agents_in_the_cluster_manifest(tmp_path: Path) -
         refused = cluster.extra["aggregation"]["refused"]
         assert {r["agent"] for r in refused} == {"a3", "a4"}
         assert all(r["reason"] == "krum_not_selected" for r in refused)
+        # what `strata model show` and `strata lineage` print for it
+        text = render.manifest_text(cluster.cid, cluster)
+        assert "rule       multi_krum(f=2,m=3)" in text and "rule did   2 refused (a3, a4)" in text
+        tree = render.lineage_tree(render.view_from_graph(walk(rounds.store, cluster.cid)))
+        assert "rule=multi_krum(f=2,m=3)" in tree.splitlines()[0]
     finally:
         rounds.close()
 
@@ -55,6 +62,7 @@ def test_a_claim_above_the_maximum_is_capped_and_recorded(tmp_path: Path) -> Non
         assert cluster.num_samples == 200
         capped = cluster.extra["capped_num_samples"]
         assert capped["max"] == 100 and list(capped["claimed"].values()) == [2**62]
+        assert "1 sample claim(s) capped at 100" in render.manifest_text(cluster.cid, cluster)
     finally:
         rounds.close()
 
@@ -112,5 +120,6 @@ def test_server_optimizer_state_survives_a_restart(tmp_path: Path) -> None:
         assert rounds.strategy.optimizer.t == 1  # resumed from the last cluster manifest
         second = _close(rounds, [2.0, 2.0, 2.0])
         assert second.extra["aggregation"]["server_opt"]["step"] == 2
+        assert render.rule_of(second) == "trimmed_mean(beta=0.2)+fedadam(beta1=0.9,beta2=0.99,lr=0.5,tau=1e-09)"
     finally:
         rounds.close()
