@@ -245,3 +245,21 @@ def test_bad_server_opt_is_refused_as_bad_config(server_opt: str, params: dict) 
     with pytest.raises(InvalidInput) as info:
         make_strategy("fedavg", server_opt=server_opt, server_opt_params=params)
     assert info.value.reason == "bad_config"
+
+
+def test_config_knows_the_same_names_as_the_rules() -> None:
+    from aggregator.config import (
+        SERVER_OPT_NAMES,
+        STRATEGY_NAMES,
+        AggregatorConfig,
+        SynthesisSettings,
+    )
+    from aggregator.rules import server_opt_names
+    from proto.errors import ConfigError
+
+    assert sorted(STRATEGY_NAMES) == strategy_names()
+    assert sorted(SERVER_OPT_NAMES) == sorted(server_opt_names())
+    for build in (lambda: AggregatorConfig(strategy="bulyan"), lambda: SynthesisSettings(strategy="mean"),
+                  lambda: AggregatorConfig(server_opt="sgd")):  # fmt: skip
+        with pytest.raises(ConfigError):
+            build()
