@@ -126,6 +126,7 @@ def main() -> int:
         results = {}
         for name, params in chosen:
             results[name] = run_worker(script, [root, name, json.dumps(params), str(p), json.dumps(cids)], timeout_s=3600)
+            print(f"  {name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)  # progress on a slow machine
     finally:
         shutil.rmtree(root, ignore_errors=True)
     baseline = results["fedavg"]

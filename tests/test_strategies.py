@@ -170,3 +170,9 @@ def test_make_strategy_knows_every_rule_and_refuses_the_rest() -> None:
     with pytest.raises(InvalidInput) as info:
         make_strategy("fedavg", {"beta": 0.1})
     assert info.value.reason == "bad_config" and "beta" in str(info.value)
+
+
+def test_weighted_means_keep_the_most_reported_keys_within_a_manifests_bound() -> None:
+    items = [({f"rare{i}": 1.0}, 1) for i in range(300)] + [({"loss": 2.0}, 50)]
+    means = weighted_means(items, limit=10)
+    assert len(means) == 10 and means["loss"] == 2.0
