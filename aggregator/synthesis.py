@@ -6,7 +6,11 @@ their manifests and weights by CID (the shared store first, the peer's FetchBlob
 as a fallback; every byte re-hashed), screens each candidate, and averages the
 survivors with its own cluster model:
 
-    weight_i = num_samples_i x decay(age_i)
+    weight_i = credited num_samples_i x decay(age_i)
+
+where a peer's sample count, a claim nobody can check, is credited with at most
+SAMPLE_RATIO_LIMIT x the median count of the models merged (recorded in
+`extra.capped_peer_samples`),
 
 where age is in rounds (own round - peer round) or seconds, and `decay` is a
 named function from `aggregator.staleness`. The merge is `synthesis.strategy`,
@@ -67,6 +71,9 @@ log = logging.getLogger("strata.aggregator.synthesis")
 
 # a candidate whose norm differs from ours by more than this factor is refused
 NORM_RATIO_LIMIT = 10.0
+# a peer model's sample count is a claim: it is credited with at most this many times the median
+# count of the models being merged (ours included), so one inflated claim cannot outweigh the rest
+SAMPLE_RATIO_LIMIT = 10.0
 # how often a waiting synthesis asks a lagging peer again
 _PEER_POLL_S = 0.2
 # the outlier z-score needs this many models (ours included) to mean anything
@@ -320,12 +327,13 @@ class SemiGlobalSynthesizer:
         candidates: Sequence[_Candidate],
         refused: Sequence[PeerRefusal],
     ) -> Manifest:
+        credited = credited_samples(cluster, candidates)
         weights = {cluster.cid: float(cluster.num_samples) * self._decay(0.0)}
         aggregation = self._strategy.start(own)
         aggregation.add(own, max(weights[cluster.cid], 1e-12), label=cluster.cid)
         for candidate in candidates:
             # the signed manifest's count, not the pointer's unsigned claim
-            weight = float(candidate.manifest.num_samples) * self._decay(candidate.age)
+            weight = float(credited[candidate.manifest.cid]) * self._decay(candidate.age)
             weights[candidate.manifest.cid] = weight
             aggregation.add(candidate.tensors, max(weight, 1e-12), label=candidate.manifest.cid)
         result = aggregation.result()
@@ -346,6 +354,7 @@ class SemiGlobalSynthesizer:
         ]
         candidates = [c for c in candidates if c.manifest.cid not in left_out]
         used = [cluster, *(c.manifest for c in candidates)]
+        claimed = {m.cid: m.num_samples for m in used}
         manifest = save_model(
             self._store,
             weights=encode_tensors(result),
@@ -356,8 +365,8 @@ class SemiGlobalSynthesizer:
             key=self._key,
             parents=[m.cid for m in used],
             base=cluster.base,
-            num_samples=sum(m.num_samples for m in used),
-            metrics=weighted_means([(m.metrics, m.num_samples) for m in used]),
+            num_samples=min(sum(credited[m.cid] for m in used), _MAX_SAMPLES),
+            metrics=weighted_means([(m.metrics, credited[m.cid]) for m in used]),
             algorithm={
                 "name": "semi-global",
                 "params": {
@@ -374,6 +383,11 @@ class SemiGlobalSynthesizer:
                 **({"aggregation": report} if report else {}),
                 "weights": weights,
                 "peer_rounds": {c.manifest.cid: c.pointer.round for c in candidates},
+                **(
+                    {"capped_peer_samples": {cid: m for cid, m in claimed.items() if credited[cid] != m}}
+                    if any(credited[cid] != m for cid, m in claimed.items())
+                    else {}
+                ),
                 "refused_peers": [r.to_json() for r in refused],
             },
         )
@@ -392,6 +406,20 @@ class SemiGlobalSynthesizer:
             },
         )
         return manifest
+
+
+_MAX_SAMPLES = (1 << 63) - 1
+
+
+def credited_samples(cluster: Manifest, candidates: Sequence[_Candidate]) -> dict[str, int]:
+    """Each model's sample count as credited: ours as is, a peer's capped at SAMPLE_RATIO_LIMIT x the
+    median count of all of them (robust rescaling of a claim nobody can check)."""
+    counts = [cluster.num_samples, *(c.manifest.num_samples for c in candidates)]
+    limit = max(1, int(SAMPLE_RATIO_LIMIT * float(np.median(np.array(counts, dtype=np.float64)))))
+    credited = {cluster.cid: min(cluster.num_samples, _MAX_SAMPLES)}
+    for candidate in candidates:
+        credited[candidate.manifest.cid] = min(candidate.manifest.num_samples, limit, _MAX_SAMPLES)
+    return credited
 
 
 class _Refused(Exception):

@@ -310,3 +310,19 @@ def test_a_poisoned_peer_model_that_passes_screening_stays_out_under_a_robust_ru
         assert (refusal["cid"], refusal["reason"]) == (poisoned.cid, "rejected_by_rule")
     if strategy == "geomed":
         assert semi.extra["aggregation"]["coefficients"][poisoned.cid] < 0.05
+
+
+def test_an_inflated_peer_sample_count_is_capped_at_ten_times_the_median(tmp_path: Path, peers: dict[str, Peer]) -> None:
+    own = {k: v + 1 for k, v in BASE.items()}
+    peers["agg-b"].publish({k: v + 3 for k, v in BASE.items()}, round_=1, num_samples=100)
+    greedy = peers["agg-c"].publish({k: v - 2 for k, v in BASE.items()}, round_=1, num_samples=2**62)
+    synthesizer, store, key = _synthesizer(tmp_path, _ring(peers, "agg-b", "agg-c"), decay="constant", decay_params={})
+    cluster = _own_cluster(store, key, own, round_=1, num_samples=100)
+
+    semi = synthesizer(cluster, own)
+
+    # counts 100, 100, 2^62: median 100, so the claim is credited with 1000
+    assert semi.extra["capped_peer_samples"] == {greedy.cid: 2**62}
+    assert semi.num_samples == 1200
+    offset = decode_tensors(load_model(store, semi.cid)[1])["w"] - BASE["w"]
+    np.testing.assert_allclose(offset, (100 * 1 + 100 * 3 + 1000 * -2) / 1200, rtol=1e-5)
