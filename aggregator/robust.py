@@ -66,18 +66,21 @@ _MIN_SLICE_ELEMENTS = 1 << 14
 # ------------------------------------------------------------------ kernels (pure, no I/O)
 
 
-def coordinate_median(stack: torch.Tensor) -> torch.Tensor:
-    """Median over dim 1 of an (S, K) stack: the mean of the two middle values when K is even."""
-    ordered = stack.sort(dim=1).values
-    k = stack.shape[1]
-    return (ordered[:, (k - 1) // 2] + ordered[:, k // 2]) / 2
+def coordinate_median(stack: np.ndarray) -> np.ndarray:
+    """Median over axis 0 of a (K, S) stack (the mean of the two middle values when K is even).
+    Sorts `stack` in place: the caller's scratch buffer, never an input."""
+    stack.sort(axis=0)
+    k = stack.shape[0]
+    return (stack[(k - 1) // 2] + stack[k // 2]) / 2
 
 
-def trimmed_mean(stack: torch.Tensor, beta: float) -> torch.Tensor:
-    """Mean over dim 1 of an (S, K) stack after dropping the ⌊beta·K⌋ smallest and largest values."""
-    k = stack.shape[1]
+def trimmed_mean(stack: np.ndarray, beta: float) -> np.ndarray:
+    """Mean over axis 0 of a (K, S) stack after dropping the ⌊beta·K⌋ smallest and largest values
+    of each coordinate. Sorts `stack` in place (the caller's scratch buffer)."""
+    stack.sort(axis=0)
+    k = stack.shape[0]
     cut = trim_count(k, beta)
-    return stack.sort(dim=1).values[:, cut : k - cut].mean(dim=1)
+    return stack[cut : k - cut].mean(axis=0, dtype=np.float64)
 
 
 def trim_count(k: int, beta: float) -> int:
@@ -226,11 +229,13 @@ class _Updates:
             opened.drop_pages()
 
 
-def _torch(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+def _torch(array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor over the array's memory (converted only when `dtype` is given and differs)."""
     # read-only views of a map are only read here; torch would warn that it could write
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-        return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor if dtype is None else tensor.to(dtype)
 
 
 def _slices(size: int, k: int, itemsize: int = 8) -> Iterator[tuple[int, int]]:
@@ -310,7 +315,7 @@ class RobustStrategy(Strategy):
 class _Coordinatewise(RobustStrategy):
     """Rules that look at each coordinate's K values alone: one pass, slice by slice."""
 
-    def kernel(self, stack: torch.Tensor) -> torch.Tensor:
+    def kernel(self, stack: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def combine(self, base: Mapping[str, np.ndarray], updates: _Updates, report: dict[str, Any]) -> TensorDict:
@@ -321,14 +326,18 @@ class _Coordinatewise(RobustStrategy):
             if not holders:
                 out[name] = np.array(reference, copy=True)
                 continue
-            dtype = _accumulator_dtype(reference.dtype)
-            result = torch.empty(reference.size, dtype=dtype)
-            for start, stop in _slices(reference.size, len(holders), torch.finfo(dtype).bits // 8):
-                stack = torch.stack([_torch(updates.slice(i, name, start, stop), dtype) for i in holders], dim=1)
+            dtype = np.float32 if _accumulator_dtype(reference.dtype) == torch.float32 else np.float64
+            result = np.empty(reference.size, dtype=dtype)
+            # one (K, S) scratch stack per slice, filled row by row and sorted in place (numpy's
+            # vectorized sort along axis 0 of a few dozen rows; no index array, unlike torch.sort)
+            for start, stop in _slices(reference.size, len(holders), np.dtype(dtype).itemsize):
+                stack = np.empty((len(holders), stop - start), dtype=dtype)
+                for row, i in enumerate(holders):
+                    stack[row] = updates.slice(i, name, start, stop)
+                    updates.drop_pages(i)
                 result[start:stop] = self.kernel(stack)
                 del stack
-                updates.drop_pages()
-            out[name] = _cast(result, reference).reshape(reference.shape)
+            out[name] = _cast(torch.from_numpy(result), reference).reshape(reference.shape)
         return out
 
 
@@ -337,7 +346,7 @@ class Median(_Coordinatewise):
 
     name = "median"
 
-    def kernel(self, stack: torch.Tensor) -> torch.Tensor:
+    def kernel(self, stack: np.ndarray) -> np.ndarray:
         return coordinate_median(stack)
 
 
@@ -354,7 +363,7 @@ class TrimmedMean(_Coordinatewise):
     def params(self) -> dict[str, Any]:
         return {"beta": self.beta}
 
-    def kernel(self, stack: torch.Tensor) -> torch.Tensor:
+    def kernel(self, stack: np.ndarray) -> np.ndarray:
         return trimmed_mean(stack, self.beta)
 
     def combine(self, base: Mapping[str, np.ndarray], updates: _Updates, report: dict[str, Any]) -> TensorDict:
@@ -376,9 +385,17 @@ def _gram(base: Mapping[str, np.ndarray], updates: _Updates, *, diagonal_only: b
         if not holders or reference.dtype.kind not in "fiu":
             continue
         flat = reference.reshape(-1)
+        # changes are taken in the tensor's own float type (one pass over each update's slice),
+        # then widened once: the products and their sums are float64
+        work = torch.float32 if reference.dtype == np.float32 else torch.float64
         for start, stop in _slices(reference.size, len(holders)):
-            origin = _torch(flat[start:stop], torch.float64)
-            deltas = torch.stack([_torch(updates.slice(i, name, start, stop), torch.float64) - origin for i in holders])
+            origin = _torch(flat[start:stop], work)
+            changes = torch.empty((len(holders), stop - start), dtype=work)
+            for row, i in enumerate(holders):
+                torch.sub(_torch(updates.slice(i, name, start, stop), work), origin, out=changes[row])
+                updates.drop_pages(i)
+            deltas = changes.to(torch.float64)
+            del changes
             index = torch.tensor(holders)
             if diagonal_only:
                 norms.index_add_(0, index, (deltas * deltas).sum(dim=1))
@@ -386,7 +403,6 @@ def _gram(base: Mapping[str, np.ndarray], updates: _Updates, *, diagonal_only: b
                 block = deltas @ deltas.T
                 gram[index.unsqueeze(1), index.unsqueeze(0)] += block
             del deltas
-            updates.drop_pages()
     return norms.numpy() if diagonal_only else gram.numpy()
 
 

@@ -10,7 +10,8 @@ LocalStore in a temporary directory, one at a time. Then, for each strategy, a f
     after intake (the read is not timed: at a real aggregator the bytes arrived over the network);
   - times `add` x K + `result()`. FedAvg folds as it goes; the robust rules keep only the CID
     and in `result` re-hash each blob, then read the updates back slice by slice.
-Throughput: update bytes (K x 4P) per second of that time, GB/s (10**9 B/s). Peak RSS is shown
+Throughput: update bytes (K x 4P) per second of that time, GB/s (10**9 B/s), and per CPU-second
+(all threads; steadier than wall time when the machine is shared). Peak RSS is shown
 with its floor (after imports, the base and one update read) so the growth is visible.
 
 Target (issue 11): memory O(K x slice + model), not O(K x model): peak RSS well under K x model.
@@ -77,21 +78,26 @@ def _worker(root: str, name: str, params_json: str, params: int, cids_json: str)
     del warm
     floor_mb = peak_rss_mb()
     aggregation = strategy.start(base, store=store)
-    timed = 0.0
+    timed = cpu = 0.0
     for k, cid in enumerate(cids):
         tensors = decode_tensors(store.get(cid), writable=False)
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         aggregation.add(tensors, 100.0 + k, weights_cid=cid)
         timed += time.perf_counter() - started
+        cpu += time.process_time() - started_cpu
         del tensors
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     result = aggregation.result()
     timed += time.perf_counter() - started
+    cpu += time.process_time() - started_cpu
     assert sum(a.size for a in result.values()) == params
     return {
         "name": name,
         "seconds": timed,
         "gbps": len(cids) * params * 4 / timed / 1e9,
+        # CPU seconds of all the process's threads: steadier than wall time on a shared machine
+        "cpu_seconds": cpu,
+        "gb_per_cpu_s": len(cids) * params * 4 / cpu / 1e9,
         "peak_rss_mb": peak_rss_mb(),
         "floor_rss_mb": floor_mb,
     }
@@ -141,12 +147,18 @@ def main() -> int:
                 f"{r['seconds']:.1f}",
                 f"{r['gbps']:.2f}",
                 f"{r['gbps'] / baseline['gbps']:.3f}",
+                f"{r['cpu_seconds']:.1f}",
+                f"{r['gb_per_cpu_s']:.2f}",
+                f"{r['gb_per_cpu_s'] / baseline['gb_per_cpu_s']:.3f}",
                 f"{r['peak_rss_mb']:.0f} ({growth:+.0f})",
                 f"{growth / model_mb:.2f}",
             ]
         )
     print(f"K = {k} updates x {p / 1e6:g}M float32 params; one model = {model_mb:.0f} MiB; all updates = {k * model_mb:.0f} MiB")
-    print_table(["strategy", "add+result s", "GB/s", "vs fedavg", "peak RSS MiB (+over floor)", "growth / model"], rows)
+    print_table(
+        ["strategy", "wall s", "GB/s", "vs fedavg", "CPU s", "GB/CPU-s", "vs fedavg", "peak RSS MiB (+over floor)", "growth / model"],
+        rows,
+    )
     worst = max(results[name]["peak_rss_mb"] - results[name]["floor_rss_mb"] for name, _ in chosen)
     verdict = "bounded" if worst < 0.25 * k * model_mb else "NOT bounded"
     print(f"largest growth {worst:.0f} MiB vs K x model {k * model_mb:.0f} MiB: memory {verdict}")
