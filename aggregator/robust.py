@@ -424,14 +424,13 @@ def _combine_with(
         dtype = _accumulator_dtype(reference.dtype)
         flat = reference.reshape(-1)
         result = torch.empty(reference.size, dtype=dtype)
-        # a few update slices live at once (origin, accumulator, one change): the slices can be long
+        # only the accumulator and one update's slice live at once: the slices can be long
+        factors = [float(coefficients[i] * scales[i] / total) for i in holders]
         for start, stop in _slices(reference.size, 4, torch.finfo(dtype).bits // 8):
-            origin = _torch(flat[start:stop], dtype)
-            accumulator = origin.clone()
-            for i in holders:
-                change = _torch(updates.slice(i, name, start, stop), dtype) - origin
-                accumulator.add_(change, alpha=float(coefficients[i] * scales[i] / total))
-                del change
+            # base + Σ fᵢ (xᵢ − base) = (1 − Σ fᵢ) base + Σ fᵢ xᵢ: one fused pass over each update's slice
+            accumulator = _torch(flat[start:stop], dtype) * (1.0 - sum(factors))
+            for i, factor in zip(holders, factors, strict=True):
+                accumulator.add_(_torch(updates.slice(i, name, start, stop)), alpha=factor)
                 updates.drop_pages(i)
             result[start:stop] = accumulator
         out[name] = _cast(result, reference).reshape(reference.shape)
