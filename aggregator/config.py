@@ -16,6 +16,16 @@ from privacy.config import PrivacySettings
 from proto.errors import ConfigError
 from trust.security import TlsSettings
 
+# the names aggregator.rules knows (kept here so loading config does not import torch; a test keeps them equal).
+# Their parameters are checked when the daemon builds the rule (ConfigError "bad_config" at start).
+STRATEGY_NAMES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "clipped_fedavg")
+SERVER_OPT_NAMES = ("none", "fedavgm", "fedadam", "fedyogi")
+
+
+def _check_rule(key: str, name: str) -> None:
+    if name not in STRATEGY_NAMES:
+        raise ConfigError(f"{key} must be one of {list(STRATEGY_NAMES)}, got {name!r}")
+
 
 def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
@@ -37,6 +47,10 @@ class RoundSettings:
         "refuse updates with ||update - base|| > this x max(||base||, 1); 0 disables", default=10.0
     )
     agent_timeout_s: float = _help("an agent not heard from for this long is no longer active", default=30.0)
+    max_num_samples: int = _help(
+        "largest num_samples an update's weight may claim (sample counts are claims); 0: no cap", default=1_000_000_000
+    )
+    over_max_samples: str = _help("an update claiming more than max_num_samples is 'cap'ped to it or 'refuse'd", default="cap")
 
     def __post_init__(self) -> None:
         if self.min_updates < 1:
@@ -53,6 +67,10 @@ class RoundSettings:
             raise ConfigError("round.max_relative_norm must be >= 0 (0 disables the check)")
         if self.agent_timeout_s <= 0:
             raise ConfigError("round.agent_timeout_s must be > 0")
+        if not 0 <= self.max_num_samples < 2**63:
+            raise ConfigError("round.max_num_samples must be in 0..2^63-1 (0: no cap)")
+        if self.over_max_samples not in ("cap", "refuse"):
+            raise ConfigError("round.over_max_samples must be 'cap' or 'refuse'")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +84,10 @@ class SynthesisSettings:
     decay_unit: str = _help("age of a peer model measured in 'rounds' or 'seconds'", default="rounds")
     max_age: float = _help("peer models older than this (in decay_unit) are skipped", default=5.0)
     outlier_z: float = _help("robust z-score above which a peer model is refused as an outlier", default=3.5)
+    strategy: str = _help(
+        "rule merging our cluster model with peers' (see the top-level strategy key for the names)", default="fedavg"
+    )
+    strategy_params: dict[str, float] = _help("parameters of synthesis.strategy (as strategy_params)", default_factory=dict)
     fetch_timeout_s: float = _help("deadline for gathering one peer's pointer and blobs", default=10.0)
     peer_wait_s: float = _help(
         "how long to wait for peers that have not yet closed this round before blending what they have",
@@ -81,6 +103,7 @@ class SynthesisSettings:
             raise ConfigError("synthesis.outlier_z must be > 0")
         if self.peer_wait_s < 0:
             raise ConfigError("synthesis.peer_wait_s must be >= 0")
+        _check_rule("synthesis.strategy", self.strategy)
 
 
 _SELECTION_MODES = ("all", "fraction", "count")
@@ -146,7 +169,18 @@ class AggregatorConfig:
     state_dir: str = _help("journal, key and history (default: ~/.strata/aggregator/<id>)", default="")
     store: str = _help("private store for updates and models (default: $STRATA_STORE or ~/.strata/store)", default="")
     shared_store: str = _help("store where cluster and semi-global models are published (default: store)", default="")
-    strategy: str = _help("aggregation strategy", default="fedavg")
+    strategy: str = _help(
+        "rule for the updates inside a cluster: " + " | ".join(STRATEGY_NAMES), default="fedavg"
+    )
+    strategy_params: dict[str, float] = _help(
+        "parameters of the rule: trimmed_mean beta; krum f; multi_krum f, m (0: K-f); geomed iterations, nu; "
+        "clipped_fedavg tau",
+        default_factory=dict,
+    )
+    server_opt: str = _help("server optimizer on top of the rule: " + " | ".join(SERVER_OPT_NAMES), default="none")
+    server_opt_params: dict[str, float] = _help(
+        "its parameters: fedavgm lr, momentum; fedadam and fedyogi lr, beta1, beta2, tau", default_factory=dict
+    )
     round: RoundSettings = field(default_factory=RoundSettings, metadata={"help": "round policy"})
     synthesis: SynthesisSettings = field(default_factory=SynthesisSettings, metadata={"help": "semi-global synthesis"})
     selection: SelectionSettings = field(default_factory=SelectionSettings, metadata={"help": "who trains each round"})
@@ -174,6 +208,13 @@ class AggregatorConfig:
         if not self.federation:
             raise ConfigError("federation must not be empty")
         _check_prox_mu(self.round_config)
+        _check_rule("strategy", self.strategy)
+        if self.server_opt not in SERVER_OPT_NAMES:
+            raise ConfigError(f"server_opt must be one of {list(SERVER_OPT_NAMES)}, got {self.server_opt!r}")
+        if self.server_opt != "none" and self.privacy.central.enabled:
+            # the optimizer's state would carry un-noised aggregates into later releases, which
+            # the accountant does not count; DP must wrap the rule under the optimizer first
+            raise ConfigError("server_opt cannot be combined with central DP (privacy.central) yet; set server_opt: none")
         for entry in self.peers:
             if "=" not in entry or ":" not in entry.split("=", 1)[1]:
                 raise ConfigError(f"peers entries must look like id=host:port, got {entry!r}")

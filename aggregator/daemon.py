@@ -32,8 +32,8 @@ from aggregator.peers import (
 from aggregator.privacy import PrivacyGuard
 from aggregator.ringview import RingView, static_ring
 from aggregator.rounds import RoundManager, Synthesizer
+from aggregator.rules import make_strategy
 from aggregator.selection import Selector
-from aggregator.strategies import make_strategy
 from aggregator.synthesis import SemiGlobalSynthesizer
 from coordinator.client import AggregatorInfo, CoordinatorClient
 from coordinator.ring import Member
@@ -120,7 +120,12 @@ class AggregatorDaemon:
             settings=config.round,
             store=self.store,
             journal=self.journal,
-            strategy=make_strategy(config.strategy),
+            strategy=make_strategy(
+                config.strategy,
+                config.strategy_params,
+                server_opt=config.server_opt,
+                server_opt_params=config.server_opt_params,
+            ),
             key=self.key,
             initial_base=self._initial_base,
             synthesize=self._synthesize,

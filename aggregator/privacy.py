@@ -41,6 +41,7 @@ from privacy.mechanism import (
     effective_noise_multiplier,
 )
 from storage.manifest import Manifest
+from storage.store import ContentStore
 
 log = logging.getLogger("strata.aggregator.privacy")
 
@@ -277,7 +278,12 @@ class _CentralDp(Strategy):
     def describe(self) -> dict[str, Any]:
         return {**self._inner.describe(), "dp": self._guard.describe()}
 
-    def start(self, base: Mapping[str, np.ndarray]) -> Aggregation:
+    def resume(self, store: ContentStore, report: Mapping[str, Any]) -> None:
+        self._inner.resume(store, report)
+
+    def start(self, base: Mapping[str, np.ndarray], *, store: ContentStore | None = None) -> Aggregation:
+        # no store: the inner rule must see the clipped deltas, which a read-back of the stored
+        # (unclipped) blobs would bypass, so a store-backed rule keeps them in memory under DP
         return _CentralDpAggregation(self._inner.start(base), base, self._guard)
 
 
@@ -293,12 +299,16 @@ class _CentralDpAggregation(Aggregation):
     def count(self) -> int:
         return self._inner.count
 
-    def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
+    def add(self, update: Mapping[str, np.ndarray], weight: float, *, label: str = "", weights_cid: str = "") -> None:
         check_compatible(self._base, update)
         clipped, norm = clip_delta(self._base, update, self._clip)
         self._unclipped += norm <= self._clip
-        # weight 1: under DP a device's weight may not follow its own claims (num_samples)
-        self._inner.add(clipped, 1.0)
+        # weight 1: under DP a device's weight may not follow its own claims (num_samples); no
+        # weights_cid: the stored blob is the unclipped update
+        self._inner.add(clipped, 1.0, label=label)
+
+    def report(self) -> dict[str, Any]:
+        return self._inner.report()
 
     def result(self) -> TensorDict:
         return self._guard.noise(self._inner.result(), count=self._inner.count, unclipped=self._unclipped, clip=self._clip)

@@ -44,7 +44,7 @@ from proto.errors import Refusal, StrataError, UpdateRefused
 from storage.codec import decode_tensors, encode_tensors
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer
-from storage.models import load_model, save_model
+from storage.models import load_manifest, load_model, save_model
 from storage.store import ContentStore
 
 log = logging.getLogger("strata.aggregator.rounds")
@@ -110,7 +110,7 @@ class RoundManager:
             store=store,
             journal=journal,
             key=key,
-            admit=self._admit if self._selector is not None or self._privacy is not None else None,
+            admit=self._admit,
             # device updates are indexed too, so an operator can trace a model down to them
             on_accepted=self._emit,
             clock=clock,
@@ -141,6 +141,7 @@ class RoundManager:
                 assert record is not None
             if self._privacy is not None:
                 self._privacy.restore(self._journal.history(), self._journal.iter_all_updates())
+            self._resume_strategy()
             self._enter_round(record)
             accepted = self._journal.open_updates()
             for update in accepted:
@@ -166,7 +167,8 @@ class RoundManager:
         )
         self._base_tensors = decode_tensors(weights)
         self._base_squared_norms = squared_norms(self._base_tensors)
-        self._aggregation = self._strategy.start(self._base_tensors)
+        # rules that need every update at once read them back from the store at close
+        self._aggregation = self._strategy.start(self._base_tensors, store=self._store)
         self._accepted = []
         if self._selector is not None:
             self._invited = frozenset(self._journal.invited(record.round))
@@ -213,7 +215,7 @@ class RoundManager:
 
     def fold(self, update: AcceptedUpdate, tensors: Mapping[str, np.ndarray]) -> int:
         assert self._aggregation is not None
-        self._aggregation.add(tensors, update.weight)
+        self._aggregation.add(tensors, self._weight(update), label=update.update_cid, weights_cid=update.weights_cid)
         self._accepted.append(update)
         return len(self._accepted)
 
@@ -252,8 +254,9 @@ class RoundManager:
         return expected_trainers(active, None if self._invited is None else set(self._invited))
 
     def _admit(self, sub: Submission) -> None:
-        """With selection, only invited agents' updates count (a relay is one invited agent);
-        with a privacy budget spent, none does."""
+        """A claim above max_num_samples is refused when so configured; with selection, only
+        invited agents' updates count (a relay is one invited agent); with a privacy budget spent,
+        none does."""
         if self._privacy is not None and self._privacy.exhausted:
             raise UpdateRefused(
                 f"federation {self.federation} has spent its privacy budget; training has stopped",
@@ -263,6 +266,11 @@ class RoundManager:
             problem = self._privacy.local_dp_problem(sub.kind, sub.manifest)
             if problem is not None:
                 raise UpdateRefused(problem, reason=Refusal.LOCAL_DP_REQUIRED)
+        cap = self.settings.max_num_samples
+        if cap and sub.num_samples > cap and self.settings.over_max_samples == "refuse":
+            raise UpdateRefused(
+                f"num_samples {sub.num_samples} is above this federation's maximum {cap}", reason=Refusal.TOO_MANY_SAMPLES
+            )
         if self._selector is None:
             return
         with self._lock:
@@ -275,6 +283,41 @@ class RoundManager:
         raise UpdateRefused(
             f"agent {sub.agent_id} was not invited to train in round {sub.round}", reason=Refusal.NOT_INVITED
         )
+
+    # ------------------------------------------------------------------ sample counts are claims
+
+    def _samples(self, update: AcceptedUpdate) -> int:
+        """The sample count an update is credited with: its claim, capped at max_num_samples."""
+        cap = self.settings.max_num_samples
+        return min(update.num_samples, cap) if cap else update.num_samples
+
+    def _weight(self, update: AcceptedUpdate) -> float:
+        # the journaled weight is claim x staleness discount; a capped claim scales it down alike
+        return update.weight * self._samples(update) / update.num_samples
+
+    def _resume_strategy(self) -> None:
+        """Hand the strategy the record of the last closed round (server optimizer state)."""
+        closed = self.closed_rounds()
+        if not closed:
+            return
+        cluster = load_manifest(self._store, closed[-1].cluster_cid)
+        report = cluster.extra.get("aggregation", {})
+        if isinstance(report, Mapping):
+            self._strategy.resume(self._store, report)
+
+    def _aggregation_record(self, accepted: Sequence[AcceptedUpdate]) -> dict[str, object]:
+        """What the rule did to whom, and which claims were capped, for the cluster manifest."""
+        assert self._aggregation is not None
+        report = dict(self._aggregation.report())
+        agents = {u.update_cid: u.agent_id for u in accepted}
+        for key in ("refused", "down_weighted"):
+            if key in report:
+                report[key] = [{**entry, "agent": agents.get(entry.get("cid", ""), "")} for entry in report[key]]
+        capped = {u.update_cid: u.num_samples for u in accepted if self._samples(u) != u.num_samples}
+        record: dict[str, object] = {"aggregation": report} if report else {}
+        if capped:
+            record["capped_num_samples"] = {"max": self.settings.max_num_samples, "claimed": capped}
+        return record
 
     # ------------------------------------------------------------------ close
 
@@ -326,7 +369,7 @@ class RoundManager:
         round_, accepted = self._round.round, list(self._accepted)
         result = self._aggregation.result()
         privacy = {"privacy": self._privacy.spend(round_, accepted)} if self._privacy is not None else {}
-        total = sum(u.num_samples for u in accepted)
+        total = sum(self._samples(u) for u in accepted)
         cluster = save_model(
             self._store,
             weights=encode_tensors(result),
@@ -338,22 +381,23 @@ class RoundManager:
             parents=tuple(sorted(u.update_cid for u in accepted)),
             base=self._base.model_cid,
             num_samples=total,
-            metrics=weighted_means([(u.metrics, u.num_samples) for u in accepted]),
+            metrics=weighted_means([(u.metrics, self._samples(u)) for u in accepted]),
             algorithm={
                 **self._strategy.describe(),
                 "weighting": "uniform: clipped deltas (central DP)"
                 if self._privacy is not None and self._privacy.settings.central.enabled
-                else "num_samples x staleness discount",
+                else "num_samples (capped) x staleness discount",
                 "staleness_discount": {
                     "name": self.settings.staleness_discount,
                     "params": dict(self.settings.staleness_params),
                 },
             },
             extra={
-                "base_metrics": weighted_means([(u.base_metrics, u.num_samples) for u in accepted]),
+                "base_metrics": weighted_means([(u.base_metrics, self._samples(u)) for u in accepted]),
                 "trigger": trigger,
                 **self._selection_record(accepted),
                 **privacy,
+                **self._aggregation_record(accepted),
             },
         )
         aggregation_s = time.perf_counter() - started

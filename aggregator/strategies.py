@@ -10,8 +10,10 @@ and they never mutate their inputs. Aggregation is per tensor with per-tensor
 weight sums, so partial updates (a device that trained only the head) average
 correctly and a tensor nobody trained keeps its base value.
 
-Only FedAvg exists today. Rules that need every update at once (median, trimmed
-mean, Krum) will read the accepted updates back from the store, tensor by tensor.
+FedAvg streams. Rules that need every update at once (median, trimmed mean, Krum,
+geometric median, clipped FedAvg) live in `aggregator.robust` and read the accepted
+updates back from the store, tensor by tensor; `aggregator.server_opt` puts a server
+optimizer on top of any of them, and `aggregator.rules.make_strategy` knows them all.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 
 from intake.validation import mismatch
 from proto.errors import InvalidInput
+from storage.manifest import MAX_METRICS
+from storage.store import ContentStore
 
 TensorDict = dict[str, np.ndarray]
 
@@ -65,8 +69,9 @@ def weighted_average(arrays: Iterable[np.ndarray], weights: Iterable[float]) -> 
     return (total / sum(weights)).astype(arrays[0].dtype)
 
 
-def weighted_means(items: list[tuple[Mapping[str, float], int]]) -> dict[str, float]:
-    """Per-key means weighted by sample counts, over the items that report each key."""
+def weighted_means(items: list[tuple[Mapping[str, float], int]], *, limit: int = MAX_METRICS) -> dict[str, float]:
+    """Per-key means weighted by sample counts, over the items that report each key; at most
+    `limit` keys (those with the most weight behind them), so a manifest stays within its bound."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for metrics, weight in items:
@@ -74,7 +79,8 @@ def weighted_means(items: list[tuple[Mapping[str, float], int]]) -> dict[str, fl
             if math.isfinite(value):
                 sums[name] = sums.get(name, 0.0) + value * weight
                 weights[name] = weights.get(name, 0.0) + weight
-    return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
+    kept = sorted((name for name in sums if weights[name] > 0), key=lambda name: (-weights[name], name))[:limit]
+    return {name: sums[name] / weights[name] for name in sorted(kept)}
 
 
 def _axpy_(accumulator: torch.Tensor, x: np.ndarray, alpha: float) -> None:
@@ -93,7 +99,13 @@ class Aggregation(ABC):
     """One round's aggregation in progress."""
 
     @abstractmethod
-    def add(self, update: Mapping[str, np.ndarray], weight: float) -> None: ...
+    def add(self, update: Mapping[str, np.ndarray], weight: float, *, label: str = "", weights_cid: str = "") -> None:
+        """Fold in one update. `label` names it in `report()`; `weights_cid` lets a rule that
+        needs every update at once read it back from the store instead of keeping it."""
+
+    def report(self) -> dict[str, Any]:
+        """What the rule did to individual updates (refused, down-weighted), for the manifest."""
+        return {}
 
     @abstractmethod
     def result(self) -> TensorDict: ...
@@ -114,8 +126,12 @@ class Strategy(ABC):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.params()}
 
+    def resume(self, store: ContentStore, report: Mapping[str, Any]) -> None:  # noqa: B027 - most rules keep no state
+        """Pick up state kept across rounds from the last closed round's `report()` (after a restart)."""
+
     @abstractmethod
-    def start(self, base: Mapping[str, np.ndarray]) -> Aggregation: ...
+    def start(self, base: Mapping[str, np.ndarray], *, store: ContentStore | None = None) -> Aggregation:
+        """A round's aggregation from its base; `store` holds the updates' blobs, for rules that read them back."""
 
 
 class _FedAvgAggregation(Aggregation):
@@ -130,7 +146,7 @@ class _FedAvgAggregation(Aggregation):
     def count(self) -> int:
         return self._count
 
-    def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
+    def add(self, update: Mapping[str, np.ndarray], weight: float, *, label: str = "", weights_cid: str = "") -> None:
         if self._finished:
             raise AggregationError("this aggregation already gave its result", reason="aggregation_finished")
         weight = check_weight(weight)
@@ -172,18 +188,8 @@ class FedAvg(Strategy):
 
     name = "fedavg"
 
-    def start(self, base: Mapping[str, np.ndarray]) -> Aggregation:
+    def start(self, base: Mapping[str, np.ndarray], *, store: ContentStore | None = None) -> Aggregation:
         return _FedAvgAggregation(base)
 
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {FedAvg.name: FedAvg}
-
-
-def make_strategy(name: str, **params: Any) -> Strategy:
-    try:
-        factory = STRATEGIES[name]
-    except KeyError:
-        raise InvalidInput(
-            f"unknown aggregation strategy {name!r}; known: {sorted(STRATEGIES)}", reason="bad_config"
-        ) from None
-    return factory(**params)

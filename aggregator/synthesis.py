@@ -6,11 +6,17 @@ their manifests and weights by CID (the shared store first, the peer's FetchBlob
 as a fallback; every byte re-hashed), screens each candidate, and averages the
 survivors with its own cluster model:
 
-    weight_i = num_samples_i x decay(age_i)
+    weight_i = credited num_samples_i x decay(age_i)
+
+where a peer's sample count, a claim nobody can check, is credited with at most
+SAMPLE_RATIO_LIMIT x the median count of the models merged (recorded in
+`extra.capped_peer_samples`),
 
 where age is in rounds (own round - peer round) or seconds, and `decay` is a
-named function from `aggregator.staleness`. The average is the same FedAvg
-kernel the rounds use; there is one implementation of the rule.
+named function from `aggregator.staleness`. The merge is `synthesis.strategy`,
+one of the same rules the rounds use (FedAvg by default; a robust rule such as
+median, krum or geomed keeps a poisoned peer model that passed screening out of
+the semi-global model); there is one implementation of each rule.
 
 Screening, in order (refusal reason in brackets):
 - too old [stale]; unreachable or missing [unavailable]; bytes that do not hash
@@ -30,7 +36,9 @@ Screening, in order (refusal reason in brackets):
   little and honest peers whose data simply differs get flagged.
 
 The semi-global manifest's parents are our cluster model plus the peer cluster
-models used; refused ones are listed with their reasons in `extra.refused_peers`.
+models used; refused ones are listed with their reasons in `extra.refused_peers`
+(a model the rule left out, e.g. not selected by Krum, as [rejected_by_rule]),
+and what the rule did (coefficients, clipping) in `extra.aggregation`.
 """
 
 from __future__ import annotations
@@ -45,8 +53,9 @@ from enum import StrEnum
 import numpy as np
 
 from aggregator.config import SynthesisSettings
+from aggregator.rules import make_strategy
 from aggregator.staleness import make_discount
-from aggregator.strategies import FedAvg, weighted_means
+from aggregator.strategies import weighted_means
 from coordinator.ring import Member, Ring
 from intake.validation import mismatch, non_finite
 from proto.errors import IntegrityError, InvalidInput, NotFound, StrataError, Unavailable
@@ -62,6 +71,9 @@ log = logging.getLogger("strata.aggregator.synthesis")
 
 # a candidate whose norm differs from ours by more than this factor is refused
 NORM_RATIO_LIMIT = 10.0
+# a peer model's sample count is a claim: it is credited with at most this many times the median
+# count of the models being merged (ours included), so one inflated claim cannot outweigh the rest
+SAMPLE_RATIO_LIMIT = 10.0
 # how often a waiting synthesis asks a lagging peer again
 _PEER_POLL_S = 0.2
 # the outlier z-score needs this many models (ours included) to mean anything
@@ -97,6 +109,7 @@ class PeerReason(StrEnum):
     NORM_OUTLIER = "norm_outlier"
     OUTLIER = "outlier"
     UNCERTIFIED_SIGNER = "uncertified_signer"
+    REJECTED_BY_RULE = "rejected_by_rule"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +174,7 @@ class SemiGlobalSynthesizer:
         self._clock = clock
         self._rng = rng or random.Random()
         self._decay = make_discount(settings.decay, **settings.decay_params)
+        self._strategy = make_strategy(settings.strategy, settings.strategy_params)
         self.last_sources: dict[str, str] = {}
         self._wait_until = 0.0
 
@@ -313,16 +327,34 @@ class SemiGlobalSynthesizer:
         candidates: Sequence[_Candidate],
         refused: Sequence[PeerRefusal],
     ) -> Manifest:
+        credited = credited_samples(cluster, candidates)
         weights = {cluster.cid: float(cluster.num_samples) * self._decay(0.0)}
-        aggregation = FedAvg().start(own)
-        aggregation.add(own, max(weights[cluster.cid], 1e-12))
+        aggregation = self._strategy.start(own)
+        aggregation.add(own, max(weights[cluster.cid], 1e-12), label=cluster.cid)
         for candidate in candidates:
             # the signed manifest's count, not the pointer's unsigned claim
-            weight = float(candidate.manifest.num_samples) * self._decay(candidate.age)
+            weight = float(credited[candidate.manifest.cid]) * self._decay(candidate.age)
             weights[candidate.manifest.cid] = weight
-            aggregation.add(candidate.tensors, max(weight, 1e-12))
+            aggregation.add(candidate.tensors, max(weight, 1e-12), label=candidate.manifest.cid)
         result = aggregation.result()
+        report = aggregation.report()
+        left_out = {entry["cid"]: entry for entry in report.get("refused", [])}
+        refused = [
+            *refused,
+            *(
+                PeerRefusal(
+                    model_cid=c.manifest.cid,
+                    producer=c.manifest.producer.id,
+                    reason=PeerReason.REJECTED_BY_RULE,
+                    message=f"{self._strategy.name}: {left_out[c.manifest.cid].get('message', '')}",
+                )
+                for c in candidates
+                if c.manifest.cid in left_out
+            ),
+        ]
+        candidates = [c for c in candidates if c.manifest.cid not in left_out]
         used = [cluster, *(c.manifest for c in candidates)]
+        claimed = {m.cid: m.num_samples for m in used}
         manifest = save_model(
             self._store,
             weights=encode_tensors(result),
@@ -333,8 +365,8 @@ class SemiGlobalSynthesizer:
             key=self._key,
             parents=[m.cid for m in used],
             base=cluster.base,
-            num_samples=sum(m.num_samples for m in used),
-            metrics=weighted_means([(m.metrics, m.num_samples) for m in used]),
+            num_samples=min(sum(credited[m.cid] for m in used), _MAX_SAMPLES),
+            metrics=weighted_means([(m.metrics, credited[m.cid]) for m in used]),
             algorithm={
                 "name": "semi-global",
                 "params": {
@@ -345,10 +377,17 @@ class SemiGlobalSynthesizer:
                     "peers": self.settings.peers,
                     "outlier_z": self.settings.outlier_z,
                 },
+                "strategy": self._strategy.describe(),
             },
             extra={
+                **({"aggregation": report} if report else {}),
                 "weights": weights,
                 "peer_rounds": {c.manifest.cid: c.pointer.round for c in candidates},
+                **(
+                    {"capped_peer_samples": {cid: m for cid, m in claimed.items() if credited[cid] != m}}
+                    if any(credited[cid] != m for cid, m in claimed.items())
+                    else {}
+                ),
                 "refused_peers": [r.to_json() for r in refused],
             },
         )
@@ -367,6 +406,20 @@ class SemiGlobalSynthesizer:
             },
         )
         return manifest
+
+
+_MAX_SAMPLES = (1 << 63) - 1
+
+
+def credited_samples(cluster: Manifest, candidates: Sequence[_Candidate]) -> dict[str, int]:
+    """Each model's sample count as credited: ours as is, a peer's capped at SAMPLE_RATIO_LIMIT x the
+    median count of all of them (robust rescaling of a claim nobody can check)."""
+    counts = [cluster.num_samples, *(c.manifest.num_samples for c in candidates)]
+    limit = max(1, int(SAMPLE_RATIO_LIMIT * float(np.median(np.array(counts, dtype=np.float64)))))
+    credited = {cluster.cid: min(cluster.num_samples, _MAX_SAMPLES)}
+    for candidate in candidates:
+        credited[candidate.manifest.cid] = min(candidate.manifest.num_samples, limit, _MAX_SAMPLES)
+    return credited
 
 
 class _Refused(Exception):

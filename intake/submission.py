@@ -26,7 +26,7 @@ from proto.errors import Refusal, StrataError, UpdateRefused
 from storage.cid import cid_of, is_cid
 from storage.codec import CodecError, summarize
 from storage.keys import KeyPair
-from storage.manifest import Manifest, Producer, rfc3339
+from storage.manifest import MAX_METRIC_NAME_CHARS, MAX_METRICS, Manifest, Producer, rfc3339
 from storage.store import StagedWrite
 from trust.identity import Certified
 from trust.signers import SignerError, Signers
@@ -76,6 +76,14 @@ def check_header(sub: Submission, limits: UpdateLimits, *, kinds: tuple[str, ...
         raise UpdateRefused(f"base_cid is not a CID: {sub.base_cid[:80]!r}", reason=Refusal.BAD_HEADER)
     if not 0 < sub.num_samples <= MAX_NUM_SAMPLES:
         raise UpdateRefused(f"num_samples must be in 1..2^63-1, got {sub.num_samples}", reason=Refusal.BAD_HEADER)
+    for field_name, metrics in (("metrics", sub.metrics), ("base_metrics", sub.base_metrics)):
+        if len(metrics) > MAX_METRICS:
+            raise UpdateRefused(f"{field_name} has {len(metrics)} entries; at most {MAX_METRICS}", reason=Refusal.BAD_METRICS)
+        longest = max(map(len, metrics), default=0)
+        if longest > MAX_METRIC_NAME_CHARS:
+            raise UpdateRefused(
+                f"{field_name} has a name of {longest} characters; at most {MAX_METRIC_NAME_CHARS}", reason=Refusal.BAD_METRICS
+            )
     if sub.kind not in kinds:
         raise UpdateRefused(f"update kind must be one of {list(kinds)}, got {sub.kind!r}", reason=Refusal.BAD_HEADER)
     check_size(len(sub.weights), limits)

@@ -107,6 +107,10 @@ class Refusal(StrEnum):
     PRIVACY_BUDGET_SPENT = "privacy_budget_spent"
     # the federation requires local DP and the update's manifest does not declare it (or declares less)
     LOCAL_DP_REQUIRED = "local_dp_required"
+    # num_samples above the federation's maximum, with the aggregator set to refuse such claims
+    TOO_MANY_SAMPLES = "too_many_samples"
+    # more metrics than a header may carry, or a metric name too long
+    BAD_METRICS = "bad_metrics"
 
 
 # Refusals that resending the same update can never overcome: an agent drops such an update.
@@ -120,6 +124,8 @@ FINAL_REFUSALS = frozenset(
         Refusal.NOT_PRODUCER,
         Refusal.PRIVACY_BUDGET_SPENT,
         Refusal.LOCAL_DP_REQUIRED,
+        Refusal.TOO_MANY_SAMPLES,
+        Refusal.BAD_METRICS,
     }
 )
 

@@ -48,6 +48,8 @@ __all__ = [
     "ManifestError",
     "Producer",
     "DEVICE_UPDATE_KINDS",
+    "MAX_METRICS",
+    "MAX_METRIC_NAME_CHARS",
     "canonical_json",
     "now_rfc3339",
     "timestamp",
@@ -59,6 +61,9 @@ KINDS = ("base", "local", "relay", "cluster", "semi-global", "fork")
 DEVICE_UPDATE_KINDS = ("local", "relay")
 # a PEM certificate is about 1 KiB; this leaves room for long SANs and nothing more
 MAX_CERTIFICATE_CHARS = 16384
+# a metrics map is a summary, not a place to store a stranger's megabytes (100,000 keys were once accepted)
+MAX_METRICS = 128
+MAX_METRIC_NAME_CHARS = 128
 _PEM_CERTIFICATE = re.compile(r"^-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----\r?\n?$")
 
 _FEDERATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -246,11 +251,15 @@ class Manifest:
     def _checked_metrics(metrics: Any) -> dict[str, float]:
         if not isinstance(metrics, Mapping):
             raise _bad("metrics", "expected an object mapping names to numbers")
+        if len(metrics) > MAX_METRICS:
+            raise _bad("metrics", f"at most {MAX_METRICS} metrics, got {len(metrics)}")
         checked: dict[str, float] = {}
-        for name in sorted(metrics):
+        for name in sorted(metrics, key=str):
             value = metrics[name]
             if not isinstance(name, str) or not name:
                 raise _bad("metrics", f"metric names must be non-empty strings, got {name!r}")
+            if len(name) > MAX_METRIC_NAME_CHARS:
+                raise _bad("metrics", f"metric names are at most {MAX_METRIC_NAME_CHARS} characters, got {len(name)}")
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise _bad(f"metrics.{name}", f"expected a finite number, got {value!r}")
             if not math.isfinite(value):

@@ -25,6 +25,8 @@ class LineageNode:
     metrics: Mapping[str, float] = field(default_factory=dict)
     parents: tuple[str, ...] = ()
     note: str = ""
+    # which aggregation rule made it (empty where the manifest was not read)
+    rule: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,12 +57,54 @@ def node_from_manifest(cid: str, manifest: Manifest) -> LineageNode:
         metrics=dict(manifest.metrics),
         parents=tuple(manifest.parents),
         note=note,
+        rule=rule_of(manifest),
     )
+
+
+def _call(described: Any) -> str:
+    """{"name": "krum", "params": {"f": 1}} -> "krum(f=1)"."""
+    if not isinstance(described, Mapping) or not described.get("name"):
+        return ""
+    params = described.get("params") if isinstance(described.get("params"), Mapping) else {}
+    inner = ",".join(f"{k}={v}" for k, v in sorted(params.items()) if not isinstance(v, Mapping | list))
+    return f"{described['name']}({inner})" if inner else str(described["name"])
+
+
+def rule_of(manifest: Manifest) -> str:
+    """The rule that made a model, in one word-ish: 'median', 'multi_krum(f=1,m=0)+fedadam(lr=0.1,…)';
+    a semi-global model names its merge rule ('semi-global: geomed(iterations=10,nu=1e-06)')."""
+    algorithm = manifest.algorithm if isinstance(manifest.algorithm, Mapping) else {}
+    if manifest.kind == "semi-global":
+        merge = _call(algorithm.get("strategy")) or "fedavg"
+        return f"semi-global: {merge}"
+    if manifest.kind not in ("cluster", "relay"):
+        return ""
+    rule = _call(algorithm)
+    optimizer = _call(algorithm.get("server_opt"))
+    return f"{rule}+{optimizer}" if rule and optimizer else rule
+
+
+def rule_effects(manifest: Manifest) -> str:
+    """What the rule did to individual inputs, from the manifest's record: '2 refused, 1 down-weighted'."""
+    extra = manifest.extra if isinstance(manifest.extra, Mapping) else {}
+    report = extra.get("aggregation") if isinstance(extra.get("aggregation"), Mapping) else {}
+    parts = []
+    for key, word in (("refused", "refused"), ("down_weighted", "down-weighted")):
+        entries = report.get(key)
+        if isinstance(entries, list) and entries:
+            who = ", ".join(str(e.get("agent") or e.get("cid", "?"))[:24] for e in entries[:5] if isinstance(e, Mapping))
+            parts.append(f"{len(entries)} {word} ({who}{', …' if len(entries) > 5 else ''})")
+    capped = extra.get("capped_num_samples")
+    if isinstance(capped, Mapping) and isinstance(capped.get("claimed"), Mapping):
+        parts.append(f"{len(capped['claimed'])} sample claim(s) capped at {capped.get('max')}")
+    return "; ".join(parts)
 
 
 def _label(node: LineageNode) -> str:
     metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(node.metrics.items()) if k in ("accuracy", "loss"))
     parts = [node.kind, node.cid, f"round {node.round}", node.producer, f"n={node.num_samples}"]
+    if node.rule:
+        parts.append(f"rule={node.rule}")
     if metrics:
         parts.append(metrics)
     if node.note:
@@ -133,6 +177,7 @@ def lineage_json(view: LineageView) -> dict[str, Any]:
                 "num_samples": n.num_samples,
                 "metrics": dict(n.metrics),
                 "parents": list(n.parents),
+                "rule": n.rule,
             }
             for cid, n in view.nodes.items()
         },
@@ -162,6 +207,11 @@ def manifest_text(cid: str, manifest: Manifest) -> str:
     privacy = privacy_text(manifest)
     if privacy:
         lines.append(f"privacy    {privacy}")
+    rule, effects = rule_of(manifest), rule_effects(manifest)
+    if rule:
+        lines.append(f"rule       {rule}")
+    if effects:
+        lines.append(f"rule did   {effects}")
     lines.append(f"parents    {len(manifest.parents)}")
     lines += [f"  {p}" for p in manifest.parents]
     lines.append(f"tensors    {len(manifest.tensors)}")

@@ -13,9 +13,11 @@ import pytest
 
 from agent.privacy import apply_local_dp
 from agent.submit import local_update
+from aggregator.config import AggregatorConfig
 from aggregator.privacy import PrivacyGuard
 from aggregator.rounds import RoundManager
-from aggregator.strategies import FedAvg
+from aggregator.rules import make_strategy
+from aggregator.strategies import Strategy
 from intake.submission import Submission
 from privacy import (
     AdaptiveClip,
@@ -171,7 +173,7 @@ def test_privacy_settings_refuse_incoherent_values() -> None:
 class PrivateRounds(Rounds):
     def __init__(self, tmp_path: Path, privacy: PrivacySettings, **settings) -> None:
         self.privacy = privacy
-        super().__init__(tmp_path, **settings)
+        super().__init__(tmp_path, **settings)  # Rounds keeps `strategy` (FedAvg unless given)
 
     def _manager(self) -> RoundManager:
         from aggregator.journal import Journal
@@ -183,7 +185,7 @@ class PrivateRounds(Rounds):
             settings=self.settings,
             store=self.store,
             journal=self.journal,
-            strategy=FedAvg(),
+            strategy=self.strategy,
             key=self.key,
             initial_base=self.base0,
             privacy=PrivacyGuard(self.privacy, federation="digits"),
@@ -220,13 +222,35 @@ class PrivateRounds(Rounds):
         )
 
 
-def _private(tmp_path: Path, **central) -> PrivateRounds:
+def _private(tmp_path: Path, *, strategy: Strategy | None = None, **central) -> PrivateRounds:
     return PrivateRounds(
         tmp_path,
         PrivacySettings(target_epsilon=central.pop("target_epsilon", 0.0), central=CentralDpSettings(**central)),
+        strategy=strategy,
         quorum=1.0,
         min_updates=1,
     )
+
+
+def test_central_dp_around_a_robust_rule_takes_the_median_of_the_clipped_deltas(tmp_path: Path) -> None:
+    # the median reads updates back from the store unless told otherwise: under DP it must see
+    # the clipped deltas, not the stored (unclipped) blobs
+    rounds = _private(tmp_path, strategy=make_strategy("median", {}), clip=1.0, noise_multiplier=0.0, seed=7)
+    try:
+        rounds.submit("a1", 0.1)
+        rounds.submit("a2", 5.0)  # clipped to 1/√2 per coordinate
+        rounds.submit("a3", 6.0)  # likewise: the unclipped median would be 5
+        cluster = rounds.manager.maybe_close(active_trainers=3)
+        assert cluster is not None
+        np.testing.assert_allclose(rounds.tensors(cluster.cid), 1 / math.sqrt(2), rtol=1e-5)
+        assert cluster.algorithm["name"] == "median" and "dp" in cluster.algorithm
+    finally:
+        rounds.close()
+
+
+def test_a_server_optimizer_is_not_combined_with_central_dp() -> None:
+    with pytest.raises(ConfigError, match="server_opt cannot be combined with central DP"):
+        AggregatorConfig(server_opt="fedadam", privacy=PrivacySettings(central=CentralDpSettings(clip=1.0, noise_multiplier=1.0)))
 
 
 def test_central_dp_clips_each_delta_weighs_devices_equally_and_records_epsilon(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 from aggregator.config import RoundSettings
 from aggregator.journal import Journal
 from aggregator.rounds import RoundManager
-from aggregator.strategies import FedAvg
+from aggregator.strategies import FedAvg, Strategy
 from intake.submission import Submission
 from storage.codec import decode_tensors, encode_tensors
 from storage.keys import KeyPair
@@ -34,8 +34,9 @@ class Clock:
 class Rounds:
     """A RoundManager over files in tmp_path; `restart()` builds a new one over the same files."""
 
-    def __init__(self, tmp_path: Path, **settings) -> None:
+    def __init__(self, tmp_path: Path, *, strategy: Strategy | None = None, **settings) -> None:
         self.tmp_path = tmp_path
+        self.strategy = strategy if strategy is not None else FedAvg()
         self.settings = RoundSettings(**{"deadline_s": 30.0, "max_relative_norm": 0, **settings})
         self.clock = Clock()
         self.key = KeyPair.generate()
@@ -60,7 +61,7 @@ class Rounds:
             settings=self.settings,
             store=self.store,
             journal=self.journal,
-            strategy=FedAvg(),
+            strategy=self.strategy,
             key=self.key,
             initial_base=self.base0,
             on_new_base=lambda base: self.new_bases.append(base.model_cid),

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from aggregator.rules import make_strategy
 from aggregator.strategies import (
     AggregationError,
     FedAvg,
     check_compatible,
     check_weight,
-    make_strategy,
     weighted_average,
     weighted_means,
 )
@@ -160,9 +160,19 @@ def test_weighted_means_weigh_by_samples_over_the_items_reporting_each_key() -> 
     assert weighted_means([({"loss": 1.0}, 0)]) == {}  # no weight behind it: no mean
 
 
-def test_make_strategy_knows_fedavg_and_refuses_the_rest() -> None:
+def test_make_strategy_knows_every_rule_and_refuses_the_rest() -> None:
     assert make_strategy("fedavg").describe() == {"name": "fedavg", "params": {}}
+    assert make_strategy("krum", {"f": 2}).describe() == {"name": "krum", "params": {"f": 2}}
     with pytest.raises(InvalidInput) as info:
-        make_strategy("krum")
+        make_strategy("bulyan")
     assert info.value.reason == "bad_config"
-    assert "'krum'" in str(info.value) and "known: ['fedavg']" in str(info.value)
+    assert "'bulyan'" in str(info.value) and "'fedavg', 'geomed', 'krum'" in str(info.value)
+    with pytest.raises(InvalidInput) as info:
+        make_strategy("fedavg", {"beta": 0.1})
+    assert info.value.reason == "bad_config" and "beta" in str(info.value)
+
+
+def test_weighted_means_keep_the_most_reported_keys_within_a_manifests_bound() -> None:
+    items = [({f"rare{i}": 1.0}, 1) for i in range(300)] + [({"loss": 2.0}, 50)]
+    means = weighted_means(items, limit=10)
+    assert len(means) == 10 and means["loss"] == 2.0

@@ -275,3 +275,54 @@ def test_with_a_fleet_ca_only_certified_ring_members_count(tmp_path: Path, peers
     assert "not_producer" in refused["agg-c"]["message"] and "agg-x" in refused["agg-c"]["message"]
     assert "uncertified" in refused["agg-d"]["message"]
     assert set(semi.parents) == {cluster.cid, honest.cid}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params"), [("fedavg", {}), ("median", {}), ("multi_krum", {"f": 1}), ("geomed", {"iterations": 20})]
+)
+def test_a_poisoned_peer_model_that_passes_screening_stays_out_under_a_robust_rule(
+    tmp_path: Path, peers: dict[str, Peer], strategy: str, params: dict
+) -> None:
+    """A malicious aggregator publishes base + 100x an honest change: its norm is within 10x of ours
+    and four models are too few for the z-score, so screening lets it through; a robust rule must not."""
+    change = 0.1
+    own = {k: v + change for k, v in BASE.items()}
+    peers["agg-b"].publish({k: v + 2 * change for k, v in BASE.items()}, round_=1, num_samples=100)
+    peers["agg-c"].publish({k: v - change for k, v in BASE.items()}, round_=1, num_samples=100)
+    poisoned = peers["agg-d"].publish({k: v + 100 * change for k, v in BASE.items()}, round_=1, num_samples=100)
+    synthesizer, store, key = _synthesizer(
+        tmp_path, _ring(peers, "agg-b", "agg-c", "agg-d"), decay="constant", decay_params={}, strategy=strategy, strategy_params=params
+    )
+    cluster = _own_cluster(store, key, own, round_=1, num_samples=100)
+
+    semi = synthesizer(cluster, own)
+
+    described = semi.algorithm["strategy"]
+    assert described["name"] == strategy and params.items() <= described["params"].items()
+    offset = decode_tensors(load_model(store, semi.cid)[1])["w"] - BASE["w"]
+    if strategy == "fedavg":  # the control: screening alone does not catch it
+        assert poisoned.cid in semi.parents and np.all(offset > 2)
+        return
+    assert np.all(offset <= 2 * change + 1e-3) and np.all(offset >= -change - 1e-3)  # within the honest range
+    if strategy == "multi_krum":  # left out entirely, and said so
+        assert poisoned.cid not in semi.parents
+        (refusal,) = semi.extra["refused_peers"]
+        assert (refusal["cid"], refusal["reason"]) == (poisoned.cid, "rejected_by_rule")
+    if strategy == "geomed":
+        assert semi.extra["aggregation"]["coefficients"][poisoned.cid] < 0.05
+
+
+def test_an_inflated_peer_sample_count_is_capped_at_ten_times_the_median(tmp_path: Path, peers: dict[str, Peer]) -> None:
+    own = {k: v + 1 for k, v in BASE.items()}
+    peers["agg-b"].publish({k: v + 3 for k, v in BASE.items()}, round_=1, num_samples=100)
+    greedy = peers["agg-c"].publish({k: v - 2 for k, v in BASE.items()}, round_=1, num_samples=2**62)
+    synthesizer, store, key = _synthesizer(tmp_path, _ring(peers, "agg-b", "agg-c"), decay="constant", decay_params={})
+    cluster = _own_cluster(store, key, own, round_=1, num_samples=100)
+
+    semi = synthesizer(cluster, own)
+
+    # counts 100, 100, 2^62: median 100, so the claim is credited with 1000
+    assert semi.extra["capped_peer_samples"] == {greedy.cid: 2**62}
+    assert semi.num_samples == 1200
+    offset = decode_tensors(load_model(store, semi.cid)[1])["w"] - BASE["w"]
+    np.testing.assert_allclose(offset, (100 * 1 + 100 * 3 + 1000 * -2) / 1200, rtol=1e-5)
