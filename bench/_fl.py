@@ -3,7 +3,7 @@
 MNIST (the built-in task's dataset) split non-IID (Dirichlet α, `agent.tasks.partition`) over
 devices; each device trains a softmax-regression model (784 → 10) with numpy SGD, so hundreds of
 devices × tens of rounds fit in a minute on two cores. Aggregation is *the aggregator's own code*:
-`aggregator.strategies.make_strategy` for the rule (any registered one), `aggregator.privacy` for
+`aggregator.rules.make_strategy` for the rule (any registered one), `aggregator.privacy` for
 central DP and `privacy.accounting` for ε. Only the transport (gRPC, the store) is left out: the
 end-to-end tests cover that path.
 """

@@ -10,7 +10,7 @@ model (bench/_fl.py). In each cluster a share of the devices is hostile and send
 uses; "a little is enough" here sees every honest update of its cluster, the strongest form).
 Each aggregator screens updates with the intake's norm bound (‖Δ‖ ≤ `--norm-bound` × max(‖base‖, 1),
 the `round.max_relative_norm` default), aggregates with the rule under test
-(`aggregator.strategies.make_strategy`: every registered rule by default, so rules added to the
+(`aggregator.rules.make_strategy`: every registered rule by default, so rules added to the
 registry join the table without a change here), and the semi-global model applies the same rule
 to the cluster models, weighted by their claimed samples. `malicious_aggregator`: one aggregator
 publishes its cluster model's delta flipped and ×10 (`poison_model`) instead of its honest one.
@@ -38,7 +38,7 @@ from agent.sim.attacks import (
     scale_update,
     sign_flip,
 )
-from aggregator.strategies import STRATEGIES, make_strategy
+from aggregator.rules import make_strategy, strategy_names
 from privacy.mechanism import delta_norm
 
 MALICIOUS_AGGREGATOR = "malicious_aggregator"
@@ -64,7 +64,7 @@ def _hostile(base: Mapping[str, np.ndarray], honest: dict, attack: str, strength
 
 
 def _aggregate(strategy: str, params: Mapping[str, Any], base: Mapping[str, np.ndarray], items: list[tuple[dict, float]]) -> dict:
-    aggregation = make_strategy(strategy, **params).start(base)
+    aggregation = make_strategy(strategy, params).start(base)
     for weights, weight in items:
         aggregation.add(weights, weight)
     return aggregation.result()
@@ -133,7 +133,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    strategies = [s for s in args.strategies.split(",") if s] or sorted(STRATEGIES)
+    strategies = [s for s in args.strategies.split(",") if s] or strategy_names()
     params: dict[str, dict[str, Any]] = json.loads(args.strategy_params)
     attacks = [a for a in args.attacks.split(",") if a]
     shares = [float(s) for s in args.shares.split(",") if s]

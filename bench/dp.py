@@ -26,7 +26,7 @@ import _fl
 import numpy as np
 
 from aggregator.privacy import PrivacyGuard
-from aggregator.strategies import make_strategy
+from aggregator.rules import make_strategy
 from privacy.accounting import PrivacyEvent, epsilon_of
 from privacy.config import CentralDpSettings, PrivacySettings
 from privacy.mechanism import delta_norm, privatize_update
