@@ -23,6 +23,7 @@ while [ "$#" -ge 2 ]; do
     mkdir -p "$out"
     for file in ca.pem cert.pem key.pem manifest.key; do
         cp "$secrets/$id.$file" "$out/$file.tmp"
+        chmod 600 "$out/$file.tmp"
         mv "$out/$file.tmp" "$out/$file"
     done
     echo "bundle $id: $out"
@@ -34,6 +35,7 @@ if [ -n "${CA_SECRET:-}" ] && [ -n "${CA_DIR:-}" ]; then
     else
         mkdir -p "$CA_DIR"
         cp "$CA_SECRET"/* "$CA_DIR"/
+        chmod 600 "$CA_DIR"/*  # the coordinator writes its databases; nobody else reads the key
         echo "fleet CA: copied to $CA_DIR"
     fi
 fi
