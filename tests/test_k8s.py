@@ -322,11 +322,18 @@ def _secrets(root: Path, hosts: HostMap) -> dict[str, dict[str, bytes]]:
             "EXTRA_SANS": " ".join(extra),
         },
     )
-    result = subprocess.run(
-        ["sh", str(K8S / "secrets.sh")], env=env, cwd=root, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL
-    )
-    assert result.returncode == 0, result.stderr
-    secrets = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+    def run() -> tuple[list[dict[str, Any]], str]:
+        result = subprocess.run(
+            ["sh", str(K8S / "secrets.sh")], env=env, cwd=root, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL
+        )
+        assert result.returncode == 0, result.stderr
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc], result.stderr
+
+    secrets, _ = run()
+    # idempotent, like certs-init.sh: run again, it issues nothing and prints the same Secrets
+    again, log = run()
+    assert again == secrets and "issued" not in log and log.count(": current") == AGGREGATORS + 3, log
     kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed (test extra)")
     for secret in secrets:
         kubernetes_validate.validate(secret, kubernetes_validate.latest_version(), strict=True)
