@@ -13,7 +13,8 @@
    each pod's volumes are directories filled as the kubelet would fill them, init
    containers run first, then the daemons, one loopback address per DNS name (as
    tests/test_deploy.py does for compose), each aggregator publishing to an embedded Kubo
-   node. The coordinator and 3 aggregators pass their own probes and an agent enrolls and joins.
+   node. The coordinator, 3 aggregators and the relay pass their own probes, the
+   aggregators are on the ring as agg-0..2, and an agent enrolls, joins and trains.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ("three-aggregators", "three-aggregators-relay")
 FLEET_OVERLAY = "three-aggregators"
+RELAY_OVERLAY = "three-aggregators-relay"
 TOOLS_VENV = REPO / ".venv-k8s"
 IMAGE_HOME = "/var/lib/strata"  # the image's HOME (deploy/Dockerfile)
 STRATA_IMAGE = "strata-fl:"
@@ -485,7 +487,7 @@ class NativeK8sFleet:
 
 @pytest.mark.slow
 def test_fleet_overlay_runs_natively(procs: ProcessFactory, tmp_path: Path) -> None:
-    objects = render(FLEET_OVERLAY)
+    objects = render(RELAY_OVERLAY)  # the 3-aggregator fleet plus the optional relay
     fleet = NativeK8sFleet(objects, procs, tmp_path / "fleet")
     if not _loopback_aliases_work(fleet.hosts.ips["coordinator"]):
         pytest.skip("this OS routes only 127.0.0.1 to loopback")
@@ -566,5 +568,13 @@ def _run_fleet(fleet: NativeK8sFleet) -> None:
 
     _wait("a round closes with the agent's update", lambda: rounds() >= 1, 120, lambda: "\n".join(p.tail(6) for p in [*aggregators.values(), agent]))
 
-    for process in [agent, *aggregators.values(), coordinator]:
+    # the optional relay: up (its own probes), and one agent of its home aggregator upstream
+    relay_pod = fleet.pod("Deployment", "relay")
+    relay_pod.run_init_containers()
+    relay = relay_pod.start()
+    relay_pod.probe("startupProbe", timeout=60)
+    upstream = relay.wait_for_event("upstream_joined", timeout=60)
+    assert upstream["home"] in expected, upstream
+
+    for process in [relay, agent, *aggregators.values(), coordinator]:
         process.terminate(timeout=15)
