@@ -243,20 +243,31 @@ def test_probes_resources_and_security(rendered: dict[str, list[dict[str, Any]]]
             resources = container["resources"]
             assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"], where
             assert container["securityContext"]["readOnlyRootFilesystem"] is True, where
+            config = _daemon_config(objects, container)
+            writable = [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")]
             if container["args"][0] == "agent":
                 assert "readinessProbe" not in container, "agents serve nothing to probe"
+                # its id, key and enrolled certificate: in the pod's own volume, written by the agent
+                for path in (config.state_dir, config.tls.bundle):
+                    assert any(path.startswith(m + "/") for m in writable), f"{where}: {path} is not on a writable volume"
                 continue
-            config = _daemon_config(objects, container)
             port = config.listen.rsplit(":", 1)[1]
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 command = container[probe]["exec"]["command"]
                 # the standard grpc.health.v1 check, over the daemon's own mutual TLS
                 assert command == ["strata", "health", f"127.0.0.1:{port}", "--bundle", config.tls.bundle], (where, probe)
             # every path the daemon writes is on a volume (the root filesystem is read-only)
-            writable = [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")]
             for path in (config.state_dir, getattr(config, "store", "").removeprefix("local:"), getattr(config, "ca_dir", "")):
                 if path:
                     assert any(path.startswith(m + "/") for m in writable), f"{where}: {path} is not on a writable volume"
+            # its bundle is the one its init container copies out of the Secret, for its own id
+            (init,) = _pod_spec(workload)["initContainers"]
+            script, _, own_id, bundle = init["args"][:4]
+            assert script.endswith("/bundle-init.sh") and bundle == config.tls.bundle, where
+            expected_id = "$(POD_NAME)" if workload["kind"] == "StatefulSet" else workload["metadata"]["name"]
+            assert own_id == expected_id, where
+            if config.__class__.__name__ == "CoordinatorConfig":
+                assert _env(init)["CA_DIR"] == config.ca_dir, "the CA is copied where the coordinator reads it"
         for workload in _workloads(objects):
             spec = _pod_spec(workload)
             assert spec["automountServiceAccountToken"] is False
