@@ -12,11 +12,18 @@ import json
 import os
 import secrets
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from storage.codec import CodecError, decode_tensors, encode_tensors
 from storage.keys import KeyPair
+
+# top-k's error-feedback residual (storage.encodings): what the sent updates left out so far
+RESIDUAL_FILE = "topk_residual.safetensors"
 
 
 @dataclass(kw_only=True)
@@ -98,6 +105,27 @@ class AgentState:
             return None
         path = self.directory / pending.weights_file
         return path.read_bytes() if path.exists() else None
+
+    # ------------------------------------------------------------------ top-k error feedback
+
+    def residual(self) -> dict[str, np.ndarray]:
+        """What top-k encoding left out of the updates sent so far (empty if none, or unreadable)."""
+        path = self.directory / RESIDUAL_FILE
+        if not path.exists():
+            return {}
+        try:
+            return decode_tensors(path.read_bytes())
+        except CodecError:  # a torn or foreign file: start over rather than refuse to train
+            return {}
+
+    def set_residual(self, residual: Mapping[str, np.ndarray]) -> None:
+        """Keep top-k's residual across restarts (written atomically, like the pending update)."""
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".residual-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(encode_tensors(dict(residual)))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.directory / RESIDUAL_FILE)
 
     def clear_pending(self, *, update_cid: str) -> None:
         pending = self.progress.pending

@@ -42,6 +42,7 @@ from intake.submission import Submission
 from intake.validation import UpdateLimits, squared_norms
 from proto.errors import Refusal, StrataError, UpdateRefused
 from storage.codec import decode_tensors, encode_tensors
+from storage.encodings import FLOAT32, Encoding
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer
 from storage.models import load_model, save_model
@@ -76,6 +77,7 @@ class RoundManager:
         on_model: Callable[[Manifest], None] | None = None,
         selector: Selector | None = None,
         privacy: PrivacyGuard | None = None,
+        encoding: Encoding = FLOAT32,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.aggregator_id = aggregator_id
@@ -105,6 +107,7 @@ class RoundManager:
                 ),
                 max_staleness=settings.max_staleness,
                 discount=make_discount(settings.staleness_discount, **settings.staleness_params),
+                encoding=lambda: encoding,
             ),
             receiver=self,
             store=store,
@@ -144,8 +147,7 @@ class RoundManager:
             self._enter_round(record)
             accepted = self._journal.open_updates()
             for update in accepted:
-                _, weights = load_model(self._store, update.update_cid)
-                self.fold(update, decode_tensors(weights))
+                self.fold(update, self.intake.read_accepted(update))
             if accepted:
                 log.info(
                     "round_recovered",

@@ -107,6 +107,11 @@ class Refusal(StrEnum):
     PRIVACY_BUDGET_SPENT = "privacy_budget_spent"
     # the federation requires local DP and the update's manifest does not declare it (or declares less)
     LOCAL_DP_REQUIRED = "local_dp_required"
+    # the encoded weights do not decode against the base (storage/encodings.py): wrong names, dtypes or
+    # shapes for the encoding, top-k indices out of range or order, a bad int8 scale; or an unknown encoding
+    BAD_ENCODING = "bad_encoding"
+    # the update is encoded otherwise than the federation asked (round_config["encoding"])
+    UNEXPECTED_ENCODING = "unexpected_encoding"
 
 
 # Refusals that resending the same update can never overcome: an agent drops such an update.
@@ -120,6 +125,7 @@ FINAL_REFUSALS = frozenset(
         Refusal.NOT_PRODUCER,
         Refusal.PRIVACY_BUDGET_SPENT,
         Refusal.LOCAL_DP_REQUIRED,
+        Refusal.UNEXPECTED_ENCODING,
     }
 )
 

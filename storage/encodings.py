@@ -31,8 +31,9 @@ vectorized numpy; nothing here unpickles.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,6 +46,10 @@ from storage.codec import (
     encode_tensors,
     summarize,
 )
+from storage.models import load_model
+
+if TYPE_CHECKING:
+    from storage.store import ContentStore
 
 __all__ = [
     "ENCODING_KINDS",
@@ -53,7 +58,9 @@ __all__ = [
     "EncodingError",
     "decode_update",
     "encode_update",
+    "federation_encoding",
     "parse_encoding",
+    "read_update",
 ]
 
 ENCODING_KINDS = ("float32", "fp16", "bf16", "int8", "topk")
@@ -111,6 +118,11 @@ def parse_encoding(text: str) -> Encoding:
     raise EncodingError(
         f"unknown encoding {text[:40]!r}: expected float32, fp16, bf16, int8 or topk:F with 0 < F <= 1"
     )
+
+
+def federation_encoding(round_config: Mapping[str, str]) -> Encoding:
+    """The encoding a round config asks for (key ``encoding``; float32 when absent)."""
+    return parse_encoding(str(round_config.get("encoding", "")))
 
 
 # ---------------------------------------------------------------- encoding (the agent)
@@ -274,3 +286,41 @@ def _decode_one(name: str, reference: np.ndarray, encoding: Encoding, arrays: Ma
         delta[index] = values
         delta = delta.reshape(reference.shape)
     return (reference.astype(np.float32) + delta).astype(reference.dtype, copy=False)
+
+
+# ---------------------------------------------------------------- reading stored updates back
+
+
+def read_update(
+    store: ContentStore,
+    update_cid: str,
+    *,
+    expected: Collection[str] | None = None,
+    base_tensors: Callable[[str], Mapping[str, np.ndarray]] | None = None,
+) -> dict[str, np.ndarray]:
+    """A stored update's full weights, whatever its encoding (its manifest's ``extra.encoding``).
+
+    What a restarted round re-folds and what rules that need every update at once read back.
+    `expected` names the base tensors it carries (the journal's `AcceptedUpdate.tensors`; default:
+    read from the part names). `base_tensors(cid)` supplies a delta's base (default: from `store`).
+    """
+    manifest, weights = load_model(store, update_cid)
+    encoding = parse_encoding(str(manifest.extra.get("encoding", "")))
+    if not encoding.is_delta:
+        return decode_tensors(weights)
+    if not manifest.base:
+        raise EncodingError(f"update {update_cid} is {encoding}-encoded but names no base")
+    base = base_tensors(manifest.base) if base_tensors is not None else decode_tensors(load_model(store, manifest.base)[1])
+    names = expected if expected is not None else _base_names(summarize(weights), encoding)
+    return decode_update(weights, base, encoding, expected=sorted(names))
+
+
+def _base_names(summary: Mapping[str, TensorInfo], encoding: Encoding) -> set[str]:
+    """The base tensors an encoded blob carries, from its part names (a guess for a non-floating base
+    tensor whose own name ends in one of the suffixes: pass `expected` where it matters)."""
+    suffixes = {"int8": ("q", "scale"), "topk": ("idx", "val")}.get(encoding.kind, ())
+    names = set()
+    for part in summary:
+        stem, slash, suffix = part.rpartition("/")
+        names.add(stem if slash and suffix in suffixes else part)
+    return names
