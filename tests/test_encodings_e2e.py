@@ -237,3 +237,40 @@ def test_devices_under_a_relay_encode_as_the_federation_asks(tmp_path: Path, cli
     finally:
         relay.stop()
         aggregator.stop()
+
+
+def test_a_stale_delta_is_decoded_against_its_own_base(tmp_path: Path, clients: list[Client]) -> None:
+    """An update trained on round 0's base and accepted in round 1 adds its delta to round 0's base."""
+    encoding = parse_encoding("int8")
+    config = aggregator_config(tmp_path, min_updates=2, quorum=0.5, deadline_s=600.0)
+    aggregator = start_aggregator(dataclasses.replace(config, encoding=encoding.name))
+    try:
+        agents = [_connect(clients, aggregator.address, f"a{i}") for i in (0, 1, 3)]
+        base0 = agents[0].wait_for_model(timeout=10)
+        for agent in agents[1:]:
+            agent.wait_for_model(timeout=10)
+        for i in (0, 1):
+            agents[i].submit(_nudge(base0, i), SAMPLES[i])
+        round0 = _closed(aggregator, 0)
+        base1 = decode_tensors(load_model(aggregator.store, round0.next_base_cid)[1])
+        late = _nudge(base0, 7)  # a3 trained on round 0's base all along
+        agents[2].submit(late, 50)
+        fresh = _connect(clients, aggregator.address, "a2")  # joins in round 1, so holds round 1's base
+        held = fresh.wait_for_model(timeout=10)
+        assert all(np.array_equal(held[n], base1[n]) for n in base1)
+        current = _nudge(base1, 8)
+        fresh.submit(current, 60)
+        round1 = _closed(aggregator, 1)
+        weights = {u.agent_id: u.weight for u in aggregator.journal.iter_all_updates() if u.counted_round == 1}
+        assert weights["a3"] < 50  # discounted: one round stale
+        decoded = {
+            "a3": decode_update(encode_update(late, base0, encoding)[0], base0, encoding, expected=sorted(late)),
+            "a2": decode_update(encode_update(current, base1, encoding)[0], base1, encoding, expected=sorted(current)),
+        }
+        total = sum(weights.values())
+        cluster = decode_tensors(load_model(aggregator.store, round1.cluster_cid)[1])
+        for name in base0:
+            expected = sum(weights[a] * decoded[a][name].astype(np.float64) for a in decoded) / total
+            np.testing.assert_allclose(cluster[name], expected, rtol=1e-5, atol=1e-6)
+    finally:
+        aggregator.stop()
