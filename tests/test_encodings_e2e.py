@@ -274,3 +274,25 @@ def test_a_stale_delta_is_decoded_against_its_own_base(tmp_path: Path, clients: 
             np.testing.assert_allclose(cluster[name], expected, rtol=1e-5, atol=1e-6)
     finally:
         aggregator.stop()
+
+
+def test_a_simulated_fleet_encodes_as_its_aggregator_asks(tmp_path: Path) -> None:
+    """`strata simulate`'s devices read the encoding from the round config like agents do."""
+    import asyncio
+
+    from agent.sim import SimOptions, Simulation
+
+    devices = 20
+    config = aggregator_config(tmp_path, min_updates=devices, quorum=1.0, deadline_s=3600.0)
+    aggregator = start_aggregator(dataclasses.replace(config, encoding="topk:0.1"))
+    try:
+        options = SimOptions(seeds=(aggregator.address,), agents=devices, rounds=2, duration_s=120.0, ramp_s=0.5)
+        report = asyncio.run(Simulation(options).run())
+        assert report.stopped_by == "rounds", report.to_json()
+        assert not report.refusals and not report.errors
+        updates = list(aggregator.journal.iter_all_updates())
+        assert len(updates) >= 2 * devices
+        for update in updates:
+            assert load_manifest(aggregator.store, update.update_cid).extra["encoding"] == "topk:0.1"
+    finally:
+        aggregator.stop(grace=0)
