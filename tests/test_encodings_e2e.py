@@ -296,3 +296,27 @@ def test_a_simulated_fleet_encodes_as_its_aggregator_asks(tmp_path: Path) -> Non
             assert load_manifest(aggregator.store, update.update_cid).extra["encoding"] == "topk:0.1"
     finally:
         aggregator.stop(grace=0)
+
+
+def test_model_export_of_an_encoded_update_writes_the_weights_it_stands_for(tmp_path: Path, clients: list[Client]) -> None:
+    import argparse
+
+    from strata.cmd_model import cmd_export
+
+    encoding = parse_encoding("int8")
+    aggregator = _aggregator(tmp_path, encoding.name)
+    try:
+        agent = _connect(clients, aggregator.address, "a0")
+        base = agent.wait_for_model(timeout=10)
+        trained = _nudge(base, 5)
+        receipt = agent.submit(trained, 10)
+        output = tmp_path / "update.safetensors"
+        args = argparse.Namespace(cid=receipt.update_cid, output=output, json=True, store=[str(tmp_path / "agg-store")])
+        assert cmd_export(args) == 0
+        exported = decode_tensors(output.read_bytes())
+        expected = decode_update(encode_update(trained, base, encoding)[0], base, encoding, expected=sorted(trained))
+        assert sorted(exported) == sorted(base)
+        for name in base:
+            np.testing.assert_allclose(exported[name], expected[name], rtol=1e-6, atol=1e-7)
+    finally:
+        aggregator.stop()
