@@ -230,7 +230,7 @@ class Client:
             raise FailedPrecondition("no base model downloaded yet: call wait_for_model() first", reason="no_base")
         base = held[0]
         weights, dp = apply_local_dp(held[1], weights, self.round_config, tensors=self.trainable_tensors)
-        encoded = self._encode(weights, base_tensors=held[1])
+        encoded, residual = self._encode(weights, base_tensors=held[1])
         pending, blob = local_update(
             weights,
             base=base,
@@ -245,28 +245,31 @@ class Client:
             dp=dp,
             encoded=encoded,
         )
-        return self._submitter.submit_local(pending, blob)
+        if residual is not None and self._state is not None:
+            self._state.set_next_residual(residual)  # owed from when the pending update is acknowledged
+        receipt = self._submitter.submit_local(pending, blob)
+        if residual is not None and self._state is None:
+            self._residual = residual  # delivered: what it left out is owed now
+        return receipt
 
-    def _encode(self, weights: Mapping[str, np.ndarray], *, base_tensors: Mapping[str, np.ndarray]) -> tuple[bytes, Encoding] | None:
-        """The update's bytes in the encoding the home asks for (round_config["encoding"]); None for float32.
+    def _encode(
+        self, weights: Mapping[str, np.ndarray], *, base_tensors: Mapping[str, np.ndarray]
+    ) -> tuple[tuple[bytes, Encoding] | None, dict[str, np.ndarray] | None]:
+        """(The update's bytes and encoding, top-k's residual after it) in the encoding the home asks for
+        (round_config["encoding"]); (None, None) for float32.
 
-        Top-k's residual (error feedback) is kept in the state directory, or in memory without one,
-        and updated here, when the update is made: what was left out is owed to the next update."""
+        Top-k adds the residual owed so far (error feedback): kept in the state directory, or in
+        memory without one. The new residual counts only once this update is acknowledged."""
         encoding = federation_encoding(self.round_config)
         if not encoding.is_delta:
-            return None
+            return None, None
         residual: Mapping[str, np.ndarray] | None = None
         if encoding.kind == "topk":
             residual = self._state.residual() if self._state is not None else self._residual
         blob, left = encode_weights(
             weights, base_tensors=base_tensors, encoding=encoding, tensors=self.trainable_tensors, residual=residual
         )
-        if encoding.kind == "topk":
-            if self._state is not None:
-                self._state.set_residual(left)
-            else:
-                self._residual = left
-        return blob, encoding
+        return (blob, encoding), (left if encoding.kind == "topk" else None)
 
     def _base_round(self, base_cid: str) -> int:
         """The round `base_cid` is the base of, as the home announced it: still the latest, or the one

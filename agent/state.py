@@ -24,6 +24,8 @@ from storage.keys import KeyPair
 
 # top-k's error-feedback residual (storage.encodings): what the sent updates left out so far
 RESIDUAL_FILE = "topk_residual.safetensors"
+# the residual once the pending update is acknowledged
+NEXT_RESIDUAL_FILE = "topk_residual.next.safetensors"
 
 
 @dataclass(kw_only=True)
@@ -109,7 +111,7 @@ class AgentState:
     # ------------------------------------------------------------------ top-k error feedback
 
     def residual(self) -> dict[str, np.ndarray]:
-        """What top-k encoding left out of the updates sent so far (empty if none, or unreadable)."""
+        """What top-k encoding left out of the updates delivered so far (empty if none, or unreadable)."""
         path = self.directory / RESIDUAL_FILE
         if not path.exists():
             return {}
@@ -118,14 +120,16 @@ class AgentState:
         except CodecError:  # a torn or foreign file: start over rather than refuse to train
             return {}
 
-    def set_residual(self, residual: Mapping[str, np.ndarray]) -> None:
-        """Keep top-k's residual across restarts (written atomically, like the pending update)."""
+    def set_next_residual(self, residual: Mapping[str, np.ndarray]) -> None:
+        """What will be owed once the pending update is delivered: it becomes `residual()` when the home
+        acknowledges the pending update (`clear_pending`), and is dropped if that update is finally refused,
+        so a resend after a crash or a lost answer never counts the residual twice or loses it."""
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".residual-")
         with os.fdopen(fd, "wb") as handle:
             handle.write(encode_tensors(dict(residual)))
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, self.directory / RESIDUAL_FILE)
+        os.replace(tmp, self.directory / NEXT_RESIDUAL_FILE)
 
     def clear_pending(self, *, update_cid: str) -> None:
         pending = self.progress.pending
@@ -140,3 +144,8 @@ class AgentState:
         self.progress.pending = None
         self.save()
         (self.directory / pending.weights_file).unlink(missing_ok=True)
+        next_residual = self.directory / NEXT_RESIDUAL_FILE
+        if update_cid and next_residual.exists():
+            os.replace(next_residual, self.directory / RESIDUAL_FILE)  # delivered: what it left out is owed now
+        else:
+            next_residual.unlink(missing_ok=True)

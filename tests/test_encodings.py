@@ -195,3 +195,27 @@ def test_garbage_is_a_codec_error_not_a_crash() -> None:
     for blob in (b"", b"\x80\x04garbage", struct.pack("<Q", len(header)) + header + b"\0" * 40):
         with pytest.raises(CodecError):
             decode_update(blob, BASE, parse_encoding("fp16"), expected=["w"])
+
+
+def test_the_agent_owes_a_residual_only_once_its_update_is_acknowledged(tmp_path) -> None:  # noqa: ANN001
+    from agent.state import AgentState, PendingUpdate
+
+    state = AgentState(tmp_path, agent_id="a0")
+
+    def pending() -> PendingUpdate:
+        return PendingUpdate(
+            round=0, base_cid="b", num_samples=1, metrics={}, base_metrics={}, tensors=[], manifest="{}",
+            weights_file="pending.safetensors",
+        )  # fmt: skip
+
+    state.set_pending(pending(), b"blob")
+    state.set_next_residual({"w": np.ones(3, np.float32)})
+    assert state.residual() == {}  # not yet: the update may never arrive
+    state.clear_pending(update_cid="")  # finally refused: what it carried is gone, the old residual stays
+    assert state.residual() == {} and not (tmp_path / "topk_residual.next.safetensors").exists()
+    state.set_pending(pending(), b"blob")
+    state.set_next_residual({"w": np.full(3, 2, np.float32)})
+    AgentState(tmp_path, agent_id="a0")  # a restart in between changes nothing
+    state.clear_pending(update_cid="QmAcknowledged")
+    assert state.residual()["w"].tolist() == [2, 2, 2]
+    assert AgentState(tmp_path, agent_id="a0").residual()["w"].tolist() == [2, 2, 2]

@@ -25,7 +25,9 @@ from storage.codec import decode_tensors, encode_tensors
 from storage.encodings import Encoding, decode_update, encode_update, parse_encoding
 from storage.manifest import Manifest
 from storage.models import load_manifest, load_model
+from storage.store import LocalStore
 from tests.agent_service_contract import wait_until
+from tests.procs import procs_fixture  # noqa: F401  (registers the `procs` fixture)
 from tests.test_relay import aggregator_config, relay_config, start_aggregator, start_relay
 
 SAMPLES = (100, 250, 37)
@@ -320,3 +322,45 @@ def test_model_export_of_an_encoded_update_writes_the_weights_it_stands_for(tmp_
             np.testing.assert_allclose(exported[name], expected[name], rtol=1e-6, atol=1e-7)
     finally:
         aggregator.stop()
+
+
+def test_kill9_of_an_encoded_aggregator_loses_nothing(procs, tmp_path: Path, clients: list[Client]) -> None:  # noqa: ANN001
+    """`strata aggregator serve` with encoding topk:0.2, killed -9 with two encoded updates acknowledged:
+    the restarted process re-folds them from its journal and store, decoded against their base."""
+    from tests.procs import free_port
+    from tests.test_loop_e2e import start_aggregator as start_process
+
+    encoding = parse_encoding("topk:0.2")
+    port = free_port()
+    settings = ("round.quorum=1.0", "round.min_updates=3", "round.deadline_s=600", f"encoding={encoding.name}")
+    agg = start_process(procs, tmp_path, port, *settings)
+    address = f"127.0.0.1:{port}"
+    agents = [_connect(clients, address, f"a{i}") for i in range(3)]
+    base = agents[0].wait_for_model(timeout=10)
+    for agent in agents[1:]:
+        agent.wait_for_model(timeout=10)
+    trained = [_nudge(base, seed) for seed in range(3)]
+    receipts = [agents[i].submit(trained[i], SAMPLES[i]) for i in (0, 1)]
+    agg.kill9()
+    agg = start_process(procs, tmp_path, port, *settings)
+    recovered = agg.wait_for_event("round_recovered", timeout=10)
+    assert recovered["updates"] == 2
+    # a resend after the crash of the same encoded bytes and manifest (what a state dir's pending update is)
+    held = LocalStore(tmp_path / "store")
+    try:
+        manifest = load_manifest(held, receipts[1].update_cid)
+        again = agents[1].submit_signed(manifest, held.get(manifest.weights))
+    finally:
+        held.close()
+    assert again.duplicate and again.update_cid == receipts[1].update_cid
+    agents[2].submit(trained[2], SAMPLES[2])
+    closed = agg.wait_for_event("round_closed", lambda e: e["round"] == 0, timeout=15)
+    store = LocalStore(tmp_path / "store")
+    try:
+        cluster = decode_tensors(load_model(store, closed["cluster"])[1])
+    finally:
+        store.close()
+    decoded = [decode_update(encode_update(u, base, encoding)[0], base, encoding, expected=sorted(u)) for u in trained]
+    expected = _fedavg(decoded, SAMPLES)
+    for name in base:
+        np.testing.assert_allclose(cluster[name], expected[name], rtol=1e-5, atol=1e-6)
