@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -162,6 +162,8 @@ class Intake:
             )
         weights_cid = check_header(sub, policy.limits, kinds=policy.kinds)
         encoding = self._encoding(sub)
+        if sub.encoding != (encoding.name if encoding.is_delta else sub.encoding):
+            sub = replace(sub, encoding=encoding.name)  # the manifest records the canonical name
         previous = self._journal.find_update(sub.agent_id, sub.base_cid)
         if previous is not None:
             return _resend(previous, weights_cid, sub)

@@ -364,3 +364,27 @@ def test_kill9_of_an_encoded_aggregator_loses_nothing(procs, tmp_path: Path, cli
     expected = _fedavg(decoded, SAMPLES)
     for name in base:
         np.testing.assert_allclose(cluster[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_canonical_encoding_name_is_recorded_canonically(tmp_path: Path, clients: list[Client]) -> None:
+    """A sender without its own manifest may write "TOPK:0.10"; the recorded manifest says "topk:0.1"."""
+    from proto import strata_pb2 as pb
+    from tests.agent_service_contract import stub_for, submit
+
+    aggregator = _aggregator(tmp_path, "topk:0.1")
+    try:
+        agent = _connect(clients, aggregator.address, "a0")
+        base = agent.wait_for_model(timeout=10)
+        current = aggregator.rounds.current
+        encoding = parse_encoding("topk:0.1")
+        blob, _ = encode_update(_nudge(base, 2), base, encoding)
+        channel, stub = stub_for(aggregator.address)
+        try:
+            ref = pb.ModelRef(model_cid=current.model_cid, round=current.round)
+            reply = submit(stub, blob, agent_id="a0", base=ref, num_samples=5, encoding="TOPK:0.10")
+        finally:
+            channel.close()
+        assert reply.accepted, reply
+        assert load_manifest(aggregator.store, reply.update_cid).extra["encoding"] == "topk:0.1"
+    finally:
+        aggregator.stop()
