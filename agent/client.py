@@ -25,13 +25,14 @@ from agent.loops import BackgroundLoops
 from agent.privacy import apply_local_dp
 from agent.session import Identity, ModelInfo, Session
 from agent.state import AgentState
-from agent.submit import SubmitReceipt, SubmitRefused, Submitter, local_update
+from agent.submit import SubmitReceipt, SubmitRefused, Submitter, encode_weights, local_update
 from agent.transfer import ModelTransfer
 from proto import strata_pb2 as pb
 from proto.convert import CAPABILITIES
 from proto.errors import FailedPrecondition, InvalidInput
 from proto.retry import RetryPolicy
 from proto.wire import DEFAULT_TIMEOUT_S, create_channel, error_from_rpc
+from storage.encodings import Encoding, federation_encoding
 from storage.keys import KeyPair
 from storage.manifest import Manifest
 from trust.messages import revocations_from_reply
@@ -97,6 +98,8 @@ class Client:
         self._returned_cid = self._state.progress.last_base_cid if self._state else ""
         # the round the home announced the returned base for (its manifest says the round that made it)
         self._returned_round: int | None = None
+        # top-k's error-feedback residual when there is no state directory to keep it in
+        self._residual: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -227,6 +230,7 @@ class Client:
             raise FailedPrecondition("no base model downloaded yet: call wait_for_model() first", reason="no_base")
         base = held[0]
         weights, dp = apply_local_dp(held[1], weights, self.round_config, tensors=self.trainable_tensors)
+        encoded, residual = self._encode(weights, base_tensors=held[1])
         pending, blob = local_update(
             weights,
             base=base,
@@ -239,8 +243,33 @@ class Client:
             base_metrics=base_metrics,
             tensors=self.trainable_tensors,
             dp=dp,
+            encoded=encoded,
         )
-        return self._submitter.submit_local(pending, blob)
+        if residual is not None and self._state is not None:
+            self._state.set_next_residual(residual)  # owed from when the pending update is acknowledged
+        receipt = self._submitter.submit_local(pending, blob)
+        if residual is not None and self._state is None:
+            self._residual = residual  # delivered: what it left out is owed now
+        return receipt
+
+    def _encode(
+        self, weights: Mapping[str, np.ndarray], *, base_tensors: Mapping[str, np.ndarray]
+    ) -> tuple[tuple[bytes, Encoding] | None, dict[str, np.ndarray] | None]:
+        """(The update's bytes and encoding, top-k's residual after it) in the encoding the home asks for
+        (round_config["encoding"]); (None, None) for float32.
+
+        Top-k adds the residual owed so far (error feedback): kept in the state directory, or in
+        memory without one. The new residual counts only once this update is acknowledged."""
+        encoding = federation_encoding(self.round_config)
+        if not encoding.is_delta:
+            return None, None
+        residual: Mapping[str, np.ndarray] | None = None
+        if encoding.kind == "topk":
+            residual = self._state.residual() if self._state is not None else self._residual
+        blob, left = encode_weights(
+            weights, base_tensors=base_tensors, encoding=encoding, tensors=self.trainable_tensors, residual=residual
+        )
+        return (blob, encoding), (left if encoding.kind == "topk" else None)
 
     def _base_round(self, base_cid: str) -> int:
         """The round `base_cid` is the base of, as the home announced it: still the latest, or the one

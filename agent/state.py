@@ -12,11 +12,20 @@ import json
 import os
 import secrets
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from storage.codec import CodecError, decode_tensors, encode_tensors
 from storage.keys import KeyPair
+
+# top-k's error-feedback residual (storage.encodings): what the sent updates left out so far
+RESIDUAL_FILE = "topk_residual.safetensors"
+# the residual once the pending update is acknowledged
+NEXT_RESIDUAL_FILE = "topk_residual.next.safetensors"
 
 
 @dataclass(kw_only=True)
@@ -99,6 +108,29 @@ class AgentState:
         path = self.directory / pending.weights_file
         return path.read_bytes() if path.exists() else None
 
+    # ------------------------------------------------------------------ top-k error feedback
+
+    def residual(self) -> dict[str, np.ndarray]:
+        """What top-k encoding left out of the updates delivered so far (empty if none, or unreadable)."""
+        path = self.directory / RESIDUAL_FILE
+        if not path.exists():
+            return {}
+        try:
+            return decode_tensors(path.read_bytes())
+        except CodecError:  # a torn or foreign file: start over rather than refuse to train
+            return {}
+
+    def set_next_residual(self, residual: Mapping[str, np.ndarray]) -> None:
+        """What will be owed once the pending update is delivered: it becomes `residual()` when the home
+        acknowledges the pending update (`clear_pending`), and is dropped if that update is finally refused,
+        so a resend after a crash or a lost answer never counts the residual twice or loses it."""
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".residual-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(encode_tensors(dict(residual)))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.directory / NEXT_RESIDUAL_FILE)
+
     def clear_pending(self, *, update_cid: str) -> None:
         pending = self.progress.pending
         if pending is None:
@@ -112,3 +144,8 @@ class AgentState:
         self.progress.pending = None
         self.save()
         (self.directory / pending.weights_file).unlink(missing_ok=True)
+        next_residual = self.directory / NEXT_RESIDUAL_FILE
+        if update_cid and next_residual.exists():
+            os.replace(next_residual, self.directory / RESIDUAL_FILE)  # delivered: what it left out is owed now
+        else:
+            next_residual.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from proto.retry import RetryPolicy, retry_call
 from proto.wire import STREAM_TIMEOUT_S, error_from_rpc, is_retryable, stream_with_header
 from storage.cid import cid_of
 from storage.codec import encode_tensors, summarize
+from storage.encodings import FLOAT32, Encoding, encode_update
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer, now_rfc3339
 
@@ -62,17 +63,20 @@ def local_update(
     base_metrics: Mapping[str, float] | None = None,
     tensors: Sequence[str] | None = None,
     dp: Mapping[str, Any] | None = None,
+    encoded: tuple[bytes, Encoding] | None = None,
 ) -> tuple[PendingUpdate, bytes]:
     """A device update trained from `base`, signed by `key`: (its pending record, its weight bytes).
 
     `tensors` names a partial update's tensors; None sends every tensor of `weights`. `dp` is the
     local DP already applied to `weights` (agent.privacy), named in the manifest's `extra.dp`.
+    `encoded` is (the blob, its encoding) from `encode_weights`, recorded as `extra.encoding`;
+    None sends the weights as float32 safetensors.
     """
     names = list(tensors) if tensors else sorted(weights)
     missing = [n for n in names if n not in weights]
     if missing:
         raise InvalidInput(f"weights lack tensors {missing[:5]}", reason="bad_update")
-    blob = encode_tensors({name: weights[name] for name in names})
+    blob, encoding = encoded if encoded is not None else (encode_tensors({name: weights[name] for name in names}), FLOAT32)
     manifest = Manifest(
         kind="local",
         federation=federation,
@@ -86,6 +90,8 @@ def local_update(
         extra={
             "base_metrics": {k: float(v) for k, v in (base_metrics or {}).items()},
             **({"dp": dict(dp)} if dp else {}),
+            # the CID is of these bytes as encoded; float32 (no entry) keeps old manifests' bytes
+            **({"encoding": encoding.name} if encoding.is_delta else {}),
         },
         created_at=now_rfc3339(),
     ).signed(key)
@@ -100,6 +106,22 @@ def local_update(
         weights_file=PENDING_WEIGHTS_FILE,
     )
     return pending, blob
+
+
+def encode_weights(
+    weights: Mapping[str, np.ndarray],
+    *,
+    base_tensors: Mapping[str, np.ndarray],
+    encoding: Encoding,
+    tensors: Sequence[str] | None = None,
+    residual: Mapping[str, np.ndarray] | None = None,
+) -> tuple[bytes, dict[str, np.ndarray]]:
+    """(The update's bytes in `encoding`, top-k's new residual): see storage.encodings.encode_update."""
+    names = list(tensors) if tensors else sorted(weights)
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise InvalidInput(f"weights lack tensors {missing[:5]}", reason="bad_update")
+    return encode_update({name: weights[name] for name in names}, base_tensors, encoding, residual=residual)
 
 
 def update_header(
@@ -129,6 +151,7 @@ def update_header(
         kind=manifest.kind,
         parents=list(manifest.parents),
         manifest=manifest.to_bytes(),
+        encoding=str(manifest.extra.get("encoding", "")),
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from intake.config import ServingSettings
 from privacy.config import PrivacySettings
 from proto.errors import ConfigError
+from storage.encodings import EncodingError, parse_encoding
 from trust.security import TlsSettings
 
 # the names aggregator.rules knows (kept here so loading config does not import torch; a test keeps them equal).
@@ -189,6 +190,12 @@ class AggregatorConfig:
         "max_batches; prox_mu > 0: FedProx's proximal term)",
         default_factory=dict,
     )
+    encoding: str = _help(
+        "how devices encode their updates: float32 (the weights), or a delta against the base as fp16, bf16, "
+        "int8 (per-tensor scale) or topk:F (the largest F of each tensor's entries, with error feedback); "
+        "handed to agents as round_config encoding, and updates otherwise encoded are refused",
+        default="float32",
+    )
     privacy: PrivacySettings = field(
         default_factory=PrivacySettings, metadata={"help": "differential privacy: local and central DP, the ε budget"}
     )
@@ -215,6 +222,12 @@ class AggregatorConfig:
             # the optimizer's state would carry un-noised aggregates into later releases, which
             # the accountant does not count; DP must wrap the rule under the optimizer first
             raise ConfigError("server_opt cannot be combined with central DP (privacy.central) yet; set server_opt: none")
+        try:
+            object.__setattr__(self, "encoding", parse_encoding(self.encoding).name)  # canonical, e.g. topk:0.01
+        except EncodingError as exc:
+            raise ConfigError(f"encoding: {exc}") from None
+        if "encoding" in self.round_config:
+            raise ConfigError("set the encoding with the top-level key `encoding`, not round_config.encoding")
         for entry in self.peers:
             if "=" not in entry or ":" not in entry.split("=", 1)[1]:
                 raise ConfigError(f"peers entries must look like id=host:port, got {entry!r}")

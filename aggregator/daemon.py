@@ -45,6 +45,7 @@ from proto.errors import ConfigError, InvalidInput, NotFound, StrataError
 from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
 from proto.serving import ServerHandle, create_server
 from storage.cid import is_cid
+from storage.encodings import parse_encoding
 from storage.keys import KeyPair
 from storage.manifest import Manifest
 from storage.models import load_manifest
@@ -133,6 +134,7 @@ class AggregatorDaemon:
             on_model=self._on_model,
             selector=Selector(config.selection),
             privacy=self.privacy,
+            encoding=parse_encoding(config.encoding),
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -188,8 +190,12 @@ class AggregatorDaemon:
             rounds=self.rounds,
             ring=self.ring_view,
             store=self.store,
-            # local DP travels to agents with the rest of the round config
-            round_config={**self.config.round_config, **self.config.privacy.round_config()},
+            # local DP and the update encoding travel to agents with the rest of the round config
+            round_config={
+                **self.config.round_config,
+                **self.config.privacy.round_config(),
+                **({"encoding": self.config.encoding} if self.config.encoding != "float32" else {}),
+            },
         )
         self._agent_service = AgentServicer(
             home=self.home,

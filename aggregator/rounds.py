@@ -42,6 +42,7 @@ from intake.submission import Submission
 from intake.validation import UpdateLimits, squared_norms
 from proto.errors import Refusal, StrataError, UpdateRefused
 from storage.codec import decode_tensors, encode_tensors
+from storage.encodings import FLOAT32, Encoding
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer
 from storage.models import load_manifest, load_model, save_model
@@ -76,6 +77,7 @@ class RoundManager:
         on_model: Callable[[Manifest], None] | None = None,
         selector: Selector | None = None,
         privacy: PrivacyGuard | None = None,
+        encoding: Encoding = FLOAT32,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.aggregator_id = aggregator_id
@@ -92,6 +94,9 @@ class RoundManager:
         self._on_new_base = on_new_base
         self._on_model = on_model
         self._selector = selector if selector is not None and not selector.invites_everyone else None
+        # a rule reads stored blobs back only when they are the weights themselves; encoded blobs
+        # (deltas, quantized, sparse) reach it decoded, in memory
+        self._blobs_are_weights = encoding == FLOAT32
         self._clock = clock
         self._lock = threading.RLock()
         self.intake = Intake(
@@ -105,6 +110,7 @@ class RoundManager:
                 ),
                 max_staleness=settings.max_staleness,
                 discount=make_discount(settings.staleness_discount, **settings.staleness_params),
+                encoding=lambda: encoding,
             ),
             receiver=self,
             store=store,
@@ -145,8 +151,7 @@ class RoundManager:
             self._enter_round(record)
             accepted = self._journal.open_updates()
             for update in accepted:
-                _, weights = load_model(self._store, update.update_cid)
-                self.fold(update, decode_tensors(weights))
+                self.fold(update, self.intake.read_accepted(update))
             if accepted:
                 log.info(
                     "round_recovered",
@@ -215,7 +220,12 @@ class RoundManager:
 
     def fold(self, update: AcceptedUpdate, tensors: Mapping[str, np.ndarray]) -> int:
         assert self._aggregation is not None
-        self._aggregation.add(tensors, self._weight(update), label=update.update_cid, weights_cid=update.weights_cid)
+        self._aggregation.add(
+            tensors,
+            self._weight(update),
+            label=update.update_cid,
+            weights_cid=update.weights_cid if self._blobs_are_weights else "",
+        )
         self._accepted.append(update)
         return len(self._accepted)
 

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -40,11 +40,17 @@ from intake.journal import AcceptedUpdate, IntakeJournal
 from intake.submission import Submission, SubmitResult, check_header, update_manifest
 from intake.validation import UpdateLimits, validate_update
 from proto.errors import FailedPrecondition, NotFound, Refusal, UpdateRefused
+from storage.codec import CodecError, decode_tensors
+from storage.encodings import FLOAT32, Encoding, EncodingError, parse_encoding, read_update
 from storage.keys import KeyPair
 from storage.manifest import Manifest
+from storage.models import load_model
 from storage.store import ContentStore
 
 log = logging.getLogger("strata.intake")
+
+# bases kept decoded for stale deltas: the current one and a few behind (max_staleness is small)
+_BASES_KEPT = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +88,9 @@ class IntakePolicy:
     max_staleness: int
     # weight multiplier for an update `staleness` rounds old; 1 at 0
     discount: Callable[[float], float]
+    # the encoding the federation asks its devices for (storage.encodings), read per submission: a relay
+    # learns it from its upstream's round config. A relay's combined update may also come as float32.
+    encoding: Callable[[], Encoding] = lambda: FLOAT32
 
 
 class Intake:
@@ -111,6 +120,9 @@ class Intake:
         # submissions in flight per weights CID: a refused one leaves the blob to the others
         self._claims: collections.Counter[str] = collections.Counter()
         self._claims_lock = threading.Lock()
+        # the last few bases an encoded delta was decoded against (a stale update names an older one)
+        self._bases: collections.OrderedDict[str, Mapping[str, np.ndarray]] = collections.OrderedDict()
+        self._bases_lock = threading.Lock()
 
     def close(self) -> None:
         """Wait for blob writes in flight; idempotent."""
@@ -149,6 +161,9 @@ class Intake:
                 reason=Refusal.UNKNOWN_FEDERATION,
             )
         weights_cid = check_header(sub, policy.limits, kinds=policy.kinds)
+        encoding = self._encoding(sub)
+        if sub.encoding != (encoding.name if encoding.is_delta else sub.encoding):
+            sub = replace(sub, encoding=encoding.name)  # the manifest records the canonical name
         previous = self._journal.find_update(sub.agent_id, sub.base_cid)
         if previous is not None:
             return _resend(previous, weights_cid, sub)
@@ -174,7 +189,7 @@ class Intake:
         try:
             blob_written = self._writer.submit(self._store_blob, sub, weights_cid)
             try:
-                outcome = self._validate_and_journal(sub, weights_cid, base_round, current, blob_written)
+                outcome = self._validate_and_journal(sub, weights_cid, base_round, current, blob_written, encoding)
             except UpdateRefused:
                 blob_written.result()
                 self._drop_blob(weights_cid, held_before)
@@ -203,7 +218,13 @@ class Intake:
         return SubmitResult(update_cid=manifest.cid, round=update.counted_round, duplicate=False)
 
     def _validate_and_journal(
-        self, sub: Submission, weights_cid: str, base_round: int, current: OpenRound, blob_written: Future[str]
+        self,
+        sub: Submission,
+        weights_cid: str,
+        base_round: int,
+        current: OpenRound,
+        blob_written: Future[str],
+        encoding: Encoding,
     ) -> tuple[AcceptedUpdate, Manifest, int] | SubmitResult:
         """Validate; then, stored before journaled and journaled before acknowledged: store the manifest, and
         under the receiver's lock journal the update and fold it in (so no round closes between the two).
@@ -215,6 +236,9 @@ class Intake:
             declared_tensors=sub.tensors,
             limits=policy.limits,
             base_squared_norms=current.base_squared_norms,
+            encoding=encoding,
+            # a delta decodes against the base it was trained from; a stale one's is an older base
+            delta_base=None if base_round == current.round or not encoding.is_delta else self.base_tensors(sub.base_cid),
         )
         manifest = update_manifest(
             sub, weights_cid, federation=policy.federation, recorder=self.receiver_id, key=self._key, clock=self._clock
@@ -253,6 +277,42 @@ class Intake:
                 assert previous is not None
                 return _resend(previous, weights_cid, sub)
             return update, manifest, self._receiver.fold(update, tensors)
+
+    def _encoding(self, sub: Submission) -> Encoding:
+        """The update's encoding, refused unless it is the federation's (or float32 from a relay)."""
+        try:
+            encoding = parse_encoding(sub.encoding)
+        except EncodingError as exc:
+            raise UpdateRefused(str(exc), reason=Refusal.BAD_ENCODING) from None
+        wanted = self.policy.encoding()
+        # a relay's combined update is one per window on the relay's uplink: it may stay float32
+        if encoding != wanted and not (sub.kind == "relay" and encoding == FLOAT32):
+            raise UpdateRefused(
+                f"update is encoded {encoding}, but federation {self.policy.federation!r} asks for {wanted}",
+                reason=Refusal.UNEXPECTED_ENCODING,
+            )
+        return encoding
+
+    def base_tensors(self, base_cid: str) -> Mapping[str, np.ndarray]:
+        """The tensors of a base this receiver served, from the store (the last few are kept)."""
+        with self._bases_lock:
+            if base_cid in self._bases:
+                self._bases.move_to_end(base_cid)
+                return self._bases[base_cid]
+        try:
+            tensors = decode_tensors(load_model(self._store, base_cid)[1])
+        except (NotFound, CodecError) as exc:
+            raise UpdateRefused(f"base model {base_cid} cannot be read: {exc}", reason=Refusal.UNKNOWN_BASE) from None
+        with self._bases_lock:
+            self._bases[base_cid] = tensors
+            while len(self._bases) > _BASES_KEPT:
+                self._bases.popitem(last=False)
+        return tensors
+
+    def read_accepted(self, update: AcceptedUpdate) -> dict[str, np.ndarray]:
+        """An accepted update's full weights read back from the store, decoded if it was encoded:
+        what a restart re-folds, and what rules that need every update at once read."""
+        return read_update(self._store, update.update_cid, expected=update.tensors, base_tensors=self.base_tensors)
 
     def _claim(self, weights_cid: str) -> None:
         with self._claims_lock:

@@ -158,6 +158,7 @@ def submission_from_header(
         kind=header.kind or "local",
         parents=tuple(header.parents),
         manifest=header.manifest,
+        encoding=header.encoding,
     )
 
 

@@ -52,6 +52,8 @@ class Submission:
     kind: str = "local"
     parents: tuple[str, ...] = ()
     manifest: bytes = b""
+    # how `weights` are encoded (storage.encodings): "" or "float32" is the weights themselves
+    encoding: str = ""
     # the CID the receiving service computed from these bytes as they arrived (saves a pass)
     received_cid: str = ""
     # the same bytes, already written to the store as they arrived (saves the write after)
@@ -120,7 +122,7 @@ def update_manifest(
             base=sub.base_cid,
             num_samples=sub.num_samples,
             metrics=dict(sub.metrics),
-            extra={"recorded_by": recorder},
+            extra={"recorded_by": recorder, **encoding_extra(sub.encoding)},
             created_at=rfc3339(clock()),
         ).signed(key)
     try:
@@ -143,6 +145,8 @@ def update_manifest(
     wrong = [name for name, want, got in zip(_MANIFEST_FIELDS, expected, actual, strict=True) if want != got]
     if manifest.parents != tuple(sub.parents):
         wrong.append("parents")
+    if manifest.extra.get("encoding", "float32") != (sub.encoding or "float32"):
+        wrong.append("extra.encoding")
     try:
         held = summarize(sub.weights)
     except CodecError as exc:
@@ -152,6 +156,12 @@ def update_manifest(
     if wrong:
         raise UpdateRefused(f"update manifest disagrees with the header on {wrong}", reason=Refusal.BAD_MANIFEST)
     return manifest
+
+
+def encoding_extra(encoding: str) -> dict[str, str]:
+    """The manifest `extra` entry that records an update's encoding; none for float32, so the manifests of
+    unencoded updates keep the bytes (and CIDs) they always had."""
+    return {"encoding": encoding} if encoding and encoding != "float32" else {}
 
 
 def _check_certified_signer(manifest: Manifest, caller: Certified, signers: Signers | None) -> None:

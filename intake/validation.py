@@ -15,6 +15,7 @@ import numpy as np
 
 from proto.errors import Refusal, UpdateRefused
 from storage.codec import CodecError, decode_tensors, summarize
+from storage.encodings import FLOAT32, Encoding, EncodingError, decode_update
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,13 +80,17 @@ def validate_update(
     declared_tensors: list[str] | tuple[str, ...],
     limits: UpdateLimits,
     base_squared_norms: Mapping[str, float] | None = None,
+    encoding: Encoding = FLOAT32,
+    delta_base: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Check an update's bytes against its base and return its tensors.
 
     `declared_tensors` is the header's list of included tensors; empty means all of
     the base's. Raises UpdateRefused with the reason of the first failed check. The returned
-    arrays are read-only views of `weights`. `base_squared_norms` (see `squared_norms`) saves
-    measuring the base again for every update.
+    arrays are read-only views of `weights` (float32), or the decoded full weights (an encoded
+    delta, decoded against `delta_base`, the update's own base, default `base`, before any
+    other check). `base_squared_norms` (see `squared_norms`) saves measuring the base again for
+    every update.
     """
     check_size(len(weights), limits)
     try:
@@ -93,9 +98,20 @@ def validate_update(
     except CodecError as exc:
         raise UpdateRefused(str(exc), reason=Refusal.INVALID_SAFETENSORS) from None
     expected = declared_tensors or tuple(base)
-    # names and shapes from the header first: a mismatch is refused before the data is decoded
-    problem = mismatch(base, summary, expected=expected)
-    if problem is None:
+    if encoding.is_delta:
+        problem = mismatch(base, {name: base[name] for name in expected if name in base}, expected=expected)
+        if problem is None:
+            try:
+                tensors = decode_update(weights, delta_base if delta_base is not None else base, encoding, expected=expected)
+            except EncodingError as exc:
+                raise UpdateRefused(str(exc), reason=Refusal.BAD_ENCODING) from None
+            except CodecError as exc:
+                raise UpdateRefused(str(exc), reason=Refusal.INVALID_SAFETENSORS) from None
+            problem = mismatch(base, tensors, expected=expected)
+    else:
+        # names and shapes from the header first: a mismatch is refused before the data is decoded
+        problem = mismatch(base, summary, expected=expected)
+    if problem is None and not encoding.is_delta:
         try:
             tensors = decode_tensors(weights, writable=False)
         except CodecError as exc:

@@ -111,6 +111,11 @@ class Refusal(StrEnum):
     TOO_MANY_SAMPLES = "too_many_samples"
     # more metrics than a header may carry, or a metric name too long
     BAD_METRICS = "bad_metrics"
+    # the encoded weights do not decode against the base (storage/encodings.py): wrong names, dtypes or
+    # shapes for the encoding, top-k indices out of range or order, a bad int8 scale; or an unknown encoding
+    BAD_ENCODING = "bad_encoding"
+    # the update is encoded otherwise than the federation asked (round_config["encoding"])
+    UNEXPECTED_ENCODING = "unexpected_encoding"
 
 
 # Refusals that resending the same update can never overcome: an agent drops such an update.
@@ -126,6 +131,7 @@ FINAL_REFUSALS = frozenset(
         Refusal.LOCAL_DP_REQUIRED,
         Refusal.TOO_MANY_SAMPLES,
         Refusal.BAD_METRICS,
+        Refusal.UNEXPECTED_ENCODING,
     }
 )
 

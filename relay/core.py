@@ -41,6 +41,7 @@ from relay.cache import ModelCache
 from relay.config import RelayConfig
 from relay.journal import RelayJournal, WindowRecord
 from storage.codec import decode_tensors, encode_tensors
+from storage.encodings import FLOAT32, Encoding
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer, now_rfc3339
 from storage.models import load_model, save_model
@@ -71,6 +72,7 @@ class Relay:
         journal: RelayJournal,
         cache: ModelCache,
         key: KeyPair,
+        encoding: Callable[[], Encoding] = lambda: FLOAT32,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.relay_id = relay_id
@@ -101,6 +103,8 @@ class Relay:
                 max_staleness=config.forward.max_staleness,
                 # a window is plain sample-weighted FedAvg; upstream discounts the combined update's age
                 discount=lambda age: 1.0,
+                # devices encode as the upstream federation asks (the round config the relay hands them)
+                encoding=encoding,
             ),
             receiver=self,
             store=store,
@@ -124,8 +128,7 @@ class Relay:
         self._set_base(model_cid, round_)
         with self._lock:
             for update in self.journal.open_updates():
-                _, weights = load_model(self.store, update.update_cid)
-                self.fold(update, decode_tensors(weights))
+                self.fold(update, self.intake.read_accepted(update))
             if self._pool:
                 self._pool_opened_at = min(u.accepted_at for u in self._pool)
                 log.info("window_recovered", extra={"fields": {"updates": len(self._pool), "base": model_cid}})

@@ -36,6 +36,7 @@ from relay.core import Relay
 from relay.forward import Forwarder
 from relay.home import RelayHome
 from relay.journal import RelayJournal
+from storage.encodings import federation_encoding
 from storage.keys import KeyPair
 from storage.manifest import Manifest
 from storage.open import open_store
@@ -117,7 +118,13 @@ class RelayDaemon:
         )
         self.cache = ModelCache(self.store, self._fetch_upstream, max_bytes=config.cache.max_bytes)
         self.relay = Relay(
-            relay_id=self.id, config=config, store=self.store, journal=self.journal, cache=self.cache, key=self.key
+            relay_id=self.id,
+            config=config,
+            store=self.store,
+            journal=self.journal,
+            cache=self.cache,
+            key=self.key,
+            encoding=lambda: federation_encoding(self.client.round_config),
         )
         self.forwarder = Forwarder(
             journal=self.journal,

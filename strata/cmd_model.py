@@ -21,6 +21,7 @@ from typing import Any
 from proto.errors import InvalidInput, NotFound
 from storage.cid import validate_cid
 from storage.codec import CodecError, decode_torch, encode_tensors
+from storage.encodings import read_update
 from storage.keys import KeyPair
 from storage.lineage import LineageGraph, verify, walk
 from storage.manifest import KINDS, Producer
@@ -190,6 +191,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     validate_cid(args.cid)
     with resolve_store(args) as store:
         manifest, weights = load_model(store, args.cid)
+        if manifest.extra.get("encoding"):
+            # an encoded device update (storage.encodings): export the weights it stands for, not its delta
+            weights = encode_tensors(read_update(store, args.cid))
     output: Path = args.output
     if output.suffix == ".safetensors":
         output.write_bytes(weights)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 
 from agent.loops import HOME_LOST_AFTER
 from agent.privacy import apply_local_dp
@@ -53,7 +54,7 @@ from agent.sim.schedule import (
 )
 from agent.sim.stats import FleetStats, Receipt
 from agent.sim.trainers import DeviceTrainer, FleetTrainer
-from agent.submit import SUBMIT_ATTEMPTS, local_update, update_header
+from agent.submit import SUBMIT_ATTEMPTS, encode_weights, local_update, update_header
 from agent.transfer import MAX_MODEL_BYTES
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
@@ -61,6 +62,7 @@ from proto.errors import FINAL_REFUSALS, StrataError, Unavailable
 from proto.retry import RetryPolicy
 from proto.serving import receive_header_stream
 from proto.wire import STREAM_TIMEOUT_S, error_from_rpc, is_retryable, stream_with_header
+from storage.encodings import federation_encoding
 from storage.keys import KeyPair
 from storage.manifest import Manifest
 
@@ -150,6 +152,8 @@ class VirtualDevice:
         self.home_address = ""
         self._interval = 5.0
         self._round_config: dict[str, str] = {}
+        # top-k's error-feedback residual (storage.encodings), kept in memory as a stateless device would
+        self._residual: dict[str, np.ndarray] = {}
         self._latest: _Base | None = None
         self._latest_at = 0.0
         self._invited_to: tuple[str, int] | None = None
@@ -496,6 +500,11 @@ class VirtualDevice:
             self._key = KeyPair.generate()
         # the round the home announced this base for: its manifest names the round that made it
         weights, dp = apply_local_dp(model.tensors, weights, self._round_config)
+        encoding = federation_encoding(self._round_config)
+        encoded = None
+        if encoding.is_delta:  # as the client library does; top-k's residual lives in memory here
+            blob, left = encode_weights(weights, base_tensors=model.tensors, encoding=encoding, residual=self._residual)
+            self._residual, encoded = left, (blob, encoding)
         pending, blob = local_update(
             weights,
             base=model.manifest,
@@ -507,6 +516,7 @@ class VirtualDevice:
             metrics=metrics,
             base_metrics=base_metrics,
             dp=dp,
+            encoded=encoded,
         )
         header = update_header(
             Manifest.from_bytes(pending.manifest.encode()),
