@@ -94,7 +94,7 @@ SYNTHESIS_PEERS_REFUSED = MetricSpec(
 MODEL = MetricSpec(
     _A + "model",
     "info",
-    "the latest closed round's cluster and semi-global model CIDs, and the base now training",
+    "the latest closed round's cluster and semi-global model CIDs, and the base now training (empty: none yet)",
     ("federation", "round", "cluster_cid", "semi_global_cid", "base_cid"),
 )
 METRICS = (
