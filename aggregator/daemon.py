@@ -91,6 +91,16 @@ SYNTHESIS_PEERS_USED = MetricSpec(
 SYNTHESIS_PEERS_REFUSED = MetricSpec(
     _A + "synthesis_peers_refused", "counter", "peers' cluster models synthesis refused, by reason", ("reason",)
 )
+BASE_METRIC = MetricSpec(
+    _A + "base_metric",
+    "gauge",
+    "the latest closed round's base model as its agents evaluated it on their own data, sample-weighted "
+    "(e.g. accuracy, loss)",
+    ("metric",),
+)
+TRAIN_METRIC = MetricSpec(
+    _A + "train_metric", "gauge", "the training metrics the latest closed round's agents reported, sample-weighted", ("metric",)
+)
 MODEL = MetricSpec(
     _A + "model",
     "info",
@@ -100,7 +110,7 @@ MODEL = MetricSpec(
 METRICS = (
     UPDATES_ACCEPTED, UPDATES_REFUSED, UPDATE_BYTES_RECEIVED, ROUNDS_CLOSED, MODEL_BYTES_SERVED, MODEL_DOWNLOADS,
     ROUND, ROUND_OPENED, ROUND_DEADLINE, ROUND_UPDATES, PRIVACY_EPSILON, PRIVACY_BUDGET_SPENT, JOINS, ACTIVE_AGENTS,
-    RING_MEMBERS, RING_VERSION, SYNTHESIS_PEERS_USED, SYNTHESIS_PEERS_REFUSED, MODEL,
+    RING_MEMBERS, RING_VERSION, SYNTHESIS_PEERS_USED, SYNTHESIS_PEERS_REFUSED, BASE_METRIC, TRAIN_METRIC, MODEL,
 )  # fmt: skip
 
 
@@ -362,6 +372,8 @@ class AggregatorDaemon:
             yield SYNTHESIS_PEERS_USED(self.synthesizer.peers_used)
             yield SYNTHESIS_PEERS_REFUSED(by=dict(self.synthesizer.peers_refused))
         latest = self.journal.latest_closed_round()
+        yield BASE_METRIC(by=latest.base_metrics if latest else {})
+        yield TRAIN_METRIC(by=latest.metrics if latest else {})
         cluster = (latest.cluster_cid or "") if latest else ""
         # the next base is the semi-global model when synthesis ran, else the cluster model itself
         semi_global = latest.next_base_cid if latest and latest.next_base_cid not in (None, cluster) else ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
 from aggregator.daemon import AggregatorDaemon
@@ -99,11 +100,13 @@ def test_aggregator_counts_accepted_refused_and_rounds(tmp_path: Path) -> None:
         for agent, blob in refusals:
             assert not submit(stub, blob, agent_id=agent, base=base).accepted
         good = [nudged(tensors, 0.01 * (i + 1)) for i in range(3)]
-        for agent, blob in zip(("a1", "a2"), good[:2], strict=True):  # a refused agent may still send a good update
-            assert submit(stub, blob, agent_id=agent, base=base).accepted
+        # what each agent reports: its training accuracy, and the base's accuracy on its own data
+        reports = [{"metrics": {"accuracy": 0.5 + 0.1 * i}, "base_metrics": {"accuracy": 0.2 * i}} for i in range(3)]
+        for agent, blob, report in zip(("a1", "a2"), good[:2], reports[:2], strict=True):  # a refused agent may still send a good update
+            assert submit(stub, blob, agent_id=agent, base=base, **report).accepted
         open_round = scrape(port)
 
-        assert submit(stub, good[2], agent_id="a3", base=base).accepted
+        assert submit(stub, good[2], agent_id="a3", base=base, **reports[2]).accepted
         # one scrape reads the journal's counters and the live round separately, so a scrape
         # taken while the round closes can mix before and after: wait for both, then read again
         wait_for_metric(
@@ -145,6 +148,10 @@ def test_aggregator_counts_accepted_refused_and_rounds(tmp_path: Path) -> None:
         base_cid=latest.next_base_cid,
     ) == 1  # fmt: skip
     assert closed.types[AGG + "model_info"] == "gauge"
+    # the closed round's sample-weighted means (10 samples each): train 0.5, 0.6, 0.7; base 0, 0.2, 0.4
+    assert idle.labelled(AGG + "train_metric", "metric") == {} == idle.labelled(AGG + "base_metric", "metric")
+    assert closed.labelled(AGG + "train_metric", "metric") == {"accuracy": pytest.approx(0.6)}
+    assert closed.labelled(AGG + "base_metric", "metric") == {"accuracy": pytest.approx(0.2)}
     assert_in_catalogue(closed, "aggregator")
 
 
