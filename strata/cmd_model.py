@@ -38,6 +38,7 @@ from strata.cli_common import (
     channel_factory_for,
     print_json,
 )
+from strata.progress import progress
 from trust.identity import load_certificate
 from trust.revocation import RevocationList
 from trust.signers import SignerError, Signers
@@ -188,17 +189,24 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     validate_cid(args.cid)
-    with resolve_store(args) as store:
-        manifest, weights = load_model(store, args.cid)
     output: Path = args.output
-    if output.suffix == ".safetensors":
-        output.write_bytes(weights)
-    elif output.suffix in (".pt", ".pth"):
-        import torch
-
-        torch.save(decode_torch(weights), output)
-    else:
+    if output.suffix not in (".safetensors", ".pt", ".pth"):
         raise InvalidInput(f"{output}: the output must end in .safetensors, .pt or .pth", reason="bad_file_type")
+    # the steps: read and verify the weights (from IPFS, possibly slow), convert for torch, write
+    steps = 2 if output.suffix == ".safetensors" else 3
+    with progress(args, f"exporting {args.cid[:12]}…", total=steps) as advance:
+        with resolve_store(args) as store:
+            manifest, weights = load_model(store, args.cid)
+        advance(1, steps)
+        if output.suffix == ".safetensors":
+            output.write_bytes(weights)
+        else:
+            import torch
+
+            state = decode_torch(weights)
+            advance(2, steps)
+            torch.save(state, output)
+        advance(steps, steps)
     if args.json:
         print_json({"model": args.cid, "weights": manifest.weights, "output": str(output)})
     else:
@@ -275,9 +283,9 @@ def _signer_rows(graph: LineageGraph, signers: Signers) -> list[dict[str, Any]]:
 def cmd_verify(args: argparse.Namespace) -> int:
     validate_cid(args.cid)
     signers = _signers(args)
-    with resolve_store(args) as store:
+    with resolve_store(args) as store, progress(args, "verifying the lineage") as advance:
         try:
-            graph = verify(store, args.cid)
+            graph = verify(store, args.cid, on_node=advance)
         except CodecError as exc:
             raise InvalidInput(str(exc), reason=exc.reason) from None
     if any(p.cid == args.cid and p.reason == "missing" for p in graph.problems):
