@@ -154,21 +154,25 @@ def _read_tensors(path: Path) -> bytes:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    weights = _read_tensors(args.file)
     for parent in args.parent:
         validate_cid(parent)
-    key = operator_key()
-    with resolve_store(args) as store:
-        manifest = save_model(
-            store,
-            weights=weights,
-            kind=args.kind,
-            federation=args.federation,
-            round=args.round,
-            producer=Producer(role="operator", id=os.environ.get("USER", "operator")),
-            key=key,
-            parents=args.parent,
-        )
+    # the steps: read (and convert a state_dict), then store: an upload when the store is IPFS
+    with progress(args, f"importing {Path(args.file).name}", total=2) as advance:
+        weights = _read_tensors(args.file)
+        advance(1, 2)
+        key = operator_key()
+        with resolve_store(args) as store:
+            manifest = save_model(
+                store,
+                weights=weights,
+                kind=args.kind,
+                federation=args.federation,
+                round=args.round,
+                producer=Producer(role="operator", id=os.environ.get("USER", "operator")),
+                key=key,
+                parents=args.parent,
+            )
+        advance(2, 2)
     if args.json:
         print_json({"model": manifest.cid, "weights": manifest.weights, "kind": manifest.kind})
     else:

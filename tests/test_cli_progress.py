@@ -1,5 +1,5 @@
 """Progress bars on long CLI work: `strata verify` of a deep lineage counts the models it
-checked, `strata model export` its steps, on stderr and only on a terminal. Piped (as
+checked, `strata model export` and `strata model put` their steps, on stderr and only on a terminal. Piped (as
 scripts run it) or with --json, stderr stays empty. Real CLI processes; rich is told the
 captured stderr is a terminal (TTY_COMPATIBLE), as it cannot be one under pytest.
 """
@@ -64,3 +64,11 @@ def test_export_shows_its_steps_on_a_terminal(chain: tuple[Path, str], tmp_path:
     assert output.read_bytes() == encode_tensors({"w": np.full(8, DEPTH - 1, dtype=np.float32)})
     piped = run_strata("model", "export", cid, "-o", str(output), "--store", str(root / "store"), home=root / "home")
     assert (piped.returncode, piped.stderr) == (0, "")
+
+    # and back in: `model put` (an upload, with an IPFS store) counts its steps too
+    store = tmp_path / "other-store"
+    put = run_strata("model", "put", str(output), "--federation", "digits", "--store", str(store), home=root / "home", env=TERMINAL)
+    assert put.returncode == 0, put.stderr
+    assert "importing out.safetensors" in put.stderr and "2/2" in put.stderr
+    with LocalStore(store) as other:
+        assert other.has(put.stdout.strip())
