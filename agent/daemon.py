@@ -25,7 +25,7 @@ from agent.config import AgentConfig
 from agent.enrollment import Renewer, ensure_bundle, renew_address
 from agent.trainer import Trainer, has_evaluate, load_trainer, unsupported_algorithms
 from proto.errors import StrataError
-from proto.metrics import counter, gauge
+from proto.metrics import MetricSpec
 from proto.retry import RetryPolicy
 from trust.security import Security, channel_factory
 
@@ -33,6 +33,13 @@ log = logging.getLogger("strata.agent")
 
 # how long wait_for_model blocks before re-checking for shutdown
 _WAIT_SLICE_S = 1.0
+
+# what an agent process's /metrics serves (one sample per agent it runs); the README's
+# metrics catalogue is generated from this list
+UPDATES_SUBMITTED = MetricSpec("strata_agent_updates_submitted", "counter", "updates acknowledged by the aggregator", ("agent",))
+BYTES_DOWNLOADED = MetricSpec("strata_agent_bytes_downloaded", "counter", "model bytes downloaded", ("agent",))
+BASE_ROUND = MetricSpec("strata_agent_base_round", "gauge", "round of the latest base model seen (-1: none yet)", ("agent",))
+METRICS = (UPDATES_SUBMITTED, BYTES_DOWNLOADED, BASE_ROUND)
 
 
 def enroll_if_needed(config: AgentConfig, *, stop: threading.Event | None = None) -> bool:
@@ -263,9 +270,9 @@ class AgentGroup:
             downloaded[agent] = client.bytes_downloaded if client is not None else 0
             latest = client.describe()["round"] if client is not None else None
             rounds[agent] = latest if latest is not None else -1
-        yield counter("strata_agent_updates_submitted", "updates acknowledged by the aggregator", labels=updates, label="agent")
-        yield counter("strata_agent_bytes_downloaded", "model bytes downloaded", labels=downloaded, label="agent")
-        yield gauge("strata_agent_base_round", "round of the latest base model seen", labels=rounds, label="agent")
+        yield UPDATES_SUBMITTED(by=updates)
+        yield BYTES_DOWNLOADED(by=downloaded)
+        yield BASE_ROUND(by=rounds)
 
 
 def run_agents(configs: Sequence[AgentConfig], stop: threading.Event) -> list[int]:

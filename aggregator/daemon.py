@@ -42,7 +42,7 @@ from intake.home import BaseModel
 from intake.service import AgentServicer
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import ConfigError, InvalidInput, NotFound, StrataError
-from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
+from proto.metrics import MetricsEndpoint, MetricSpec, serve_metrics
 from proto.serving import ServerHandle, create_server
 from storage.cid import is_cid
 from storage.encodings import parse_encoding
@@ -65,6 +65,54 @@ ACTIVE_LIST_S = 1.0
 REVOCATIONS_FILE = "revocations.json"
 
 InitialModelFactory = Callable[[ContentStore, KeyPair], str]
+
+# what /metrics serves; the README's metrics catalogue is generated from this list
+_A = "strata_aggregator_"
+UPDATES_ACCEPTED = MetricSpec(_A + "updates_accepted", "counter", "updates accepted and journaled")
+UPDATES_REFUSED = MetricSpec(_A + "updates_refused", "counter", "updates refused, by refusal reason", ("reason",))
+UPDATE_BYTES_RECEIVED = MetricSpec(_A + "update_bytes_received", "counter", "weight bytes of the accepted updates (ingress)")
+ROUNDS_CLOSED = MetricSpec(_A + "rounds_closed", "counter", "rounds closed")
+MODEL_BYTES_SERVED = MetricSpec(_A + "model_bytes_served", "counter", "model bytes streamed to agents (egress)")
+MODEL_DOWNLOADS = MetricSpec(_A + "model_downloads", "counter", "model downloads served to agents")
+ROUND = MetricSpec(_A + "round", "gauge", "the current round")
+ROUND_OPENED = MetricSpec(_A + "round_opened_timestamp_seconds", "gauge", "when the current round opened (Unix time)")
+ROUND_DEADLINE = MetricSpec(_A + "round_deadline_seconds", "gauge", "the configured round deadline (round.deadline_s)")
+PRIVACY_EPSILON = MetricSpec(
+    _A + "privacy_epsilon", "gauge", "cumulative ε of the released cluster models (with central DP only)"
+)
+PRIVACY_BUDGET_SPENT = MetricSpec(_A + "privacy_budget_spent", "gauge", "1 once the ε budget stopped training (with privacy only)")
+ROUND_UPDATES = MetricSpec(_A + "round_updates", "gauge", "updates accepted in the current round")
+JOINS = MetricSpec(_A + "joins", "counter", "Joins answered with this aggregator as home")
+ACTIVE_AGENTS = MetricSpec(_A + "active_agents", "gauge", "agents (and relays) heard from within the timeout")
+RING_MEMBERS = MetricSpec(_A + "ring_members", "gauge", "members of the ring this aggregator follows")
+RING_VERSION = MetricSpec(_A + "ring_version", "gauge", "version of that ring")
+SYNTHESIS_PEERS_USED = MetricSpec(
+    _A + "synthesis_peers_used", "counter", "peers' cluster models used in semi-global models (with synthesis)"
+)
+SYNTHESIS_PEERS_REFUSED = MetricSpec(
+    _A + "synthesis_peers_refused", "counter", "peers' cluster models synthesis refused, by reason", ("reason",)
+)
+BASE_METRIC = MetricSpec(
+    _A + "base_metric",
+    "gauge",
+    "the latest closed round's base model as its agents evaluated it on their own data, sample-weighted "
+    "(e.g. accuracy, loss)",
+    ("metric",),
+)
+TRAIN_METRIC = MetricSpec(
+    _A + "train_metric", "gauge", "the training metrics the latest closed round's agents reported, sample-weighted", ("metric",)
+)
+MODEL = MetricSpec(
+    _A + "model",
+    "info",
+    "the latest closed round's cluster and semi-global model CIDs, and the base now training (empty: none yet)",
+    ("federation", "round", "cluster_cid", "semi_global_cid", "base_cid"),
+)
+METRICS = (
+    UPDATES_ACCEPTED, UPDATES_REFUSED, UPDATE_BYTES_RECEIVED, ROUNDS_CLOSED, MODEL_BYTES_SERVED, MODEL_DOWNLOADS,
+    ROUND, ROUND_OPENED, ROUND_DEADLINE, ROUND_UPDATES, PRIVACY_EPSILON, PRIVACY_BUDGET_SPENT, JOINS, ACTIVE_AGENTS,
+    RING_MEMBERS, RING_VERSION, SYNTHESIS_PEERS_USED, SYNTHESIS_PEERS_REFUSED, BASE_METRIC, TRAIN_METRIC, MODEL,
+)  # fmt: skip
 
 
 def default_aggregator_id() -> str:
@@ -309,26 +357,46 @@ class AggregatorDaemon:
         return self.synthesizer(cluster, tensors)
 
     def _collect_metrics(self) -> Iterator[Metric]:
-        yield counter("strata_aggregator_updates_accepted", "updates accepted and journaled", self.journal.accepted_count())
-        yield counter(
-            "strata_aggregator_updates_refused", "updates refused, by reason", labels=self.journal.refusal_counts(), label="reason"
-        )
-        yield counter("strata_aggregator_rounds_closed", "rounds closed", self.journal.closed_round_count())
+        yield UPDATES_ACCEPTED(self.journal.accepted_count())
+        yield UPDATES_REFUSED(by=self.journal.refusal_counts())
+        yield UPDATE_BYTES_RECEIVED(self.journal.accepted_bytes())
+        yield ROUNDS_CLOSED(self.journal.closed_round_count())
         if self.home is not None:
-            yield counter("strata_aggregator_model_bytes_served", "model bytes streamed to agents", self.home.bytes_served)
-            yield counter("strata_aggregator_model_downloads", "model downloads served to agents", self.home.downloads_served)
-        yield gauge("strata_aggregator_round", "the current round", self.rounds.current.round)
+            yield MODEL_BYTES_SERVED(self.home.bytes_served)
+            yield MODEL_DOWNLOADS(self.home.downloads_served)
+        base = self.rounds.current
+        yield ROUND(base.round)
+        yield ROUND_OPENED(self.rounds.opened_at)
+        yield ROUND_DEADLINE(self.config.round.deadline_s)
         if self.privacy is not None:
             if self.config.privacy.central.enabled:
                 # +Inf when there is no noise: clipping alone promises nothing
-                yield gauge("strata_aggregator_privacy_epsilon", "cumulative ε of the released cluster models", self.privacy.central_epsilon)
-            yield gauge("strata_aggregator_privacy_budget_spent", "1 once the ε budget stopped training", float(self.privacy.exhausted))
-        yield gauge("strata_aggregator_round_updates", "updates accepted in the current round", self.rounds.accepted_count)
-        yield counter("strata_aggregator_joins", "Joins answered with this aggregator as home", self.agents.joins)
-        yield gauge("strata_aggregator_active_agents", "agents heard from within the timeout", len(self.agents.active()))
+                yield PRIVACY_EPSILON(self.privacy.central_epsilon)
+            yield PRIVACY_BUDGET_SPENT(float(self.privacy.exhausted))
+        yield ROUND_UPDATES(self.rounds.accepted_count)
+        yield JOINS(self.agents.joins)
+        yield ACTIVE_AGENTS(len(self.agents.active()))
         ring = self.ring_view.ring if self.ring_view is not None else None
-        yield gauge("strata_aggregator_ring_members", "members of the ring this aggregator follows", len(ring) if ring else 0)
-        yield gauge("strata_aggregator_ring_version", "version of that ring", ring.version if ring else 0)
+        yield RING_MEMBERS(len(ring) if ring else 0)
+        yield RING_VERSION(ring.version if ring else 0)
+        if self.synthesizer is not None:
+            yield SYNTHESIS_PEERS_USED(self.synthesizer.peers_used)
+            yield SYNTHESIS_PEERS_REFUSED(by=dict(self.synthesizer.peers_refused))
+        latest = self.journal.latest_closed_round()
+        yield BASE_METRIC(by=latest.base_metrics if latest else {})
+        yield TRAIN_METRIC(by=latest.metrics if latest else {})
+        cluster = (latest.cluster_cid or "") if latest else ""
+        # the next base is the semi-global model when synthesis ran, else the cluster model itself
+        semi_global = latest.next_base_cid if latest and latest.next_base_cid not in (None, cluster) else ""
+        yield MODEL.info(
+            {
+                "federation": self.config.federation,
+                "round": str(latest.round) if latest else "",
+                "cluster_cid": cluster,
+                "semi_global_cid": semi_global or "",
+                "base_cid": base.model_cid,
+            }
+        )
 
     def _status(self) -> dict[str, object]:
         return {

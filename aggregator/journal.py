@@ -144,6 +144,10 @@ class Journal(IntakeJournal):
         rows = self._read("SELECT agent_id, COUNT(*) AS n FROM invitations GROUP BY agent_id")
         return {row["agent_id"]: int(row["n"]) for row in rows}
 
+    def latest_closed_round(self) -> RoundRecord | None:
+        rows = self._read("SELECT * FROM rounds WHERE closed_at IS NOT NULL ORDER BY round DESC LIMIT 1")
+        return _round_from_row(rows[0]) if rows else None
+
     def closed_round_count(self) -> int:
         return int(self._read("SELECT COUNT(*) AS n FROM rounds WHERE closed_at IS NOT NULL")[0]["n"])
 

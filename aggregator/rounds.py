@@ -194,6 +194,12 @@ class RoundManager:
         return base
 
     @property
+    def opened_at(self) -> float:
+        """When the current round opened (Unix time), for the round-stalled alert."""
+        record = self._round
+        return record.opened_at if record is not None else 0.0
+
+    @property
     def base_tensors(self) -> Mapping[str, np.ndarray]:
         return self._base_tensors
 

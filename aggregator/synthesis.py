@@ -43,8 +43,10 @@ and what the rule did (coefficients, clipping) in `extra.aggregation`.
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -177,6 +179,10 @@ class SemiGlobalSynthesizer:
         self._strategy = make_strategy(settings.strategy, settings.strategy_params)
         self.last_sources: dict[str, str] = {}
         self._wait_until = 0.0
+        # since this process started, for /metrics: peers' cluster models used, and refused by reason
+        self._counts_lock = threading.Lock()
+        self.peers_used = 0
+        self.peers_refused: collections.Counter[str] = collections.Counter()
 
     def select_peers(self, ring: Ring) -> list[Member]:
         others = [m for m in ring.members if m.id != self.aggregator_id]
@@ -200,7 +206,12 @@ class SemiGlobalSynthesizer:
                 candidates.append(candidate)
         candidates, outliers = screen_outliers(tensors, candidates, self.settings.outlier_z)
         refused += outliers
-        return self._combine(cluster, tensors, candidates, refused)
+        manifest = self._combine(cluster, tensors, candidates, refused)
+        with self._counts_lock:
+            self.peers_used += len(candidates)
+            for refusal in refused:
+                self.peers_refused[str(refusal.reason)] += 1
+        return manifest
 
     # ---------------------------------------------------------------- gather and screen
 

@@ -31,7 +31,7 @@ from coordinator.membership import Membership
 from coordinator.service import SERVICE_NAME, CoordinatorServicer, EnrollmentServicer
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import ConfigError, FailedPrecondition
-from proto.metrics import MetricsEndpoint, gauge, serve_metrics
+from proto.metrics import MetricsEndpoint, MetricSpec, serve_metrics
 from proto.serving import ServerHandle, create_server
 from trust.ca import REVOCATIONS_FILE, FleetCA
 from trust.distribution import RevocationFile
@@ -41,7 +41,7 @@ from trust.revocation import RevocationList
 from trust.security import Security
 from trust.tokens import TokenStore
 
-__all__ = ["EXPIRY_TICK_S", "CoordinatorDaemon"]
+__all__ = ["EXPIRY_TICK_S", "METRICS", "CoordinatorDaemon"]
 
 log = logging.getLogger("strata.coordinator")
 
@@ -50,6 +50,19 @@ MEMBERSHIP_DB = "membership.db"
 INDEX_DB = "index.db"
 # in the CA directory, where `strata certs token` writes them
 TOKENS_DB = "tokens.db"
+
+# what /metrics serves; the README's metrics catalogue is generated from this list
+RING_VERSION = MetricSpec("strata_coordinator_ring_version", "gauge", "current ring version")
+RING_MEMBERS = MetricSpec("strata_coordinator_ring_members", "gauge", "aggregators on the ring")
+AGGREGATORS_ALIVE = MetricSpec("strata_coordinator_aggregators_alive", "gauge", "aggregators with a live lease")
+LEASE_CHANGES = MetricSpec(
+    "strata_coordinator_lease_changes", "counter", "leases granted, moved (new address) or expired", ("change",)
+)
+MODELS_INDEXED = MetricSpec("strata_coordinator_models_indexed", "gauge", "manifests in the model index")
+REVOCATIONS_VERSION = MetricSpec(
+    "strata_coordinator_revocations_version", "gauge", "version of the fleet's revocation list (with a CA only)"
+)
+METRICS = (RING_VERSION, RING_MEMBERS, AGGREGATORS_ALIVE, LEASE_CHANGES, MODELS_INDEXED, REVOCATIONS_VERSION)
 
 
 class CoordinatorDaemon:
@@ -271,12 +284,13 @@ class CoordinatorDaemon:
         assert self.membership is not None and self.index is not None
         ring = self.membership.ring()
         statuses = self.membership.status()
-        yield gauge("strata_coordinator_ring_version", "current ring version", ring.version)
-        yield gauge("strata_coordinator_ring_members", "aggregators on the ring", len(ring))
-        yield gauge("strata_coordinator_aggregators_alive", "aggregators with a live lease", sum(s.alive for s in statuses))
-        yield gauge("strata_coordinator_models_indexed", "manifests in the model index", self.index.count())
+        yield RING_VERSION(ring.version)
+        yield RING_MEMBERS(len(ring))
+        yield AGGREGATORS_ALIVE(sum(s.alive for s in statuses))
+        yield LEASE_CHANGES(by=dict(self.membership.lease_changes))
+        yield MODELS_INDEXED(self.index.count())
         if self.revocation_file is not None:
-            yield gauge("strata_coordinator_revocations_version", "version of the fleet's revocation list", self.revocation_file.version)
+            yield REVOCATIONS_VERSION(self.revocation_file.version)
 
     def _close_stores(self) -> None:
         if self.membership is not None:

@@ -212,6 +212,9 @@ class Membership:
         self._statuses: dict[str, AggregatorStatus] = {}
         self._static = tuple(static_members)
         self._listeners: list[Callable[[], None]] = []
+        # lease changes since this process started, by kind (granted, moved, expired): the
+        # operator's view of ring churn; a restart resets them, as Prometheus counters may
+        self.lease_changes: dict[str, int] = {"granted": 0, "moved": 0, "expired": 0}
         self._version = self._db.ring_version()
         self._load_statuses()
         if self._static:
@@ -287,6 +290,7 @@ class Membership:
             self._statuses[info.id] = status
             self._db.save([status], ring_version=self._ring_changed() if joins or moved else None)
             if joins or moved:
+                self.lease_changes["granted" if joins else "moved"] += 1
                 log.info(
                     "aggregator_registered",
                     extra={
@@ -347,6 +351,7 @@ class Membership:
             if not expired:
                 return []
             gone = [replace(s, alive=False) for s in expired]
+            self.lease_changes["expired"] += len(gone)
             for status in gone:
                 self._statuses[status.info.id] = status
             self._db.save(gone, ring_version=self._ring_changed())

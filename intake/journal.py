@@ -196,6 +196,10 @@ class IntakeJournal(DurableSqlite):
     def accepted_count(self) -> int:
         return int(self._read("SELECT COUNT(*) AS n FROM updates")[0]["n"])
 
+    def accepted_bytes(self) -> int:
+        """Weight bytes of every accepted update: the intake's ingress that counted."""
+        return int(self._read("SELECT COALESCE(SUM(size), 0) AS n FROM updates")[0]["n"])
+
 
 def _update_from_row(row: sqlite3.Row) -> AcceptedUpdate:
     return AcceptedUpdate(

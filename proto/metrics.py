@@ -8,15 +8,50 @@ a free port, and the handle reports the one bound.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["MetricsEndpoint", "StateCollector", "counter", "gauge", "serve_metrics"]
+__all__ = ["MetricSpec", "MetricsEndpoint", "StateCollector", "counter", "gauge", "serve_metrics"]
+
+MetricKind = Literal["counter", "gauge", "info"]
+_SUFFIX = {"counter": "_total", "gauge": "", "info": "_info"}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric a daemon exports: the single definition its collector and the README's
+    metrics catalogue (`python -m strata.readme`) both read, so the two cannot drift.
+
+    `name` is the family name; the exposed sample adds `_total` (counter) or `_info` (info).
+    A counter or gauge has at most one label; an info metric's labels are its fields.
+    """
+
+    name: str
+    kind: MetricKind
+    documentation: str
+    labels: tuple[str, ...] = ()
+
+    @property
+    def sample_name(self) -> str:
+        return self.name + _SUFFIX[self.kind]
+
+    def __call__(self, value: float | None = None, *, by: Mapping[str, float] | None = None) -> Metric:
+        """The family with one unlabelled `value`, or one sample per `by` key (the label's value)."""
+        assert self.kind != "info", "use .info() for an info metric"
+        make = counter if self.kind == "counter" else gauge
+        if self.labels:
+            assert len(self.labels) == 1 and by is not None, f"{self.name} takes one label, {self.labels}"
+            return make(self.name, self.documentation, labels=dict(by), label=self.labels[0])
+        return make(self.name, self.documentation, value)
+
+    def info(self, fields: Mapping[str, str]) -> Metric:
+        assert self.kind == "info" and set(fields) == set(self.labels), f"{self.name} takes {self.labels}"
+        return InfoMetricFamily(self.name, self.documentation, value={k: fields[k] for k in self.labels})
 
 
 def gauge(name: str, documentation: str, value: float | None = None, *, labels: dict[str, float] | None = None, label: str = "") -> GaugeMetricFamily:

@@ -34,6 +34,8 @@ class CacheStats:
     models: int
     cached_bytes: int
     upstream_fetches: int
+    # ensure() answered from the store, without going upstream
+    hits: int
     bytes_fetched_upstream: int
     bytes_served: int
     downloads_served: int
@@ -63,7 +65,7 @@ class ModelCache:
         self._fetching: dict[str, threading.Lock] = {}
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._protected: frozenset[str] = frozenset()
-        self._fetches = self._fetched_bytes = self._served_bytes = self._served = self._evictions = 0
+        self._fetches = self._fetched_bytes = self._served_bytes = self._served = self._evictions = self._hits = 0
 
     def ensure(self, model_cid: str) -> Manifest:
         """The model's manifest, with manifest and weights in the store: from the cache, else fetched once."""
@@ -73,6 +75,8 @@ class ModelCache:
             if self._store.has(model_cid):
                 manifest = load_manifest(self._store, model_cid)
                 if self._store.has(manifest.weights):
+                    with self._lock:
+                        self._hits += 1
                     self._remember(model_cid, manifest)
                     return manifest
             manifest, weights = self._fetch(model_cid)
@@ -107,6 +111,7 @@ class ModelCache:
                 models=len(self._entries),
                 cached_bytes=sum(e.size for e in self._entries.values()),
                 upstream_fetches=self._fetches,
+                hits=self._hits,
                 bytes_fetched_upstream=self._fetched_bytes,
                 bytes_served=self._served_bytes,
                 downloads_served=self._served,

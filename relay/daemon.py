@@ -27,7 +27,7 @@ from intake.agents import AgentRegistry
 from intake.service import AgentServicer
 from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import FailedPrecondition, StrataError, Unavailable
-from proto.metrics import MetricsEndpoint, counter, gauge, serve_metrics
+from proto.metrics import MetricsEndpoint, MetricSpec, serve_metrics
 from proto.retry import RetryPolicy
 from proto.serving import ServerHandle, create_server
 from relay.cache import ModelCache
@@ -51,6 +51,31 @@ log = logging.getLogger("strata.relay")
 TICK_S = 0.2
 # the revocation list this relay enforces, as last installed, in its state_dir
 REVOCATIONS_FILE = "revocations.json"
+
+# what /metrics serves; the README's metrics catalogue is generated from this list
+_R = "strata_relay_"
+BYTES_SERVED = MetricSpec(_R + "bytes_served", "counter", "model bytes devices downloaded from the relay (egress)")
+BYTES_FETCHED_UPSTREAM = MetricSpec(_R + "bytes_fetched_upstream", "counter", "model bytes the relay fetched upstream (ingress)")
+BYTES_SAVED = MetricSpec(_R + "bytes_saved", "gauge", "upstream bytes the cache saved")
+DOWNLOADS_SERVED = MetricSpec(_R + "downloads_served", "counter", "model downloads served to devices")
+CACHE_HITS = MetricSpec(
+    _R + "cache_hits",
+    "counter",
+    "model loads the cache answered from its store, without going upstream (repeat downloads of a loaded model "
+    "are served from memory and count in downloads_served only)",
+)
+CACHE_FETCHES = MetricSpec(_R + "cache_fetches", "counter", "models fetched upstream (cache misses, and each new base)")
+CACHE_MODELS = MetricSpec(_R + "cache_models", "gauge", "models in the cache")
+CACHE_BYTES = MetricSpec(_R + "cache_bytes", "gauge", "bytes the cache holds")
+WINDOWS = MetricSpec(_R + "windows", "gauge", "combined updates by status (pending, forwarded, dropped)", ("status",))
+FORWARD_QUEUE = MetricSpec(_R + "forward_queue", "gauge", "combined updates waiting to be forwarded upstream")
+HELD_UPDATES = MetricSpec(_R + "held_updates", "gauge", "device updates held in the open window")
+UPSTREAM_CONNECTED = MetricSpec(_R + "upstream_connected", "gauge", "1 once the relay has joined its upstream aggregator")
+ACTIVE_DEVICES = MetricSpec(_R + "active_devices", "gauge", "devices heard from within the timeout")
+METRICS = (
+    BYTES_SERVED, BYTES_FETCHED_UPSTREAM, BYTES_SAVED, DOWNLOADS_SERVED, CACHE_HITS, CACHE_FETCHES, CACHE_MODELS, CACHE_BYTES, WINDOWS,
+    FORWARD_QUEUE, HELD_UPDATES, UPSTREAM_CONNECTED, ACTIVE_DEVICES,
+)  # fmt: skip
 
 
 def default_relay_id() -> str:
@@ -230,12 +255,22 @@ class RelayDaemon:
 
     def _collect_metrics(self) -> Iterator[Metric]:
         cache = self.cache.stats()
-        windows = self.relay.status()["windows"]
-        yield counter("strata_relay_bytes_served", "model bytes devices downloaded from the relay", cache.bytes_served)
-        yield counter("strata_relay_bytes_fetched_upstream", "model bytes the relay fetched upstream", cache.bytes_fetched_upstream)
-        yield gauge("strata_relay_bytes_saved", "upstream bytes the cache saved", cache.bytes_saved)
-        yield gauge("strata_relay_windows", "combined updates by status", labels=dict(windows), label="status")
-        yield gauge("strata_relay_active_devices", "devices heard from within the timeout", len(self.agents.active()))
+        status = self.relay.status()
+        windows = status["windows"]
+        assert isinstance(windows, dict)
+        yield BYTES_SERVED(cache.bytes_served)
+        yield BYTES_FETCHED_UPSTREAM(cache.bytes_fetched_upstream)
+        yield BYTES_SAVED(cache.bytes_saved)
+        yield DOWNLOADS_SERVED(cache.downloads_served)
+        yield CACHE_HITS(cache.hits)
+        yield CACHE_FETCHES(cache.upstream_fetches)
+        yield CACHE_MODELS(cache.models)
+        yield CACHE_BYTES(cache.cached_bytes)
+        yield WINDOWS(by=dict(windows))
+        yield FORWARD_QUEUE(windows.get("pending", 0))
+        yield HELD_UPDATES(float(status["held_updates"]))  # type: ignore[arg-type]
+        yield UPSTREAM_CONNECTED(float(self._joined.is_set()))
+        yield ACTIVE_DEVICES(len(self.agents.active()))
 
     def status(self) -> dict[str, object]:
         return {

@@ -11,6 +11,7 @@ also listed as a parent.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proto.errors import IntegrityError, InvalidInput, NotFound
@@ -66,8 +67,12 @@ def walk(
     *,
     depth: int | None = None,
     verify_weights: bool = False,
+    on_node: Callable[[int, int], None] | None = None,
 ) -> LineageGraph:
     """Breadth-first over `parents` from `model_cid`, at most `depth` edges deep (None: all).
+
+    `on_node(done, found)` is called after each model is read: how many were read, and how
+    many the walk has found so far (a progress bar's total grows as the lineage unfolds).
 
     Raises only for a malformed `model_cid` or a store that fails for reasons other than a
     missing or corrupt object (e.g. Unavailable); everything else is recorded as a Problem.
@@ -78,33 +83,39 @@ def walk(
     graph = LineageGraph(root=model_cid, depth_reached={model_cid: 0})
     where = {model_cid: "root"}
     queue = deque([model_cid])
+    done = 0
     while queue:
         cid = queue.popleft()
-        manifest = _read_node(store, cid, where[cid], graph)
-        if manifest is None:
-            continue
-        graph.nodes[cid] = manifest
-        _check_signature(manifest, cid, where[cid], graph)
-        if verify_weights:
-            _check_weights(store, manifest, cid, where[cid], graph)
-        level = graph.depth_reached[cid]
-        if depth is not None and level >= depth:
-            if manifest.parents:
-                graph.truncated.append(cid)
-            continue
-        for parent in manifest.parents:
-            graph.edges.append((cid, parent))
-            if parent not in graph.depth_reached:
-                graph.depth_reached[parent] = level + 1
-                where[parent] = f"parent of {cid}"
-                queue.append(parent)
+        try:
+            manifest = _read_node(store, cid, where[cid], graph)
+            if manifest is None:
+                continue
+            graph.nodes[cid] = manifest
+            _check_signature(manifest, cid, where[cid], graph)
+            if verify_weights:
+                _check_weights(store, manifest, cid, where[cid], graph)
+            level = graph.depth_reached[cid]
+            if depth is not None and level >= depth:
+                if manifest.parents:
+                    graph.truncated.append(cid)
+                continue
+            for parent in manifest.parents:
+                graph.edges.append((cid, parent))
+                if parent not in graph.depth_reached:
+                    graph.depth_reached[parent] = level + 1
+                    where[parent] = f"parent of {cid}"
+                    queue.append(parent)
+        finally:
+            done += 1
+            if on_node is not None:
+                on_node(done, len(where))
     _report_cycles(graph)
     return graph
 
 
-def verify(store: ContentStore, model_cid: str) -> LineageGraph:
+def verify(store: ContentStore, model_cid: str, *, on_node: Callable[[int, int], None] | None = None) -> LineageGraph:
     """The whole lineage, weights included: `walk(..., depth=None, verify_weights=True)`."""
-    return walk(store, model_cid, depth=None, verify_weights=True)
+    return walk(store, model_cid, depth=None, verify_weights=True, on_node=on_node)
 
 
 def _read_node(store: ContentStore, cid: str, where: str, graph: LineageGraph) -> Manifest | None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from coordinator.client import CoordinatorClient
 from coordinator.index import ModelRecord
-from proto.errors import InvalidInput
+from proto.errors import InvalidInput, StrataError
 from proto.wire import DEFAULT_TIMEOUT_S
 from strata import render
 from strata.cli_common import (
@@ -41,6 +41,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     fleet = add_actions(commands, "fleet", "the fleet as the coordinator sees it")
     status = fleet.add_parser("status", help="aggregators, leases, rounds, agent counts, last cluster and semi-global CIDs")
     _add_coordinator(status, cmd_fleet_status)
+    watch = fleet.add_parser("watch", help="a live terminal view: the ring, rounds, agents, latest models and accuracy")
+    watch.add_argument("--interval", type=float, default=2.0, help="seconds between frames (default: 2)")
+    watch.add_argument("--once", action="store_true", help="print one frame and exit")
+    _add_coordinator(watch, cmd_fleet_watch)
 
     ring = add_actions(commands, "ring", "the consistent-hash ring")
     show = ring.add_parser("show", help="members and version; with --agent, where that agent lives")
@@ -87,6 +91,40 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
         print(f"ring version {fleet.ring.version}, {len(fleet.ring)} member(s)")
         print(render.table(rows, ["aggregator", "address", "alive", "lease", "round", "agents", "last_cluster", "last_semi_global"]))
     return EXIT_OK
+
+
+def cmd_fleet_watch(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from strata.watch import Frame, render, snapshot
+
+    if not args.interval > 0:
+        raise InvalidInput("--interval must be > 0", reason="bad_argument")
+    console = Console()
+    with CoordinatorClient(args.coordinator, timeout_s=args.timeout, channel_factory=channel_factory_for(args)) as coordinator:
+        if args.once:  # one frame; an unreachable coordinator is an error, as for `fleet status`
+            frame = snapshot(coordinator, args.coordinator)
+            if args.json:
+                print_json(frame.to_json())
+            else:
+                console.print(render(frame))
+            return EXIT_OK
+
+        def next_frame() -> Frame:
+            # live, an outage is something to watch, not a reason to exit: say so and keep polling
+            try:
+                return snapshot(coordinator, args.coordinator)
+            except StrataError as exc:
+                return Frame(coordinator=args.coordinator, taken_at=time.time(), ring_version=0, error=str(exc))
+
+        try:
+            with Live(render(next_frame()), console=console, auto_refresh=False, screen=False) as live:
+                while True:
+                    time.sleep(args.interval)
+                    live.update(render(next_frame()), refresh=True)
+        except KeyboardInterrupt:  # Ctrl-C is how a watch ends
+            return EXIT_OK
 
 
 def cmd_ring_show(args: argparse.Namespace) -> int:

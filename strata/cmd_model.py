@@ -39,6 +39,7 @@ from strata.cli_common import (
     channel_factory_for,
     print_json,
 )
+from strata.progress import progress
 from trust.identity import load_certificate
 from trust.revocation import RevocationList
 from trust.signers import SignerError, Signers
@@ -154,21 +155,25 @@ def _read_tensors(path: Path) -> bytes:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    weights = _read_tensors(args.file)
     for parent in args.parent:
         validate_cid(parent)
-    key = operator_key()
-    with resolve_store(args) as store:
-        manifest = save_model(
-            store,
-            weights=weights,
-            kind=args.kind,
-            federation=args.federation,
-            round=args.round,
-            producer=Producer(role="operator", id=os.environ.get("USER", "operator")),
-            key=key,
-            parents=args.parent,
-        )
+    # the steps: read (and convert a state_dict), then store: an upload when the store is IPFS
+    with progress(args, f"importing {Path(args.file).name}", total=2) as advance:
+        weights = _read_tensors(args.file)
+        advance(1, 2)
+        key = operator_key()
+        with resolve_store(args) as store:
+            manifest = save_model(
+                store,
+                weights=weights,
+                kind=args.kind,
+                federation=args.federation,
+                round=args.round,
+                producer=Producer(role="operator", id=os.environ.get("USER", "operator")),
+                key=key,
+                parents=args.parent,
+            )
+        advance(2, 2)
     if args.json:
         print_json({"model": manifest.cid, "weights": manifest.weights, "kind": manifest.kind})
     else:
@@ -189,20 +194,27 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     validate_cid(args.cid)
-    with resolve_store(args) as store:
-        manifest, weights = load_model(store, args.cid)
-        if manifest.extra.get("encoding"):
-            # an encoded device update (storage.encodings): export the weights it stands for, not its delta
-            weights = encode_tensors(read_update(store, args.cid))
     output: Path = args.output
-    if output.suffix == ".safetensors":
-        output.write_bytes(weights)
-    elif output.suffix in (".pt", ".pth"):
-        import torch
-
-        torch.save(decode_torch(weights), output)
-    else:
+    if output.suffix not in (".safetensors", ".pt", ".pth"):
         raise InvalidInput(f"{output}: the output must end in .safetensors, .pt or .pth", reason="bad_file_type")
+    # the steps: read and verify the weights (from IPFS, possibly slow), convert for torch, write
+    steps = 2 if output.suffix == ".safetensors" else 3
+    with progress(args, f"exporting {args.cid[:12]}…", total=steps) as advance:
+        with resolve_store(args) as store:
+            manifest, weights = load_model(store, args.cid)
+            if manifest.extra.get("encoding"):
+                # an encoded device update (storage.encodings): export the weights it stands for, not its delta
+                weights = encode_tensors(read_update(store, args.cid))
+        advance(1, steps)
+        if output.suffix == ".safetensors":
+            output.write_bytes(weights)
+        else:
+            import torch
+
+            state = decode_torch(weights)
+            advance(2, steps)
+            torch.save(state, output)
+        advance(steps, steps)
     if args.json:
         print_json({"model": args.cid, "weights": manifest.weights, "output": str(output)})
     else:
@@ -279,9 +291,9 @@ def _signer_rows(graph: LineageGraph, signers: Signers) -> list[dict[str, Any]]:
 def cmd_verify(args: argparse.Namespace) -> int:
     validate_cid(args.cid)
     signers = _signers(args)
-    with resolve_store(args) as store:
+    with resolve_store(args) as store, progress(args, "verifying the lineage") as advance:
         try:
-            graph = verify(store, args.cid)
+            graph = verify(store, args.cid, on_node=advance)
         except CodecError as exc:
             raise InvalidInput(str(exc), reason=exc.reason) from None
     if any(p.cid == args.cid and p.reason == "missing" for p in graph.problems):

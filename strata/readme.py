@@ -3,8 +3,9 @@
 Each `<!-- config:ROLE -->` … `<!-- /config -->` block is replaced by the table of
 that daemon's config keys and defaults, and the `<!-- roles -->` … `<!-- /roles -->`
 block by the role table (`trust.roles.ROLE_TABLE`: who may call which RPC, and which
-request fields must be the caller's own id); tests/test_readme.py fails when a block
-is stale.
+request fields must be the caller's own id), and the `<!-- metrics -->` … `<!-- /metrics -->`
+block by the metrics catalogue (each daemon's `METRICS`, the specs its collector serves);
+tests/test_readme.py fails when a block is stale.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ import re
 import sys
 from pathlib import Path
 
+import agent.daemon
+import aggregator.daemon
+import coordinator.daemon
+import relay.daemon
+from proto.metrics import MetricSpec
 from strata.cmd_daemons import CONFIG_CLASSES, config_table
 from trust.identity import Role
 from trust.roles import ANYONE, DEVICE_UPDATE_READERS, OWN_ID_FIELDS, ROLE_TABLE
@@ -20,6 +26,25 @@ from trust.roles import ANYONE, DEVICE_UPDATE_READERS, OWN_ID_FIELDS, ROLE_TABLE
 README = Path(__file__).resolve().parent.parent / "README.md"
 _BLOCK = re.compile(r"(<!-- config:(\w+) -->\n).*?(<!-- /config -->)", re.S)
 _ROLES_BLOCK = re.compile(r"(<!-- roles -->\n).*?(<!-- /roles -->)", re.S)
+_METRICS_BLOCK = re.compile(r"(<!-- metrics -->\n).*?(<!-- /metrics -->)", re.S)
+
+# daemon -> the metrics its /metrics endpoint serves, in catalogue order
+METRICS_BY_DAEMON: dict[str, tuple[MetricSpec, ...]] = {
+    "coordinator": coordinator.daemon.METRICS,
+    "aggregator": aggregator.daemon.METRICS,
+    "relay": relay.daemon.METRICS,
+    "agent": agent.daemon.METRICS,
+}
+
+
+def metrics_catalogue() -> str:
+    """Every exported metric as Markdown: daemon, sample name, type, labels, meaning."""
+    rows = ["| daemon | metric | type | labels | meaning |", "| --- | --- | --- | --- | --- |"]
+    for daemon, specs in METRICS_BY_DAEMON.items():
+        for spec in specs:
+            labels = ", ".join(f"`{label}`" for label in spec.labels) or "—"
+            rows.append(f"| {daemon} | `{spec.sample_name}` | {spec.kind} | {labels} | {spec.documentation} |")
+    return "\n".join(rows) + "\n"
 _DEVICE_UPDATE_READS = ("/strata.v1.AgentService/GetModel", "/strata.v1.PeerService/FetchBlob")
 
 
@@ -48,6 +73,7 @@ def render(text: str) -> str:
         return match.group(1) + config_table(role) + match.group(3)
 
     text = _BLOCK.sub(replace, text)
+    text = _METRICS_BLOCK.sub(lambda match: match.group(1) + metrics_catalogue() + match.group(2), text)
     return _ROLES_BLOCK.sub(lambda match: match.group(1) + role_table() + match.group(2), text)
 
 

@@ -137,6 +137,7 @@ def test_weighting_matches_a_hand_computed_case(tmp_path: Path, peers: dict[str,
     assert semi.num_samples == 600
     assert semi.extra["weights"] == {cluster.cid: 100.0, b.cid: 300.0, c.cid: 100.0}
     assert semi.extra["refused_peers"] == []
+    assert (synthesizer.peers_used, dict(synthesizer.peers_refused)) == (len(semi.parents) - 1, {})
     semi.verify_signature()
     # the peers' cluster models were copied in, so the lineage can be walked from this store alone
     graph = walk(store, semi.cid)
@@ -204,6 +205,9 @@ def test_tampered_non_member_stale_and_dead_peers_are_refused(tmp_path: Path, pe
     semi = synthesizer(cluster, own)
     reasons = {r["producer"]: r["reason"] for r in semi.extra["refused_peers"]}
     assert reasons["agg-d"] == "unavailable"
+    # what /metrics reports (strata_aggregator_synthesis_peers_*): the two syntheses' refusals, by reason
+    assert synthesizer.peers_used == 0
+    assert dict(synthesizer.peers_refused) == {"bad_signature": 2, "not_member": 2, "stale": 1, "unavailable": 1}
 
 
 def test_waits_briefly_for_a_peer_still_closing_the_same_round(tmp_path: Path, peers: dict[str, Peer]) -> None:
