@@ -14,8 +14,6 @@ import pytest
 from agent.privacy import apply_local_dp
 from agent.submit import local_update
 from aggregator.config import AggregatorConfig
-from aggregator.privacy import PrivacyGuard
-from aggregator.rounds import RoundManager
 from aggregator.rules import make_strategy
 from aggregator.strategies import Strategy
 from intake.submission import Submission
@@ -172,28 +170,7 @@ def test_privacy_settings_refuse_incoherent_values() -> None:
 
 class PrivateRounds(Rounds):
     def __init__(self, tmp_path: Path, privacy: PrivacySettings, **settings) -> None:
-        self.privacy = privacy
-        super().__init__(tmp_path, **settings)  # Rounds keeps `strategy` (FedAvg unless given)
-
-    def _manager(self) -> RoundManager:
-        from aggregator.journal import Journal
-
-        self.journal = Journal(self.tmp_path / "journal.sqlite")
-        manager = RoundManager(
-            aggregator_id="agg-t",
-            federation="digits",
-            settings=self.settings,
-            store=self.store,
-            journal=self.journal,
-            strategy=self.strategy,
-            key=self.key,
-            initial_base=self.base0,
-            privacy=PrivacyGuard(self.privacy, federation="digits"),
-            clock=self.clock,
-        )
-        manager.start()
-        return manager
-
+        super().__init__(tmp_path, privacy=privacy, **settings)
 
     def submit_declared(self, agent: str, value: float, dp: dict | None) -> None:
         """A device update with its own signed manifest, declaring `dp` (None: no local DP)."""

@@ -11,9 +11,11 @@ import pytest
 
 from aggregator.config import RoundSettings
 from aggregator.journal import Journal
+from aggregator.privacy import PrivacyGuard
 from aggregator.rounds import RoundManager
 from aggregator.strategies import FedAvg, Strategy
 from intake.submission import Submission
+from privacy.config import PrivacySettings
 from storage.codec import decode_tensors, encode_tensors
 from storage.keys import KeyPair
 from storage.manifest import Producer
@@ -34,9 +36,12 @@ class Clock:
 class Rounds:
     """A RoundManager over files in tmp_path; `restart()` builds a new one over the same files."""
 
-    def __init__(self, tmp_path: Path, *, strategy: Strategy | None = None, **settings) -> None:
+    def __init__(
+        self, tmp_path: Path, *, strategy: Strategy | None = None, privacy: PrivacySettings | None = None, **settings
+    ) -> None:
         self.tmp_path = tmp_path
         self.strategy = strategy if strategy is not None else FedAvg()
+        self.privacy = privacy
         self.settings = RoundSettings(**{"deadline_s": 30.0, "max_relative_norm": 0, **settings})
         self.clock = Clock()
         self.key = KeyPair.generate()
@@ -65,6 +70,8 @@ class Rounds:
             key=self.key,
             initial_base=self.base0,
             on_new_base=lambda base: self.new_bases.append(base.model_cid),
+            # a new guard per manager: a restart rebuilds the ledger from the journal
+            privacy=PrivacyGuard(self.privacy, federation="digits") if self.privacy is not None else None,
             clock=self.clock,
         )
         manager.start()
