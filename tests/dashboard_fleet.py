@@ -49,7 +49,7 @@ def live_fleet(home: Path, *, aggregators: int = 3, agents: int = 6, rounds: int
     os.environ["HOME"] = str(home)
     options = DemoOptions(
         aggregators=aggregators, agents=agents, rounds=rounds, relay_devices=3, inference_devices=1,
-        agent_processes=1, home=home / ".strata",
+        agent_processes=1, home=home / ".strata", dashboard=False,
     )
     fleet = Fleet(options, say=lambda _text: None)
     try:
