@@ -121,7 +121,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             may_read_device_updates=role in DEVICE_UPDATE_READERS,
         )
     )
-    app = build_app(reader, token=token)
+    # without a token only loopback can reach it; the Host check keeps rebound names out too
+    loopback_names = frozenset({"127.0.0.1", "localhost", "::1", host})
+    app = build_app(reader, token=token, allowed_hosts=frozenset() if token else loopback_names)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"))
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/"

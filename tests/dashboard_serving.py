@@ -8,7 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -60,9 +60,12 @@ def get_json(url: str, **kwargs: Any) -> tuple[int, Any]:
     return status, json.loads(body)
 
 
-def first_sse_event(url: str, *, headers: dict[str, str] | None = None, timeout: float = 20.0) -> tuple[str, Any]:
-    """The first event (name, parsed data) an event stream sends, then the stream is closed."""
+def sse_events(url: str, count: int, *, headers: dict[str, str] | None = None, timeout: float = 20.0,
+               between: Callable[[int], None] | None = None) -> list[tuple[str, Any]]:
+    """The first `count` events (name, parsed data) an event stream sends, then the stream is
+    closed; `between(i)` runs after the i-th event arrives (e.g. to change the fleet)."""
     request = urllib.request.Request(url, headers=headers or {})
+    events: list[tuple[str, Any]] = []
     with urllib.request.urlopen(request, timeout=timeout) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         name, data = "message", []
@@ -73,5 +76,15 @@ def first_sse_event(url: str, *, headers: dict[str, str] | None = None, timeout:
             elif line.startswith("data: "):
                 data.append(line[6:])
             elif not line and data:
-                return name, json.loads("\n".join(data))
-    raise AssertionError("the event stream ended before its first event")
+                events.append((name, json.loads("\n".join(data))))
+                if len(events) == count:
+                    return events
+                if between is not None:
+                    between(len(events))
+                name, data = "message", []
+    raise AssertionError(f"the event stream ended after {len(events)} of {count} events")
+
+
+def first_sse_event(url: str, *, headers: dict[str, str] | None = None, timeout: float = 20.0) -> tuple[str, Any]:
+    """The first event (name, parsed data) an event stream sends."""
+    return sse_events(url, 1, headers=headers, timeout=timeout)[0]

@@ -26,7 +26,7 @@ from strata.cli import main
 from strata.cli_common import EXIT_USAGE
 from strata.dashboard.app import COOKIE, build_app
 from strata.dashboard.reader import FleetReader, ReaderSettings
-from tests.dashboard_serving import first_sse_event, get, get_json, serve_app
+from tests.dashboard_serving import first_sse_event, get, get_json, serve_app, sse_events
 from tests.procs import free_port
 
 AGGREGATORS = ("agg-a", "agg-b", "agg-c")
@@ -211,6 +211,28 @@ def test_the_event_stream_opens_with_a_snapshot(dashboard: str, models: Models) 
     assert name == "snapshot"
     assert [a["id"] for a in snapshot["ring"]["aggregators"]] == list(AGGREGATORS)
     assert snapshot["rounds"]["aggregators"]["agg-a"][0]["semi_global"]["cid"] == models.semi_global.cid
+
+
+def test_the_event_stream_pushes_a_new_snapshot_when_the_fleet_moves_on(coordinator: str, dashboard: str, models: Models) -> None:
+    def next_round(_: int) -> None:
+        with CoordinatorClient(coordinator, timeout_s=5) as client:
+            client.heartbeat("agg-b", Progress(round=3, agent_count=2))
+
+    [(_, before), (name, after)] = sse_events(f"{dashboard}/api/events", 2, between=next_round)
+    rounds = {a["id"]: a["round"] for a in after["ring"]["aggregators"]}
+    assert name == "snapshot" and rounds["agg-b"] == 3
+    assert {a["id"]: a["round"] for a in before["ring"]["aggregators"]}["agg-b"] == 2
+
+
+def test_without_a_token_only_loopback_names_are_answered(coordinator: str, models: Models) -> None:
+    reader = _reader(coordinator)
+    with serve_app(build_app(reader, allowed_hosts=frozenset({"127.0.0.1", "localhost"}))) as url:
+        assert get(f"{url}/api/ring")[0] == 200
+        # a page whose name was rebound to 127.0.0.1 comes with its own name in Host
+        status, body = get_json(f"{url}/api/ring", headers={"Host": "attacker.example"})
+        assert (status, body["error"]["reason"]) == (403, "bad_host")
+        assert get(url + "/", headers={"Host": "attacker.example:80"})[0] == 403
+    reader.close()
 
 
 def test_the_operator_token_guards_every_read(coordinator: str, models: Models) -> None:

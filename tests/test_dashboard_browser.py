@@ -100,6 +100,12 @@ def test_the_ring_shows_three_aggregators(page: Any, dashboard: str, tmp_path: P
     page.wait_for_selector("#live.on")  # the event stream delivered a snapshot
     page.wait_for_selector("#agents tbody tr")
     _screenshot(page, tmp_path, "dashboard-fleet.png")
+    # the agents table filters as you type
+    everyone = page.locator("#agents tbody tr").count()
+    page.fill("#agent-filter", "agg-b")
+    page.wait_for_function(f"document.querySelectorAll('#agents tbody tr').length < {everyone}")
+    homes = page.eval_on_selector_all("#agents tbody tr td:nth-child(2)", "tds => tds.map(td => td.textContent)")
+    assert homes and set(homes) == {"agg-b"}
 
 
 def test_the_chart_has_a_point_for_every_closed_round(page: Any, dashboard: str, fleet: LiveFleet, tmp_path: Path) -> None:

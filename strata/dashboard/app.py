@@ -90,9 +90,20 @@ def _int_param(request: Request, name: str, default: int) -> int:
         raise InvalidInput(f"{name} must be an integer, got {text[:40]!r}", reason="bad_argument") from None
 
 
-def build_app(reader: FleetReader, *, token: str = "", poll_s: float = POLL_S) -> Starlette:
-    """The dashboard as an ASGI app over `reader`; `token` (empty: none) guards every /api route."""
+def build_app(
+    reader: FleetReader, *, token: str = "", poll_s: float = POLL_S, allowed_hosts: frozenset[str] = frozenset()
+) -> Starlette:
+    """The dashboard as an ASGI app over `reader`; `token` (empty: none) guards every /api route.
+
+    `allowed_hosts` (empty: any) are the names a request's Host may carry. A dashboard without a
+    token lists its loopback names there: a web page whose name an attacker rebinds to 127.0.0.1
+    then reaches it under the attacker's name and is refused (DNS rebinding)."""
     streams = 0
+
+    def refused_host(request: Request) -> Response | None:
+        if allowed_hosts and (request.url.hostname or "") not in allowed_hosts:
+            return _refusal(403, "bad_host", f"this dashboard answers to {', '.join(sorted(allowed_hosts))} only")
+        return None
 
     def authorized(request: Request) -> bool:
         if not token:
@@ -103,6 +114,8 @@ def build_app(reader: FleetReader, *, token: str = "", poll_s: float = POLL_S) -
 
     def api(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
+            if (refusal := refused_host(request)) is not None:
+                return refusal
             if not authorized(request):
                 return _refusal(401, "unauthenticated", "an operator token is required (Authorization: Bearer, or open /?token=...)")
             try:
@@ -116,6 +129,8 @@ def build_app(reader: FleetReader, *, token: str = "", poll_s: float = POLL_S) -
         return await run_in_threadpool(method, *args, **kwargs)
 
     async def page(request: Request) -> Response:
+        if (refusal := refused_host(request)) is not None:
+            return refusal
         offered = request.query_params.get("token")
         if offered is not None:
             if not token or not hmac.compare_digest(offered.encode(), token.encode()):
