@@ -131,6 +131,8 @@ def test_rounds_pair_each_cluster_with_its_semi_global(dashboard: str, models: M
     assert row["cluster"]["cid"] == models.cluster.cid and row["cluster"]["metrics"]["accuracy"] == 0.8
     assert row["semi_global"]["cid"] == models.semi_global.cid and row["semi_global"]["metrics"]["loss"] == 0.35
     assert row["base_evaluated"] == {"accuracy": 0.1, "loss": 2.3}
+    # the agents evaluated the round's base: that is the base model's held-out score, not the cluster's
+    assert row["cluster"]["evaluated"] is None and row["semi_global"]["evaluated"] is None
     # no --state-dir: no journal read, and the page says where refusals would come from
     assert rounds["journals"] == [] and rounds["refusals"] == {}
 
@@ -273,3 +275,20 @@ def test_the_cli_listens_beyond_loopback_only_with_a_token(tmp_path: Path, capsy
     assert "[bad_token]" in capsys.readouterr().err
     assert main(["dashboard", "--listen", "nonsense"]) == EXIT_USAGE
     assert "[bad_argument]" in capsys.readouterr().err
+
+
+def test_a_model_gets_its_held_out_score_once_a_later_round_starts_from_it(
+    dashboard: str, coordinator: str, models: Models, keypair: KeyPair
+) -> None:
+    with LocalStore(models.store_path) as store:
+        next_cluster = save_model(
+            store, weights=_weights(9), kind="cluster", federation="digits", round=2, key=keypair,
+            producer=Producer(role="aggregator", id="agg-a"), parents=(models.locals[0].cid,), base=models.semi_global.cid,
+            num_samples=10, metrics={"accuracy": 0.9}, extra={"base_metrics": {"accuracy": 0.77, "loss": 0.6, "num_samples": 10}},
+        )
+    with CoordinatorClient(coordinator, timeout_s=5) as client:
+        client.announce(next_cluster.to_bytes())
+    status, rounds = get_json(f"{dashboard}/api/rounds")
+    by_round = {r["round"]: r for r in rounds["aggregators"]["agg-a"]}
+    assert by_round[1]["semi_global"]["evaluated"] == {"accuracy": 0.77, "loss": 0.6}
+    assert by_round[2]["base_evaluated"] == {"accuracy": 0.77, "loss": 0.6} and by_round[2]["cluster"]["evaluated"] is None

@@ -116,11 +116,18 @@ def test_the_chart_has_a_point_for_every_closed_round(page: Any, dashboard: str,
     series = page.evaluate("window.dashboard.chartSeries")
     for aggregator, rounds in closed.items():
         for kind in ("cluster", "semi-global"):
-            [plotted] = [s for s in series if (s["aggregator"], s["kind"], s["metric"]) == (aggregator, kind, "accuracy")]
+            [plotted] = [
+                s for s in series if (s["aggregator"], s["kind"], s["metric"], s["source"]) == (aggregator, kind, "accuracy", "metrics")
+            ]
             assert rounds <= set(plotted["rounds"]), (aggregator, kind, rounds, plotted["rounds"])
     # uPlot drew what it was given: one x per round, one y series per (aggregator, kind, metric)
     assert page.evaluate("window.dashboard.chart.data.length") == len(series) + 1
     _screenshot(page, tmp_path, "dashboard-learning.png")
+    # held-out: what the agents measured on a model once a later round started from it
+    page.select_option("#chart-source", "evaluated")
+    page.wait_for_function("window.dashboard.chartSeries.every(s => s.source === 'evaluated')")
+    held_out = page.evaluate("window.dashboard.chartSeries")
+    assert any(s["kind"] == "semi-global" and s["rounds"] for s in held_out), held_out
 
 
 def test_clicking_a_semi_global_model_reaches_a_device_update(page: Any, dashboard: str, tmp_path: Path) -> None:

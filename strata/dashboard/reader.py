@@ -179,8 +179,9 @@ class FleetReader:
 
     def rounds(self) -> dict[str, Any]:
         """Per aggregator and round: the cluster's and the semi-global's metrics (their training
-        metrics, sample-weighted), the base as the agents evaluated it on held-out data, the
-        round's duration, and, from its journal, refusals by reason."""
+        metrics, sample-weighted) and, once a later round used it as its base, the model as the
+        agents evaluated it on their held-out data; the round's duration; and, from its journal,
+        refusals by reason."""
         clusters = self._coordinator.list_models(kind="cluster", limit=ROUNDS_WINDOW)
         semi_globals = self._coordinator.list_models(kind="semi-global", limit=ROUNDS_WINDOW)
         rows: dict[tuple[str, int], dict[str, Any]] = {}
@@ -192,20 +193,29 @@ class FleetReader:
                  "duration_s": None, "aggregation_s": None, "participants": None, "refusals": {}},
             )
 
+        # what the agents measured on their held-out data, keyed by the model they measured: each
+        # cluster manifest carries the evaluation of its round's base (the previous semi-global)
+        evaluated: dict[str, dict[str, float]] = {}
         for record in clusters:
             entry = row(record.producer, record.round)
             entry["cluster"] = {"cid": record.cid, "metrics": dict(record.metrics), "num_samples": record.num_samples,
-                                "created_at": record.created_at}
+                                "created_at": record.created_at, "evaluated": None}
             entry["participants"] = len(record.parents)
-            base_metrics = _manifest_extra(record).get("base_metrics")
+            manifest = _manifest_json(record)
+            base_metrics = (manifest.get("extra") or {}).get("base_metrics")
             if isinstance(base_metrics, dict):
-                entry["base_evaluated"] = {
-                    k: v for k, v in base_metrics.items() if k != "num_samples" and isinstance(v, int | float)
-                }
+                measured = {k: v for k, v in base_metrics.items() if k != "num_samples" and isinstance(v, int | float)}
+                entry["base_evaluated"] = measured
+                if isinstance(manifest.get("base"), str) and measured:
+                    evaluated.setdefault(manifest["base"], measured)
         for record in semi_globals:
             row(record.producer, record.round)["semi_global"] = {
-                "cid": record.cid, "metrics": dict(record.metrics), "created_at": record.created_at
+                "cid": record.cid, "metrics": dict(record.metrics), "created_at": record.created_at, "evaluated": None
             }
+        for entry in rows.values():
+            for key in ("cluster", "semi_global"):
+                if entry[key] is not None:
+                    entry[key]["evaluated"] = evaluated.get(entry[key]["cid"])
         # a round lasts from the previous round's cluster to this one's
         by_aggregator: dict[str, list[dict[str, Any]]] = {}
         for (producer, _), entry in sorted(rows.items()):
@@ -301,11 +311,12 @@ class FleetReader:
         return _record_json(record), blob
 
 
-def _manifest_extra(record: ModelRecord) -> dict[str, Any]:
+def _manifest_json(record: ModelRecord) -> dict[str, Any]:
+    """The manifest as JSON (the coordinator validated it when indexing); {} if absent."""
     if not record.manifest:
         return {}
     try:
-        extra = json.loads(record.manifest).get("extra")
+        manifest = json.loads(record.manifest)
     except ValueError:
         return {}
-    return extra if isinstance(extra, dict) else {}
+    return manifest if isinstance(manifest, dict) else {}

@@ -159,7 +159,7 @@ async function refreshAgents() {
 
 // ---------------------------------------------------------------- learning
 
-function chartData(rounds) {
+function chartData(rounds, source) {
   const aggregators = Object.keys(rounds.aggregators).sort();
   const xs = [...new Set(aggregators.flatMap((a) => rounds.aggregators[a].map((r) => r.round)))].sort((a, b) => a - b);
   const series = [{ label: "round" }];
@@ -168,13 +168,13 @@ function chartData(rounds) {
     const byRound = Object.fromEntries(rounds.aggregators[agg].map((r) => [r.round, r]));
     for (const [kind, key, dash] of [["semi-global", "semi_global", undefined], ["cluster", "cluster", [6, 4]]]) {
       for (const metric of ["accuracy", "loss"]) {
-        const values = xs.map((x) => byRound[x]?.[key]?.metrics?.[metric] ?? null);
+        const values = xs.map((x) => byRound[x]?.[key]?.[source]?.[metric] ?? null);
         if (values.every((v) => v === null)) continue;
         series.push({
           label: `${agg} ${kind} ${metric}`, scale: metric === "accuracy" ? "acc" : "loss",
           stroke: colorOf(agg), width: metric === "accuracy" ? 2 : 1, dash, spanGaps: true,
           points: { show: true, size: metric === "accuracy" ? 7 : 4 },
-          strata: { aggregator: agg, kind, metric },
+          strata: { aggregator: agg, kind, metric, source },
         });
         data.push(values);
       }
@@ -184,7 +184,8 @@ function chartData(rounds) {
 }
 
 function renderLearning(rounds) {
-  const { series, data } = chartData(rounds);
+  const source = document.getElementById("chart-source").value;
+  const { series, data } = chartData(rounds, source);
   const target = document.getElementById("chart");
   const width = Math.max(480, target.clientWidth || document.body.clientWidth - 80);
   if (state.chart) state.chart.destroy();
@@ -327,6 +328,7 @@ function connect() {
 }
 
 document.getElementById("agent-filter").addEventListener("input", renderAgents);
+document.getElementById("chart-source").addEventListener("change", () => state.rounds && renderLearning(state.rounds));
 document.getElementById("agent-home").addEventListener("change", renderAgents);
 document.getElementById("model-search").addEventListener("submit", (e) => { e.preventDefault(); searchModels(e.target).catch(showError); });
 window.addEventListener("hashchange", route);
