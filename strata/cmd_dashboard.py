@@ -94,6 +94,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from strata.logs import setup_logging
     from trust.roles import DEVICE_UPDATE_READERS
     from trust.security import Security
+    from trust.signers import Signers
 
     setup_logging(args.log_level or "info")
     host, port = parse_listen(args.listen)
@@ -110,7 +111,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         raise InvalidInput(f"no aggregator journal in {', '.join(missing)}", reason="bad_argument")
     state_dirs = {d.name: d for d in args.state_dir}
     has_store = bool(args.store or os.environ.get("STRATA_STORE") or default_store_path().exists())
-    role = Security(args.bundle).identity.role if args.bundle else None
+    security = Security(args.bundle) if args.bundle else None
+    role = security.identity.role if security is not None else None
     reader = FleetReader(
         ReaderSettings(
             coordinator=args.coordinator,
@@ -119,6 +121,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             state_dirs=state_dirs,
             store=(lambda: resolve_store(args)) if has_store else None,
             may_read_device_updates=role in DEVICE_UPDATE_READERS,
+            # each model's signer, judged against the fleet CA the bundle trusts
+            signers=Signers(security.bundle.ca_cert) if security is not None else None,
         )
     )
     # without a token only loopback can reach it; the Host check keeps rebound names out too

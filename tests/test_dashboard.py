@@ -28,6 +28,9 @@ from strata.dashboard.app import COOKIE, build_app
 from strata.dashboard.reader import FleetReader, ReaderSettings
 from tests.dashboard_serving import first_sse_event, get, get_json, serve_app, sse_events
 from tests.procs import free_port
+from trust.ca import FleetCA
+from trust.identity import Identity, Role
+from trust.signers import Signers
 
 AGGREGATORS = ("agg-a", "agg-b", "agg-c")
 TOKEN = "operator-token-for-the-dashboard-tests"
@@ -292,3 +295,25 @@ def test_a_model_gets_its_held_out_score_once_a_later_round_starts_from_it(
     by_round = {r["round"]: r for r in rounds["aggregators"]["agg-a"]}
     assert by_round[1]["semi_global"]["evaluated"] == {"accuracy": 0.77, "loss": 0.6}
     assert by_round[2]["base_evaluated"] == {"accuracy": 0.77, "loss": 0.6} and by_round[2]["cluster"]["evaluated"] is None
+
+
+def test_with_the_fleet_ca_the_model_page_names_the_certified_signer(coordinator: str, models: Models, tmp_path: Path) -> None:
+    with FleetCA.init(tmp_path / "ca", "dashfleet") as ca:
+        aggregator = ca.issue(Identity(Role.AGGREGATOR, "agg-a"), KeyPair.generate())
+        certified_key = aggregator.manifest_key.with_certificate(aggregator.cert_pem.decode())
+        with LocalStore(models.store_path) as store:
+            signed = save_model(
+                store, weights=_weights(11), kind="cluster", federation="digits", round=3, key=certified_key,
+                producer=Producer(role="aggregator", id="agg-a"), parents=(models.locals[0].cid,), num_samples=10,
+            )
+        with CoordinatorClient(coordinator, timeout_s=5) as client:
+            client.announce(signed.to_bytes())
+        reader = _reader(coordinator, signers=Signers(aggregator.ca_cert))
+        with serve_app(build_app(reader)) as url:
+            _, certified = get_json(f"{url}/api/models/{signed.cid}")
+            _, bare = get_json(f"{url}/api/models/{models.cluster.cid}")
+        reader.close()
+    assert certified["signature"]["status"] == "certified" and certified["signature"]["fleet"] == "dashfleet"
+    assert certified["signature"]["signer"]["identity"] == "aggregator/agg-a"
+    # signed, but by a key no certificate of this fleet stands behind
+    assert bare["signature"]["status"] not in ("certified", "valid") and bare["signature"]["message"]

@@ -27,6 +27,7 @@ from storage.store import ContentStore
 from strata.cmd_history import read_history
 from trust.errors import PermissionDenied
 from trust.reads import DEVICE_UPDATE, is_device_update
+from trust.signers import SignerError, Signers
 
 __all__ = ["FleetReader", "ReaderSettings", "tensor_summary"]
 
@@ -44,6 +45,7 @@ class ReaderSettings:
     state_dirs: dict[str, Path] = field(default_factory=dict)  # aggregator id -> state directory (journal)
     store: Callable[[], ContentStore] | None = None  # opens the store weights are read from
     may_read_device_updates: bool = False  # the dashboard's own role may read device updates (audit)
+    signers: Signers | None = None  # the fleet CA (from --bundle): who signed each model, and whether it counts
 
 
 def _record_json(record: ModelRecord) -> dict[str, Any]:
@@ -278,6 +280,13 @@ class FleetReader:
             manifest.verify_signature()
             result["signature"] = {"status": "valid", "public_key": (manifest.signature or {}).get("public_key", ""),
                                    "certified": manifest.certificate is not None}
+            if self.settings.signers is not None:
+                # the signature verifies under the key it names; does the fleet CA stand behind that key?
+                try:
+                    signer = self.settings.signers.check(manifest)
+                    result["signature"].update(status="certified", signer=signer.to_json(), fleet=self.settings.signers.fleet)
+                except SignerError as exc:
+                    result["signature"].update(status=exc.reason, message=str(exc), fleet=self.settings.signers.fleet)
         except IntegrityError as exc:
             result["signature"] = {"status": exc.reason, "message": exc.message}
         except StrataError as exc:

@@ -242,7 +242,7 @@ async function showModel(cid) {
     ["kind", model.kind], ["federation", model.federation], ["round", String(model.round)], ["producer", model.producer],
     ["samples", String(model.num_samples)], ["parents", String(model.parents.length)], ["children", String(model.children.length)],
     ["created", new Date(model.created_at * 1000).toISOString()],
-    ["signature", el("span", { class: sig.status === "valid" ? "sig-valid" : "sig-bad" }, sig.status === "valid" ? `valid${sig.certified ? ", certified key" : ", bare key"}` : `${sig.status}: ${sig.message || ""}`)],
+    ["signature", signatureText(sig)],
     ["metrics", Object.entries(model.metrics).map(([k, v]) => `${k} ${fmt(v)}`).join(", ") || "-"],
     ["weights", model.device_update ? "device update: not served (audit role only)"
       : el("a", { href: `/api/models/${cid}/weights`, download: `${cid}.safetensors`, id: "download" }, "download (safetensors)")],
@@ -251,6 +251,12 @@ async function showModel(cid) {
   fill("tensors", (model.tensors || []).map((t) => el("tr", {}, el("td", {}, t.name), el("td", {}, t.dtype), el("td", {}, `[${t.shape.join(", ")}]`), el("td", {}, String(t.elements)))));
   document.getElementById("manifest").textContent = JSON.stringify(model.manifest, null, 2);
   renderLineage(lineage);
+}
+
+function signatureText(sig) {
+  if (sig.status === "certified") return el("span", { class: "sig-valid" }, `valid, signed by ${sig.signer.identity} (certified by fleet ${sig.fleet}'s CA)`);
+  if (sig.status === "valid") return el("span", { class: "sig-valid" }, `valid${sig.certified ? ", certificate embedded (no fleet CA to check it: run with --bundle)" : ", bare key"}`);
+  return el("span", { class: "sig-bad" }, `${sig.status}: ${sig.message || ""}`);
 }
 
 function renderLineage(lineage) {
