@@ -7,9 +7,13 @@ import ipaddress
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proto.errors import InvalidInput
 from strata.cli_common import EXIT_OK, add_bundle_option, add_log_level_option, add_store_option
+
+if TYPE_CHECKING:
+    from strata.dashboard.reader import ReaderSettings
 
 log = logging.getLogger("strata.dashboard")
 
@@ -83,18 +87,42 @@ def read_token(path: Path | None) -> str:
     return token
 
 
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    import uvicorn
-
+def reader_settings(args: argparse.Namespace) -> ReaderSettings:
+    """How the dashboard reads the fleet, from its options: whom to dial and how (--bundle),
+    which journals and store, and what its own role may read."""
     from storage.store import default_store_path
     from strata.cli_common import channel_factory_for
     from strata.cmd_model import resolve_store
-    from strata.dashboard.app import build_app
-    from strata.dashboard.reader import FleetReader, ReaderSettings
-    from strata.logs import setup_logging
+    from strata.dashboard.reader import ReaderSettings
     from trust.roles import DEVICE_UPDATE_READERS
     from trust.security import Security
     from trust.signers import Signers
+
+    if args.timeout <= 0:
+        raise InvalidInput("--timeout must be > 0", reason="bad_argument")
+    missing = [str(d) for d in args.state_dir if not (d / "journal.sqlite").is_file()]
+    if missing:
+        raise InvalidInput(f"no aggregator journal in {', '.join(missing)}", reason="bad_argument")
+    has_store = bool(args.store or os.environ.get("STRATA_STORE") or default_store_path().exists())
+    security = Security(args.bundle) if args.bundle else None
+    return ReaderSettings(
+        coordinator=args.coordinator,
+        timeout_s=args.timeout,
+        channel_factory=channel_factory_for(args),
+        state_dirs={d.name: d for d in args.state_dir},
+        store=(lambda: resolve_store(args)) if has_store else None,
+        may_read_device_updates=security is not None and security.identity.role in DEVICE_UPDATE_READERS,
+        # each model's signer, judged against the fleet CA the bundle trusts
+        signers=Signers(security.bundle.current().ca_cert) if security is not None else None,
+    )
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from strata.dashboard.app import build_app
+    from strata.dashboard.reader import FleetReader
+    from strata.logs import setup_logging
 
     setup_logging(args.log_level or "info")
     host, port = parse_listen(args.listen)
@@ -104,27 +132,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             f"--listen {args.listen} is beyond loopback: give --token-file so browsers must present an operator token",
             reason="token_required",
         )
-    if args.timeout <= 0:
-        raise InvalidInput("--timeout must be > 0", reason="bad_argument")
-    missing = [str(d) for d in args.state_dir if not (d / "journal.sqlite").is_file()]
-    if missing:
-        raise InvalidInput(f"no aggregator journal in {', '.join(missing)}", reason="bad_argument")
-    state_dirs = {d.name: d for d in args.state_dir}
-    has_store = bool(args.store or os.environ.get("STRATA_STORE") or default_store_path().exists())
-    security = Security(args.bundle) if args.bundle else None
-    role = security.identity.role if security is not None else None
-    reader = FleetReader(
-        ReaderSettings(
-            coordinator=args.coordinator,
-            timeout_s=args.timeout,
-            channel_factory=channel_factory_for(args),
-            state_dirs=state_dirs,
-            store=(lambda: resolve_store(args)) if has_store else None,
-            may_read_device_updates=role in DEVICE_UPDATE_READERS,
-            # each model's signer, judged against the fleet CA the bundle trusts
-            signers=Signers(security.bundle.ca_cert) if security is not None else None,
-        )
-    )
+    reader = FleetReader(reader_settings(args))
     # without a token only loopback can reach it; the Host check keeps rebound names out too
     loopback_names = frozenset({"127.0.0.1", "localhost", "::1", host})
     app = build_app(reader, token=token, allowed_hosts=frozenset() if token else loopback_names)

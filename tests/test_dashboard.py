@@ -22,8 +22,9 @@ from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer
 from storage.models import save_model
 from storage.store import LocalStore
-from strata.cli import main
+from strata.cli import build_parser, main
 from strata.cli_common import EXIT_USAGE
+from strata.cmd_dashboard import reader_settings
 from strata.dashboard.app import COOKIE, build_app
 from strata.dashboard.reader import FleetReader, ReaderSettings
 from tests.dashboard_serving import first_sse_event, get, get_json, serve_app, sse_events
@@ -317,3 +318,13 @@ def test_with_the_fleet_ca_the_model_page_names_the_certified_signer(coordinator
     assert certified["signature"]["signer"]["identity"] == "aggregator/agg-a"
     # signed, but by a key no certificate of this fleet stands behind
     assert bare["signature"]["status"] not in ("certified", "valid") and bare["signature"]["message"]
+
+
+@pytest.mark.parametrize(("role", "reads_device_updates"), [(Role.OPERATOR, False), (Role.AUDIT, True)])
+def test_a_bundle_gives_the_dashboard_its_fleet_ca_and_its_role(tmp_path: Path, role: Role, reads_device_updates: bool) -> None:
+    with FleetCA.init(tmp_path / "ca", "dashfleet") as ca:
+        ca.issue(Identity(role, "console"), KeyPair.generate()).write(tmp_path / "bundle")
+    args = build_parser().parse_args(["dashboard", "--bundle", str(tmp_path / "bundle"), "--store", str(tmp_path / "store")])
+    settings = reader_settings(args)
+    assert settings.signers is not None and settings.signers.fleet == "dashfleet"
+    assert settings.may_read_device_updates is reads_device_updates and settings.store is not None
