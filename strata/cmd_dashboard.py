@@ -136,7 +136,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     # without a token only loopback can reach it; the Host check keeps rebound names out too
     loopback_names = frozenset({"127.0.0.1", "localhost", "::1", host})
     app = build_app(reader, token=token, allowed_hosts=frozenset() if token else loopback_names)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"))
+    # an open event stream never ends by itself: on SIGTERM give streams 2 s, then close them
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2
+    )
+    server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/"
     log.info("dashboard_started", extra={"fields": {"url": url, "coordinator": args.coordinator, "token": bool(token)}})

@@ -328,3 +328,21 @@ def test_a_bundle_gives_the_dashboard_its_fleet_ca_and_its_role(tmp_path: Path, 
     settings = reader_settings(args)
     assert settings.signers is not None and settings.signers.fleet == "dashfleet"
     assert settings.may_read_device_updates is reads_device_updates and settings.store is not None
+
+
+def test_the_event_stream_pushes_a_snapshot_when_a_model_reaches_the_index(
+    coordinator: str, dashboard: str, models: Models, keypair: KeyPair
+) -> None:
+    """Heartbeats and announcements travel apart: a model indexed after the heartbeat that named it still shows."""
+
+    def announce_next_round(_: int) -> None:
+        with LocalStore(models.store_path) as store:
+            cluster = save_model(
+                store, weights=_weights(12), kind="cluster", federation="digits", round=2, key=keypair,
+                producer=Producer(role="aggregator", id="agg-c"), parents=(models.locals[1].cid,), num_samples=10,
+            )
+        with CoordinatorClient(coordinator, timeout_s=5) as client:
+            client.announce(cluster.to_bytes())
+
+    [_, (name, after)] = sse_events(f"{dashboard}/api/events", 2, between=announce_next_round)
+    assert name == "snapshot" and [r["round"] for r in after["rounds"]["aggregators"]["agg-c"]] == [2]

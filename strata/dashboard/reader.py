@@ -169,7 +169,15 @@ class FleetReader:
     def version(self) -> dict[str, Any]:
         """What changes when the fleet moves on: the SSE loop pushes a snapshot when it does."""
         fleet = self._coordinator.fleet_status()
+        # heartbeats and announcements travel separately: a round's models can reach the index
+        # after the heartbeat that named them, so the index's newest models count too
+        indexed = sorted(
+            r.cid
+            for kind in ("cluster", "semi-global")
+            for r in self._coordinator.list_models(kind=kind, latest_per_aggregator=True, limit=MAX_LISTING)
+        )
         return {
+            "indexed": indexed,
             "ring": fleet.ring.version,
             "aggregators": sorted(
                 (s.info.id, s.alive, s.round, s.agent_count, s.last_cluster_cid, s.last_semi_global_cid)
