@@ -28,6 +28,7 @@ from tests.procs import ProcessFactory, free_port, wait_port
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
+TOKEN = "a-browser-operator-token-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,25 @@ def dashboard(fleet: LiveFleet, tmp_path_factory: pytest.TempPathFactory) -> Ite
         process = procs.strata(
             "dashboard", "--coordinator", fleet.coordinator, "--listen", f"127.0.0.1:{port}", *state_dirs, *stores,
             name="dashboard", home=fleet.home,
+        )
+        process.wait_for_event("dashboard_started", timeout=30)
+        wait_port("127.0.0.1", port, timeout=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def guarded_dashboard(fleet: LiveFleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second dashboard on the same fleet, behind an operator token."""
+    workdir = tmp_path_factory.mktemp("guarded")
+    (workdir / "token").write_text(TOKEN + "\n")
+    procs = ProcessFactory(workdir)
+    port = free_port()
+    try:
+        process = procs.strata(
+            "dashboard", "--coordinator", fleet.coordinator, "--listen", f"127.0.0.1:{port}",
+            "--token-file", str(workdir / "token"), name="guarded", home=fleet.home,
         )
         process.wait_for_event("dashboard_started", timeout=30)
         wait_port("127.0.0.1", port, timeout=30)
@@ -163,6 +183,20 @@ def test_clicking_a_semi_global_model_reaches_a_device_update(page: Any, dashboa
     page.wait_for_selector(f"#lineage g.node.root[data-cid='{cid}']")
     assert page.inner_text("#model-cid") == cid
     assert "device update: not served" in page.inner_text("#model-facts")
+
+
+def test_a_token_once_in_the_url_lets_the_browser_in(browser: Any, guarded_dashboard: str) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        assert page.goto(guarded_dashboard + "/").status == 401
+        page.goto(f"{guarded_dashboard}/?token={TOKEN}")
+        assert page.url == guarded_dashboard + "/"  # the token left the address bar for a cookie
+        # the page's fetches and its event stream carry the cookie
+        page.wait_for_function("document.querySelectorAll('#ring g.aggregator').length === 3", timeout=20_000)
+        page.wait_for_selector("#live.on", timeout=20_000)
+    finally:
+        context.close()
 
 
 # ---------------------------------------------------------------- the API on the live fleet
