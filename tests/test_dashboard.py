@@ -146,6 +146,10 @@ def test_model_browser_page_and_lineage(dashboard: str, models: Models) -> None:
     assert status == 200 and {m["cid"] for m in listing["models"]} == {m.cid for m in models.locals}
     status, found = get_json(f"{dashboard}/api/models?q={models.semi_global.cid[-10:].lower()}")
     assert [m["cid"] for m in found["models"]] == [models.semi_global.cid]
+    status, exact = get_json(f"{dashboard}/api/models?q={models.base.cid}")
+    assert [m["cid"] for m in exact["models"]] == [models.base.cid]
+    assert get_json(f"{dashboard}/api/models?q={models.base.cid}&kind=cluster")[1]["models"] == []
+    assert get_json(f"{dashboard}/api/models?q=QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG")[1]["models"] == []
 
     status, page = get_json(f"{dashboard}/api/models/{models.cluster.cid}")
     assert status == 200

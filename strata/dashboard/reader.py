@@ -265,11 +265,20 @@ class FleetReader:
     # ------------------------------------------------------------ models
 
     def models(self, *, query: str = "", kind: str = "", aggregator: str = "", round_: int = 0, limit: int = 100) -> list[dict[str, Any]]:
-        """Indexed models, newest first; `query` keeps those whose CID contains it."""
+        """Indexed models, newest first; `query` keeps those whose CID contains it (among the newest
+        MAX_LISTING), or is the whole CID of any indexed model."""
         if kind and kind not in MODEL_KINDS:
             raise InvalidInput(f"kind must be one of {', '.join(MODEL_KINDS)}", reason="bad_kind")
         if round_ < 0 or not 0 < limit <= MAX_LISTING:
             raise InvalidInput(f"round must be >= 0 and limit in 1..{MAX_LISTING}", reason="bad_argument")
+        if len(query) >= 46 and query.isalnum():
+            # a whole CID: the index answers for it however old it is
+            try:
+                record = self._coordinator.lineage(query, 1, with_manifests=False).model
+            except NotFound:
+                return []
+            matches = (not kind or record.kind == kind) and (not aggregator or record.producer == aggregator)
+            return [_record_json(record)] if matches and (not round_ or record.round == round_) else []
         records = self._coordinator.list_models(kind=kind, aggregator=aggregator, round=round_, limit=MAX_LISTING if query else limit)
         if query:
             records = [r for r in records if query.lower() in r.cid.lower()]
