@@ -5,7 +5,9 @@ semi-global) and three registered aggregators; its token rule, its refusals, its
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +352,20 @@ def test_the_event_stream_pushes_a_snapshot_when_a_model_reaches_the_index(
 
     [_, (name, after)] = sse_events(f"{dashboard}/api/events", 2, between=announce_next_round)
     assert name == "snapshot" and [r["round"] for r in after["rounds"]["aggregators"]["agg-c"]] == [2]
+
+
+def test_streams_opened_together_share_one_feed_and_each_gets_every_change(coordinator: str, dashboard: str) -> None:
+    second_is_listening = threading.Event()
+
+    def move_on(_: int) -> None:
+        # only once both streams hold the first snapshot, so each has a change still to see
+        assert second_is_listening.wait(15)
+        with CoordinatorClient(coordinator, timeout_s=5) as client:
+            client.heartbeat("agg-c", Progress(round=5, agent_count=1))
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(sse_events, f"{dashboard}/api/events", 2, between=move_on)
+        second = pool.submit(sse_events, f"{dashboard}/api/events", 2, between=lambda _: second_is_listening.set())
+        for events in (first.result(timeout=30), second.result(timeout=30)):
+            rounds = {a["id"]: a["round"] for a in events[-1][1]["ring"]["aggregators"]}
+            assert [name for name, _ in events] == ["snapshot", "snapshot"] and rounds["agg-c"] == 5

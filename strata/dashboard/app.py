@@ -51,7 +51,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "strata_dashboard"
 POLL_S = 1.5  # how often the event stream asks the coordinator whether the fleet moved on
 KEEPALIVE_S = 15.0  # a comment line now and then, so proxies and the browser keep the stream open
-MAX_STREAMS = 32  # concurrent event streams: each polls the coordinator
+MAX_STREAMS = 32  # open event streams at once (one poller serves them all)
 
 _STATUS = {
     "INVALID_ARGUMENT": 400,
@@ -90,6 +90,61 @@ def _int_param(request: Request, name: str, default: int) -> int:
         raise InvalidInput(f"{name} must be an integer, got {text[:40]!r}", reason="bad_argument") from None
 
 
+class FleetFeed:
+    """One poller for every open event stream: it asks the coordinator whether the fleet moved
+    on every `poll_s` while anyone listens, builds one snapshot per change and hands it to each
+    stream (a slow stream skips to the newest). N browsers cost the coordinator what one does."""
+
+    def __init__(self, reader: FleetReader, *, poll_s: float) -> None:
+        self._reader = reader
+        self._poll_s = poll_s
+        self._inboxes: set[asyncio.Queue[str]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._latest = ""  # the last snapshot event, for streams that open between changes
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._inboxes)
+
+    def subscribe(self) -> asyncio.Queue[str]:
+        inbox: asyncio.Queue[str] = asyncio.Queue(maxsize=1)
+        if self._latest:
+            inbox.put_nowait(self._latest)
+        self._inboxes.add(inbox)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+        return inbox
+
+    def unsubscribe(self, inbox: asyncio.Queue[str]) -> None:
+        self._inboxes.discard(inbox)
+
+    def _publish(self, event: str) -> None:
+        for inbox in self._inboxes:
+            if inbox.full():
+                inbox.get_nowait()  # it has not read the older one: the newer one replaces it
+            inbox.put_nowait(event)
+
+    async def _poll(self) -> None:
+        seen: Any = None
+        while self._inboxes:
+            try:
+                version = await run_in_threadpool(self._reader.version)
+                if version != seen:
+                    ring_view, rounds_view = await asyncio.gather(
+                        run_in_threadpool(self._reader.ring), run_in_threadpool(self._reader.rounds)
+                    )
+                    body = json.dumps({"ring": ring_view, "rounds": rounds_view}, separators=(",", ":"))
+                    seen = version
+                    self._latest = f"event: snapshot\ndata: {body}\n\n"
+                    self._publish(self._latest)
+            except StrataError as error:
+                # the coordinator is away: say so, keep the streams, try again next poll
+                seen, self._latest = None, ""
+                self._publish(f"event: fleet_error\ndata: {json.dumps({'reason': error.reason, 'message': error.message})}\n\n")
+            await asyncio.sleep(self._poll_s)
+        self._latest = ""  # nobody listened for a while: the next stream starts from a fresh read
+
+
 def build_app(
     reader: FleetReader, *, token: str = "", poll_s: float = POLL_S, allowed_hosts: frozenset[str] = frozenset()
 ) -> Starlette:
@@ -98,8 +153,6 @@ def build_app(
     `allowed_hosts` (empty: any) are the names a request's Host may carry. A dashboard without a
     token lists its loopback names there: a web page whose name an attacker rebinds to 127.0.0.1
     then reaches it under the attacker's name and is refused (DNS rebinding)."""
-    streams = 0
-
     def refused_host(request: Request) -> Response | None:
         if allowed_hosts and (request.url.hostname or "") not in allowed_hosts:
             return _refusal(403, "bad_host", f"this dashboard answers to {', '.join(sorted(allowed_hosts))} only")
@@ -179,40 +232,22 @@ def build_app(
             headers={"content-disposition": f'attachment; filename="{filename}"', "x-strata-kind": record["kind"]},
         )
 
-    async def snapshot() -> dict[str, Any]:
-        ring_view, rounds_view = await asyncio.gather(call(reader.ring), call(reader.rounds))
-        return {"ring": ring_view, "rounds": rounds_view}
+    feed = FleetFeed(reader, poll_s=poll_s)
 
     async def events(request: Request) -> Response:
-        nonlocal streams
-        if streams >= MAX_STREAMS:
+        if feed.subscribers >= MAX_STREAMS:
             return _refusal(429, "too_many_streams", f"at most {MAX_STREAMS} live views at once")
-        streams += 1
+        inbox = feed.subscribe()
 
         async def stream() -> AsyncIterator[str]:
-            nonlocal streams
-            seen: Any = None
-            quiet = 0.0
             try:
                 while not await request.is_disconnected():
                     try:
-                        version = await call(reader.version)
-                        if version != seen:
-                            body = json.dumps(await snapshot(), separators=(",", ":"))
-                            seen = version
-                            quiet = 0.0
-                            yield f"event: snapshot\ndata: {body}\n\n"
-                    except StrataError as error:
-                        # the coordinator is away: say so, keep the stream, try again next poll
-                        seen = None
-                        yield f"event: fleet_error\ndata: {json.dumps({'reason': error.reason, 'message': error.message})}\n\n"
-                    quiet += poll_s
-                    if quiet >= KEEPALIVE_S:
-                        quiet = 0.0
+                        yield await asyncio.wait_for(inbox.get(), KEEPALIVE_S)
+                    except TimeoutError:
                         yield ": keepalive\n\n"
-                    await asyncio.sleep(poll_s)
             finally:
-                streams -= 1
+                feed.unsubscribe(inbox)
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"cache-control": "no-store", "x-accel-buffering": "no"}
