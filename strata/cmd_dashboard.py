@@ -93,14 +93,14 @@ def reader_settings(args: argparse.Namespace) -> ReaderSettings:
     from storage.store import default_store_path
     from strata.cli_common import channel_factory_for
     from strata.cmd_model import resolve_store
-    from strata.dashboard.reader import ReaderSettings
+    from strata.dashboard.reader import JOURNAL_FILE, ReaderSettings
     from trust.roles import DEVICE_UPDATE_READERS
     from trust.security import Security
     from trust.signers import Signers
 
     if args.timeout <= 0:
         raise InvalidInput("--timeout must be > 0", reason="bad_argument")
-    missing = [str(d) for d in args.state_dir if not (d / "journal.sqlite").is_file()]
+    missing = [str(d) for d in args.state_dir if not (d / JOURNAL_FILE).is_file()]
     if missing:
         raise InvalidInput(f"no aggregator journal in {', '.join(missing)}", reason="bad_argument")
     has_store = bool(args.store or os.environ.get("STRATA_STORE") or default_store_path().exists())

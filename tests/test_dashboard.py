@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aggregator.journal import Journal
 from coordinator.client import AgentEntry, AggregatorInfo, CoordinatorClient, Progress
 from coordinator.index import ModelIndex
 from coordinator.membership import Membership
@@ -28,7 +29,7 @@ from strata.cli import build_parser, main
 from strata.cli_common import EXIT_USAGE
 from strata.cmd_dashboard import reader_settings
 from strata.dashboard.app import COOKIE, build_app
-from strata.dashboard.reader import FleetReader, ReaderSettings
+from strata.dashboard.reader import JOURNAL_FILE, FleetReader, ReaderSettings
 from tests.dashboard_serving import first_sse_event, get, get_json, serve_app, sse_events
 from tests.procs import free_port
 from trust.ca import FleetCA
@@ -369,3 +370,20 @@ def test_streams_opened_together_share_one_feed_and_each_gets_every_change(coord
         for events in (first.result(timeout=30), second.result(timeout=30)):
             rounds = {a["id"]: a["round"] for a in events[-1][1]["ring"]["aggregators"]}
             assert [name for name, _ in events] == ["snapshot", "snapshot"] and rounds["agg-c"] == 5
+
+
+def test_refusals_by_reason_come_from_the_aggregators_journals(coordinator: str, models: Models, tmp_path: Path) -> None:
+    state_dir = tmp_path / "agg-a"
+    state_dir.mkdir()
+    with Journal(state_dir / JOURNAL_FILE) as journal:
+        journal.open_round(1, models.base.cid, now=1.0)
+        for agent, reason in (("phone-8", "bad_signature"), ("phone-9", "bad_signature"), ("phone-9", "stale_base")):
+            journal.record_refusal(1, agent, reason, "refused in the test")
+    reader = _reader(coordinator, state_dirs={"agg-a": state_dir})
+    with serve_app(build_app(reader)) as url:
+        status, rounds = get_json(f"{url}/api/rounds")
+    reader.close()
+    assert status == 200 and rounds["journals"] == ["agg-a"]
+    assert rounds["refusals"] == {"agg-a": {"bad_signature": 2, "stale_base": 1}}
+    [row] = rounds["aggregators"]["agg-a"]
+    assert row["round"] == 1 and row["refusals"] == {"bad_signature": 2, "stale_base": 1}

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aggregator.journal import Journal
 from coordinator.client import CoordinatorClient
 from coordinator.index import AgentEntry, ModelRecord
 from proto.errors import IntegrityError, InvalidInput, NotFound, StrataError
 from storage.manifest import Manifest
 from storage.models import load_model
 from storage.store import ContentStore
-from strata.cmd_history import read_history
 from trust.errors import PermissionDenied
 from trust.reads import DEVICE_UPDATE, is_device_update
 from trust.signers import SignerError, Signers
@@ -34,6 +34,7 @@ __all__ = ["FleetReader", "ReaderSettings", "tensor_summary"]
 # how many models one listing may return, and how many per kind the rounds view reads
 MAX_LISTING = 500
 ROUNDS_WINDOW = 1000
+JOURNAL_FILE = "journal.sqlite"  # in an aggregator's state directory, as `strata history` reads it
 MODEL_KINDS = ("base", "cluster", "semi-global", "relay", "local")
 
 
@@ -241,25 +242,21 @@ class FleetReader:
         return {"aggregators": by_aggregator, "refusals": refusals, "journals": sorted(self.settings.state_dirs)}
 
     def _journal_refusals(self, by_aggregator: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
-        """Refusals by reason per aggregator (totals), merged into each round's row."""
+        """Refusals by reason over each journal's life (the open round's included), and per round
+        merged into each round's row with its aggregation time. Read-only: the aggregator may be
+        writing (WAL)."""
         totals: dict[str, dict[str, int]] = {}
         for aggregator, state_dir in sorted(self.settings.state_dirs.items()):
-            try:
-                history = read_history(state_dir)
-            except NotFound:
+            path = state_dir / JOURNAL_FILE
+            if not path.is_file():
                 continue
-            per_round = {h["round"]: h for h in history}
-            counts: dict[str, int] = {}
-            for entry in by_aggregator.get(aggregator, []):
-                journal_row = per_round.get(entry["round"])
-                if journal_row is None:
-                    continue
-                reasons = dict(item.split("=", 1) for item in (journal_row["refusals"] or "").split(",") if "=" in item)
-                entry["refusals"] = {k: int(v) for k, v in reasons.items()}
-                entry["aggregation_s"] = journal_row["aggregation_s"]
-                for reason, count in entry["refusals"].items():
-                    counts[reason] = counts.get(reason, 0) + count
-            totals[aggregator] = counts
+            with Journal(path, readonly=True) as journal:
+                closed = {r.round: r for r in journal.history() if r.closed_at is not None}
+                for entry in by_aggregator.get(aggregator, []):
+                    record = closed.get(entry["round"])
+                    entry["refusals"] = dict(record.refusals) if record else journal.refusal_counts(entry["round"])
+                    entry["aggregation_s"] = record.aggregation_s if record else None
+                totals[aggregator] = journal.refusal_counts()
         return totals
 
     # ------------------------------------------------------------ models
