@@ -91,11 +91,10 @@ def reader_settings(args: argparse.Namespace) -> ReaderSettings:
     """How the dashboard reads the fleet, from its options: whom to dial and how (--bundle),
     which journals and store, and what its own role may read."""
     from storage.store import default_store_path
-    from strata.cli_common import channel_factory_for
     from strata.cmd_model import resolve_store
     from strata.dashboard.reader import JOURNAL_FILE, ReaderSettings
     from trust.roles import DEVICE_UPDATE_READERS
-    from trust.security import Security
+    from trust.security import Security, TlsSettings, channel_factory
     from trust.signers import Signers
 
     if args.timeout <= 0:
@@ -104,11 +103,12 @@ def reader_settings(args: argparse.Namespace) -> ReaderSettings:
     if missing:
         raise InvalidInput(f"no aggregator journal in {', '.join(missing)}", reason="bad_argument")
     has_store = bool(args.store or os.environ.get("STRATA_STORE") or default_store_path().exists())
-    security = Security(args.bundle) if args.bundle else None
+    # the fleet side: mutual TLS as the bundle's identity (logged as tls_on, like every daemon)
+    security = Security.configure(TlsSettings(bundle=args.bundle or ""), who="dashboard")
     return ReaderSettings(
         coordinator=args.coordinator,
         timeout_s=args.timeout,
-        channel_factory=channel_factory_for(args),
+        channel_factory=channel_factory(security),
         state_dirs={d.name: d for d in args.state_dir},
         store=(lambda: resolve_store(args)) if has_store else None,
         may_read_device_updates=security is not None and security.identity.role in DEVICE_UPDATE_READERS,
