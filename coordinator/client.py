@@ -28,6 +28,7 @@ from coordinator.index import AgentEntry, IndexResult, Lineage, ModelRecord
 from coordinator.membership import AggregatorInfo, Lease, Progress
 from coordinator.messages import (
     FleetStatus,
+    agent_entry_from_pb,
     agent_entry_to_pb,
     announcements_to_pb,
     fleet_status_from_pb,
@@ -201,3 +202,8 @@ class CoordinatorClient:
         """Replace what the coordinator lists for `aggregator_id`'s agents with `agents`."""
         request = pb.ReportAgentsRequest(aggregator_id=aggregator_id, agents=[agent_entry_to_pb(a) for a in agents])
         self._call(self._stub.ReportAgents, request)
+
+    def list_agents(self, aggregator: str = "") -> list[AgentEntry]:
+        """The agents aggregators last reported, with their telemetry (empty `aggregator`: every one)."""
+        reply = self._call(self._stub.ListAgents, pb.ListAgentsRequest(aggregator=aggregator))
+        return [agent_entry_from_pb(a) for a in reply.agents]

@@ -15,6 +15,7 @@ from proto.errors import StrataError
 from strata import (
     cmd_certs,
     cmd_daemons,
+    cmd_dashboard,
     cmd_demo,
     cmd_device,
     cmd_fleet,
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for module in (cmd_model, cmd_history, cmd_daemons, cmd_fleet, cmd_device, cmd_certs, cmd_demo, cmd_simulate):
+    for module in (cmd_model, cmd_history, cmd_daemons, cmd_fleet, cmd_device, cmd_certs, cmd_demo, cmd_simulate, cmd_dashboard):
         module.register(commands)
     return parser
 

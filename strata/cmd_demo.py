@@ -27,6 +27,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="mutual TLS on every hop: a throwaway fleet CA and a bundle per process in the demo's directory",
     )
+    demo.add_argument("--no-dashboard", action="store_true", help="do not serve the web dashboard beside the fleet")
     demo.add_argument("--timeout", type=float, default=170.0, help="give up after this many seconds (default: 170)")
     add_json_option(demo)
     demo.set_defaults(handler=cmd_demo)
@@ -46,5 +47,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         relay_devices=args.devices,
         timeout_s=args.timeout,
         tls=args.tls,
+        dashboard=not args.no_dashboard and not args.no_coordinator,
     )
     return run_demo(options, as_json=args.json)

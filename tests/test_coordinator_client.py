@@ -95,6 +95,9 @@ def test_models_and_agents_round_trip(
     )
     [entry] = index.list_agents("agg-a")
     assert entry.capability == "inference" and entry.telemetry["cpu_percent"] == 12.5
+    [listed] = client.list_agents()
+    assert listed.agent_id == "x" and listed.home == "agg-a" and listed.telemetry["cpu_percent"] == 12.5
+    assert client.list_agents("agg-b") == []
 
 
 def test_a_batch_of_announcements_answers_item_by_item(

@@ -51,6 +51,7 @@ def test_demo_json_contract_and_lineage(tmp_path: Path) -> None:
         assert is_cid(entry["model"]) and 0.0 <= entry["accuracy"] <= 1.0
     assert {e["aggregator"] for e in summary["rounds"]} == {"agg-a", "agg-b", "agg-c"}
     assert is_cid(summary["final_model"])
+    assert summary["dashboard"].startswith("http://127.0.0.1:")  # the web dashboard ran beside the fleet
     assert summary["final_accuracy"] > 0.3  # 10 classes: chance is 0.1
     # the centralized reference: one accuracy per round, shown beside every aggregator's row
     centralized = summary["centralized"]

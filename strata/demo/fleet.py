@@ -50,6 +50,7 @@ class DemoOptions:
     inference_devices: int = 2
     timeout_s: float = 170.0
     tls: bool = False  # a throwaway fleet CA in the demo's directory; mutual TLS on every hop
+    dashboard: bool = True  # serve `strata dashboard` on a free loopback port (needs the coordinator)
     home: Path = field(default_factory=lambda: Path.home() / ".strata")
 
     def __post_init__(self) -> None:
@@ -85,6 +86,7 @@ class Fleet:
         self.homes: dict[str, list[str]] = {}  # aggregator id -> the ids of the agents it is home to
         self.state_dirs: dict[str, Path] = {}  # aggregator id -> its state directory
         self.relay: RelayEndpoints | None = None
+        self.dashboard_url = ""
         self._ca: FleetCA | None = None
         self._operator: Security | None = None
 
@@ -144,6 +146,8 @@ class Fleet:
         self._start_agents()
         if options.relay_devices:
             self._start_relay()
+        if options.dashboard and options.coordinator:
+            self._start_dashboard()
         self.say(f"logs          {self.supervisor.log_dir}")
 
     def check_alive(self) -> None:
@@ -272,6 +276,20 @@ class Fleet:
             + ", ".join(f"{m.id}: {len(homes[m.id])}" for m in self.aggregators)
             + f" (class-skewed Dirichlet alpha={options.group_alpha} across aggregators)"
         )
+
+    def _start_dashboard(self) -> None:
+        """The web dashboard on loopback, reading the fleet as its operator: the journals for
+        refusals, the shared store and the relay's for weights."""
+        port = free_port()
+        args = ["dashboard", "--coordinator", self.coordinator_address, "--listen", f"127.0.0.1:{port}"]
+        args += [arg for d in self.state_dirs.values() for arg in ("--state-dir", str(d))]
+        args += ["--store", self.store_url] + (["--store", str(self.relay.store)] if self.relay else [])
+        if self._ca is not None:
+            args += ["--bundle", self._tls(Role.OPERATOR, "dashboard").bundle]
+        self.supervisor.start("dashboard", args)
+        wait_for_port("127.0.0.1", port, 30)
+        self.dashboard_url = f"http://127.0.0.1:{port}/"
+        self.say(f"dashboard     {self.dashboard_url}")
 
     def _start_relay(self) -> None:
         """One relay with low-power devices: small data, head-only training, some inference-only."""

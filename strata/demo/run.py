@@ -46,6 +46,7 @@ def run_demo(options: DemoOptions, *, as_json: bool) -> int:
     summary = summarize(fleet, follower.results, final, observed)
     summary["centralized"] = reference.result().to_json() if reference is not None else None
     summary["seconds"] = round(time.monotonic() - started, 1)
+    summary["dashboard"] = fleet.dashboard_url or None
     say(summary_text(fleet, final, summary))
     if as_json:
         json.dump(summary, sys.stdout, sort_keys=True)
