@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -191,4 +192,5 @@ def test_the_agent_warns_once_when_its_trainer_ignores_fedprox(tmp_path: Path, c
     with caplog.at_level("WARNING", logger="strata.agent"):
         for round_number in range(3):
             daemon._warn_unsupported(client, {"prox_mu": "0.1", "round": round_number})
-    assert [r.getMessage() for r in caplog.records] == ["trainer_ignores_algorithm"]
+    # only warnings count: whether INFO lines are captured depends on what set up logging earlier
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == ["trainer_ignores_algorithm"]

@@ -290,7 +290,8 @@ def test_the_budget_stops_training_with_a_log_line_and_refuses_further_updates(t
         rounds.submit("a1", 0.1)
         with caplog.at_level(logging.WARNING, logger="strata.aggregator.privacy"):
             assert rounds.manager.maybe_close(active_trainers=1) is None
-        assert [r.message for r in caplog.records] == ["privacy_budget_spent"]
+        # only warnings count: whether INFO lines are captured depends on what set up logging earlier
+        assert [r.message for r in caplog.records if r.levelno >= logging.WARNING] == ["privacy_budget_spent"]
         assert rounds.manager.current.round == 1 and len(rounds.manager.closed_rounds()) == 1
         with pytest.raises(UpdateRefused) as refused:
             rounds.submit("a2", 0.1)
