@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.client import CoordinatorClient
 from strata.demo.fleet import DemoOptions, Fleet
+from tests.agent_service_contract import wait_until
 
 ROUNDS = 2
 
@@ -55,12 +56,12 @@ def live_fleet(home: Path, *, aggregators: int = 3, agents: int = 6, rounds: int
     try:
         fleet.prepare()
         fleet.start()
-        deadline = time.monotonic() + timeout_s
-        while not _closed_everywhere(fleet.coordinator_address, aggregators, rounds):
-            fleet.check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the fleet did not close {rounds} rounds on {aggregators} aggregators in {timeout_s}s")
-            time.sleep(1)
+
+        def all_closed() -> bool:
+            fleet.check_alive()  # a daemon that died ends the wait with its own error
+            return _closed_everywhere(fleet.coordinator_address, aggregators, rounds)
+
+        wait_until(all_closed, timeout_s, f"{rounds} closed rounds on {aggregators} aggregators", poll_s=1.0)
         assert fleet.relay is not None
         yield LiveFleet(
             coordinator=fleet.coordinator_address,
@@ -83,5 +84,4 @@ if __name__ == "__main__":
         print(f"coordinator {live.coordinator}", flush=True)
         print("state dirs " + " ".join(str(d) for d in live.state_dirs.values()), flush=True)
         with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                time.sleep(1)
+            threading.Event().wait()  # until Ctrl-C

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from tests.agent_service_contract import wait_until
 from tests.procs import free_port
 
 
@@ -24,12 +24,13 @@ def serve_app(app: Starlette, timeout_s: float = 15.0) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, name="dashboard-under-test", daemon=True)
     thread.start()
-    give_up = time.monotonic() + timeout_s
-    while not server.started:
-        if time.monotonic() > give_up or not thread.is_alive():
-            server.should_exit = True
-            raise TimeoutError(f"the dashboard did not start on port {port} within {timeout_s}s")
-        time.sleep(0.02)
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), timeout_s, f"the dashboard on port {port}", poll_s=0.02)
+        if not server.started:
+            raise RuntimeError(f"the dashboard on port {port} stopped before it started")
+    except BaseException:
+        server.should_exit = True
+        raise
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
