@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -210,11 +211,24 @@ class AgentServiceContract:
             assert reply.next_interval_s > 0
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, poll_s: float = 0.05) -> None:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 5.0,
+    what: str = "the condition",
+    poll_s: float = 0.05,
+    detail: Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Past ``timeout`` seconds it raises TimeoutError naming ``what``, with ``detail()``
+    (e.g. a daemon's log tail or a status dump) appended so a hang explains itself.
+    """
     import time
 
     give_up = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() > give_up:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+            extra = f"\n{detail()}" if detail is not None else ""
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last: {value!r}{extra}")
         time.sleep(poll_s)
+    return value

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -22,18 +21,10 @@ from intake.agents import AgentInfo
 from proto.errors import InvalidInput
 from proto.wire import create_channel
 from storage.keys import KeyPair
+from tests.agent_service_contract import wait_until
 from tests.test_coordinator import make_manifest
 
 TTL_S, HEARTBEAT_S = 1.0, 0.2
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def free_port() -> int:
@@ -218,7 +209,7 @@ def test_coordinator_restart_brings_the_ring_back(tmp_path: Path, keypair: KeyPa
         daemon = coordinator(state, port)
         assert daemon.membership is not None and daemon.index is not None
         # a keeps its lease by heartbeating; b, silent, leaves after one ttl
-        assert wait_until(lambda: [m.id for m in view_a.ring.members] == ["agg-a"], timeout_s=5.0)
+        assert wait_until(lambda: [m.id for m in view_a.ring.members] == ["agg-a"], timeout=5.0)
         assert view_a.ring.version > before.version
         assert link_a.flush(timeout_s=5.0) and daemon.index.get(manifest.cid)
 
@@ -227,7 +218,7 @@ def test_coordinator_restart_brings_the_ring_back(tmp_path: Path, keypair: KeyPa
         daemon = coordinator(tmp_path / "coord-lost-state", port)
         assert daemon.membership is not None
         assert wait_until(
-            lambda: [m.id for m in daemon.membership.ring().members] == ["agg-a"], timeout_s=5.0
+            lambda: [m.id for m in daemon.membership.ring().members] == ["agg-a"], timeout=5.0
         )
     finally:
         link_a.stop()

@@ -24,7 +24,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.agent_service_contract import wait_until
 from tests.procs import ProcessFactory, StrataProcess, procs_fixture, run_strata, wait_healthy
 from tests.scrape import Metrics, scrape
 
@@ -465,14 +465,6 @@ def _loopback_aliases_work(ip: str) -> bool:
         return False
 
 
-def _wait(what: str, check: Callable[[], bool], timeout: float, detail: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout}s\n{detail()}")
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_compose_fleet_runs_natively(compose: dict[str, Any], procs: ProcessFactory, tmp_path: Path) -> None:
     fleet = NativeFleet(compose, procs, tmp_path / "fleet")
@@ -552,7 +544,7 @@ def _run_fleet(fleet: NativeFleet) -> None:
         rows = fleet_status()["aggregators"]
         return sorted(r["aggregator"] for r in rows if r["alive"]) == list(AGGREGATORS)
 
-    _wait("3 live aggregators", all_live, 30, lambda: json.dumps(fleet_status()))
+    wait_until(all_live, 30, "3 live aggregators", poll_s=0.2, detail=lambda: json.dumps(fleet_status()))
     fleet.start("relay")  # agents depend only on the aggregators: they start alongside it
 
     # Homes are placed by hashing agent ids on the ring. The relay (id "relay") is one
@@ -575,7 +567,7 @@ def _run_fleet(fleet: NativeFleet) -> None:
             p.tail(6) for ps in fleet.running.values() for p in ps
         )
 
-    _wait("every aggregator closes 2 rounds", lambda: min(rounds().values()) >= 2, 90, tails)
+    wait_until(lambda: min(rounds().values()) >= 2, 90, "every aggregator closes 2 rounds", poll_s=0.2, detail=tails)
 
     # peers' cluster models were fetched from the shared store (across Kubo nodes when embedded)
     synthesized = [e for p in aggregators.values() for e in p.events("semi_global_synthesized")]

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import pytest
 import yaml
 
 from storage.cid import is_cid
+from tests.agent_service_contract import wait_until
 from tests.procs import ProcessFactory, free_port, procs_fixture, wait_healthy  # noqa: F401
 from tests.test_fleet_failures import Fleet
 
@@ -119,18 +118,6 @@ class PrometheusAPI:
             return False
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout: float) -> Any:
-    give_up = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = check()
-        if last:
-            return last
-        if time.monotonic() > give_up:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        time.sleep(0.5)
-
-
 def by_instance(vector: dict[frozenset[tuple[str, str]], float]) -> dict[str, float]:
     return {dict(labels)["instance"]: value for labels, value in vector.items()}
 
@@ -160,22 +147,18 @@ def test_prometheus_scrapes_the_fleet_and_alerts_when_an_aggregator_dies(procs: 
         command=[exe],
     )
     api = PrometheusAPI(web_port)
-    wait_for(api.ready, "Prometheus to be ready", 30)
+    wait_until(api.ready, 30, "Prometheus to be ready", poll_s=0.5)
 
     # the fleet's metrics arrive: every target up, and each daemon's own series
     targets = {fleet.target(name) for name in fleet.metrics_ports}
-    wait_for(lambda: by_instance(api.query("up")) == dict.fromkeys(targets, 1.0), "every target to be up", 30)
-    wait_for(
-        lambda: api.query("strata_coordinator_ring_members") == {
+    wait_until(lambda: by_instance(api.query("up")) == dict.fromkeys(targets, 1.0), 30, "every target to be up", poll_s=0.5)
+    wait_until(lambda: api.query("strata_coordinator_ring_members") == {
             frozenset({("job", "strata-coordinator"), ("instance", fleet.target("coordinator"))}): 2.0
-        },
-        "the coordinator's ring of two",
-        30,
-    )
+        }, 30, "the coordinator's ring of two", poll_s=0.5)
     assert set(by_instance(api.query("strata_aggregator_round"))) == {fleet.target(name) for name in AGGREGATORS}
     # the ring may home both agents on one aggregator (the other then waits for its min_updates)
-    wait_for(lambda: api.query("sum(strata_aggregator_rounds_closed_total) > 0"), "a round to close", 120)
-    wait_for(lambda: by_instance(api.query("strata_relay_upstream_connected")) == {fleet.target("relay"): 1.0}, "the relay's upstream", 30)
+    wait_until(lambda: api.query("sum(strata_aggregator_rounds_closed_total) > 0"), 120, "a round to close", poll_s=0.5)
+    wait_until(lambda: by_instance(api.query("strata_relay_upstream_connected")) == {fleet.target("relay"): 1.0}, 30, "the relay's upstream", poll_s=0.5)
     models = api.query("strata_aggregator_model_info")
     assert {dict(labels)["federation"] for labels in models} == {"digits"}
     assert all(is_cid(dict(labels)["base_cid"]) for labels in models), models
@@ -187,14 +170,10 @@ def test_prometheus_scrapes_the_fleet_and_alerts_when_an_aggregator_dies(procs: 
     # kill -9 one aggregator: its scrape fails, and after `for:` the alert fires for it alone
     victim = "agg-b"
     fleet.aggregators[victim].kill9()
-    firing = wait_for(lambda: api.firing("StrataAggregatorDown"), "StrataAggregatorDown to fire", 60)
+    firing = wait_until(lambda: api.firing("StrataAggregatorDown"), 60, "StrataAggregatorDown to fire", poll_s=0.5)
     assert [(a["instance"], a["job"], a["severity"]) for a in firing] == [(fleet.target(victim), "strata-aggregator", "critical")]
     # the coordinator saw it too: the lease expired (a lease change) and the ring shrank
-    wait_for(
-        lambda: by_instance(api.query('strata_coordinator_lease_changes_total{change="expired"}'))
-        == {fleet.target("coordinator"): 1.0},
-        "the coordinator to expire the dead aggregator's lease",
-        30,
-    )
+    wait_until(lambda: by_instance(api.query('strata_coordinator_lease_changes_total{change="expired"}'))
+        == {fleet.target("coordinator"): 1.0}, 30, "the coordinator to expire the dead aggregator's lease", poll_s=0.5)
     assert api.firing("StrataCoordinatorUnreachable") == []
     assert prometheus.alive

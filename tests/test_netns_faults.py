@@ -24,13 +24,14 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.sim import SimOptions
 from agent.sim.schedule import agent_id
+from tests.agent_service_contract import wait_until
 from tests.netns import NetnsFleet, NetnsLab, SimProgress, netns_unavailable
 from tests.procs import ProcessFactory, StrataProcess, procs_fixture  # noqa: F401
 
@@ -67,14 +68,6 @@ def fleet(lab: NetnsLab, procs: ProcessFactory, tmp_path: Path) -> Iterator[Netn
     procs.stop_all()  # before the lab deletes the namespaces they run in
 
 
-def _wait(what: str, check: Callable[[], bool], *, tail: Callable[[], str] = lambda: "") -> None:
-    give_up = time.monotonic() + HANG_GUARD_S
-    while not check():
-        if time.monotonic() > give_up:
-            raise AssertionError(f"hang guard: {what} did not happen within {HANG_GUARD_S:.0f} s\n{tail()}")
-        time.sleep(0.2)
-
-
 def _rounds_with_updates(process: StrataProcess, after: int = 0) -> int:
     return sum(1 for e in process.events()[after:] if e["event"] == "round_closed" and e.get("participants", 0) > 0)
 
@@ -99,12 +92,19 @@ def test_an_aggregator_cut_off_mid_round_loses_its_devices_then_gets_them_back_a
     victim = planned.most_common(1)[0][0]
     survivors = [name for name in fleet.names if name != victim]
     aggregators = fleet.aggregators
-    _wait(
-        "a round with updates on every aggregator",
+    wait_until(
         lambda: all(_rounds_with_updates(aggregators[n]) >= 1 for n in fleet.names),
-        tail=lambda: sim.tail(5),
+        HANG_GUARD_S,
+        "a round with updates on every aggregator",
+        poll_s=0.2,
+        detail=lambda: sim.tail(5),
     )
-    _wait(f"all {planned[victim]} devices the ring gives {victim} on it", lambda: devices_at(victim) == planned[victim])
+    wait_until(
+        lambda: devices_at(victim) == planned[victim],
+        HANG_GUARD_S,
+        f"all {planned[victim]} devices the ring gives {victim} on it",
+        poll_s=0.2,
+    )
 
     # cut it off mid-round
     marks = {name: aggregators[name].event_count() for name in fleet.names}
@@ -113,11 +113,19 @@ def test_an_aggregator_cut_off_mid_round_loses_its_devices_then_gets_them_back_a
     coordinator_mark = coordinator.event_count()
     fleet.cut(victim)
     cut_at = time.monotonic()
-    _wait(
-        "the others closing 2 rounds with updates",
+    wait_until(
         lambda: all(_rounds_with_updates(aggregators[n], marks[n]) >= 2 for n in survivors),
+        HANG_GUARD_S,
+        "the others closing 2 rounds with updates",
+        poll_s=0.2,
     )
-    _wait(f"every device leaving {victim}", lambda: devices_at(victim) == 0, tail=lambda: sim.tail(5))
+    wait_until(
+        lambda: devices_at(victim) == 0,
+        HANG_GUARD_S,
+        f"every device leaving {victim}",
+        poll_s=0.2,
+        detail=lambda: sim.tail(5),
+    )
     assert sum(devices_at(name) for name in survivors) == DEVICES
     coordinator.wait_for_event("aggregator_expired", lambda e: e.get("aggregator") == victim, after=coordinator_mark)
     time.sleep(max(0.0, MIN_CUT_S - (time.monotonic() - cut_at)))
@@ -129,12 +137,25 @@ def test_an_aggregator_cut_off_mid_round_loses_its_devices_then_gets_them_back_a
     coordinator.wait_for_event(
         "aggregator_registered", lambda e: e.get("aggregator") == victim, timeout=HANG_GUARD_S, after=coordinator_mark
     )
-    _wait("the ring holding all three again", lambda: fleet.ring_members() == set(fleet.names))
-    _wait(f"devices coming back to {victim}", lambda: devices_at(victim) > 0, tail=lambda: sim.tail(5))
-    _wait(
-        f"{victim} closing a round with updates after healing",
+    wait_until(
+        lambda: fleet.ring_members() == set(fleet.names),
+        HANG_GUARD_S,
+        "the ring holding all three again",
+        poll_s=0.2,
+    )
+    wait_until(
+        lambda: devices_at(victim) > 0,
+        HANG_GUARD_S,
+        f"devices coming back to {victim}",
+        poll_s=0.2,
+        detail=lambda: sim.tail(5),
+    )
+    wait_until(
         lambda: _rounds_with_updates(aggregators[victim], victim_mark) >= 1,
-        tail=lambda: aggregators[victim].tail(10),
+        HANG_GUARD_S,
+        f"{victim} closing a round with updates after healing",
+        poll_s=0.2,
+        detail=lambda: aggregators[victim].tail(10),
     )
 
     # nothing acknowledged is lost

@@ -6,7 +6,7 @@ import threading
 from types import SimpleNamespace
 
 from relay.forward import Forwarder
-from tests.test_coordination import wait_until
+from tests.agent_service_contract import wait_until
 
 
 class _Journal:
@@ -33,9 +33,9 @@ def test_wake_cuts_a_backoff_wait_short() -> None:
     thread = threading.Thread(target=forwarder.run, args=(stopping,), daemon=True)
     thread.start()
     try:
-        assert wait_until(lambda: journal.looks >= 1, timeout_s=2.0)
+        assert wait_until(lambda: journal.looks >= 1, timeout=2.0)
         forwarder.wake()
-        assert wait_until(lambda: journal.looks >= 2, timeout_s=2.0), "wake() did not end the backoff wait"
+        assert wait_until(lambda: journal.looks >= 2, timeout=2.0), "wake() did not end the backoff wait"
     finally:
         stopping.set()
         forwarder.wake()
