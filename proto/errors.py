@@ -116,6 +116,9 @@ class Refusal(StrEnum):
     BAD_ENCODING = "bad_encoding"
     # the update is encoded otherwise than the federation asked (round_config["encoding"])
     UNEXPECTED_ENCODING = "unexpected_encoding"
+    # a relay's open window already holds an update of this device (a late one, held for the next
+    # base): a device counts once per combined update, so it trains again on the next base instead
+    ALREADY_IN_WINDOW = "already_in_window"
 
 
 # Refusals that resending the same update can never overcome: an agent drops such an update.
@@ -132,6 +135,7 @@ FINAL_REFUSALS = frozenset(
         Refusal.TOO_MANY_SAMPLES,
         Refusal.BAD_METRICS,
         Refusal.UNEXPECTED_ENCODING,
+        Refusal.ALREADY_IN_WINDOW,
     }
 )
 

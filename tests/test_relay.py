@@ -27,7 +27,7 @@ from aggregator.strategies import FedAvg
 from intake.config import ServingSettings
 from intake.submission import Submission
 from proto import strata_pb2 as pb
-from proto.errors import UpdateRefused
+from proto.errors import FINAL_REFUSALS, Refusal, UpdateRefused
 from relay.cache import ModelCache
 from relay.config import ForwardSettings, RelayConfig, UpstreamSettings, WindowSettings
 from relay.core import STALE_AFTER_OUTAGE, Relay
@@ -298,6 +298,32 @@ def test_window_closes_on_max_wait_and_once_per_base(tmp_path: Path) -> None:
     second = tiny.relay.maybe_close(active_trainers=1)
     assert second is not None and second.manifest.round == 4 and second.manifest.base == next_base.cid
     assert second.manifest.parents == (late.update_cid,)
+
+
+def test_a_device_counts_once_per_window_when_its_late_update_waits_for_the_next_base(tmp_path: Path) -> None:
+    now = [1000.0]
+    tiny = tiny_relay(tmp_path, max_devices=5, clock=lambda: now[0])
+    tiny.relay.intake.submit(device_submission(tiny, "d1", {B: [1, 1]}, 1))
+    now[0] += tiny.relay.config.window.max_wait_s + 1
+    assert tiny.relay.maybe_close(active_trainers=5) is not None
+    late = device_submission(tiny, "d2", {B: [2, 2]}, 1)
+    held = tiny.relay.intake.submit(late)
+    next_base = save_model(
+        tiny.upstream, weights=encode_tensors({W: np.ones((2, 2), np.float32), B: np.ones(2, np.float32)}),
+        kind="cluster", federation="digits", round=4, producer=Producer(role="aggregator", id="agg"), key=None,
+    )
+    tiny.relay.adopt_base(next_base.cid, 4)
+    fresh = dataclasses.replace(device_submission(tiny, "d2", {B: [3, 3]}, 1), round=4, base_cid=next_base.cid)
+    with pytest.raises(UpdateRefused) as twice:
+        tiny.relay.intake.submit(fresh)
+    assert twice.value.reason == Refusal.ALREADY_IN_WINDOW and twice.value.reason in FINAL_REFUSALS
+    assert tiny.relay.intake.submit(late).duplicate  # a resend of the held one is still acknowledged
+    tiny.relay.intake.submit(dataclasses.replace(device_submission(tiny, "d3", {B: [5, 5]}, 1), round=4, base_cid=next_base.cid))
+    now[0] += tiny.relay.config.window.max_wait_s + 1
+    combined = tiny.relay.maybe_close(active_trainers=5)
+    assert combined is not None and combined.record.devices == 2
+    assert held.update_cid in combined.manifest.parents
+    assert tiny.relay.journal.refusal_counts() == {"already_in_window": 1}
 
 
 def test_device_refusals_keep_reason_codes(tmp_path: Path) -> None:
