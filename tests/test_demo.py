@@ -71,9 +71,9 @@ def test_demo_json_contract_and_lineage(tmp_path: Path) -> None:
     assert summary["relay"]["in_final_lineage"] == ["relay-1"]
     assert summary["relay"]["bytes_saved"] > 0
     # the relay forwards when its window holds 4 updates or 8 s passed: under load a slow device
-    # misses a window and its update waits for the next one (beside that device's next update), so
-    # how many is a matter of timing; at least one
-    assert summary["lineage"]["device_updates_behind_relay"] >= 1
+    # misses a window and its update waits for the next one, so how many is a matter of timing; at
+    # least one, and never more than its 4 devices (each counts once per window)
+    assert 1 <= summary["lineage"]["device_updates_behind_relay"] <= 4
     producers = {node["producer"] for node in nodes.values() if node["kind"] == "cluster"}
     assert producers == {"aggregator:agg-a", "aggregator:agg-b", "aggregator:agg-c"}
     # the whole chain verifies once the relay's private store is searched too
