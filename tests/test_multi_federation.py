@@ -9,6 +9,7 @@ into a failure.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,12 @@ from proto import strata_pb2_grpc as pb_grpc
 from proto.errors import ConfigError
 from proto.wire import REASON_METADATA_KEY, create_channel, read_header_stream, stream_with_header
 from storage.cid import cid_of
-from storage.codec import decode_tensors, encode_tensors
+from storage.codec import decode_tensors
 from storage.manifest import Manifest
 from storage.store import LocalStore
 from strata.wiring import initial_model_factory
 from tests.agent_service_contract import RPC_TIMEOUT_S, nudged, wait_until
-from tests.procs import ProcessFactory, free_port, procs_fixture, wait_healthy  # noqa: F401 - fixture
+from tests.procs import ProcessFactory, free_port, procs_fixture, run_strata, wait_healthy  # noqa: F401 - fixture
 
 FEDERATIONS = {"digits": {}, "fashion": {"initial_model": "task:fashion_mnist", "round": {"quorum": 1.0}}}
 
@@ -140,6 +141,10 @@ def test_two_federations_on_one_aggregator_are_independent_and_isolated(fleet: F
         # membership is per federation: only agg-multi serves fashion; both serve digits
         wait_until(lambda: {m.id for m in coordinator.ring("digits").members} == {"agg-multi", "agg-single"}, 20, "digits ring")
         assert {m.id for m in coordinator.ring("fashion").members} == {"agg-multi"}
+        shown = run_strata("ring", "show", "--federation", "fashion", "--coordinator", fleet.coordinator.address, "--json",
+                           home=tmp_path)  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert [m["id"] for m in json.loads(shown.stdout)["members"]] == ["agg-multi"]
         wait_until(lambda: len(fleet.multi.federation("digits").ring_view.ring) == 2, 20, "digits ring view")
         assert len(fleet.multi.federation("fashion").ring_view.ring) == 1
 
@@ -267,4 +272,3 @@ def test_strata_aggregator_serve_trains_two_federations_with_real_agents(procs: 
                     assert update.federation == federation and update.producer.id == f"{federation}-agent"
     started = {event["federation"] for event in aggregator.events("aggregator_started")}
     assert started == {"digits", "fashion"}
-    assert encode_tensors  # noqa: B018 - imported for symmetry with the stub helpers
