@@ -300,5 +300,22 @@ def _with_overrides(obj: Any, overrides: Mapping[str, Any]) -> Any:
         if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
             changes[key] = _with_overrides(current, value)
         else:
-            changes[key] = value
+            changes[key] = _like(current, value, key)
     return dataclasses.replace(obj, **changes)
+
+
+def _like(current: Any, value: Any, key: str) -> Any:
+    """`value` as the type of the key's default: `--set federations.F.round.min_updates=3` gives the text "3"."""
+    if isinstance(value, str) and isinstance(current, (bool, int, float)):
+        text = value.strip().lower()
+        try:
+            if isinstance(current, bool):
+                if text not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return text in ("true", "1", "yes", "on")
+            return type(current)(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {type(current).__name__}, got {value!r}") from None
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {type(current).__name__}, got {value!r}")
+    return value

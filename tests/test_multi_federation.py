@@ -51,6 +51,9 @@ def test_each_federation_gets_the_top_level_keys_with_its_own_overrides() -> Non
     assert per["fashion"].round.quorum == 1.0 and per["fashion"].round.min_updates == 2  # merged key by key
     assert per["digits"].round.quorum == 0.5 and per["digits"].initial_model == "task:digits"
     assert AggregatorConfig().per_federation() == {"digits": AggregatorConfig()}  # the single-federation default
+    # text from `--set federations.F.round.min_updates=3` or the environment takes the key's type
+    as_text = AggregatorConfig(federations={"f": {"round": {"min_updates": "3", "quorum": "0.5"}}}).per_federation()
+    assert as_text["f"].round.min_updates == 3 and as_text["f"].round.quorum == 0.5
 
 
 @pytest.mark.parametrize(("federations", "words"), [
@@ -59,6 +62,7 @@ def test_each_federation_gets_the_top_level_keys_with_its_own_overrides() -> Non
     ({"fashion": {"round": {"quorum": 7}}}, "quorum"),
     ({"fashion": {"round": {"no_such_key": 1}}}, "no_such_key"),
     ({"fashion": {"encoding": "int3"}}, "encoding"),
+    ({"fashion": {"round": {"min_updates": "two"}}}, "min_updates: expected int"),
 ])  # fmt: skip
 def test_a_bad_federation_entry_is_a_config_error_naming_it(federations: dict[str, Any], words: str) -> None:
     with pytest.raises(ConfigError) as info:
