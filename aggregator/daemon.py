@@ -241,8 +241,14 @@ class AggregatorDaemon:
             )
             for core in self.federations.values():
                 core.announce = self.link.announce
-        pb_grpc.add_AgentServiceServicer_to_server(AgentServiceRouter(self._table), self._server.server)
-        pb_grpc.add_PeerServiceServicer_to_server(PeerServiceRouter(self._table), self._server.server)
+        if len(self.federations) == 1:
+            # one federation: its services answer directly, exactly as before routing existed
+            pb_grpc.add_AgentServiceServicer_to_server(self._default.agent_service, self._server.server)
+            pb_grpc.add_PeerServiceServicer_to_server(self._default.peer_service, self._server.server)
+        else:
+            router = AgentServiceRouter(self._table, stream_idle_s=self.config.serving.stream_idle_s)
+            pb_grpc.add_AgentServiceServicer_to_server(router, self._server.server)
+            pb_grpc.add_PeerServiceServicer_to_server(PeerServiceRouter(self._table), self._server.server)
         self._server.start()
         for core in self.federations.values():
             core.start_ticker(self._stopping)

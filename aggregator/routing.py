@@ -11,6 +11,7 @@ rounds, registry or models.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Container, Mapping
 from typing import Protocol
 
@@ -61,8 +62,10 @@ class FederationTable:
 
 
 class AgentServiceRouter(pb_grpc.AgentServiceServicer):
-    def __init__(self, table: FederationTable) -> None:
+    def __init__(self, table: FederationTable, *, stream_idle_s: float) -> None:
+        """`stream_idle_s`: how long a SubmitUpdate stream may wait before its first message, as after it."""
         self._table = table
+        self._stream_idle_s = stream_idle_s
 
     def _service(self, federation: str) -> pb_grpc.AgentServiceServicer:
         service = self._table.get(federation).agent_service
@@ -83,9 +86,12 @@ class AgentServiceRouter(pb_grpc.AgentServiceServicer):
         # stream on; a stream that starts otherwise goes to the default federation, which refuses it
         first: pb.UpdateChunk | None = None
         try:
-            async for message in request_iterator:
-                first = message
-                break
+            first = await asyncio.wait_for(anext(aiter(request_iterator), None), self._stream_idle_s)
+        except TimeoutError:
+            # a stream that never starts holds no slot for longer than one that stalls midway
+            return pb.SubmitUpdateReply(
+                accepted=False, reason=Refusal.BAD_STREAM, message=f"no message within {self._stream_idle_s:g} s"
+            )
         except StrataError as error:
             # garbage bytes are refused as an answer, as the federation's own servicer refuses them
             if error.status != "INVALID_ARGUMENT":

@@ -10,6 +10,7 @@ into a failure.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ class Fleet:
             "listen": "127.0.0.1:0",
             "store": self.store,
             "coordinator": self.coordinator.address,
-            "serving": ServingSettings(heartbeat_interval_s=0.5),
+            "serving": ServingSettings(heartbeat_interval_s=0.5, stream_idle_s=1.0),
             "round": RoundSettings(min_updates=1, deadline_s=120.0),
             "synthesis": SynthesisSettings(peer_wait_s=0.5, fetch_timeout_s=5.0),
         }
@@ -145,10 +146,6 @@ def test_two_federations_on_one_aggregator_are_independent_and_isolated(fleet: F
         # membership is per federation: only agg-multi serves fashion; both serve digits
         wait_until(lambda: {m.id for m in coordinator.ring("digits").members} == {"agg-multi", "agg-single"}, 20, "digits ring")
         assert {m.id for m in coordinator.ring("fashion").members} == {"agg-multi"}
-        shown = run_strata("ring", "show", "--federation", "fashion", "--coordinator", fleet.coordinator.address, "--json",
-                           home=tmp_path)  # fmt: skip
-        assert shown.returncode == 0, shown.stderr
-        assert [m["id"] for m in json.loads(shown.stdout)["members"]] == ["agg-multi"]
         wait_until(lambda: len(fleet.multi.federation("digits").ring_view.ring) == 2, 20, "digits ring view")
         assert len(fleet.multi.federation("fashion").ring_view.ring) == 1
 
@@ -225,9 +222,40 @@ def test_two_federations_on_one_aggregator_are_independent_and_isolated(fleet: F
         coordinator.close()
 
 
+@pytest.mark.slow  # a CLI process
+def test_strata_ring_show_lists_one_federations_ring(fleet: Fleet, tmp_path: Path) -> None:
+    with CoordinatorClient(fleet.coordinator.address) as coordinator:
+        wait_until(lambda: {m.id for m in coordinator.ring("digits").members} == {"agg-multi", "agg-single"}, 20, "ring")
+    for federation, members in (("fashion", ["agg-multi"]), ("digits", ["agg-multi", "agg-single"])):
+        shown = run_strata("ring", "show", "--federation", federation, "--coordinator", fleet.coordinator.address,
+                           "--json", home=tmp_path)  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert [m["id"] for m in json.loads(shown.stdout)["members"]] == members
+
+
 def test_a_request_naming_no_federation_goes_to_the_default_one(fleet: Fleet) -> None:
     header, _ = get_model(fleet.agents, "")
     assert Manifest.from_bytes(header.manifest).federation == "digits"  # the top-level `federation`
+
+
+def test_an_upload_that_never_starts_or_starts_with_garbage_is_refused_as_an_answer(fleet: Fleet) -> None:
+    # the router reads the first message itself (to find the federation), with the same bounds
+    upload = fleet.channel.stream_unary(
+        "/strata.v1.AgentService/SubmitUpdate", response_deserializer=pb.SubmitUpdateReply.FromString
+    )
+    garbage = upload(iter([b"\xff\xff\xff not a protobuf"]), timeout=10)
+    assert not garbage.accepted and garbage.reason == "bad_request"
+    release = threading.Event()
+
+    def silent() -> Iterator[bytes]:
+        release.wait(15)  # sends nothing until the reply came (or a bound passed)
+        yield from ()
+
+    try:
+        idle = upload(silent(), timeout=10)
+    finally:
+        release.set()
+    assert not idle.accepted and idle.reason == "bad_stream"
 
 
 # ------------------------------------------------------------------ as real processes
