@@ -304,3 +304,18 @@ def test_strata_aggregator_serve_trains_two_federations_with_real_agents(procs: 
                     assert update.federation == federation and update.producer.id == f"{federation}-agent"
     started = {event["federation"] for event in aggregator.events("aggregator_started")}
     assert started == {"digits", "fashion"}
+
+
+def test_history_finds_one_journal_per_federation(tmp_path: Path) -> None:
+    import argparse
+
+    from strata.cmd_history import find_state_dirs, read_history
+
+    state = tmp_path / "agg-m"
+    for federation in ("digits", "fashion"):
+        with Journal(state / "federations" / federation / "journal.sqlite") as journal:
+            journal.open_round(0, "QmbFMke1KXqnYyBBWxB74N4c5SBnJMVAiMNRcGu6x1AwQH", now=100.0)
+    found = find_state_dirs(argparse.Namespace(state_dir=[state], aggregator=[]))
+    assert found == {"agg-m/digits": state / "federations" / "digits", "agg-m/fashion": state / "federations" / "fashion"}
+    assert [row["round"] for row in read_history(found["agg-m/fashion"])] == [0]
+    assert set(find_state_dirs(argparse.Namespace(state_dir=[state], aggregator=["agg-m"]))) == set(found)
