@@ -97,10 +97,19 @@ MODEL = MetricSpec(
     "the latest closed round's cluster and semi-global model CIDs, and the base now training (empty: none yet)",
     ("federation", "round", "cluster_cid", "semi_global_cid", "base_cid"),
 )
+# every federation this aggregator serves (the families above are the default federation's)
+FEDERATION_ROUND = MetricSpec(_A + "federation_round", "gauge", "the current round of each federation served", ("federation",))
+FEDERATION_ROUNDS_CLOSED = MetricSpec(
+    _A + "federation_rounds_closed", "counter", "rounds closed, by federation served", ("federation",)
+)
+FEDERATION_UPDATES_ACCEPTED = MetricSpec(
+    _A + "federation_updates_accepted", "counter", "updates accepted and journaled, by federation served", ("federation",)
+)
 METRICS = (
     UPDATES_ACCEPTED, UPDATES_REFUSED, UPDATE_BYTES_RECEIVED, ROUNDS_CLOSED, MODEL_BYTES_SERVED, MODEL_DOWNLOADS,
     ROUND, ROUND_OPENED, ROUND_DEADLINE, ROUND_UPDATES, PRIVACY_EPSILON, PRIVACY_BUDGET_SPENT, JOINS, ACTIVE_AGENTS,
     RING_MEMBERS, RING_VERSION, SYNTHESIS_PEERS_USED, SYNTHESIS_PEERS_REFUSED, BASE_METRIC, TRAIN_METRIC, MODEL,
+    FEDERATION_ROUND, FEDERATION_ROUNDS_CLOSED, FEDERATION_UPDATES_ACCEPTED,
 )  # fmt: skip
 
 
@@ -319,7 +328,7 @@ class AggregatorDaemon:
         return [agent for core in self.federations.values() for agent in core.agents.active()]
 
     def _collect_metrics(self) -> Iterator[Metric]:
-        # the default federation's figures (the others' rounds are in their journals and the coordinator's index)
+        # the default federation's figures, then a few of every federation's, labelled
         yield UPDATES_ACCEPTED(self.journal.accepted_count())
         yield UPDATES_REFUSED(by=self.journal.refusal_counts())
         yield UPDATE_BYTES_RECEIVED(self.journal.accepted_bytes())
@@ -360,6 +369,10 @@ class AggregatorDaemon:
                 "base_cid": base.model_cid,
             }
         )
+        cores = self.federations.values()
+        yield FEDERATION_ROUND(by={core.federation: core.rounds.current.round for core in cores})
+        yield FEDERATION_ROUNDS_CLOSED(by={core.federation: core.journal.closed_round_count() for core in cores})
+        yield FEDERATION_UPDATES_ACCEPTED(by={core.federation: core.journal.accepted_count() for core in cores})
 
     def _status(self) -> dict[str, object]:
         # the lease heartbeat carries one status: the default federation's round and models

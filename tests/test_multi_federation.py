@@ -37,6 +37,7 @@ from storage.store import LocalStore
 from strata.wiring import initial_model_factory
 from tests.agent_service_contract import RPC_TIMEOUT_S, nudged, wait_until
 from tests.procs import ProcessFactory, free_port, procs_fixture, run_strata, wait_healthy  # noqa: F401 - fixture
+from tests.scrape import scrape
 
 FEDERATIONS = {"digits": {}, "fashion": {"initial_model": "task:fashion_mnist", "round": {"quorum": 1.0}}}
 
@@ -88,7 +89,11 @@ class Fleet:
             "round": RoundSettings(min_updates=1, deadline_s=120.0),
             "synthesis": SynthesisSettings(peer_wait_s=0.5, fetch_timeout_s=5.0),
         }
-        multi = AggregatorConfig(id="agg-multi", state_dir=str(tmp_path / "multi"), federations=FEDERATIONS, **common)
+        self.metrics_port = free_port()
+        multi = AggregatorConfig(
+            id="agg-multi", state_dir=str(tmp_path / "multi"), federations=FEDERATIONS, metrics_port=self.metrics_port,
+            **common,
+        )  # fmt: skip
         self.multi = AggregatorDaemon(multi, federation_model_factory=initial_model_factory).start()
         single = AggregatorConfig(id="agg-single", state_dir=str(tmp_path / "single"), **common)
         self.single = AggregatorDaemon(single, initial_model_factory=initial_model_factory(single)).start()
@@ -203,6 +208,14 @@ def test_two_federations_on_one_aggregator_are_independent_and_isolated(fleet: F
                 blobs = pb_grpc.PeerServiceStub(channel).FetchBlob(pb.FetchBlobRequest(cid=latest.model_cid), timeout=5)
                 _, manifest_bytes = read_header_stream(blobs, size_of=lambda h: h.size, max_size=1 << 30)
             assert Manifest.from_bytes(manifest_bytes).federation == federation
+
+        # /metrics: the default federation's families as before, and each federation's round, labelled
+        metrics = scrape(fleet.metrics_port)
+        assert metrics.labelled("strata_aggregator_federation_round", "federation") == {"digits": 1, "fashion": 1}
+        assert metrics.labelled("strata_aggregator_federation_rounds_closed_total", "federation") == {
+            "digits": 1, "fashion": 1,
+        }  # fmt: skip
+        assert metrics.value("strata_aggregator_round") == 1
 
         # journals are per federation, and so is what the coordinator indexes
         for federation in ("digits", "fashion"):
