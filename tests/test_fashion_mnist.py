@@ -44,6 +44,7 @@ def test_a_truncated_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert info.value.reason == "dataset_missing" and "not the IDX file" in str(info.value)
 
 
+@pytest.mark.slow  # a CLI process that imports torch
 def test_agent_without_the_dataset_exits_with_one_line(tmp_path: Path) -> None:
     # The daemon's own error path: one line naming the package, no traceback.
     result = subprocess.run(
