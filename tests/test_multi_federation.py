@@ -332,3 +332,22 @@ def test_history_finds_one_journal_per_federation(tmp_path: Path) -> None:
     assert found == {"agg-m/digits": state / "federations" / "digits", "agg-m/fashion": state / "federations" / "fashion"}
     assert [row["round"] for row in read_history(found["agg-m/fashion"])] == [0]
     assert set(find_state_dirs(argparse.Namespace(state_dir=[state], aggregator=["agg-m"]))) == set(found)
+
+
+def test_a_federation_cannot_start_from_another_federations_model(tmp_path: Path) -> None:
+    from storage.keys import KeyPair
+    from strata.wiring import task_base_model
+
+    with LocalStore(tmp_path / "store") as store:
+        digits_base = task_base_model(store, KeyPair.generate(), task="digits", federation="digits")
+    config = AggregatorConfig(
+        id="agg-x", listen="127.0.0.1:0", state_dir=str(tmp_path / "state"), store=str(tmp_path / "store"),
+        federations={"digits": {"initial_model": digits_base}, "other": {"initial_model": digits_base}},
+    )  # fmt: skip
+    daemon = AggregatorDaemon(config)
+    try:
+        with pytest.raises(ConfigError) as info:
+            daemon.start()
+        assert "'digits' model, not 'other'" in str(info.value)
+    finally:
+        daemon.stop()
