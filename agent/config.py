@@ -75,7 +75,7 @@ class AgentConfig:
     name: str = _help("display name shown to operators (default: the id)", default="")
     seeds: list[str] = _help("aggregator (or relay) addresses to join through", default_factory=lambda: ["127.0.0.1:7070"])
     federation: str = _help("the model family to train", default="digits")
-    task: str = _help("trainer: a built-in task (digits, mnist) or module:object", default="digits")
+    task: str = _help("trainer: a built-in task (digits, mnist, fashion_mnist) or module:object", default="digits")
     task_options: dict[str, Any] = _help(
         "keyword options for the trainer, e.g. {partition: {scheme: dirichlet, alpha: 0.5, index: 0, count: 5}}",
         default_factory=dict,

@@ -78,7 +78,7 @@ def has_evaluate(trainer: object) -> bool:
 def load_trainer(spec: str, options: Mapping[str, Any] | None = None) -> Trainer:
     """Build the trainer named by ``spec`` with keyword ``options``.
 
-    ``spec`` is a built-in task name (``"digits"``, ``"mnist"``) or ``"module:object"``.
+    ``spec`` is a built-in task name (``"digits"``, ``"mnist"``, ``"fashion_mnist"``) or ``"module:object"``.
     A class or factory is called with ``**options``; an object that already has
     ``train`` is used as is (and then ``options`` must be empty).
     """

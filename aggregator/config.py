@@ -7,7 +7,10 @@ Loaded from YAML with `STRATA_*` environment overrides by `strata.config.load_co
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +24,16 @@ from trust.security import TlsSettings
 # Their parameters are checked when the daemon builds the rule (ConfigError "bad_config" at start).
 STRATEGY_NAMES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "clipped_fedavg")
 SERVER_OPT_NAMES = ("none", "fedavgm", "fedadam", "fedyogi")
+
+
+# the keys one federation of a multi-federation aggregator may set for itself (`federations`);
+# the rest (identity, addresses, stores, serving, TLS, coordinator, peers) belong to the process
+FEDERATION_KEYS = (
+    "initial_model", "strategy", "strategy_params", "server_opt", "server_opt_params", "round", "synthesis",
+    "selection", "round_config", "encoding", "privacy",
+)  # fmt: skip
+# a federation's name is a path component of its state directory and a label: keep it plain
+_FEDERATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _check_rule(key: str, name: str) -> None:
@@ -201,6 +214,12 @@ class AggregatorConfig:
     )
     serving: ServingSettings = field(default_factory=ServingSettings, metadata={"help": "how agents are served"})
     tls: TlsSettings = field(default_factory=TlsSettings, metadata={"help": "mutual TLS"})
+    federations: dict[str, dict[str, Any]] = _help(
+        "serve several federations from this one process: name -> per-federation keys (" + ", ".join(FEDERATION_KEYS)
+        + "), each overriding the top-level key of the same name; every federation has its own rounds, journal "
+        "(state_dir/federations/NAME), ring membership and synthesis; empty: the one `federation`",
+        default_factory=dict,
+    )
     coordinator: str = _help("coordinator address host:port; empty runs without one", default="")
     peers: list[str] = _help(
         "static membership without a coordinator: id=host:port entries (this aggregator included)",
@@ -231,3 +250,72 @@ class AggregatorConfig:
         for entry in self.peers:
             if "=" not in entry or ":" not in entry.split("=", 1)[1]:
                 raise ConfigError(f"peers entries must look like id=host:port, got {entry!r}")
+        self.per_federation()  # each federation's effective config validates itself now, not at start
+
+    @property
+    def multi_federation(self) -> bool:
+        return bool(self.federations)
+
+    def served_federations(self) -> tuple[str, ...]:
+        """The federations this process serves, in config order."""
+        return tuple(self.federations) if self.federations else (self.federation,)
+
+    def per_federation(self) -> dict[str, AggregatorConfig]:
+        """Each served federation's effective config: this one, with its `federations` entry applied.
+
+        Without `federations` that is this config alone. A federation entry may set only
+        FEDERATION_KEYS; sections (round, synthesis, selection, privacy) merge key by key.
+        """
+        if not self.federations:
+            return {self.federation: self}
+        out: dict[str, AggregatorConfig] = {}
+        for name, overrides in self.federations.items():
+            if not isinstance(name, str) or not _FEDERATION_NAME.fullmatch(name):
+                raise ConfigError(f"federations: {name!r} is not a federation name (letters, digits, . _ -; at most 64)")
+            overrides = overrides or {}
+            if not isinstance(overrides, Mapping):
+                raise ConfigError(f"federations.{name} must be a mapping of per-federation keys, got {overrides!r}")
+            foreign = sorted(set(overrides) - set(FEDERATION_KEYS))
+            if foreign:
+                raise ConfigError(
+                    f"federations.{name} may set only {', '.join(FEDERATION_KEYS)}; not {', '.join(map(str, foreign))}"
+                )
+            try:
+                out[name] = _with_overrides(self, {**overrides, "federation": name, "federations": {}})
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"federations.{name}: {exc}") from None
+            except ConfigError as exc:
+                raise ConfigError(f"federations.{name}: {exc.message}", reason=exc.reason) from None
+        return out
+
+
+def _with_overrides(obj: Any, overrides: Mapping[str, Any]) -> Any:
+    """A copy of the dataclass `obj` with `overrides` applied, sections merged key by key (validated again)."""
+    changes: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ConfigError(f"unknown key {key!r}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            changes[key] = _with_overrides(current, value)
+        else:
+            changes[key] = _like(current, value, key)
+    return dataclasses.replace(obj, **changes)
+
+
+def _like(current: Any, value: Any, key: str) -> Any:
+    """`value` as the type of the key's default: `--set federations.F.round.min_updates=3` gives the text "3"."""
+    if isinstance(value, str) and isinstance(current, (bool, int, float)):
+        text = value.strip().lower()
+        try:
+            if isinstance(current, bool):
+                if text not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return text in ("true", "1", "yes", "on")
+            return type(current)(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {type(current).__name__}, got {value!r}") from None
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {type(current).__name__}, got {value!r}")
+    return value

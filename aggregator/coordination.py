@@ -37,7 +37,9 @@ _RESTART_S = 1.0
 class CoordinatorLink:
     """Keeps this aggregator registered, its ring view current and the coordinator's index fed.
 
-    The link owns `client` and closes it on `stop()`. `state_dir` holds the
+    `ring_view` follows the ring of the first federation in `info` (empty: the whole ring);
+    `ring_views`, when given, maps each federation to the view that follows that federation's ring
+    instead (an aggregator serving several). The link owns `client` and closes it on `stop()`. `state_dir` holds the
     announcement outbox (None: in memory). See `LeaseKeeper` for `status_fn`, `agents_fn`
     and `on_lease`.
     """
@@ -48,6 +50,7 @@ class CoordinatorLink:
         *,
         info: AggregatorInfo,
         ring_view: RingView,
+        ring_views: Mapping[str, RingView] | None = None,
         status_fn: Callable[[], Mapping[str, Any]],
         agents_fn: Callable[[], Iterable[Any]] | None = None,
         state_dir: str | Path | None = None,
@@ -71,16 +74,20 @@ class CoordinatorLink:
             on_lease=on_lease,
         )
         self.registered = self._lease.registered
-        self._follower = RingFollower(
-            client,
-            view=ring_view,
-            # follow the ring of the (first) federation this aggregator serves; empty: the whole ring
-            federation=info.federations[0] if info.federations else "",
-            policy=policy,
-            watch_timeout_s=watch_timeout_s,
-            poll_s=lambda: self._lease.heartbeat_interval_s,
-            stop=self._stop,
-        )
+        views = dict(ring_views) if ring_views else {info.federations[0] if info.federations else "": ring_view}
+        # one follower per federation: membership is per federation on the coordinator
+        self._followers = [
+            RingFollower(
+                client,
+                view=view,
+                federation=federation,
+                policy=policy,
+                watch_timeout_s=watch_timeout_s,
+                poll_s=lambda: self._lease.heartbeat_interval_s,
+                stop=self._stop,
+            )
+            for federation, view in views.items()
+        ]
         self._outbox = Outbox(None if state_dir is None else Path(state_dir) / OUTBOX_FILE)
         self._announcer = Announcer(client, outbox=self._outbox, policy=policy, stop=self._stop)
         self._lock = threading.Lock()
@@ -94,7 +101,8 @@ class CoordinatorLink:
             if self._state == "started":
                 return self
             self._state = "started"
-            for name, job in (("lease", self._lease.run), ("ring", self._follower.run), ("announce", self._announcer.run)):
+            jobs = [("lease", self._lease.run), *(("ring", f.run) for f in self._followers), ("announce", self._announcer.run)]
+            for name, job in jobs:
                 thread = threading.Thread(target=self._run, args=(job,), name=f"coordinator-{name}", daemon=True)
                 thread.start()
                 self._threads.append(thread)
@@ -124,7 +132,8 @@ class CoordinatorLink:
             self._state = "stopped"
             self._stop.set()
         self._announcer.wake()
-        self._follower.cancel()
+        for follower in self._followers:
+            follower.cancel()
         # cancels calls in flight; an announcement cut off stays in the outbox
         self._client.close()
         deadline = time.monotonic() + timeout_s

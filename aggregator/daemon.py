@@ -1,70 +1,59 @@
-"""The aggregator daemon: wires store, journal, rounds, ring and services, and runs the round ticker.
+"""The aggregator daemon: wires store, key, server and coordinator link around one core per federation.
+
+Each federation it serves is a `FederationCore` (rounds, journal, agents, ring view,
+synthesis, its own round ticker); one gRPC server routes every call to one of them
+by the federation the request names (`aggregator.routing`). A single-federation
+config (no `federations` key) is the one-core case, with its journal where it always was.
 
 `AggregatorDaemon` is a context manager; `start`/`stop` are idempotent, and stop
-drains in-flight calls within a bound.
+drains in-flight calls within a bound. The attributes `rounds`, `journal`, `agents`,
+`home`, `published`, `synthesizer`, `ring_view` and `privacy` are the default
+federation's (the top-level `federation`, else the first configured).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 from prometheus_client.core import Metric
 
 from aggregator.config import AggregatorConfig
 from aggregator.coordination import CoordinatorLink
+from aggregator.federation import ACTIVE_LIST_S, TICK_S, FederationCore, InitialModelFactory
 from aggregator.home import AggregatorHome
 from aggregator.journal import Journal
-from aggregator.peers import (
-    GrpcPeerAccess,
-    PeerServicer,
-    Published,
-    device_update_lookup,
-    pointer_for,
-)
+from aggregator.peers import GrpcPeerAccess, Published
 from aggregator.privacy import PrivacyGuard
-from aggregator.ringview import RingView, static_ring
+from aggregator.ringview import RingView
 from aggregator.rounds import RoundManager, Synthesizer
-from aggregator.rules import make_strategy
-from aggregator.selection import Selector
-from aggregator.synthesis import SemiGlobalSynthesizer
+from aggregator.routing import AgentServiceRouter, FederationTable, PeerServiceRouter
 from coordinator.client import AggregatorInfo, CoordinatorClient
-from coordinator.ring import Member
 from intake.agents import AgentInfo, AgentRegistry
-from intake.home import BaseModel
-from intake.service import AgentServicer
 from proto import strata_pb2_grpc as pb_grpc
-from proto.errors import ConfigError, InvalidInput, NotFound, StrataError
 from proto.metrics import MetricsEndpoint, MetricSpec, serve_metrics
 from proto.serving import ServerHandle, create_server
-from storage.cid import is_cid
-from storage.encodings import parse_encoding
 from storage.keys import KeyPair
-from storage.manifest import Manifest
-from storage.models import load_manifest
 from storage.open import open_store
-from storage.store import ContentStore, default_store_path
+from storage.store import default_store_path
 from trust.distribution import RevocationFollower
 from trust.revocation import RevocationList
 from trust.security import Security, channel_factory
 
 log = logging.getLogger("strata.aggregator")
 
-# how often the ticker checks quorum and deadlines
-TICK_S = 0.2
-# how often the ticker lists the active agents (for invitations and the quorum)
-ACTIVE_LIST_S = 1.0
 # the revocation list this aggregator enforces, as last installed, in its state_dir
 REVOCATIONS_FILE = "revocations.json"
 
-InitialModelFactory = Callable[[ContentStore, KeyPair], str]
+# builds a federation's initial model factory from its effective config (strata.wiring.initial_model_factory)
+FederationModelFactory = Callable[[AggregatorConfig], InitialModelFactory | None]
+# a multi-federation aggregator keeps each federation's journal under state_dir/federations/NAME
+FEDERATIONS_DIR = "federations"
+__all__ = ["ACTIVE_LIST_S", "TICK_S", "AggregatorDaemon", "FederationModelFactory", "InitialModelFactory"]
 
 # what /metrics serves; the README's metrics catalogue is generated from this list
 _A = "strata_aggregator_"
@@ -108,10 +97,19 @@ MODEL = MetricSpec(
     "the latest closed round's cluster and semi-global model CIDs, and the base now training (empty: none yet)",
     ("federation", "round", "cluster_cid", "semi_global_cid", "base_cid"),
 )
+# every federation this aggregator serves (the families above are the default federation's)
+FEDERATION_ROUND = MetricSpec(_A + "federation_round", "gauge", "the current round of each federation served", ("federation",))
+FEDERATION_ROUNDS_CLOSED = MetricSpec(
+    _A + "federation_rounds_closed", "counter", "rounds closed, by federation served", ("federation",)
+)
+FEDERATION_UPDATES_ACCEPTED = MetricSpec(
+    _A + "federation_updates_accepted", "counter", "updates accepted and journaled, by federation served", ("federation",)
+)
 METRICS = (
     UPDATES_ACCEPTED, UPDATES_REFUSED, UPDATE_BYTES_RECEIVED, ROUNDS_CLOSED, MODEL_BYTES_SERVED, MODEL_DOWNLOADS,
     ROUND, ROUND_OPENED, ROUND_DEADLINE, ROUND_UPDATES, PRIVACY_EPSILON, PRIVACY_BUDGET_SPENT, JOINS, ACTIVE_AGENTS,
     RING_MEMBERS, RING_VERSION, SYNTHESIS_PEERS_USED, SYNTHESIS_PEERS_REFUSED, BASE_METRIC, TRAIN_METRIC, MODEL,
+    FEDERATION_ROUND, FEDERATION_ROUNDS_CLOSED, FEDERATION_UPDATES_ACCEPTED,
 )  # fmt: skip
 
 
@@ -126,7 +124,11 @@ class AggregatorDaemon:
         *,
         initial_model_factory: InitialModelFactory | None = None,
         synthesizer: Synthesizer | None = None,
+        federation_model_factory: FederationModelFactory | None = None,
     ) -> None:
+        """`initial_model_factory` makes every federation's task:NAME initial model; with several
+        federations give `federation_model_factory` instead, which builds one per federation's config.
+        `synthesizer` replaces the default federation's semi-global synthesis (tests)."""
         self.config = config
         self.id = config.id or default_aggregator_id()
         self.state_dir = Path(
@@ -142,48 +144,72 @@ class AggregatorDaemon:
         if self.security is not None:
             # the last revocation list enforced is enforced again from the first call after a restart
             self.security.keep_revocations(self.state_dir / REVOCATIONS_FILE)
-        self.journal = Journal(self.state_dir / "journal.sqlite")
-        self.agents = AgentRegistry(
-            timeout_s=config.round.agent_timeout_s,
-            heartbeat_interval_s=config.serving.heartbeat_interval_s,
-            heartbeat_budget_per_s=config.serving.heartbeat_budget_per_s,
-        )
-        self._initial_model_factory = initial_model_factory
+        per_federation = config.per_federation()
+        self.default_federation = config.federation if config.federation in per_federation else next(iter(per_federation))
+        self.federations: dict[str, FederationCore] = {}
+        for name, federation_config in per_federation.items():
+            factory = federation_model_factory(federation_config) if federation_model_factory else initial_model_factory
+            self.federations[name] = FederationCore(
+                federation_config,
+                aggregator_id=self.id,
+                # one federation keeps its journal where a single-federation aggregator always had it
+                state_dir=self.state_dir / FEDERATIONS_DIR / name if config.multi_federation else self.state_dir,
+                store=self.store,
+                shared_store=self.shared_store,
+                key=self.key,
+                security=self.security,
+                initial_model_factory=factory,
+                synthesizer=synthesizer if name == self.default_federation else None,
+                one_of_several=config.multi_federation,
+            )
+        self._default = self.federations[self.default_federation]
+        self._table = FederationTable(self.federations, default=config.federation, aggregator_id=self.id)
         self._stopping = threading.Event()
-        self._ticker: threading.Thread | None = None
         self._server: ServerHandle | None = None
-        self._agent_service: AgentServicer | None = None
-        self.home: AggregatorHome | None = None
         self._started = False
         self._metrics: MetricsEndpoint | None = None
-        self.published = Published()
-        self.peer_access = GrpcPeerAccess(channel_factory(self.security))
-        self.ring_view: RingView | None = None
-        self.synthesizer: Synthesizer | None = synthesizer
         self.link: CoordinatorLink | None = None
-        self._last_models: dict[str, str] = {}
-        self.privacy = PrivacyGuard(config.privacy, federation=config.federation) if config.privacy.enabled else None
-        self.rounds = RoundManager(
-            aggregator_id=self.id,
-            federation=config.federation,
-            settings=config.round,
-            store=self.store,
-            journal=self.journal,
-            strategy=make_strategy(
-                config.strategy,
-                config.strategy_params,
-                server_opt=config.server_opt,
-                server_opt_params=config.server_opt_params,
-            ),
-            key=self.key,
-            initial_base=self._initial_base,
-            synthesize=self._synthesize,
-            on_new_base=self._announce_base,
-            on_model=self._on_model,
-            selector=Selector(config.selection),
-            privacy=self.privacy,
-            encoding=parse_encoding(config.encoding),
-        )
+
+    # the default federation's parts, under the names a single-federation aggregator always had
+    @property
+    def journal(self) -> Journal:
+        return self._default.journal
+
+    @property
+    def agents(self) -> AgentRegistry:
+        return self._default.agents
+
+    @property
+    def rounds(self) -> RoundManager:
+        return self._default.rounds
+
+    @property
+    def privacy(self) -> PrivacyGuard | None:
+        return self._default.privacy
+
+    @property
+    def published(self) -> Published:
+        return self._default.published
+
+    @property
+    def synthesizer(self) -> Synthesizer | None:
+        return self._default.synthesizer
+
+    @property
+    def ring_view(self) -> RingView | None:
+        return self._default.ring_view
+
+    @property
+    def home(self) -> AggregatorHome | None:
+        return self._default.home
+
+    @property
+    def peer_access(self) -> GrpcPeerAccess:
+        return self._default.peer_access
+
+    def federation(self, name: str) -> FederationCore:
+        """The core serving federation `name`; InvalidInput `unknown_federation` otherwise."""
+        return self.federations[self._table.get(name).federation]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,24 +224,10 @@ class AggregatorDaemon:
             interceptors=self.security.interceptors() if self.security else (),
         )
         advertise = self.config.advertise or f"{self._server.host}:{self._server.port}"
-        self.ring_view = RingView(
-            static_ring(Member(id=self.id, address=advertise), self.config.peers), on_change=self._agents_changed
-        )
-        if self.synthesizer is None and self.config.synthesis.enabled:
-            self.synthesizer = SemiGlobalSynthesizer(
-                aggregator_id=self.id,
-                federation=self.config.federation,
-                settings=self.config.synthesis,
-                store=self.store,
-                shared_store=self.shared_store,
-                key=self.key,
-                ring=lambda: self.ring_view.ring,
-                peers=self.peer_access,
-                # with TLS, a peer's cluster model counts only if a certified ring member signed it
-                signers=self.security.signers if self.security else None,
-            )
-        base = self.rounds.start()
-        self._recover_published()
+        bases = {
+            name: core.start(self._server, advertise=advertise, stopping=self._stopping, revocations=self._revocations)
+            for name, core in self.federations.items()
+        }
         if self.config.coordinator:
             client = CoordinatorClient(self.config.coordinator, channel_factory=channel_factory(self.security))
             # each lease names the fleet's revocation list version; a newer one is fetched and enforced at once
@@ -224,70 +236,49 @@ class AggregatorDaemon:
                 if self.security is not None
                 else None
             )
+            # one registration naming every federation: the coordinator places this aggregator on each
+            # federation's ring, and each federation's view follows its own ring
             self.link = CoordinatorLink(
                 client,
-                info=AggregatorInfo(id=self.id, address=advertise, federations=(self.config.federation,)),
-                ring_view=self.ring_view,
+                info=AggregatorInfo(id=self.id, address=advertise, federations=tuple(self.federations)),
+                ring_view=self._default.ring_view,
+                ring_views={name: core.ring_view for name, core in self.federations.items()},
                 status_fn=self._status,
-                agents_fn=self.agents.active,
+                agents_fn=self._active_agents,
                 state_dir=self.state_dir,
                 on_lease=(lambda lease: follower.announced(lease.revocations_version)) if follower else None,
             )
-        self.home = AggregatorHome(
-            aggregator_id=self.id,
-            rounds=self.rounds,
-            ring=self.ring_view,
-            store=self.store,
-            # local DP and the update encoding travel to agents with the rest of the round config
-            round_config={
-                **self.config.round_config,
-                **self.config.privacy.round_config(),
-                **({"encoding": self.config.encoding} if self.config.encoding != "float32" else {}),
-            },
-        )
-        self._agent_service = AgentServicer(
-            home=self.home,
-            agents=self.agents,
-            stream_idle_s=self.config.serving.stream_idle_s,
-            offload=self._server.offload,
-            stopping=self._stopping,
-            # the relays below this home fetch the revocation list it enforces
-            revocations=self._revocations,
-        )
-        pb_grpc.add_AgentServiceServicer_to_server(self._agent_service, self._server.server)
-        pb_grpc.add_PeerServiceServicer_to_server(
-            PeerServicer(
-                aggregator_id=self.id,
-                federation=self.config.federation,
-                published=self.published,
-                store=self.shared_store,
-                offload=self._server.offload,
-                # auditors may fetch the device updates this aggregator accepted (logged)
-                private_store=self.store,
-                device_update=device_update_lookup(self.journal),
-            ),
-            self._server.server,
-        )
+            for core in self.federations.values():
+                core.announce = self.link.announce
+        if len(self.federations) == 1:
+            # one federation: its services answer directly, exactly as before routing existed
+            pb_grpc.add_AgentServiceServicer_to_server(self._default.agent_service, self._server.server)
+            pb_grpc.add_PeerServiceServicer_to_server(self._default.peer_service, self._server.server)
+        else:
+            router = AgentServiceRouter(self._table, stream_idle_s=self.config.serving.stream_idle_s)
+            pb_grpc.add_AgentServiceServicer_to_server(router, self._server.server)
+            pb_grpc.add_PeerServiceServicer_to_server(PeerServiceRouter(self._table), self._server.server)
         self._server.start()
-        self._ticker = threading.Thread(target=self._tick_loop, name="strata-round-ticker", daemon=True)
-        self._ticker.start()
+        for core in self.federations.values():
+            core.start_ticker(self._stopping)
         if self.link is not None:
             self.link.start()
         if self.config.metrics_port > 0:
             self._metrics = serve_metrics(self._collect_metrics, host=self._server.host, port=self.config.metrics_port)
-        log.info(
-            "aggregator_started",
-            extra={
-                "fields": {
-                    "id": self.id,
-                    "address": self.address,
-                    "federation": self.config.federation,
-                    "round": base.round,
-                    "base": base.model_cid,
-                    "state_dir": str(self.state_dir),
-                }
-            },
-        )
+        for name, base in bases.items():
+            log.info(
+                "aggregator_started",
+                extra={
+                    "fields": {
+                        "id": self.id,
+                        "address": self.address,
+                        "federation": name,
+                        "round": base.round,
+                        "base": base.model_cid,
+                        "state_dir": str(self.federations[name].state_dir),
+                    }
+                },
+            )
         return self
 
     def stop(self, grace: float = 2.0) -> None:
@@ -301,11 +292,10 @@ class AggregatorDaemon:
             self._metrics.stop()
         if self._server is not None:
             self._server.stop(grace)
-        if self._ticker is not None:
-            self._ticker.join(timeout=grace + TICK_S * 5)
-        self.peer_access.close()
-        self.rounds.close()
-        self.journal.close()
+        for core in self.federations.values():
+            core.join_ticker(timeout=grace + TICK_S * 5)
+        for core in self.federations.values():
+            core.close()
         log.info("aggregator_stopped", extra={"fields": {"id": self.id}})
 
     def __enter__(self) -> AggregatorDaemon:
@@ -333,30 +323,12 @@ class AggregatorDaemon:
     def _revocations(self) -> RevocationList | None:
         return self.security.revocations if self.security is not None else None
 
-    def _initial_base(self) -> str:
-        spec = self.config.initial_model
-        if is_cid(spec):
-            try:
-                Manifest.from_bytes(self.store.get(spec))  # must exist and be a model
-            except (NotFound, InvalidInput) as exc:
-                raise ConfigError(
-                    f"initial_model {spec} is not a model in the store {self.store}: {exc}", reason="bad_config"
-                ) from None
-            return spec
-        if spec.startswith("task:") and self._initial_model_factory is not None:
-            return self._initial_model_factory(self.store, self.key)
-        raise ConfigError(
-            f"initial_model must be a model CID in the store or task:NAME, got {spec!r}", reason="bad_config"
-        )
-
-    def _synthesize(self, cluster: Manifest, tensors: Mapping[str, np.ndarray]) -> Manifest:
-        """The next base: a semi-global model when the ring has peers, else the cluster model."""
-        ring = self.ring_view.ring if self.ring_view is not None else None
-        if self.synthesizer is None or ring is None or len(ring) < 2:
-            return cluster
-        return self.synthesizer(cluster, tensors)
+    def _active_agents(self) -> list[AgentInfo]:
+        # the coordinator's agent listing: every federation's agents (an agent joins one federation)
+        return [agent for core in self.federations.values() for agent in core.agents.active()]
 
     def _collect_metrics(self) -> Iterator[Metric]:
+        # the default federation's figures, then a few of every federation's, labelled
         yield UPDATES_ACCEPTED(self.journal.accepted_count())
         yield UPDATES_REFUSED(by=self.journal.refusal_counts())
         yield UPDATE_BYTES_RECEIVED(self.journal.accepted_bytes())
@@ -367,9 +339,9 @@ class AggregatorDaemon:
         base = self.rounds.current
         yield ROUND(base.round)
         yield ROUND_OPENED(self.rounds.opened_at)
-        yield ROUND_DEADLINE(self.config.round.deadline_s)
+        yield ROUND_DEADLINE(self._default.config.round.deadline_s)
         if self.privacy is not None:
-            if self.config.privacy.central.enabled:
+            if self._default.config.privacy.central.enabled:
                 # +Inf when there is no noise: clipping alone promises nothing
                 yield PRIVACY_EPSILON(self.privacy.central_epsilon)
             yield PRIVACY_BUDGET_SPENT(float(self.privacy.exhausted))
@@ -390,76 +362,25 @@ class AggregatorDaemon:
         semi_global = latest.next_base_cid if latest and latest.next_base_cid not in (None, cluster) else ""
         yield MODEL.info(
             {
-                "federation": self.config.federation,
+                "federation": self.default_federation,
                 "round": str(latest.round) if latest else "",
                 "cluster_cid": cluster,
                 "semi_global_cid": semi_global or "",
                 "base_cid": base.model_cid,
             }
         )
+        cores = self.federations.values()
+        yield FEDERATION_ROUND(by={core.federation: core.rounds.current.round for core in cores})
+        yield FEDERATION_ROUNDS_CLOSED(by={core.federation: core.journal.closed_round_count() for core in cores})
+        yield FEDERATION_UPDATES_ACCEPTED(by={core.federation: core.journal.accepted_count() for core in cores})
 
     def _status(self) -> dict[str, object]:
-        return {
-            "round": self.rounds.current.round,
-            "agent_count": len(self.agents.active()),
-            "last_cluster_cid": self._last_models.get("cluster", ""),
-            "last_semi_global_cid": self._last_models.get("semi-global", ""),
-        }
-
-    def _on_model(self, manifest: Manifest) -> None:
-        self._last_models[manifest.kind] = manifest.cid
-        if self.link is not None:
-            refused = manifest.extra.get("refused_peers") if manifest.kind == "semi-global" else None
-            notes = {"refused_peers": json.dumps(refused, sort_keys=True)} if refused else None
-            self.link.announce(manifest.to_bytes(), notes)
-        if manifest.kind in ("cluster", "semi-global"):
-            self._publish(manifest)
-            if manifest.kind == "cluster":
-                self.published.set_latest(pointer_for(manifest, time.time()))
-
-    def _publish(self, manifest: Manifest) -> None:
-        """Make a model fetchable by peers: in the shared store, pinned, and served by FetchBlob."""
-        if self.shared_store is not self.store:
-            self.shared_store.put(self.store.iter_chunks(manifest.weights))
-            self.shared_store.put(manifest.to_bytes())
-        self.shared_store.pin(manifest.weights)
-        self.shared_store.pin(manifest.cid)
-        self.published.add(manifest)
-
-    def _recover_published(self) -> None:
-        """Rebuild the published set and the latest cluster pointer from the journal after a restart."""
-        for record in self.rounds.closed_rounds():
-            for cid in (record.cluster_cid, record.next_base_cid):
-                if cid and self.store.has(cid):
-                    manifest = load_manifest(self.store, cid)
-                    self.published.add(manifest)
-                    if manifest.kind == "cluster":
-                        self.published.set_latest(pointer_for(manifest, record.closed_at or time.time()))
-
-    def _announce_base(self, base: BaseModel) -> None:
-        log.info("new_base", extra={"fields": {"round": base.round, "model": base.model_cid}})
-        self._agents_changed()
+        # the lease heartbeat carries one status: the default federation's round and models
+        status = self._default.status()
+        status["agent_count"] = len(self._active_agents())
+        return status
 
     def _agents_changed(self) -> None:
-        """The base, the ring or the daemon's state changed: wake the agents' watch streams."""
-        if self._agent_service is not None:
-            self._agent_service.changed()
-
-    def _tick_loop(self) -> None:
-        # the active agents are listed once a second (and right after a round closes), not every tick:
-        # at 10,000 agents a listing is a pass over the registry under the lock every heartbeat needs
-        active: list[AgentInfo] = []
-        listed_at, listed_round = float("-inf"), -1
-        while not self._stopping.wait(TICK_S):
-            try:
-                round_ = self.rounds.current.round
-                if time.monotonic() - listed_at >= ACTIVE_LIST_S or round_ != listed_round:
-                    active, listed_at, listed_round = self.agents.active(), time.monotonic(), round_
-                    if self.rounds.invite(active):
-                        self._agents_changed()  # the newly invited learn it on their watch stream
-                self.rounds.maybe_close(self.rounds.expected_trainers(active))
-            except StrataError as exc:
-                log.error("round_close_failed", extra={"fields": {"reason": exc.reason, "error": str(exc)}})
-            except Exception:
-                log.exception("round_close_crashed")
-                time.sleep(1.0)
+        """The daemon's state changed: wake every federation's watch streams."""
+        for core in self.federations.values():
+            core.agents_changed()

@@ -2,7 +2,7 @@
 
 `intake.service.AgentServicer` serves AgentService over this; what is particular
 to an aggregator lives here: agents the ring places elsewhere are redirected,
-and only models this aggregator holds are downloadable.
+and only models of its federation that this aggregator holds are downloadable.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from aggregator.rounds import RoundManager
 from intake.accept import Intake
 from intake.home import BaseModel, Redirect
 from proto.errors import NotFound
+from storage.manifest import Manifest
 from storage.store import ContentStore
 
 
@@ -58,8 +59,14 @@ class AggregatorHome:
         return self._rounds.invited(agent_id), self._rounds.check_back_s
 
     def prepare_download(self, model_cid: str) -> None:
-        if model_cid != self._rounds.current.model_cid and not self.store.has(model_cid):
+        if model_cid == self._rounds.current.model_cid:
+            return
+        if not self.store.has(model_cid):
             raise NotFound(f"model {model_cid} is not in {self.id}'s store", reason="not_found")
+        # the store may hold other federations' models (one process, several federations, one store):
+        # an agent is served only its own federation's, and told no more than "not found" of the rest
+        if Manifest.from_bytes(self.store.get(model_cid)).federation != self.federation:
+            raise NotFound(f"model {model_cid} is not a {self.federation!r} model of {self.id}", reason="not_found")
 
     def downloaded(self, size: int) -> None:
         """Count model bytes streamed to agents: the aggregator's egress to its fleet."""

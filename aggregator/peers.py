@@ -185,8 +185,10 @@ class PeerServicer(pb_grpc.PeerServiceServicer):
 class GrpcPeerAccess(PeerAccess):
     """Reach peers over PeerService, one cached channel per address."""
 
-    def __init__(self, channel_factory: Callable[[str], grpc.Channel] = create_channel) -> None:
+    def __init__(self, channel_factory: Callable[[str], grpc.Channel] = create_channel, *, federation: str = "") -> None:
+        """`federation`: whose latest pointer to ask for (a peer may serve several); empty: the peer's default."""
         self._channel_factory = channel_factory
+        self._federation = federation
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -199,7 +201,7 @@ class GrpcPeerAccess(PeerAccess):
 
     def latest(self, member: Member, timeout_s: float) -> ClusterPointer | None:
         try:
-            reply = self._stub(member.address).GetLatest(pb.LatestRequest(), timeout=timeout_s)
+            reply = self._stub(member.address).GetLatest(pb.LatestRequest(federation=self._federation), timeout=timeout_s)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return pointer_from_pb(reply.latest) if reply.HasField("latest") else None

@@ -228,7 +228,8 @@ def cmd_aggregator_serve(args: argparse.Namespace) -> int:
     from strata.wiring import initial_model_factory
 
     def make(config: Any) -> AggregatorDaemon:
-        return AggregatorDaemon(config, initial_model_factory=initial_model_factory(config))
+        # each federation's task:NAME initial model is made for that federation
+        return AggregatorDaemon(config, federation_model_factory=initial_model_factory)
 
     return _serve(args, "aggregator", make, one_torch_thread=True)
 

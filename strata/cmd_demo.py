@@ -19,7 +19,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--aggregators", type=int, default=3, help="number of aggregators (default: 3)")
     demo.add_argument("--agents", type=int, default=12, help="number of agents (default: 12)")
     demo.add_argument("--rounds", type=int, default=10, help="rounds per aggregator (default: 10)")
-    demo.add_argument("--task", default="digits", help="built-in task (default: digits)")
+    demo.add_argument(
+        "--task", default="digits", help="built-in task: digits, mnist or fashion_mnist (default: digits)")
     demo.add_argument("--no-coordinator", action="store_true", help="static membership instead of a coordinator")
     demo.add_argument("--devices", type=int, default=6, help="low-power devices behind one relay; 0: no relay (default: 6)")
     demo.add_argument(

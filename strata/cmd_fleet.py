@@ -49,6 +49,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     ring = add_actions(commands, "ring", "the consistent-hash ring")
     show = ring.add_parser("show", help="members and version; with --agent, where that agent lives")
     show.add_argument("--agent", action="append", default=[], metavar="ID", help="an agent id to place (repeatable)")
+    show.add_argument("--federation", default="", help="only the aggregators serving this federation: its ring (default: all)")
     _add_coordinator(show, cmd_ring_show)
 
     models = add_actions(commands, "models", "the coordinator's model index")
@@ -129,7 +130,7 @@ def cmd_fleet_watch(args: argparse.Namespace) -> int:
 
 def cmd_ring_show(args: argparse.Namespace) -> int:
     with CoordinatorClient(args.coordinator, timeout_s=args.timeout, channel_factory=channel_factory_for(args)) as coordinator:
-        ring = coordinator.ring()
+        ring = coordinator.ring(args.federation)
     placements = {agent: ring.owner(agent).id for agent in args.agent} if len(ring) else {}
     if args.json:
         print_json(

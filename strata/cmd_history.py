@@ -1,6 +1,7 @@
 """`strata history` and `strata plot`: an aggregator's per-round record, read from its journal.
 
-The journal lives in the aggregator's state directory. Without --state-dir these
+The journal lives in the aggregator's state directory (one per federation, in
+`federations/NAME`, for an aggregator serving several). Without --state-dir these
 commands look in ~/.strata/aggregator/* and ~/.strata/demo/aggregators/* (where
 `strata demo` keeps its fleet), one table per aggregator found.
 
@@ -42,20 +43,22 @@ _JOURNAL = "journal.sqlite"
 
 
 def find_state_dirs(args: argparse.Namespace) -> dict[str, Path]:
-    """aggregator id -> state directory holding its journal."""
+    """aggregator id (``id/federation`` for an aggregator serving several) -> directory holding its journal."""
     if args.state_dir:
-        found = {d.name: d for d in args.state_dir}
-        missing = [str(d / _JOURNAL) for d in found.values() if not (d / _JOURNAL).exists()]
-        if missing:
-            raise NotFound(f"no journal at {', '.join(missing)}", reason="not_found")
+        found: dict[str, Path] = {}
+        for state_dir in args.state_dir:
+            journals = _journals(state_dir)
+            if not journals:
+                raise NotFound(f"no journal at {state_dir / _JOURNAL}", reason="not_found")
+            found.update(journals)
     else:
         home = Path.home() / ".strata"
         found = {}
         for parent in (home / "aggregator", home / "demo" / "aggregators"):
-            for journal in sorted(parent.glob(f"*/{_JOURNAL}")):
-                found[journal.parent.name] = journal.parent
+            for state_dir in sorted(p for p in parent.glob("*") if p.is_dir()):
+                found.update(_journals(state_dir))
     if args.aggregator:
-        found = {k: v for k, v in found.items() if k in args.aggregator}
+        found = {k: v for k, v in found.items() if k in args.aggregator or k.split("/")[0] in args.aggregator}
     if not found:
         raise NotFound(
             "no aggregator journal found (looked in ~/.strata/aggregator and ~/.strata/demo/aggregators); "
@@ -63,6 +66,17 @@ def find_state_dirs(args: argparse.Namespace) -> dict[str, Path]:
             reason="not_found",
         )
     return found
+
+
+def _journals(state_dir: Path) -> dict[str, Path]:
+    """The journals of one aggregator's state directory: its own, or one per federation it serves
+    (`state_dir/federations/NAME`, named ``id/NAME``)."""
+    if (state_dir / _JOURNAL).exists():
+        return {state_dir.name: state_dir}
+    return {
+        f"{state_dir.name}/{journal.parent.name}": journal.parent
+        for journal in sorted(state_dir.glob(f"federations/*/{_JOURNAL}"))
+    }
 
 
 def _rows(records: list[RoundRecord]) -> list[dict[str, Any]]:

@@ -39,7 +39,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--federation", default="digits", help="federation (default: digits)")
     sim.add_argument(
         "--trainer", default="noise",
-        help="none (join, watch, heartbeat only), noise (base + noise: cheap) or a built-in task, e.g. digits (default: noise)",
+        help="none (join, watch, heartbeat only), noise (base + noise: cheap) or a built-in task: digits, mnist, fashion_mnist (default: noise)",
     )
     sim.add_argument("--rounds", type=int, default=0, help="stop once every home closed this many rounds")
     sim.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds")

@@ -129,7 +129,7 @@ def test_partition_rejects_non_integer_labels() -> None:
 
 
 def test_load_builtin_tasks_by_name() -> None:
-    assert set(BUILTIN_TASKS) == {"digits", "mnist"}
+    assert set(BUILTIN_TASKS) == {"digits", "mnist", "fashion_mnist"}
     task = load_trainer("digits", {"partition": {"index": 1, "count": 4}, "seed": 3})
     assert isinstance(task, DigitsTask)
     assert isinstance(task, Trainer)
@@ -181,7 +181,7 @@ def test_builtin_task_is_the_one_lookup_by_name() -> None:
     with pytest.raises(InvalidInput) as info:
         builtin_task("cifar")
     assert info.value.reason == "unknown_task"
-    assert "'cifar'" in str(info.value) and "['digits', 'mnist']" in str(info.value)
+    assert "'cifar'" in str(info.value) and "['digits', 'fashion_mnist', 'mnist']" in str(info.value)
 
 
 def _agent_imports(path: Path) -> set[str]:

@@ -82,7 +82,7 @@ class SimOptions:
     seeds: tuple[str, ...] = ("127.0.0.1:7070",)
     agents: int = 1000
     federation: str = "digits"
-    # none | noise | a built-in task name (digits, mnist)
+    # none | noise | a built-in task name (digits, mnist, fashion_mnist)
     trainer: str = TRAINER_NOISE
     noise_scale: float = 1e-3
     # stop after every home closed this many rounds (0: no limit)
@@ -154,7 +154,7 @@ class SimOptions:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
         if self.attack.name == "label_flip" and self.trainer in (TRAINER_NONE, TRAINER_NOISE):
-            raise ConfigError("the label_flip attack needs a task trainer (digits, mnist)", reason="bad_attack")
+            raise ConfigError("the label_flip attack needs a task trainer (digits, mnist, fashion_mnist)", reason="bad_attack")
         if self.backoff_max_s < self.backoff_base_s:
             raise ConfigError("backoff_max_s must be >= backoff_base_s")
 

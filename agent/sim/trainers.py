@@ -4,7 +4,7 @@
   (a connected, idle fleet: what `bench/scale.py` holds open).
 - `noise`: the base plus Gaussian noise; costs microseconds, so 10,000 devices
   can submit every round on two cores. Each device claims a fixed sample count.
-- a built-in task (`digits`, `mnist`): the task's real training on a non-IID slice
+- a built-in task (`digits`, `mnist`, `fashion_mnist`): the task's real training on a non-IID slice
   of its data (`agent.tasks.partition`), one task object per device, built on
   first use. The torch work runs in the simulator's thread pool, never on the loop.
 

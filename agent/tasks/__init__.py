@@ -1,6 +1,7 @@
-"""Built-in example tasks: ``digits`` (scikit-learn's 8x8 digits, MLP) and ``mnist`` (CNN).
+"""Built-in example tasks: ``digits`` (scikit-learn's 8x8 digits, MLP), ``mnist`` (CNN) and
+``fashion_mnist`` (Debian's Fashion-MNIST, the same CNN and tensor names as ``mnist``).
 
-Both implement the agent's Trainer protocol plus ``initial_weights``, ``evaluate``,
+Each implements the agent's Trainer protocol plus ``initial_weights``, ``evaluate``,
 ``evaluate_global``, ``predict`` and ``trainable_tensors``. See ``agent.tasks._torch``
 for the options every task accepts. ``builtin_task`` is the one lookup by name, for
 the agent, the CLI and the demo alike.
@@ -13,11 +14,14 @@ from typing import Any
 from agent.options import call_with_options
 from agent.tasks._torch import TorchTask
 from agent.tasks.digits import DigitsTask
+from agent.tasks.fashion_mnist import FashionMnistTask
 from agent.tasks.mnist import MnistTask
 from agent.tasks.partition import client_owners, partition_indices
 from proto.errors import InvalidInput
 
-BUILTIN_TASKS: dict[str, type[TorchTask]] = {"digits": DigitsTask, "mnist": MnistTask}
+BUILTIN_TASKS: dict[str, type[TorchTask]] = {
+    "digits": DigitsTask, "mnist": MnistTask, "fashion_mnist": FashionMnistTask,
+}
 
 
 def builtin_task(name: str) -> type[TorchTask]:
@@ -36,6 +40,7 @@ def make_task(name: str, **options: Any) -> TorchTask:
 __all__ = [
     "BUILTIN_TASKS",
     "DigitsTask",
+    "FashionMnistTask",
     "MnistTask",
     "TorchTask",
     "builtin_task",

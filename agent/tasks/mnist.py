@@ -104,7 +104,7 @@ class MnistTask(TorchTask):
     def _user_input(cls, inputs: np.ndarray) -> torch.Tensor:
         """Accepts (N, 28, 28), (N, 1, 28, 28) or (N, 784): uint8 0..255 or floats in [0, 1]."""
         if inputs.ndim < 1 or inputs.size != inputs.shape[0] * _SIDE * _SIDE:
-            raise InvalidInput(f"mnist: inputs must hold N 28x28 images, got {inputs.shape}", reason="bad_inputs")
+            raise InvalidInput(f"{cls.name}: inputs must hold N 28x28 images, got {inputs.shape}", reason="bad_inputs")
         images = inputs.reshape(inputs.shape[0], 1, _SIDE, _SIDE)
         if images.dtype == np.uint8:
             return torch.from_numpy(np.array(images, copy=True)).to(torch.float32).div_(255.0)
