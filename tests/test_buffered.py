@@ -260,3 +260,29 @@ def test_buffered_config_that_works() -> None:
         RoundSettings(mode="async")
     with pytest.raises(ConfigError, match="buffer_size"):
         RoundSettings(mode="buffered", buffer_size=0)
+
+
+def test_a_robust_rule_sees_the_stale_update_rebased_not_its_stored_blob(tmp_path: Path) -> None:
+    """Median over equal weights: step 0's median of 1, 2, 3 is base 1 = 2. The late update (value 3 on
+    base 0: delta 3) counts as 2 + 3 = 5 beside 7 and 2 read back from the store: the median is 5, where
+    its stored blob (3) would have been the median."""
+    rounds = BufferedRounds(
+        tmp_path,
+        strategy=make_strategy("median"),
+        buffer_size=3,
+        staleness_discount="polynomial",
+        staleness_params={"exponent": 1.0},
+    )
+    try:
+        base0 = rounds.manager.current.model_cid
+        for agent, value in (("a1", 1.0), ("a2", 2.0), ("a3", 3.0)):
+            rounds.submit(agent, value, 10)
+        rounds.step()
+        np.testing.assert_allclose(rounds.tensors(rounds.manager.current.model_cid), 2.0)
+        rounds.submit("late", 3.0, 10, base=base0, round_=0)  # weight 10 x 0.5 = 5
+        rounds.submit("b1", 7.0, 5)
+        rounds.submit("b2", 2.0, 5)
+        closed = rounds.step()
+        np.testing.assert_allclose(rounds.tensors(closed.cid), 5.0)
+    finally:
+        rounds.close()
