@@ -276,6 +276,34 @@ def summarize(key: str, fleet: dict[str, Any], points: list[dict[str, Any]], tar
     }
 
 
+def threshold_table(results: dict[str, Any], thresholds: tuple[float, ...]) -> None:
+    """Seconds and updates to each accuracy threshold per setup, and buffered's time ratio against each sync
+    setup, from a results file's checkpoints (mean of the aggregators' bases)."""
+    firsts: dict[str, dict[float, dict[str, Any] | None]] = {}
+    for key, entry in results["setups"].items():
+        firsts[key] = {t: next((p for p in entry["points"] if p["mean"] >= t), None) for t in thresholds}
+    rows = []
+    for key, by in firsts.items():
+        cells = [f"{by[t]['at_s']:.0f} s / {by[t]['updates']}" if by[t] else "not reached" for t in thresholds]
+        rows.append([SETUP_LABELS[key], *cells])
+    print_table(["setup", *[f"{t:.0%}: s / updates" for t in thresholds]], rows)
+    if "buffered" in firsts:
+        budget = results["params"]["budget_s"]
+        for key in firsts:
+            if key == "buffered":
+                continue
+            ratios = []
+            for t in thresholds:
+                fast, slow = firsts["buffered"][t], firsts[key][t]
+                if fast is None:
+                    ratios.append("-")
+                elif slow is None:
+                    ratios.append(f"> {budget / fast['at_s']:.1f}x")
+                else:
+                    ratios.append(f"{slow['at_s'] / fast['at_s']:.1f}x")
+            print(f"time-to-accuracy, {key} over buffered: " + ", ".join(f"{t:.0%} {r}" for t, r in zip(thresholds, ratios, strict=True)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 40 s per setup")
@@ -284,7 +312,11 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=TARGET_ACCURACY)
     parser.add_argument("--out", default=str(Path(__file__).with_name("fedbuff_results.json")))
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--report", default="", help="print the threshold table of a results file and exit")
     args = parser.parse_args()
+    if args.report:
+        threshold_table(json.loads(Path(args.report).read_text()), (0.70, 0.75, 0.80, 0.85, 0.90))
+        return
     quiet_logs()
     params = Params()
     if args.quick:
