@@ -24,6 +24,7 @@ from trust.security import TlsSettings
 # Their parameters are checked when the daemon builds the rule (ConfigError "bad_config" at start).
 STRATEGY_NAMES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "clipped_fedavg")
 SERVER_OPT_NAMES = ("none", "fedavgm", "fedadam", "fedyogi")
+ROUND_MODES = ("sync", "buffered")
 
 
 # the keys one federation of a multi-federation aggregator may set for itself (`federations`);
@@ -47,10 +48,18 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 @dataclass(frozen=True, kw_only=True)
 class RoundSettings:
+    mode: str = _help(
+        "sync: a round closes on quorum or deadline; buffered (FedBuff): a server step every buffer_size "
+        "accepted updates, no round barrier (each step is one round number)",
+        default="sync",
+    )
+    buffer_size: int = _help("with mode buffered: accepted updates per server step (FedBuff's K)", default=10)
     min_updates: int = _help("updates a round needs before it may close at its deadline", default=1)
     quorum: float = _help("fraction of active training agents whose updates close a round early", default=0.8)
     deadline_s: float = _help("seconds after opening when a round closes with >= min_updates; else it extends", default=30.0)
-    max_staleness: int = _help("rounds an update's base may lag the current round and still be accepted", default=2)
+    max_staleness: int = _help(
+        "rounds (buffered: server steps) an update's base may lag the current one and still be accepted", default=2
+    )
     staleness_discount: str = _help("discount for stale updates: polynomial | exponential | constant", default="polynomial")
     staleness_params: dict[str, float] = _help(
         "parameters of the discount (polynomial: exponent; exponential: half_life)",
@@ -67,6 +76,10 @@ class RoundSettings:
     over_max_samples: str = _help("an update claiming more than max_num_samples is 'cap'ped to it or 'refuse'd", default="cap")
 
     def __post_init__(self) -> None:
+        if self.mode not in ROUND_MODES:
+            raise ConfigError(f"round.mode must be one of {list(ROUND_MODES)}, got {self.mode!r}")
+        if self.buffer_size < 1:
+            raise ConfigError("round.buffer_size must be >= 1")
         if self.min_updates < 1:
             raise ConfigError("round.min_updates must be >= 1")
         if not (0 < self.quorum <= 1):
@@ -104,8 +117,18 @@ class SynthesisSettings:
     strategy_params: dict[str, float] = _help("parameters of synthesis.strategy (as strategy_params)", default_factory=dict)
     fetch_timeout_s: float = _help("deadline for gathering one peer's pointer and blobs", default=10.0)
     peer_wait_s: float = _help(
-        "how long to wait for peers that have not yet closed this round before blending what they have",
+        "how long to wait for peers that have not yet closed this round before blending what they have "
+        "(sync rounds only: buffered aggregators blend what their peers last made, at once)",
         default=3.0,
+    )
+    every_steps: int = _help(
+        "with round.mode buffered: synthesize after this many server steps since the last synthesis; 0: never by count",
+        default=1,
+    )
+    every_s: float = _help(
+        "with round.mode buffered: synthesize at the first step this many seconds after the last synthesis; "
+        "0: never by time",
+        default=0.0,
     )
 
     def __post_init__(self) -> None:
@@ -117,6 +140,8 @@ class SynthesisSettings:
             raise ConfigError("synthesis.outlier_z must be > 0")
         if self.peer_wait_s < 0:
             raise ConfigError("synthesis.peer_wait_s must be >= 0")
+        if self.every_steps < 0 or not (self.every_s >= 0 and math.isfinite(self.every_s)):
+            raise ConfigError("synthesis.every_steps and synthesis.every_s must be >= 0")
         _check_rule("synthesis.strategy", self.strategy)
 
 
@@ -168,6 +193,25 @@ def _check_prox_mu(round_config: dict[str, str]) -> None:
         mu = math.nan
     if not math.isfinite(mu) or mu < 0:
         raise ConfigError(f"round_config.prox_mu must be a finite number >= 0, got {round_config['prox_mu']!r}")
+
+
+def _check_buffered(config: AggregatorConfig) -> None:
+    """Refuse what buffered rounds cannot honour, once, at load."""
+    if config.selection.mode != "all":
+        # invitations are per round, and a buffered round lasts one server step
+        raise ConfigError("round.mode buffered invites every agent: set selection.mode: all")
+    if config.privacy.central.enabled:
+        # the accountant counts one release per round; every buffered step would be one, unplanned
+        raise ConfigError("round.mode buffered cannot be combined with central DP (privacy.central) yet")
+    synthesis = config.synthesis
+    if synthesis.enabled and synthesis.decay_unit != "seconds":
+        # buffered aggregators step at their own cadences, so their round numbers are not comparable
+        raise ConfigError(
+            "round.mode buffered with synthesis needs synthesis.decay_unit: seconds "
+            "(and max_age, decay_params in seconds); peers' step counts are not comparable"
+        )
+    if synthesis.enabled and synthesis.every_steps == 0 and synthesis.every_s == 0:
+        raise ConfigError("round.mode buffered with synthesis needs synthesis.every_steps or synthesis.every_s > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,6 +285,8 @@ class AggregatorConfig:
             # the optimizer's state would carry un-noised aggregates into later releases, which
             # the accountant does not count; DP must wrap the rule under the optimizer first
             raise ConfigError("server_opt cannot be combined with central DP (privacy.central) yet; set server_opt: none")
+        if self.round.mode == "buffered":
+            _check_buffered(self)
         try:
             object.__setattr__(self, "encoding", parse_encoding(self.encoding).name)  # canonical, e.g. topk:0.01
         except EncodingError as exc:

@@ -130,6 +130,8 @@ class FederationCore:
             selector=Selector(config.selection),
             privacy=self.privacy,
             encoding=parse_encoding(config.encoding),
+            synthesis_every_steps=config.synthesis.every_steps,
+            synthesis_every_s=config.synthesis.every_s,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -158,6 +160,8 @@ class FederationCore:
                 peers=self.peer_access,
                 # with TLS, a peer's cluster model counts only if a certified ring member signed it
                 signers=self.security.signers if self.security else None,
+                # buffered peers step at their own cadences: blend what they last made, without waiting
+                wait_for_peers=self.config.round.mode == "sync",
             )
         base = self.rounds.start()
         self._recover_published()

@@ -15,6 +15,14 @@ next base B_{r+1}; with no synthesizer the cluster model is the next base.
 Durability: an update is acknowledged only after its weights and manifest are in
 the store and the journal has recorded it; on start the open round is rebuilt by
 folding exactly the journaled updates back in from the store.
+
+Buffered mode (`round.mode: buffered`, FedBuff; see aggregator.buffered): a round
+is a buffer of at least `buffer_size` updates, closed by the ticker as soon as it
+holds them (the quorum is not consulted; the deadline with >= min_updates still
+closes a buffer a small fleet cannot fill). Stale updates are rebased onto the
+current base before the rule sees them, and synthesis runs only every
+`synthesis.every_steps` steps or `synthesis.every_s` seconds. The buffer is the open
+round, journaled as one: a restart rebuilds it exactly.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import Protocol
 
 import numpy as np
 
+from aggregator.buffered import rebase, synthesis_due
 from aggregator.config import RoundSettings
 from aggregator.journal import Journal, RoundRecord
 from aggregator.privacy import PrivacyGuard
@@ -78,8 +87,12 @@ class RoundManager:
         selector: Selector | None = None,
         privacy: PrivacyGuard | None = None,
         encoding: Encoding = FLOAT32,
+        synthesis_every_steps: int = 1,
+        synthesis_every_s: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`synthesis_every_steps` and `synthesis_every_s` set the synthesis cadence in buffered mode
+        (a sync round synthesizes at every close)."""
         self.aggregator_id = aggregator_id
         self.federation = federation
         self.settings = settings
@@ -98,6 +111,11 @@ class RoundManager:
         # (deltas, quantized, sparse) reach it decoded, in memory
         self._blobs_are_weights = encoding == FLOAT32
         self._clock = clock
+        self._buffered = settings.mode == "buffered"
+        self._synthesis_every = (synthesis_every_steps, synthesis_every_s)
+        # buffered cadence: steps closed since the last synthesis, and when that was (rebuilt in start)
+        self._steps_since_synthesis = 0
+        self._synthesized_at = 0.0
         self._lock = threading.RLock()
         self.intake = Intake(
             receiver_id=aggregator_id,
@@ -148,6 +166,7 @@ class RoundManager:
             if self._privacy is not None:
                 self._privacy.restore(self._journal.history(), self._journal.iter_all_updates())
             self._resume_strategy()
+            self._resume_cadence()
             self._enter_round(record)
             accepted = self._journal.open_updates()
             for update in accepted:
@@ -226,11 +245,16 @@ class RoundManager:
 
     def fold(self, update: AcceptedUpdate, tensors: Mapping[str, np.ndarray]) -> int:
         assert self._aggregation is not None
+        rebased = self._buffered and update.staleness > 0
+        if rebased:
+            # FedBuff applies a stale update's delta to the current base (aggregator.buffered)
+            tensors = rebase(tensors, self.intake.base_tensors(update.base_cid), self._base_tensors)
         self._aggregation.add(
             tensors,
             self._weight(update),
             label=update.update_cid,
-            weights_cid=update.weights_cid if self._blobs_are_weights else "",
+            # a rebased update is not its stored blob: a rule that reads blobs back keeps it in memory
+            weights_cid=update.weights_cid if self._blobs_are_weights and not rebased else "",
         )
         self._accepted.append(update)
         return len(self._accepted)
@@ -321,6 +345,51 @@ class RoundManager:
         if isinstance(report, Mapping):
             self._strategy.resume(self._store, report)
 
+    def _resume_cadence(self) -> None:
+        """Rebuild the buffered synthesis cadence from the journal's closed rounds."""
+        history = self._journal.history()
+        self._synthesized_at = history[0].opened_at if history else self._clock()
+        self._steps_since_synthesis = 0
+        for record in history:
+            if record.closed_at is None:
+                continue
+            if record.extra.get("synthesis", True):
+                self._steps_since_synthesis, self._synthesized_at = 0, record.closed_at
+            else:
+                self._steps_since_synthesis += 1
+
+    def _synthesis_due(self) -> bool:
+        if not self._buffered:
+            return True
+        every_steps, every_s = self._synthesis_every
+        return synthesis_due(
+            steps_since=self._steps_since_synthesis + 1,
+            seconds_since=self._clock() - self._synthesized_at,
+            every_steps=every_steps,
+            every_s=every_s,
+        )
+
+    def _buffer_record(self, accepted: Sequence[AcceptedUpdate]) -> dict[str, object]:
+        """Buffered mode: the buffer this step applied, each update with its staleness and weight."""
+        if not self._buffered:
+            return {}
+        return {
+            "buffer": {
+                "buffer_size": self.settings.buffer_size,
+                "updates": [
+                    {
+                        "cid": u.update_cid,
+                        "agent": u.agent_id,
+                        "trained_round": u.trained_round,
+                        "staleness": u.staleness,
+                        "discount": u.weight / u.num_samples,
+                        "weight": self._weight(u),
+                    }
+                    for u in sorted(accepted, key=lambda u: u.update_cid)
+                ],
+            }
+        }
+
     def _aggregation_record(self, accepted: Sequence[AcceptedUpdate]) -> dict[str, object]:
         """What the rule did to whom, and which claims were capped, for the cluster manifest."""
         assert self._aggregation is not None
@@ -338,6 +407,9 @@ class RoundManager:
     # ------------------------------------------------------------------ close
 
     def quorum_target(self, active_trainers: int) -> int:
+        """The updates that close the round early: a quorum of active trainers, or a full buffer."""
+        if self._buffered:
+            return self.settings.buffer_size
         return max(self.settings.min_updates, math.ceil(self.settings.quorum * active_trainers))
 
     def maybe_close(self, active_trainers: int) -> Manifest | None:
@@ -352,7 +424,7 @@ class RoundManager:
             count, now = len(self._accepted), self._clock()
             target = self.quorum_target(active_trainers)
             if count >= target and count > 0:
-                return self._close_within_budget(trigger="quorum")
+                return self._close_within_budget(trigger="buffer_full" if self._buffered else "quorum")
             if now < self._deadline:
                 return None
             if count >= self.settings.min_updates:
@@ -402,7 +474,8 @@ class RoundManager:
                 **self._strategy.describe(),
                 "weighting": "uniform: clipped deltas (central DP)"
                 if self._privacy is not None and self._privacy.settings.central.enabled
-                else "num_samples (capped) x staleness discount",
+                else "num_samples (capped) x staleness discount"
+                + ("; buffered: stale updates' deltas rebased onto the current base" if self._buffered else ""),
                 "staleness_discount": {
                     "name": self.settings.staleness_discount,
                     "params": dict(self.settings.staleness_params),
@@ -412,13 +485,15 @@ class RoundManager:
                 "base_metrics": weighted_means([(u.base_metrics, self._samples(u)) for u in accepted]),
                 "trigger": trigger,
                 **self._selection_record(accepted),
+                **self._buffer_record(accepted),
                 **privacy,
                 **self._aggregation_record(accepted),
             },
         )
         aggregation_s = time.perf_counter() - started
         self._emit(cluster)
-        next_base = self._synthesize(cluster, result) if self._synthesize else cluster
+        synthesis = self._synthesize is not None and self._synthesis_due()
+        next_base = self._synthesize(cluster, result) if synthesis and self._synthesize else cluster
         if next_base.cid != cluster.cid:
             self._emit(next_base)
         closed_at = self._clock()
@@ -439,10 +514,16 @@ class RoundManager:
                 "trigger": trigger,
                 "next_base_kind": next_base.kind,
                 "stale_updates": sum(u.staleness > 0 for u in accepted),
+                "mode": self.settings.mode,
+                "synthesis": synthesis,
                 **privacy,
             },
         )
         self._journal.close_round(record, accepted, next_round=round_ + 1, next_base_cid=next_base.cid)
+        if synthesis:
+            self._steps_since_synthesis, self._synthesized_at = 0, closed_at
+        else:
+            self._steps_since_synthesis += 1
         log.info(
             "round_closed",
             extra={

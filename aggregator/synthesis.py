@@ -161,8 +161,12 @@ class SemiGlobalSynthesizer:
         signers: Signers | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        wait_for_peers: bool = True,
     ) -> None:
-        """`signers` (with TLS): peers' cluster models count only if certified ring members signed them."""
+        """`signers` (with TLS): peers' cluster models count only if certified ring members signed them.
+        `wait_for_peers`: wait up to peer_wait_s for peers still behind our round (sync rounds); buffered
+        aggregators' round numbers count their own steps, so they blend at once."""
+        self._wait_for_peers = wait_for_peers
         self.aggregator_id = aggregator_id
         self.federation = federation
         self.settings = settings
@@ -193,7 +197,7 @@ class SemiGlobalSynthesizer:
 
     def __call__(self, cluster: Manifest, tensors: Mapping[str, np.ndarray]) -> Manifest:
         ring = self._ring()
-        self._wait_until = time.monotonic() + self.settings.peer_wait_s
+        self._wait_until = time.monotonic() + (self.settings.peer_wait_s if self._wait_for_peers else 0.0)
         candidates: list[_Candidate] = []
         refused: list[PeerRefusal] = []
         for member in self.select_peers(ring):

@@ -330,3 +330,40 @@ def test_an_inflated_peer_sample_count_is_capped_at_ten_times_the_median(tmp_pat
     assert semi.num_samples == 1200
     offset = decode_tensors(load_model(store, semi.cid)[1])["w"] - BASE["w"]
     np.testing.assert_allclose(offset, (100 * 1 + 100 * 3 + 1000 * -2) / 1200, rtol=1e-5)
+
+
+class _CountingAccess(GrpcPeerAccess):
+    """The real peer access, counting how often the synthesizer asked for a peer's pointer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    def latest(self, member: Member, timeout_s: float):  # noqa: ANN201
+        self.asked += 1
+        return super().latest(member, timeout_s)
+
+
+def test_a_buffered_aggregator_blends_what_a_peer_last_made_without_waiting(tmp_path: Path, peers: dict[str, Peer]) -> None:
+    """Buffered round numbers count each aggregator's own steps: a peer at step 2 while we are at step 30 is
+    not behind, so its model is blended at once (one pointer request), whatever peer_wait_s says."""
+    peers["agg-b"].publish({k: v + 5 for k, v in BASE.items()}, round_=2, num_samples=100)
+    store, key, access = LocalStore(tmp_path / "agg-a"), KeyPair.generate(), _CountingAccess()
+    synthesizer = SemiGlobalSynthesizer(
+        aggregator_id="agg-a",
+        federation="toy",
+        settings=SynthesisSettings(peer_wait_s=600.0, decay="constant", decay_params={}, decay_unit="seconds", max_age=1e12),
+        store=store,
+        key=key,
+        ring=lambda: _ring(peers, "agg-b"),
+        peers=access,
+        wait_for_peers=False,
+    )
+    own = {k: v + 1 for k, v in BASE.items()}
+    try:
+        semi = synthesizer(_own_cluster(store, key, own, round_=30, num_samples=100), own)
+        assert access.asked == 1
+        assert set(semi.extra["peer_rounds"].values()) == {2}
+        np.testing.assert_allclose(decode_tensors(load_model(store, semi.cid)[1])["w"], BASE["w"] + 3.0, rtol=1e-6)
+    finally:
+        store.close()
