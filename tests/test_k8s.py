@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.agent_service_contract import wait_until
 from tests.procs import (
     ProcessFactory,
     StrataProcess,
@@ -43,7 +44,7 @@ from tests.procs import (
     run_strata,
     wait_healthy,
 )
-from tests.test_deploy import ROLE_CONFIG, HostMap, _loopback_aliases_work, _wait
+from tests.test_deploy import ROLE_CONFIG, HostMap, _loopback_aliases_work
 
 __all__ = ["procs_fixture"]
 
@@ -557,11 +558,12 @@ def _run_fleet(fleet: NativeK8sFleet) -> None:
         return json.loads(result.stdout)
 
     expected = sorted(f"agg-{i}" for i in range(AGGREGATORS))
-    _wait(
-        "3 live aggregators named by their ordinals",
+    wait_until(
         lambda: sorted(r["aggregator"] for r in fleet_status()["aggregators"] if r["alive"]) == expected,
         30,
-        lambda: json.dumps(fleet_status()),
+        "3 live aggregators named by their ordinals",
+        poll_s=0.2,
+        detail=lambda: json.dumps(fleet_status()),
     )
     for row in fleet_status()["aggregators"]:  # each advertises its own DNS name (mapped here)
         assert row["address"] == "{}:{}".format(*fleet.hosts.endpoint(f"{row['aggregator']}.agg", 7070)), row
@@ -577,7 +579,13 @@ def _run_fleet(fleet: NativeK8sFleet) -> None:
     def rounds() -> int:
         return sum(len(p.events("round_closed")) for p in aggregators.values())
 
-    _wait("a round closes with the agent's update", lambda: rounds() >= 1, 120, lambda: "\n".join(p.tail(6) for p in [*aggregators.values(), agent]))
+    wait_until(
+        lambda: rounds() >= 1,
+        120,
+        "a round closes with the agent's update",
+        poll_s=0.2,
+        detail=lambda: "\n".join(p.tail(6) for p in [*aggregators.values(), agent]),
+    )
 
     # the optional relay: up (its own probes), and one agent of its home aggregator upstream
     relay_pod = fleet.pod("Deployment", "relay")
