@@ -26,6 +26,7 @@ import pytest
 
 from coordinator.config import CoordinatorConfig
 from coordinator.daemon import CoordinatorDaemon
+from proto.errors import NotFound
 from storage.codec import decode_tensors
 from storage.manifest import Manifest
 from storage.store import LocalStore
@@ -183,3 +184,32 @@ def test_a_subprocess_exits_with_the_error_code_and_one_line(hub: Hub, digits: d
     result = run_strata("model", "show", "digits@7.7.7", "--coordinator", hub.address, home=hub.home)
     assert result.returncode == EXIT_NOT_FOUND
     assert result.stderr.strip().startswith("strata: no release of 'digits'") and "[unknown_release]" in result.stderr
+
+
+def test_an_aggregator_starts_from_the_newest_compatible_release(hub: Hub, digits: dict[str, Any], tmp_path: Path) -> None:
+    from aggregator.config import AggregatorConfig
+    from aggregator.daemon import AggregatorDaemon
+
+    hub.ok("release", digits["base"], "--federation", "digits", "--version", "3.1.0")
+    compatible = hub.ok("model", "show", "digits@^3.0")["model"]
+    config = AggregatorConfig(
+        id="agg-release",
+        listen="127.0.0.1:0",
+        state_dir=str(tmp_path / "agg"),
+        store=str(hub.store),
+        coordinator=hub.address,
+        initial_model="digits@^3.0",
+    )
+    daemon = AggregatorDaemon(config).start()
+    try:
+        assert daemon.rounds.current.model_cid == compatible
+    finally:
+        daemon.stop()
+    unresolvable = AggregatorConfig(**{**config.__dict__, "state_dir": str(tmp_path / "agg2"), "initial_model": "digits@^9"})
+    refused = AggregatorDaemon(unresolvable)
+    try:
+        with pytest.raises(NotFound) as error:
+            refused.start()
+        assert error.value.reason == "unknown_release"
+    finally:
+        refused.stop()  # the half-started daemon bound its port and opened its journal
