@@ -29,7 +29,6 @@ import numpy as np
 
 from coordinator.client import CoordinatorClient
 from coordinator.hub import (
-    Federation,
     Proposal,
     Release,
     ReleaseTag,
@@ -56,6 +55,7 @@ from strata.cli_common import (
     print_json,
 )
 from strata.cmd_model import operator_key, resolve_store
+from strata.hub_view import federation_json, hub_view, proposal_json, release_json
 
 __all__ = ["merge_weights", "new_head", "register", "resolve_ref", "signing_identity"]
 
@@ -217,57 +217,6 @@ def _accuracy_on(task_name: str, weights: bytes) -> float:
     return float(task.evaluate_global(tensors)["accuracy"])
 
 
-def _federation_json(federation: Federation, releases: list[Release] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "name": federation.name,
-        "description": federation.description,
-        "task": federation.task,
-        "base": federation.base,
-        "spec": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in federation.spec],
-        "owners": list(federation.owners),
-        "round_policy": federation.round_policy,
-        "strategy": federation.strategy,
-        "forked_from": federation.forked_from,
-        "source_federation": federation.source_federation,
-        "fork_layers": federation.fork_layers,
-        "heads": federation.heads,
-        "created_by": federation.created_by,
-        "created_at": federation.created_at,
-    }
-    if releases is not None:
-        out["releases"] = [_release_json(r) for r in releases]
-    return out
-
-
-def _release_json(release: Release) -> dict[str, Any]:
-    return {
-        "ref": release.ref,
-        "federation": release.federation,
-        "version": release.version,
-        "model": release.model,
-        "notes": release.notes,
-        "evaluation": release.evaluation,
-        "accuracy": release.accuracy,
-        "lineage_root": release.lineage_root,
-        "released_by": release.released_by,
-        "created_at": release.created_at,
-    }
-
-
-def _proposal_json(proposal: Proposal) -> dict[str, Any]:
-    return {
-        "proposal": proposal.cid,
-        "from": proposal.from_federation,
-        "to": proposal.to_federation,
-        "model": proposal.model,
-        "target_head": proposal.target_head,
-        "state": proposal.state,
-        "proposed_by": proposal.proposed_by,
-        "decided_by": proposal.decided_by,
-        "merge": proposal.merge,
-    }
-
-
 # ---------------------------------------------------------------- federations
 
 
@@ -302,7 +251,7 @@ def cmd_federation_create(args: argparse.Namespace) -> int:
             round_policy=policy, strategy=args.strategy,
         )  # fmt: skip
     if args.json:
-        print_json(_federation_json(federation))
+        print_json(federation_json(federation))
     else:
         print(f"federation {federation.name} created; base {federation.base} ({len(federation.spec)} tensors)")
     return EXIT_OK
@@ -323,7 +272,7 @@ def cmd_federation_list(args: argparse.Namespace) -> int:
         for f in federations
     ]
     if args.json:
-        print_json({"federations": [_federation_json(f) for f in federations]})
+        print_json({"federations": [federation_json(f) for f in federations]})
     else:
         print(render.table(rows, ["name", "task", "base", "forked_from", "owners", "description"]))
     return EXIT_OK
@@ -334,7 +283,7 @@ def cmd_federation_show(args: argparse.Namespace) -> int:
         federation = coordinator.federation(args.name)
         releases = coordinator.releases(args.name)
     if args.json:
-        print_json(_federation_json(federation, releases))
+        print_json(federation_json(federation, releases))
         return EXIT_OK
     lines = [
         f"federation {federation.name}",
@@ -392,7 +341,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             evaluation=evaluation, accuracy=accuracy,
         )  # fmt: skip
     if args.json:
-        print_json(_release_json(release))
+        print_json(release_json(release))
     else:
         measured = f", accuracy {release.accuracy:.4f} on {release.evaluation}" if release.accuracy is not None else ""
         print(f"released {release.ref} = {release.model} (by {release.released_by or 'unauthenticated caller'}{measured})")
@@ -403,9 +352,9 @@ def cmd_releases(args: argparse.Namespace) -> int:
     with _client(args) as coordinator:
         releases = coordinator.releases(args.name)
     if args.json:
-        print_json({"federation": args.name, "releases": [_release_json(r) for r in releases]})
+        print_json({"federation": args.name, "releases": [release_json(r) for r in releases]})
     else:
-        print(render.table([_release_json(r) for r in releases], ["version", "model", "accuracy", "evaluation", "released_by", "notes"]))
+        print(render.table([release_json(r) for r in releases], ["version", "model", "accuracy", "evaluation", "released_by", "notes"]))
     return EXIT_OK
 
 
@@ -480,7 +429,7 @@ def cmd_fork(args: argparse.Namespace) -> int:
             description=args.description or f"fork of {args.ref} ({args.layers})",
         )  # fmt: skip
     if args.json:
-        print_json({**_federation_json(federation), "kept": kept, "reset": reset})
+        print_json({**federation_json(federation), "kept": kept, "reset": reset})
     else:
         print(
             f"federation {federation.name} forked from {source_cid} ({source.federation}); base {federation.base}: "
@@ -506,7 +455,7 @@ def cmd_propose(args: argparse.Namespace) -> int:
         )  # fmt: skip
         proposal = coordinator.propose(manifest.to_bytes())
     if args.json:
-        print_json(_proposal_json(proposal))
+        print_json(proposal_json(proposal))
     else:
         print(f"proposal {proposal.cid}: {proposal.from_federation} -> {proposal.to_federation} (model {proposal.model})")
     return EXIT_OK
@@ -520,9 +469,9 @@ def cmd_proposals(args: argparse.Namespace) -> int:
     with _client(args) as coordinator:
         proposals = coordinator.proposals(args.name, args.state)
     if args.json:
-        print_json({"proposals": [_proposal_json(p) for p in proposals]})
+        print_json({"proposals": [proposal_json(p) for p in proposals]})
     else:
-        print(render.table([_proposal_json(p) for p in proposals], ["proposal", "from", "to", "model", "state", "proposed_by"]))
+        print(render.table([proposal_json(p) for p in proposals], ["proposal", "from", "to", "model", "state", "proposed_by"]))
     return EXIT_OK
 
 
@@ -584,7 +533,7 @@ def cmd_accept(args: argparse.Namespace) -> int:
                 notes=args.notes or f"merge of proposal {proposal.cid}",
             )  # fmt: skip
     if args.json:
-        print_json({**_proposal_json(decided), "averaged": averaged, "kept": kept, "release": _release_json(release) if release else None})
+        print_json({**proposal_json(decided), "averaged": averaged, "kept": kept, "release": release_json(release) if release else None})
     else:
         print(f"accepted {proposal.cid}: merge {merge.cid} is {proposal.to_federation}'s new base "
               f"({len(averaged)} tensors averaged, {len(kept)} kept)" + (f"; released {release.ref}" if release else ""))
@@ -596,7 +545,7 @@ def cmd_decline(args: argparse.Namespace) -> int:
     with _client(args) as coordinator:
         decided = coordinator.decide(args.proposal, accept=False)
     if args.json:
-        print_json(_proposal_json(decided))
+        print_json(proposal_json(decided))
     else:
         print(f"declined {decided.cid}")
     return EXIT_OK
@@ -620,35 +569,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_hub(args: argparse.Namespace) -> int:
     with _client(args) as coordinator:
-        federations = coordinator.federations()
-        releases = {f.name: coordinator.releases(f.name) for f in federations}
-        proposals = coordinator.proposals()
+        view = hub_view(coordinator)
     if args.json:
-        print_json(
-            {
-                "federations": [_federation_json(f, releases[f.name]) for f in federations],
-                "forks": [
-                    {"name": f.name, "source": f.forked_from, "source_federation": f.source_federation, "layers": f.fork_layers}
-                    for f in federations if f.forked_from
-                ],
-                "proposals": [_proposal_json(p) for p in proposals],
-            }
-        )  # fmt: skip
+        print_json(view)
         return EXIT_OK
     rows = [
         {
-            "federation": f.name,
-            "task": f.task or "-",
-            "latest": releases[f.name][0].version if releases[f.name] else "-",
-            "releases": len(releases[f.name]),
-            "forked_from": f"{f.source_federation} ({f.fork_layers})" if f.forked_from else "-",
-            "open_proposals": sum(p.to_federation == f.name and p.state == "open" for p in proposals),
+            "federation": f["name"],
+            "task": f["task"] or "-",
+            "latest": f["releases"][0]["version"] if f["releases"] else "-",
+            "releases": len(f["releases"]),
+            "forked_from": f"{f['source_federation']} ({f['fork_layers']})" if f["forked_from"] else "-",
+            "open_proposals": sum(p["to"] == f["name"] and p["state"] == "open" for p in view["proposals"]),
         }
-        for f in federations
+        for f in view["federations"]
     ]
     print("federations")
     print(render.table(rows, ["federation", "task", "latest", "releases", "forked_from", "open_proposals"]))
     print("\nproposals")
-    print(render.table([_proposal_json(p) for p in proposals], ["proposal", "from", "to", "state", "proposed_by"]))
+    print(render.table(view["proposals"], ["proposal", "from", "to", "state", "proposed_by"]))
     return EXIT_OK
-

@@ -44,8 +44,10 @@ class Hub:
 
     def run(self, *args: str) -> tuple[int, Any, str]:
         """(exit code, parsed --json output or None, stderr)."""
+        # stderr is left alone: in-process, it also carries the coordinator's own log lines (loggers other
+        # tests configured); the one-line error on stderr is checked through a subprocess below
         stdout, stderr = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        with contextlib.redirect_stdout(stdout):
             code = main([*args, "--coordinator", self.address, "--json"])
         try:
             out = json.loads(stdout.getvalue()) if stdout.getvalue().strip() else None
@@ -62,7 +64,6 @@ class Hub:
         code, out, err = self.run(*args)
         assert code == expected_code, f"strata {' '.join(args)} -> {code}, wanted {expected_code}\n{err}"
         assert out["error"]["reason"] == reason, out
-        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.fixture(scope="module")

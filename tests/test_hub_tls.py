@@ -52,8 +52,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def _cli(fleet: dict[str, Any], who: str, *args: str) -> tuple[int, Any]:
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
         code = main([*args, "--coordinator", fleet["address"], "--bundle", str(fleet["bundles"][who]), "--json"])
     return code, json.loads(stdout.getvalue()) if stdout.getvalue().strip() else None
 

@@ -106,6 +106,14 @@ class FleetReader:
     def close(self) -> None:
         self._coordinator.close()
 
+    # ------------------------------------------------------------ the hub
+
+    def hub(self) -> dict[str, Any]:
+        """Federations with their releases, forks and proposals: what `strata hub --json` prints."""
+        from strata.hub_view import hub_view
+
+        return hub_view(self._coordinator)
+
     # ------------------------------------------------------------ fleet
 
     def ring(self) -> dict[str, Any]:
