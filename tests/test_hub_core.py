@@ -169,3 +169,22 @@ def test_proposals_refuse_incompatible_shapes_and_stale_heads(hub: Hub, store: L
     with pytest.raises(InvalidInput) as state:
         hub.proposals(state="x" * 1000)
     assert _reason(state) == "bad_state"
+
+
+def test_the_registry_survives_a_restart_and_heads_follow_the_index(tmp_path, store: LocalStore) -> None:  # noqa: ANN001
+    index = ModelIndex(tmp_path / "index.db")
+    base = _model(store, "digits")
+    with Hub(tmp_path / "hub.db", index) as hub:
+        hub.create_federation(name="digits", base_manifest=base.to_bytes(), owners=["operator/alice"])
+        _release(hub, base.cid, "1.0.0")
+    cluster = save_model(
+        store, weights=store.get(base.weights), kind="cluster", federation="digits", round=1,
+        producer=Producer(role="aggregator", id="agg-a"), key=KEY, parents=(base.cid,),
+    )  # fmt: skip
+    index.record(cluster.to_bytes())
+    with Hub(tmp_path / "hub.db", index) as again:
+        digits = again.federation("digits")
+        assert digits.owners == ("operator/alice",) and digits.heads == {"agg-a": cluster.cid}
+        assert again.resolve("digits@latest")[0] == base.cid
+        assert again.lineage_root(index.get(cluster.cid)) == base.cid
+    index.close()
