@@ -239,9 +239,9 @@ def cmd_federation_create(args: argparse.Namespace) -> int:
         else:
             source_cid = resolve_ref(args.base, coordinator)
             source, weights = load_model(store, source_cid)
-            if source.kind == "base" and source.federation == args.name:
-                manifest = source
-            else:  # another federation's model: a new base that names it, so lineage crosses over
+            if source.kind == "base" and source.federation == args.name and source.producer == producer:
+                manifest = source  # our own base model for this federation: the coordinator indexes it as is
+            else:  # another's or another federation's model: a new base that names it, so lineage crosses over
                 manifest = save_model(
                     store, weights=weights, kind="base", federation=args.name, round=0, producer=producer, key=key,
                     parents=[source_cid],

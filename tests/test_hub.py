@@ -214,3 +214,20 @@ def test_an_aggregator_starts_from_the_newest_compatible_release(hub: Hub, digit
         assert error.value.reason == "unknown_release"
     finally:
         refused.stop()  # the half-started daemon bound its port and opened its journal
+
+
+def test_text_output_names_what_matters(hub: Hub, digits: dict[str, Any]) -> None:
+    def text(*args: str) -> str:
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            assert main([*args, "--coordinator", hub.address]) == EXIT_OK
+        return stdout.getvalue()
+
+    shown = text("federation", "show", "digits")
+    assert "spec" in shown and "head.weight" in shown and digits["base"] in shown and "fedavg" in shown
+    assert "digits" in text("federation", "list")
+    hub.ok("release", digits["base"], "--federation", "digits", "--version", "0.0.1")
+    assert "0.0.1" in text("releases", "digits")
+    # a base given as a model from the store that another federation already uses becomes a new base naming it
+    again = hub.ok("federation", "create", "digits-copy", "--base", digits["base"])
+    assert Manifest.from_bytes(LocalStore(hub.store).get(again["base"])).parents == (digits["base"],)
