@@ -204,6 +204,16 @@ def test_an_aggregator_starts_from_the_newest_compatible_release(hub: Hub, digit
     daemon = AggregatorDaemon(config).start()
     try:
         assert daemon.rounds.current.model_cid == compatible
+        # and an inference device predicts with the newest compatible release, served by its home
+        hub.ok("release", daemon.rounds.current.model_cid, "--federation", "digits", "--version", "3.2.0")
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            code = main([
+                "device", "predict", "--relay", daemon.address, "--model", "digits@^3.0", "--coordinator", hub.address,
+                "--sample", "3", "--json",
+            ])  # fmt: skip
+        predicted = json.loads(stdout.getvalue())
+        assert code == EXIT_OK and predicted["model"] == compatible and len(predicted["predictions"]) == 3
     finally:
         daemon.stop()
     unresolvable = AggregatorConfig(**{**config.__dict__, "state_dir": str(tmp_path / "agg2"), "initial_model": "digits@^9"})
