@@ -45,7 +45,7 @@ from storage.keys import KEY_TYPE, KeyPair, verify_signature
 from storage.manifest import Manifest, canonical_json, now_rfc3339, timestamp
 from trust.errors import PermissionDenied
 from trust.identity import Certified
-from trust.signers import Signers
+from trust.signers import SignerError, Signers
 
 __all__ = [
     "MAX_DESCRIPTION_CHARS",
@@ -57,6 +57,7 @@ __all__ = [
     "ReleaseTag",
     "TensorSpec",
     "Version",
+    "check_tag",
     "parse_ref",
 ]
 
@@ -447,6 +448,32 @@ class ReleaseTag:
             certificate=certificate,
             signature=dict(signature),
         )
+
+
+def check_tag(tag_bytes: bytes, signers: Signers | None = None) -> str:
+    """Check a stored release tag offline: its signature, and with `signers` (the fleet CA) that its embedded
+    certificate was issued to `released_by`, certifies the signing key, was valid when the tag was made and is
+    not revoked. Returns the certified signer's role/id ("" without `signers`); IntegrityError (a SignerError
+    for the certificate checks, reasons as `trust.signers`) otherwise."""
+    tag = ReleaseTag.from_bytes(tag_bytes)
+    tag.verify_signature()
+    if signers is None:
+        return ""
+    ref = f"{tag.federation}@{tag.version}"
+    if tag.certificate is None:
+        raise SignerError(f"release {ref} carries no certificate for its signing key", reason="uncertified")
+    certified = signers.certificate(tag.certificate)
+    assert tag.signature is not None
+    if certified.manifest_key != tag.signature["public_key"]:
+        raise SignerError(f"release {ref} is signed by a key {certified.identity}'s certificate does not certify", reason="key_mismatch")
+    if str(certified.identity) != tag.released_by:
+        raise SignerError(f"release {ref} says {tag.released_by} but is signed by {certified.identity}", reason="not_producer")
+    if not certified.valid_at(timestamp(tag.created_at)):
+        raise SignerError(f"the certificate of {certified.identity} was not valid when {ref} was made", reason="not_valid_then")
+    revocations = signers.revocations
+    if revocations is not None and revocations.is_revoked(certified):
+        raise SignerError(f"{certified.identity} (serial {certified.serial}) is revoked", reason="revoked")
+    return str(certified.identity)
 
 
 def _check_evaluation(name: str) -> None:

@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,10 @@ from coordinator.hub import (
     Version,
     check_compatible,
     check_name,
+    check_tag,
     parse_ref,
 )
-from proto.errors import InvalidInput, NotFound
+from proto.errors import IntegrityError, InvalidInput, NotFound
 from storage.cid import validate_cid
 from storage.codec import TensorInfo, decode_tensors, encode_tensors
 from storage.keys import KeyPair
@@ -46,6 +48,7 @@ from storage.manifest import Producer
 from storage.models import load_model, save_model
 from strata import render
 from strata.cli_common import (
+    EXIT_INTEGRITY,
     EXIT_OK,
     add_actions,
     add_bundle_option,
@@ -56,6 +59,8 @@ from strata.cli_common import (
 )
 from strata.cmd_model import operator_key, resolve_store
 from strata.hub_view import federation_json, hub_view, proposal_json, release_json
+from trust.identity import load_certificate
+from trust.signers import Signers
 
 __all__ = ["merge_weights", "new_head", "register", "resolve_ref", "signing_identity"]
 
@@ -114,6 +119,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     releases = commands.add_parser("releases", help="a federation's releases, newest version first")
     releases.add_argument("name")
+    releases.add_argument(
+        "--ca", type=Path, metavar="FLEET-CA.PEM",
+        help="check each tag offline: signed by a key the fleet CA certified to its releaser; exit 4 on any that is not",
+    )  # fmt: skip
     add_coordinator_options(releases, cmd_releases)
 
     fork = _with_store(commands.add_parser("fork", help="a new federation from another's model, whole or its feature layers"))
@@ -349,13 +358,30 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_releases(args: argparse.Namespace) -> int:
+    signers = None
+    if args.ca is not None:
+        if not args.ca.is_file():
+            raise NotFound(f"--ca: no such file: {args.ca}", reason="file_not_found")
+        signers = Signers(load_certificate(args.ca.read_bytes()))
     with _client(args) as coordinator:
         releases = coordinator.releases(args.name)
+    rows = []
+    for release in releases:
+        row = release_json(release)
+        try:  # every tag's signature is checked; with --ca, its certified signer too
+            row["signed_by"] = check_tag(release.tag, signers) or "(signature ok; no --ca)"
+        except IntegrityError as exc:
+            row.update(signed_by="-", problem=exc.reason, message=str(exc))
+        rows.append(row)
+    ok = not any("problem" in row for row in rows)
     if args.json:
-        print_json({"federation": args.name, "releases": [release_json(r) for r in releases]})
+        print_json({"federation": args.name, "ok": ok, "releases": rows})
     else:
-        print(render.table([release_json(r) for r in releases], ["version", "model", "accuracy", "evaluation", "released_by", "notes"]))
-    return EXIT_OK
+        print(render.table(rows, ["version", "model", "accuracy", "evaluation", "released_by", "signed_by", "notes"]))
+        for row in rows:
+            if "problem" in row:
+                print(f"  {row['version']}: {row['problem']}: {row['message']}")
+    return EXIT_OK if ok else EXIT_INTEGRITY
 
 
 # ---------------------------------------------------------------- forks

@@ -48,7 +48,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         for name in [n for n in os.environ if n.startswith("STRATA_")]:
             patch.delenv(name)
         patch.setenv("STRATA_STORE", str(root / "store"))
-        yield {"address": daemon.address, "bundles": bundles}
+        yield {"address": daemon.address, "bundles": bundles, "ca_pem": root / "ca" / "ca.pem"}
 
 
 def _cli(fleet: dict[str, Any], who: str, *args: str) -> tuple[int, Any]:
@@ -85,3 +85,25 @@ def test_releases_record_the_certificate_identity_and_only_owners_release(fleet:
         tag = alice.releases("digits")[0].tag
     # the stored tag carries alice's certificate: anyone with the fleet CA can check who released it offline
     assert json.loads(tag)["certificate"].startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_release_tags_verify_offline_against_the_fleet_ca(fleet: dict[str, Any]) -> None:
+    code, _ = _cli(fleet, "alice", "federation", "create", "mnist-ish", "--base", "task:digits")
+    assert code == 0
+    code, _ = _cli(fleet, "alice", "release", _base(fleet, "mnist-ish"), "--federation", "mnist-ish", "--version", "1.0.0")
+    assert code == 0
+    code, checked = _cli(fleet, "auditor", "releases", "mnist-ish", "--ca", str(fleet["ca_pem"]))
+    assert code == 0 and checked["ok"] and [r["signed_by"] for r in checked["releases"]] == ["operator/alice"]
+    # against another fleet's CA, the same tags do not count
+    with FleetCA.init(Path(fleet["ca_pem"]).parent.parent / "other-ca", "other-fleet") as other:
+        other_pem = other.cert_pem
+    elsewhere = Path(fleet["ca_pem"]).parent.parent / "other.pem"
+    elsewhere.write_bytes(other_pem)
+    code, refused = _cli(fleet, "auditor", "releases", "mnist-ish", "--ca", str(elsewhere))
+    assert code == 4 and refused["releases"][0]["problem"] == "wrong_ca"
+
+
+def _base(fleet: dict[str, Any], name: str) -> str:
+    code, shown = _cli(fleet, "alice", "federation", "show", name)
+    assert code == 0
+    return shown["base"]
