@@ -864,7 +864,10 @@ class Hub(DurableSqlite):
             check_compatible(target.spec, tuple(TensorSpec(name=n, dtype=t.dtype, shape=tuple(t.shape)) for n, t in manifest.tensors.items()))
             self._index.record(manifest.to_bytes(), announcer=caller, signers=signers)
             merge = manifest.cid
-            statements.append(("UPDATE federations SET base = ? WHERE name = ?", (merge, target.name)))
+            # conditional on the base the proposal was made against: of two accepts racing, only one moves it
+            statements.append(
+                ("UPDATE federations SET base = ? WHERE name = ? AND base = ?", (merge, target.name, proposal.target_head))
+            )
         state = "accepted" if accept else "declined"
         statements.append((
             "UPDATE proposals SET state = ?, decided_by = ?, decided_at = ?, merge = ? WHERE cid = ? AND state = 'open'",
