@@ -72,7 +72,7 @@ def test_hub_rpcs_operators_write_and_readers_read() -> None:
         assert who(name) == {"operator"}
     for rpc in ("ListFederations", "ListReleases", "ListProposals"):
         assert who(f"/strata.v1.CoordinatorService/{rpc}") == {"operator", "audit"}
-    assert who("/strata.v1.CoordinatorService/GetFederation") == {"aggregator", "operator", "audit"}
+    assert who("/strata.v1.CoordinatorService/GetFederation") == {"operator", "audit"}
     assert who("/strata.v1.CoordinatorService/ResolveModel") == {"aggregator", "operator", "audit", "agent", "relay"}
 
 
