@@ -164,6 +164,9 @@ def test_forks_proposals_and_merges(hub: Hub, digits: dict[str, Any]) -> None:
     merge = Manifest.from_bytes(store.get(accepted["merge"]))
     assert merge.kind == "merge" and merge.parents == (base, whole["base"])
     assert hub.ok("federation", "show", "digits")["base"] == accepted["merge"]
+    # the merge's whole lineage re-hashes and verifies, across both federations
+    verified = hub.ok("verify", "digits@1.6.0")
+    assert verified["ok"] is True and verified["models_checked"] == 3  # merge, the fork, digits' base
     hub.refused(EXIT_USAGE, "already_decided", "decline", proposal["proposal"])
 
     # a second proposal against the old base is stale; a fresh one can be declined
