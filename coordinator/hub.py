@@ -700,16 +700,33 @@ class Hub(DurableSqlite):
         return release
 
     def lineage_root(self, record: ModelRecord) -> str:
-        """The first parentless ancestor along first parents (crossing federations through forks)."""
+        """The oldest ancestor reachable in the index, crossing federations through forks.
+
+        Each step follows the first indexed parent, else the manifest's `base`: a cluster model's parents are
+        device updates, which the index rarely holds, while its base (the previous semi-global model, a fork,
+        a merge) is indexed. The root is the first model with neither; an ancestor named but not indexed ends
+        the walk there (the root as far as the index knows)."""
         current = record
         for _ in range(MAX_ROOT_STEPS):
-            if not current.parents:
+            base = Manifest.from_bytes(current.manifest).base if current.manifest else None
+            named = [*current.parents, *([base] if base and base not in current.parents else [])]
+            if not named:
                 return current.cid
-            try:
-                current = self._index.get(current.parents[0])
-            except NotFound:
-                return current.parents[0]  # the oldest model the index knows names it: the root as far as known
+            indexed = self._indexed(named)
+            if not indexed:
+                return named[0]
+            current = indexed[0]
         return current.cid
+
+    def _indexed(self, cids: Sequence[str]) -> list[ModelRecord]:
+        """The records of `cids` the index holds, in the order given."""
+        records = []
+        for cid in cids:
+            try:
+                records.append(self._index.get(cid))
+            except NotFound:
+                continue
+        return records
 
     @staticmethod
     def _row_to_release(row: Any) -> Release:

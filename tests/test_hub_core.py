@@ -188,3 +188,23 @@ def test_the_registry_survives_a_restart_and_heads_follow_the_index(tmp_path, st
         assert again.resolve("digits@latest")[0] == base.cid
         assert again.lineage_root(index.get(cluster.cid)) == base.cid
     index.close()
+
+
+def test_a_release_root_crosses_rounds_through_bases_and_federations_through_forks(hub: Hub, store: LocalStore) -> None:
+    source = _model(store, "digits")
+    hub.create_federation(name="digits", base_manifest=source.to_bytes())
+    fork = _model(store, "letters", kind="fork", parents=(source.cid,))
+    hub.create_federation(name="letters", base_manifest=fork.to_bytes())
+    weights = store.get(fork.weights)
+    aggregator = Producer(role="aggregator", id="agg-a")
+    device_update = save_model(store, weights=weights, kind="local", federation="letters", round=1,
+                               producer=Producer(role="agent", id="phone"), key=KEY, base=fork.cid)  # fmt: skip
+    # the device update stays out of the index, as in a real fleet: the walk goes on through the cluster's base
+    cluster = save_model(store, weights=weights, kind="cluster", federation="letters", round=1, producer=aggregator,
+                         key=KEY, parents=(device_update.cid,), base=fork.cid)  # fmt: skip
+    semi_global = save_model(store, weights=weights, kind="semi-global", federation="letters", round=1,
+                             producer=aggregator, key=KEY, parents=(cluster.cid,), base=fork.cid)  # fmt: skip
+    hub._index.record(cluster.to_bytes())
+    hub._index.record(semi_global.to_bytes())
+    tag = ReleaseTag(federation="letters", version="1.0.0", model=semi_global.cid, released_by="operator/alice")
+    assert hub.release(tag.signed(KEY).to_bytes()).lineage_root == source.cid
