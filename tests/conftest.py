@@ -29,6 +29,7 @@ _SLOW_MODULES = {
     "test_relay_backpressure.py",
     "test_metrics_values.py",
     "test_hub.py",
+    "test_hub_tls.py",
 }
 
 
