@@ -221,7 +221,8 @@ class AggregatorConfig:
     advertise: str = _help("address agents and peers use to reach this aggregator (default: listen)", default="")
     federation: str = _help("the model family this aggregator trains", default="digits")
     initial_model: str = _help(
-        "the round-0 base: a model CID in the store, or task:NAME to create it from a built-in task",
+        "the round-0 base: a model CID in the store, a release NAME@1.2.0 / NAME@latest / NAME@^1.0 (resolved by the "
+        "coordinator's hub; the model must be in the store), or task:NAME to create it from a built-in task",
         default="task:digits",
     )
     state_dir: str = _help("journal, key and history (default: ~/.strata/aggregator/<id>)", default="")

@@ -36,6 +36,7 @@ from aggregator.rounds import RoundManager, Synthesizer
 from aggregator.rules import make_strategy
 from aggregator.selection import Selector
 from aggregator.synthesis import SemiGlobalSynthesizer
+from coordinator.client import CoordinatorClient
 from coordinator.ring import Member
 from intake.agents import AgentInfo, AgentRegistry
 from intake.home import BaseModel
@@ -233,6 +234,8 @@ class FederationCore:
 
     def _initial_base(self) -> str:
         spec = self.config.initial_model
+        if "@" in spec:  # a release (NAME@1.2.0, NAME@latest, NAME@^1.0): the coordinator's hub names its CID
+            spec = self._released_model(spec)
         if is_cid(spec):
             try:
                 manifest = Manifest.from_bytes(self.store.get(spec))  # must exist and be a model
@@ -250,8 +253,19 @@ class FederationCore:
         if spec.startswith("task:") and self._initial_model_factory is not None:
             return self._initial_model_factory(self.store, self.key)
         raise ConfigError(
-            f"initial_model must be a model CID in the store or task:NAME, got {spec!r}", reason="bad_config"
+            f"initial_model must be a model CID in the store, NAME@VERSION or task:NAME, got {spec!r}", reason="bad_config"
         )
+
+    def _released_model(self, ref: str) -> str:
+        """The CID a release reference resolves to now (resolved once, at the first start: the journal keeps it)."""
+        if not self.config.coordinator:
+            raise ConfigError(
+                f"initial_model {ref} names a release: set coordinator, whose hub resolves it", reason="bad_config"
+            )
+        with CoordinatorClient(self.config.coordinator, channel_factory=channel_factory(self.security)) as client:
+            cid, _ = client.resolve(ref)
+        log.info("initial_model_resolved", extra={"fields": {"release": ref, "model": cid, "federation": self.federation}})
+        return cid
 
     def _synthesize(self, cluster: Manifest, tensors: Mapping[str, np.ndarray]) -> Manifest:
         """The next base: a semi-global model when the ring has peers, else the cluster model."""

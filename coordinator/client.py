@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import grpc
 
+from coordinator.hub import Federation, Proposal, Release
 from coordinator.index import AgentEntry, IndexResult, Lineage, ModelRecord
 from coordinator.membership import AggregatorInfo, Lease, Progress
 from coordinator.messages import (
@@ -31,13 +32,16 @@ from coordinator.messages import (
     agent_entry_from_pb,
     agent_entry_to_pb,
     announcements_to_pb,
+    federation_from_pb,
     fleet_status_from_pb,
     heartbeat_to_pb,
     index_results_from_pb,
     info_to_pb,
     lease_from_pb,
     lineage_from_pb,
+    proposal_from_pb,
     record_from_pb,
+    release_from_pb,
     ring_from_pb,
 )
 from coordinator.ring import Ring
@@ -207,3 +211,61 @@ class CoordinatorClient:
         """The agents aggregators last reported, with their telemetry (empty `aggregator`: every one)."""
         reply = self._call(self._stub.ListAgents, pb.ListAgentsRequest(aggregator=aggregator))
         return [agent_entry_from_pb(a) for a in reply.agents]
+
+    # ------------------------------------------------------------ the hub
+
+    def create_federation(
+        self,
+        name: str,
+        base_manifest: bytes,
+        *,
+        description: str = "",
+        task: str = "",
+        owners: Iterable[str] = (),
+        round_policy: Mapping[str, str] | None = None,
+        strategy: str = "",
+    ) -> Federation:
+        """Register a federation with its signed base manifest (kind base or fork), which the coordinator indexes."""
+        request = pb.CreateFederationRequest(
+            name=name,
+            description=description,
+            base_manifest=base_manifest,
+            task=task,
+            owners=list(owners),
+            round_policy=dict(round_policy or {}),
+            strategy=strategy,
+        )
+        return federation_from_pb(self._call(self._stub.CreateFederation, request))
+
+    def federations(self, limit: int = 0) -> list[Federation]:
+        reply = self._call(self._stub.ListFederations, pb.ListFederationsRequest(limit=limit))
+        return [federation_from_pb(f) for f in reply.federations]
+
+    def federation(self, name: str) -> Federation:
+        """One federation with its current heads; NotFound(reason="unknown_federation")."""
+        return federation_from_pb(self._call(self._stub.GetFederation, pb.GetFederationRequest(name=name)))
+
+    def release(self, tag: bytes) -> Release:
+        """Record a signed release tag (`coordinator.hub.ReleaseTag`); Conflict(reason="release_exists") if taken."""
+        return release_from_pb(self._call(self._stub.CreateRelease, pb.CreateReleaseRequest(tag=tag)))
+
+    def releases(self, federation: str) -> list[Release]:
+        """A federation's releases, highest version first."""
+        reply = self._call(self._stub.ListReleases, pb.ListReleasesRequest(federation=federation))
+        return [release_from_pb(r) for r in reply.releases]
+
+    def resolve(self, ref: str) -> tuple[str, Release | None]:
+        """NAME@1.2.0, NAME@latest, NAME@^1.0 or a CID -> (model CID, its release or None)."""
+        reply = self._call(self._stub.ResolveModel, pb.ResolveModelRequest(ref=ref))
+        return reply.model_cid, release_from_pb(reply.release) if reply.HasField("release") else None
+
+    def propose(self, manifest: bytes) -> Proposal:
+        return proposal_from_pb(self._call(self._stub.CreateProposal, pb.CreateProposalRequest(manifest=manifest)))
+
+    def proposals(self, federation: str = "", state: str = "") -> list[Proposal]:
+        reply = self._call(self._stub.ListProposals, pb.ListProposalsRequest(federation=federation, state=state))
+        return [proposal_from_pb(p) for p in reply.proposals]
+
+    def decide(self, proposal_cid: str, *, accept: bool, merge_manifest: bytes = b"") -> Proposal:
+        request = pb.DecideProposalRequest(proposal_cid=proposal_cid, accept=accept, merge_manifest=merge_manifest)
+        return proposal_from_pb(self._call(self._stub.DecideProposal, request))

@@ -26,6 +26,7 @@ from datetime import timedelta
 from prometheus_client.core import Metric
 
 from coordinator.config import CoordinatorConfig
+from coordinator.hub import Hub
 from coordinator.index import ModelIndex
 from coordinator.membership import Membership
 from coordinator.service import SERVICE_NAME, CoordinatorServicer, EnrollmentServicer
@@ -48,6 +49,7 @@ log = logging.getLogger("strata.coordinator")
 EXPIRY_TICK_S = 0.5
 MEMBERSHIP_DB = "membership.db"
 INDEX_DB = "index.db"
+HUB_DB = "hub.db"
 # in the CA directory, where `strata certs token` writes them
 TOKENS_DB = "tokens.db"
 
@@ -81,6 +83,7 @@ class CoordinatorDaemon:
         self._ticker: threading.Thread | None = None
         self.membership: Membership | None = None
         self.index: ModelIndex | None = None
+        self.hub: Hub | None = None
         self._metrics: MetricsEndpoint | None = None
         self.ca: FleetCA | None = None
         self.tokens: TokenStore | None = None
@@ -129,6 +132,7 @@ class CoordinatorDaemon:
                 static_members=self.config.static_members(),
             )
             self.index = ModelIndex(state / INDEX_DB)
+            self.hub = Hub(state / HUB_DB, self.index)
             try:
                 self.security = Security.configure(self.config.tls, listen=self.config.listen, who="coordinator")
                 self._open_ca()
@@ -148,6 +152,7 @@ class CoordinatorDaemon:
                 revocations=self.revocations,
                 enrollment=self.enrollment,
                 renew_address=handle.address,
+                hub=self.hub,
             )
             self._servicer = servicer
             pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, handle.server)
@@ -295,6 +300,8 @@ class CoordinatorDaemon:
     def _close_stores(self) -> None:
         if self.membership is not None:
             self.membership.close()
+        if self.hub is not None:
+            self.hub.close()
         if self.index is not None:
             self.index.close()
         if self.tokens is not None:

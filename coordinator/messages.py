@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
+from coordinator.hub import Federation, Proposal, Release, TensorSpec
 from coordinator.index import AgentEntry, IndexResult, Lineage, ModelRecord
 from coordinator.membership import AggregatorInfo, AggregatorStatus, Lease, Progress
 from coordinator.ring import Member, Ring
@@ -222,4 +223,108 @@ def agent_entry_to_pb(entry: AgentEntry) -> pb.AgentRecord:
         telemetry=telemetry_from_dict(entry.telemetry),
         capability=capability_value(entry.capability),
         display_name=entry.display_name,
+    )
+
+
+# ---------------------------------------------------------------- the hub
+
+
+def federation_to_pb(federation: Federation) -> pb.FederationRecord:
+    return pb.FederationRecord(
+        name=federation.name,
+        description=federation.description,
+        task=federation.task,
+        base_cid=federation.base,
+        spec=[pb.TensorSpec(name=s.name, dtype=s.dtype, shape=list(s.shape)) for s in federation.spec],
+        owners=list(federation.owners),
+        round_policy=federation.round_policy,
+        strategy=federation.strategy,
+        forked_from=federation.forked_from,
+        source_federation=federation.source_federation,
+        heads=federation.heads,
+        created_at=federation.created_at,
+        created_by=federation.created_by,
+        fork_layers=federation.fork_layers,
+    )
+
+
+def federation_from_pb(message: pb.FederationRecord) -> Federation:
+    return Federation(
+        name=message.name,
+        description=message.description,
+        task=message.task,
+        base=message.base_cid,
+        spec=tuple(TensorSpec(name=s.name, dtype=s.dtype, shape=tuple(s.shape)) for s in message.spec),
+        owners=tuple(message.owners),
+        round_policy=dict(message.round_policy),
+        strategy=message.strategy,
+        forked_from=message.forked_from,
+        source_federation=message.source_federation,
+        fork_layers=message.fork_layers,
+        heads=dict(message.heads),
+        created_by=message.created_by,
+        created_at=message.created_at,
+    )
+
+
+def release_to_pb(release: Release) -> pb.ReleaseRecord:
+    return pb.ReleaseRecord(
+        federation=release.federation,
+        version=release.version,
+        model_cid=release.model,
+        notes=release.notes,
+        evaluation=release.evaluation,
+        accuracy=release.accuracy or 0.0,
+        has_accuracy=release.accuracy is not None,
+        lineage_root=release.lineage_root,
+        released_by=release.released_by,
+        created_at=release.created_at,
+        tag=release.tag,
+    )
+
+
+def release_from_pb(message: pb.ReleaseRecord) -> Release:
+    return Release(
+        federation=message.federation,
+        version=message.version,
+        model=message.model_cid,
+        notes=message.notes,
+        evaluation=message.evaluation,
+        accuracy=message.accuracy if message.has_accuracy else None,
+        lineage_root=message.lineage_root,
+        released_by=message.released_by,
+        created_at=message.created_at,
+        tag=message.tag,
+    )
+
+
+def proposal_to_pb(proposal: Proposal) -> pb.ProposalRecord:
+    return pb.ProposalRecord(
+        proposal_cid=proposal.cid,
+        from_federation=proposal.from_federation,
+        to_federation=proposal.to_federation,
+        model_cid=proposal.model,
+        target_head=proposal.target_head,
+        state=proposal.state,
+        proposed_by=proposal.proposed_by,
+        created_at=proposal.created_at,
+        decided_by=proposal.decided_by,
+        decided_at=proposal.decided_at,
+        merge_cid=proposal.merge,
+    )
+
+
+def proposal_from_pb(message: pb.ProposalRecord) -> Proposal:
+    return Proposal(
+        cid=message.proposal_cid,
+        from_federation=message.from_federation,
+        to_federation=message.to_federation,
+        model=message.model_cid,
+        target_head=message.target_head,
+        state=message.state,
+        proposed_by=message.proposed_by,
+        created_at=message.created_at,
+        decided_by=message.decided_by,
+        decided_at=message.decided_at,
+        merge=message.merge_cid,
     )

@@ -14,6 +14,7 @@ Renew is served here: the certificate being renewed authenticates it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -21,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from coordinator.hub import Hub
 from coordinator.index import DEFAULT_LINEAGE_DEPTH, ModelIndex
 from coordinator.membership import Lease, Membership
 from coordinator.messages import (
@@ -28,13 +30,16 @@ from coordinator.messages import (
     agent_entry_from_pb,
     agent_entry_to_pb,
     announcements_from_pb,
+    federation_to_pb,
     fleet_status_to_pb,
     heartbeat_from_pb,
     index_results_to_pb,
     info_from_pb,
     lease_to_pb,
     lineage_to_pb,
+    proposal_to_pb,
     record_to_pb,
+    release_to_pb,
     ring_to_pb,
 )
 from proto import strata_pb2 as pb
@@ -62,6 +67,8 @@ SERVICE_NAME = "strata.v1.CoordinatorService"
 ANNOUNCE_CONCURRENCY = 2
 # A WatchRing stream re-reads the ring at least this often, even with no change signalled.
 WATCH_WAKE_S = 30.0
+# the most federations one ListFederations reply carries (0 in a request: this many)
+MAX_LISTED = 10_000
 
 
 def _no_revocations() -> RevocationList | None:
@@ -94,9 +101,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         revocations: Callable[[], RevocationList | None] = _no_revocations,
         enrollment: Enrollment | None = None,
         renew_address: str = "",
+        hub: Hub | None = None,
     ) -> None:
         self._membership = membership
         self._index = index
+        # a coordinator built without one (tests of membership alone) still answers hub calls, from memory
+        self._hub = hub if hub is not None else Hub(None, index)
         self._offload = offload
         self._stopping = stopping or threading.Event()
         self._revocations = revocations
@@ -175,6 +185,72 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def GetLineage(self, request: pb.LineageRequest, context: grpc.aio.ServicerContext) -> pb.LineageReply:
         lineage = await self._offload(self._index.lineage, request.model_cid, request.depth or DEFAULT_LINEAGE_DEPTH)
         return lineage_to_pb(lineage, with_manifests=not request.omit_manifests)
+
+    # ------------------------------------------------------------ the hub
+
+    async def CreateFederation(
+        self, request: pb.CreateFederationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FederationRecord:
+        caller, signers = caller_certificate(), current_signers()
+        federation = await self._offload(
+            functools.partial(
+                self._hub.create_federation,
+                name=request.name,
+                base_manifest=request.base_manifest,
+                description=request.description,
+                task=request.task,
+                owners=list(request.owners),
+                round_policy=dict(request.round_policy),
+                strategy=request.strategy,
+                caller=caller,
+                signers=signers,
+            )
+        )
+        return federation_to_pb(federation)
+
+    async def ListFederations(
+        self, request: pb.ListFederationsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListFederationsReply:
+        federations = await self._offload(self._hub.federations, min(request.limit or MAX_LISTED, MAX_LISTED))
+        return pb.ListFederationsReply(federations=[federation_to_pb(f) for f in federations])
+
+    async def GetFederation(self, request: pb.GetFederationRequest, context: grpc.aio.ServicerContext) -> pb.FederationRecord:
+        return federation_to_pb(await self._offload(self._hub.federation, request.name))
+
+    async def CreateRelease(self, request: pb.CreateReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseRecord:
+        caller = caller_certificate()
+        return release_to_pb(await self._offload(functools.partial(self._hub.release, request.tag, caller=caller)))
+
+    async def ListReleases(self, request: pb.ListReleasesRequest, context: grpc.aio.ServicerContext) -> pb.ListReleasesReply:
+        releases = await self._offload(self._hub.releases, request.federation)
+        return pb.ListReleasesReply(releases=[release_to_pb(r) for r in releases])
+
+    async def ResolveModel(self, request: pb.ResolveModelRequest, context: grpc.aio.ServicerContext) -> pb.ResolveModelReply:
+        cid, release = await self._offload(self._hub.resolve, request.ref)
+        return pb.ResolveModelReply(model_cid=cid, release=release_to_pb(release) if release is not None else None)
+
+    async def CreateProposal(self, request: pb.CreateProposalRequest, context: grpc.aio.ServicerContext) -> pb.ProposalRecord:
+        caller, signers = caller_certificate(), current_signers()
+        proposal = await self._offload(functools.partial(self._hub.propose, request.manifest, caller=caller, signers=signers))
+        return proposal_to_pb(proposal)
+
+    async def ListProposals(self, request: pb.ListProposalsRequest, context: grpc.aio.ServicerContext) -> pb.ListProposalsReply:
+        proposals = await self._offload(self._hub.proposals, request.federation, request.state)
+        return pb.ListProposalsReply(proposals=[proposal_to_pb(p) for p in proposals])
+
+    async def DecideProposal(self, request: pb.DecideProposalRequest, context: grpc.aio.ServicerContext) -> pb.ProposalRecord:
+        caller, signers = caller_certificate(), current_signers()
+        proposal = await self._offload(
+            functools.partial(
+                self._hub.decide,
+                request.proposal_cid,
+                accept=request.accept,
+                merge_manifest=request.merge_manifest,
+                caller=caller,
+                signers=signers,
+            )
+        )
+        return proposal_to_pb(proposal)
 
     # ------------------------------------------------------------ agents and fleet
 

@@ -634,3 +634,216 @@ class RevocationsReply(_message.Message):
     version: int
     revocations: bytes
     def __init__(self, version: _Optional[int] = ..., revocations: _Optional[bytes] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CreateFederationRequest(_message.Message):
+    __slots__ = ("name", "description", "base_manifest", "task", "owners", "round_policy", "strategy")
+    class RoundPolicyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    BASE_MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_POLICY_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    base_manifest: bytes
+    task: str
+    owners: _containers.RepeatedScalarFieldContainer[str]
+    round_policy: _containers.ScalarMap[str, str]
+    strategy: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., base_manifest: _Optional[bytes] = ..., task: _Optional[str] = ..., owners: _Optional[_Iterable[str]] = ..., round_policy: _Optional[_Mapping[str, str]] = ..., strategy: _Optional[str] = ...) -> None: ...
+
+class FederationRecord(_message.Message):
+    __slots__ = ("name", "description", "task", "base_cid", "spec", "owners", "round_policy", "strategy", "forked_from", "source_federation", "heads", "created_at", "created_by", "fork_layers")
+    class RoundPolicyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class HeadsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    BASE_CID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_POLICY_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    FORKED_FROM_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    FORK_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    task: str
+    base_cid: str
+    spec: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    owners: _containers.RepeatedScalarFieldContainer[str]
+    round_policy: _containers.ScalarMap[str, str]
+    strategy: str
+    forked_from: str
+    source_federation: str
+    heads: _containers.ScalarMap[str, str]
+    created_at: float
+    created_by: str
+    fork_layers: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., task: _Optional[str] = ..., base_cid: _Optional[str] = ..., spec: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., owners: _Optional[_Iterable[str]] = ..., round_policy: _Optional[_Mapping[str, str]] = ..., strategy: _Optional[str] = ..., forked_from: _Optional[str] = ..., source_federation: _Optional[str] = ..., heads: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[float] = ..., created_by: _Optional[str] = ..., fork_layers: _Optional[str] = ...) -> None: ...
+
+class ListFederationsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListFederationsReply(_message.Message):
+    __slots__ = ("federations",)
+    FEDERATIONS_FIELD_NUMBER: _ClassVar[int]
+    federations: _containers.RepeatedCompositeFieldContainer[FederationRecord]
+    def __init__(self, federations: _Optional[_Iterable[_Union[FederationRecord, _Mapping]]] = ...) -> None: ...
+
+class GetFederationRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class CreateReleaseRequest(_message.Message):
+    __slots__ = ("tag",)
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    tag: bytes
+    def __init__(self, tag: _Optional[bytes] = ...) -> None: ...
+
+class ReleaseRecord(_message.Message):
+    __slots__ = ("federation", "version", "model_cid", "notes", "evaluation", "accuracy", "has_accuracy", "lineage_root", "released_by", "created_at", "tag")
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CID_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    HAS_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_ROOT_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_BY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    federation: str
+    version: str
+    model_cid: str
+    notes: str
+    evaluation: str
+    accuracy: float
+    has_accuracy: bool
+    lineage_root: str
+    released_by: str
+    created_at: float
+    tag: bytes
+    def __init__(self, federation: _Optional[str] = ..., version: _Optional[str] = ..., model_cid: _Optional[str] = ..., notes: _Optional[str] = ..., evaluation: _Optional[str] = ..., accuracy: _Optional[float] = ..., has_accuracy: _Optional[bool] = ..., lineage_root: _Optional[str] = ..., released_by: _Optional[str] = ..., created_at: _Optional[float] = ..., tag: _Optional[bytes] = ...) -> None: ...
+
+class ListReleasesRequest(_message.Message):
+    __slots__ = ("federation",)
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    federation: str
+    def __init__(self, federation: _Optional[str] = ...) -> None: ...
+
+class ListReleasesReply(_message.Message):
+    __slots__ = ("releases",)
+    RELEASES_FIELD_NUMBER: _ClassVar[int]
+    releases: _containers.RepeatedCompositeFieldContainer[ReleaseRecord]
+    def __init__(self, releases: _Optional[_Iterable[_Union[ReleaseRecord, _Mapping]]] = ...) -> None: ...
+
+class ResolveModelRequest(_message.Message):
+    __slots__ = ("ref",)
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    def __init__(self, ref: _Optional[str] = ...) -> None: ...
+
+class ResolveModelReply(_message.Message):
+    __slots__ = ("model_cid", "release")
+    MODEL_CID_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    model_cid: str
+    release: ReleaseRecord
+    def __init__(self, model_cid: _Optional[str] = ..., release: _Optional[_Union[ReleaseRecord, _Mapping]] = ...) -> None: ...
+
+class CreateProposalRequest(_message.Message):
+    __slots__ = ("manifest",)
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    manifest: bytes
+    def __init__(self, manifest: _Optional[bytes] = ...) -> None: ...
+
+class ProposalRecord(_message.Message):
+    __slots__ = ("proposal_cid", "from_federation", "to_federation", "model_cid", "target_head", "state", "proposed_by", "created_at", "decided_by", "decided_at", "merge_cid")
+    PROPOSAL_CID_FIELD_NUMBER: _ClassVar[int]
+    FROM_FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    TO_FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HEAD_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_BY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    MERGE_CID_FIELD_NUMBER: _ClassVar[int]
+    proposal_cid: str
+    from_federation: str
+    to_federation: str
+    model_cid: str
+    target_head: str
+    state: str
+    proposed_by: str
+    created_at: float
+    decided_by: str
+    decided_at: float
+    merge_cid: str
+    def __init__(self, proposal_cid: _Optional[str] = ..., from_federation: _Optional[str] = ..., to_federation: _Optional[str] = ..., model_cid: _Optional[str] = ..., target_head: _Optional[str] = ..., state: _Optional[str] = ..., proposed_by: _Optional[str] = ..., created_at: _Optional[float] = ..., decided_by: _Optional[str] = ..., decided_at: _Optional[float] = ..., merge_cid: _Optional[str] = ...) -> None: ...
+
+class ListProposalsRequest(_message.Message):
+    __slots__ = ("federation", "state")
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    federation: str
+    state: str
+    def __init__(self, federation: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
+class ListProposalsReply(_message.Message):
+    __slots__ = ("proposals",)
+    PROPOSALS_FIELD_NUMBER: _ClassVar[int]
+    proposals: _containers.RepeatedCompositeFieldContainer[ProposalRecord]
+    def __init__(self, proposals: _Optional[_Iterable[_Union[ProposalRecord, _Mapping]]] = ...) -> None: ...
+
+class DecideProposalRequest(_message.Message):
+    __slots__ = ("proposal_cid", "accept", "merge_manifest")
+    PROPOSAL_CID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_FIELD_NUMBER: _ClassVar[int]
+    MERGE_MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    proposal_cid: str
+    accept: bool
+    merge_manifest: bytes
+    def __init__(self, proposal_cid: _Optional[str] = ..., accept: _Optional[bool] = ..., merge_manifest: _Optional[bytes] = ...) -> None: ...

@@ -551,6 +551,51 @@ class CoordinatorServiceStub:
                 request_serializer=proto_dot_strata__pb2.GetRevocationsRequest.SerializeToString,
                 response_deserializer=proto_dot_strata__pb2.RevocationsReply.FromString,
                 _registered_method=True)
+        self.CreateFederation = channel.unary_unary(
+                '/strata.v1.CoordinatorService/CreateFederation',
+                request_serializer=proto_dot_strata__pb2.CreateFederationRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.FederationRecord.FromString,
+                _registered_method=True)
+        self.ListFederations = channel.unary_unary(
+                '/strata.v1.CoordinatorService/ListFederations',
+                request_serializer=proto_dot_strata__pb2.ListFederationsRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.ListFederationsReply.FromString,
+                _registered_method=True)
+        self.GetFederation = channel.unary_unary(
+                '/strata.v1.CoordinatorService/GetFederation',
+                request_serializer=proto_dot_strata__pb2.GetFederationRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.FederationRecord.FromString,
+                _registered_method=True)
+        self.CreateRelease = channel.unary_unary(
+                '/strata.v1.CoordinatorService/CreateRelease',
+                request_serializer=proto_dot_strata__pb2.CreateReleaseRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.ReleaseRecord.FromString,
+                _registered_method=True)
+        self.ListReleases = channel.unary_unary(
+                '/strata.v1.CoordinatorService/ListReleases',
+                request_serializer=proto_dot_strata__pb2.ListReleasesRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.ListReleasesReply.FromString,
+                _registered_method=True)
+        self.ResolveModel = channel.unary_unary(
+                '/strata.v1.CoordinatorService/ResolveModel',
+                request_serializer=proto_dot_strata__pb2.ResolveModelRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.ResolveModelReply.FromString,
+                _registered_method=True)
+        self.CreateProposal = channel.unary_unary(
+                '/strata.v1.CoordinatorService/CreateProposal',
+                request_serializer=proto_dot_strata__pb2.CreateProposalRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.ProposalRecord.FromString,
+                _registered_method=True)
+        self.ListProposals = channel.unary_unary(
+                '/strata.v1.CoordinatorService/ListProposals',
+                request_serializer=proto_dot_strata__pb2.ListProposalsRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.ListProposalsReply.FromString,
+                _registered_method=True)
+        self.DecideProposal = channel.unary_unary(
+                '/strata.v1.CoordinatorService/DecideProposal',
+                request_serializer=proto_dot_strata__pb2.DecideProposalRequest.SerializeToString,
+                response_deserializer=proto_dot_strata__pb2.ProposalRecord.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -646,6 +691,66 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateFederation(self, request, context):
+        """the hub (coordinator/hub.py): federations, releases and proposals. Operators write; operators and
+        auditors read. Weights never travel here: the CLI builds base, fork and merge models in the store
+        and hands the coordinator their signed manifests, which it indexes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFederations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFederation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateRelease(self, request, context):
+        """a signed release tag (semantic version, immutable); an existing tag is ALREADY_EXISTS
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReleases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveModel(self, request, context):
+        """NAME@1.2.0, NAME@latest, NAME@^1.0 or a CID -> the model CID (and its release)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateProposal(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProposals(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideProposal(self, request, context):
+        """accept (with the merge model's signed manifest, which becomes the federation's base) or decline
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -718,6 +823,51 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.GetRevocations,
                     request_deserializer=proto_dot_strata__pb2.GetRevocationsRequest.FromString,
                     response_serializer=proto_dot_strata__pb2.RevocationsReply.SerializeToString,
+            ),
+            'CreateFederation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateFederation,
+                    request_deserializer=proto_dot_strata__pb2.CreateFederationRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.FederationRecord.SerializeToString,
+            ),
+            'ListFederations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFederations,
+                    request_deserializer=proto_dot_strata__pb2.ListFederationsRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.ListFederationsReply.SerializeToString,
+            ),
+            'GetFederation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFederation,
+                    request_deserializer=proto_dot_strata__pb2.GetFederationRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.FederationRecord.SerializeToString,
+            ),
+            'CreateRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRelease,
+                    request_deserializer=proto_dot_strata__pb2.CreateReleaseRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.ReleaseRecord.SerializeToString,
+            ),
+            'ListReleases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReleases,
+                    request_deserializer=proto_dot_strata__pb2.ListReleasesRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.ListReleasesReply.SerializeToString,
+            ),
+            'ResolveModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveModel,
+                    request_deserializer=proto_dot_strata__pb2.ResolveModelRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.ResolveModelReply.SerializeToString,
+            ),
+            'CreateProposal': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateProposal,
+                    request_deserializer=proto_dot_strata__pb2.CreateProposalRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.ProposalRecord.SerializeToString,
+            ),
+            'ListProposals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProposals,
+                    request_deserializer=proto_dot_strata__pb2.ListProposalsRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.ListProposalsReply.SerializeToString,
+            ),
+            'DecideProposal': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideProposal,
+                    request_deserializer=proto_dot_strata__pb2.DecideProposalRequest.FromString,
+                    response_serializer=proto_dot_strata__pb2.ProposalRecord.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1098,6 +1248,249 @@ class CoordinatorService:
             '/strata.v1.CoordinatorService/GetRevocations',
             proto_dot_strata__pb2.GetRevocationsRequest.SerializeToString,
             proto_dot_strata__pb2.RevocationsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateFederation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/CreateFederation',
+            proto_dot_strata__pb2.CreateFederationRequest.SerializeToString,
+            proto_dot_strata__pb2.FederationRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFederations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/ListFederations',
+            proto_dot_strata__pb2.ListFederationsRequest.SerializeToString,
+            proto_dot_strata__pb2.ListFederationsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFederation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/GetFederation',
+            proto_dot_strata__pb2.GetFederationRequest.SerializeToString,
+            proto_dot_strata__pb2.FederationRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/CreateRelease',
+            proto_dot_strata__pb2.CreateReleaseRequest.SerializeToString,
+            proto_dot_strata__pb2.ReleaseRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReleases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/ListReleases',
+            proto_dot_strata__pb2.ListReleasesRequest.SerializeToString,
+            proto_dot_strata__pb2.ListReleasesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/ResolveModel',
+            proto_dot_strata__pb2.ResolveModelRequest.SerializeToString,
+            proto_dot_strata__pb2.ResolveModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateProposal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/CreateProposal',
+            proto_dot_strata__pb2.CreateProposalRequest.SerializeToString,
+            proto_dot_strata__pb2.ProposalRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProposals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/ListProposals',
+            proto_dot_strata__pb2.ListProposalsRequest.SerializeToString,
+            proto_dot_strata__pb2.ListProposalsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideProposal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.CoordinatorService/DecideProposal',
+            proto_dot_strata__pb2.DecideProposalRequest.SerializeToString,
+            proto_dot_strata__pb2.ProposalRecord.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,6 +20,7 @@ from strata import (
     cmd_device,
     cmd_fleet,
     cmd_history,
+    cmd_hub,
     cmd_model,
     cmd_simulate,
 )
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for module in (cmd_model, cmd_history, cmd_daemons, cmd_fleet, cmd_device, cmd_certs, cmd_demo, cmd_simulate, cmd_dashboard):
+    for module in (cmd_model, cmd_hub, cmd_history, cmd_daemons, cmd_fleet, cmd_device, cmd_certs, cmd_demo, cmd_simulate, cmd_dashboard):
         module.register(commands)
     return parser
 

@@ -71,7 +71,9 @@ def _store_command(
     """A command that reads or writes the store: --store and --json, and (`on_model`) a model ID."""
     parser = parent.add_parser(name, help=help)
     if on_model:
-        parser.add_argument("cid", help="model ID (the manifest's CID)")
+        parser.add_argument(
+            "cid", metavar="MODEL", help="model ID (the manifest's CID), or a release: NAME@1.2.0, NAME@latest, NAME@^1.0"
+        )
     add_store_option(parser)
     add_json_option(parser)
     parser.set_defaults(handler=handler)
@@ -95,6 +97,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     export = _store_command(model, "export", "write a model's weights to .safetensors or .pt", cmd_export)
     export.add_argument("-o", "--output", type=Path, required=True, help="out.safetensors or out.pt")
 
+    for name in ("show", "export"):
+        _add_resolver(model.choices[name])
+
     lineage = _store_command(commands, "lineage", "a model's ancestry down to the device updates", cmd_lineage)
     lineage.add_argument("--depth", type=int, default=None, help="how many generations to walk (default: all)")
     lineage.add_argument("--format", choices=("tree", "dot", "json"), default="tree", help="output format (default: tree)")
@@ -109,6 +114,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     verify_parser = _store_command(
         commands, "verify", "re-hash a model's whole lineage, weights and signatures; exit 4 on any mismatch", cmd_verify
     )
+    _add_resolver(verify_parser)
     verify_parser.add_argument(
         "--ca",
         type=Path,
@@ -122,6 +128,31 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="with --ca: the CA's signed revocation list (e.g. ~/.strata/ca/revocations.json); a revoked signer fails",
     )
+
+
+def _add_resolver(parser: argparse.ArgumentParser) -> None:
+    """--coordinator and --bundle: where a release name (NAME@VERSION) is resolved."""
+    parser.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=os.environ.get("STRATA_COORDINATOR", ""),
+        help="resolve NAME@VERSION through this coordinator (default: $STRATA_COORDINATOR, else 127.0.0.1:7000)",
+    )
+    add_bundle_option(parser)
+
+
+def model_id(args: argparse.Namespace) -> str:
+    """`args.cid` as a model CID: a CID is checked; NAME@1.2.0, NAME@latest or NAME@^1.0 is resolved by the
+    coordinator's hub (NotFound reason "unknown_release" when no release matches)."""
+    from coordinator.client import CoordinatorClient
+    from coordinator.hub import parse_ref
+
+    if parse_ref(args.cid) is None:
+        validate_cid(args.cid)
+        return args.cid
+    address = getattr(args, "coordinator", "") or os.environ.get("STRATA_COORDINATOR") or "127.0.0.1:7000"
+    with CoordinatorClient(address, channel_factory=channel_factory_for(args)) as coordinator:
+        return coordinator.resolve(args.cid)[0]
 
 
 def _read_tensors(path: Path) -> bytes:
@@ -182,7 +213,7 @@ def cmd_put(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    validate_cid(args.cid)
+    args.cid = model_id(args)
     with resolve_store(args) as store:
         manifest = load_manifest(store, args.cid)
     if args.json:
@@ -193,7 +224,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    validate_cid(args.cid)
+    args.cid = model_id(args)
     output: Path = args.output
     if output.suffix not in (".safetensors", ".pt", ".pth"):
         raise InvalidInput(f"{output}: the output must end in .safetensors, .pt or .pth", reason="bad_file_type")
@@ -223,7 +254,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    validate_cid(args.cid)
+    args.cid = model_id(args)
     if args.depth is not None and args.depth < 0:
         raise InvalidInput("--depth must be >= 0", reason="bad_depth")
     if args.coordinator:
@@ -289,7 +320,7 @@ def _signer_rows(graph: LineageGraph, signers: Signers) -> list[dict[str, Any]]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    validate_cid(args.cid)
+    args.cid = model_id(args)
     signers = _signers(args)
     with resolve_store(args) as store, progress(args, "verifying the lineage") as advance:
         try:

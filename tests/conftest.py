@@ -28,6 +28,8 @@ _SLOW_MODULES = {
     "test_agent_resume.py",
     "test_relay_backpressure.py",
     "test_metrics_values.py",
+    "test_hub.py",
+    "test_hub_tls.py",
 }
 
 

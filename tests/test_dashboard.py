@@ -387,3 +387,25 @@ def test_refusals_by_reason_come_from_the_aggregators_journals(coordinator: str,
     assert rounds["refusals"] == {"agg-a": {"bad_signature": 2, "stale_base": 1}}
     [row] = rounds["aggregators"]["agg-a"]
     assert row["round"] == 1 and row["refusals"] == {"bad_signature": 2, "stale_base": 1}
+
+
+def test_the_hub_page_lists_federations_releases_forks_and_proposals(
+    coordinator: str, dashboard: str, models: Models, keypair: KeyPair
+) -> None:
+    from coordinator.hub import ReleaseTag
+
+    with CoordinatorClient(coordinator, timeout_s=5) as client:
+        client.create_federation("digits", models.base.to_bytes(), task="digits", description="8x8 digits")
+        tag = ReleaseTag(federation="digits", version="1.0.0", model=models.semi_global.cid, released_by="operator/op")
+        client.release(tag.signed(keypair).to_bytes())
+    status, hub = get_json(f"{dashboard}/api/hub")
+    assert status == 200
+    (digits,) = hub["federations"]
+    assert digits["name"] == "digits" and digits["base"] == models.base.cid
+    assert digits["heads"] == {"agg-a": models.semi_global.cid}  # agg-a's newest semi-global model, from the index
+    assert [(r["version"], r["model"], r["lineage_root"]) for r in digits["releases"]] == [
+        ("1.0.0", models.semi_global.cid, models.base.cid)
+    ]
+    assert hub["forks"] == [] and hub["proposals"] == []
+    status, _, page = get(f"{dashboard}/")
+    assert status == 200 and b'id="view-hub"' in page

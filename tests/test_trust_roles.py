@@ -11,6 +11,7 @@ from trust.roles import (
     ANYONE,
     DEVICE_UPDATE_READERS,
     HEALTH_METHODS,
+    OPERATOR_WRITES,
     OWN_ID_FIELDS,
     PENDING_METHODS,
     ROLE_TABLE,
@@ -41,11 +42,12 @@ def test_every_entry_names_a_served_rpc_or_a_pending_one() -> None:
     assert not (PENDING_METHODS & served), f"now in strata.proto, remove from PENDING_METHODS: {PENDING_METHODS & served}"
 
 
-def test_the_table_is_as_designed() -> None:
-    def who(name: str) -> set[str]:
-        entry = ROLE_TABLE[name]
-        return {"*"} if entry is ANYONE else {r.value for r in entry}
+def who(name: str) -> set[str]:
+    entry = ROLE_TABLE[name]
+    return {"*"} if entry is ANYONE else {r.value for r in entry}
 
+
+def test_the_table_is_as_designed() -> None:
     for rpc in ("Join", "SubmitUpdate", "WatchModels", "Heartbeat", "GetRevocations"):
         assert who(f"/strata.v1.AgentService/{rpc}") == {"agent", "relay"}
     # auditors read models by CID, device updates included (the handler decides which kinds)
@@ -65,9 +67,18 @@ def test_the_table_is_as_designed() -> None:
     assert DEVICE_UPDATE_READERS == {Role.AUDIT}
 
 
+def test_hub_rpcs_operators_write_and_readers_read() -> None:
+    for name in OPERATOR_WRITES:
+        assert who(name) == {"operator"}
+    for rpc in ("ListFederations", "ListReleases", "ListProposals"):
+        assert who(f"/strata.v1.CoordinatorService/{rpc}") == {"operator", "audit"}
+    assert who("/strata.v1.CoordinatorService/GetFederation") == {"operator", "audit"}
+    assert who("/strata.v1.CoordinatorService/ResolveModel") == {"aggregator", "operator", "audit", "agent", "relay"}
+
+
 def test_audit_reads_everything_an_operator_reads() -> None:
     for name, entry in ROLE_TABLE.items():
-        if entry is not ANYONE and Role.OPERATOR in entry:
+        if entry is not ANYONE and Role.OPERATOR in entry and name not in OPERATOR_WRITES:
             assert Role.AUDIT in entry, name
 
 

@@ -24,6 +24,11 @@ Who calls what, and why:
   CID, AgentService.GetModel (on aggregators and relays) and PeerService.FetchBlob
   (on aggregators); `DEVICE_UPDATE_READERS` is the handlers' answer to "may this
   caller read a device's update?" (`trust.reads`), and each such read is logged.
+- operator, again: the hub's writes (CreateFederation, CreateRelease, CreateProposal,
+  DecideProposal); operators and auditors read it (ListFederations, ListReleases,
+  ListProposals, GetFederation, ResolveModel); aggregators resolve a release (an
+  `initial_model` of NAME@^1.0), and agents and relays resolve one too (a device predicting
+  with `--model NAME@^1.0`).
 - coordinator: nothing; it serves (aggregators pull the revocation list from it).
 - anyone, with or without a certificate: grpc.health.v1 (probes) and the
   coordinator's Enroll (a bootstrap token authenticates it; the coordinator serves it
@@ -46,6 +51,7 @@ __all__ = [
     "ANYONE",
     "DEVICE_UPDATE_READERS",
     "HEALTH_METHODS",
+    "OPERATOR_WRITES",
     "OWN_ID_FIELDS",
     "PENDING_METHODS",
     "ROLE_TABLE",
@@ -78,8 +84,14 @@ def method(service: str, name: str) -> str:
 _DEVICES = frozenset({Role.AGENT, Role.RELAY})
 _AGGREGATOR = frozenset({Role.AGGREGATOR})
 _READERS = frozenset({Role.OPERATOR, Role.AUDIT})
+_OPERATOR = frozenset({Role.OPERATOR})
 
 DEVICE_UPDATE_READERS: frozenset[Role] = frozenset({Role.AUDIT})
+
+# the only writes an operator makes: the hub's (auditors read everything operators read, and write nothing)
+OPERATOR_WRITES = tuple(
+    method(COORDINATOR_SERVICE, name) for name in ("CreateFederation", "CreateRelease", "CreateProposal", "DecideProposal")
+)
 
 HEALTH_METHODS = (method(HEALTH_SERVICE, "Check"), method(HEALTH_SERVICE, "Watch"), method(HEALTH_SERVICE, "List"))
 
@@ -109,6 +121,14 @@ ROLE_TABLE: Mapping[str, frozenset[Role] | _Anyone] = {
     method(COORDINATOR_SERVICE, "ListAgents"): _READERS,
     method(COORDINATOR_SERVICE, "FleetStatus"): _READERS,
     method(COORDINATOR_SERVICE, "GetRevocations"): _AGGREGATOR | _READERS,
+    # the hub: operators name, release, fork and merge models; auditors read. Aggregators resolve a
+    # release (initial_model: NAME@^1.0), and so do devices (strata device predict --model NAME@^1.0).
+    **{name: _OPERATOR for name in OPERATOR_WRITES},
+    method(COORDINATOR_SERVICE, "ListFederations"): _READERS,
+    method(COORDINATOR_SERVICE, "ListReleases"): _READERS,
+    method(COORDINATOR_SERVICE, "ListProposals"): _READERS,
+    method(COORDINATOR_SERVICE, "GetFederation"): _READERS,
+    method(COORDINATOR_SERVICE, "ResolveModel"): _READERS | _AGGREGATOR | _DEVICES,
     # enrollment: a bootstrap token, not a certificate, authenticates it; renewal: the
     # certificate being replaced does
     method(COORDINATOR_SERVICE, "Enroll"): ANYONE,

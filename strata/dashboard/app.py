@@ -9,6 +9,7 @@ Routes (all GET):
   /api/models/{cid}          record, manifest, tensor summary, signature status, children
   /api/models/{cid}/weights  the safetensors weights (never a device update, unless the dashboard is audit)
   /api/lineage/{cid}?depth=  the ancestry as a DAG
+  /api/hub                   federations (spec, owners, base, heads, releases), forks, proposals
   /api/events                SSE: a `snapshot` event (ring + rounds) whenever the fleet moves on
 
 Authentication: with an operator token, every /api request carries `Authorization: Bearer
@@ -234,6 +235,9 @@ def build_app(
 
     feed = FleetFeed(reader, poll_s=poll_s)
 
+    async def hub(request: Request) -> Response:
+        return JSONResponse(await call(reader.hub))
+
     async def events(request: Request) -> Response:
         if feed.subscribers >= MAX_STREAMS:
             return _refusal(429, "too_many_streams", f"at most {MAX_STREAMS} live views at once")
@@ -262,6 +266,7 @@ def build_app(
         Route("/api/models/{cid}", api(model)),
         Route("/api/models/{cid}/weights", api(weights)),
         Route("/api/lineage/{cid}", api(lineage)),
+        Route("/api/hub", api(hub)),
         Route("/api/events", api(events)),
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
     ]

@@ -35,7 +35,8 @@ __all__ = ["FleetReader", "ReaderSettings", "tensor_summary"]
 MAX_LISTING = 500
 ROUNDS_WINDOW = 1000
 JOURNAL_FILE = "journal.sqlite"  # in an aggregator's state directory, as `strata history` reads it
-MODEL_KINDS = ("base", "cluster", "semi-global", "relay", "local")
+# every manifest kind the index holds, the hub's (fork, proposal, merge) included
+MODEL_KINDS = ("base", "cluster", "semi-global", "relay", "local", "fork", "proposal", "merge")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +106,14 @@ class FleetReader:
 
     def close(self) -> None:
         self._coordinator.close()
+
+    # ------------------------------------------------------------ the hub
+
+    def hub(self) -> dict[str, Any]:
+        """Federations with their releases, forks and proposals: what `strata hub --json` prints."""
+        from strata.hub_view import hub_view
+
+        return hub_view(self._coordinator)
 
     # ------------------------------------------------------------ fleet
 

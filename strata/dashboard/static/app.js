@@ -296,6 +296,23 @@ function renderLineage(lineage) {
   }
 }
 
+// ---------------------------------------------------------------- the hub
+
+async function showHub() {
+  const hub = await api("/api/hub");
+  fill("hub-federations", hub.federations.map((f) => el("tr", {},
+    el("td", {}, f.name), el("td", {}, f.task || "-"), el("td", {}, cidLink(f.base)),
+    el("td", {}, f.forked_from ? `${f.source_federation} (${f.fork_layers})` : "-"),
+    el("td", {}, f.owners.join(", ") || "-"), el("td", {}, String(Object.keys(f.heads).length)),
+    el("td", {}, f.releases.length ? f.releases[0].version : "-"))));
+  fill("hub-releases", hub.federations.flatMap((f) => f.releases).map((r) => el("tr", {},
+    el("td", {}, r.ref), el("td", {}, cidLink(r.model)), el("td", {}, fmt(r.accuracy)), el("td", {}, r.evaluation || "-"),
+    el("td", {}, cidLink(r.lineage_root)), el("td", {}, r.released_by || "-"), el("td", {}, r.notes || ""))));
+  fill("hub-proposals", hub.proposals.map((p) => el("tr", {},
+    el("td", {}, cidLink(p.proposal)), el("td", {}, p.from), el("td", {}, p.to), el("td", {}, cidLink(p.model)),
+    el("td", {}, p.state), el("td", {}, p.proposed_by || "-"), el("td", {}, p.merge ? cidLink(p.merge) : "-"))));
+}
+
 // ---------------------------------------------------------------- routing and live updates
 
 function route() {
@@ -307,6 +324,7 @@ function route() {
   if (view === "model" && arg) showModel(arg).catch(showError);
   if (view === "models" && !document.querySelector("#models tbody tr")) searchModels(document.getElementById("model-search")).catch(showError);
   if (view === "learning" && state.rounds) renderLearning(state.rounds);
+  if (view === "hub") showHub().catch(showError);
 }
 
 function applySnapshot(snapshot) {
