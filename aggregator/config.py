@@ -52,6 +52,11 @@ class RoundSettings:
         "largest num_samples an update's weight may claim (sample counts are claims); 0: no cap", default=1_000_000_000
     )
     over_max_samples: str = _help("an update claiming more than max_num_samples is 'cap'ped to it or 'refuse'd", default="cap")
+    max_claim_ratio: float = _help(
+        "at close, each update's num_samples is credited with at most this x the round's (low) median claim "
+        "per contributor (a relay's update counts its devices); 0 disables",
+        default=10.0,
+    )
 
     def __post_init__(self) -> None:
         if self.min_updates < 1:
@@ -72,6 +77,8 @@ class RoundSettings:
             raise ConfigError("round.max_num_samples must be in 0..2^63-1 (0: no cap)")
         if self.over_max_samples not in ("cap", "refuse"):
             raise ConfigError("round.over_max_samples must be 'cap' or 'refuse'")
+        if not (math.isfinite(self.max_claim_ratio) and (self.max_claim_ratio == 0 or self.max_claim_ratio >= 1)):
+            raise ConfigError("round.max_claim_ratio must be 0 (off) or >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,6 +36,7 @@ from aggregator.staleness import make_discount
 from aggregator.strategies import Aggregation, Strategy, weighted_means
 from intake.accept import Intake, IntakePolicy, OpenRound
 from intake.agents import AgentInfo
+from intake.claims import CreditedClaims, credit_claims
 from intake.home import BaseModel
 from intake.journal import AcceptedUpdate
 from intake.submission import Submission
@@ -303,13 +304,44 @@ class RoundManager:
     # ------------------------------------------------------------------ sample counts are claims
 
     def _samples(self, update: AcceptedUpdate) -> int:
-        """The sample count an update is credited with: its claim, capped at max_num_samples."""
+        """The sample count an update is folded in with: its claim, capped at max_num_samples."""
         cap = self.settings.max_num_samples
         return min(update.num_samples, cap) if cap else update.num_samples
 
-    def _weight(self, update: AcceptedUpdate) -> float:
+    def _weight(self, update: AcceptedUpdate, samples: int | None = None) -> float:
         # the journaled weight is claim x staleness discount; a capped claim scales it down alike
-        return update.weight * self._samples(update) / update.num_samples
+        credited = self._samples(update) if samples is None else samples
+        return update.weight * credited / update.num_samples
+
+    def _contributors(self, update: AcceptedUpdate) -> int:
+        """How many devices an update stands for: a relay's names its devices' updates as parents."""
+        if update.kind != "relay":
+            return 1
+        try:
+            return max(1, len(load_manifest(self._store, update.update_cid).parents))
+        except StrataError:  # the manifest was checked at intake; a store hiccup must not fail the close
+            return 1
+
+    def _credit(self, accepted: Sequence[AcceptedUpdate]) -> CreditedClaims:
+        """The round's claims (after the absolute cap) rescaled against each other: max_claim_ratio."""
+        return credit_claims(
+            [self._samples(u) for u in accepted],
+            ratio=self.settings.max_claim_ratio,
+            contributors=[self._contributors(u) for u in accepted] if self.settings.max_claim_ratio else None,
+        )
+
+    def _refold(self, accepted: Sequence[AcceptedUpdate], credited: Sequence[int]) -> None:
+        """Fold the round again with the credited claims. A streaming rule's sums cannot take a weight
+        back exactly, so this reads the round's updates once more; it happens only when a claim was
+        lowered (an honest round's claims are within the ratio of each other)."""
+        self._aggregation = self._strategy.start(self._base_tensors, store=self._store)
+        for update, samples in zip(accepted, credited, strict=True):
+            self._aggregation.add(
+                self.intake.read_accepted(update),
+                self._weight(update, samples),
+                label=update.update_cid,
+                weights_cid=update.weights_cid if self._blobs_are_weights else "",
+            )
 
     def _resume_strategy(self) -> None:
         """Hand the strategy the record of the last closed round (server optimizer state)."""
@@ -321,7 +353,7 @@ class RoundManager:
         if isinstance(report, Mapping):
             self._strategy.resume(self._store, report)
 
-    def _aggregation_record(self, accepted: Sequence[AcceptedUpdate]) -> dict[str, object]:
+    def _aggregation_record(self, accepted: Sequence[AcceptedUpdate], claims: CreditedClaims) -> dict[str, object]:
         """What the rule did to whom, and which claims were capped, for the cluster manifest."""
         assert self._aggregation is not None
         report = dict(self._aggregation.report())
@@ -333,6 +365,11 @@ class RoundManager:
         record: dict[str, object] = {"aggregation": report} if report else {}
         if capped:
             record["capped_num_samples"] = {"max": self.settings.max_num_samples, "claimed": capped}
+        if claims.capped:
+            rescaled = claims.record([u.update_cid for u in accepted], [self._samples(u) for u in accepted])
+            for cid, entry in rescaled["claims"].items():  # type: ignore[union-attr]
+                entry["agent"] = agents.get(cid, "")
+            record["rescaled_num_samples"] = rescaled
         return record
 
     # ------------------------------------------------------------------ close
@@ -383,9 +420,14 @@ class RoundManager:
         assert self._round is not None and self._aggregation is not None and self._base is not None
         started = time.perf_counter()
         round_, accepted = self._round.round, list(self._accepted)
+        claims = self._credit(accepted)
+        samples = dict(zip((u.update_cid for u in accepted), claims.credited, strict=True))
+        central_dp = self._privacy is not None and self._privacy.settings.central.enabled
+        if claims.capped and not central_dp:  # under central DP every update weighs 1 already
+            self._refold(accepted, claims.credited)
         result = self._aggregation.result()
         privacy = {"privacy": self._privacy.spend(round_, accepted)} if self._privacy is not None else {}
-        total = sum(self._samples(u) for u in accepted)
+        total = sum(claims.credited)
         cluster = save_model(
             self._store,
             weights=encode_tensors(result),
@@ -397,23 +439,23 @@ class RoundManager:
             parents=tuple(sorted(u.update_cid for u in accepted)),
             base=self._base.model_cid,
             num_samples=total,
-            metrics=weighted_means([(u.metrics, self._samples(u)) for u in accepted]),
+            metrics=weighted_means([(u.metrics, samples[u.update_cid]) for u in accepted]),
             algorithm={
                 **self._strategy.describe(),
                 "weighting": "uniform: clipped deltas (central DP)"
-                if self._privacy is not None and self._privacy.settings.central.enabled
-                else "num_samples (capped) x staleness discount",
+                if central_dp
+                else "num_samples (capped, rescaled against the round's median) x staleness discount",
                 "staleness_discount": {
                     "name": self.settings.staleness_discount,
                     "params": dict(self.settings.staleness_params),
                 },
             },
             extra={
-                "base_metrics": weighted_means([(u.base_metrics, self._samples(u)) for u in accepted]),
+                "base_metrics": weighted_means([(u.base_metrics, samples[u.update_cid]) for u in accepted]),
                 "trigger": trigger,
                 **self._selection_record(accepted),
                 **privacy,
-                **self._aggregation_record(accepted),
+                **self._aggregation_record(accepted, claims),
             },
         )
         aggregation_s = time.perf_counter() - started
