@@ -19,7 +19,7 @@ from trust.security import TlsSettings
 
 # the names aggregator.rules knows (kept here so loading config does not import torch; a test keeps them equal).
 # Their parameters are checked when the daemon builds the rule (ConfigError "bad_config" at start).
-STRATEGY_NAMES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "clipped_fedavg")
+STRATEGY_NAMES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "clipped_fedavg", "bulyan")
 SERVER_OPT_NAMES = ("none", "fedavgm", "fedadam", "fedyogi")
 
 
@@ -182,7 +182,7 @@ class AggregatorConfig:
     )
     strategy_params: dict[str, float] = _help(
         "parameters of the rule: trimmed_mean beta; krum f; multi_krum f, m (0: K-f); geomed iterations, nu; "
-        "clipped_fedavg tau",
+        "clipped_fedavg tau; bulyan f (needs 4f+3 updates; fewer lower f)",
         default_factory=dict,
     )
     server_opt: str = _help("server optimizer on top of the rule: " + " | ".join(SERVER_OPT_NAMES), default="none")

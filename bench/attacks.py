@@ -163,6 +163,9 @@ def main() -> int:
 
     def record(result: dict[str, Any]) -> None:
         results.append(result)
+        if args.json:  # written after every run, so a long run interrupted keeps what it measured
+            with open(args.json, "w") as out:
+                json.dump({"args": vars(args), "results": results}, out, indent=1)
         print(f"{result['strategy']:<14} {result['attack']:<22} x{result['strength']:<6g} attackers={result['attackers']!s:<24} "
               f"acc={result['final_accuracy']:.4f} rounds_to_{args.target}={result['rounds_to_target']} "
               f"refused={result['refused_updates']}", flush=True)
