@@ -55,7 +55,7 @@ class RoundSettings:
     max_claim_ratio: float = _help(
         "at close, each update's num_samples is credited with at most this x the round's (low) median claim "
         "per contributor (a relay's update counts its devices); 0 disables",
-        default=10.0,
+        default=3.0,
     )
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
     python bench/attacks.py [--quick] [--strategies fedavg,median,...] [--attacks sign_flip,...]
                             [--shares 0,0.1,0.2,0.3] [--aggregators 3] [--devices-per 10] [--rounds 20]
-                            [--strategy-params '{"trimmed_mean": {"beta": 0.2}}'] [--claim-ratio 10] [--json FILE]
+                            [--strategy-params '{"trimmed_mean": {"beta": 0.2}}'] [--claim-ratio 3] [--json FILE]
 
 `--aggregators` clusters of `--devices-per` devices (MNIST, Dirichlet 0.5) train a softmax-regression
 model (bench/_fl.py). In each cluster a share of the devices is hostile and sends what
@@ -14,9 +14,10 @@ the `round.max_relative_norm` default), aggregates with the rule under test
 registry join the table without a change here), and the semi-global model applies the same rule
 to the cluster models, weighted by their claimed samples. `malicious_aggregator`: one aggregator
 publishes its cluster model's delta flipped and ×10 (`poison_model`) instead of its honest one.
-Sample counts are claims: before each aggregation (devices in a cluster, cluster models in the
-merge) every claim is credited with at most `--claim-ratio` × the low median claim
-(`intake.claims.credit_claims`, what `round.max_claim_ratio` does in the daemon; 0: off).
+Sample counts are claims: before a cluster aggregates, every device's claim is credited with at
+most `--claim-ratio` × the round's low median claim (`intake.claims.credit_claims`, what
+`round.max_claim_ratio` does in the daemon; 0: off), and the merge credits cluster models at most
+`SAMPLE_RATIO_LIMIT` (10) × their median, as synthesis does.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from agent.sim.attacks import (
     sign_flip,
 )
 from aggregator.rules import make_strategy, strategy_names
+from aggregator.synthesis import SAMPLE_RATIO_LIMIT
 from intake.claims import credit_claims
 from privacy.mechanism import delta_norm
 
@@ -114,7 +116,8 @@ def run(data: _fl.Data, *, strategy: str, params: Mapping[str, Any], attack: str
             if attack == MALICIOUS_AGGREGATOR and a == 0:
                 cluster = poison_model(model, cluster, factor=10.0)
             cluster_models.append((cluster, claimed_total))
-        model = _aggregate(strategy, params, model, _credit(cluster_models, claim_ratio))
+        # the merge credits peers' claims as synthesis does: at most SAMPLE_RATIO_LIMIT x the median
+        model = _aggregate(strategy, params, model, _credit(cluster_models, SAMPLE_RATIO_LIMIT if claim_ratio else 0))
         curve.append(_fl.accuracy(model, data))
     reached = next((i + 1 for i, acc in enumerate(curve) if acc >= target), None)
     return {
@@ -141,7 +144,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--target", type=float, default=0.88, help="accuracy whose first round is reported")
     parser.add_argument("--norm-bound", type=float, default=10.0, help="the intake's max_relative_norm (0 disables)")
-    parser.add_argument("--claim-ratio", type=float, default=10.0,
+    parser.add_argument("--claim-ratio", type=float, default=3.0,
                         help="each claim credited with at most this x the median claim (round.max_claim_ratio; 0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")

@@ -6,6 +6,12 @@ average, the geometric median's weights, clipped FedAvg). So at aggregation time
 round's (or a relay window's) claims are all known, each claim is credited with at most
 `ratio` × the round's median claim per contributor.
 
+The ratio bounds what lying buys: a share s of devices claiming as much as they may takes at most
+s·c / (s·c + 1 − s) of the weight (the default c = 3 and s = 0.2: 43 %, below half), so an
+inflated claim is worth no more than a few extra devices, which the robust rules are for; the
+price is that an honest device with more than c × the median data counts as c × the median
+(c = 3 leaves a 1 : 3 spread of honest data sizes alone).
+
 The median is the *low* median (the ⌈K/2⌉-th smallest): with K = 2, one honest and one
 inflated claim, the mean of the two middle values would follow the inflated one; the low
 median cannot be moved by fewer than half of the claims. A relay's update stands for several
