@@ -55,7 +55,7 @@ class RoundSettings:
     max_claim_ratio: float = _help(
         "at close, each update's num_samples is credited with at most this x the round's (low) median claim "
         "per contributor (a relay's update counts its devices); 0 disables",
-        default=3.0,
+        default=10.0,
     )
 
     def __post_init__(self) -> None:
@@ -215,10 +215,17 @@ class AggregatorConfig:
     )
     metrics_port: int = _help("Prometheus metrics port on the listen host; 0 disables", default=0)
     log_level: str = _help("debug | info | warning | error", default="info")
+    evaluation: str = _help(
+        "task:NAME evaluates each cluster and semi-global model on that built-in task's held-out split "
+        "(manifest metrics heldout_*, `strata history` heldout_accuracy); empty: off",
+        default="",
+    )
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
             raise ConfigError(f"listen must be host:port, got {self.listen!r}")
+        if self.evaluation and not (self.evaluation.startswith("task:") and self.evaluation.removeprefix("task:")):
+            raise ConfigError(f"evaluation must be empty or task:NAME (a built-in task), got {self.evaluation!r}")
         if not self.federation:
             raise ConfigError("federation must not be empty")
         _check_prox_mu(self.round_config)

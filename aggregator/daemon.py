@@ -20,6 +20,7 @@ from prometheus_client.core import Metric
 
 from aggregator.config import AggregatorConfig
 from aggregator.coordination import CoordinatorLink
+from aggregator.evaluation import Evaluate
 from aggregator.home import AggregatorHome
 from aggregator.journal import Journal
 from aggregator.peers import (
@@ -126,7 +127,9 @@ class AggregatorDaemon:
         *,
         initial_model_factory: InitialModelFactory | None = None,
         synthesizer: Synthesizer | None = None,
+        evaluate: Evaluate | None = None,
     ) -> None:
+        """`evaluate`: a model's metrics on the held-out split (config `evaluation`, wired by `strata/`)."""
         self.config = config
         self.id = config.id or default_aggregator_id()
         self.state_dir = Path(
@@ -149,6 +152,7 @@ class AggregatorDaemon:
             heartbeat_budget_per_s=config.serving.heartbeat_budget_per_s,
         )
         self._initial_model_factory = initial_model_factory
+        self._evaluate = evaluate
         self._stopping = threading.Event()
         self._ticker: threading.Thread | None = None
         self._server: ServerHandle | None = None
@@ -183,6 +187,7 @@ class AggregatorDaemon:
             selector=Selector(config.selection),
             privacy=self.privacy,
             encoding=parse_encoding(config.encoding),
+            evaluate=evaluate,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -213,6 +218,7 @@ class AggregatorDaemon:
                 peers=self.peer_access,
                 # with TLS, a peer's cluster model counts only if a certified ring member signed it
                 signers=self.security.signers if self.security else None,
+                evaluate=self._evaluate,
             )
         base = self.rounds.start()
         self._recover_published()

@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from aggregator.config import RoundSettings
+from aggregator.evaluation import Evaluate, heldout_metrics, heldout_of, without_heldout
 from aggregator.journal import Journal, RoundRecord
 from aggregator.privacy import PrivacyGuard
 from aggregator.selection import Selector, expected_trainers
@@ -79,8 +80,11 @@ class RoundManager:
         selector: Selector | None = None,
         privacy: PrivacyGuard | None = None,
         encoding: Encoding = FLOAT32,
+        evaluate: Evaluate | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`evaluate`: the held-out split's metrics of a model (config `evaluation`), recorded in
+        the cluster manifest; None: no held-out evaluation."""
         self.aggregator_id = aggregator_id
         self.federation = federation
         self.settings = settings
@@ -98,6 +102,7 @@ class RoundManager:
         # a rule reads stored blobs back only when they are the weights themselves; encoded blobs
         # (deltas, quantized, sparse) reach it decoded, in memory
         self._blobs_are_weights = encoding == FLOAT32
+        self._evaluate = evaluate
         self._clock = clock
         self._lock = threading.RLock()
         self.intake = Intake(
@@ -439,7 +444,10 @@ class RoundManager:
             parents=tuple(sorted(u.update_cid for u in accepted)),
             base=self._base.model_cid,
             num_samples=total,
-            metrics=weighted_means([(u.metrics, samples[u.update_cid]) for u in accepted]),
+            metrics={
+                **weighted_means([(without_heldout(u.metrics), samples[u.update_cid]) for u in accepted]),
+                **heldout_metrics(self._evaluate, result),
+            },
             algorithm={
                 **self._strategy.describe(),
                 "weighting": "uniform: clipped deltas (central DP)"
@@ -482,6 +490,9 @@ class RoundManager:
                 "next_base_kind": next_base.kind,
                 "stale_updates": sum(u.staleness > 0 for u in accepted),
                 **privacy,
+                # the models' accuracy on the task's held-out split, when the aggregator evaluates them
+                **({"cluster_heldout": heldout_of(cluster.metrics)} if heldout_of(cluster.metrics) else {}),
+                **({"heldout": heldout_of(next_base.metrics)} if heldout_of(next_base.metrics) else {}),
             },
         )
         self._journal.close_round(record, accepted, next_round=round_ + 1, next_base_cid=next_base.cid)

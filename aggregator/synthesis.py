@@ -55,6 +55,7 @@ from enum import StrEnum
 import numpy as np
 
 from aggregator.config import SynthesisSettings
+from aggregator.evaluation import Evaluate, heldout_metrics, without_heldout
 from aggregator.rules import make_strategy
 from aggregator.staleness import make_discount
 from aggregator.strategies import weighted_means
@@ -161,8 +162,10 @@ class SemiGlobalSynthesizer:
         signers: Signers | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        evaluate: Evaluate | None = None,
     ) -> None:
-        """`signers` (with TLS): peers' cluster models count only if certified ring members signed them."""
+        """`signers` (with TLS): peers' cluster models count only if certified ring members signed them;
+        `evaluate`: the held-out metrics of each semi-global model, recorded in its manifest."""
         self.aggregator_id = aggregator_id
         self.federation = federation
         self.settings = settings
@@ -175,6 +178,7 @@ class SemiGlobalSynthesizer:
         self._signers = signers
         self._clock = clock
         self._rng = rng or random.Random()
+        self._evaluate = evaluate
         self._decay = make_discount(settings.decay, **settings.decay_params)
         self._strategy = make_strategy(settings.strategy, settings.strategy_params)
         self.last_sources: dict[str, str] = {}
@@ -377,7 +381,11 @@ class SemiGlobalSynthesizer:
             parents=[m.cid for m in used],
             base=cluster.base,
             num_samples=min(sum(credited[m.cid] for m in used), _MAX_SAMPLES),
-            metrics=weighted_means([(m.metrics, credited[m.cid]) for m in used]),
+            metrics={
+                # peers' heldout_* are their own measurements of other models: only ours is named so
+                **weighted_means([(without_heldout(m.metrics), credited[m.cid]) for m in used]),
+                **heldout_metrics(self._evaluate, result),
+            },
             algorithm={
                 "name": "semi-global",
                 "params": {

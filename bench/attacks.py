@@ -2,7 +2,7 @@
 
     python bench/attacks.py [--quick] [--strategies fedavg,median,...] [--attacks sign_flip,...]
                             [--shares 0,0.1,0.2,0.3] [--aggregators 3] [--devices-per 10] [--rounds 20]
-                            [--strategy-params '{"trimmed_mean": {"beta": 0.2}}'] [--claim-ratio 3] [--json FILE]
+                            [--strategy-params '{"trimmed_mean": {"beta": 0.2}}'] [--claim-ratio 10] [--json FILE]
 
 `--aggregators` clusters of `--devices-per` devices (MNIST, Dirichlet 0.5) train a softmax-regression
 model (bench/_fl.py). In each cluster a share of the devices is hostile and sends what
@@ -144,7 +144,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--target", type=float, default=0.88, help="accuracy whose first round is reported")
     parser.add_argument("--norm-bound", type=float, default=10.0, help="the intake's max_relative_norm (0 disables)")
-    parser.add_argument("--claim-ratio", type=float, default=3.0,
+    parser.add_argument("--claim-ratio", type=float, default=10.0,
                         help="each claim credited with at most this x the median claim (round.max_claim_ratio; 0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")

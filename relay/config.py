@@ -30,7 +30,7 @@ class WindowSettings:
     max_wait_s: float = _help("seconds after a window's first update when it closes anyway", default=30.0)
     max_claim_ratio: float = _help(
         "at close, each device's num_samples is credited with at most this x the window's (low) median claim; 0 disables",
-        default=3.0,
+        default=10.0,
     )
 
     def __post_init__(self) -> None:

@@ -225,10 +225,12 @@ def _settle_garbage_collector() -> None:
 
 def cmd_aggregator_serve(args: argparse.Namespace) -> int:
     from aggregator.daemon import AggregatorDaemon
-    from strata.wiring import initial_model_factory
+    from strata.wiring import heldout_evaluator, initial_model_factory
 
     def make(config: Any) -> AggregatorDaemon:
-        return AggregatorDaemon(config, initial_model_factory=initial_model_factory(config))
+        return AggregatorDaemon(
+            config, initial_model_factory=initial_model_factory(config), evaluate=heldout_evaluator(config)
+        )
 
     return _serve(args, "aggregator", make, one_torch_thread=True)
 

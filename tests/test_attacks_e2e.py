@@ -67,7 +67,7 @@ def test_hostile_devices_claims_and_updates_reach_the_aggregator_as_sent(aggrega
         # every update moved away from the base (honest noise, or its flip)
         assert any(not np.array_equal(tensors[n], base_tensors[n]) for n in tensors)
     # the inflated claims reached the journal as sent, and the round credited them with at most
-    # round.max_claim_ratio x its median claim (honest claims here are 16..238, within 3 x the median)
+    # round.max_claim_ratio x its median claim (honest claims here are 16..238, within 10 x the median)
     cluster = load_manifest(aggregator.store, record.cluster_cid)
     rescaled = cluster.extra["rescaled_num_samples"]
     assert {entry["agent"] for entry in rescaled["claims"].values()} == set(hostile)

@@ -227,11 +227,11 @@ def test_a_devices_inflated_claim_is_rescaled_against_the_windows_median(tmp_pat
     combined = tiny.relay.maybe_close(active_trainers=3)
     assert combined is not None
     manifest, blob = load_model(tiny.store, combined.manifest.cid)
-    # credited 10, 10 and 3 x 10 (window.max_claim_ratio's default): (20 x 1 + 30 x 4) / 50
-    np.testing.assert_allclose(decode_tensors(blob)[B], [140 / 50] * 2, rtol=1e-6)
-    assert manifest.num_samples == 50  # upstream sees the credited total, not 10^6
+    # credited 10, 10 and 10 x 10 (window.max_claim_ratio's default): (20 x 1 + 100 x 4) / 120
+    np.testing.assert_allclose(decode_tensors(blob)[B], [420 / 120] * 2, rtol=1e-6)
+    assert manifest.num_samples == 120  # upstream sees the credited total, not 10^6
     assert manifest.extra["rescaled_num_samples"]["claims"] == {
-        greedy.update_cid: {"claimed": 10**6, "credited": 30, "agent": "greedy"}
+        greedy.update_cid: {"claimed": 10**6, "credited": 100, "agent": "greedy"}
     }
 
 
