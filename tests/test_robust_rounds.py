@@ -166,3 +166,37 @@ def test_every_weighted_rule_sees_the_rescaled_claims(tmp_path: Path, rule: str,
     if expected is not None:
         np.testing.assert_allclose(rescaled, [expected] * 2, rtol=1e-6)
     assert np.all(np.abs(rescaled - 1.0) < np.abs(raw - 1.0) - 1e-3)
+
+
+def _submit_relay(rounds: Rounds, relay: str, value: float, num_samples: int, devices: int) -> None:
+    current = rounds.manager.current
+    # a relay's combined update names its devices' updates as parents (here stand-in blobs)
+    parents = tuple(rounds.store.put(f"{relay}-device-{i}".encode()) for i in range(devices))
+    rounds.manager.intake.submit(
+        Submission(
+            agent_id=relay,
+            round=current.round,
+            base_cid=current.model_cid,
+            num_samples=num_samples,
+            weights=encode_tensors({W: np.full(2, value, np.float32)}),
+            federation="digits",
+            kind="relay",
+            parents=parents,
+        )
+    )
+
+
+def test_a_relays_claim_is_rescaled_per_device_it_names(tmp_path: Path) -> None:
+    rounds = Rounds(tmp_path, quorum=1.0, max_claim_ratio=10)
+    try:
+        for i in range(3):
+            rounds.submit(f"a{i}", 1.0, 100)
+        _submit_relay(rounds, "relay-honest", 1.0, 1500, devices=5)  # 300 per device: within 10 x 100
+        _submit_relay(rounds, "relay-greedy", 1.0, 1500, devices=1)  # one device claiming 1500: credited 1000
+        cluster = rounds.manager.maybe_close(active_trainers=5)
+        assert cluster is not None
+        assert cluster.num_samples == 300 + 1500 + 1000
+        claims = cluster.extra["rescaled_num_samples"]["claims"]
+        assert [(c["agent"], c["claimed"], c["credited"]) for c in claims.values()] == [("relay-greedy", 1500, 1000)]
+    finally:
+        rounds.close()
