@@ -168,18 +168,30 @@ def mean_around_median(stack: np.ndarray, beta: int) -> np.ndarray:
 
     Sorts `stack` in place (the caller's scratch buffer). In sorted order the beta values closest
     to the median are a run of beta neighbours, the run whose farther end is nearest to it; so
-    the K − beta + 1 runs are compared with no index array (unlike an argpartition)."""
+    the K − beta + 1 runs are compared with no index array (unlike an argpartition), their sums
+    slid along in one float64 buffer, and every temporary is one row long."""
     stack.sort(axis=0)
-    k = stack.shape[0]
+    k, size = stack.shape
     beta = max(1, min(beta, k))
-    median = (stack[(k - 1) // 2] + stack[k // 2]) / 2
-    best = np.full(stack.shape[1], np.inf)
-    result = np.zeros(stack.shape[1], dtype=np.float64)
+    median = stack[(k - 1) // 2] + stack[k // 2]
+    median *= 0.5
+    best = np.full(size, np.inf, dtype=stack.dtype)
+    spread = np.empty(size, dtype=stack.dtype)
+    other = np.empty(size, dtype=stack.dtype)
+    closer = np.empty(size, dtype=bool)
+    window = stack[:beta].sum(axis=0, dtype=np.float64)  # the run starting at 0; slid below
+    result = np.empty(size, dtype=np.float64)
     for start in range(k - beta + 1):
-        spread = np.maximum(median - stack[start], stack[start + beta - 1] - median)
-        closer = spread < best
-        best = np.where(closer, spread, best)
-        result = np.where(closer, stack[start : start + beta].mean(axis=0, dtype=np.float64), result)
+        if start:
+            window -= stack[start - 1]
+            window += stack[start + beta - 1]
+        np.subtract(median, stack[start], out=spread)
+        np.subtract(stack[start + beta - 1], median, out=other)
+        np.maximum(spread, other, out=spread)
+        np.less(spread, best, out=closer)
+        np.copyto(best, spread, where=closer)
+        np.copyto(result, window, where=closer)
+    result /= beta
     return result
 
 
