@@ -22,7 +22,7 @@ from trust.security import TlsSettings
 
 # the names aggregator.rules knows (kept here so loading config does not import torch; a test keeps them equal).
 # Their parameters are checked when the daemon builds the rule (ConfigError "bad_config" at start).
-STRATEGY_NAMES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "clipped_fedavg")
+STRATEGY_NAMES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "geomed", "clipped_fedavg", "bulyan")
 SERVER_OPT_NAMES = ("none", "fedavgm", "fedadam", "fedyogi")
 ROUND_MODES = ("sync", "buffered")
 
@@ -31,7 +31,7 @@ ROUND_MODES = ("sync", "buffered")
 # the rest (identity, addresses, stores, serving, TLS, coordinator, peers) belong to the process
 FEDERATION_KEYS = (
     "initial_model", "strategy", "strategy_params", "server_opt", "server_opt_params", "round", "synthesis",
-    "selection", "round_config", "encoding", "privacy",
+    "selection", "round_config", "encoding", "privacy", "evaluation",
 )  # fmt: skip
 # a federation's name is a path component of its state directory and a label: keep it plain
 _FEDERATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -74,6 +74,11 @@ class RoundSettings:
         "largest num_samples an update's weight may claim (sample counts are claims); 0: no cap", default=1_000_000_000
     )
     over_max_samples: str = _help("an update claiming more than max_num_samples is 'cap'ped to it or 'refuse'd", default="cap")
+    max_claim_ratio: float = _help(
+        "at close, each update's num_samples is credited with at most this x the round's (low) median claim "
+        "per contributor (a relay's update counts its devices); 0 disables",
+        default=10.0,
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in ROUND_MODES:
@@ -98,6 +103,8 @@ class RoundSettings:
             raise ConfigError("round.max_num_samples must be in 0..2^63-1 (0: no cap)")
         if self.over_max_samples not in ("cap", "refuse"):
             raise ConfigError("round.over_max_samples must be 'cap' or 'refuse'")
+        if not (math.isfinite(self.max_claim_ratio) and (self.max_claim_ratio == 0 or self.max_claim_ratio >= 1)):
+            raise ConfigError("round.max_claim_ratio must be 0 (off) or >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,7 +240,7 @@ class AggregatorConfig:
     )
     strategy_params: dict[str, float] = _help(
         "parameters of the rule: trimmed_mean beta; krum f; multi_krum f, m (0: K-f); geomed iterations, nu; "
-        "clipped_fedavg tau",
+        "clipped_fedavg tau; bulyan f (needs 4f+3 updates; fewer lower f)",
         default_factory=dict,
     )
     server_opt: str = _help("server optimizer on top of the rule: " + " | ".join(SERVER_OPT_NAMES), default="none")
@@ -272,10 +279,17 @@ class AggregatorConfig:
     )
     metrics_port: int = _help("Prometheus metrics port on the listen host; 0 disables", default=0)
     log_level: str = _help("debug | info | warning | error", default="info")
+    evaluation: str = _help(
+        "task:NAME evaluates each cluster and semi-global model on that built-in task's held-out split "
+        "(manifest metrics heldout_*, `strata history` heldout_accuracy); empty: off",
+        default="",
+    )
 
     def __post_init__(self) -> None:
         if ":" not in self.listen:
             raise ConfigError(f"listen must be host:port, got {self.listen!r}")
+        if self.evaluation and not (self.evaluation.startswith("task:") and self.evaluation.removeprefix("task:")):
+            raise ConfigError(f"evaluation must be empty or task:NAME (a built-in task), got {self.evaluation!r}")
         if not self.federation:
             raise ConfigError("federation must not be empty")
         _check_prox_mu(self.round_config)

@@ -24,6 +24,7 @@ from prometheus_client.core import Metric
 
 from aggregator.config import AggregatorConfig
 from aggregator.coordination import CoordinatorLink
+from aggregator.evaluation import Evaluate
 from aggregator.federation import ACTIVE_LIST_S, TICK_S, FederationCore, InitialModelFactory
 from aggregator.home import AggregatorHome
 from aggregator.journal import Journal
@@ -51,9 +52,18 @@ REVOCATIONS_FILE = "revocations.json"
 
 # builds a federation's initial model factory from its effective config (strata.wiring.initial_model_factory)
 FederationModelFactory = Callable[[AggregatorConfig], InitialModelFactory | None]
+# a federation's held-out evaluator, built from its config's `evaluation` key (strata.wiring)
+FederationEvaluator = Callable[[AggregatorConfig], Evaluate | None]
 # a multi-federation aggregator keeps each federation's journal under state_dir/federations/NAME
 FEDERATIONS_DIR = "federations"
-__all__ = ["ACTIVE_LIST_S", "TICK_S", "AggregatorDaemon", "FederationModelFactory", "InitialModelFactory"]
+__all__ = [
+    "ACTIVE_LIST_S",
+    "TICK_S",
+    "AggregatorDaemon",
+    "FederationEvaluator",
+    "FederationModelFactory",
+    "InitialModelFactory",
+]
 
 # what /metrics serves; the README's metrics catalogue is generated from this list
 _A = "strata_aggregator_"
@@ -125,6 +135,7 @@ class AggregatorDaemon:
         initial_model_factory: InitialModelFactory | None = None,
         synthesizer: Synthesizer | None = None,
         federation_model_factory: FederationModelFactory | None = None,
+        federation_evaluator: FederationEvaluator | None = None,
     ) -> None:
         """`initial_model_factory` makes every federation's task:NAME initial model; with several
         federations give `federation_model_factory` instead, which builds one per federation's config.
@@ -160,6 +171,7 @@ class AggregatorDaemon:
                 security=self.security,
                 initial_model_factory=factory,
                 synthesizer=synthesizer if name == self.default_federation else None,
+                evaluate=federation_evaluator(federation_config) if federation_evaluator else None,
                 one_of_several=config.multi_federation,
             )
         self._default = self.federations[self.default_federation]

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.config import AggregatorConfig
+from aggregator.evaluation import Evaluate
 from aggregator.home import AggregatorHome
 from aggregator.journal import Journal
 from aggregator.peers import (
@@ -79,11 +80,13 @@ class FederationCore:
         security: Security | None,
         initial_model_factory: InitialModelFactory | None = None,
         synthesizer: Synthesizer | None = None,
+        evaluate: Evaluate | None = None,
         one_of_several: bool = False,
     ) -> None:
         """`one_of_several`: the process serves other federations too, so an initial model CID must be
-        this federation's own."""
+        this federation's own. `evaluate`: a model's metrics on the held-out split (config `evaluation`)."""
         self.config = config
+        self._evaluate = evaluate
         self._one_of_several = one_of_several
         self.federation = config.federation
         self.id = aggregator_id
@@ -133,6 +136,7 @@ class FederationCore:
             encoding=parse_encoding(config.encoding),
             synthesis_every_steps=config.synthesis.every_steps,
             synthesis_every_s=config.synthesis.every_s,
+            evaluate=evaluate,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -163,6 +167,7 @@ class FederationCore:
                 signers=self.security.signers if self.security else None,
                 # buffered peers step at their own cadences: blend what they last made, without waiting
                 wait_for_peers=self.config.round.mode == "sync",
+                evaluate=self._evaluate,
             )
         base = self.rounds.start()
         self._recover_published()

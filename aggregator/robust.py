@@ -12,6 +12,10 @@ Rules (one implementation each; the numerics are the module-level kernels below)
   (RFA, Pillutla et al.) with a fixed iteration budget.
 - ``clipped_fedavg`` (``tau``): each update's change against the base is clipped to
   tau × the median change norm of the round, then averaged by weight.
+- ``bulyan`` (``f``): El Mhamdi et al. 2018. Choose θ = K − 2f updates one at a time by Krum
+  over those left, then per coordinate average the β = θ − 2f chosen values closest to their
+  median (unweighted, as Flower's Bulyan). It needs K ≥ 4f + 3; with fewer updates it runs
+  with the largest f that fits (recorded), down to f = 0, the plain mean.
 
 Memory. An aggregation does not keep the updates: `add` records each update's CID and
 weight, and `result` reads them back from the store, tensor by tensor and in slices of a
@@ -40,7 +44,7 @@ import mmap
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +143,56 @@ def clip_scales(norms: np.ndarray, tau: float) -> tuple[np.ndarray, float]:
     bound = tau * float(np.median(norms))
     safe = np.where(norms > 0, norms, 1.0)
     return np.where(norms > bound, bound / safe, 1.0), bound
+
+
+def bulyan_f(k: int, f: int) -> int:
+    """The largest f' ≤ f with k ≥ 4f' + 3 (Bulyan's condition), 0 below 7 updates."""
+    return max(0, min(f, (k - 3) // 4))
+
+
+def bulyan_select(distances: np.ndarray, f: int) -> list[int]:
+    """θ = K − 2f indices, each the best Krum score among the updates not yet chosen, in choice order."""
+    k = distances.shape[0]
+    remaining = list(range(k))
+    chosen: list[int] = []
+    while len(chosen) < max(1, k - 2 * f):
+        scores = krum_scores(distances[np.ix_(remaining, remaining)], f)
+        best = remaining[int(np.argmin(scores))]  # ties: the earlier update
+        chosen.append(best)
+        remaining.remove(best)
+    return chosen
+
+
+def mean_around_median(stack: np.ndarray, beta: int) -> np.ndarray:
+    """Per coordinate of a (K, S) stack, the mean of the beta values closest to the median.
+
+    Sorts `stack` in place (the caller's scratch buffer). In sorted order the beta values closest
+    to the median are a run of beta neighbours, the run whose farther end is nearest to it; so
+    the K − beta + 1 runs are compared with no index array (unlike an argpartition), their sums
+    slid along in one float64 buffer, and every temporary is one row long."""
+    stack.sort(axis=0)
+    k, size = stack.shape
+    beta = max(1, min(beta, k))
+    median = stack[(k - 1) // 2] + stack[k // 2]
+    median *= 0.5
+    best = np.full(size, np.inf, dtype=stack.dtype)
+    spread = np.empty(size, dtype=stack.dtype)
+    other = np.empty(size, dtype=stack.dtype)
+    closer = np.empty(size, dtype=bool)
+    window = stack[:beta].sum(axis=0, dtype=np.float64)  # the run starting at 0; slid below
+    result = np.empty(size, dtype=np.float64)
+    for start in range(k - beta + 1):
+        if start:
+            window -= stack[start - 1]
+            window += stack[start + beta - 1]
+        np.subtract(median, stack[start], out=spread)
+        np.subtract(stack[start + beta - 1], median, out=other)
+        np.maximum(spread, other, out=spread)
+        np.less(spread, best, out=closer)
+        np.copyto(best, spread, where=closer)
+        np.copyto(result, window, where=closer)
+    result /= beta
+    return result
 
 
 # ------------------------------------------------------------------ reading updates back
@@ -321,26 +375,37 @@ class _Coordinatewise(RobustStrategy):
         raise NotImplementedError
 
     def combine(self, base: Mapping[str, np.ndarray], updates: _Updates, report: dict[str, Any]) -> TensorDict:
-        out: TensorDict = {}
-        for name in sorted(base):
-            reference = base[name]
-            holders = updates.holders(name)
-            if not holders:
-                out[name] = np.array(reference, copy=True)
-                continue
-            dtype = np.float32 if _accumulator_dtype(reference.dtype) == torch.float32 else np.float64
-            result = np.empty(reference.size, dtype=dtype)
-            # one (K, S) scratch stack per slice, filled row by row and sorted in place (numpy's
-            # vectorized sort along axis 0 of a few dozen rows; no index array, unlike torch.sort)
-            for start, stop in _slices(reference.size, len(holders), np.dtype(dtype).itemsize):
-                stack = np.empty((len(holders), stop - start), dtype=dtype)
-                for row, i in enumerate(holders):
-                    stack[row] = updates.slice(i, name, start, stop)
-                    updates.drop_pages(i)
-                result[start:stop] = self.kernel(stack)
-                del stack
-            out[name] = _cast(torch.from_numpy(result), reference).reshape(reference.shape)
-        return out
+        return _coordinatewise(base, updates, self.kernel)
+
+
+def _coordinatewise(
+    base: Mapping[str, np.ndarray],
+    updates: _Updates,
+    kernel: Callable[[np.ndarray], np.ndarray],
+    among: Collection[int] | None = None,
+) -> TensorDict:
+    """Per tensor and slice, `kernel` over the (K, S) stack of the updates that carry it (only
+    those in `among` when given); a tensor none of them carries keeps its base value."""
+    out: TensorDict = {}
+    for name in sorted(base):
+        reference = base[name]
+        holders = [i for i in updates.holders(name) if among is None or i in among]
+        if not holders:
+            out[name] = np.array(reference, copy=True)
+            continue
+        dtype = np.float32 if _accumulator_dtype(reference.dtype) == torch.float32 else np.float64
+        result = np.empty(reference.size, dtype=dtype)
+        # one (K, S) scratch stack per slice, filled row by row and sorted in place (numpy's
+        # vectorized sort along axis 0 of a few dozen rows; no index array, unlike torch.sort)
+        for start, stop in _slices(reference.size, len(holders), np.dtype(dtype).itemsize):
+            stack = np.empty((len(holders), stop - start), dtype=dtype)
+            for row, i in enumerate(holders):
+                stack[row] = updates.slice(i, name, start, stop)
+                updates.drop_pages(i)
+            result[start:stop] = kernel(stack)
+            del stack
+        out[name] = _cast(torch.from_numpy(result), reference).reshape(reference.shape)
+    return out
 
 
 class Median(_Coordinatewise):
@@ -532,6 +597,41 @@ class ClippedFedAvg(RobustStrategy):
         return _combine_with(base, updates, np.array([e.weight for e in entries]), scales=scales)
 
 
+class Bulyan(RobustStrategy):
+    """Bulyan (El Mhamdi et al. 2018): Krum chooses θ = K − 2f updates one by one, then each
+    coordinate averages the θ − 2f chosen values closest to their median. Unweighted: sample
+    counts do not weigh in. Memory: one Gram pass and one coordinate-wise pass, slice by slice."""
+
+    name = "bulyan"
+
+    def __init__(self, *, f: int = 1) -> None:
+        """f: the attackers tolerated (Bulyan needs K ≥ 4f + 3 updates; fewer lower f for that round)."""
+        if int(f) != f or f < 0:
+            raise InvalidInput(f"bulyan needs an integer f >= 0, got f={f!r}", reason="bad_config")
+        self.f = int(f)
+
+    def params(self) -> dict[str, Any]:
+        return {"f": self.f}
+
+    def combine(self, base: Mapping[str, np.ndarray], updates: _Updates, report: dict[str, Any]) -> TensorDict:
+        entries = updates.entries
+        f = bulyan_f(len(entries), self.f)
+        if f > 0:
+            distances = pairwise_squared_distances(_gram(base, updates))
+            chosen = bulyan_select(distances, f)
+        else:  # nothing to choose between: every update, and the mean around the median is the mean
+            chosen = list(range(len(entries)))
+        report["f_used"] = f
+        report["selected"] = [entries[i].label for i in chosen]
+        report["refused"] = [
+            {"cid": e.label, "reason": "bulyan_not_selected", "message": f"not among the {len(chosen)} chosen by Krum (f={f})"}
+            for i, e in enumerate(entries)
+            if i not in chosen
+        ]
+        # per tensor, the values averaged are the θ' − 2f closest to the median of the θ' chosen that carry it
+        return _coordinatewise(base, updates, lambda stack: mean_around_median(stack, stack.shape[0] - 2 * f), set(chosen))
+
+
 ROBUST_STRATEGIES: dict[str, type[RobustStrategy]] = {
-    rule.name: rule for rule in (Median, TrimmedMean, Krum, MultiKrum, GeometricMedian, ClippedFedAvg)
+    rule.name: rule for rule in (Median, TrimmedMean, Krum, MultiKrum, GeometricMedian, ClippedFedAvg, Bulyan)
 }

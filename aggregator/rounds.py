@@ -38,6 +38,7 @@ import numpy as np
 
 from aggregator.buffered import rebase, synthesis_due
 from aggregator.config import RoundSettings
+from aggregator.evaluation import Evaluate, heldout_metrics, heldout_of, without_heldout
 from aggregator.journal import Journal, RoundRecord
 from aggregator.privacy import PrivacyGuard
 from aggregator.selection import Selector, expected_trainers
@@ -45,6 +46,7 @@ from aggregator.staleness import make_discount
 from aggregator.strategies import Aggregation, Strategy, weighted_means
 from intake.accept import Intake, IntakePolicy, OpenRound
 from intake.agents import AgentInfo
+from intake.claims import CreditedClaims, credit_claims
 from intake.home import BaseModel
 from intake.journal import AcceptedUpdate
 from intake.submission import Submission
@@ -89,10 +91,12 @@ class RoundManager:
         encoding: Encoding = FLOAT32,
         synthesis_every_steps: int = 1,
         synthesis_every_s: float = 0.0,
+        evaluate: Evaluate | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`synthesis_every_steps` and `synthesis_every_s` set the synthesis cadence in buffered mode
-        (a sync round synthesizes at every close)."""
+        (a sync round synthesizes at every close). `evaluate`: the held-out split's metrics of a model
+        (config `evaluation`), recorded in the cluster manifest; None: no held-out evaluation."""
         self.aggregator_id = aggregator_id
         self.federation = federation
         self.settings = settings
@@ -110,6 +114,7 @@ class RoundManager:
         # a rule reads stored blobs back only when they are the weights themselves; encoded blobs
         # (deltas, quantized, sparse) reach it decoded, in memory
         self._blobs_are_weights = encoding == FLOAT32
+        self._evaluate = evaluate
         self._clock = clock
         self._buffered = settings.mode == "buffered"
         self._synthesis_every = (synthesis_every_steps, synthesis_every_s)
@@ -245,19 +250,20 @@ class RoundManager:
 
     def fold(self, update: AcceptedUpdate, tensors: Mapping[str, np.ndarray]) -> int:
         assert self._aggregation is not None
-        rebased = self._buffered and update.staleness > 0
-        if rebased:
-            # FedBuff applies a stale update's delta to the current base (aggregator.buffered)
-            tensors = rebase(tensors, self.intake.base_tensors(update.base_cid), self._base_tensors)
-        self._aggregation.add(
-            tensors,
-            self._weight(update),
-            label=update.update_cid,
-            # a rebased update is not its stored blob: a rule that reads blobs back keeps it in memory
-            weights_cid=update.weights_cid if self._blobs_are_weights and not rebased else "",
-        )
+        tensors, weights_cid = self._as_folded(update, tensors)
+        self._aggregation.add(tensors, self._weight(update), label=update.update_cid, weights_cid=weights_cid)
         self._accepted.append(update)
         return len(self._accepted)
+
+    def _as_folded(
+        self, update: AcceptedUpdate, tensors: Mapping[str, np.ndarray]
+    ) -> tuple[Mapping[str, np.ndarray], str]:
+        """The tensors a rule sees for an update, and the stored blob it may read them back from ("": none)."""
+        if self._buffered and update.staleness > 0:
+            # FedBuff applies a stale update's delta to the current base (aggregator.buffered); a rebased
+            # update is not its stored blob, so a rule that reads blobs back keeps it in memory
+            return rebase(tensors, self.intake.base_tensors(update.base_cid), self._base_tensors), ""
+        return tensors, update.weights_cid if self._blobs_are_weights else ""
 
     # ------------------------------------------------------------------ selection
 
@@ -327,13 +333,40 @@ class RoundManager:
     # ------------------------------------------------------------------ sample counts are claims
 
     def _samples(self, update: AcceptedUpdate) -> int:
-        """The sample count an update is credited with: its claim, capped at max_num_samples."""
+        """The sample count an update is folded in with: its claim, capped at max_num_samples."""
         cap = self.settings.max_num_samples
         return min(update.num_samples, cap) if cap else update.num_samples
 
-    def _weight(self, update: AcceptedUpdate) -> float:
+    def _weight(self, update: AcceptedUpdate, samples: int | None = None) -> float:
         # the journaled weight is claim x staleness discount; a capped claim scales it down alike
-        return update.weight * self._samples(update) / update.num_samples
+        credited = self._samples(update) if samples is None else samples
+        return update.weight * credited / update.num_samples
+
+    def _contributors(self, update: AcceptedUpdate) -> int:
+        """How many devices an update stands for: a relay's names its devices' updates as parents."""
+        if update.kind != "relay":
+            return 1
+        try:
+            return max(1, len(load_manifest(self._store, update.update_cid).parents))
+        except StrataError:  # the manifest was checked at intake; a store hiccup must not fail the close
+            return 1
+
+    def _credit(self, accepted: Sequence[AcceptedUpdate]) -> CreditedClaims:
+        """The round's claims (after the absolute cap) rescaled against each other: max_claim_ratio."""
+        return credit_claims(
+            [self._samples(u) for u in accepted],
+            ratio=self.settings.max_claim_ratio,
+            contributors=[self._contributors(u) for u in accepted] if self.settings.max_claim_ratio else None,
+        )
+
+    def _refold(self, accepted: Sequence[AcceptedUpdate], credited: Sequence[int]) -> None:
+        """Fold the round again with the credited claims. A streaming rule's sums cannot take a weight
+        back exactly, so this reads the round's updates once more; it happens only when a claim was
+        lowered (an honest round's claims are within the ratio of each other)."""
+        self._aggregation = self._strategy.start(self._base_tensors, store=self._store)
+        for update, samples in zip(accepted, credited, strict=True):
+            tensors, weights_cid = self._as_folded(update, self.intake.read_accepted(update))
+            self._aggregation.add(tensors, self._weight(update, samples), label=update.update_cid, weights_cid=weights_cid)
 
     def _resume_strategy(self) -> None:
         """Hand the strategy the record of the last closed round (server optimizer state)."""
@@ -369,7 +402,7 @@ class RoundManager:
             every_s=every_s,
         )
 
-    def _buffer_record(self, accepted: Sequence[AcceptedUpdate]) -> dict[str, object]:
+    def _buffer_record(self, accepted: Sequence[AcceptedUpdate], samples: Mapping[str, int]) -> dict[str, object]:
         """Buffered mode: the buffer this step applied, each update with its staleness and weight."""
         if not self._buffered:
             return {}
@@ -383,14 +416,14 @@ class RoundManager:
                         "trained_round": u.trained_round,
                         "staleness": u.staleness,
                         "discount": u.weight / u.num_samples,
-                        "weight": self._weight(u),
+                        "weight": self._weight(u, samples[u.update_cid]),
                     }
                     for u in sorted(accepted, key=lambda u: u.update_cid)
                 ],
             }
         }
 
-    def _aggregation_record(self, accepted: Sequence[AcceptedUpdate]) -> dict[str, object]:
+    def _aggregation_record(self, accepted: Sequence[AcceptedUpdate], claims: CreditedClaims) -> dict[str, object]:
         """What the rule did to whom, and which claims were capped, for the cluster manifest."""
         assert self._aggregation is not None
         report = dict(self._aggregation.report())
@@ -402,6 +435,11 @@ class RoundManager:
         record: dict[str, object] = {"aggregation": report} if report else {}
         if capped:
             record["capped_num_samples"] = {"max": self.settings.max_num_samples, "claimed": capped}
+        if claims.capped:
+            rescaled = claims.record([u.update_cid for u in accepted], [self._samples(u) for u in accepted])
+            for cid, entry in rescaled["claims"].items():  # type: ignore[union-attr]
+                entry["agent"] = agents.get(cid, "")
+            record["rescaled_num_samples"] = rescaled
         return record
 
     # ------------------------------------------------------------------ close
@@ -455,9 +493,14 @@ class RoundManager:
         assert self._round is not None and self._aggregation is not None and self._base is not None
         started = time.perf_counter()
         round_, accepted = self._round.round, list(self._accepted)
+        claims = self._credit(accepted)
+        samples = dict(zip((u.update_cid for u in accepted), claims.credited, strict=True))
+        central_dp = self._privacy is not None and self._privacy.settings.central.enabled
+        if claims.capped and not central_dp:  # under central DP every update weighs 1 already
+            self._refold(accepted, claims.credited)
         result = self._aggregation.result()
         privacy = {"privacy": self._privacy.spend(round_, accepted)} if self._privacy is not None else {}
-        total = sum(self._samples(u) for u in accepted)
+        total = sum(claims.credited)
         cluster = save_model(
             self._store,
             weights=encode_tensors(result),
@@ -469,12 +512,15 @@ class RoundManager:
             parents=tuple(sorted(u.update_cid for u in accepted)),
             base=self._base.model_cid,
             num_samples=total,
-            metrics=weighted_means([(u.metrics, self._samples(u)) for u in accepted]),
+            metrics={
+                **weighted_means([(without_heldout(u.metrics), samples[u.update_cid]) for u in accepted]),
+                **heldout_metrics(self._evaluate, result),
+            },
             algorithm={
                 **self._strategy.describe(),
                 "weighting": "uniform: clipped deltas (central DP)"
-                if self._privacy is not None and self._privacy.settings.central.enabled
-                else "num_samples (capped) x staleness discount"
+                if central_dp
+                else "num_samples (capped, rescaled against the round's median) x staleness discount"
                 + ("; buffered: stale updates' deltas rebased onto the current base" if self._buffered else ""),
                 "staleness_discount": {
                     "name": self.settings.staleness_discount,
@@ -482,12 +528,12 @@ class RoundManager:
                 },
             },
             extra={
-                "base_metrics": weighted_means([(u.base_metrics, self._samples(u)) for u in accepted]),
+                "base_metrics": weighted_means([(u.base_metrics, samples[u.update_cid]) for u in accepted]),
                 "trigger": trigger,
                 **self._selection_record(accepted),
-                **self._buffer_record(accepted),
+                **self._buffer_record(accepted, samples),
                 **privacy,
-                **self._aggregation_record(accepted),
+                **self._aggregation_record(accepted, claims),
             },
         )
         aggregation_s = time.perf_counter() - started
@@ -517,6 +563,9 @@ class RoundManager:
                 "mode": self.settings.mode,
                 "synthesis": synthesis,
                 **privacy,
+                # the models' accuracy on the task's held-out split, when the aggregator evaluates them
+                **({"cluster_heldout": heldout_of(cluster.metrics)} if heldout_of(cluster.metrics) else {}),
+                **({"heldout": heldout_of(next_base.metrics)} if heldout_of(next_base.metrics) else {}),
             },
         )
         self._journal.close_round(record, accepted, next_round=round_ + 1, next_base_cid=next_base.cid)

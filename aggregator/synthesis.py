@@ -55,6 +55,7 @@ from enum import StrEnum
 import numpy as np
 
 from aggregator.config import SynthesisSettings
+from aggregator.evaluation import Evaluate, heldout_metrics, without_heldout
 from aggregator.rules import make_strategy
 from aggregator.staleness import make_discount
 from aggregator.strategies import weighted_means
@@ -162,10 +163,12 @@ class SemiGlobalSynthesizer:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         wait_for_peers: bool = True,
+        evaluate: Evaluate | None = None,
     ) -> None:
         """`signers` (with TLS): peers' cluster models count only if certified ring members signed them.
         `wait_for_peers`: wait up to peer_wait_s for peers still behind our round (sync rounds); buffered
-        aggregators' round numbers count their own steps, so they blend at once."""
+        aggregators' round numbers count their own steps, so they blend at once. `evaluate`: the held-out
+        metrics of each semi-global model, recorded in its manifest."""
         self._wait_for_peers = wait_for_peers
         self.aggregator_id = aggregator_id
         self.federation = federation
@@ -179,6 +182,7 @@ class SemiGlobalSynthesizer:
         self._signers = signers
         self._clock = clock
         self._rng = rng or random.Random()
+        self._evaluate = evaluate
         self._decay = make_discount(settings.decay, **settings.decay_params)
         self._strategy = make_strategy(settings.strategy, settings.strategy_params)
         self.last_sources: dict[str, str] = {}
@@ -381,7 +385,11 @@ class SemiGlobalSynthesizer:
             parents=[m.cid for m in used],
             base=cluster.base,
             num_samples=min(sum(credited[m.cid] for m in used), _MAX_SAMPLES),
-            metrics=weighted_means([(m.metrics, credited[m.cid]) for m in used]),
+            metrics={
+                # peers' heldout_* are their own measurements of other models: only ours is named so
+                **weighted_means([(without_heldout(m.metrics), credited[m.cid]) for m in used]),
+                **heldout_metrics(self._evaluate, result),
+            },
             algorithm={
                 "name": "semi-global",
                 "params": {

@@ -2,7 +2,7 @@
 
     python bench/attacks.py [--quick] [--strategies fedavg,median,...] [--attacks sign_flip,...]
                             [--shares 0,0.1,0.2,0.3] [--aggregators 3] [--devices-per 10] [--rounds 20]
-                            [--strategy-params '{"trimmed_mean": {"beta": 0.2}}'] [--json FILE]
+                            [--strategy-params '{"trimmed_mean": {"beta": 0.2}}'] [--claim-ratio 10] [--json FILE]
 
 `--aggregators` clusters of `--devices-per` devices (MNIST, Dirichlet 0.5) train a softmax-regression
 model (bench/_fl.py). In each cluster a share of the devices is hostile and sends what
@@ -14,6 +14,10 @@ the `round.max_relative_norm` default), aggregates with the rule under test
 registry join the table without a change here), and the semi-global model applies the same rule
 to the cluster models, weighted by their claimed samples. `malicious_aggregator`: one aggregator
 publishes its cluster model's delta flipped and ×10 (`poison_model`) instead of its honest one.
+Sample counts are claims: before a cluster aggregates, every device's claim is credited with at
+most `--claim-ratio` × the round's low median claim (`intake.claims.credit_claims`, what
+`round.max_claim_ratio` does in the daemon; 0: off), and the merge credits cluster models at most
+`SAMPLE_RATIO_LIMIT` (10) × their median, as synthesis does.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from agent.sim.attacks import (
     sign_flip,
 )
 from aggregator.rules import make_strategy, strategy_names
+from aggregator.synthesis import SAMPLE_RATIO_LIMIT
+from intake.claims import credit_claims
 from privacy.mechanism import delta_norm
 
 MALICIOUS_AGGREGATOR = "malicious_aggregator"
@@ -63,6 +69,11 @@ def _hostile(base: Mapping[str, np.ndarray], honest: dict, attack: str, strength
     raise ValueError(attack)
 
 
+def _credit(items: list[tuple[dict, float]], claim_ratio: float) -> list[tuple[dict, float]]:
+    credited = credit_claims([int(w) for _, w in items], ratio=claim_ratio).credited
+    return [(weights, float(n)) for (weights, _), n in zip(items, credited, strict=True)]
+
+
 def _aggregate(strategy: str, params: Mapping[str, Any], base: Mapping[str, np.ndarray], items: list[tuple[dict, float]]) -> dict:
     aggregation = make_strategy(strategy, params).start(base)
     for weights, weight in items:
@@ -71,7 +82,8 @@ def _aggregate(strategy: str, params: Mapping[str, Any], base: Mapping[str, np.n
 
 
 def run(data: _fl.Data, *, strategy: str, params: Mapping[str, Any], attack: str, strength: float, share: float,
-        aggregators: int, devices_per: int, rounds: int, target: float, norm_bound: float, seed: int) -> dict[str, Any]:
+        aggregators: int, devices_per: int, rounds: int, target: float, norm_bound: float, claim_ratio: float,
+        seed: int) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     attack_rng = np.random.default_rng(seed + 1)
     clusters = [list(range(a * devices_per, (a + 1) * devices_per)) for a in range(aggregators)]
@@ -98,12 +110,14 @@ def run(data: _fl.Data, *, strategy: str, params: Mapping[str, Any], attack: str
                     refused += 1  # the intake's norm_bound refusal
                     continue
                 items.append((update, float(claimed)))
+            items = _credit(items, claim_ratio)
             cluster = _aggregate(strategy, params, model, items)
             claimed_total = sum(w for _, w in items)
             if attack == MALICIOUS_AGGREGATOR and a == 0:
                 cluster = poison_model(model, cluster, factor=10.0)
             cluster_models.append((cluster, claimed_total))
-        model = _aggregate(strategy, params, model, cluster_models)
+        # the merge credits peers' claims as synthesis does: at most SAMPLE_RATIO_LIMIT x the median
+        model = _aggregate(strategy, params, model, _credit(cluster_models, SAMPLE_RATIO_LIMIT if claim_ratio else 0))
         curve.append(_fl.accuracy(model, data))
     reached = next((i + 1 for i, acc in enumerate(curve) if acc >= target), None)
     return {
@@ -130,6 +144,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--target", type=float, default=0.88, help="accuracy whose first round is reported")
     parser.add_argument("--norm-bound", type=float, default=10.0, help="the intake's max_relative_norm (0 disables)")
+    parser.add_argument("--claim-ratio", type=float, default=10.0,
+                        help="each claim credited with at most this x the median claim (round.max_claim_ratio; 0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -145,11 +161,14 @@ def main() -> int:
     started = time.perf_counter()
     data = _fl.load(args.aggregators * args.devices_per, seed=args.seed)
     common = dict(aggregators=args.aggregators, devices_per=args.devices_per, rounds=args.rounds, target=args.target,
-                  norm_bound=args.norm_bound, seed=args.seed)
+                  norm_bound=args.norm_bound, claim_ratio=args.claim_ratio, seed=args.seed)
     results = []
 
     def record(result: dict[str, Any]) -> None:
         results.append(result)
+        if args.json:  # written after every run, so a long run interrupted keeps what it measured
+            with open(args.json, "w") as out:
+                json.dump({"args": vars(args), "results": results}, out, indent=1)
         print(f"{result['strategy']:<14} {result['attack']:<22} x{result['strength']:<6g} attackers={result['attackers']!s:<24} "
               f"acc={result['final_accuracy']:.4f} rounds_to_{args.target}={result['rounds_to_target']} "
               f"refused={result['refused_updates']}", flush=True)
@@ -164,7 +183,7 @@ def main() -> int:
                                **common))
     print()
     print(f"MNIST, {args.aggregators} aggregators x {args.devices_per} devices (Dirichlet 0.5), {args.rounds} rounds, "
-          f"softmax regression, norm bound {args.norm_bound}")
+          f"softmax regression, norm bound {args.norm_bound}, claim ratio {args.claim_ratio}")
     print(f"| rule | attack | attackers | final accuracy | vs no attack (same rule) | rounds to {args.target} | refused updates |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     clean = {r["strategy"]: r["final_accuracy"] for r in results if r["attack"] == "none"}

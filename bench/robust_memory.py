@@ -38,6 +38,7 @@ STRATEGIES: list[tuple[str, dict]] = [
     ("multi_krum", {"f": 5}),
     ("geomed", {"iterations": 10}),
     ("clipped_fedavg", {"tau": 2.0}),
+    ("bulyan", {"f": 5}),
 ]
 
 

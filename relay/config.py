@@ -28,10 +28,16 @@ class WindowSettings:
         default=8,
     )
     max_wait_s: float = _help("seconds after a window's first update when it closes anyway", default=30.0)
+    max_claim_ratio: float = _help(
+        "at close, each device's num_samples is credited with at most this x the window's (low) median claim; 0 disables",
+        default=10.0,
+    )
 
     def __post_init__(self) -> None:
         if self.max_devices < 1:
             raise ConfigError("window.max_devices must be >= 1")
+        if not (math.isfinite(self.max_claim_ratio) and (self.max_claim_ratio == 0 or self.max_claim_ratio >= 1)):
+            raise ConfigError("window.max_claim_ratio must be 0 (off) or >= 1")
         if not (self.max_wait_s > 0 and math.isfinite(self.max_wait_s)):
             raise ConfigError("window.max_wait_s must be a positive number")
 

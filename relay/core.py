@@ -32,6 +32,7 @@ import numpy as np
 
 from aggregator.strategies import Aggregation, FedAvg, weighted_means
 from intake.accept import Intake, IntakePolicy, OpenRound
+from intake.claims import credit_claims
 from intake.home import BaseModel
 from intake.journal import AcceptedUpdate
 from intake.submission import Submission
@@ -242,11 +243,25 @@ class Relay:
     def _close(self, trigger: str) -> CombinedUpdate:
         assert self._base is not None and self._aggregation is not None
         pool, base = list(self._pool), self._base
+        # sample counts are claims: each is credited with at most max_claim_ratio x the window's median
+        claims = credit_claims([u.num_samples for u in pool], ratio=self.config.window.max_claim_ratio)
+        if claims.capped:
+            # FedAvg's running sums cannot take a weight back exactly: fold the window again
+            self._aggregation = self._strategy.start(self._base_tensors)
+            for update, samples in zip(pool, claims.credited, strict=True):
+                self._aggregation.add(self.intake.read_accepted(update), update.weight * samples / update.num_samples)
         result = self._aggregation.result()
         trained = tuple(sorted(self._pool_tensors))
         combined = {name: result[name] for name in trained}
-        total = sum(u.num_samples for u in pool)
-        base_metrics = weighted_means([(u.base_metrics, u.num_samples) for u in pool])
+        total = sum(claims.credited)
+        credited = list(zip(pool, claims.credited, strict=True))
+        base_metrics = weighted_means([(u.base_metrics, n) for u, n in credited])
+        rescaled: dict[str, object] = {}
+        if claims.capped:
+            rescaled = claims.record([u.update_cid for u in pool], [u.num_samples for u in pool])
+            agents = {u.update_cid: u.agent_id for u in pool}
+            for cid, entry in rescaled["claims"].items():  # type: ignore[union-attr]
+                entry["agent"] = agents[cid]
         stats = self.cache.stats()
         manifest = save_model(
             self.store,
@@ -259,9 +274,14 @@ class Relay:
             parents=tuple(sorted(u.update_cid for u in pool)),
             base=base.model_cid,
             num_samples=total,
-            metrics=weighted_means([(u.metrics, u.num_samples) for u in pool]),
-            algorithm={**self._strategy.describe(), "weighting": "num_samples"},
-            extra={"base_metrics": base_metrics, "trigger": trigger, "devices": len(pool)},
+            metrics=weighted_means([(u.metrics, n) for u, n in credited]),
+            algorithm={**self._strategy.describe(), "weighting": "num_samples (rescaled against the window's median)"},
+            extra={
+                "base_metrics": base_metrics,
+                "trigger": trigger,
+                "devices": len(pool),
+                **({"rescaled_num_samples": rescaled} if rescaled else {}),
+            },
             created_at=now_rfc3339(),
         )
         record = WindowRecord(

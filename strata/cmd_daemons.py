@@ -225,11 +225,13 @@ def _settle_garbage_collector() -> None:
 
 def cmd_aggregator_serve(args: argparse.Namespace) -> int:
     from aggregator.daemon import AggregatorDaemon
-    from strata.wiring import initial_model_factory
+    from strata.wiring import heldout_evaluator, initial_model_factory
 
     def make(config: Any) -> AggregatorDaemon:
-        # each federation's task:NAME initial model is made for that federation
-        return AggregatorDaemon(config, federation_model_factory=initial_model_factory)
+        # each federation's task:NAME initial model and held-out evaluator are made for that federation
+        return AggregatorDaemon(
+            config, federation_model_factory=initial_model_factory, federation_evaluator=heldout_evaluator
+        )
 
     return _serve(args, "aggregator", make, one_torch_thread=True)
 

@@ -8,15 +8,27 @@ commands look in ~/.strata/aggregator/* and ~/.strata/demo/aggregators/* (where
 "accuracy" and "loss" are the round's base model as the agents saw it: each agent
 evaluates the base it receives on its own held-out data and reports it with its
 update; the journal keeps their sample-weighted mean.
+
+Personalized evaluation, per round, of the model the round made (its next base, the
+semi-global model when synthesis runs), side by side because synthesis trades one for
+the other:
+- "own_accuracy": its mean accuracy on the agents' own data, the mean over the agents that
+  trained on it of what each reported for it (one agent, one vote: a sample count is a
+  claim); known once the next round's updates arrive;
+- "heldout_accuracy": its accuracy on the task's held-out split, measured by the aggregator
+  when it runs with `evaluation: task:NAME` ("cluster_heldout_accuracy": the cluster model's).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from aggregator.journal import Journal, RoundRecord
+from intake.journal import AcceptedUpdate
 from proto.errors import InvalidInput, NotFound
 from strata import render
 from strata.cli_common import EXIT_OK, add_json_option, print_json
@@ -79,7 +91,18 @@ def _journals(state_dir: Path) -> dict[str, Path]:
     }
 
 
-def _rows(records: list[RoundRecord]) -> list[dict[str, Any]]:
+def own_data_accuracy(updates: Iterable[AcceptedUpdate]) -> dict[str, float]:
+    """Per base model CID: the mean over agents of the accuracy each reported for it on its own data."""
+    reported: dict[str, dict[str, float]] = {}
+    for update in updates:
+        accuracy = update.base_metrics.get("accuracy")
+        if isinstance(accuracy, int | float) and math.isfinite(accuracy):
+            reported.setdefault(update.base_cid, {})[update.agent_id] = float(accuracy)
+    return {cid: sum(by_agent.values()) / len(by_agent) for cid, by_agent in reported.items()}
+
+
+def _rows(records: list[RoundRecord], own_accuracy: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    own_accuracy = own_accuracy or {}
     return [
         {
             "round": r.round,
@@ -87,6 +110,10 @@ def _rows(records: list[RoundRecord]) -> list[dict[str, Any]]:
             "num_samples": r.num_samples,
             "accuracy": r.base_metrics.get("accuracy"),
             "loss": r.base_metrics.get("loss"),
+            # the model this round made (its next base), on the agents' own data and on the held-out split
+            "own_accuracy": own_accuracy.get(r.next_base_cid) if r.next_base_cid else None,
+            "heldout_accuracy": (r.extra.get("heldout") or {}).get("accuracy"),
+            "cluster_heldout_accuracy": (r.extra.get("cluster_heldout") or {}).get("accuracy"),
             "train_loss": r.metrics.get("loss"),
             "refusals": ",".join(f"{k}={v}" for k, v in sorted(r.refusals.items())) or None,
             "aggregation_s": r.aggregation_s,
@@ -110,7 +137,7 @@ def read_history(state_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise NotFound(f"no journal at {path}", reason="not_found")
     with Journal(path, readonly=True) as journal:
-        return _rows(journal.history())
+        return _rows(journal.history(), own_data_accuracy(journal.iter_all_updates()))
 
 
 def load_histories(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
@@ -122,11 +149,15 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         print_json(histories)
         return EXIT_OK
-    columns = ["round", "participants", "num_samples", "accuracy", "loss", "train_loss", "refusals", "aggregation_s", "next_base"]
     for aggregator, rows in histories.items():
         print(f"== {aggregator}")
-        private = any(r["delta"] is not None for r in rows)
-        print(render.table([r for r in rows if r["closed"]], [*columns[:-1], "epsilon", columns[-1]] if private else columns))
+        columns = ["round", "participants", "num_samples", "accuracy", "loss", "train_loss", "own_accuracy"]
+        if any(r["heldout_accuracy"] is not None for r in rows):
+            columns.append("heldout_accuracy")
+        columns += ["refusals", "aggregation_s"]
+        if any(r["delta"] is not None for r in rows):
+            columns.append("epsilon")
+        print(render.table([r for r in rows if r["closed"]], [*columns, "next_base"]))
         print()
     return EXIT_OK
 

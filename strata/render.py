@@ -97,6 +97,14 @@ def rule_effects(manifest: Manifest) -> str:
     capped = extra.get("capped_num_samples")
     if isinstance(capped, Mapping) and isinstance(capped.get("claimed"), Mapping):
         parts.append(f"{len(capped['claimed'])} sample claim(s) capped at {capped.get('max')}")
+    rescaled = extra.get("rescaled_num_samples")
+    if isinstance(rescaled, Mapping) and isinstance(rescaled.get("claims"), Mapping) and rescaled["claims"]:
+        claims = [c for c in rescaled["claims"].values() if isinstance(c, Mapping)]
+        who = ", ".join(str(c.get("agent") or "?")[:24] for c in claims[:5])
+        parts.append(
+            f"{len(rescaled['claims'])} sample claim(s) lowered to {rescaled.get('ratio')} x the round's median "
+            f"({who}{', …' if len(claims) > 5 else ''})"
+        )
     return "; ".join(parts)
 
 

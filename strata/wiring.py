@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aggregator.config import AggregatorConfig
 from aggregator.daemon import InitialModelFactory
+from aggregator.evaluation import Evaluate
 from proto.errors import ConfigError, InvalidInput
 from storage.codec import encode_tensors
 from storage.keys import KeyPair
@@ -44,3 +45,16 @@ def initial_model_factory(config: AggregatorConfig) -> InitialModelFactory | Non
         return None
     task = spec.removeprefix("task:")
     return lambda store, key: task_base_model(store, key, task=task, federation=config.federation)
+
+
+def heldout_evaluator(config: AggregatorConfig) -> Evaluate | None:
+    """The `evaluation` key's evaluator: task:NAME evaluates a model on that built-in task's held-out split."""
+    if not config.evaluation:
+        return None
+    from agent.tasks import builtin_task
+
+    task = config.evaluation.removeprefix("task:")
+    try:
+        return builtin_task(task).evaluate_global
+    except InvalidInput as exc:
+        raise ConfigError(f"evaluation task:{task}: {exc}") from None

@@ -19,7 +19,7 @@ from aggregator.config import AggregatorConfig, RoundSettings
 from aggregator.daemon import AggregatorDaemon
 from intake.config import ServingSettings
 from storage.codec import decode_tensors
-from storage.models import load_model
+from storage.models import load_manifest, load_model
 from strata.wiring import initial_model_factory
 from tests.procs import free_port
 
@@ -66,5 +66,11 @@ def test_hostile_devices_claims_and_updates_reach_the_aggregator_as_sent(aggrega
             assert update.num_samples == honest_claim
         # every update moved away from the base (honest noise, or its flip)
         assert any(not np.array_equal(tensors[n], base_tensors[n]) for n in tensors)
-    # the inflated claims dominate the round's sample count, as they would a FedAvg weight
-    assert record.num_samples > 1000 * sum(1 for _ in hostile)
+    # the inflated claims reached the journal as sent, and the round credited them with at most
+    # round.max_claim_ratio x its median claim (honest claims here are 16..238, within 10 x the median)
+    cluster = load_manifest(aggregator.store, record.cluster_cid)
+    rescaled = cluster.extra["rescaled_num_samples"]
+    assert {entry["agent"] for entry in rescaled["claims"].values()} == set(hostile)
+    limit = rescaled["ratio"] * rescaled["median_per_contributor"]
+    assert all(entry["credited"] <= limit for entry in rescaled["claims"].values())
+    assert record.num_samples < sum(u.num_samples for u in accepted) / 100

@@ -219,6 +219,22 @@ def test_pre_aggregation_equals_hand_computed_fedavg_full_updates(tmp_path: Path
     assert tiny.relay.journal.pending_windows()[0].update_cid == manifest.cid
 
 
+def test_a_devices_inflated_claim_is_rescaled_against_the_windows_median(tmp_path: Path) -> None:
+    tiny = tiny_relay(tmp_path, max_devices=3)
+    tiny.relay.intake.submit(device_submission(tiny, "d1", {W: [[1, 1], [1, 1]], B: [1, 1]}, 10))
+    tiny.relay.intake.submit(device_submission(tiny, "d2", {W: [[1, 1], [1, 1]], B: [1, 1]}, 10))
+    greedy = tiny.relay.intake.submit(device_submission(tiny, "greedy", {W: [[4, 4], [4, 4]], B: [4, 4]}, 10**6))
+    combined = tiny.relay.maybe_close(active_trainers=3)
+    assert combined is not None
+    manifest, blob = load_model(tiny.store, combined.manifest.cid)
+    # credited 10, 10 and 10 x 10 (window.max_claim_ratio's default): (20 x 1 + 100 x 4) / 120
+    np.testing.assert_allclose(decode_tensors(blob)[B], [420 / 120] * 2, rtol=1e-6)
+    assert manifest.num_samples == 120  # upstream sees the credited total, not 10^6
+    assert manifest.extra["rescaled_num_samples"]["claims"] == {
+        greedy.update_cid: {"claimed": 10**6, "credited": 100, "agent": "greedy"}
+    }
+
+
 def test_pre_aggregation_partial_updates_weight_per_tensor(tmp_path: Path) -> None:
     tiny = tiny_relay(tmp_path)
     tiny.relay.intake.submit(device_submission(tiny, "head-only", {B: [1, 1]}, 1))

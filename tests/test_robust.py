@@ -34,7 +34,7 @@ def _aggregate(name: str, values: list[list[float]], weights: list[float] | None
 
 
 def test_every_rule_has_a_name() -> None:
-    assert strategy_names() == ["clipped_fedavg", "fedavg", "geomed", "krum", "median", "multi_krum", "trimmed_mean"]
+    assert strategy_names() == ["bulyan", "clipped_fedavg", "fedavg", "geomed", "krum", "median", "multi_krum", "trimmed_mean"]
 
 
 def test_the_median_of_five_with_two_outliers_is_the_honest_middle() -> None:
@@ -102,6 +102,33 @@ def test_clipped_fedavg_clips_changes_to_tau_times_the_median_norm() -> None:
     np.testing.assert_allclose(result, [(1 + 2 + 12) / 4])
 
 
+def test_bulyan_chooses_by_krum_then_averages_the_values_closest_to_the_median() -> None:
+    # K = 7, f = 1: θ = 5 chosen one by one by Krum (3, then 2, 4, 1, 5; the outliers never),
+    # then per coordinate the β = 3 of them closest to their median 3: 2, 3, 4
+    seven = [1.0, 2.0, 3.0, 4.0, 5.0, 100.0, -100.0]
+    result, report = _aggregate("bulyan", [[v, -v] for v in seven], f=1)
+    np.testing.assert_allclose(result, [3.0, -3.0])
+    assert report["f_used"] == 1
+    assert report["selected"] == ["u2", "u1", "u3", "u0", "u4"]
+    assert {r["cid"] for r in report["refused"]} == {"u5", "u6"}
+    assert all(r["reason"] == "bulyan_not_selected" for r in report["refused"])
+
+
+def test_bulyans_coordinate_step_is_the_mean_of_the_run_nearest_the_median() -> None:
+    stack = np.array([[1.0, 5.0], [2.0, 6.0], [10.0, 7.0], [11.0, 50.0], [12.0, 60.0]])
+    # column 0: median 10, nearest three 10, 11, 12; column 1: median 7, nearest three 5, 6, 7
+    np.testing.assert_allclose(robust.mean_around_median(stack.copy(), 3), [11.0, 6.0])
+    np.testing.assert_allclose(robust.mean_around_median(stack.copy(), 1), [10.0, 7.0])  # the median itself
+
+
+def test_bulyan_with_too_few_updates_for_f_lowers_f_and_says_so() -> None:
+    assert [robust.bulyan_f(k, 2) for k in (2, 3, 6, 7, 10, 11, 50)] == [0, 0, 0, 1, 1, 2, 2]
+    # 5 updates cannot tolerate f = 1 (4f + 3 = 7): f = 0 chooses all and averages all
+    result, report = _aggregate("bulyan", [[v] for v in FIVE], f=1)
+    np.testing.assert_allclose(result, [sum(FIVE) / 5])
+    assert report["f_used"] == 0 and report["refused"] == []
+
+
 def test_partial_updates_and_integer_tensors() -> None:
     base = {"body": np.full(2, 5.0, np.float32), "head": np.zeros(2, np.float32), "steps": np.array([0], np.int64)}
     aggregation = make_strategy("median").start(base)
@@ -129,7 +156,7 @@ def test_rules_never_mutate_inputs_and_give_one_result() -> None:
 @pytest.mark.parametrize(
     ("name", "params"),
     [("trimmed_mean", {"beta": 0.5}), ("krum", {"f": -1}), ("multi_krum", {"m": 1.5}), ("geomed", {"iterations": 0}),
-     ("clipped_fedavg", {"tau": 0.0}), ("median", {"beta": 0.1}), ("nope", {})],
+     ("clipped_fedavg", {"tau": 0.0}), ("median", {"beta": 0.1}), ("bulyan", {"f": 0.5}), ("nope", {})],
 )  # fmt: skip
 def test_bad_parameters_are_refused_as_bad_config(name: str, params: dict) -> None:
     with pytest.raises(InvalidInput) as info:
@@ -144,7 +171,7 @@ def _store_backed(store: LocalStore, name: str, updates: list[dict[str, np.ndarr
     return aggregation.result()
 
 
-@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum", "multi_krum", "geomed", "clipped_fedavg"])
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum", "multi_krum", "geomed", "clipped_fedavg", "bulyan"])
 def test_reading_back_from_the_store_in_slices_gives_the_in_memory_answer(
     tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -258,7 +285,7 @@ def test_config_knows_the_same_names_as_the_rules() -> None:
 
     assert sorted(STRATEGY_NAMES) == strategy_names()
     assert sorted(SERVER_OPT_NAMES) == sorted(server_opt_names())
-    for build in (lambda: AggregatorConfig(strategy="bulyan"), lambda: SynthesisSettings(strategy="mean"),
+    for build in (lambda: AggregatorConfig(strategy="zeno"), lambda: SynthesisSettings(strategy="mean"),
                   lambda: AggregatorConfig(server_opt="sgd")):  # fmt: skip
         with pytest.raises(ConfigError):
             build()

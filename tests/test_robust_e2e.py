@@ -112,3 +112,71 @@ def test_median_clusters_and_median_synthesis_through_real_aggregators(procs: Pr
     nodes = json.loads(lineage.stdout)["nodes"]
     assert nodes[closed["agg-a"]["next_base"]]["rule"] == "semi-global: median"
     assert nodes[closed["agg-b"]["cluster"]]["rule"] == "median+fedavgm(lr=1.0,momentum=0.9)"
+
+
+BULYAN_CLIENTS = 7  # Bulyan with f = 1 needs 4f + 3 updates
+
+
+def test_bulyan_through_a_real_aggregator_keeps_the_hostile_updates_out(procs: ProcessFactory, tmp_path: Path) -> None:
+    port = free_port()
+    config = {
+        "id": "agg-bulyan",
+        "listen": f"127.0.0.1:{port}",
+        "state_dir": str(tmp_path / "state"),
+        "store": str(tmp_path / "store"),
+        "peers": [f"agg-bulyan=127.0.0.1:{port}"],
+        "strategy": "bulyan",
+        "strategy_params": {"f": 1},
+        "round": {"quorum": 1.0, "min_updates": BULYAN_CLIENTS, "deadline_s": 600, "max_relative_norm": 0},
+        "synthesis": {"enabled": False},
+        "serving": {"heartbeat_interval_s": 1},
+    }
+    path = tmp_path / "agg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    aggregator = procs.strata("aggregator", "serve", "--config", str(path), name="agg-bulyan")
+    aggregator.wait_for_event("aggregator_started", timeout=60)
+    wait_healthy(f"127.0.0.1:{port}", timeout=20)
+    clients = [
+        Client(f"127.0.0.1:{port}", agent_id=f"client-{i}", watch=False, join_timeout_s=30, backoff_max_s=0.5).connect()
+        for i in range(BULYAN_CLIENTS)
+    ]
+    try:
+        bases = [client.wait_for_model(timeout=20) for client in clients]
+        base = bases[0]
+        for i, client in enumerate(clients):
+            rng = np.random.default_rng(i)
+            # client-0 shifts everything by +50 and claims 10^6 samples. (With a second hostile at -50,
+            # Krum's last pick can be either hostile, as it is a near tie of distances to the last
+            # honest one; the coordinate step then outvotes it, but which update is refused is noise.)
+            shift = 50.0 if i == 0 else 0.0
+            update = {k: (v + rng.normal(0, 0.01, v.shape) + shift).astype(v.dtype) for k, v in base.items()}
+            client.submit(update, 10**6 if i == 0 else 100, {"loss": 1.0})
+        closed = aggregator.wait_for_event("round_closed", lambda e: e["round"] == 0, timeout=60)
+    finally:
+        for client in clients:
+            client.close()
+    assert aggregator.terminate() == 0, aggregator.tail()
+
+    store = LocalStore(tmp_path / "store")
+    cluster, weights = load_model(store, closed["cluster"])
+    result = decode_tensors(weights)
+    assert cluster.algorithm["name"] == "bulyan" and cluster.algorithm["params"] == {"f": 1}
+    report = cluster.extra["aggregation"]
+    assert report["f_used"] == 1 and len(report["selected"]) == BULYAN_CLIENTS - 2
+    refused = {r["agent"] for r in report["refused"]}
+    assert "client-0" in refused and len(refused) == 2  # θ = 7 - 2: one honest update is left out too
+    # the hostile claim was also rescaled against the round's median (round.max_claim_ratio 10 x 100)
+    (claim,) = cluster.extra["rescaled_num_samples"]["claims"].values()
+    assert claim["agent"] == "client-0" and claim["credited"] == 1000
+    # per coordinate: the mean of the 5 - 2 chosen values nearest their median (numpy, independently)
+    chosen = [decode_tensors(load_model(store, cid)[1]) for cid in report["selected"]]
+    for key, tensor in result.items():
+        stack = np.stack([u[key].astype(np.float64) for u in chosen])
+        nearest = np.take_along_axis(stack, np.argsort(np.abs(stack - np.median(stack, axis=0)), axis=0)[:3], axis=0)
+        np.testing.assert_allclose(tensor, nearest.mean(axis=0), rtol=1e-5, atol=1e-5)
+        assert np.abs(tensor - base[key]).max() < 1.0  # the shift never got in
+    store.close()
+
+    shown = run_strata("model", "show", closed["cluster"], home=tmp_path / "cli", env={"STRATA_STORE": str(tmp_path / "store")})
+    assert shown.returncode == 0, shown.stderr
+    assert "rule       bulyan(f=1)" in shown.stdout and "2 refused (client-" in shown.stdout
