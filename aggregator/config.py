@@ -13,7 +13,8 @@ from typing import Any
 
 from intake.config import ServingSettings
 from privacy.config import PrivacySettings
-from proto.errors import ConfigError
+from proto.errors import ConfigError, InvalidInput
+from storage.control import SCAFFOLD, scaffold_enabled
 from storage.encodings import EncodingError, parse_encoding
 from trust.security import TlsSettings
 
@@ -187,7 +188,7 @@ class AggregatorConfig:
     selection: SelectionSettings = field(default_factory=SelectionSettings, metadata={"help": "who trains each round"})
     round_config: dict[str, str] = _help(
         "key/values handed to every trainer each round (built-in tasks: epochs, batch_size, lr, lr_decay, momentum, "
-        "max_batches; prox_mu > 0: FedProx's proximal term)",
+        "max_batches; prox_mu > 0: FedProx's proximal term; scaffold: true for SCAFFOLD's control variates)",
         default_factory=dict,
     )
     encoding: str = _help(
@@ -215,6 +216,13 @@ class AggregatorConfig:
         if not self.federation:
             raise ConfigError("federation must not be empty")
         _check_prox_mu(self.round_config)
+        try:
+            scaffold = scaffold_enabled(self.round_config)
+        except InvalidInput as exc:
+            raise ConfigError(f"round_config.{SCAFFOLD}: {exc.message}") from None
+        if scaffold and self.privacy.central.enabled:
+            # agents' delta_c would reach c, and every agent, un-noised and uncounted by the accountant
+            raise ConfigError("round_config.scaffold cannot be combined with central DP (privacy.central) yet")
         _check_rule("strategy", self.strategy)
         if self.server_opt not in SERVER_OPT_NAMES:
             raise ConfigError(f"server_opt must be one of {list(SERVER_OPT_NAMES)}, got {self.server_opt!r}")

@@ -45,6 +45,7 @@ from proto.errors import ConfigError, InvalidInput, NotFound, StrataError
 from proto.metrics import MetricsEndpoint, MetricSpec, serve_metrics
 from proto.serving import ServerHandle, create_server
 from storage.cid import is_cid
+from storage.control import scaffold_enabled
 from storage.encodings import parse_encoding
 from storage.keys import KeyPair
 from storage.manifest import Manifest
@@ -183,6 +184,7 @@ class AggregatorDaemon:
             selector=Selector(config.selection),
             privacy=self.privacy,
             encoding=parse_encoding(config.encoding),
+            scaffold=scaffold_enabled(config.round_config),
         )
 
     # ------------------------------------------------------------------ lifecycle

@@ -116,6 +116,15 @@ class Refusal(StrEnum):
     BAD_ENCODING = "bad_encoding"
     # the update is encoded otherwise than the federation asked (round_config["encoding"])
     UNEXPECTED_ENCODING = "unexpected_encoding"
+    # SCAFFOLD (round_config["scaffold"]): a device update without its control-variate update delta_c
+    MISSING_CONTROL_VARIATE = "missing_control_variate"
+    # a delta_c where the federation does not run SCAFFOLD, or on a relay's combined update
+    UNEXPECTED_CONTROL_VARIATE = "unexpected_control_variate"
+    # a delta_c that does not hash to the CID its manifest names, is not float32 safetensors, or whose
+    # tensor names or shapes are not exactly the update's trained tensors
+    BAD_CONTROL_VARIATE = "bad_control_variate"
+    # a delta_c with non-finite values or an L2 norm above storage.control.MAX_DELTA_NORM
+    CONTROL_VARIATE_OUT_OF_BOUNDS = "control_variate_out_of_bounds"
 
 
 # Refusals that resending the same update can never overcome: an agent drops such an update.
@@ -132,6 +141,10 @@ FINAL_REFUSALS = frozenset(
         Refusal.TOO_MANY_SAMPLES,
         Refusal.BAD_METRICS,
         Refusal.UNEXPECTED_ENCODING,
+        Refusal.MISSING_CONTROL_VARIATE,
+        Refusal.UNEXPECTED_CONTROL_VARIATE,
+        Refusal.BAD_CONTROL_VARIATE,
+        Refusal.CONTROL_VARIATE_OUT_OF_BOUNDS,
     }
 )
 

@@ -56,7 +56,8 @@ __all__ = [
 ]
 
 SCHEMA = "strata/model/1"
-KINDS = ("base", "local", "relay", "cluster", "semi-global", "fork")
+# "control": a cluster's SCAFFOLD server variate c (storage.control), served to its agents like a model
+KINDS = ("base", "local", "relay", "cluster", "semi-global", "fork", "control")
 # a device's own update and a relay's combined one: private to the receiver, never served to other devices
 DEVICE_UPDATE_KINDS = ("local", "relay")
 # a PEM certificate is about 1 KiB; this leaves room for long SANs and nothing more
