@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from agent.algorithms import momentum_step_size, variate_update
 from agent.client import Client
@@ -30,6 +31,7 @@ from agent.tasks._torch import MomentumSGD, add_control_correction
 from agent.trainer import SCAFFOLD_CORRECTION, SCAFFOLD_LR, SCAFFOLD_STEPS, unsupported_algorithms
 from aggregator.config import AggregatorConfig
 from aggregator.daemon import AggregatorDaemon
+from coordinator.ring import Member, Ring
 from privacy.config import CentralDpSettings, PrivacySettings
 from proto.errors import ConfigError, InvalidInput
 from storage.cid import cid_of
@@ -37,7 +39,15 @@ from storage.codec import decode_tensors, encode_tensors
 from storage.control import CONTROL_KIND, scaffold_enabled, server_control_cid
 from storage.manifest import Manifest
 from storage.models import load_manifest, load_model
+from storage.store import LocalStore
 from tests.agent_service_contract import wait_until
+from tests.procs import (
+    ProcessFactory,
+    StrataProcess,
+    free_port,
+    procs_fixture,  # noqa: F401  (registers the `procs` fixture)
+    wait_healthy,
+)
 from tests.test_relay import aggregator_config, start_aggregator
 
 # --- a known answer on quadratics -----------------------------------------------------------------
@@ -333,3 +343,103 @@ def test_an_aggregator_restarted_mid_round_refolds_the_delta_c(tmp_path: Path, c
         assert all(np.allclose(v, 2.0, atol=1e-3) for v in control.values())
     finally:
         aggregator.stop()
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+AGENTS_PER_AGGREGATOR = 2
+
+
+def _start_aggregators(procs: ProcessFactory, tmp_path: Path) -> tuple[dict[str, int], dict[str, StrataProcess]]:
+    ports = {"agg-a": free_port(), "agg-b": free_port()}
+    peers = ",".join(f"{name}=127.0.0.1:{port}" for name, port in ports.items())
+    processes = {}
+    for name, port in ports.items():
+        processes[name] = procs.strata(
+            "aggregator", "serve",
+            "--set", f"id={name}", "--set", f"listen=127.0.0.1:{port}",
+            "--set", f"state_dir={tmp_path / name}", "--set", f"store={tmp_path / 'store'}",
+            "--set", f"peers={peers}", "--set", "serving.heartbeat_interval_s=1",
+            "--set", f"round.min_updates={AGENTS_PER_AGGREGATOR}", "--set", "round.quorum=1.0",
+            "--set", "round.deadline_s=60",
+            "--set", "round_config.scaffold=true", "--set", "round_config.epochs=2",
+            name=name,
+        )  # fmt: skip
+        processes[name].wait_for_event("aggregator_started", timeout=60)
+        wait_healthy(f"127.0.0.1:{port}", timeout=20)
+    return ports, processes
+
+
+def _agent_configs(tmp_path: Path, ports: dict[str, int], max_rounds: int) -> list[Path]:
+    """One config per agent, ids picked so each aggregator is home to AGENTS_PER_AGGREGATOR of them."""
+    ring = Ring([Member(id=name, address=f"127.0.0.1:{port}") for name, port in ports.items()], version=1)
+    ids: dict[str, list[str]] = {name: [] for name in ports}
+    candidate = 0
+    while any(len(v) < AGENTS_PER_AGGREGATOR for v in ids.values()):
+        agent_id = f"scaffold-agent-{candidate}"
+        candidate += 1
+        home = ring.owner(agent_id).id
+        if len(ids[home]) < AGENTS_PER_AGGREGATOR:
+            ids[home].append(agent_id)
+    paths = []
+    everyone = [agent_id for group in ids.values() for agent_id in group]
+    for index, agent_id in enumerate(everyone):
+        path = tmp_path / f"{agent_id}.yaml"
+        path.write_text(yaml.safe_dump({
+            "id": agent_id,
+            "seeds": [f"127.0.0.1:{ports['agg-a']}"],
+            "task": "digits",
+            "task_options": {"partition": {"scheme": "dirichlet", "alpha": 0.3, "index": index, "count": len(everyone)}},
+            "state_dir": str(tmp_path / agent_id),
+            "max_rounds": max_rounds,
+            "backoff_max_s": 1.0,
+        }))  # fmt: skip
+        paths.append(path)
+    return paths
+
+
+def test_scaffold_through_two_real_aggregators_with_an_agent_restart(procs: ProcessFactory, tmp_path: Path) -> None:
+    """Two aggregator processes with synthesis and SCAFFOLD; four agents in one process run two rounds,
+    stop, and run a third after the restart. From the store: every round's c is the last c plus the
+    sum of its updates' delta_c over N; every agent's c_i on disk is the sum of its acknowledged
+    delta_c (so it survived the restart); the semi-global bases name their cluster's c; it learns."""
+    ports, aggregators = _start_aggregators(procs, tmp_path)
+    for run, rounds in (("first", 2), ("after-restart", 1)):
+        configs = _agent_configs(tmp_path, ports, max_rounds=rounds)
+        agents = procs.strata("agent", "run", *[arg for p in configs for arg in ("--config", str(p))], name=f"agents-{run}")
+        assert agents.wait_exit(timeout=240) == 0, agents.tail()
+        assert not agents.events("trainer_ignores_algorithm") and not agents.events("update_refused")
+    for process in aggregators.values():
+        wait_until(lambda process=process: len(process.events("round_closed")) >= 3, 60, "the third round to close")
+
+    sent: dict[str, dict[str, np.ndarray]] = {}
+    with LocalStore(tmp_path / "store") as store:
+        for process in aggregators.values():
+            previous: dict[str, np.ndarray] | None = None
+            for close in process.events("round_closed")[:3]:
+                cluster = load_manifest(store, close["cluster"])
+                control_cid = server_control_cid(cluster.extra)
+                assert server_control_cid(load_manifest(store, close["next_base"]).extra) == control_cid
+                control = decode_tensors(load_model(store, control_cid)[1])
+                total = {k: np.zeros_like(v, dtype=np.float64) for k, v in control.items()}
+                for update_cid in cluster.parents:
+                    update = load_manifest(store, update_cid)
+                    delta = decode_tensors(store.get(update.extra["scaffold"]["delta_c"]))
+                    mine = sent.setdefault(update.producer.id, {k: np.zeros_like(v, dtype=np.float64) for k, v in delta.items()})
+                    for k, v in delta.items():
+                        total[k] += v
+                        mine[k] += v
+                assert cluster.extra["scaffold"]["agents"] == AGENTS_PER_AGGREGATOR
+                for k, v in control.items():
+                    before = previous[k] if previous is not None else 0.0
+                    np.testing.assert_allclose(v, before + total[k] / AGENTS_PER_AGGREGATOR, rtol=1e-4, atol=1e-5)
+                previous = control
+            _, weights = load_model(store, process.events("round_closed")[2]["next_base"])
+            assert DigitsTask.evaluate_global(decode_tensors(weights))["accuracy"] > 0.5  # chance is 0.1
+    assert len(sent) == 2 * AGENTS_PER_AGGREGATOR
+    for agent_id, total in sent.items():
+        variate = AgentState(tmp_path / agent_id, agent_id=agent_id).variate()
+        for k, v in total.items():
+            np.testing.assert_allclose(variate[k], v, rtol=1e-4, atol=1e-5)
+    for process in aggregators.values():
+        assert process.terminate() == 0, process.tail()
