@@ -141,6 +141,7 @@ class RoundManager:
         self._control: dict[str, np.ndarray] = {}
         self._control_cid = ""
         self._control_sum: dict[str, np.ndarray] = {}
+        self._control_weight: dict[str, float] = {}
         self._control_updates = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -191,6 +192,7 @@ class RoundManager:
         self._aggregation = self._strategy.start(self._base_tensors, store=self._store)
         self._accepted = []
         self._control_sum = {}
+        self._control_weight = {}
         self._control_updates = 0
         if self._selector is not None:
             self._invited = frozenset(self._journal.invited(record.round))
@@ -253,10 +255,14 @@ class RoundManager:
         return len(self._accepted)
 
     def fold_control(self, update: AcceptedUpdate, delta: Mapping[str, np.ndarray]) -> None:
-        """SCAFFOLD: add an accepted update's delta_c to the round's sum (the intake validated it)."""
+        """SCAFFOLD: add an accepted update's delta_c to the round's sum, with the weight its model has in
+        the aggregate (the intake validated it)."""
+        weight = self._weight(update)
         for name, value in delta.items():
             held = self._control_sum.get(name)
-            self._control_sum[name] = value.astype(np.float64) if held is None else held + value
+            weighted = value.astype(np.float64) * weight
+            self._control_sum[name] = weighted if held is None else held + weighted
+            self._control_weight[name] = self._control_weight.get(name, 0.0) + weight
         self._control_updates += 1
 
     @property
@@ -275,14 +281,19 @@ class RoundManager:
             self._control_cid = cid
 
     def _step_control(self, round_: int, active_trainers: int) -> dict[str, object]:
-        """SCAFFOLD's server step c <- c + (|S|/N) mean(delta_c_i) = c + sum(delta_c_i) / N, N the cluster's
-        active trainers (at least |S|); c is saved as a `control` model and named in the cluster manifest."""
+        """SCAFFOLD's server step c <- c + (|S|/N) mean(delta_c_i), N the cluster's active trainers (at least
+        |S|), the mean weighted like the models (num_samples x staleness discount): with an unweighted mean,
+        c drifts from the weighted mean of the c_i, the corrections no longer cancel in the weighted model
+        average, and the fleet diverges on unequal clients (bench/README.md). c is saved as a `control`
+        model and named in the cluster manifest."""
         assert self._base is not None
         updates = self._control_updates
         agents = max(active_trainers, updates, 1)
+        share = updates / agents
         control = {
             name: (self._control.get(name, np.zeros_like(base, dtype=np.float32)).astype(np.float64)
-                   + self._control_sum.get(name, 0.0) / agents).astype(np.float32)
+                   + (share * self._control_sum[name] / self._control_weight[name] if name in self._control_sum else 0.0)
+                   ).astype(np.float32)
             for name, base in self._base_tensors.items()
         }
         manifest = save_model(
@@ -295,7 +306,7 @@ class RoundManager:
             key=self._key,
             parents=(self._control_cid,) if self._control_cid else (),
             base=self._base.model_cid,
-            algorithm={"name": "scaffold", "params": {"server_step": "c + sum(delta_c) / N"}},
+            algorithm={"name": "scaffold", "params": {"server_step": "c + |S|/N x weighted mean(delta_c)"}},
             extra={"updates": updates, "agents": agents},
         )
         self._control, self._control_cid = control, manifest.cid

@@ -54,26 +54,42 @@ ALGORITHMS: dict[str, dict[str, str]] = {
 SHAPES: dict[str, bool] = {"cluster": False, "semi-global": True}
 
 
-def run(params: Params, algorithms: Sequence[str], shapes: Sequence[str], workdir: Path) -> dict[str, Any]:
+def run(params: Params, algorithms: Sequence[str], shapes: Sequence[str], workdir: Path, out: Path) -> dict[str, Any]:
+    """Every (shape, algorithm) run, shape by shape; the results so far are written to `out` after each."""
     results: dict[str, Any] = {"params": asdict(params), "alpha": ALPHA, "prox_mu": float(PROX_MU), "runs": {}}
-    for algorithm in algorithms:
-        for shape in shapes:
+    for shape in shapes:
+        for algorithm in algorithms:
             key = f"{algorithm}-{shape}"
             setup = Setup(key=key, label=f"{algorithm}, {shape}", aggregators=params.groups, synthesis=SHAPES[shape])
             print(f"{setup.label}: {params.rounds} rounds", flush=True)
-            fleet = convergence.run_fleet(setup, params, workdir, round_config=ALGORITHMS[algorithm])
+            try:
+                fleet = convergence.run_fleet(setup, params, workdir, round_config=ALGORITHMS[algorithm])
+            except RuntimeError as exc:
+                # a fleet whose updates diverge is refused (norm_bound) and its rounds wait forever
+                print(f"  [{key}] stalled: {exc}", flush=True)
+                results["runs"][key] = {"algorithm": algorithm, "shape": shape, "stalled": str(exc)}
+                shutil.rmtree(workdir / key, ignore_errors=True)
+                out.write_text(json.dumps(results, indent=1, sort_keys=True))
+                continue
             evaluated = evaluate_fleet(fleet)
             summary = convergence.summarize(setup, evaluated)
+            refusals: dict[str, int] = {}
+            for records in fleet["records"].values():
+                for record in records:
+                    for reason, count in (record.refusals or {}).items():
+                        refusals[reason] = refusals.get(reason, 0) + count
             results["runs"][key] = {
                 "algorithm": algorithm,
                 "shape": shape,
                 "wall_s": round(fleet["wall_s"], 1),
+                "refusals": refusals,
                 "summary": summary,
                 "evaluations": evaluated,
             }
             print(f"  [{key}] {fleet['wall_s']:.0f} s; rounds to 97%: {summary['rounds_to_target']['mean']}; "
-                  f"final mean {summary['final']['mean']:.4f} min {summary['final']['min']:.4f}", flush=True)
+                  f"final mean {summary['final']['mean']:.4f} min {summary['final']['min']:.4f}; refusals {refusals}", flush=True)
             shutil.rmtree(workdir / key, ignore_errors=True)
+            out.write_text(json.dumps(results, indent=1, sort_keys=True))
     return results
 
 
@@ -113,6 +129,9 @@ def evaluate_fleet(fleet: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 def report(results: dict[str, Any]) -> None:
     rows = []
     for run in results["runs"].values():
+        if "stalled" in run:
+            rows.append([run["algorithm"], run["shape"], "stalled", "", "", "", ""])
+            continue
         summary = run["summary"]
         r2t = summary["rounds_to_target"]
         rows.append([run["algorithm"], run["shape"], convergence._fmt(r2t["mean"]), convergence._fmt(r2t["all"]),
@@ -129,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batches", type=int, default=5, help="local batches per round (default 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="local batch size (default 32)")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default="semi-global,cluster")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/noniid_results.json)")
     args = parser.parse_args(argv)
     algorithms = [a for a in args.algorithms.split(",") if a]
@@ -140,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         params = Params(rounds=2, agents_per_group=2, max_batches=2, **common)
     else:
-        params = Params(rounds=args.rounds, max_batches=args.max_batches, batch_size=args.batch_size, **common)
+        # a stalled fleet (every update refused) is given up after 90 s without a round
+        params = Params(rounds=args.rounds, max_batches=args.max_batches, batch_size=args.batch_size,
+                        round_timeout_s=90.0, **common)
     out = args.out or (Path(tempfile.mkdtemp(prefix="noniid-quick-")) / "noniid_results.json" if args.quick
                        else _common.REPO / "bench" / "noniid_results.json")
 
@@ -152,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["STRATA_STORE"] = str(workdir / "home" / "store")
     started = time.monotonic()
     try:
-        results = run(params, algorithms, shapes, workdir)
+        results = run(params, algorithms, shapes, workdir, out)
     finally:
         for name, value in saved_env.items():
             if value is None:

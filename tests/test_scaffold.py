@@ -6,7 +6,8 @@
 - the built-in tasks follow the correction and report K and eta; the agent keeps c_i in its
   state directory across a restart, promoting c_i+ only once its update is acknowledged;
 - through a real aggregator (in-process daemon, real gRPC on 127.0.0.1): delta_c travels with
-  the update, c moves by sum(delta_c) / N and is served as a `control` model by CID, and every
+  the update, c moves by |S|/N x their mean weighted like the models, and is served as a
+  `control` model by CID, and every
   malformed delta_c is refused with its own reason;
 - end to end: two aggregators with synthesis, real agent daemons training digits.
 """
@@ -246,7 +247,8 @@ def test_server_variate_moves_by_the_mean_delta_and_is_served_by_cid(tmp_path: P
         base = agents[0].wait_for_model(timeout=10)
         agents[1].wait_for_model(timeout=10)
         assert all(np.all(v == 0) for v in agents[0].scaffold_correction().values())  # c = c_i = 0 at first
-        receipts = [agent.submit(_step(base, g), 10, METRICS) for agent, g in zip(agents, (1.0, 3.0), strict=True)]
+        # delta_c of 1 from 10 samples and of 3 from 30: c weighs them like the models, (10 + 90) / 40
+        receipts = [agent.submit(_step(base, g), n, METRICS) for agent, g, n in zip(agents, (1.0, 3.0), (10, 30), strict=True)]
         wait_until(lambda: len(aggregator.rounds.closed_rounds()) > 0, 20, "round 0 to close")
         store = aggregator.store
         for receipt, g in zip(receipts, (1.0, 3.0), strict=True):
@@ -256,14 +258,14 @@ def test_server_variate_moves_by_the_mean_delta_and_is_served_by_cid(tmp_path: P
         assert cluster.extra["scaffold"]["updates"] == 2 and cluster.extra["scaffold"]["agents"] == 2
         control_manifest, control_blob = load_model(store, server_control_cid(cluster.extra))
         assert control_manifest.kind == CONTROL_KIND
-        assert all(np.allclose(v, 2.0, atol=1e-3) for v in decode_tensors(control_blob).values())  # 0 + (1 + 3) / 2
+        assert all(np.allclose(v, 2.5, atol=1e-3) for v in decode_tensors(control_blob).values())
 
-        # a restart of agent 0: c_i = 1 came back from its state directory; c = 2 is fetched by CID
+        # a restart of agent 0: c_i = 1 came back from its state directory; c = 2.5 is fetched by CID
         agents[0].close()
         again = _connect(clients, aggregator.address, "a0", tmp_path / "agent-0")
         again.wait_for_model(timeout=10)
         assert server_control_cid(again.download()[0].extra) == control_manifest.cid
-        assert all(np.allclose(v, 2.0 - 1.0, atol=1e-3) for v in again.scaffold_correction().values())
+        assert all(np.allclose(v, 2.5 - 1.0, atol=1e-3) for v in again.scaffold_correction().values())
     finally:
         aggregator.stop()
 
@@ -340,7 +342,7 @@ def test_an_aggregator_restarted_mid_round_refolds_the_delta_c(tmp_path: Path, c
         cluster = load_manifest(aggregator.store, aggregator.rounds.closed_rounds()[0].cluster_cid)
         control = decode_tensors(load_model(aggregator.store, server_control_cid(cluster.extra))[1])
         assert cluster.extra["scaffold"]["updates"] == 2
-        assert all(np.allclose(v, 2.0, atol=1e-3) for v in control.values())
+        assert all(np.allclose(v, 2.0, atol=1e-3) for v in control.values())  # equal samples: (1 + 3) / 2
     finally:
         aggregator.stop()
 
@@ -401,7 +403,7 @@ def _agent_configs(tmp_path: Path, ports: dict[str, int], max_rounds: int) -> li
 def test_scaffold_through_two_real_aggregators_with_an_agent_restart(procs: ProcessFactory, tmp_path: Path) -> None:
     """Two aggregator processes with synthesis and SCAFFOLD; four agents in one process run two rounds,
     stop, and run a third after the restart. From the store: every round's c is the last c plus the
-    sum of its updates' delta_c over N; every agent's c_i on disk is the sum of its acknowledged
+    sample-weighted mean of its updates' delta_c (all N agents send); every agent's c_i on disk is the sum of its acknowledged
     delta_c (so it survived the restart); the semi-global bases name their cluster's c; it learns."""
     ports, aggregators = _start_aggregators(procs, tmp_path)
     for run, rounds in (("first", 2), ("after-restart", 1)):
@@ -422,17 +424,19 @@ def test_scaffold_through_two_real_aggregators_with_an_agent_restart(procs: Proc
                 assert server_control_cid(load_manifest(store, close["next_base"]).extra) == control_cid
                 control = decode_tensors(load_model(store, control_cid)[1])
                 total = {k: np.zeros_like(v, dtype=np.float64) for k, v in control.items()}
+                samples = 0
                 for update_cid in cluster.parents:
                     update = load_manifest(store, update_cid)
                     delta = decode_tensors(store.get(update.extra["scaffold"]["delta_c"]))
                     mine = sent.setdefault(update.producer.id, {k: np.zeros_like(v, dtype=np.float64) for k, v in delta.items()})
+                    samples += update.num_samples
                     for k, v in delta.items():
-                        total[k] += v
+                        total[k] += v * update.num_samples  # every update is fresh: its weight is its sample count
                         mine[k] += v
-                assert cluster.extra["scaffold"]["agents"] == AGENTS_PER_AGGREGATOR
+                assert cluster.extra["scaffold"]["agents"] == AGENTS_PER_AGGREGATOR == len(cluster.parents)
                 for k, v in control.items():
                     before = previous[k] if previous is not None else 0.0
-                    np.testing.assert_allclose(v, before + total[k] / AGENTS_PER_AGGREGATOR, rtol=1e-4, atol=1e-5)
+                    np.testing.assert_allclose(v, before + total[k] / samples, rtol=1e-4, atol=1e-5)
                 previous = control
             _, weights = load_model(store, process.events("round_closed")[2]["next_base"])
             assert DigitsTask.evaluate_global(decode_tensors(weights))["accuracy"] > 0.5  # chance is 0.1
