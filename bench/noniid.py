@@ -147,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="rounds per run (default 10)")
     parser.add_argument("--max-batches", type=int, default=5, help="local batches per round (default 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="local batch size (default 32)")
+    parser.add_argument("--lr", type=float, default=0.05, help="agents' learning rate (SGD, momentum 0.9; default 0.05)")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     parser.add_argument("--shapes", default="semi-global,cluster")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/noniid_results.json)")
@@ -160,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = Params(rounds=2, agents_per_group=2, max_batches=2, **common)
     else:
         # a stalled fleet (every update refused) is given up after 90 s without a round
-        params = Params(rounds=args.rounds, max_batches=args.max_batches, batch_size=args.batch_size,
+        params = Params(rounds=args.rounds, max_batches=args.max_batches, batch_size=args.batch_size, lr=args.lr,
                         round_timeout_s=90.0, **common)
     out = args.out or (Path(tempfile.mkdtemp(prefix="noniid-quick-")) / "noniid_results.json" if args.quick
                        else _common.REPO / "bench" / "noniid_results.json")
