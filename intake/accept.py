@@ -11,7 +11,8 @@ windows, cheapest refusal first:
    more than `max_staleness` rounds behind the receiver's current round;
 4. the receiver's own admission check (a relay refuses while its backlog is full);
 5. the tensors are validated against the current base while the blob is
-   written to the store (a refused update's new blob is removed again), and the
+   written to the store (a refused update's new blob is removed again), with
+   SCAFFOLD the update's delta_c against its trained tensors, and the
    sender's manifest is checked against the header;
 6. under the receiver's lock: the staleness is taken again (the round may have
    moved), the update is journaled with weight num_samples x discount(staleness),
