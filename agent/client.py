@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from agent.algorithms import SCAFFOLD_LR, SCAFFOLD_STEPS, variate_update
 from agent.loops import BackgroundLoops
 from agent.privacy import apply_local_dp
 from agent.session import Identity, ModelInfo, Session
@@ -29,9 +30,11 @@ from agent.submit import SubmitReceipt, SubmitRefused, Submitter, encode_weights
 from agent.transfer import ModelTransfer
 from proto import strata_pb2 as pb
 from proto.convert import CAPABILITIES
-from proto.errors import FailedPrecondition, InvalidInput
+from proto.errors import FailedPrecondition, IntegrityError, InvalidInput
 from proto.retry import RetryPolicy
 from proto.wire import DEFAULT_TIMEOUT_S, create_channel, error_from_rpc
+from storage.codec import CodecError, decode_tensors, encode_tensors
+from storage.control import CONTROL_KIND, scaffold_enabled, server_control_cid
 from storage.encodings import Encoding, federation_encoding
 from storage.keys import KeyPair
 from storage.manifest import Manifest
@@ -100,6 +103,10 @@ class Client:
         self._returned_round: int | None = None
         # top-k's error-feedback residual when there is no state directory to keep it in
         self._residual: dict[str, np.ndarray] = {}
+        # SCAFFOLD's client variate c_i when there is no state directory to keep it in
+        self._variate: dict[str, np.ndarray] = {}
+        # the last server variate c fetched: (its model CID, its tensors)
+        self._server_variate: tuple[str, dict[str, np.ndarray]] = ("", {})
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -230,6 +237,8 @@ class Client:
             raise FailedPrecondition("no base model downloaded yet: call wait_for_model() first", reason="no_base")
         base = held[0]
         weights, dp = apply_local_dp(held[1], weights, self.round_config, tensors=self.trainable_tensors)
+        # from the weights as sent (after local DP): delta_c then tells the home nothing the update does not
+        control, variate = self._variate_update(held, weights, metrics or {})
         encoded, residual = self._encode(weights, base_tensors=held[1])
         pending, blob = local_update(
             weights,
@@ -244,13 +253,96 @@ class Client:
             tensors=self.trainable_tensors,
             dp=dp,
             encoded=encoded,
+            control=control,
         )
         if residual is not None and self._state is not None:
             self._state.set_next_residual(residual)  # owed from when the pending update is acknowledged
-        receipt = self._submitter.submit_local(pending, blob)
+        if variate is not None and self._state is not None:
+            self._state.set_next_variate(variate)  # c_i from when the home acknowledged the delta_c
+        receipt = self._submitter.submit_local(pending, blob, control)
         if residual is not None and self._state is None:
             self._residual = residual  # delivered: what it left out is owed now
+        if variate is not None and self._state is None:
+            self._variate = variate
         return receipt
+
+    # ------------------------------------------------------------------ SCAFFOLD
+
+    def scaffold_correction(self) -> dict[str, np.ndarray] | None:
+        """SCAFFOLD's gradient correction c - c_i over the trained tensors, for training on the base last
+        returned by `wait_for_model`; None when the federation does not run SCAFFOLD. The server variate
+        c is the `control` model the base's manifest names (fetched by CID from the home; zeros before
+        the first round closed); c_i is this agent's, kept in its state directory."""
+        if not scaffold_enabled(self.round_config):
+            return None
+        held = self._transfer.held
+        if held is None:
+            raise FailedPrecondition("no base model downloaded yet: call wait_for_model() first", reason="no_base")
+        server = self._server_control(held[0], held[1])
+        client = self._client_variate()
+        return {
+            name: (server[name] if name in server else np.zeros_like(held[1][name], dtype=np.float32))
+            - (client[name] if name in client else np.zeros_like(held[1][name], dtype=np.float32))
+            for name in self._trained_names(held[1])
+        }
+
+    def _trained_names(self, base_tensors: Mapping[str, np.ndarray]) -> list[str]:
+        return list(self.trainable_tensors) if self.trainable_tensors else sorted(base_tensors)
+
+    def _client_variate(self) -> dict[str, np.ndarray]:
+        return self._state.variate() if self._state is not None else self._variate
+
+    def _server_control(self, base: Manifest, base_tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The server variate c the base names, fetched by CID and checked against the base's tensors."""
+        cid = server_control_cid(base.extra)
+        if not cid:
+            return {}
+        if self._server_variate[0] == cid:
+            return self._server_variate[1]
+        fetched = self._transfer.fetch(cid)
+        assert fetched is not None  # without if_none_match, fetch never answers "not modified"
+        manifest, blob = fetched
+        try:
+            tensors = decode_tensors(blob)
+        except CodecError as exc:
+            raise IntegrityError(f"server variate {cid}: {exc}", reason="bad_control_variate") from None
+        if (
+            manifest.kind != CONTROL_KIND
+            or manifest.federation != self.federation
+            or set(tensors) != set(base_tensors)
+            or any(tensors[n].shape != base_tensors[n].shape or not np.all(np.isfinite(tensors[n])) for n in tensors)
+        ):
+            raise IntegrityError(
+                f"{cid} is not a finite server variate of {self.federation!r} shaped like the base",
+                reason="bad_control_variate",
+            )
+        self._server_variate = (cid, tensors)
+        return tensors
+
+    def _variate_update(
+        self, held: tuple[Manifest, dict[str, np.ndarray]], weights: Mapping[str, np.ndarray], metrics: Mapping[str, float]
+    ) -> tuple[bytes, dict[str, np.ndarray] | None]:
+        """(SCAFFOLD's delta_c blob, c_i+) for an update trained from the held base; (b"", None) when off.
+        The trainer's metrics say how many steps (scaffold_steps) of what size (scaffold_lr) it took."""
+        if not scaffold_enabled(self.round_config):
+            return b"", None
+        try:
+            steps, lr = int(metrics[SCAFFOLD_STEPS]), float(metrics[SCAFFOLD_LR])
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInput(
+                f"federation {self.federation!r} runs SCAFFOLD: the trainer must report metrics "
+                f"{SCAFFOLD_STEPS} and {SCAFFOLD_LR}", reason="bad_scaffold_metrics"
+            ) from None
+        names = self._trained_names(held[1])
+        delta, variate = variate_update(
+            held[1],
+            {name: weights[name] for name in names},
+            self._server_control(held[0], held[1]),
+            self._client_variate(),
+            steps=steps,
+            lr=lr,
+        )
+        return encode_tensors(delta), variate
 
     def _encode(
         self, weights: Mapping[str, np.ndarray], *, base_tensors: Mapping[str, np.ndarray]

@@ -23,7 +23,13 @@ from prometheus_client.core import Metric
 from agent.client import Client, SubmitRefused
 from agent.config import AgentConfig
 from agent.enrollment import Renewer, ensure_bundle, renew_address
-from agent.trainer import Trainer, has_evaluate, load_trainer, unsupported_algorithms
+from agent.trainer import (
+    SCAFFOLD_CORRECTION,
+    Trainer,
+    has_evaluate,
+    load_trainer,
+    unsupported_algorithms,
+)
 from proto.errors import StrataError
 from proto.metrics import MetricSpec
 from proto.retry import RetryPolicy
@@ -196,8 +202,15 @@ class AgentDaemon:
             # trained and acknowledged before a restart: wait for the next base
             return False
         started = time.perf_counter()
-        round_config = {**client.round_config, "round": info.round}
+        round_config: dict[str, Any] = {**client.round_config, "round": info.round}
         self._warn_unsupported(client, round_config)
+        try:
+            correction = client.scaffold_correction()
+        except StrataError as exc:
+            log.warning("scaffold_variate_unavailable", extra={"fields": {"agent": client.agent_id, "error": str(exc)}})
+            return False
+        if correction is not None:
+            round_config[SCAFFOLD_CORRECTION] = correction
         new_weights, num_samples, metrics = self.trainer.train(weights, round_config)
         train_s = time.perf_counter() - started
         if self._stop.is_set():

@@ -26,6 +26,9 @@ from storage.keys import KeyPair
 RESIDUAL_FILE = "topk_residual.safetensors"
 # the residual once the pending update is acknowledged
 NEXT_RESIDUAL_FILE = "topk_residual.next.safetensors"
+# SCAFFOLD's client control variate c_i, and what it becomes once the pending update is acknowledged
+VARIATE_FILE = "scaffold_variate.safetensors"
+NEXT_VARIATE_FILE = "scaffold_variate.next.safetensors"
 
 
 @dataclass(kw_only=True)
@@ -38,6 +41,8 @@ class PendingUpdate:
     tensors: list[str]
     manifest: str  # canonical manifest JSON text
     weights_file: str
+    # SCAFFOLD's delta_c blob sent with the update ("" without SCAFFOLD)
+    control_file: str = ""
 
 
 @dataclass(kw_only=True)
@@ -90,16 +95,29 @@ class AgentState:
     def agent_id(self) -> str:
         return self.progress.agent_id
 
-    def set_pending(self, pending: PendingUpdate, weights: bytes) -> None:
-        weights_path = self.directory / pending.weights_file
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".weights-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(weights)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, weights_path)
+    def set_pending(self, pending: PendingUpdate, weights: bytes, control: bytes = b"") -> None:
+        if pending.control_file:
+            self._write_file(pending.control_file, control)
+        self._write_file(pending.weights_file, weights)
         self.progress.pending = pending
         self.save()
+
+    def _write_file(self, name: str, data: bytes) -> None:
+        """Write `name` in the state directory atomically and durably."""
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".blob-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.directory / name)
+
+    def pending_control(self) -> bytes | None:
+        """The pending update's SCAFFOLD delta_c blob; b"" when it has none, None when it is lost."""
+        pending = self.progress.pending
+        if pending is None or not pending.control_file:
+            return b""
+        path = self.directory / pending.control_file
+        return path.read_bytes() if path.exists() else None
 
     def pending_weights(self) -> bytes | None:
         pending = self.progress.pending
@@ -131,6 +149,24 @@ class AgentState:
             os.fsync(handle.fileno())
         os.replace(tmp, self.directory / NEXT_RESIDUAL_FILE)
 
+    # ------------------------------------------------------------------ SCAFFOLD's client variate
+
+    def variate(self) -> dict[str, np.ndarray]:
+        """SCAFFOLD's c_i as of the last acknowledged update (empty, i.e. zeros, before the first)."""
+        path = self.directory / VARIATE_FILE
+        if not path.exists():
+            return {}
+        try:
+            return decode_tensors(path.read_bytes())
+        except CodecError:  # a torn or foreign file: c_i = 0 is where SCAFFOLD starts anyway
+            return {}
+
+    def set_next_variate(self, variate: Mapping[str, np.ndarray]) -> None:
+        """c_i once the pending update (which carries c_i+ - c_i) is acknowledged: it becomes `variate()`
+        at `clear_pending` with an update CID and is dropped if that update is finally refused, so the
+        agent's c_i always matches the delta_c its home counted."""
+        self._write_file(NEXT_VARIATE_FILE, encode_tensors(dict(variate)))
+
     def clear_pending(self, *, update_cid: str) -> None:
         pending = self.progress.pending
         if pending is None:
@@ -144,6 +180,13 @@ class AgentState:
         self.progress.pending = None
         self.save()
         (self.directory / pending.weights_file).unlink(missing_ok=True)
+        if pending.control_file:
+            (self.directory / pending.control_file).unlink(missing_ok=True)
+        next_variate = self.directory / NEXT_VARIATE_FILE
+        if update_cid and next_variate.exists():
+            os.replace(next_variate, self.directory / VARIATE_FILE)
+        else:
+            next_variate.unlink(missing_ok=True)
         next_residual = self.directory / NEXT_RESIDUAL_FILE
         if update_cid and next_residual.exists():
             os.replace(next_residual, self.directory / RESIDUAL_FILE)  # delivered: what it left out is owed now

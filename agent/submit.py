@@ -28,6 +28,8 @@ from proto.retry import RetryPolicy, retry_call
 from proto.wire import STREAM_TIMEOUT_S, error_from_rpc, is_retryable, stream_with_header
 from storage.cid import cid_of
 from storage.codec import encode_tensors, summarize
+from storage.control import MANIFEST_KEY as SCAFFOLD_KEY
+from storage.control import delta_control_cid
 from storage.encodings import FLOAT32, Encoding, encode_update
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer, now_rfc3339
@@ -37,6 +39,7 @@ log = logging.getLogger("strata.agent.submit")
 # SubmitUpdate attempts while the home is unavailable (each after a re-join)
 SUBMIT_ATTEMPTS = 5
 PENDING_WEIGHTS_FILE = "pending.safetensors"
+PENDING_CONTROL_FILE = "pending.delta_c.safetensors"
 
 
 class SubmitRefused(InvalidInput):
@@ -64,13 +67,15 @@ def local_update(
     tensors: Sequence[str] | None = None,
     dp: Mapping[str, Any] | None = None,
     encoded: tuple[bytes, Encoding] | None = None,
+    control: bytes = b"",
 ) -> tuple[PendingUpdate, bytes]:
     """A device update trained from `base`, signed by `key`: (its pending record, its weight bytes).
 
     `tensors` names a partial update's tensors; None sends every tensor of `weights`. `dp` is the
     local DP already applied to `weights` (agent.privacy), named in the manifest's `extra.dp`.
     `encoded` is (the blob, its encoding) from `encode_weights`, recorded as `extra.encoding`;
-    None sends the weights as float32 safetensors.
+    None sends the weights as float32 safetensors. `control` is SCAFFOLD's delta_c blob (float32
+    safetensors over the trained tensors), named in the manifest's `extra.scaffold.delta_c`.
     """
     names = list(tensors) if tensors else sorted(weights)
     missing = [n for n in names if n not in weights]
@@ -92,6 +97,7 @@ def local_update(
             **({"dp": dict(dp)} if dp else {}),
             # the CID is of these bytes as encoded; float32 (no entry) keeps old manifests' bytes
             **({"encoding": encoding.name} if encoding.is_delta else {}),
+            **({SCAFFOLD_KEY: {"delta_c": cid_of(control)}} if control else {}),
         },
         created_at=now_rfc3339(),
     ).signed(key)
@@ -104,6 +110,7 @@ def local_update(
         tensors=list(names) if tensors else [],
         manifest=manifest.to_bytes().decode(),
         weights_file=PENDING_WEIGHTS_FILE,
+        control_file=PENDING_CONTROL_FILE if control else "",
     )
     return pending, blob
 
@@ -132,10 +139,12 @@ def update_header(
     federation: str,
     tensors: Sequence[str] = (),
     base_metrics: Mapping[str, float] | None = None,
+    control: bytes = b"",
 ) -> pb.UpdateHeader:
     """The SubmitUpdate header for an update whose signed manifest travels with it.
 
     The home hashes `blob` against `manifest.weights`; the client does not hash it again here.
+    SCAFFOLD's `control` (delta_c) follows the weights in the stream; its CID is the manifest's.
     """
     return pb.UpdateHeader(
         agent_id=agent_id,
@@ -152,6 +161,8 @@ def update_header(
         parents=list(manifest.parents),
         manifest=manifest.to_bytes(),
         encoding=str(manifest.extra.get("encoding", "")),
+        control_size=len(control),
+        control_cid=delta_control_cid(manifest.extra) if control else "",
     )
 
 
@@ -179,18 +190,29 @@ class Submitter:
         return self._session.identity.agent_id
 
     def _header(
-        self, manifest: Manifest, blob: bytes, tensors: Sequence[str], base_metrics: Mapping[str, float] | None
+        self,
+        manifest: Manifest,
+        blob: bytes,
+        tensors: Sequence[str],
+        base_metrics: Mapping[str, float] | None,
+        control: bytes = b"",
     ) -> pb.UpdateHeader:
         identity = self._session.identity
         return update_header(
-            manifest, blob, agent_id=identity.agent_id, federation=identity.federation, tensors=tensors, base_metrics=base_metrics
+            manifest,
+            blob,
+            agent_id=identity.agent_id,
+            federation=identity.federation,
+            tensors=tensors,
+            base_metrics=base_metrics,
+            control=control,
         )
 
-    def submit_local(self, pending: PendingUpdate, blob: bytes) -> SubmitReceipt:
+    def submit_local(self, pending: PendingUpdate, blob: bytes, control: bytes = b"") -> SubmitReceipt:
         """Persist `pending` (with a state directory), send it, and settle it by the answer."""
         if self._state is not None:
-            self._state.set_pending(pending, blob)
-        return self._send_pending(pending, Manifest.from_bytes(pending.manifest.encode()), blob)
+            self._state.set_pending(pending, blob, control)
+        return self._send_pending(pending, Manifest.from_bytes(pending.manifest.encode()), blob, control)
 
     def resend_pending(self) -> SubmitReceipt | None:
         """Send the update written but never acknowledged before a restart, if any.
@@ -203,13 +225,14 @@ class Submitter:
             return None
         pending = state.progress.pending
         blob = state.pending_weights()
-        manifest = _readable_manifest(pending, blob)
-        if manifest is None or blob is None:
+        control = state.pending_control()
+        manifest = _readable_manifest(pending, blob, control)
+        if manifest is None or blob is None or control is None:
             log.warning("pending_update_unreadable", extra={"fields": {"agent": self._agent_id, "round": pending.round}})
             state.progress.pending = None
             state.save()
             return None
-        return self._send_pending(pending, manifest, blob)
+        return self._send_pending(pending, manifest, blob, control)
 
     def send_signed(self, manifest: Manifest, blob: bytes, tensors: Sequence[str], base_metrics: Mapping[str, float] | None) -> SubmitReceipt:
         """Send an update whose manifest the caller built and signed; not kept as pending."""
@@ -219,8 +242,9 @@ class Submitter:
         """True when an update trained on `model_cid` was acknowledged (as remembered across restarts)."""
         return self._state is not None and self._state.progress.last_submitted_base == model_cid
 
-    def _send_pending(self, pending: PendingUpdate, manifest: Manifest, blob: bytes) -> SubmitReceipt:
-        reply = self._stream(self._header(manifest, blob, pending.tensors, pending.base_metrics), blob)
+    def _send_pending(self, pending: PendingUpdate, manifest: Manifest, blob: bytes, control: bytes = b"") -> SubmitReceipt:
+        # SCAFFOLD's delta_c travels after the weights in the same stream (header.control_size says where)
+        reply = self._stream(self._header(manifest, blob, pending.tensors, pending.base_metrics, control), blob + control)
         if self._state is not None:
             settle_pending(self._state, reply)
         receipt = _receipt(reply)
@@ -248,13 +272,16 @@ class Submitter:
             raise error_from_rpc(exc) from exc
 
 
-def _readable_manifest(pending: PendingUpdate, blob: bytes | None) -> Manifest | None:
-    """The pending update's manifest, if it parses and names exactly `blob` as its weights."""
-    if blob is None:
+def _readable_manifest(pending: PendingUpdate, blob: bytes | None, control: bytes | None = b"") -> Manifest | None:
+    """The pending update's manifest, if it parses and names exactly `blob` as its weights (and
+    `control` as its SCAFFOLD delta_c, when it names one)."""
+    if blob is None or control is None:
         return None
     try:
         manifest = Manifest.from_bytes(pending.manifest.encode())
     except InvalidInput:
+        return None
+    if delta_control_cid(manifest.extra) != (cid_of(control) if control else ""):
         return None
     return manifest if manifest.weights == cid_of(blob) else None
 

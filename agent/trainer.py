@@ -16,9 +16,14 @@ import numpy as np
 
 from agent.algorithms import (
     PROX_MU,
+    SCAFFOLD_CORRECTION,
+    SCAFFOLD_LR,
+    SCAFFOLD_STEPS,
+    momentum_step_size,
     prox_mu,
     proximal_gradient,
     requested_algorithms,
+    scaffold_correction,
     unsupported_algorithms,
 )
 from agent.options import call_with_options
@@ -29,13 +34,18 @@ Weights = dict[str, np.ndarray]
 # the non-IID algorithms' helpers, for trainers of users' own (see Trainer's docstring)
 __all__ = [
     "PROX_MU",
+    "SCAFFOLD_CORRECTION",
+    "SCAFFOLD_LR",
+    "SCAFFOLD_STEPS",
     "Trainer",
     "Weights",
     "has_evaluate",
     "load_trainer",
+    "momentum_step_size",
     "prox_mu",
     "proximal_gradient",
     "requested_algorithms",
+    "scaffold_correction",
     "unsupported_algorithms",
 ]
 
@@ -57,9 +67,14 @@ class Trainer(Protocol):
       ``w_base`` is the ``weights`` given to ``train``; in gradient terms, add
       ``proximal_gradient(w, w_base, mu)`` to the loss gradient at every step. Read it with
       ``prox_mu(round_config)``.
+    - ``scaffold`` (SCAFFOLD): the agent hands over ``scaffold_correction(round_config)``, the
+      tensor-by-tensor ``c - c_i`` to add to the loss gradient of every trained tensor at every
+      local step; the trainer reports the K steps it took as metric ``scaffold_steps`` and their
+      step size eta as ``scaffold_lr`` (for momentum SGD: ``momentum_step_size(lr, momentum, K)``).
+      The agent then computes the variate update (option II) and sends it with the update.
 
     A trainer declares what it implements in an optional ``round_algorithms`` attribute
-    (e.g. ``frozenset({"fedprox"})``); the agent warns when a federation asks for one its
+    (e.g. ``frozenset({"fedprox", "scaffold"})``); the agent warns when a federation asks for one its
     trainer does not declare, since the update would silently be plain FedAvg.
     """
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from intake.config import ServingSettings
 from privacy.config import PrivacySettings
-from proto.errors import ConfigError
+from proto.errors import ConfigError, InvalidInput
+from storage.control import SCAFFOLD, scaffold_enabled
 from storage.encodings import EncodingError, parse_encoding
 from trust.security import TlsSettings
 
@@ -210,6 +211,10 @@ def _check_buffered(config: AggregatorConfig) -> None:
     if config.privacy.central.enabled:
         # the accountant counts one release per round; every buffered step would be one, unplanned
         raise ConfigError("round.mode buffered cannot be combined with central DP (privacy.central) yet")
+    if scaffold_enabled(config.round_config):
+        # SCAFFOLD's server step takes |S|/N of a round's delta_c against the c every agent trained with;
+        # a buffer mixes updates made against older c's, which that step does not account for
+        raise ConfigError("round.mode buffered cannot be combined with round_config.scaffold yet")
     synthesis = config.synthesis
     if synthesis.enabled and synthesis.decay_unit != "seconds":
         # buffered aggregators step at their own cadences, so their round numbers are not comparable
@@ -252,7 +257,7 @@ class AggregatorConfig:
     selection: SelectionSettings = field(default_factory=SelectionSettings, metadata={"help": "who trains each round"})
     round_config: dict[str, str] = _help(
         "key/values handed to every trainer each round (built-in tasks: epochs, batch_size, lr, lr_decay, momentum, "
-        "max_batches; prox_mu > 0: FedProx's proximal term)",
+        "max_batches; prox_mu > 0: FedProx's proximal term; scaffold: true for SCAFFOLD's control variates)",
         default_factory=dict,
     )
     encoding: str = _help(
@@ -293,6 +298,13 @@ class AggregatorConfig:
         if not self.federation:
             raise ConfigError("federation must not be empty")
         _check_prox_mu(self.round_config)
+        try:
+            scaffold = scaffold_enabled(self.round_config)
+        except InvalidInput as exc:
+            raise ConfigError(f"round_config.{SCAFFOLD}: {exc.message}") from None
+        if scaffold and self.privacy.central.enabled:
+            # agents' delta_c would reach c, and every agent, un-noised and uncounted by the accountant
+            raise ConfigError("round_config.scaffold cannot be combined with central DP (privacy.central) yet")
         _check_rule("strategy", self.strategy)
         if self.server_opt not in SERVER_OPT_NAMES:
             raise ConfigError(f"server_opt must be one of {list(SERVER_OPT_NAMES)}, got {self.server_opt!r}")

@@ -45,6 +45,7 @@ from intake.service import AgentServicer
 from proto.errors import ConfigError, InvalidInput, NotFound, StrataError
 from proto.serving import ServerHandle
 from storage.cid import is_cid
+from storage.control import scaffold_enabled
 from storage.encodings import parse_encoding
 from storage.keys import KeyPair
 from storage.manifest import Manifest
@@ -137,6 +138,7 @@ class FederationCore:
             synthesis_every_steps=config.synthesis.every_steps,
             synthesis_every_s=config.synthesis.every_s,
             evaluate=evaluate,
+            scaffold=scaffold_enabled(config.round_config),
         )
 
     # ------------------------------------------------------------------ lifecycle

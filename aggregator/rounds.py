@@ -53,6 +53,8 @@ from intake.submission import Submission
 from intake.validation import UpdateLimits, squared_norms
 from proto.errors import Refusal, StrataError, UpdateRefused
 from storage.codec import decode_tensors, encode_tensors
+from storage.control import CONTROL_KIND, server_control_cid
+from storage.control import MANIFEST_KEY as SCAFFOLD_KEY
 from storage.encodings import FLOAT32, Encoding
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer
@@ -92,6 +94,7 @@ class RoundManager:
         synthesis_every_steps: int = 1,
         synthesis_every_s: float = 0.0,
         evaluate: Evaluate | None = None,
+        scaffold: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`synthesis_every_steps` and `synthesis_every_s` set the synthesis cadence in buffered mode
@@ -134,6 +137,7 @@ class RoundManager:
                 max_staleness=settings.max_staleness,
                 discount=make_discount(settings.staleness_discount, **settings.staleness_params),
                 encoding=lambda: encoding,
+                scaffold=scaffold,
             ),
             receiver=self,
             store=store,
@@ -154,6 +158,14 @@ class RoundManager:
         # this round's invited agents; None while everyone is invited (no selection)
         self._invited: frozenset[str] | None = None
         self._times_invited: dict[str, int] = {}
+        # SCAFFOLD: this cluster's server variate c (absent tensors are zeros), the model CID it was last
+        # saved under, and the open round's sum of delta_c per tensor with the number of updates folded
+        self._scaffold = scaffold
+        self._control: dict[str, np.ndarray] = {}
+        self._control_cid = ""
+        self._control_sum: dict[str, np.ndarray] = {}
+        self._control_weight: dict[str, float] = {}
+        self._control_updates = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -172,10 +184,14 @@ class RoundManager:
                 self._privacy.restore(self._journal.history(), self._journal.iter_all_updates())
             self._resume_strategy()
             self._resume_cadence()
+            self._resume_control()
             self._enter_round(record)
             accepted = self._journal.open_updates()
             for update in accepted:
                 self.fold(update, self.intake.read_accepted(update))
+                delta_c = self.intake.read_control(update) if self._scaffold else None
+                if delta_c is not None:
+                    self.fold_control(update, delta_c)
             if accepted:
                 log.info(
                     "round_recovered",
@@ -199,6 +215,9 @@ class RoundManager:
         # rules that need every update at once read them back from the store at close
         self._aggregation = self._strategy.start(self._base_tensors, store=self._store)
         self._accepted = []
+        self._control_sum = {}
+        self._control_weight = {}
+        self._control_updates = 0
         if self._selector is not None:
             self._invited = frozenset(self._journal.invited(record.round))
         self._deadline = max(record.opened_at, self._clock() if record.opened_at == 0 else record.opened_at) + (
@@ -264,6 +283,64 @@ class RoundManager:
             # update is not its stored blob, so a rule that reads blobs back keeps it in memory
             return rebase(tensors, self.intake.base_tensors(update.base_cid), self._base_tensors), ""
         return tensors, update.weights_cid if self._blobs_are_weights else ""
+
+    def fold_control(self, update: AcceptedUpdate, delta: Mapping[str, np.ndarray]) -> None:
+        """SCAFFOLD: add an accepted update's delta_c to the round's sum, with the weight its model has in
+        the aggregate (the intake validated it)."""
+        weight = self._weight(update)
+        for name, value in delta.items():
+            held = self._control_sum.get(name)
+            weighted = value.astype(np.float64) * weight
+            self._control_sum[name] = weighted if held is None else held + weighted
+            self._control_weight[name] = self._control_weight.get(name, 0.0) + weight
+        self._control_updates += 1
+
+    @property
+    def control_cid(self) -> str:
+        """The model CID of this cluster's SCAFFOLD server variate c ("" before the first round closed)."""
+        return self._control_cid
+
+    def _resume_control(self) -> None:
+        """SCAFFOLD's c after a restart: the variate the last closed round's cluster manifest names."""
+        closed = self.closed_rounds()
+        if not self._scaffold or not closed:
+            return
+        cid = server_control_cid(load_manifest(self._store, closed[-1].cluster_cid).extra)
+        if cid:
+            self._control = decode_tensors(load_model(self._store, cid)[1])
+            self._control_cid = cid
+
+    def _step_control(self, round_: int, active_trainers: int) -> dict[str, object]:
+        """SCAFFOLD's server step c <- c + (|S|/N) mean(delta_c_i), N the cluster's active trainers (at least
+        |S|), the mean weighted like the models (num_samples x staleness discount): with an unweighted mean,
+        c drifts from the weighted mean of the c_i, the corrections no longer cancel in the weighted model
+        average, and the fleet diverges on unequal clients (bench/README.md). c is saved as a `control`
+        model and named in the cluster manifest."""
+        assert self._base is not None
+        updates = self._control_updates
+        agents = max(active_trainers, updates, 1)
+        share = updates / agents
+        control = {
+            name: (self._control.get(name, np.zeros_like(base, dtype=np.float32)).astype(np.float64)
+                   + (share * self._control_sum[name] / self._control_weight[name] if name in self._control_sum else 0.0)
+                   ).astype(np.float32)
+            for name, base in self._base_tensors.items()
+        }
+        manifest = save_model(
+            self._store,
+            weights=encode_tensors(control),
+            kind=CONTROL_KIND,
+            federation=self.federation,
+            round=round_,
+            producer=Producer(role="aggregator", id=self.aggregator_id),
+            key=self._key,
+            parents=(self._control_cid,) if self._control_cid else (),
+            base=self._base.model_cid,
+            algorithm={"name": "scaffold", "params": {"server_step": "c + |S|/N x weighted mean(delta_c)"}},
+            extra={"updates": updates, "agents": agents},
+        )
+        self._control, self._control_cid = control, manifest.cid
+        return {SCAFFOLD_KEY: {"control": manifest.cid, "updates": updates, "agents": agents}}
 
     # ------------------------------------------------------------------ selection
 
@@ -462,11 +539,13 @@ class RoundManager:
             count, now = len(self._accepted), self._clock()
             target = self.quorum_target(active_trainers)
             if count >= target and count > 0:
-                return self._close_within_budget(trigger="buffer_full" if self._buffered else "quorum")
+                return self._close_within_budget(
+                    trigger="buffer_full" if self._buffered else "quorum", active_trainers=active_trainers
+                )
             if now < self._deadline:
                 return None
             if count >= self.settings.min_updates:
-                return self._close_within_budget(trigger="deadline")
+                return self._close_within_budget(trigger="deadline", active_trainers=active_trainers)
             self._deadline = now + self.settings.deadline_s
             log.info(
                 "round_extended",
@@ -482,14 +561,14 @@ class RoundManager:
             )
             return None
 
-    def _close_within_budget(self, *, trigger: str) -> Manifest | None:
+    def _close_within_budget(self, *, trigger: str, active_trainers: int = 0) -> Manifest | None:
         # a release past the privacy budget never happens: the round stays open and training stops
         assert self._round is not None
         if self._privacy is not None and not self._privacy.affordable(self._round.round, self._accepted):
             return None
-        return self._close(trigger=trigger)
+        return self._close(trigger=trigger, active_trainers=active_trainers)
 
-    def _close(self, *, trigger: str) -> Manifest:
+    def _close(self, *, trigger: str, active_trainers: int = 0) -> Manifest:
         assert self._round is not None and self._aggregation is not None and self._base is not None
         started = time.perf_counter()
         round_, accepted = self._round.round, list(self._accepted)
@@ -501,6 +580,7 @@ class RoundManager:
         result = self._aggregation.result()
         privacy = {"privacy": self._privacy.spend(round_, accepted)} if self._privacy is not None else {}
         total = sum(claims.credited)
+        scaffold = self._step_control(round_, active_trainers) if self._scaffold else {}
         cluster = save_model(
             self._store,
             weights=encode_tensors(result),
@@ -534,6 +614,7 @@ class RoundManager:
                 **self._buffer_record(accepted, samples),
                 **privacy,
                 **self._aggregation_record(accepted, claims),
+                **scaffold,
             },
         )
         aggregation_s = time.perf_counter() - started

@@ -63,6 +63,7 @@ from coordinator.ring import Member, Ring
 from intake.validation import mismatch, non_finite
 from proto.errors import IntegrityError, InvalidInput, NotFound, StrataError, Unavailable
 from storage.codec import CodecError, decode_tensors, encode_tensors
+from storage.control import MANIFEST_KEY as SCAFFOLD_KEY
 from storage.keys import KeyPair
 from storage.manifest import Manifest, Producer
 from storage.models import save_model
@@ -412,6 +413,9 @@ class SemiGlobalSynthesizer:
                     else {}
                 ),
                 "refused_peers": [r.to_json() for r in refused],
+                # SCAFFOLD: each cluster keeps its own server variate c; the semi-global model its agents
+                # train from next names this cluster's (peers' variates correct their own agents' drift)
+                **({SCAFFOLD_KEY: cluster.extra[SCAFFOLD_KEY]} if SCAFFOLD_KEY in cluster.extra else {}),
             },
         )
         if self._publish is not None:

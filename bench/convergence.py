@@ -143,8 +143,9 @@ def _agent_config(agent_id: str, group: int, index: int, home: Any, state_dir: P
     )
 
 
-def run_fleet(setup: Setup, params: Params, workdir: Path) -> dict[str, Any]:
-    """Run one configuration for params.rounds rounds; return its closed-round records."""
+def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one configuration for params.rounds rounds (with the aggregators' extra `round_config`, e.g.
+    bench/noniid.py's prox_mu or scaffold); return its closed-round records."""
     from agent.daemon import run_agents
     from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
     from aggregator.daemon import AggregatorDaemon
@@ -181,6 +182,7 @@ def run_fleet(setup: Setup, params: Params, workdir: Path) -> dict[str, Any]:
             synthesis=SynthesisSettings(enabled=setup.synthesis, peers="all"),
             peers=[f"{m.id}={m.address}" for m in members] if len(members) > 1 else [],
             serving=ServingSettings(heartbeat_interval_s=2.0),
+            round_config=dict(round_config or {}),
         )
         daemons.append(AggregatorDaemon(config).start())
 

@@ -11,7 +11,8 @@ windows, cheapest refusal first:
    more than `max_staleness` rounds behind the receiver's current round;
 4. the receiver's own admission check (a relay refuses while its backlog is full);
 5. the tensors are validated against the current base while the blob is
-   written to the store (a refused update's new blob is removed again), and the
+   written to the store (a refused update's new blob is removed again), with
+   SCAFFOLD the update's delta_c against its trained tensors, and the
    sender's manifest is checked against the header;
 6. under the receiver's lock: the staleness is taken again (the round may have
    moved), the update is journaled with weight num_samples x discount(staleness),
@@ -32,19 +33,20 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
 from intake.journal import AcceptedUpdate, IntakeJournal
 from intake.submission import Submission, SubmitResult, check_header, update_manifest
-from intake.validation import UpdateLimits, validate_update
+from intake.validation import UpdateLimits, validate_control, validate_update
 from proto.errors import FailedPrecondition, NotFound, Refusal, UpdateRefused
 from storage.codec import CodecError, decode_tensors
+from storage.control import delta_control_cid
 from storage.encodings import FLOAT32, Encoding, EncodingError, parse_encoding, read_update
 from storage.keys import KeyPair
 from storage.manifest import Manifest
-from storage.models import load_model
+from storage.models import load_manifest, load_model
 from storage.store import ContentStore
 
 log = logging.getLogger("strata.intake")
@@ -78,6 +80,14 @@ class Receiver(Protocol):
         ...
 
 
+class ControlReceiver(Receiver, Protocol):
+    """A receiver that runs SCAFFOLD (an aggregator; never a relay): it also folds each delta_c."""
+
+    def fold_control(self, update: AcceptedUpdate, delta: Mapping[str, np.ndarray]) -> None:
+        """Fold an accepted update's delta_c into the round's variate sum; called under `lock`, after `fold`."""
+        ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class IntakePolicy:
     """What a receiver accepts: its federation, the update kinds, limits and the staleness rule."""
@@ -91,6 +101,8 @@ class IntakePolicy:
     # the encoding the federation asks its devices for (storage.encodings), read per submission: a relay
     # learns it from its upstream's round config. A relay's combined update may also come as float32.
     encoding: Callable[[], Encoding] = lambda: FLOAT32
+    # SCAFFOLD: device updates must carry their control-variate update delta_c (storage.control)
+    scaffold: bool = False
 
 
 class Intake:
@@ -230,6 +242,7 @@ class Intake:
         under the receiver's lock journal the update and fold it in (so no round closes between the two).
         Returns (the update, its manifest, the open batch's size), or the answer to a resend that won a race."""
         policy = self.policy
+        self._check_control_presence(sub)
         tensors = validate_update(
             sub.weights,
             base=current.base_tensors,
@@ -240,10 +253,15 @@ class Intake:
             # a delta decodes against the base it was trained from; a stale one's is an older base
             delta_base=None if base_round == current.round or not encoding.is_delta else self.base_tensors(sub.base_cid),
         )
+        delta_c = (
+            validate_control(sub.control, declared_cid=sub.control_cid, trained=tensors) if sub.control else None
+        )
         manifest = update_manifest(
             sub, weights_cid, federation=policy.federation, recorder=self.receiver_id, key=self._key, clock=self._clock
         )
         blob_written.result()
+        if sub.control:
+            self._store.put(sub.control)  # before the manifest that names it: nothing stored names a missing blob
         self._store.put(manifest.to_bytes(), cid=manifest.cid)
         with self._receiver.lock:
             counted_round = self._receiver.open_round().round
@@ -276,7 +294,29 @@ class Intake:
                 previous = self._journal.find_update(sub.agent_id, sub.base_cid)
                 assert previous is not None
                 return _resend(previous, weights_cid, sub)
-            return update, manifest, self._receiver.fold(update, tensors)
+            size = self._receiver.fold(update, tensors)
+            if delta_c is not None:
+                cast(ControlReceiver, self._receiver).fold_control(update, delta_c)
+            return update, manifest, size
+
+    def _check_control_presence(self, sub: Submission) -> None:
+        """With SCAFFOLD a device's update carries delta_c; without it (or from a relay) none may."""
+        wanted = self.policy.scaffold and sub.kind == "local"
+        if wanted and not sub.control:
+            raise UpdateRefused(
+                f"federation {self.policy.federation!r} runs SCAFFOLD: the update must carry its delta_c",
+                reason=Refusal.MISSING_CONTROL_VARIATE,
+            )
+        if sub.control and not wanted:
+            why = "a relay's combined update" if sub.kind != "local" else f"federation {self.policy.federation!r}"
+            raise UpdateRefused(
+                f"{why} takes no SCAFFOLD delta_c", reason=Refusal.UNEXPECTED_CONTROL_VARIATE
+            )
+
+    def read_control(self, update: AcceptedUpdate) -> dict[str, np.ndarray] | None:
+        """An accepted update's delta_c read back from the store (what a restart re-folds); None without one."""
+        cid = delta_control_cid(load_manifest(self._store, update.update_cid).extra)
+        return decode_tensors(self._store.get(cid)) if cid else None
 
     def _encoding(self, sub: Submission) -> Encoding:
         """The update's encoding, refused unless it is the federation's (or float32 from a relay)."""

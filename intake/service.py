@@ -93,38 +93,54 @@ async def read_update_stream(
     idle_s: float,
     offload: Offload,
     staged: StagedWrite | None = None,
-) -> tuple[pb.UpdateHeader, bytes, str]:
+) -> tuple[pb.UpdateHeader, bytes, str, bytes]:
     """Reassemble a SubmitUpdate stream: exactly one header first, then in-order chunks.
 
-    Returns (header, weights, CID of the weights), the CID hashed chunk by chunk while
-    the rest of the stream is still arriving, and each chunk written to `staged` as it
-    arrives. Raises StreamRefused.
+    Returns (header, weights, CID of the weights, SCAFFOLD's delta_c bytes or b""), the CID
+    hashed chunk by chunk while the rest of the stream is still arriving, and each chunk of the
+    weights written to `staged` as it arrives. The header's `control_size` bytes after the
+    weights are delta_c (each part is bounded by `max_bytes`). Raises StreamRefused.
     """
     builder = CidBuilder()
+    arrived: list[pb.UpdateHeader] = []
+    received = 0  # bytes of the stream so far: those below weights_size are the weights
 
     def absorb(data: bytes) -> None:
-        builder.update(data)
+        nonlocal received
+        weights_left = max(0, arrived[0].weights_size - received) if arrived else len(data)
+        received += len(data)
+        part = data[:weights_left] if weights_left < len(data) else data
+        if not part:
+            return
+        builder.update(part)
         if staged is not None:
-            staged.write(data)
-
-    arrived: list[pb.UpdateHeader] = []
+            staged.write(part)
 
     async def remembering_header() -> AsyncIterator[pb.UpdateChunk]:
         async for message in request_iterator:
             if not arrived and message.WhichOneof("part") == "header":
+                # each part on its own: the reassembler below only bounds their sum
+                for part, size in (("weights", message.header.weights_size), ("delta_c", message.header.control_size)):
+                    if size > max_bytes:
+                        raise StreamRefused(
+                            f"{part} of {size} bytes are above the limit of {max_bytes}",
+                            reason=Refusal.TOO_LARGE,
+                            header=message.header,
+                        )
                 arrived.append(message.header)
             yield message
 
     try:
-        header, weights = await receive_header_stream(
+        header, payload = await receive_header_stream(
             remembering_header(),
-            size_of=lambda h: h.weights_size,
-            max_size=max_bytes,
+            size_of=lambda h: h.weights_size + h.control_size,
+            max_size=2 * max_bytes,
             idle_timeout_s=idle_s,
             offload=offload,
             on_chunk=absorb,
         )
-        return header, weights, await offload(builder.finish)
+        weights, control = payload[: header.weights_size], payload[header.weights_size :]
+        return header, weights, await offload(builder.finish), control
     except WireError as exc:
         raise StreamRefused(
             str(exc), reason=_STREAM_REFUSALS.get(exc.reason, Refusal.BAD_STREAM), header=arrived[0] if arrived else None
@@ -139,6 +155,7 @@ def submission_from_header(
     staged: StagedWrite | None = None,
     caller: Certified | None = None,
     signers: Signers | None = None,
+    control: bytes = b"",
 ) -> Submission:
     return Submission(
         received_cid=received_cid,
@@ -159,6 +176,8 @@ def submission_from_header(
         parents=tuple(header.parents),
         manifest=header.manifest,
         encoding=header.encoding,
+        control=control,
+        control_cid=header.control_cid,
     )
 
 
@@ -343,7 +362,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         # on the loop: neither follows `offload` into the pool where the intake runs
         caller, signers = caller_certificate(), current_signers()
         try:
-            header, weights, received_cid = await read_update_stream(
+            header, weights, received_cid, control = await read_update_stream(
                 request_iterator,
                 max_bytes=self._home.max_update_bytes,
                 idle_s=self._stream_idle_s,
@@ -352,7 +371,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             )
             self._agents.touch(header.agent_id)
             submission = submission_from_header(
-                header, weights, received_cid, staged=staged, caller=caller, signers=signers
+                header, weights, received_cid, staged=staged, caller=caller, signers=signers, control=control
             )
             result = await self._offload(intake.submit, submission)
         except StreamRefused as refusal:

@@ -25,6 +25,8 @@ from intake.validation import UpdateLimits, check_size
 from proto.errors import Refusal, StrataError, UpdateRefused
 from storage.cid import cid_of, is_cid
 from storage.codec import CodecError, summarize
+from storage.control import MANIFEST_KEY as SCAFFOLD_KEY
+from storage.control import delta_control_cid
 from storage.keys import KeyPair
 from storage.manifest import MAX_METRIC_NAME_CHARS, MAX_METRICS, Manifest, Producer, rfc3339
 from storage.store import StagedWrite
@@ -61,6 +63,9 @@ class Submission:
     # with TLS: who sent it (their certificate) and how this server judges manifest signers
     caller: Certified | None = None
     signers: Signers | None = None
+    # SCAFFOLD: the agent's control-variate update delta_c (float32 safetensors) and the header's CID for it
+    control: bytes = b""
+    control_cid: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,7 +127,11 @@ def update_manifest(
             base=sub.base_cid,
             num_samples=sub.num_samples,
             metrics=dict(sub.metrics),
-            extra={"recorded_by": recorder, **encoding_extra(sub.encoding)},
+            extra={
+                "recorded_by": recorder,
+                **encoding_extra(sub.encoding),
+                **({SCAFFOLD_KEY: {"delta_c": cid_of(sub.control)}} if sub.control else {}),
+            },
             created_at=rfc3339(clock()),
         ).signed(key)
     try:
@@ -147,6 +156,8 @@ def update_manifest(
         wrong.append("parents")
     if manifest.extra.get("encoding", "float32") != (sub.encoding or "float32"):
         wrong.append("extra.encoding")
+    if delta_control_cid(manifest.extra) != (cid_of(sub.control) if sub.control else ""):
+        wrong.append("extra.scaffold.delta_c")
     try:
         held = summarize(sub.weights)
     except CodecError as exc:

@@ -7,6 +7,7 @@ L2-norm bound on the change). Nothing here touches the store or the journal.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from proto.errors import Refusal, UpdateRefused
+from storage.cid import cid_of
 from storage.codec import CodecError, decode_tensors, summarize
+from storage.control import MAX_DELTA_NORM
 from storage.encodings import FLOAT32, Encoding, EncodingError, decode_update
 
 
@@ -175,3 +178,38 @@ def relative_change(
         change_sq += _squared_distance(array, base[name])
         base_sq += norms[name]
     return change_sq**0.5, base_sq**0.5
+
+
+def validate_control(
+    control: bytes,
+    *,
+    declared_cid: str,
+    trained: Mapping[str, np.ndarray],
+    max_norm: float = MAX_DELTA_NORM,
+) -> dict[str, np.ndarray]:
+    """Check SCAFFOLD's delta_c (a stranger's input, applied to every agent's next correction) against
+    the update it came with: it hashes to `declared_cid` (the header's, when given), is float32
+    safetensors over exactly the `trained` tensors with their shapes, finite, and its L2 norm is at
+    most `max_norm`. Returns its tensors (read-only views)."""
+    if declared_cid and cid_of(control) != declared_cid:
+        raise UpdateRefused(f"delta_c does not hash to {declared_cid}", reason=Refusal.BAD_CONTROL_VARIATE)
+    try:
+        tensors = decode_tensors(control, writable=False)
+    except CodecError as exc:
+        raise UpdateRefused(f"delta_c: {exc}", reason=Refusal.BAD_CONTROL_VARIATE) from None
+    problem = mismatch(trained, tensors, expected=tuple(trained))
+    if problem is None:
+        wrong = sorted(name for name, tensor in tensors.items() if tensor.dtype != np.float32)
+        if wrong:
+            problem = f"tensors not float32: {wrong[:5]}"
+    if problem is not None:
+        raise UpdateRefused(f"delta_c: {problem}", reason=Refusal.BAD_CONTROL_VARIATE)
+    problem = non_finite(tensors)
+    if problem is not None:
+        raise UpdateRefused(f"delta_c: {problem}", reason=Refusal.CONTROL_VARIATE_OUT_OF_BOUNDS)
+    norm = math.sqrt(sum(float(np.dot(t.ravel().astype(np.float64), t.ravel().astype(np.float64))) for t in tensors.values()))
+    if not norm <= max_norm:
+        raise UpdateRefused(
+            f"delta_c has L2 norm {norm:.4g}, over the bound {max_norm:.4g}", reason=Refusal.CONTROL_VARIATE_OUT_OF_BOUNDS
+        )
+    return tensors

@@ -119,6 +119,15 @@ class Refusal(StrEnum):
     # a relay's open window already holds an update of this device (a late one, held for the next
     # base): a device counts once per combined update, so it trains again on the next base instead
     ALREADY_IN_WINDOW = "already_in_window"
+    # SCAFFOLD (round_config["scaffold"]): a device update without its control-variate update delta_c
+    MISSING_CONTROL_VARIATE = "missing_control_variate"
+    # a delta_c where the federation does not run SCAFFOLD, or on a relay's combined update
+    UNEXPECTED_CONTROL_VARIATE = "unexpected_control_variate"
+    # a delta_c that does not hash to the CID its manifest names, is not float32 safetensors, or whose
+    # tensor names or shapes are not exactly the update's trained tensors
+    BAD_CONTROL_VARIATE = "bad_control_variate"
+    # a delta_c with non-finite values or an L2 norm above storage.control.MAX_DELTA_NORM
+    CONTROL_VARIATE_OUT_OF_BOUNDS = "control_variate_out_of_bounds"
 
 
 # Refusals that resending the same update can never overcome: an agent drops such an update.
@@ -136,6 +145,10 @@ FINAL_REFUSALS = frozenset(
         Refusal.BAD_METRICS,
         Refusal.UNEXPECTED_ENCODING,
         Refusal.ALREADY_IN_WINDOW,
+        Refusal.MISSING_CONTROL_VARIATE,
+        Refusal.UNEXPECTED_CONTROL_VARIATE,
+        Refusal.BAD_CONTROL_VARIATE,
+        Refusal.CONTROL_VARIATE_OUT_OF_BOUNDS,
     }
 )
 

@@ -160,7 +160,7 @@ class ModelChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("agent_id", "round", "base_cid", "num_samples", "metrics", "tensors", "weights_size", "weights_cid", "base_metrics", "federation", "kind", "parents", "manifest", "encoding")
+    __slots__ = ("agent_id", "round", "base_cid", "num_samples", "metrics", "tensors", "weights_size", "weights_cid", "base_metrics", "federation", "kind", "parents", "manifest", "encoding", "control_size", "control_cid")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,8 @@ class UpdateHeader(_message.Message):
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_CID_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     round: int
     base_cid: str
@@ -203,7 +205,9 @@ class UpdateHeader(_message.Message):
     parents: _containers.RepeatedScalarFieldContainer[str]
     manifest: bytes
     encoding: str
-    def __init__(self, agent_id: _Optional[str] = ..., round: _Optional[int] = ..., base_cid: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[str]] = ..., weights_size: _Optional[int] = ..., weights_cid: _Optional[str] = ..., base_metrics: _Optional[_Mapping[str, float]] = ..., federation: _Optional[str] = ..., kind: _Optional[str] = ..., parents: _Optional[_Iterable[str]] = ..., manifest: _Optional[bytes] = ..., encoding: _Optional[str] = ...) -> None: ...
+    control_size: int
+    control_cid: str
+    def __init__(self, agent_id: _Optional[str] = ..., round: _Optional[int] = ..., base_cid: _Optional[str] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[str]] = ..., weights_size: _Optional[int] = ..., weights_cid: _Optional[str] = ..., base_metrics: _Optional[_Mapping[str, float]] = ..., federation: _Optional[str] = ..., kind: _Optional[str] = ..., parents: _Optional[_Iterable[str]] = ..., manifest: _Optional[bytes] = ..., encoding: _Optional[str] = ..., control_size: _Optional[int] = ..., control_cid: _Optional[str] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "chunk")

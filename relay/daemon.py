@@ -36,6 +36,7 @@ from relay.core import Relay
 from relay.forward import Forwarder
 from relay.home import RelayHome
 from relay.journal import RelayJournal
+from storage.control import SCAFFOLD
 from storage.encodings import federation_encoding
 from storage.keys import KeyPair
 from storage.manifest import Manifest
@@ -180,7 +181,12 @@ class RelayDaemon:
         )
         base = self.relay.start()
         self._device_service = AgentServicer(
-            home=RelayHome(relay=self.relay, round_config=lambda: dict(self.client.round_config)),
+            # SCAFFOLD's variates do not pass a relay yet (its combined update carries no delta_c): its
+            # devices train plain FedAvg updates rather than send a delta_c it would refuse
+            home=RelayHome(
+                relay=self.relay,
+                round_config=lambda: {k: v for k, v in self.client.round_config.items() if k != SCAFFOLD},
+            ),
             agents=self.agents,
             stream_idle_s=self.config.serving.stream_idle_s,
             offload=self._server.offload,

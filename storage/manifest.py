@@ -57,8 +57,9 @@ __all__ = [
 
 SCHEMA = "strata/model/1"
 # proposal: a fork's model offered back to its source federation (parents: the target's base, the model);
-# merge: an accepted proposal's weighted average of the shared tensors, the target's new base (coordinator/hub.py)
-KINDS = ("base", "local", "relay", "cluster", "semi-global", "fork", "proposal", "merge")
+# merge: an accepted proposal's weighted average of the shared tensors, the target's new base (coordinator/hub.py);
+# "control": a cluster's SCAFFOLD server variate c (storage.control), served to its agents like a model
+KINDS = ("base", "local", "relay", "cluster", "semi-global", "fork", "proposal", "merge", "control")
 # a device's own update and a relay's combined one: private to the receiver, never served to other devices
 DEVICE_UPDATE_KINDS = ("local", "relay")
 # a PEM certificate is about 1 KiB; this leaves room for long SANs and nothing more

@@ -240,6 +240,7 @@ def test_sync_rounds_are_unchanged_stale_weights_are_averaged_not_rebased(tmp_pa
     [
         ({"selection": SelectionSettings(mode="count", count=3)}, "selection.mode"),
         ({"privacy": PrivacySettings(central=CentralDpSettings(clip=1.0))}, "central DP"),
+        ({"round_config": {"scaffold": "true"}, "synthesis": SynthesisSettings(enabled=False)}, "scaffold"),
         ({"synthesis": SynthesisSettings()}, "decay_unit: seconds"),
         ({"synthesis": SynthesisSettings(decay_unit="seconds", every_steps=0, every_s=0.0)}, "every_steps"),
     ],

@@ -162,7 +162,7 @@ def test_flipping_any_bit_of_stored_bytes_is_caught(keypair: KeyPair) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "needle"),
     [
-        ("kind", "global", "expected one of base, local, relay, cluster, semi-global, fork, proposal, merge; got 'global'"),
+        ("kind", "global", "expected one of base, local, relay, cluster, semi-global, fork, proposal, merge, control; got 'global'"),
         ("federation", "", "expected 1-128 characters"),
         ("federation", "a/b", "got 'a/b'"),
         ("producer", "agg", "'producer': expected a Producer"),

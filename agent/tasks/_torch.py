@@ -21,7 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from agent.algorithms import prox_mu
+from agent.algorithms import (
+    SCAFFOLD_LR,
+    SCAFFOLD_STEPS,
+    momentum_step_size,
+    prox_mu,
+    scaffold_correction,
+)
 from agent.tasks.partition import partition_indices
 from proto.errors import InvalidInput
 
@@ -63,11 +69,13 @@ class TorchTask:
     """A classifier trained with SGD (momentum) or Adam on one client's partition.
 
     With ``prox_mu`` > 0 in the round config (FedProx), every step follows the gradient of
-    ``loss + prox_mu / 2 * ||w - w_base||^2`` over the trained tensors.
+    ``loss + prox_mu / 2 * ||w - w_base||^2`` over the trained tensors. With SCAFFOLD, every
+    step adds the agent's correction ``c - c_i`` to the gradient, and the metrics report the
+    K steps taken and their effective step size (momentum included) for the variate update.
     """
 
     name: ClassVar[str] = ""
-    round_algorithms: ClassVar[frozenset[str]] = frozenset({"fedprox"})
+    round_algorithms: ClassVar[frozenset[str]] = frozenset({"fedprox", "scaffold"})
     default_epochs: ClassVar[int] = 1
     default_batch_size: ClassVar[int] = 32
     default_lr: ClassVar[float] = 0.05
@@ -209,9 +217,15 @@ class TorchTask:
         frozen = set()
         if self.head_only:
             frozen = {name for name in self._tensor_names if not name.startswith(HEAD_PREFIX)}
-        params = [p for name, p in self._model.named_parameters() if name not in frozen]
+        named_params = [(name, p) for name, p in self._model.named_parameters() if name not in frozen]
+        params = [p for _, p in named_params]
         for name, p in self._model.named_parameters():
             p.requires_grad_(name not in frozen)
+        correction = scaffold_correction(round_config or {})
+        if correction is not None and self.optimizer != "sgd":
+            raise InvalidInput(f"{self.name}: SCAFFOLD's variate update assumes SGD steps; optimizer is "
+                               f"{self.optimizer!r}", reason="bad_task_option")
+        corrections = self._corrections(named_params, correction) if correction is not None else None
         opt: _Optimizer
         if self.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=settings.round_lr(round_number))
@@ -221,9 +235,14 @@ class TorchTask:
         mu = prox_mu(round_config or {})
         # FedProx's anchor: the base weights, as loaded, of the tensors this round trains
         anchor = [p.detach().clone() for p in params] if mu > 0 else None
-        metrics = self._train_loop(opt, settings, rng, proximal=(params, anchor, mu) if anchor else None)
+        metrics = self._train_loop(opt, settings, rng, proximal=(params, anchor, mu) if anchor else None,
+                                   corrected=(params, corrections) if corrections is not None else None)
         if mu > 0:
             metrics["prox_mu"] = mu  # in the update's manifest: which objective it followed
+        if corrections is not None:
+            steps = int(metrics["batches"])
+            metrics[SCAFFOLD_STEPS] = float(steps)
+            metrics[SCAFFOLD_LR] = momentum_step_size(settings.round_lr(round_number), settings.momentum, steps)
         updated = _export(self._model)
         # Frozen tensors go back exactly as they came in, bit for bit.
         for name in frozen:
@@ -276,8 +295,22 @@ class TorchTask:
             max_batches=as_optional_int(round_config.get("max_batches", d.max_batches), "max_batches", minimum=1),
         )
 
+    def _corrections(self, named_params: Sequence[tuple[str, torch.Tensor]], correction: Mapping[str, np.ndarray]
+                     ) -> list[torch.Tensor]:
+        """SCAFFOLD's c - c_i as tensors aligned with the trained parameters; checked, since the agent
+        built it from what its home served."""
+        out = []
+        for name, p in named_params:
+            value = correction.get(name)
+            if value is None or tuple(value.shape) != tuple(p.shape) or not np.all(np.isfinite(value)):
+                raise InvalidInput(f"{self.name}: SCAFFOLD correction for {name!r} is missing, mis-shaped or "
+                                   f"non-finite", reason="bad_round_config")
+            out.append(torch.from_numpy(np.array(value, dtype=np.float32, copy=True)))
+        return out
+
     def _train_loop(self, opt: _Optimizer, settings: TrainSettings, rng: np.random.Generator,
-                    proximal: tuple[list[torch.Tensor], list[torch.Tensor], float] | None = None
+                    proximal: tuple[list[torch.Tensor], list[torch.Tensor], float] | None = None,
+                    corrected: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
                     ) -> dict[str, float]:
         data = self._dataset()
         model = self._model
@@ -305,6 +338,8 @@ class TorchTask:
                 (loss_sum / y.shape[0]).backward()
                 if proximal is not None:
                     add_proximal_gradient(*proximal)
+                if corrected is not None:
+                    add_control_correction(*corrected)
                 opt.step()
                 with torch.no_grad():
                     total_loss += loss_sum
@@ -347,6 +382,15 @@ def add_proximal_gradient(params: Sequence[torch.Tensor], anchor: Sequence[torch
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         p.grad.add_(p - a, alpha=mu)
+
+
+@torch.no_grad()
+def add_control_correction(params: Sequence[torch.Tensor], corrections: Sequence[torch.Tensor]) -> None:
+    """SCAFFOLD: add ``c - c_i`` to each ``p.grad`` (the local step follows g(y) - c_i + c)."""
+    for p, correction in zip(params, corrections, strict=True):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.add_(correction)
 
 
 class _Optimizer(Protocol):
