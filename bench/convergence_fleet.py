@@ -8,7 +8,10 @@ With every peer fresh, synthesis is single-server FedAvg by construction (bench/
 (`synthesis.peers: random:K`, O(1) fetches instead of O(N)), and one aggregator is 3x slower:
   (a)  1 aggregator x 30 agents: the single-server reference;
   (r1) 10 aggregators x 3 agents, synthesis.peers random:1, the last aggregator 3x slower;
-  (r2) the same with random:2.
+  (r2) the same with random:2;
+  (e1), (e2) the same with exp:1, exp:2 (peers at distances 1, 2, 4, 8 along the members,
+       rotating each round: aggregator.synthesis.exponential_peers);
+  (all) the same with every peer, for reference.
 MNIST's 60k training images are split two-level (agent.tasks.partition): Dirichlet(0.5) by
 class across 10 groups (one per aggregator), then Dirichlet(0.5) across a group's 3 agents;
 the same 30 slices in every setup. Everything else is bench/convergence.py's code path: real
@@ -52,6 +55,10 @@ SETUPS: dict[str, Setup] = {
                 peers="random:1", slowdown=SLOWDOWN),
     "r2": Setup(key="r2", label="(r2) 10 x 3, random:2, one 3x slower", aggregators=10, synthesis=True,
                 peers="random:2", slowdown=SLOWDOWN),
+    "e1": Setup(key="e1", label="(e1) 10 x 3, exp:1, one 3x slower", aggregators=10, synthesis=True,
+                peers="exp:1", slowdown=SLOWDOWN),
+    "e2": Setup(key="e2", label="(e2) 10 x 3, exp:2, one 3x slower", aggregators=10, synthesis=True,
+                peers="exp:2", slowdown=SLOWDOWN),
     "all": Setup(key="all", label="(all) 10 x 3, all peers, one 3x slower", aggregators=10, synthesis=True,
                  peers="all", slowdown=SLOWDOWN),
 }
@@ -134,7 +141,7 @@ def report(results: dict[str, Any], params: Params) -> dict[str, Any]:
             f"{summary['final']['mean']:.4f}", f"{summary['final']['min']:.4f}",
             f"{sum(fleet['final_10k'].values()) / len(fleet['final_10k']):.4f}", f"{fleet['wall_s']:.0f}",
         ])
-    print(f"\nrounds to 97% (paced aggregators: mean curve / every one), slow aggregator, final accuracy, wall:")
+    print("\nrounds to 97% (paced aggregators: mean curve / every one), slow aggregator, final accuracy, wall:")
     print_table(["setup", "mean", "all", "slow: rounds to 97% in rounds closed", "final mean", "final worst", "final mean (10k)", "wall s"], rows)
 
     checkpoints = [k for k in CHECKPOINTS if k < params.rounds] + [params.rounds]
@@ -194,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="convergence-fleet-quick-")) if args.quick else _common.REPO / "bench")
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    json_path = out_dir / args.results_name
     metric = subset_accuracy(args.eval_images)
     quiet_logs()
     workdir = Path(tempfile.mkdtemp(prefix="strata-convergence-fleet-"))
@@ -225,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for aid in fleet["slow"]:
                 curve = [p["accuracy"] for p in evaluations[aid]]
                 print(f"  [{key}] slow {aid}: {len(curve) - 1} rounds, to 97% in {rounds_to_target(curve)}", flush=True)
+            # written after every setup: a long run cut short keeps what it measured
+            _write(results, json_path, argv)
     finally:
         for name, value in saved_env.items():
             if value is None:
@@ -234,11 +244,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     results["verdict"] = report(results, params)
     results["total_s"] = round(time.monotonic() - started, 1)
-    results["command"] = " ".join(["python", "bench/convergence_fleet.py", *(argv if argv is not None else sys.argv[1:])])
-    json_path = out_dir / args.results_name
-    json_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    _write(results, json_path, argv)
     print(f"\ntotal {results['total_s']:.0f} s; wrote {json_path}")
     return 0
+
+
+def _write(results: dict[str, Any], path: Path, argv: Sequence[str] | None) -> None:
+    results["command"] = " ".join(["python", "bench/convergence_fleet.py", *(argv if argv is not None else sys.argv[1:])])
+    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
