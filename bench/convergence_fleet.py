@@ -174,6 +174,43 @@ def report(results: dict[str, Any], params: Params) -> dict[str, Any]:
     return verdict
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Mean accuracy of the paced aggregators per round (left) and their mean pairwise L2 distance (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"a": "black", "r1": "tab:orange", "r2": "tab:red", "e1": "tab:cyan", "e2": "tab:blue", "all": "tab:green"}
+    fig, (accuracy, spread) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, summary in results["summaries"].items():
+        mean = summary["curves"]["mean"]
+        accuracy.plot(range(len(mean)), mean, color=colors.get(key), linewidth=2, label=summary["label"])
+        if key in results["disagreement"]:
+            worst = summary["curves"]["min"]
+            accuracy.plot(range(len(worst)), worst, color=colors.get(key), linewidth=0.9, linestyle="--")
+            series = results["disagreement"][key]
+            spread.plot([r["round"] for r in series], [r["paced"]["mean_pairwise_l2"] for r in series],
+                        color=colors.get(key), linewidth=2, label=summary["label"])
+    accuracy.axhline(0.97, color="gray", linewidth=0.8, linestyle=":")
+    accuracy.set_ylim(0.85, 1.0)
+    accuracy.set_xlabel("rounds")
+    accuracy.set_ylabel(f"test accuracy ({results.get('eval_images', 10000)} MNIST test images)")
+    accuracy.set_title("mean of the 9 paced aggregators (dashed: worst)", fontsize=9)
+    accuracy.legend(loc="lower right", fontsize=8)
+    spread.set_xlabel("rounds")
+    spread.set_ylabel("mean pairwise L2 distance between semi-global models")
+    spread.set_yscale("log")
+    spread.legend(loc="upper right", fontsize=8)
+    for axis in (accuracy, spread):
+        axis.grid(alpha=0.3)
+    fig.suptitle("10 aggregators x 3 agents, Dirichlet 0.5 by class across aggregators, one aggregator 3x slower",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fmt(value: int | None) -> str:
     return "not reached" if value is None else str(value)
 
@@ -187,7 +224,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-images", type=int, default=2000,
                         help="test images (a fixed random subset of the 10k) each round's models are evaluated on")
     parser.add_argument("--results-name", default="convergence_fleet_results.json", help="the JSON's file name")
+    parser.add_argument("--from-json", type=Path, help="only print the report and draw the plot of a saved run")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        saved["verdict"] = report(saved, Params(**saved["params"]))
+        plot(saved, args.from_json.with_suffix(".png"))
+        args.from_json.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+        return 0
 
     params = Params(rounds=30, groups=10, agents_per_group=3)
     if args.quick:
@@ -245,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["verdict"] = report(results, params)
     results["total_s"] = round(time.monotonic() - started, 1)
     _write(results, json_path, argv)
-    print(f"\ntotal {results['total_s']:.0f} s; wrote {json_path}")
+    plot(results, json_path.with_suffix(".png"))
+    print(f"\ntotal {results['total_s']:.0f} s; wrote {json_path} and its .png")
     return 0
 
 
