@@ -144,7 +144,9 @@ def _agent_config(agent_id: str, group: int, index: int, home: Any, state_dir: P
         task="_paced:PacedMnistTask" if slowdown > 1.0 else "mnist",
         task_options={**options, "slowdown": slowdown} if slowdown > 1.0 else options,
         state_dir=str(state_dir),
-        max_rounds=params.rounds,
+        # a margin: an agent whose update was refused once (seen under heavy load) still counts that round,
+        # and would otherwise leave before its aggregator closes the last one; `stop` ends every agent anyway
+        max_rounds=params.rounds + 5,
         backoff_max_s=2.0,
     )
 
