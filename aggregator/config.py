@@ -111,7 +111,11 @@ class RoundSettings:
 @dataclass(frozen=True, kw_only=True)
 class SynthesisSettings:
     enabled: bool = _help("synthesize a semi-global model from peers' cluster models after each round", default=True)
-    peers: str = _help("which peers to gather from: 'all' or 'random:K'", default="all")
+    peers: str = _help(
+        "which peers to gather from: 'all', 'random:K' (K at random each round) or 'exp:K' (K at distances "
+        "1, 2, 4, ... along the members sorted by id, rotating each round: mixes in about log2(N) rounds)",
+        default="all",
+    )
     decay: str = _help("staleness decay of peer models: polynomial | exponential | constant", default="exponential")
     decay_params: dict[str, float] = _help(
         "parameters of the decay (exponential: half_life)", default_factory=lambda: {"half_life": 2.0}
@@ -140,8 +144,9 @@ class SynthesisSettings:
     )
 
     def __post_init__(self) -> None:
-        if self.peers != "all" and not (self.peers.startswith("random:") and self.peers[7:].isdigit()):
-            raise ConfigError("synthesis.peers must be 'all' or 'random:K'")
+        mode, _, count = self.peers.partition(":")
+        if self.peers != "all" and not (mode in ("random", "exp") and count.isdigit() and (mode == "random" or int(count) >= 1)):
+            raise ConfigError("synthesis.peers must be 'all', 'random:K' or 'exp:K' (K >= 1)")
         if self.decay_unit not in ("rounds", "seconds"):
             raise ConfigError("synthesis.decay_unit must be 'rounds' or 'seconds'")
         if self.outlier_z <= 0:

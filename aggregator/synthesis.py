@@ -193,19 +193,22 @@ class SemiGlobalSynthesizer:
         self.peers_used = 0
         self.peers_refused: collections.Counter[str] = collections.Counter()
 
-    def select_peers(self, ring: Ring) -> list[Member]:
+    def select_peers(self, ring: Ring, round_: int = 0) -> list[Member]:
+        """The peers this round's synthesis asks: all, K at random, or K on the exponential graph."""
         others = [m for m in ring.members if m.id != self.aggregator_id]
         if self.settings.peers == "all":
             return others
-        k = int(self.settings.peers.split(":", 1)[1])
-        return self._rng.sample(others, min(k, len(others)))
+        mode, _, count = self.settings.peers.partition(":")
+        if mode == "exp":
+            return exponential_peers(ring.members, self.aggregator_id, round_, int(count))
+        return self._rng.sample(others, min(int(count), len(others)))
 
     def __call__(self, cluster: Manifest, tensors: Mapping[str, np.ndarray]) -> Manifest:
         ring = self._ring()
         self._wait_until = time.monotonic() + (self.settings.peer_wait_s if self._wait_for_peers else 0.0)
         candidates: list[_Candidate] = []
         refused: list[PeerRefusal] = []
-        for member in self.select_peers(ring):
+        for member in self.select_peers(ring, cluster.round):
             try:
                 candidate = self._gather(member, ring, cluster, tensors)
             except _Refused as refusal:
@@ -436,6 +439,36 @@ class SemiGlobalSynthesizer:
 
 
 _MAX_SAMPLES = (1 << 63) - 1
+
+
+def exponential_peers(members: Sequence[Member], own_id: str, round_: int, count: int) -> list[Member]:
+    """At most `count` peers on the exponential graph (Ying et al., NeurIPS 2021), rotating with the round.
+
+    Members are ordered by id (every aggregator sees the same order); the hops are 1, 2, 4, ...,
+    2^(ceil(log2 N) - 1) places ahead, and round r uses hops r*count .. r*count + count - 1 of that
+    cycle (all of them when count is at least their number). Among aggregators in the same round,
+    every member is asked by exactly as many peers as it asks, so equal-weight blends keep the
+    fleet's average, and within ceil(log2 N) rounds every cluster model has reached every
+    aggregator (with N a power of two and count 1, that many rounds of pure averaging give the
+    exact mean); random picks leave some aggregators unasked each round and spread more slowly.
+    A ring without us (we were dropped) gives no peer."""
+    ordered = sorted(members, key=lambda m: m.id)
+    ids = [m.id for m in ordered]
+    if own_id not in ids or len(ordered) < 2 or count < 1:
+        return []
+    n = len(ordered)
+    hops = [1 << j for j in range(max(1, (n - 1).bit_length()))]
+    if count >= len(hops):
+        chosen = hops
+    else:
+        chosen = [hops[(round_ * count + j) % len(hops)] for j in range(count)]
+    own = ids.index(own_id)
+    peers: list[Member] = []
+    for hop in chosen:
+        peer = ordered[(own + hop) % n]
+        if peer.id != own_id and peer not in peers:
+            peers.append(peer)
+    return peers
 
 
 def credited_samples(cluster: Manifest, candidates: Sequence[_Candidate]) -> dict[str, int]:

@@ -58,6 +58,10 @@ class Setup:
     label: str
     aggregators: int
     synthesis: bool
+    # synthesis.peers: 'all', 'random:K' (bench/convergence_fleet.py measures the sparse ones)
+    peers: str = "all"
+    # the last aggregator's agents take this many times as long per round (bench/_paced.py)
+    slowdown: float = 1.0
 
 
 SETUPS: dict[str, Setup] = {
@@ -128,17 +132,21 @@ def _task_options(group: int, index: int, params: Params) -> dict[str, Any]:
     }
 
 
-def _agent_config(agent_id: str, group: int, index: int, home: Any, state_dir: Path, params: Params) -> Any:
+def _agent_config(agent_id: str, group: int, index: int, home: Any, state_dir: Path, params: Params,
+                  slowdown: float = 1.0) -> Any:
     from agent.config import AgentConfig
 
+    options = _task_options(group, index, params)
     return AgentConfig(
         id=agent_id,
         seeds=[home.address],
         federation=FEDERATION,
-        task="mnist",
-        task_options=_task_options(group, index, params),
+        task="_paced:PacedMnistTask" if slowdown > 1.0 else "mnist",
+        task_options={**options, "slowdown": slowdown} if slowdown > 1.0 else options,
         state_dir=str(state_dir),
-        max_rounds=params.rounds,
+        # a margin: an agent whose update was refused once (seen under heavy load) still counts that round,
+        # and would otherwise leave before its aggregator closes the last one; `stop` ends every agent anyway
+        max_rounds=params.rounds + 5,
         backoff_max_s=2.0,
     )
 
@@ -179,7 +187,7 @@ def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[st
                 deadline_s=params.round_timeout_s,
                 agent_timeout_s=params.round_timeout_s,
             ),
-            synthesis=SynthesisSettings(enabled=setup.synthesis, peers="all"),
+            synthesis=SynthesisSettings(enabled=setup.synthesis, peers=setup.peers),
             peers=[f"{m.id}={m.address}" for m in members] if len(members) > 1 else [],
             serving=ServingSettings(heartbeat_interval_s=2.0),
             round_config=dict(round_config or {}),
@@ -187,8 +195,10 @@ def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[st
         daemons.append(AggregatorDaemon(config).start())
 
     placed = _place_agents(members, setup, params)
+    slow_ids = {members[-1].id} if setup.slowdown > 1.0 and len(members) > 1 else set()
     configs = [
-        _agent_config(agent_id, group, index, member, home / "agents" / agent_id, params)
+        _agent_config(agent_id, group, index, member, home / "agents" / agent_id, params,
+                      setup.slowdown if member.id in slow_ids else 1.0)
         for agent_id, group, index, member in placed
     ]
     stop = threading.Event()
@@ -204,7 +214,8 @@ def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[st
             if total != last_total:
                 last_progress, last_total = time.monotonic(), total
                 print(f"  [{setup.key}] rounds closed {rounds_now}  {time.monotonic() - started:6.1f} s", flush=True)
-            if min(rounds_now) >= params.rounds:
+            # a slow aggregator is not waited for: the run is as long as the others' rounds
+            if min(r for d, r in zip(daemons, rounds_now, strict=True) if d.id not in slow_ids) >= params.rounds:
                 break
             if time.monotonic() - last_progress > params.round_timeout_s:
                 raise RuntimeError(f"setup {setup.key}: no round closed for {params.round_timeout_s:.0f} s at {rounds_now}")
@@ -220,7 +231,8 @@ def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[st
         runner.join(timeout=30)
         for daemon in daemons:
             daemon.stop()
-    return {"base": base_cid, "store": str(store_path), "records": records, "wall_s": wall_s, "agents": len(configs)}
+    return {"base": base_cid, "store": str(store_path), "records": records, "wall_s": wall_s, "agents": len(configs),
+            "slow": sorted(slow_ids)}
 
 
 def run_centralized(params: Params) -> dict[str, Any]:
@@ -253,19 +265,21 @@ def run_centralized(params: Params) -> dict[str, Any]:
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate_fleet(setup: Setup, fleet: dict[str, Any]) -> dict[str, Any]:
-    """Test accuracy of every aggregator's base after each round (round 0 = the initial base)."""
+def evaluate_fleet(setup: Setup, fleet: dict[str, Any], metric: Any = None) -> dict[str, Any]:
+    """Test accuracy of every aggregator's base after each round (round 0 = the initial base);
+    `metric` (weights -> {"accuracy", "loss"}) defaults to MnistTask.evaluate_global (10k test split)."""
     from agent.tasks import MnistTask
     from storage.codec import decode_tensors
     from storage.models import load_manifest, load_model
     from storage.open import open_store
 
     cache: dict[str, dict[str, float]] = {}
+    metric = metric or MnistTask.evaluate_global
 
     def evaluate(store: Any, model_cid: str) -> dict[str, float]:
         manifest, weights = load_model(store, model_cid)
         if manifest.weights not in cache:
-            cache[manifest.weights] = MnistTask.evaluate_global(decode_tensors(weights))
+            cache[manifest.weights] = metric(decode_tensors(weights))
         return cache[manifest.weights]
 
     aggregators: dict[str, list[dict[str, Any]]] = {}
@@ -298,11 +312,14 @@ def rounds_to_target(curve: Sequence[float]) -> int | None:
     return next((k for k, accuracy in enumerate(curve) if accuracy >= TARGET_ACCURACY), None)
 
 
-def summarize(setup: Setup, aggregators: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def summarize(setup: Setup, aggregators: dict[str, list[dict[str, Any]]], slow: Sequence[str] = ()) -> dict[str, Any]:
+    """Mean and worst curves over the aggregators at their own round k; a slow aggregator (fewer
+    rounds in the same time) is left out of them and reported on its own."""
     curves = {aid: [p["accuracy"] for p in points] for aid, points in aggregators.items()}
-    length = min(len(c) for c in curves.values())
-    mean = [sum(c[k] for c in curves.values()) / len(curves) for k in range(length)]
-    worst = [min(c[k] for c in curves.values()) for k in range(length)]
+    paced = {aid: c for aid, c in curves.items() if aid not in slow} or curves
+    length = min(len(c) for c in paced.values())
+    mean = [sum(c[k] for c in paced.values()) / len(paced) for k in range(length)]
+    worst = [min(c[k] for c in paced.values()) for k in range(length)]
     summary: dict[str, Any] = {
         "label": setup.label,
         "curves": {"mean": mean, "min": worst},
