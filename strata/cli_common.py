@@ -82,6 +82,20 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
 
 
+def add_coordinator_options(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
+    """The options every coordinator command shares (address, deadline, bundle, --json), and its handler."""
+    parser.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=os.environ.get("STRATA_COORDINATOR", "127.0.0.1:7000"),
+        help="coordinator address (default: $STRATA_COORDINATOR or 127.0.0.1:7000)",
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds (default: 5)")
+    add_bundle_option(parser)
+    add_json_option(parser)
+    parser.set_defaults(handler=handler)
+
+
 def add_log_level_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", metavar="LEVEL", help="debug | info | warning | error (overrides the config's log_level)"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,41 +15,26 @@ from strata import render
 from strata.cli_common import (
     EXIT_OK,
     add_actions,
-    add_bundle_option,
-    add_json_option,
+    add_coordinator_options,
     channel_factory_for,
     print_json,
 )
 
 
-def _add_coordinator(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
-    """The options every coordinator query shares, and the handler that answers it."""
-    parser.add_argument(
-        "--coordinator",
-        metavar="HOST:PORT",
-        default=os.environ.get("STRATA_COORDINATOR", "127.0.0.1:7000"),
-        help="coordinator address (default: $STRATA_COORDINATOR or 127.0.0.1:7000)",
-    )
-    parser.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds (default: 5)")
-    add_bundle_option(parser)
-    add_json_option(parser)
-    parser.set_defaults(handler=handler)
-
-
 def register(commands: argparse._SubParsersAction) -> None:
     fleet = add_actions(commands, "fleet", "the fleet as the coordinator sees it")
     status = fleet.add_parser("status", help="aggregators, leases, rounds, agent counts, last cluster and semi-global CIDs")
-    _add_coordinator(status, cmd_fleet_status)
+    add_coordinator_options(status, cmd_fleet_status)
     watch = fleet.add_parser("watch", help="a live terminal view: the ring, rounds, agents, latest models and accuracy")
     watch.add_argument("--interval", type=float, default=2.0, help="seconds between frames (default: 2)")
     watch.add_argument("--once", action="store_true", help="print one frame and exit")
-    _add_coordinator(watch, cmd_fleet_watch)
+    add_coordinator_options(watch, cmd_fleet_watch)
 
     ring = add_actions(commands, "ring", "the consistent-hash ring")
     show = ring.add_parser("show", help="members and version; with --agent, where that agent lives")
     show.add_argument("--agent", action="append", default=[], metavar="ID", help="an agent id to place (repeatable)")
     show.add_argument("--federation", default="", help="only the aggregators serving this federation: its ring (default: all)")
-    _add_coordinator(show, cmd_ring_show)
+    add_coordinator_options(show, cmd_ring_show)
 
     models = add_actions(commands, "models", "the coordinator's model index")
     listing = models.add_parser("list", help="models by kind, aggregator, round or federation")
@@ -60,7 +44,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     listing.add_argument("--round", type=int, default=0, help="only this round (0: any)")
     listing.add_argument("--latest", action="store_true", help="only the latest per aggregator")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default: 50)")
-    _add_coordinator(listing, cmd_models_list)
+    add_coordinator_options(listing, cmd_models_list)
 
 
 def _ago(timestamp: float) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +50,7 @@ from strata.cli_common import (
     EXIT_INTEGRITY,
     EXIT_OK,
     add_actions,
-    add_bundle_option,
-    add_json_option,
+    add_coordinator_options,
     add_store_option,
     channel_factory_for,
     print_json,
@@ -66,19 +64,6 @@ __all__ = ["merge_weights", "new_head", "register", "resolve_ref", "signing_iden
 
 # the tensors a feature fork resets are the head's: `head.weight`, `head.bias` in the built-in tasks
 DEFAULT_HEAD_PREFIX = "head."
-
-
-def add_coordinator_options(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
-    parser.add_argument(
-        "--coordinator",
-        metavar="HOST:PORT",
-        default=os.environ.get("STRATA_COORDINATOR", "127.0.0.1:7000"),
-        help="coordinator address (default: $STRATA_COORDINATOR or 127.0.0.1:7000)",
-    )
-    parser.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds (default: 5)")
-    add_bundle_option(parser)
-    add_json_option(parser)
-    parser.set_defaults(handler=handler)
 
 
 def _with_store(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
