@@ -389,8 +389,12 @@ def test_the_coordinator_serves_manifests_and_lineage_never_weights() -> None:
                 assert field.message_type.name not in ("Chunk", "ModelChunk", "BlobChunk"), (message.full_name, field.name)
                 walk(field.message_type)
             elif field.type == field.TYPE_BYTES:
-                # manifests, and the certificates and revocation lists of enrollment: never weights
-                assert field.name in ("manifest", "certificate_pem", "ca_pem", "revocations"), (message.full_name, field.name)
+                # manifests, the certificates and revocation lists of enrollment, and the hub's signed
+                # release tags (canonical JSON naming a model CID): never weights
+                assert field.name in ("manifest", "certificate_pem", "ca_pem", "revocations", "tag"), (
+                    message.full_name,
+                    field.name,
+                )
 
     for method in service.methods:
         walk(method.output_type)
