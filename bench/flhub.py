@@ -1,6 +1,7 @@
 """The FLHub experiment: does a model forked from an MNIST release train Fashion-MNIST in fewer rounds?
 
-Run alone: `python bench/flhub.py` (`--quick` for a smoke run, `--rounds N`, `--max-batches N`).
+Run alone: `python bench/flhub.py` (`--quick` for a smoke run, `--rounds N`, `--max-batches N`;
+`--from-json bench/flhub_results.json` re-reports a finished run without training).
 
 Everything goes through the hub's real code path, against a real coordinator daemon on
 127.0.0.1 (in this process; the `strata` CLI runs in-process too, through `strata.cli.main`,
@@ -51,6 +52,8 @@ from _common import print_table, quiet_logs
 from convergence import Params, Setup
 
 TARGET_FRACTION = 0.5
+# lower bars than scratch's final accuracy: where on the curve the fork's head start is won or lost
+THRESHOLDS = (0.5, 0.6, 0.65, 0.7, 0.75)
 SOURCE_FEDERATION = "mnist"
 SOURCE_VERSION = "1.0.0"
 SOURCE_AGGREGATOR = "agg-a"  # whose final semi-global model is released
@@ -135,6 +138,10 @@ def compare(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 rounds = rounds_to_reach(summaries[key]["curves"][series], target)
                 verdict[f"{key}_rounds_{series}"] = rounds
                 verdict[f"{key}_fraction_{series}"] = None if rounds is None else rounds / scratch_rounds
+    verdict["rounds_to_threshold_mean"] = {
+        f"{threshold:.2f}": {key: rounds_to_reach(summary["curves"]["mean"], threshold) for key, summary in summaries.items()}
+        for threshold in THRESHOLDS
+    }
     forks = [verdict[f"{k}_fraction_mean"] for k in ("b", "c") if verdict.get(f"{k}_fraction_mean") is not None]
     verdict["best_fork_fraction_mean"] = min(forks) if forks else None
     verdict["target_met"] = bool(forks) and min(forks) <= TARGET_FRACTION
@@ -157,6 +164,9 @@ def report(results: dict[str, Any], params: Params) -> None:
     print("\nmean accuracy after k rounds:")
     print_table(["setup", *[f"k={k}" for k in checkpoints]],
                 [[key, *[f"{s['curves']['mean'][k]:.4f}" for k in checkpoints]] for key, s in summaries.items()])
+    print("\nrounds to reach a fixed accuracy (mean curve):")
+    print_table(["accuracy", *summaries], [[threshold, *[_fmt(r) for r in by_key.values()]]
+                                           for threshold, by_key in verdict["rounds_to_threshold_mean"].items()])
     print(f"\nbest fork / scratch rounds (mean curve): {verdict['best_fork_fraction_mean']}; "
           f"target <= {TARGET_FRACTION}: {'met' if verdict['target_met'] else 'NOT met'}")
 
@@ -182,6 +192,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     target = results["verdict"]["scratch_final_mean"]
     axis.axhline(target, color="gray", linewidth=0.8, linestyle=":", label=f"(a)'s final mean accuracy {target:.3f}")
     axis.set_xlabel("rounds")
+    axis.xaxis.get_major_locator().set_params(integer=True)
     axis.set_ylabel("test accuracy (Fashion-MNIST 10k)")
     axis.set_ylim(0, 1)
     axis.grid(alpha=0.3)
@@ -250,7 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batches", type=int, help="local batches per round (default 20)")
     parser.add_argument("--setups", default="a,b,c", help="comma-separated subset of a,b,c (a is the baseline)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default bench/)")
+    parser.add_argument("--from-json", type=Path, metavar="RESULTS",
+                        help="train nothing: recompute the verdict, tables and plot from a results JSON this script wrote")
     args = parser.parse_args(argv)
+    if args.from_json:
+        return rereport(args.from_json, args.out_dir or args.from_json.parent)
 
     params = Params(rounds=2, agents_per_group=2, max_batches=3) if args.quick else Params(rounds=20)
     overrides = {k: v for k, v in {"rounds": args.rounds, "max_batches": args.max_batches}.items() if v is not None}
@@ -287,6 +302,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path.write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
     plot(results, png_path)
     print(f"\ntotal {results['total_s']:.0f} s; wrote {json_path} and {png_path}")
+    return 0
+
+
+def rereport(path: Path, out_dir: Path) -> int:
+    """The report of a finished run again, from its raw curves (e.g. after the verdict gained a measure)."""
+    results = json.loads(path.read_text())
+    results["verdict"] = compare(results["summaries"])
+    report(results, Params(**results["params"]))
+    path.write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
+    plot(results, out_dir / "flhub.png")
+    print(f"\nrewrote {path} and {out_dir / 'flhub.png'}")
     return 0
 
 
