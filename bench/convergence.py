@@ -133,15 +133,15 @@ def _task_options(group: int, index: int, params: Params) -> dict[str, Any]:
 
 
 def _agent_config(agent_id: str, group: int, index: int, home: Any, state_dir: Path, params: Params,
-                  slowdown: float = 1.0) -> Any:
+                  slowdown: float = 1.0, *, task: str = "mnist", federation: str = FEDERATION) -> Any:
     from agent.config import AgentConfig
 
     options = _task_options(group, index, params)
     return AgentConfig(
         id=agent_id,
         seeds=[home.address],
-        federation=FEDERATION,
-        task="_paced:PacedMnistTask" if slowdown > 1.0 else "mnist",
+        federation=federation,
+        task="_paced:PacedMnistTask" if slowdown > 1.0 else task,
         task_options={**options, "slowdown": slowdown} if slowdown > 1.0 else options,
         state_dir=str(state_dir),
         # a margin: an agent whose update was refused once (seen under heavy load) still counts that round,
@@ -151,9 +151,14 @@ def _agent_config(agent_id: str, group: int, index: int, home: Any, state_dir: P
     )
 
 
-def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[str, str] | None = None) -> dict[str, Any]:
+def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[str, str] | None = None, *,
+              task: str = "mnist", federation: str = FEDERATION, initial_model: str = "",
+              store_path: Path | None = None) -> dict[str, Any]:
     """Run one configuration for params.rounds rounds (with the aggregators' extra `round_config`, e.g.
-    bench/noniid.py's prox_mu or scaffold); return its closed-round records."""
+    bench/noniid.py's prox_mu or scaffold); return its closed-round records.
+
+    By default every setup starts from `task`'s seeded base in a store of its own; bench/flhub.py passes
+    a hub-made `initial_model` (a fork's CID) already in the shared `store_path`."""
     from agent.daemon import run_agents
     from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
     from aggregator.daemon import AggregatorDaemon
@@ -165,9 +170,11 @@ def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[st
     from strata.wiring import task_base_model
 
     home = workdir / setup.key
-    store_path = home / "store"
-    with open_store(str(store_path)) as store:
-        base_cid = task_base_model(store, KeyPair.generate(), task="mnist", federation=FEDERATION)
+    store_path = store_path or home / "store"
+    base_cid = initial_model
+    if not base_cid:
+        with open_store(str(store_path)) as store:
+            base_cid = task_base_model(store, KeyPair.generate(), task=task, federation=federation)
     members = [
         Member(id=f"agg-{AGGREGATOR_NAMES[i]}", address=f"127.0.0.1:{free_port()}") for i in range(setup.aggregators)
     ]
@@ -177,7 +184,7 @@ def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[st
         config = AggregatorConfig(
             id=member.id,
             listen=member.address,
-            federation=FEDERATION,
+            federation=federation,
             initial_model=base_cid,
             state_dir=str(home / "aggregators" / member.id),
             store=str(store_path),
@@ -198,7 +205,7 @@ def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[st
     slow_ids = {members[-1].id} if setup.slowdown > 1.0 and len(members) > 1 else set()
     configs = [
         _agent_config(agent_id, group, index, member, home / "agents" / agent_id, params,
-                      setup.slowdown if member.id in slow_ids else 1.0)
+                      setup.slowdown if member.id in slow_ids else 1.0, task=task, federation=federation)
         for agent_id, group, index, member in placed
     ]
     stop = threading.Event()
