@@ -27,7 +27,7 @@ import _common
 import numpy as np
 
 from agent.tasks.digits import DigitsTask
-from aggregator.strategies import make_strategy
+from aggregator.rules import make_strategy
 from storage.encodings import decode_update, encode_update, parse_encoding
 
 DEFAULT_ENCODINGS = "float32,fp16,bf16,int8,topk:0.1,topk:0.1-noef,topk:0.01"
