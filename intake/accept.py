@@ -8,7 +8,9 @@ windows, cheapest refusal first:
 2. a resend of an update already accepted for (agent, base) is acknowledged
    again as a duplicate; a different one is refused as a conflict;
 3. the base must be one this receiver served, of the header's round, and no
-   more than `max_staleness` rounds behind the receiver's current round;
+   more than `max_staleness` rounds behind the receiver's current round; the
+   agent must have no other update open in this round (a late one counted
+   here): one update per agent per round;
 4. the receiver's own admission check (a relay refuses while its backlog is full);
 5. the tensors are validated against the current base while the blob is
    written to the store (a refused update's new blob is removed again), with
@@ -191,6 +193,7 @@ class Intake:
             )
         current = self._receiver.open_round()
         self._staleness(base_round, current.round)
+        self._counted_once(sub)
         if self._admit is not None:
             self._admit(sub)
 
@@ -266,6 +269,7 @@ class Intake:
         with self._receiver.lock:
             counted_round = self._receiver.open_round().round
             staleness = self._staleness(base_round, counted_round)
+            self._counted_once(sub)  # again under the lock: a concurrent update of the agent may have won
             weight = sub.num_samples * policy.discount(staleness)
             if not (math.isfinite(weight) and weight > 0):
                 # a steep discount can round an old update's weight down to nothing: it cannot count
@@ -377,6 +381,17 @@ class Intake:
         if sub.staged is not None:
             return sub.staged.commit(weights_cid)
         return self._store.put(sub.weights, cid=weights_cid)
+
+    def _counted_once(self, sub: Submission) -> None:
+        """One update per agent in the open round (or relay window): a late update, counted in the round
+        after its own, leaves no room for the same agent's update on the next base."""
+        held = self._journal.open_update_of(sub.agent_id)
+        if held is not None and held.base_cid != sub.base_cid:
+            raise UpdateRefused(
+                f"agent {sub.agent_id} already has an update counted in the open round ({held.update_cid}, "
+                f"trained on round {held.trained_round}); it counts once per round: train again on the next base",
+                reason=Refusal.ALREADY_COUNTED,
+            )
 
     def _staleness(self, base_round: int, current_round: int) -> int:
         # a relay re-homed to an aggregator a round behind sees a base from its future: age 0

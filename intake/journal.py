@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS updates (
     PRIMARY KEY (agent_id, base_cid)
 );
 CREATE INDEX IF NOT EXISTS updates_by_batch ON updates (batch);
+CREATE INDEX IF NOT EXISTS open_updates_by_agent ON updates (agent_id) WHERE batch IS NULL;
 CREATE INDEX IF NOT EXISTS updates_by_weights ON updates (weights_cid);
 CREATE TABLE IF NOT EXISTS refusals (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -112,6 +113,11 @@ class IntakeJournal(DurableSqlite):
 
     def find_update(self, agent_id: str, base_cid: str) -> AcceptedUpdate | None:
         rows = self._read("SELECT * FROM updates WHERE agent_id = ? AND base_cid = ?", (agent_id, base_cid))
+        return _update_from_row(rows[0]) if rows else None
+
+    def open_update_of(self, agent_id: str) -> AcceptedUpdate | None:
+        """The agent's accepted update not yet closed into a batch, if any (at most one: intake keeps it so)."""
+        rows = self._read("SELECT * FROM updates WHERE agent_id = ? AND batch IS NULL LIMIT 1", (agent_id,))
         return _update_from_row(rows[0]) if rows else None
 
     def record_update(self, update: AcceptedUpdate) -> bool:

@@ -116,9 +116,10 @@ class Refusal(StrEnum):
     BAD_ENCODING = "bad_encoding"
     # the update is encoded otherwise than the federation asked (round_config["encoding"])
     UNEXPECTED_ENCODING = "unexpected_encoding"
-    # a relay's open window already holds an update of this device (a late one, held for the next
-    # base): a device counts once per combined update, so it trains again on the next base instead
-    ALREADY_IN_WINDOW = "already_in_window"
+    # the open round (or relay window) already counts an update of this agent on another base (a late
+    # one, counted in the round after its own): an agent counts once per round, so it trains again on
+    # the next base instead
+    ALREADY_COUNTED = "already_counted"
     # SCAFFOLD (round_config["scaffold"]): a device update without its control-variate update delta_c
     MISSING_CONTROL_VARIATE = "missing_control_variate"
     # a delta_c where the federation does not run SCAFFOLD, or on a relay's combined update
@@ -144,7 +145,7 @@ FINAL_REFUSALS = frozenset(
         Refusal.TOO_MANY_SAMPLES,
         Refusal.BAD_METRICS,
         Refusal.UNEXPECTED_ENCODING,
-        Refusal.ALREADY_IN_WINDOW,
+        Refusal.ALREADY_COUNTED,
         Refusal.MISSING_CONTROL_VARIATE,
         Refusal.UNEXPECTED_CONTROL_VARIATE,
         Refusal.BAD_CONTROL_VARIATE,

@@ -185,18 +185,7 @@ class Relay:
             )
 
     def _admit(self, sub: Submission) -> None:
-        """One update per device per window, and back-pressure: refuse devices while too much waits to be
-        forwarded upstream."""
-        # A late update (its base's window closed) waits in the open window for the next base; the same
-        # device's update on that next base would otherwise count it twice in one combined update.
-        with self._lock:
-            held_for = next((u.base_cid for u in self._pool if u.agent_id == sub.agent_id), None)
-        if held_for is not None:
-            raise UpdateRefused(
-                f"the relay's open window already holds an update of {sub.agent_id} (on base {held_for}); "
-                "it counts once per combined update: train again on the next base",
-                reason=Refusal.ALREADY_IN_WINDOW,
-            )
+        """Back-pressure: refuse devices while too much waits to be forwarded upstream."""
         held, held_bytes = self.journal.held()
         forward = self.config.forward
         if held >= forward.max_pending_updates or held_bytes + len(sub.weights) > forward.max_pending_bytes:

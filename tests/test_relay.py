@@ -332,14 +332,14 @@ def test_a_device_counts_once_per_window_when_its_late_update_waits_for_the_next
     fresh = dataclasses.replace(device_submission(tiny, "d2", {B: [3, 3]}, 1), round=4, base_cid=next_base.cid)
     with pytest.raises(UpdateRefused) as twice:
         tiny.relay.intake.submit(fresh)
-    assert twice.value.reason == Refusal.ALREADY_IN_WINDOW and twice.value.reason in FINAL_REFUSALS
+    assert twice.value.reason == Refusal.ALREADY_COUNTED and twice.value.reason in FINAL_REFUSALS
     assert tiny.relay.intake.submit(late).duplicate  # a resend of the held one is still acknowledged
     tiny.relay.intake.submit(dataclasses.replace(device_submission(tiny, "d3", {B: [5, 5]}, 1), round=4, base_cid=next_base.cid))
     now[0] += tiny.relay.config.window.max_wait_s + 1
     combined = tiny.relay.maybe_close(active_trainers=5)
     assert combined is not None and combined.record.devices == 2
     assert held.update_cid in combined.manifest.parents
-    assert tiny.relay.journal.refusal_counts() == {"already_in_window": 1}
+    assert tiny.relay.journal.refusal_counts() == {"already_counted": 1}
 
 
 def test_device_refusals_keep_reason_codes(tmp_path: Path) -> None:

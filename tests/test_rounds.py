@@ -16,6 +16,7 @@ from aggregator.rounds import RoundManager
 from aggregator.strategies import FedAvg, Strategy
 from intake.submission import Submission
 from privacy.config import PrivacySettings
+from proto.errors import FINAL_REFUSALS, Refusal, UpdateRefused
 from storage.codec import decode_tensors, encode_tensors
 from storage.keys import KeyPair
 from storage.manifest import Producer
@@ -200,4 +201,24 @@ def test_a_stale_update_counts_less_in_the_cluster_model(tmp_path: Path) -> None
     closed = fixture.manager.maybe_close(active_trainers=2)
     np.testing.assert_allclose(fixture.tensors(closed.cid), (3.0 * 10 + 6.0 * 5) / 15)
     assert fixture.manager.closed_rounds()[1].extra["stale_updates"] == 1
+    fixture.close()
+
+
+def test_an_agent_whose_late_update_counts_in_this_round_counts_once(tmp_path: Path) -> None:
+    """A late update (trained on round 0, counted in round 1) leaves no room for the same agent's round-1
+    update: it is refused already_counted (final), and a resend of the late one is still a duplicate."""
+    fixture = Rounds(tmp_path, quorum=1.0, min_updates=1)
+    base0 = fixture.manager.current.model_cid
+    fixture.submit("a", 0.0)
+    assert fixture.manager.maybe_close(active_trainers=1) is not None
+    late = fixture.submit("b", 6.0, 10, base=base0, round_=0)
+    with pytest.raises(UpdateRefused) as twice:
+        fixture.submit("b", 3.0, 10)
+    assert twice.value.reason == Refusal.ALREADY_COUNTED and Refusal.ALREADY_COUNTED in FINAL_REFUSALS
+    assert fixture.submit("b", 6.0, 10, base=base0, round_=0).update_cid == late.update_cid
+    fixture.submit("a", 1.0, 10)
+    closed = fixture.manager.maybe_close(active_trainers=2)
+    assert closed is not None and len(closed.parents) == 2
+    # once round 1 closed, b's next update is welcome again
+    fixture.submit("b", 2.0, 10)
     fixture.close()
