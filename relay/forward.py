@@ -4,8 +4,10 @@ Pending combined updates live in the relay journal (and their blobs in the relay
 store), so they survive kill -9. The forwarder sends them oldest first. An
 unreachable upstream is retried with backoff; an update whose base fell more than
 `max_staleness` rounds behind the upstream round while it waited is dropped with
-reason "stale_after_outage" (also when upstream itself refuses it as stale); any
-other refusal drops it as "upstream_refused:<reason>". Drops are recorded in the
+reason "stale_after_outage" (also when upstream itself refuses it as stale); an
+update refused "already_counted" (upstream's open round still counts the previous
+window) waits and is sent again; any other refusal drops it as
+"upstream_refused:<reason>". Drops are recorded in the
 journal (the relay's history) and logged.
 """
 
@@ -102,7 +104,13 @@ class Forwarder:
                 manifest, blob, tensors=record.tensors, base_metrics=record.base_metrics
             )
         except StrataError as exc:
-            if exc.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED") or exc.reason in ("not_joined", "closed"):
+            # already_counted: upstream's open round still counts our previous (late) window; it closes
+            # soon, and this window then counts in the next round instead of being lost
+            if exc.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED") or exc.reason in (
+                "not_joined",
+                "closed",
+                Refusal.ALREADY_COUNTED,
+            ):
                 log.info("forward_deferred", extra={"fields": {"update": record.update_cid, "error": str(exc)}})
                 return False
             if exc.status != "INVALID_ARGUMENT":
