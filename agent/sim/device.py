@@ -540,6 +540,8 @@ class VirtualDevice:
                 await asyncio.sleep(backoff_s(self._rng, self.fleet.retry, 0))
                 continue
             started = self.fleet.clock()
+            # the home this upload goes to: a re-home while it is in flight must not relabel its answer
+            sent_to = self.home_id
             try:
                 reply = await self._upload(header, blob)
             except _CutOff:
@@ -561,10 +563,10 @@ class VirtualDevice:
                 return
             now = self.fleet.clock()
             self._stats.latency["submit"].add(now - started)
-            self._settle_reply(header, reply, now - seen_at)
+            self._settle_reply(header, reply, now - seen_at, home=sent_to)
             return
 
-    def _settle_reply(self, header: pb.UpdateHeader, reply: pb.SubmitUpdateReply, update_s: float) -> None:
+    def _settle_reply(self, header: pb.UpdateHeader, reply: pb.SubmitUpdateReply, update_s: float, *, home: str) -> None:
         stats = self._stats
         self._pending = None
         if reply.accepted:
@@ -572,11 +574,11 @@ class VirtualDevice:
             stats.latency["update"].add(update_s)
             metrics = {name: value for name, value in header.metrics.items() if name in _ROUND_METRICS}
             metrics.update({f"base_{n}": v for n, v in header.base_metrics.items() if n in _ROUND_METRICS})
-            stats.ledger.accepted(self.home_id, reply.round, duplicate=reply.duplicate, metrics=metrics)
+            stats.ledger.accepted(home, reply.round, duplicate=reply.duplicate, metrics=metrics)
             stats.receipts.append(
                 Receipt(
                     agent_id=self.agent_id,
-                    home=self.home_id,
+                    home=home,
                     base_cid=header.base_cid,
                     update_cid=reply.update_cid,
                     round=reply.round,
@@ -585,7 +587,7 @@ class VirtualDevice:
             )
             return
         stats.refusals[reply.reason] += 1
-        stats.ledger.refused(self.home_id, header.round, reply.reason)
+        stats.ledger.refused(home, header.round, reply.reason)
         if reply.reason not in FINAL_REFUSALS:
             log.debug("update_refused", extra={"fields": {"agent": self.agent_id, "reason": reply.reason}})
 
