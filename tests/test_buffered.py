@@ -41,27 +41,12 @@ class BufferedRounds(Rounds):
         self.every = (every_steps, every_s)
         super().__init__(tmp_path, **{**BUFFERED, **kwargs})
 
-    def _manager(self):
-        from aggregator.journal import Journal
-        from aggregator.rounds import RoundManager
-
-        self.journal = Journal(self.tmp_path / "journal.sqlite")
-        manager = RoundManager(
-            aggregator_id="agg-t",
-            federation="digits",
-            settings=self.settings,
-            store=self.store,
-            journal=self.journal,
-            strategy=self.strategy,
-            key=self.key,
-            initial_base=self.base0,
-            synthesize=self.synthesis,
-            synthesis_every_steps=self.every[0],
-            synthesis_every_s=self.every[1],
-            clock=self.clock,
-        )
-        manager.start()
-        return manager
+    def _manager_options(self) -> dict[str, object]:
+        return {
+            "synthesize": self.synthesis,
+            "synthesis_every_steps": self.every[0],
+            "synthesis_every_s": self.every[1],
+        }
 
     def step(self) -> Manifest | None:
         # the active-trainer count is the sync quorum's business: a buffer ignores it

@@ -74,9 +74,14 @@ class Rounds:
             # a new guard per manager: a restart rebuilds the ledger from the journal
             privacy=PrivacyGuard(self.privacy, federation="digits") if self.privacy is not None else None,
             clock=self.clock,
+            **self._manager_options(),
         )
         manager.start()
         return manager
+
+    def _manager_options(self) -> dict[str, object]:
+        """More RoundManager arguments, for fixtures built on this one."""
+        return {}
 
     def restart(self) -> None:
         self.manager.close()
