@@ -9,14 +9,16 @@ after one accepted update).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
+from agent.client import Client
 from proto import strata_pb2 as pb
 from proto import strata_pb2_grpc as pb_grpc
 from proto.wire import create_channel, read_header_stream, stream_with_header
@@ -90,6 +92,24 @@ def nudged(tensors: dict[str, np.ndarray], delta: float = 0.01, names: list[str]
     chosen = names or sorted(tensors)
     return encode_tensors({name: (tensors[name] + np.float32(delta)).astype(tensors[name].dtype) for name in chosen})
 
+
+
+def noisy(base: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """A valid update as tensors: the base plus seeded noise (std 0.01), so every seed's bytes differ."""
+    rng = np.random.default_rng(seed)
+    return {name: (array + rng.normal(0, 0.01, array.shape)).astype(array.dtype) for name, array in base.items()}
+
+
+def connect_client(
+    made: list[Client], address: str, agent_id: str, state_dir: Path | None = None, *, watch: bool = False
+) -> Client:
+    """A joined agent client, kept in `made` (the `clients` fixture closes them)."""
+    client = Client(
+        address, agent_id=agent_id, watch=watch, join_timeout_s=30, backoff_max_s=0.5,
+        state_dir=str(state_dir) if state_dir else None,
+    ).connect()  # fmt: skip
+    made.append(client)
+    return client
 
 class AgentServiceContract:
     """The suite. Tests receive `agent_service: ServiceUnderTest`."""

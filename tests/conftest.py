@@ -9,10 +9,12 @@ a new test of that kind cannot land in the unit tier by accident.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from agent.client import Client
 from storage.keys import KeyPair
 from storage.store import LocalStore
 
@@ -45,6 +47,15 @@ def local_store(tmp_path: Path) -> LocalStore:
     store = LocalStore(tmp_path / "store")
     yield store
     store.close()
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Client]]:
+    """Agent clients a test connects (tests.agent_service_contract.connect_client), closed after it."""
+    made: list[Client] = []
+    yield made
+    for client in made:
+        client.close()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from aggregator.config import RoundSettings
 from storage.codec import decode_tensors
 from storage.models import load_manifest, load_model
 from storage.store import LocalStore
-from tests.agent_service_contract import wait_until
+from tests.agent_service_contract import connect_client, noisy, wait_until
 from tests.procs import procs_fixture  # noqa: F401  (registers the `procs` fixture)
 from tests.test_relay import aggregator_config, relay_config, start_aggregator, start_relay
 
@@ -34,25 +33,6 @@ BUFFERED_PROCESS = (
     "round.deadline_s=600",
     "synthesis.enabled=false",
 )
-
-
-@pytest.fixture
-def clients() -> Iterator[list[Client]]:
-    made: list[Client] = []
-    yield made
-    for client in made:
-        client.close()
-
-
-def _connect(made: list[Client], address: str, agent_id: str, *, watch: bool = False) -> Client:
-    client = Client(address, agent_id=agent_id, watch=watch, join_timeout_s=30, backoff_max_s=0.5).connect()
-    made.append(client)
-    return client
-
-
-def _nudge(base: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {name: (array + rng.normal(0, 0.01, array.shape)).astype(array.dtype) for name, array in base.items()}
 
 
 def _read(store_path: Path, model_cid: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -71,28 +51,28 @@ def test_kill9_of_a_buffered_aggregator_keeps_its_buffer(procs, tmp_path: Path, 
     port = free_port()
     address = f"127.0.0.1:{port}"
     agg = start_process(procs, tmp_path, port, *BUFFERED_PROCESS)
-    early = [_connect(clients, address, f"a{i}") for i in range(3)]
+    early = [connect_client(clients, address, f"a{i}") for i in range(3)]
     base0 = early[0].wait_for_model(timeout=10)
     for agent in early[1:]:
         agent.wait_for_model(timeout=10)
     # step 0: a buffer of two fresh updates
-    early[0].submit(_nudge(base0, 0), 100)
-    early[1].submit(_nudge(base0, 1), 100)
+    early[0].submit(noisy(base0, 0), 100)
+    early[1].submit(noisy(base0, 1), 100)
     step0 = agg.wait_for_event("round_closed", lambda e: e["round"] == 0, timeout=15)
     assert step0["trigger"] == "buffer_full"
     base1 = _read(tmp_path / "store", step0["next_base"])[1]
     # a2 trained on base 0 all along: acknowledged one step stale, then the aggregator is killed
-    late = _nudge(base0, 2)
+    late = noisy(base0, 2)
     receipt = early[2].submit(late, 60)
     assert receipt.round == 1
     agg.kill9()
 
     agg = start_process(procs, tmp_path, port, *BUFFERED_PROCESS)
     assert agg.wait_for_event("round_recovered", timeout=10)["updates"] == 1
-    fresh = _connect(clients, address, "a3")
+    fresh = connect_client(clients, address, "a3")
     held = fresh.wait_for_model(timeout=10)
     assert all(np.array_equal(held[n], base1[n]) for n in base1)
-    current = _nudge(base1, 3)
+    current = noisy(base1, 3)
     fresh.submit(current, 40)
     step1 = agg.wait_for_event("round_closed", lambda e: e["round"] == 1, timeout=15)
 
@@ -114,12 +94,12 @@ def test_a_relay_forwards_into_a_buffer_and_follows_its_steps(tmp_path: Path, cl
     relay = start_relay(relay_config(tmp_path, aggregator.address, max_devices=1))
     try:
         # both follow new bases on their WatchModels stream, as a daemon's client does
-        device = _connect(clients, relay.address, "d1", watch=True)
-        direct = _connect(clients, aggregator.address, "a1", watch=True)
+        device = connect_client(clients, relay.address, "d1", watch=True)
+        direct = connect_client(clients, aggregator.address, "a1", watch=True)
         base0 = device.wait_for_model(timeout=10)
         direct.wait_for_model(timeout=10)
-        device.submit(_nudge(base0, 1), 30)
-        direct.submit(_nudge(base0, 2), 70)
+        device.submit(noisy(base0, 1), 30)
+        direct.submit(noisy(base0, 2), 70)
         wait_until(lambda: len(aggregator.rounds.closed_rounds()) >= 1, 20, "the first step")
         step0 = aggregator.rounds.closed_rounds()[0]
         cluster = load_manifest(aggregator.store, step0.cluster_cid)
@@ -129,9 +109,9 @@ def test_a_relay_forwards_into_a_buffer_and_follows_its_steps(tmp_path: Path, cl
         # the relay follows the step: its device trains on the new base, forwarded into the next buffer
         base1 = device.wait_for_model(timeout=15)
         assert device.current().round == 1
-        device.submit(_nudge(base1, 3), 30)
+        device.submit(noisy(base1, 3), 30)
         direct.wait_for_model(timeout=10)
-        direct.submit(_nudge(base1, 4), 70)
+        direct.submit(noisy(base1, 4), 70)
         wait_until(lambda: len(aggregator.rounds.closed_rounds()) >= 2, 20, "the second step")
         step1 = aggregator.rounds.closed_rounds()[1]
         assert {e["agent"] for e in load_manifest(aggregator.store, step1.cluster_cid).extra["buffer"]["updates"]} == {

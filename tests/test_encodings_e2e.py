@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from storage.encodings import Encoding, decode_update, encode_update, parse_enco
 from storage.manifest import Manifest
 from storage.models import load_manifest, load_model
 from storage.store import LocalStore
-from tests.agent_service_contract import wait_until
+from tests.agent_service_contract import connect_client, noisy, wait_until
 from tests.procs import procs_fixture  # noqa: F401  (registers the `procs` fixture)
 from tests.test_relay import aggregator_config, relay_config, start_aggregator, start_relay
 
@@ -36,28 +35,6 @@ SAMPLES = (100, 250, 37)
 def _aggregator(tmp_path: Path, encoding: str) -> AggregatorDaemon:
     config = aggregator_config(tmp_path, min_updates=len(SAMPLES), quorum=1.0, deadline_s=600.0)
     return start_aggregator(dataclasses.replace(config, encoding=encoding))
-
-
-@pytest.fixture
-def clients(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[Client]]:
-    made: list[Client] = []
-    yield made
-    for client in made:
-        client.close()
-
-
-def _connect(made: list[Client], address: str, agent_id: str, state_dir: Path | None = None) -> Client:
-    client = Client(
-        address, agent_id=agent_id, watch=False, join_timeout_s=30, backoff_max_s=0.5,
-        state_dir=str(state_dir) if state_dir else None,
-    ).connect()  # fmt: skip
-    made.append(client)
-    return client
-
-
-def _nudge(base: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {name: (array + rng.normal(0, 0.01, array.shape)).astype(array.dtype) for name, array in base.items()}
 
 
 def _fedavg(updates: list[dict[str, np.ndarray]], samples: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -77,12 +54,12 @@ def test_each_encoding_end_to_end(text: str, tmp_path: Path, clients: list[Clien
     encoding = parse_encoding(text)
     aggregator = _aggregator(tmp_path, text)
     try:
-        agents = [_connect(clients, aggregator.address, f"a{i}") for i in range(len(SAMPLES))]
+        agents = [connect_client(clients, aggregator.address, f"a{i}") for i in range(len(SAMPLES))]
         base = agents[0].wait_for_model(timeout=10)
         for agent in agents[1:]:
             agent.wait_for_model(timeout=10)
         assert all(agent.round_config["encoding"] == encoding.name for agent in agents)
-        trained = [_nudge(base, seed) for seed in range(len(SAMPLES))]
+        trained = [noisy(base, seed) for seed in range(len(SAMPLES))]
         receipts = [a.submit(u, n, {"loss": 1.0}) for a, u, n in zip(agents, trained, SAMPLES, strict=True)]
         record = _closed(aggregator)
         store = aggregator.store
@@ -113,11 +90,11 @@ def test_a_robust_rule_aggregates_the_decoded_updates_not_the_stored_encoded_blo
     config = aggregator_config(tmp_path, min_updates=len(SAMPLES), quorum=1.0, deadline_s=600.0)
     aggregator = start_aggregator(dataclasses.replace(config, encoding=encoding.name, strategy="median"))
     try:
-        agents = [_connect(clients, aggregator.address, f"a{i}") for i in range(len(SAMPLES))]
+        agents = [connect_client(clients, aggregator.address, f"a{i}") for i in range(len(SAMPLES))]
         base = agents[0].wait_for_model(timeout=10)
         for agent in agents[1:]:
             agent.wait_for_model(timeout=10)
-        trained = [_nudge(base, seed) for seed in range(len(SAMPLES))]
+        trained = [noisy(base, seed) for seed in range(len(SAMPLES))]
         for agent, update, n in zip(agents, trained, SAMPLES, strict=True):
             agent.submit(update, n)
         record = _closed(aggregator)
@@ -134,15 +111,15 @@ def test_topk_residual_is_kept_in_the_state_dir_across_an_agent_restart(tmp_path
     aggregator = _aggregator(tmp_path, encoding.name)
     try:
         state = tmp_path / "a0-state"
-        agents = [_connect(clients, aggregator.address, "a0", state)] + [
-            _connect(clients, aggregator.address, f"a{i}") for i in (1, 2)
+        agents = [connect_client(clients, aggregator.address, "a0", state)] + [
+            connect_client(clients, aggregator.address, f"a{i}") for i in (1, 2)
         ]
         base0 = agents[0].wait_for_model(timeout=10)
         for agent in agents[1:]:
             agent.wait_for_model(timeout=10)
-        trained0 = _nudge(base0, 0)
+        trained0 = noisy(base0, 0)
         for agent, seed, n in zip(agents, range(3), SAMPLES, strict=True):
-            agent.submit(trained0 if seed == 0 else _nudge(base0, seed), n)
+            agent.submit(trained0 if seed == 0 else noisy(base0, seed), n)
         _, residual0 = encode_update(trained0, base0, encoding)
         held = decode_tensors((state / "topk_residual.safetensors").read_bytes())
         assert all(np.array_equal(held[n], residual0[n]) for n in residual0)
@@ -150,9 +127,9 @@ def test_topk_residual_is_kept_in_the_state_dir_across_an_agent_restart(tmp_path
 
         # the agent restarts (a new client on the same state dir) and trains on round 1's base
         agents[0].close()
-        restarted = _connect(clients, aggregator.address, "a0", state)
+        restarted = connect_client(clients, aggregator.address, "a0", state)
         base1 = restarted.wait_for_model(timeout=10)
-        trained1 = _nudge(base1, 10)
+        trained1 = noisy(base1, 10)
         receipt = restarted.submit(trained1, SAMPLES[0])
         blob = aggregator.store.get(load_manifest(aggregator.store, receipt.update_cid).weights)
         expected_blob, residual1 = encode_update(trained1, base1, encoding, residual=residual0)
@@ -167,11 +144,11 @@ def test_a_restarted_aggregator_refolds_encoded_updates(tmp_path: Path, clients:
     encoding = parse_encoding("topk:0.2")
     aggregator = _aggregator(tmp_path, encoding.name)
     try:
-        agents = [_connect(clients, aggregator.address, f"a{i}") for i in range(3)]
+        agents = [connect_client(clients, aggregator.address, f"a{i}") for i in range(3)]
         base = agents[0].wait_for_model(timeout=10)
         for agent in agents[1:]:
             agent.wait_for_model(timeout=10)
-        trained = [_nudge(base, seed) for seed in range(3)]
+        trained = [noisy(base, seed) for seed in range(3)]
         for i in (0, 1):
             agents[i].submit(trained[i], SAMPLES[i])
     finally:
@@ -180,7 +157,7 @@ def test_a_restarted_aggregator_refolds_encoded_updates(tmp_path: Path, clients:
     aggregator = _aggregator(tmp_path, encoding.name)
     try:
         assert aggregator.rounds.accepted_count == 2
-        late = _connect(clients, aggregator.address, "a2")
+        late = connect_client(clients, aggregator.address, "a2")
         late.wait_for_model(timeout=10)
         late.submit(trained[2], SAMPLES[2])
         record = _closed(aggregator)
@@ -208,13 +185,13 @@ def _send(client: Client, blob: bytes, encoding: Encoding) -> str:
 def test_refusals_of_other_and_malformed_encodings(tmp_path: Path, clients: list[Client]) -> None:
     aggregator = _aggregator(tmp_path, "int8")
     try:
-        agent = _connect(clients, aggregator.address, "a0")
+        agent = connect_client(clients, aggregator.address, "a0")
         base = agent.wait_for_model(timeout=10)
         int8 = parse_encoding("int8")
-        good, _ = encode_update(_nudge(base, 1), base, int8)
+        good, _ = encode_update(noisy(base, 1), base, int8)
         # float32 weights, fp16 and top-k deltas: each well formed, none what the federation asked for
-        assert _send(agent, encode_tensors(_nudge(base, 1)), parse_encoding("float32")) == "unexpected_encoding"
-        assert _send(agent, encode_update(_nudge(base, 1), base, parse_encoding("fp16"))[0], parse_encoding("fp16")) == (
+        assert _send(agent, encode_tensors(noisy(base, 1)), parse_encoding("float32")) == "unexpected_encoding"
+        assert _send(agent, encode_update(noisy(base, 1), base, parse_encoding("fp16"))[0], parse_encoding("fp16")) == (
             "unexpected_encoding"
         )
         assert _send(agent, good, Encoding("int4")) == "bad_encoding"  # no such encoding
@@ -224,11 +201,11 @@ def test_refusals_of_other_and_malformed_encodings(tmp_path: Path, clients: list
         assert _send(agent, encode_tensors(minus_128), int8) == "bad_encoding"
         nan_scale = dict(parts, **{name.replace("/q", "/scale"): np.array(np.nan, np.float32)})
         assert _send(agent, encode_tensors(nan_scale), int8) == "bad_encoding"
-        assert _send(agent, encode_update(_nudge(base, 1), base, parse_encoding("fp16"))[0], int8) == "bad_encoding"
+        assert _send(agent, encode_update(noisy(base, 1), base, parse_encoding("fp16"))[0], int8) == "bad_encoding"
         refusals = aggregator.journal.refusal_counts()
         assert refusals["unexpected_encoding"] == 2 and refusals["bad_encoding"] == 4, refusals
         # the well-formed int8 update is still accepted after all that
-        assert not agent.submit(_nudge(base, 1), 10).duplicate
+        assert not agent.submit(noisy(base, 1), 10).duplicate
     finally:
         aggregator.stop()
 
@@ -238,10 +215,10 @@ def test_devices_under_a_relay_encode_as_the_federation_asks(tmp_path: Path, cli
     aggregator = start_aggregator(config)
     relay = start_relay(relay_config(tmp_path, aggregator.address))
     try:
-        device = _connect(clients, relay.address, "d1")
+        device = connect_client(clients, relay.address, "d1")
         base = device.wait_for_model(timeout=10)
         assert device.round_config["encoding"] == "int8"
-        trained = _nudge(base, 3)
+        trained = noisy(base, 3)
         receipt = device.submit(trained, 40)
         assert load_manifest(relay.store, receipt.update_cid).extra["encoding"] == "int8"
         # the relay decoded it and forwards its combined update upstream as float32 (its own uplink)
@@ -255,7 +232,7 @@ def test_devices_under_a_relay_encode_as_the_federation_asks(tmp_path: Path, cli
         for name in base:
             np.testing.assert_allclose(combined[name], expected[name], rtol=1e-6, atol=1e-7)
         # a device that ignores the round config is refused by the relay, as by an aggregator
-        stubborn = _connect(clients, relay.address, "d2")
+        stubborn = connect_client(clients, relay.address, "d2")
         stubborn.wait_for_model(timeout=10)
         assert _send(stubborn, encode_tensors(trained), parse_encoding("float32")) == "unexpected_encoding"
     finally:
@@ -269,20 +246,20 @@ def test_a_stale_delta_is_decoded_against_its_own_base(tmp_path: Path, clients: 
     config = aggregator_config(tmp_path, min_updates=2, quorum=0.5, deadline_s=600.0)
     aggregator = start_aggregator(dataclasses.replace(config, encoding=encoding.name))
     try:
-        agents = [_connect(clients, aggregator.address, f"a{i}") for i in (0, 1, 3)]
+        agents = [connect_client(clients, aggregator.address, f"a{i}") for i in (0, 1, 3)]
         base0 = agents[0].wait_for_model(timeout=10)
         for agent in agents[1:]:
             agent.wait_for_model(timeout=10)
         for i in (0, 1):
-            agents[i].submit(_nudge(base0, i), SAMPLES[i])
+            agents[i].submit(noisy(base0, i), SAMPLES[i])
         round0 = _closed(aggregator, 0)
         base1 = decode_tensors(load_model(aggregator.store, round0.next_base_cid)[1])
-        late = _nudge(base0, 7)  # a3 trained on round 0's base all along
+        late = noisy(base0, 7)  # a3 trained on round 0's base all along
         agents[2].submit(late, 50)
-        fresh = _connect(clients, aggregator.address, "a2")  # joins in round 1, so holds round 1's base
+        fresh = connect_client(clients, aggregator.address, "a2")  # joins in round 1, so holds round 1's base
         held = fresh.wait_for_model(timeout=10)
         assert all(np.array_equal(held[n], base1[n]) for n in base1)
-        current = _nudge(base1, 8)
+        current = noisy(base1, 8)
         fresh.submit(current, 60)
         round1 = _closed(aggregator, 1)
         weights = {u.agent_id: u.weight for u in aggregator.journal.iter_all_updates() if u.counted_round == 1}
@@ -330,9 +307,9 @@ def test_model_export_of_an_encoded_update_writes_the_weights_it_stands_for(tmp_
     encoding = parse_encoding("int8")
     aggregator = _aggregator(tmp_path, encoding.name)
     try:
-        agent = _connect(clients, aggregator.address, "a0")
+        agent = connect_client(clients, aggregator.address, "a0")
         base = agent.wait_for_model(timeout=10)
-        trained = _nudge(base, 5)
+        trained = noisy(base, 5)
         receipt = agent.submit(trained, 10)
         output = tmp_path / "update.safetensors"
         args = argparse.Namespace(cid=receipt.update_cid, output=output, json=True, store=[str(tmp_path / "agg-store")])
@@ -357,11 +334,11 @@ def test_kill9_of_an_encoded_aggregator_loses_nothing(procs, tmp_path: Path, cli
     settings = ("round.quorum=1.0", "round.min_updates=3", "round.deadline_s=600", f"encoding={encoding.name}")
     agg = start_process(procs, tmp_path, port, *settings)
     address = f"127.0.0.1:{port}"
-    agents = [_connect(clients, address, f"a{i}") for i in range(3)]
+    agents = [connect_client(clients, address, f"a{i}") for i in range(3)]
     base = agents[0].wait_for_model(timeout=10)
     for agent in agents[1:]:
         agent.wait_for_model(timeout=10)
-    trained = [_nudge(base, seed) for seed in range(3)]
+    trained = [noisy(base, seed) for seed in range(3)]
     receipts = [agents[i].submit(trained[i], SAMPLES[i]) for i in (0, 1)]
     agg.kill9()
     agg = start_process(procs, tmp_path, port, *settings)
@@ -395,11 +372,11 @@ def test_a_non_canonical_encoding_name_is_recorded_canonically(tmp_path: Path, c
 
     aggregator = _aggregator(tmp_path, "topk:0.1")
     try:
-        agent = _connect(clients, aggregator.address, "a0")
+        agent = connect_client(clients, aggregator.address, "a0")
         base = agent.wait_for_model(timeout=10)
         current = aggregator.rounds.current
         encoding = parse_encoding("topk:0.1")
-        blob, _ = encode_update(_nudge(base, 2), base, encoding)
+        blob, _ = encode_update(noisy(base, 2), base, encoding)
         channel, stub = stub_for(aggregator.address)
         try:
             ref = pb.ModelRef(model_cid=current.model_cid, round=current.round)

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ from storage.control import CONTROL_KIND, scaffold_enabled, server_control_cid
 from storage.manifest import Manifest
 from storage.models import load_manifest, load_model
 from storage.store import LocalStore
-from tests.agent_service_contract import wait_until
+from tests.agent_service_contract import connect_client, wait_until
 from tests.procs import (
     ProcessFactory,
     StrataProcess,
@@ -215,23 +215,6 @@ def _scaffold_aggregator(tmp_path: Path, min_updates: int) -> AggregatorDaemon:
     return start_aggregator(dataclasses.replace(config, round_config={"scaffold": "true"}))
 
 
-@pytest.fixture
-def clients() -> Iterator[list[Client]]:
-    made: list[Client] = []
-    yield made
-    for client in made:
-        client.close()
-
-
-def _connect(made: list[Client], address: str, agent_id: str, state_dir: Path | None = None) -> Client:
-    client = Client(
-        address, agent_id=agent_id, watch=False, join_timeout_s=30, backoff_max_s=0.5,
-        state_dir=str(state_dir) if state_dir else None,
-    ).connect()  # fmt: skip
-    made.append(client)
-    return client
-
-
 def _step(base: Mapping[str, np.ndarray], gradient: float) -> dict[str, np.ndarray]:
     """K=4 plain SGD steps of size 0.001 along a constant gradient: (x - y) / (K eta) = gradient."""
     return {name: (array - 4 * 0.001 * gradient).astype(np.float32) for name, array in base.items()}
@@ -243,7 +226,7 @@ METRICS = {"loss": 1.0, SCAFFOLD_STEPS: 4.0, SCAFFOLD_LR: 0.001}
 def test_server_variate_moves_by_the_mean_delta_and_is_served_by_cid(tmp_path: Path, clients: list[Client]) -> None:
     aggregator = _scaffold_aggregator(tmp_path, min_updates=2)
     try:
-        agents = [_connect(clients, aggregator.address, f"a{i}", tmp_path / f"agent-{i}") for i in range(2)]
+        agents = [connect_client(clients, aggregator.address, f"a{i}", tmp_path / f"agent-{i}") for i in range(2)]
         base = agents[0].wait_for_model(timeout=10)
         agents[1].wait_for_model(timeout=10)
         assert all(np.all(v == 0) for v in agents[0].scaffold_correction().values())  # c = c_i = 0 at first
@@ -262,7 +245,7 @@ def test_server_variate_moves_by_the_mean_delta_and_is_served_by_cid(tmp_path: P
 
         # a restart of agent 0: c_i = 1 came back from its state directory; c = 2.5 is fetched by CID
         agents[0].close()
-        again = _connect(clients, aggregator.address, "a0", tmp_path / "agent-0")
+        again = connect_client(clients, aggregator.address, "a0", tmp_path / "agent-0")
         again.wait_for_model(timeout=10)
         assert server_control_cid(again.download()[0].extra) == control_manifest.cid
         assert all(np.allclose(v, 2.5 - 1.0, atol=1e-3) for v in again.scaffold_correction().values())
@@ -289,7 +272,7 @@ def _send(client: Client, weights: dict[str, np.ndarray], control: bytes, *, hea
 def test_malformed_delta_c_is_refused_with_its_own_reason(tmp_path: Path, clients: list[Client]) -> None:
     aggregator = _scaffold_aggregator(tmp_path, min_updates=5)
     try:
-        agent = _connect(clients, aggregator.address, "a0")
+        agent = connect_client(clients, aggregator.address, "a0")
         base = agent.wait_for_model(timeout=10)
         trained = _step(base, 0.1)
         good = {name: np.full_like(array, 0.1) for name, array in base.items()}
@@ -317,7 +300,7 @@ def test_malformed_delta_c_is_refused_with_its_own_reason(tmp_path: Path, client
 def test_delta_c_is_refused_where_the_federation_runs_no_scaffold(tmp_path: Path, clients: list[Client]) -> None:
     aggregator = start_aggregator(aggregator_config(tmp_path, min_updates=5, quorum=1.0, deadline_s=600.0))
     try:
-        agent = _connect(clients, aggregator.address, "a0")
+        agent = connect_client(clients, aggregator.address, "a0")
         base = agent.wait_for_model(timeout=10)
         control = encode_tensors({name: np.zeros_like(array) for name, array in base.items()})
         assert _send(agent, _step(base, 0.1), control) == "unexpected_control_variate"
@@ -328,14 +311,14 @@ def test_delta_c_is_refused_where_the_federation_runs_no_scaffold(tmp_path: Path
 def test_an_aggregator_restarted_mid_round_refolds_the_delta_c(tmp_path: Path, clients: list[Client]) -> None:
     aggregator = _scaffold_aggregator(tmp_path, min_updates=2)
     try:
-        first = _connect(clients, aggregator.address, "a0")
+        first = connect_client(clients, aggregator.address, "a0")
         base = first.wait_for_model(timeout=10)
         first.submit(_step(base, 1.0), 10, METRICS)
     finally:
         aggregator.stop()
     aggregator = _scaffold_aggregator(tmp_path, min_updates=2)
     try:
-        second = _connect(clients, aggregator.address, "a1")
+        second = connect_client(clients, aggregator.address, "a1")
         second.wait_for_model(timeout=10)
         second.submit(_step(base, 3.0), 10, METRICS)
         wait_until(lambda: len(aggregator.rounds.closed_rounds()) > 0, 20, "round 0 to close")
