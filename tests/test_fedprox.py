@@ -56,6 +56,21 @@ def test_proximal_step_reaches_the_known_minimizer_of_a_quadratic(mu: float) -> 
         assert float((found - base).norm()) < 0.02 * float((target - base).norm())
 
 
+def agent_ids_homed(ports: dict[str, int], per_home: int, prefix: str) -> list[str]:
+    """Agent ids `prefix-N`, picked so the static ring of `ports` homes `per_home` of them on each aggregator
+    (grouped by home, in the order of `ports`)."""
+    ring = Ring([Member(id=name, address=f"127.0.0.1:{port}") for name, port in ports.items()], version=1)
+    ids: dict[str, list[str]] = {name: [] for name in ports}
+    candidate = 0
+    while any(len(v) < per_home for v in ids.values()):
+        agent_id = f"{prefix}-{candidate}"
+        candidate += 1
+        home = ring.owner(agent_id).id
+        if len(ids[home]) < per_home:
+            ids[home].append(agent_id)
+    return [agent_id for group in ids.values() for agent_id in group]
+
+
 def test_proximal_gradient_for_numpy_trainers() -> None:
     weights = {"w": np.array([1.0, 2.0], dtype=np.float32)}
     base = {"w": np.array([0.5, 3.0], dtype=np.float32)}
@@ -135,18 +150,9 @@ def test_fedprox_through_two_real_aggregators(procs: ProcessFactory, tmp_path: P
 
     # agents join through agg-a and are redirected to their home on the ring; ids are picked
     # so each aggregator is home to AGENTS_PER_AGGREGATOR of them
-    ring = Ring([Member(id=name, address=f"127.0.0.1:{port}") for name, port in ports.items()], version=1)
-    ids: dict[str, list[str]] = {name: [] for name in ports}
-    candidate = 0
-    while any(len(v) < AGENTS_PER_AGGREGATOR for v in ids.values()):
-        agent_id = f"prox-agent-{candidate}"
-        candidate += 1
-        home = ring.owner(agent_id).id
-        if len(ids[home]) < AGENTS_PER_AGGREGATOR:
-            ids[home].append(agent_id)
     configs = []
     count = 2 * AGENTS_PER_AGGREGATOR
-    for index, agent_id in enumerate(agent_id for group in ids.values() for agent_id in group):
+    for index, agent_id in enumerate(agent_ids_homed(ports, AGENTS_PER_AGGREGATOR, "prox-agent")):
         path = tmp_path / f"agent-{index}.yaml"
         path.write_text(yaml.safe_dump({
             "id": agent_id,

@@ -32,7 +32,6 @@ from agent.tasks._torch import MomentumSGD, add_control_correction
 from agent.trainer import SCAFFOLD_CORRECTION, SCAFFOLD_LR, SCAFFOLD_STEPS, unsupported_algorithms
 from aggregator.config import AggregatorConfig
 from aggregator.daemon import AggregatorDaemon
-from coordinator.ring import Member, Ring
 from privacy.config import CentralDpSettings, PrivacySettings
 from proto.errors import ConfigError, InvalidInput
 from storage.cid import cid_of
@@ -49,6 +48,7 @@ from tests.procs import (
     procs_fixture,  # noqa: F401  (registers the `procs` fixture)
     wait_healthy,
 )
+from tests.test_fedprox import agent_ids_homed
 from tests.test_relay import aggregator_config, start_aggregator
 
 # --- a known answer on quadratics -----------------------------------------------------------------
@@ -357,17 +357,8 @@ def _start_aggregators(procs: ProcessFactory, tmp_path: Path) -> tuple[dict[str,
 
 def _agent_configs(tmp_path: Path, ports: dict[str, int], max_rounds: int) -> list[Path]:
     """One config per agent, ids picked so each aggregator is home to AGENTS_PER_AGGREGATOR of them."""
-    ring = Ring([Member(id=name, address=f"127.0.0.1:{port}") for name, port in ports.items()], version=1)
-    ids: dict[str, list[str]] = {name: [] for name in ports}
-    candidate = 0
-    while any(len(v) < AGENTS_PER_AGGREGATOR for v in ids.values()):
-        agent_id = f"scaffold-agent-{candidate}"
-        candidate += 1
-        home = ring.owner(agent_id).id
-        if len(ids[home]) < AGENTS_PER_AGGREGATOR:
-            ids[home].append(agent_id)
     paths = []
-    everyone = [agent_id for group in ids.values() for agent_id in group]
+    everyone = agent_ids_homed(ports, AGENTS_PER_AGGREGATOR, "scaffold-agent")
     for index, agent_id in enumerate(everyone):
         path = tmp_path / f"{agent_id}.yaml"
         path.write_text(yaml.safe_dump({
