@@ -196,10 +196,15 @@ class CoordinatorClient:
         )
         return [record_from_pb(r) for r in self._call(self._stub.ListModels, request).models]
 
-    def lineage(self, model_cid: str, depth: int = 0, *, with_manifests: bool = True) -> Lineage:
+    def lineage(
+        self, model_cid: str, depth: int = 0, *, with_manifests: bool = True, follow_base: bool = False
+    ) -> Lineage:
         """A model's indexed ancestry; depth 0: the coordinator's default depth. Without manifests,
-        records carry their fields only (a large cluster's lineage then fits one reply)."""
-        request = pb.LineageRequest(model_cid=model_cid, depth=depth, omit_manifests=not with_manifests)
+        records carry their fields only (a large cluster's lineage then fits one reply). `follow_base`
+        walks each model's base too: earlier rounds, and across a fork the source federation's."""
+        request = pb.LineageRequest(
+            model_cid=model_cid, depth=depth, omit_manifests=not with_manifests, follow_base=follow_base
+        )
         return lineage_from_pb(self._call(self._stub.GetLineage, request))
 
     def report_agents(self, aggregator_id: str, agents: Iterable[AgentEntry]) -> None:

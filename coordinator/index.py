@@ -164,6 +164,7 @@ class ModelRecord:
     weights: str
     manifest: bytes = field(repr=False)
     notes: dict[str, str] = field(default_factory=dict)
+    base: str = ""  # the model it was trained from (the manifest's `base`; empty: none)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +221,7 @@ def _row_to_record(row: sqlite3.Row) -> ModelRecord:
         weights=row[10],
         manifest=bytes(row[11]),
         notes=json.loads(row[12]),
+        base=json.loads(row[11]).get("base") or "",
     )
 
 
@@ -553,9 +555,10 @@ class ModelIndex(DurableSqlite):
         )
         return [_row_to_record(row) for row in rows]
 
-    def lineage(self, cid: str, depth: int = DEFAULT_LINEAGE_DEPTH) -> Lineage:
+    def lineage(self, cid: str, depth: int = DEFAULT_LINEAGE_DEPTH, *, follow_base: bool = False) -> Lineage:
         """`cid`'s record, its ancestors up to `depth` generations (breadth first, each once),
-        its direct children, and the parents named along the way that the index lacks."""
+        its direct children, and the parents named along the way that the index lacks.
+        `follow_base` walks each model's base too (earlier rounds; across a fork, the source federation's)."""
         if depth < 0:
             raise InvalidInput(f"depth must be >= 0, got {depth}", reason="bad_query")
         model = self.get(cid)
@@ -564,7 +567,12 @@ class ModelIndex(DurableSqlite):
         seen = {cid}
         frontier = deque([model])
         for _ in range(depth):
-            wanted = [p for record in frontier for p in record.parents if p not in seen]
+            wanted = [
+                p
+                for record in frontier
+                for p in (*record.parents, *((record.base,) if follow_base and record.base else ()))
+                if p not in seen
+            ]
             wanted = list(dict.fromkeys(wanted))
             if not wanted:
                 break

@@ -162,6 +162,7 @@ def record_from_pb(message: pb.ModelRecord) -> ModelRecord:
         created_at=message.created_at,
         weights=message.weights_cid,
         manifest=message.manifest,
+        base=message.base,
     )
 
 
@@ -178,6 +179,7 @@ def record_to_pb(record: ModelRecord, *, with_manifest: bool = True) -> pb.Model
         created_at=record.created_at,
         weights_cid=record.weights,
         manifest=record.manifest if with_manifest else b"",
+        base=record.base,
     )
 
 

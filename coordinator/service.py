@@ -183,7 +183,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         return pb.ListModelsReply(models=[record_to_pb(r) for r in records])
 
     async def GetLineage(self, request: pb.LineageRequest, context: grpc.aio.ServicerContext) -> pb.LineageReply:
-        lineage = await self._offload(self._index.lineage, request.model_cid, request.depth or DEFAULT_LINEAGE_DEPTH)
+        lineage = await self._offload(
+            self._index.lineage,
+            request.model_cid,
+            request.depth or DEFAULT_LINEAGE_DEPTH,
+            follow_base=request.follow_base,
+        )
         return lineage_to_pb(lineage, with_manifests=not request.omit_manifests)
 
     # ------------------------------------------------------------ the hub

@@ -447,7 +447,7 @@ class AnnounceModelsReply(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[AnnounceResult, _Mapping]]] = ...) -> None: ...
 
 class ModelRecord(_message.Message):
-    __slots__ = ("model_cid", "kind", "federation", "round", "producer", "parents", "num_samples", "metrics", "created_at", "weights_cid", "manifest")
+    __slots__ = ("model_cid", "kind", "federation", "round", "producer", "parents", "num_samples", "metrics", "created_at", "weights_cid", "manifest", "base")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -466,6 +466,7 @@ class ModelRecord(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_CID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     model_cid: str
     kind: str
     federation: str
@@ -477,7 +478,8 @@ class ModelRecord(_message.Message):
     created_at: float
     weights_cid: str
     manifest: bytes
-    def __init__(self, model_cid: _Optional[str] = ..., kind: _Optional[str] = ..., federation: _Optional[str] = ..., round: _Optional[int] = ..., producer: _Optional[str] = ..., parents: _Optional[_Iterable[str]] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., weights_cid: _Optional[str] = ..., manifest: _Optional[bytes] = ...) -> None: ...
+    base: str
+    def __init__(self, model_cid: _Optional[str] = ..., kind: _Optional[str] = ..., federation: _Optional[str] = ..., round: _Optional[int] = ..., producer: _Optional[str] = ..., parents: _Optional[_Iterable[str]] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[float] = ..., weights_cid: _Optional[str] = ..., manifest: _Optional[bytes] = ..., base: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("kind", "aggregator", "federation", "round", "latest_per_aggregator", "limit")
@@ -502,14 +504,16 @@ class ListModelsReply(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelRecord, _Mapping]]] = ...) -> None: ...
 
 class LineageRequest(_message.Message):
-    __slots__ = ("model_cid", "depth", "omit_manifests")
+    __slots__ = ("model_cid", "depth", "omit_manifests", "follow_base")
     MODEL_CID_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     OMIT_MANIFESTS_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_BASE_FIELD_NUMBER: _ClassVar[int]
     model_cid: str
     depth: int
     omit_manifests: bool
-    def __init__(self, model_cid: _Optional[str] = ..., depth: _Optional[int] = ..., omit_manifests: _Optional[bool] = ...) -> None: ...
+    follow_base: bool
+    def __init__(self, model_cid: _Optional[str] = ..., depth: _Optional[int] = ..., omit_manifests: _Optional[bool] = ..., follow_base: _Optional[bool] = ...) -> None: ...
 
 class LineageReply(_message.Message):
     __slots__ = ("model", "ancestors", "children", "missing")

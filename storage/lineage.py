@@ -4,8 +4,11 @@ Each node is fetched through the store, which re-hashes it, then parsed and its
 signature checked; with `verify_weights` its weights blob is fetched and
 checked too. A bad node never stops the walk: it becomes a `Problem` naming the
 node, how it was reached and why, and the walk goes on with whatever is left.
-Only the `parents` edges are followed; `base` is informational unless it is
-also listed as a parent.
+The `parents` edges say what a model was made of. A model's `base` says what it
+was trained from: the previous round's model, or a federation's start (a task's
+initial weights, a fork, a merge). `follow_base` walks those edges too, so a
+lineage reaches back through earlier rounds and, across a fork, into the source
+federation's rounds; without it `base` is informational.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class Problem:
     """Something wrong with one node of a lineage."""
 
     cid: str
-    where: str  # "root", or "parent of <child cid>" for the first child that led here
+    where: str  # "root", or "parent of <child cid>" / "base of <child cid>" for the first child that led here
     reason: str  # one of PROBLEM_REASONS
     message: str
 
@@ -55,6 +58,7 @@ class LineageGraph:
     problems: list[Problem] = field(default_factory=list)
     depth_reached: dict[str, int] = field(default_factory=dict)  # shortest distance from root
     truncated: list[str] = field(default_factory=list)  # nodes whose parents the depth limit cut
+    bases: dict[str, str] = field(default_factory=dict)  # child -> the base walked (follow_base only)
 
     @property
     def ok(self) -> bool:
@@ -67,9 +71,11 @@ def walk(
     *,
     depth: int | None = None,
     verify_weights: bool = False,
+    follow_base: bool = False,
     on_node: Callable[[int, int], None] | None = None,
 ) -> LineageGraph:
-    """Breadth-first over `parents` from `model_cid`, at most `depth` edges deep (None: all).
+    """Breadth-first over `parents` (and, with `follow_base`, each model's `base`) from
+    `model_cid`, at most `depth` edges deep (None: all).
 
     `on_node(done, found)` is called after each model is read: how many were read, and how
     many the walk has found so far (a progress bar's total grows as the lineage unfolds).
@@ -95,15 +101,18 @@ def walk(
             if verify_weights:
                 _check_weights(store, manifest, cid, where[cid], graph)
             level = graph.depth_reached[cid]
+            base = manifest.base if follow_base and manifest.base not in (None, *manifest.parents) else None
             if depth is not None and level >= depth:
-                if manifest.parents:
+                if manifest.parents or base:
                     graph.truncated.append(cid)
                 continue
-            for parent in manifest.parents:
+            if base:
+                graph.bases[cid] = base
+            for parent, relation in [*((p, "parent") for p in manifest.parents), *([(base, "base")] if base else [])]:
                 graph.edges.append((cid, parent))
                 if parent not in graph.depth_reached:
                     graph.depth_reached[parent] = level + 1
-                    where[parent] = f"parent of {cid}"
+                    where[parent] = f"{relation} of {cid}"
                     queue.append(parent)
         finally:
             done += 1

@@ -167,12 +167,17 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def lineage_from_index(
-    address: str, model_cid: str, depth: int | None, *, channel_factory: Callable[[str], Any] | None = None
+    address: str,
+    model_cid: str,
+    depth: int | None,
+    *,
+    follow_base: bool = False,
+    channel_factory: Callable[[str], Any] | None = None,
 ) -> render.LineageView:
     """A lineage view built from the coordinator's index rather than the store."""
     dial = {"channel_factory": channel_factory} if channel_factory is not None else {}
     with CoordinatorClient(address, timeout_s=DEFAULT_TIMEOUT_S, **dial) as coordinator:
-        lineage = coordinator.lineage(model_cid, depth or 0, with_manifests=False)
+        lineage = coordinator.lineage(model_cid, depth or 0, with_manifests=False, follow_base=follow_base)
     nodes = {}
     for record in [lineage.model, *lineage.ancestors]:
         nodes[record.cid] = render.LineageNode(
@@ -183,8 +188,9 @@ def lineage_from_index(
             num_samples=record.num_samples,
             metrics=dict(record.metrics),
             parents=tuple(record.parents),
+            base=record.base,
         )
-    deepest = {cid for cid, node in nodes.items() if any(p not in nodes for p in node.parents)}
+    deepest = {cid for cid, node in nodes.items() if any(p not in nodes for p in node.links)}
     truncated = [cid for cid in deepest if depth is not None]
     problems = [
         {"cid": cid, "where": "index", "reason": "missing", "message": "named as a parent but not in the index"}

@@ -104,6 +104,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     lineage.add_argument("--depth", type=int, default=None, help="how many generations to walk (default: all)")
     lineage.add_argument("--format", choices=("tree", "dot", "json"), default="tree", help="output format (default: tree)")
     lineage.add_argument(
+        "--bases",
+        action="store_true",
+        help="also follow each model's base (what it was trained from): back through earlier rounds and, across a "
+        "fork or merge, into the source federation's rounds; bound it with --depth",
+    )
+    lineage.add_argument(
         "--coordinator",
         metavar="HOST:PORT",
         default=os.environ.get("STRATA_COORDINATOR", ""),
@@ -260,10 +266,12 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     if args.coordinator:
         from strata.cmd_fleet import lineage_from_index
 
-        view = lineage_from_index(args.coordinator, args.cid, args.depth, channel_factory=channel_factory_for(args))
+        view = lineage_from_index(
+            args.coordinator, args.cid, args.depth, follow_base=args.bases, channel_factory=channel_factory_for(args)
+        )
     else:
         with resolve_store(args) as store:
-            graph = walk(store, args.cid, depth=args.depth)
+            graph = walk(store, args.cid, depth=args.depth, follow_base=args.bases)
         if args.cid not in graph.nodes:
             problem = graph.problems[0] if graph.problems else None
             if problem is not None and problem.reason == "missing":

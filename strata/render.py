@@ -27,6 +27,13 @@ class LineageNode:
     note: str = ""
     # which aggregation rule made it (empty where the manifest was not read)
     rule: str = ""
+    # the model it was trained from, when the lineage followed bases (`strata lineage --bases`)
+    base: str = ""
+
+    @property
+    def links(self) -> tuple[str, ...]:
+        """Its parents, then the base walked (if any): every edge the lineage drew from it."""
+        return (*self.parents, self.base) if self.base else self.parents
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,12 +46,14 @@ class LineageView:
 
 
 def view_from_graph(graph: LineageGraph) -> LineageView:
-    nodes = {cid: node_from_manifest(cid, manifest) for cid, manifest in graph.nodes.items()}
+    nodes = {
+        cid: node_from_manifest(cid, manifest, base=graph.bases.get(cid, "")) for cid, manifest in graph.nodes.items()
+    }
     problems = [{"cid": p.cid, "where": p.where, "reason": p.reason, "message": p.message} for p in graph.problems]
     return LineageView(root=graph.root, nodes=nodes, problems=problems, truncated=list(graph.truncated))
 
 
-def node_from_manifest(cid: str, manifest: Manifest) -> LineageNode:
+def node_from_manifest(cid: str, manifest: Manifest, *, base: str = "") -> LineageNode:
     refused = manifest.extra.get("refused_peers") if isinstance(manifest.extra, dict) else None
     note = f"refused {len(refused)} peer model(s)" if refused else ""
     note = "  ".join(part for part in (note, _privacy_tag(manifest)) if part)
@@ -58,6 +67,7 @@ def node_from_manifest(cid: str, manifest: Manifest) -> LineageNode:
         parents=tuple(manifest.parents),
         note=note,
         rule=rule_of(manifest),
+        base=base,
     )
 
 
@@ -136,18 +146,21 @@ def lineage_tree(view: LineageView) -> str:
                 why = f"{problem['reason']}: {problem['message']}" if problem else "not read"
             lines.append(f"{prefix}{connector}? {cid}  ({why})")
             return
-        marker = "  (shown above)" if cid in seen and node.parents else ""
+        marker = "  (shown above)" if cid in seen and node.links else ""
         flag = f"  !! {problems[cid]['reason']}" if cid in problems else ""
         lines.append(f"{prefix}{connector}{_label(node)}{marker}{flag}")
         if cid in seen:
             return
         seen.add(cid)
         if cid in view.truncated:
-            lines.append(f"{prefix}{child_prefix}└─ … ({len(node.parents)} parents beyond --depth)")
+            lines.append(f"{prefix}{child_prefix}└─ … ({len(node.links)} parents beyond --depth)")
             return
-        for index, parent in enumerate(node.parents):
-            last = index == len(node.parents) - 1
-            visit(parent, prefix + child_prefix, "└─ " if last else "├─ ", "   " if last else "│  ", node)
+        for index, parent in enumerate(node.links):
+            last = index == len(node.links) - 1
+            connector = "└─ " if last else "├─ "
+            if parent == node.base:
+                connector += "trained from: "  # its base: what it started from, not what it was made of
+            visit(parent, prefix + child_prefix, connector, "   " if last else "│  ", node)
 
     visit(view.root, "", "", "")
     if view.problems:
@@ -166,6 +179,8 @@ def lineage_dot(view: LineageView) -> str:
     for cid, node in view.nodes.items():
         for parent in node.parents:
             lines.append(f'  "{parent}" -> "{cid}";')
+        if node.base:
+            lines.append(f'  "{node.base}" -> "{cid}" [style=dashed, label="base"];')
     for problem in view.problems:
         lines.append(f'  "{problem["cid"]}" [label="{problem["reason"]}\\n{problem["cid"][:12]}…", color=red];')
     lines.append("}")
@@ -186,6 +201,7 @@ def lineage_json(view: LineageView) -> dict[str, Any]:
                 "metrics": dict(n.metrics),
                 "parents": list(n.parents),
                 "rule": n.rule,
+                **({"base": n.base} if n.base else {}),
             }
             for cid, n in view.nodes.items()
         },

@@ -25,6 +25,7 @@ from agent.daemon import run_agents
 from agent.tasks.fashion_mnist import DEFAULT_DIR
 from aggregator.config import AggregatorConfig, RoundSettings
 from aggregator.daemon import AggregatorDaemon
+from coordinator.client import CoordinatorClient
 from coordinator.config import CoordinatorConfig
 from coordinator.daemon import CoordinatorDaemon
 from storage.codec import decode_tensors
@@ -64,7 +65,7 @@ def test_a_feature_fork_of_an_mnist_release_trains_fashion_mnist(tmp_path: Path,
 
         aggregator = AggregatorDaemon(AggregatorConfig(
             id="agg-fork", listen="127.0.0.1:0", federation="fashion-features", initial_model=fork["base"],
-            state_dir=str(tmp_path / "agg"), store=str(store_path),
+            state_dir=str(tmp_path / "agg"), store=str(store_path), coordinator=coordinator.address,
             round=RoundSettings(quorum=1.0, min_updates=1, deadline_s=ROUND_WAIT_S, agent_timeout_s=ROUND_WAIT_S),
         )).start()  # fmt: skip
         stop = threading.Event()
@@ -95,3 +96,28 @@ def test_a_feature_fork_of_an_mnist_release_trains_fashion_mnist(tmp_path: Path,
 
         evaluated = _cli(coordinator.address, "evaluate", record.cluster_cid, "--task", "fashion_mnist")
         assert 0.0 <= evaluated["accuracy"] <= 1.0
+
+        # lineage crosses federations: from the fork's trained model, through its base, into MNIST's
+        from_store = _lineage(record.cluster_cid, "--bases")
+        assert from_store["nodes"][record.cluster_cid]["base"] == fork["base"]
+        assert from_store["nodes"][fork["base"]]["parents"] == [source["base"]]
+        assert from_store["nodes"][source["base"]]["kind"] == "base" and from_store["ok"]
+        assert source["base"] not in _lineage(record.cluster_cid)["nodes"]  # without --bases: what it was made of
+        wait_until(lambda: _indexed(coordinator.address, record.cluster_cid), timeout=30, what="the cluster's announcement")
+        from_index = _lineage(record.cluster_cid, "--bases", "--coordinator", coordinator.address)
+        assert from_index["source"] == "coordinator"
+        assert {fork["base"], source["base"]} <= set(from_index["nodes"])
+        assert from_index["nodes"][record.cluster_cid]["base"] == fork["base"]
+
+
+def _lineage(cid: str, *args: str) -> dict[str, Any]:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["lineage", cid, *args, "--json"])
+    assert code == 0, stdout.getvalue()
+    return json.loads(stdout.getvalue())
+
+
+def _indexed(coordinator: str, cid: str) -> bool:
+    with CoordinatorClient(coordinator) as client:
+        return any(model.cid == cid for model in client.list_models(kind="cluster"))

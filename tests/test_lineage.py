@@ -212,3 +212,32 @@ def test_cycles_are_detected(local_store: LocalStore) -> None:
     assert set(graph.nodes) == {top.cid, fake}
     graph = walk(liar, selfish_slot)
     assert [(p.cid, p.reason) for p in graph.problems] == [(selfish_slot, "cycle")]
+
+
+def test_follow_base_walks_back_through_rounds_and_across_a_fork(local_store: LocalStore, tree: Tree) -> None:
+    """digits: base -> round 1 (tree) -> round 2 trained from its semi-global; a fork of round 2's
+    model starts another federation, whose round-1 cluster names only its device update as a parent."""
+    operator = KeyPair.generate()
+    update_2 = _save(local_store, "local", 40, operator, round=2, base=tree.semi.cid,
+                     producer=Producer(role="agent", id="agent-0"))  # fmt: skip
+    cluster_2 = _save(local_store, "cluster", 41, operator, round=2, base=tree.semi.cid, parents=[update_2.cid])
+    fork = _save(local_store, "fork", 42, operator, round=0, parents=[cluster_2.cid])
+    fork_update = _save(local_store, "local", 43, operator, base=fork.cid, producer=Producer(role="agent", id="a"))
+    fork_cluster = _save(local_store, "cluster", 44, operator, base=fork.cid, parents=[fork_update.cid])
+
+    assert set(walk(local_store, fork_cluster.cid).nodes) == {fork_cluster.cid, fork_update.cid}
+    graph = walk(local_store, fork_cluster.cid, follow_base=True)
+    assert graph.ok
+    # into the source federation's rounds: round 2, round 1's semi-global, clusters and updates, digits' base
+    expected = {fork_cluster.cid, fork_update.cid, fork.cid, cluster_2.cid, update_2.cid, tree.semi.cid, tree.base.cid}
+    assert expected | {m.cid for m in tree.clusters + tree.locals_} == set(graph.nodes)
+    # the cluster and its update share a base: two edges, one node
+    assert graph.bases[fork_cluster.cid] == graph.bases[fork_update.cid] == fork.cid
+    assert graph.bases[cluster_2.cid] == tree.semi.cid
+    assert (fork_cluster.cid, fork.cid) in graph.edges
+    # a base that is also a parent is an ordinary parent edge, not a second one
+    assert tree.locals_[0].cid not in graph.bases
+    assert graph.depth_reached[tree.base.cid] == 4  # cluster -base-> fork -> cluster_2 -base-> semi -base-> base
+    shallow = walk(local_store, fork_cluster.cid, depth=1, follow_base=True)
+    assert set(shallow.nodes) == {fork_cluster.cid, fork_update.cid, fork.cid}
+    assert set(shallow.truncated) == {fork_update.cid, fork.cid}
