@@ -195,7 +195,14 @@ class RoundManager:
             if accepted:
                 log.info(
                     "round_recovered",
-                    extra={"fields": {"round": record.round, "updates": len(accepted), "base": record.base_cid}},
+                    extra={
+                        "fields": {
+                            "federation": self.federation,
+                            "round": record.round,
+                            "updates": len(accepted),
+                            "base": record.base_cid,
+                        }
+                    },
                 )
             return self.current
 
@@ -360,7 +367,7 @@ class RoundManager:
             self._invited = self._invited | frozenset(chosen)
             for agent_id in chosen:
                 self._times_invited[agent_id] = self._times_invited.get(agent_id, 0) + 1
-            log.info("agents_invited", extra={"fields": {"round": self._round.round, "new": len(chosen), "invited": len(self._invited)}})
+            log.info("agents_invited", extra={"fields": {"federation": self.federation, "round": self._round.round, "new": len(chosen), "invited": len(self._invited)}})
             return chosen
 
     def invited(self, agent_id: str) -> bool:
@@ -551,6 +558,7 @@ class RoundManager:
                 "round_extended",
                 extra={
                     "fields": {
+                        "federation": self.federation,
                         "round": self._round.round,
                         "accepted": count,
                         "min_updates": self.settings.min_updates,
@@ -658,6 +666,7 @@ class RoundManager:
             "round_closed",
             extra={
                 "fields": {
+                    "federation": self.federation,
                     "round": round_,
                     "trigger": trigger,
                     "participants": len(accepted),

@@ -234,7 +234,7 @@ class SemiGlobalSynthesizer:
         try:
             pointer = self._latest_pointer(member, cluster.round, timeout)
         except StrataError as exc:
-            log.info("peer_unreachable", extra={"fields": {"peer": member.id, "error": str(exc)}})
+            log.info("peer_unreachable", extra={"fields": {"federation": self.federation, "peer": member.id, "error": str(exc)}})
             raise _Refused("", member.id, PeerReason.UNAVAILABLE, f"peer {member.id} did not answer: {exc}") from None
         if pointer is None:
             return None  # the peer has not closed a round yet
@@ -328,7 +328,7 @@ class SemiGlobalSynthesizer:
             except (NotFound, IntegrityError):
                 continue  # not there, or a damaged copy: look elsewhere
             except Unavailable as exc:
-                log.info("shared_store_unavailable", extra={"fields": {"cid": cid, "error": str(exc)}})
+                log.info("shared_store_unavailable", extra={"fields": {"federation": self.federation, "cid": cid, "error": str(exc)}})
         if data is None:
             try:
                 data = self._peers.fetch_blob(member, cid, self.settings.fetch_timeout_s)
@@ -427,6 +427,7 @@ class SemiGlobalSynthesizer:
             "semi_global_synthesized",
             extra={
                 "fields": {
+                    "federation": self.federation,
                     "round": cluster.round,
                     "model": manifest.cid,
                     "peers_used": len(candidates),

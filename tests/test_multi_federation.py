@@ -317,6 +317,8 @@ def test_strata_aggregator_serve_trains_two_federations_with_real_agents(procs: 
                     assert update.federation == federation and update.producer.id == f"{federation}-agent"
     started = {event["federation"] for event in aggregator.events("aggregator_started")}
     assert started == {"digits", "fashion"}
+    # one process's log interleaves both federations' rounds: each round event says whose it is
+    assert {event["federation"] for event in aggregator.events("round_closed")} == {"digits", "fashion"}
 
 
 def test_history_finds_one_journal_per_federation(tmp_path: Path) -> None:
