@@ -31,6 +31,7 @@ from coordinator.messages import (
     FleetStatus,
     agent_entry_from_pb,
     agent_entry_to_pb,
+    all_pages,
     announcements_to_pb,
     federation_from_pb,
     fleet_status_from_pb,
@@ -243,8 +244,13 @@ class CoordinatorClient:
         return federation_from_pb(self._call(self._stub.CreateFederation, request))
 
     def federations(self, limit: int = 0) -> list[Federation]:
-        reply = self._call(self._stub.ListFederations, pb.ListFederationsRequest(limit=limit))
-        return [federation_from_pb(f) for f in reply.federations]
+        """Every federation by name (at most `limit`; 0: all), a page per call."""
+
+        def fetch(offset: int) -> tuple[list[Federation], int]:
+            reply = self._call(self._stub.ListFederations, pb.ListFederationsRequest(limit=limit, offset=offset))
+            return [federation_from_pb(f) for f in reply.federations], reply.next_offset
+
+        return all_pages(fetch, limit)
 
     def federation(self, name: str) -> Federation:
         """One federation with its current heads; NotFound(reason="unknown_federation")."""
@@ -254,10 +260,15 @@ class CoordinatorClient:
         """Record a signed release tag (`coordinator.hub.ReleaseTag`); Conflict(reason="release_exists") if taken."""
         return release_from_pb(self._call(self._stub.CreateRelease, pb.CreateReleaseRequest(tag=tag)))
 
-    def releases(self, federation: str) -> list[Release]:
-        """A federation's releases, highest version first."""
-        reply = self._call(self._stub.ListReleases, pb.ListReleasesRequest(federation=federation))
-        return [release_from_pb(r) for r in reply.releases]
+    def releases(self, federation: str, limit: int = 0) -> list[Release]:
+        """A federation's releases, highest version first (at most `limit`; 0: all), a page per call."""
+
+        def fetch(offset: int) -> tuple[list[Release], int]:
+            request = pb.ListReleasesRequest(federation=federation, offset=offset, limit=limit)
+            reply = self._call(self._stub.ListReleases, request)
+            return [release_from_pb(r) for r in reply.releases], reply.next_offset
+
+        return all_pages(fetch, limit)
 
     def resolve(self, ref: str) -> tuple[str, Release | None]:
         """NAME@1.2.0, NAME@latest, NAME@^1.0 or a CID -> (model CID, its release or None)."""
@@ -267,9 +278,15 @@ class CoordinatorClient:
     def propose(self, manifest: bytes) -> Proposal:
         return proposal_from_pb(self._call(self._stub.CreateProposal, pb.CreateProposalRequest(manifest=manifest)))
 
-    def proposals(self, federation: str = "", state: str = "") -> list[Proposal]:
-        reply = self._call(self._stub.ListProposals, pb.ListProposalsRequest(federation=federation, state=state))
-        return [proposal_from_pb(p) for p in reply.proposals]
+    def proposals(self, federation: str = "", state: str = "", limit: int = 0) -> list[Proposal]:
+        """Proposals to `federation` (empty: any) in `state` (empty: any), oldest first; at most `limit` (0: all)."""
+
+        def fetch(offset: int) -> tuple[list[Proposal], int]:
+            request = pb.ListProposalsRequest(federation=federation, state=state, offset=offset, limit=limit)
+            reply = self._call(self._stub.ListProposals, request)
+            return [proposal_from_pb(p) for p in reply.proposals], reply.next_offset
+
+        return all_pages(fetch, limit)
 
     def decide(self, proposal_cid: str, *, accept: bool, merge_manifest: bytes = b"") -> Proposal:
         request = pb.DecideProposalRequest(proposal_cid=proposal_cid, accept=accept, merge_manifest=merge_manifest)

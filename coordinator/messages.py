@@ -11,7 +11,7 @@ Core modules (`ring`, `membership`, `index`) stay free of gRPC and `*_pb2`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
@@ -23,6 +23,43 @@ from proto import strata_pb2 as pb
 from proto.convert import capability_name, capability_value, telemetry_from_dict, telemetry_to_dict
 
 D = TypeVar("D")
+R = TypeVar("R")
+
+# a listing reply's share of the 4 MiB message limit (proto.wire.MAX_MESSAGE_BYTES): the rest is headroom
+PAGE_BYTES = 2 << 20
+# the most records one page carries, however small
+MAX_PAGE_ITEMS = 10_000
+
+
+def page(records: Sequence[R], to_pb: Callable[[R], Any], *, offset: int, limit: int) -> tuple[list[Any], int]:
+    """One page of a listing: `records[offset:]` as messages, at most `limit` (0: MAX_PAGE_ITEMS) and
+    no more than PAGE_BYTES of them (but at least one), and the offset the next page starts at (0: none)."""
+    limit = min(limit or MAX_PAGE_ITEMS, MAX_PAGE_ITEMS)
+    messages: list[Any] = []
+    size = 0
+    index = offset
+    while index < len(records) and len(messages) < limit:
+        message = to_pb(records[index])
+        size += message.ByteSize()
+        if messages and size > PAGE_BYTES:
+            break
+        messages.append(message)
+        index += 1
+    return messages, index if index < len(records) else 0
+
+
+def all_pages(fetch: Callable[[int], tuple[list[R], int]], limit: int = 0) -> list[R]:
+    """Every page of a listing, from `fetch(offset) -> (records, next_offset)`; at most `limit` (0: all)."""
+    records: list[R] = []
+    offset = 0
+    while True:
+        batch, next_offset = fetch(offset)
+        records.extend(batch)
+        if limit and len(records) >= limit:
+            return records[:limit]
+        if next_offset <= offset:  # the last page (0), or a server that would send this one again
+            return records
+        offset = next_offset
 
 
 @dataclass(frozen=True, kw_only=True)

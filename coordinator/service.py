@@ -37,6 +37,7 @@ from coordinator.messages import (
     info_from_pb,
     lease_to_pb,
     lineage_to_pb,
+    page,
     proposal_to_pb,
     record_to_pb,
     release_to_pb,
@@ -67,8 +68,6 @@ SERVICE_NAME = "strata.v1.CoordinatorService"
 ANNOUNCE_CONCURRENCY = 2
 # A WatchRing stream re-reads the ring at least this often, even with no change signalled.
 WATCH_WAKE_S = 30.0
-# the most federations one ListFederations reply carries (0 in a request: this many)
-MAX_LISTED = 10_000
 
 
 def _no_revocations() -> RevocationList | None:
@@ -216,8 +215,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def ListFederations(
         self, request: pb.ListFederationsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListFederationsReply:
-        federations = await self._offload(self._hub.federations, min(request.limit or MAX_LISTED, MAX_LISTED))
-        return pb.ListFederationsReply(federations=[federation_to_pb(f) for f in federations])
+        federations = await self._offload(self._hub.federations)
+        listed, next_offset = page(federations, federation_to_pb, offset=request.offset, limit=request.limit)
+        return pb.ListFederationsReply(federations=listed, next_offset=next_offset)
 
     async def GetFederation(self, request: pb.GetFederationRequest, context: grpc.aio.ServicerContext) -> pb.FederationRecord:
         return federation_to_pb(await self._offload(self._hub.federation, request.name))
@@ -228,7 +228,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     async def ListReleases(self, request: pb.ListReleasesRequest, context: grpc.aio.ServicerContext) -> pb.ListReleasesReply:
         releases = await self._offload(self._hub.releases, request.federation)
-        return pb.ListReleasesReply(releases=[release_to_pb(r) for r in releases])
+        listed, next_offset = page(releases, release_to_pb, offset=request.offset, limit=request.limit)
+        return pb.ListReleasesReply(releases=listed, next_offset=next_offset)
 
     async def ResolveModel(self, request: pb.ResolveModelRequest, context: grpc.aio.ServicerContext) -> pb.ResolveModelReply:
         cid, release = await self._offload(self._hub.resolve, request.ref)
@@ -241,7 +242,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     async def ListProposals(self, request: pb.ListProposalsRequest, context: grpc.aio.ServicerContext) -> pb.ListProposalsReply:
         proposals = await self._offload(self._hub.proposals, request.federation, request.state)
-        return pb.ListProposalsReply(proposals=[proposal_to_pb(p) for p in proposals])
+        listed, next_offset = page(proposals, proposal_to_pb, offset=request.offset, limit=request.limit)
+        return pb.ListProposalsReply(proposals=listed, next_offset=next_offset)
 
     async def DecideProposal(self, request: pb.DecideProposalRequest, context: grpc.aio.ServicerContext) -> pb.ProposalRecord:
         caller, signers = caller_certificate(), current_signers()

@@ -725,16 +725,20 @@ class FederationRecord(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., task: _Optional[str] = ..., base_cid: _Optional[str] = ..., spec: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., owners: _Optional[_Iterable[str]] = ..., round_policy: _Optional[_Mapping[str, str]] = ..., strategy: _Optional[str] = ..., forked_from: _Optional[str] = ..., source_federation: _Optional[str] = ..., heads: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[float] = ..., created_by: _Optional[str] = ..., fork_layers: _Optional[str] = ...) -> None: ...
 
 class ListFederationsRequest(_message.Message):
-    __slots__ = ("limit",)
+    __slots__ = ("limit", "offset")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     limit: int
-    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+    offset: int
+    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ListFederationsReply(_message.Message):
-    __slots__ = ("federations",)
+    __slots__ = ("federations", "next_offset")
     FEDERATIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     federations: _containers.RepeatedCompositeFieldContainer[FederationRecord]
-    def __init__(self, federations: _Optional[_Iterable[_Union[FederationRecord, _Mapping]]] = ...) -> None: ...
+    next_offset: int
+    def __init__(self, federations: _Optional[_Iterable[_Union[FederationRecord, _Mapping]]] = ..., next_offset: _Optional[int] = ...) -> None: ...
 
 class GetFederationRequest(_message.Message):
     __slots__ = ("name",)
@@ -775,16 +779,22 @@ class ReleaseRecord(_message.Message):
     def __init__(self, federation: _Optional[str] = ..., version: _Optional[str] = ..., model_cid: _Optional[str] = ..., notes: _Optional[str] = ..., evaluation: _Optional[str] = ..., accuracy: _Optional[float] = ..., has_accuracy: _Optional[bool] = ..., lineage_root: _Optional[str] = ..., released_by: _Optional[str] = ..., created_at: _Optional[float] = ..., tag: _Optional[bytes] = ...) -> None: ...
 
 class ListReleasesRequest(_message.Message):
-    __slots__ = ("federation",)
+    __slots__ = ("federation", "offset", "limit")
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     federation: str
-    def __init__(self, federation: _Optional[str] = ...) -> None: ...
+    offset: int
+    limit: int
+    def __init__(self, federation: _Optional[str] = ..., offset: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListReleasesReply(_message.Message):
-    __slots__ = ("releases",)
+    __slots__ = ("releases", "next_offset")
     RELEASES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     releases: _containers.RepeatedCompositeFieldContainer[ReleaseRecord]
-    def __init__(self, releases: _Optional[_Iterable[_Union[ReleaseRecord, _Mapping]]] = ...) -> None: ...
+    next_offset: int
+    def __init__(self, releases: _Optional[_Iterable[_Union[ReleaseRecord, _Mapping]]] = ..., next_offset: _Optional[int] = ...) -> None: ...
 
 class ResolveModelRequest(_message.Message):
     __slots__ = ("ref",)
@@ -833,18 +843,24 @@ class ProposalRecord(_message.Message):
     def __init__(self, proposal_cid: _Optional[str] = ..., from_federation: _Optional[str] = ..., to_federation: _Optional[str] = ..., model_cid: _Optional[str] = ..., target_head: _Optional[str] = ..., state: _Optional[str] = ..., proposed_by: _Optional[str] = ..., created_at: _Optional[float] = ..., decided_by: _Optional[str] = ..., decided_at: _Optional[float] = ..., merge_cid: _Optional[str] = ...) -> None: ...
 
 class ListProposalsRequest(_message.Message):
-    __slots__ = ("federation", "state")
+    __slots__ = ("federation", "state", "offset", "limit")
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     federation: str
     state: str
-    def __init__(self, federation: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    offset: int
+    limit: int
+    def __init__(self, federation: _Optional[str] = ..., state: _Optional[str] = ..., offset: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListProposalsReply(_message.Message):
-    __slots__ = ("proposals",)
+    __slots__ = ("proposals", "next_offset")
     PROPOSALS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     proposals: _containers.RepeatedCompositeFieldContainer[ProposalRecord]
-    def __init__(self, proposals: _Optional[_Iterable[_Union[ProposalRecord, _Mapping]]] = ...) -> None: ...
+    next_offset: int
+    def __init__(self, proposals: _Optional[_Iterable[_Union[ProposalRecord, _Mapping]]] = ..., next_offset: _Optional[int] = ...) -> None: ...
 
 class DecideProposalRequest(_message.Message):
     __slots__ = ("proposal_cid", "accept", "merge_manifest")

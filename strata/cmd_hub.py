@@ -108,6 +108,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--ca", type=Path, metavar="FLEET-CA.PEM",
         help="check each tag offline: signed by a key the fleet CA certified to its releaser; exit 4 on any that is not",
     )  # fmt: skip
+    releases.add_argument("--limit", type=int, default=0, help="the newest N versions only (default: 0, all)")
     add_coordinator_options(releases, cmd_releases)
 
     fork = _with_store(commands.add_parser("fork", help="a new federation from another's model, whole or its feature layers"))
@@ -129,6 +130,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     proposals = commands.add_parser("proposals", help="proposals to a federation (or to all)")
     proposals.add_argument("name", nargs="?", default="")
     proposals.add_argument("--state", default="", choices=("", "open", "accepted", "declined"))
+    proposals.add_argument("--limit", type=int, default=0, help="the oldest N only (default: 0, all)")
     add_coordinator_options(proposals, cmd_proposals)
 
     accept = _with_store(commands.add_parser("accept", help="merge a proposal (weighted average of the shared tensors) as the new base"))
@@ -342,6 +344,12 @@ def cmd_release(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _limit(args: argparse.Namespace) -> int:
+    if not 0 <= args.limit < 2**32:
+        raise InvalidInput(f"--limit must be in 0..2^32-1 (0: all), got {args.limit}", reason="usage")
+    return args.limit
+
+
 def cmd_releases(args: argparse.Namespace) -> int:
     signers = None
     if args.ca is not None:
@@ -349,7 +357,7 @@ def cmd_releases(args: argparse.Namespace) -> int:
             raise NotFound(f"--ca: no such file: {args.ca}", reason="file_not_found")
         signers = Signers(load_certificate(args.ca.read_bytes()))
     with _client(args) as coordinator:
-        releases = coordinator.releases(args.name)
+        releases = coordinator.releases(args.name, limit=_limit(args))
     rows = []
     for release in releases:
         row = release_json(release)
@@ -478,7 +486,7 @@ def _spec(name: str, info: TensorInfo) -> TensorSpec:
 
 def cmd_proposals(args: argparse.Namespace) -> int:
     with _client(args) as coordinator:
-        proposals = coordinator.proposals(args.name, args.state)
+        proposals = coordinator.proposals(args.name, args.state, limit=_limit(args))
     if args.json:
         print_json({"proposals": [proposal_json(p) for p in proposals]})
     else:

@@ -244,3 +244,29 @@ def test_text_output_names_what_matters(hub: Hub, digits: dict[str, Any]) -> Non
     # a base given as a model from the store that another federation already uses becomes a new base naming it
     again = hub.ok("federation", "create", "digits-copy", "--base", digits["base"])
     assert Manifest.from_bytes(LocalStore(hub.store).get(again["base"])).parents == (digits["base"],)
+
+
+def test_listings_page_under_the_message_limit(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release tag may carry 4 KiB of notes: thousands of releases outgrow one 4 MiB reply, so listings
+    page. The page budget is shrunk here (the daemon runs in this process) to make ~3 releases a page."""
+    from coordinator import messages
+    from coordinator.client import CoordinatorClient
+    from proto import strata_pb2 as pb
+
+    base = hub.ok("federation", "create", "paged", "--base", "task:digits")["base"]
+    versions = [f"1.{minor}.0" for minor in range(9)]
+    for version in versions:
+        hub.ok("release", base, "--federation", "paged", "--version", version, "--notes", "n" * 4000)
+    monkeypatch.setattr(messages, "PAGE_BYTES", 12_000)
+    with CoordinatorClient(hub.address) as client:
+        first = client._stub.ListReleases(pb.ListReleasesRequest(federation="paged"), timeout=10)
+        assert 1 <= len(first.releases) < len(versions) and first.next_offset == len(first.releases)
+        last = client._stub.ListReleases(pb.ListReleasesRequest(federation="paged", offset=8), timeout=10)
+        assert [r.version for r in last.releases] == ["1.0.0"] and last.next_offset == 0
+        beyond = client._stub.ListReleases(pb.ListReleasesRequest(federation="paged", offset=2**32 - 1), timeout=10)
+        assert not beyond.releases and beyond.next_offset == 0
+    listed = hub.ok("releases", "paged")["releases"]
+    assert [r["version"] for r in listed] == versions[::-1]  # every page, newest version first
+    assert [r["version"] for r in hub.ok("releases", "paged", "--limit", "4")["releases"]] == versions[:-5:-1]
+    hub.refused(EXIT_USAGE, "usage", "releases", "paged", "--limit", "-1")
+    assert "paged" in [f["name"] for f in hub.ok("federation", "list")["federations"]]

@@ -208,3 +208,28 @@ def test_a_release_root_crosses_rounds_through_bases_and_federations_through_for
     hub._index.record(semi_global.to_bytes())
     tag = ReleaseTag(federation="letters", version="1.0.0", model=semi_global.cid, released_by="operator/alice")
     assert hub.release(tag.signed(KEY).to_bytes()).lineage_root == source.cid
+
+
+def test_a_page_is_bounded_by_count_and_bytes_and_says_where_the_next_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from coordinator import messages
+    from proto import strata_pb2 as pb
+
+    def to_pb(size: int) -> pb.ReleaseRecord:
+        return pb.ReleaseRecord(notes="n" * size)
+
+    monkeypatch.setattr(messages, "PAGE_BYTES", 1000)
+    sizes = [300, 300, 300, 300, 5000, 10]
+    listed, next_offset = messages.page(sizes, to_pb, offset=0, limit=0)
+    assert len(listed) == 3 and next_offset == 3  # a fourth would pass the byte budget
+    listed, next_offset = messages.page(sizes, to_pb, offset=4, limit=0)
+    assert len(listed) == 1 and next_offset == 5  # one record over budget still goes, alone
+    assert messages.page(sizes, to_pb, offset=5, limit=0)[1] == 0  # the last page
+    assert messages.page(sizes, to_pb, offset=0, limit=2) == ([to_pb(300)] * 2, 2)
+    assert messages.page(sizes, to_pb, offset=99, limit=0) == ([], 0)
+    assert messages.page([], to_pb, offset=0, limit=0) == ([], 0)
+
+    pages = {0: ([1, 2], 2), 2: ([3], 3), 3: ([4], 0)}
+    assert messages.all_pages(pages.__getitem__) == [1, 2, 3, 4]
+    assert messages.all_pages(pages.__getitem__, limit=3) == [1, 2, 3]
+    # a server that answers with the same offset again does not loop the client forever
+    assert messages.all_pages(lambda offset: ([offset], 0 if offset > 5 else 1)) == [0, 1]
