@@ -30,7 +30,7 @@ from proto.errors import ConfigError
 from strata.cli import main
 from tests.procs import free_port
 
-EXIT_OK = 0
+EXIT_OK, EXIT_USAGE = 0, 2
 
 # ------------------------------------------------------------------ the rule
 
@@ -175,3 +175,23 @@ def test_an_aggregator_whose_coordinator_is_down_starts_with_its_local_config(
         ("offline", closed)
     ] and warned[0]["error"]
     assert fields_of(caplog, "hub_defaults_applied") == []
+
+
+@pytest.mark.parametrize(("args", "reason"), [
+    (("--policy", "no_such_key=1"), "bad_round_policy"),
+    (("--policy", "quorum=3"), "bad_round_policy"),
+    (("--policy", "deadline_s=soon"), "bad_round_policy"),
+    (("--strategy", "average"), "bad_strategy"),
+])  # fmt: skip
+def test_federation_create_refuses_defaults_no_aggregator_could_honour(
+    hub: Hub, args: tuple[str, ...], reason: str
+) -> None:
+    # refused before the coordinator is asked: a closed port would otherwise be "unavailable" (exit 5)
+    closed = f"127.0.0.1:{free_port()}"
+    code, out = hub.run(
+        "federation", "create", "refused", "--base", "task:digits", *args, coordinator=closed
+    )
+    assert code == EXIT_USAGE and out["error"]["reason"] == reason, out
+    assert args[1].split("=")[0] in out["error"]["message"]
+    code, out = hub.run("federation", "show", "refused")
+    assert out["error"]["reason"] == "unknown_federation"
