@@ -246,7 +246,9 @@ class AggregatorConfig:
     store: str = _help("private store for updates and models (default: $STRATA_STORE or ~/.strata/store)", default="")
     shared_store: str = _help("store where cluster and semi-global models are published (default: store)", default="")
     strategy: str = _help(
-        "rule for the updates inside a cluster: " + " | ".join(STRATEGY_NAMES), default="fedavg"
+        "rule for the updates inside a cluster: " + " | ".join(STRATEGY_NAMES) + "; left at fedavg, a federation "
+        "registered in the coordinator's hub with a strategy uses that one (see coordinator)",
+        default="fedavg",
     )
     strategy_params: dict[str, float] = _help(
         "parameters of the rule: trimmed_mean beta; krum f; multi_krum f, m (0: K-f); geomed iterations, nu; "
@@ -282,7 +284,15 @@ class AggregatorConfig:
         "(state_dir/federations/NAME), ring membership and synthesis; empty: the one `federation`",
         default_factory=dict,
     )
-    coordinator: str = _help("coordinator address host:port; empty runs without one", default="")
+    coordinator: str = _help(
+        "coordinator address host:port; empty runs without one. At start, each served federation its hub has "
+        "registered (`strata federation create --policy KEY=VALUE --strategy NAME`) takes the registered round "
+        "policy (round.KEY) and strategy for every such key its effective config leaves at the built-in default: "
+        "what the operator set (file, STRATA_* environment, --set, the federations entry) wins, but a key set to "
+        "exactly its built-in value counts as unset. A registered value this aggregator cannot honour stops "
+        "it from starting; a coordinator it cannot reach leaves the local config (warning hub_defaults_unavailable)",
+        default="",
+    )
     peers: list[str] = _help(
         "static membership without a coordinator: id=host:port entries (this aggregator included)",
         default_factory=list,
@@ -397,3 +407,64 @@ def _like(current: Any, value: Any, key: str) -> Any:
     if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {type(current).__name__}, got {value!r}")
     return value
+
+
+# ---------------------------------------------------------------- a federation's registered defaults
+
+# the RoundSettings keys a federation's registered round policy may set, one KEY=VALUE each: the scalar
+# ones (staleness_params, a mapping, is set in the aggregator's own config only)
+ROUND_POLICY_KEYS = tuple(f.name for f in dataclasses.fields(RoundSettings) if f.default is not dataclasses.MISSING)
+
+
+def round_policy_values(round_policy: Mapping[str, str]) -> dict[str, Any]:
+    """A registered round policy's text values as RoundSettings' types, each checked alone against
+    the built-in defaults; ConfigError naming the key that is not a round setting or that RoundSettings refuses."""
+    builtin = RoundSettings()
+    values: dict[str, Any] = {}
+    for key, text in round_policy.items():
+        if key not in ROUND_POLICY_KEYS:
+            raise ConfigError(f"round policy key {key!r} is not a round setting (one of {', '.join(ROUND_POLICY_KEYS)})")
+        try:
+            values[key] = getattr(_with_overrides(builtin, {key: text}), key)
+        except ConfigError as exc:
+            raise ConfigError(f"round policy {key}={text!r}: {exc.message}") from None
+    return values
+
+
+def with_federation_defaults(
+    config: AggregatorConfig, round_policy: Mapping[str, str], strategy: str
+) -> tuple[AggregatorConfig, dict[str, str]]:
+    """`config` (one federation's effective config) with the federation's registered defaults applied,
+    and what was applied (key -> the registered text; round keys by their RoundSettings name).
+
+    A registered key applies where `config` leaves that key at its built-in default, so whatever the
+    operator set wins; a key set to exactly the built-in value counts as unset (nothing records where a
+    value came from). A registered value this aggregator cannot honour (not a round setting, refused by
+    RoundSettings, an unknown strategy, or a combination the config refuses) is a ConfigError naming the
+    federation and the key: the aggregator does not start with a policy it cannot honour.
+    """
+    where = f"federation {config.federation!r}: the hub's default"
+    try:
+        values = round_policy_values(round_policy)
+        if strategy:
+            _check_rule("strategy", strategy)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} {exc.message}") from None
+    builtin = RoundSettings()
+    round_changes = {
+        key: value
+        for key, value in values.items()
+        if getattr(config.round, key) == getattr(builtin, key) and value != getattr(builtin, key)
+    }
+    applied = {key: round_policy[key] for key in round_changes}
+    changes: dict[str, Any] = {"round": round_changes} if round_changes else {}
+    builtin_strategy = AggregatorConfig.__dataclass_fields__["strategy"].default
+    if strategy and config.strategy == builtin_strategy and strategy != builtin_strategy:
+        changes["strategy"] = applied["strategy"] = strategy
+    if not changes:
+        return config, {}
+    try:
+        return _with_overrides(config, changes), applied
+    except ConfigError as exc:
+        keys = ", ".join(f"{key}={text}" for key, text in applied.items())
+        raise ConfigError(f"{where}s {keys} cannot be honoured: {exc.message}") from None

@@ -4,6 +4,8 @@ Each federation it serves is a `FederationCore` (rounds, journal, agents, ring v
 synthesis, its own round ticker); one gRPC server routes every call to one of them
 by the federation the request names (`aggregator.routing`). A single-federation
 config (no `federations` key) is the one-core case, with its journal where it always was.
+With a coordinator, each federation's config first takes the round-policy and strategy
+defaults the coordinator's hub registered for it (`AggregatorDaemon._with_hub_defaults`).
 
 `AggregatorDaemon` is a context manager; `start`/`stop` are idempotent, and stop
 drains in-flight calls within a bound. The attributes `rounds`, `journal`, `agents`,
@@ -22,10 +24,16 @@ from pathlib import Path
 
 from prometheus_client.core import Metric
 
-from aggregator.config import AggregatorConfig
+from aggregator.config import AggregatorConfig, with_federation_defaults
 from aggregator.coordination import CoordinatorLink
 from aggregator.evaluation import Evaluate
-from aggregator.federation import ACTIVE_LIST_S, TICK_S, FederationCore, InitialModelFactory
+from aggregator.federation import (
+    ACTIVE_LIST_S,
+    TICK_S,
+    FederationCore,
+    InitialModelFactory,
+    coordinator_client,
+)
 from aggregator.home import AggregatorHome
 from aggregator.journal import Journal
 from aggregator.peers import GrpcPeerAccess, Published
@@ -33,9 +41,10 @@ from aggregator.privacy import PrivacyGuard
 from aggregator.ringview import RingView
 from aggregator.rounds import RoundManager, Synthesizer
 from aggregator.routing import AgentServiceRouter, FederationTable, PeerServiceRouter
-from coordinator.client import AggregatorInfo, CoordinatorClient
+from coordinator.client import AggregatorInfo
 from intake.agents import AgentInfo, AgentRegistry
 from proto import strata_pb2_grpc as pb_grpc
+from proto.errors import NotFound, StrataError, Unavailable
 from proto.metrics import MetricsEndpoint, MetricSpec, serve_metrics
 from proto.serving import ServerHandle, create_server
 from storage.keys import KeyPair
@@ -43,7 +52,7 @@ from storage.open import open_store
 from storage.store import default_store_path
 from trust.distribution import RevocationFollower
 from trust.revocation import RevocationList
-from trust.security import Security, channel_factory
+from trust.security import Security
 
 log = logging.getLogger("strata.aggregator")
 
@@ -155,7 +164,7 @@ class AggregatorDaemon:
         if self.security is not None:
             # the last revocation list enforced is enforced again from the first call after a restart
             self.security.keep_revocations(self.state_dir / REVOCATIONS_FILE)
-        per_federation = config.per_federation()
+        per_federation = self._with_hub_defaults(config.per_federation())
         self.default_federation = config.federation if config.federation in per_federation else next(iter(per_federation))
         self.federations: dict[str, FederationCore] = {}
         for name, federation_config in per_federation.items():
@@ -241,7 +250,7 @@ class AggregatorDaemon:
             for name, core in self.federations.items()
         }
         if self.config.coordinator:
-            client = CoordinatorClient(self.config.coordinator, channel_factory=channel_factory(self.security))
+            client = coordinator_client(self.config.coordinator, self.security)
             # each lease names the fleet's revocation list version; a newer one is fetched and enforced at once
             follower = (
                 RevocationFollower(self.security, client.revocations, upstream=self.config.coordinator)
@@ -331,6 +340,41 @@ class AggregatorDaemon:
         return f"{self._server.host}:{self._server.port}"
 
     # ------------------------------------------------------------------ internals
+
+    def _with_hub_defaults(self, per_federation: dict[str, AggregatorConfig]) -> dict[str, AggregatorConfig]:
+        """Each federation's config with the round-policy and strategy defaults the coordinator's hub
+        registered for it (`with_federation_defaults`: the keys its config leaves at their built-in default).
+
+        A federation the hub does not know gets none. A coordinator that cannot be asked costs one warning
+        per federation and the local config: aggregators run while the coordinator is down. A registered
+        default this aggregator cannot honour is a ConfigError: it does not start."""
+        if not self.config.coordinator:
+            return per_federation
+        out: dict[str, AggregatorConfig] = {}
+        unreachable: StrataError | None = None
+        with coordinator_client(self.config.coordinator, self.security) as client:
+            for name, federation_config in per_federation.items():
+                out[name] = federation_config
+                try:
+                    if unreachable is not None:
+                        raise unreachable  # one coordinator: not asked again once it could not be reached
+                    registered = client.federation(name)
+                except NotFound:
+                    continue
+                except StrataError as exc:
+                    # Unavailable (down, or the deadline passed), or a coordinator that refuses the read
+                    unreachable = exc if isinstance(exc, Unavailable) else None
+                    log.warning(
+                        "hub_defaults_unavailable",
+                        extra={"fields": {"federation": name, "coordinator": self.config.coordinator, "error": str(exc)}},
+                    )
+                    continue
+                out[name], applied = with_federation_defaults(
+                    federation_config, registered.round_policy, registered.strategy
+                )
+                if applied:
+                    log.info("hub_defaults_applied", extra={"fields": {"federation": name, "applied": applied}})
+        return out
 
     def _revocations(self) -> RevocationList | None:
         return self.security.revocations if self.security is not None else None

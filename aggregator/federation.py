@@ -37,7 +37,7 @@ from aggregator.rounds import RoundManager, Synthesizer
 from aggregator.rules import make_strategy
 from aggregator.selection import Selector
 from aggregator.synthesis import SemiGlobalSynthesizer
-from coordinator.client import CoordinatorClient
+from coordinator.client import CALL_TIMEOUT_S, CoordinatorClient
 from coordinator.ring import Member
 from intake.agents import AgentInfo, AgentRegistry
 from intake.home import BaseModel
@@ -64,6 +64,11 @@ ACTIVE_LIST_S = 1.0
 InitialModelFactory = Callable[[ContentStore, KeyPair], str]
 # (manifest bytes, notes) to the coordinator's model index
 Announce = Callable[[bytes, Mapping[str, str] | None], None]
+
+
+def coordinator_client(address: str, security: Security | None, *, timeout_s: float = CALL_TIMEOUT_S) -> CoordinatorClient:
+    """A client of the coordinator at `address`, over mutual TLS when this aggregator has it; the caller closes it."""
+    return CoordinatorClient(address, timeout_s=timeout_s, channel_factory=channel_factory(security))
 
 
 class FederationCore:
@@ -269,7 +274,7 @@ class FederationCore:
             raise ConfigError(
                 f"initial_model {ref} names a release: set coordinator, whose hub resolves it", reason="bad_config"
             )
-        with CoordinatorClient(self.config.coordinator, channel_factory=channel_factory(self.security)) as client:
+        with coordinator_client(self.config.coordinator, self.security) as client:
             cid, _ = client.resolve(ref)
         log.info("initial_model_resolved", extra={"fields": {"release": ref, "model": cid, "federation": self.federation}})
         return cid

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.config import STRATEGY_NAMES, round_policy_values
 from coordinator.client import CoordinatorClient
 from coordinator.hub import (
     Proposal,
@@ -39,7 +40,7 @@ from coordinator.hub import (
     check_tag,
     parse_ref,
 )
-from proto.errors import IntegrityError, InvalidInput, NotFound
+from proto.errors import ConfigError, IntegrityError, InvalidInput, NotFound
 from storage.cid import validate_cid
 from storage.codec import TensorInfo, decode_tensors, encode_tensors
 from storage.keys import KeyPair
@@ -82,8 +83,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--description", default="")
     create.add_argument("--task", default="", help="the built-in task it trains (default: the task of --base task:NAME)")
     create.add_argument("--owner", action="append", default=[], metavar="ROLE/ID", help="an owner (repeatable; default: you)")
-    create.add_argument("--strategy", default="", help="the default aggregation strategy, e.g. fedavg")
-    create.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE", help="a round-policy default (repeatable)")
+    create.add_argument(
+        "--strategy", default="", help="the strategy its aggregators default to: " + " | ".join(STRATEGY_NAMES),
+    )  # fmt: skip
+    create.add_argument(
+        "--policy", action="append", default=[], metavar="KEY=VALUE",
+        help="a round-policy default its aggregators apply: a round.KEY setting, e.g. min_updates=3 (repeatable)",
+    )  # fmt: skip
     create.add_argument("--seed", type=int, default=0, help="with task:NAME, the initialization seed (default: 0)")
     add_coordinator_options(create, cmd_federation_create)
     listing = federation.add_parser("list", help="every federation")
@@ -194,6 +200,19 @@ def _parse_policy(entries: list[str]) -> dict[str, str]:
     return policy
 
 
+def _check_defaults(policy: dict[str, str], strategy: str) -> None:
+    """Refuse defaults no aggregator could honour (it would refuse to start with them), before the coordinator
+    is asked: the coordinator checks their shape only, since it does not know the aggregator's settings."""
+    try:
+        round_policy_values(policy)
+    except ConfigError as exc:
+        raise InvalidInput(f"--policy: {exc.message}", reason="bad_round_policy") from None
+    if strategy and strategy not in STRATEGY_NAMES:
+        raise InvalidInput(
+            f"--strategy must be one of {', '.join(STRATEGY_NAMES)}, got {strategy!r}", reason="bad_strategy"
+        )
+
+
 def _accuracy_on(task_name: str, weights: bytes) -> float:
     """Accuracy of safetensors `weights` on the built-in task's held-out split."""
     from agent.tasks import builtin_task
@@ -219,6 +238,7 @@ def _accuracy_on(task_name: str, weights: bytes) -> float:
 def cmd_federation_create(args: argparse.Namespace) -> int:
     check_name(args.name)
     policy = _parse_policy(args.policy)
+    _check_defaults(policy, args.strategy)
     producer, key = signing_identity(args)
     task = args.task
     with _client(args) as coordinator, resolve_store(args) as store:

@@ -83,7 +83,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 
 @pytest.fixture(scope="module")
 def digits(hub: Hub) -> dict[str, Any]:
-    return hub.ok("federation", "create", "digits", "--base", "task:digits", "--description", "8x8 digits", "--strategy", "fedavg", "--policy", "quorum=3")
+    return hub.ok("federation", "create", "digits", "--base", "task:digits", "--description", "8x8 digits", "--strategy", "fedavg", "--policy", "quorum=0.5")
 
 
 def test_federation_create_list_show(hub: Hub, digits: dict[str, Any]) -> None:
@@ -91,7 +91,7 @@ def test_federation_create_list_show(hub: Hub, digits: dict[str, Any]) -> None:
     assert {s["name"]: s["shape"] for s in digits["spec"]}["head.weight"] == [10, 32] or any(
         s["name"] == "head.weight" for s in digits["spec"]
     )
-    assert digits["round_policy"] == {"quorum": "3"}
+    assert digits["round_policy"] == {"quorum": "0.5"}
     listed = hub.ok("federation", "list")["federations"]
     assert "digits" in [f["name"] for f in listed]
     shown = hub.ok("federation", "show", "digits")

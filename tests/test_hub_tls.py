@@ -27,7 +27,7 @@ from trust.security import Security, TlsSettings, channel_factory
 
 
 def _issue(ca: FleetCA, role: Role, name: str, directory: Path) -> Path:
-    hosts = ["localhost", "127.0.0.1"] if role is Role.COORDINATOR else []
+    hosts = ["localhost", "127.0.0.1"] if role in (Role.COORDINATOR, Role.AGGREGATOR) else []
     return ca.issue(Identity(role, name), KeyPair.generate(), None, hosts=hosts).write(directory / name).directory
 
 
@@ -37,6 +37,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with FleetCA.init(root / "ca", "hub-fleet") as ca:
         bundles = {name: _issue(ca, role, name, root / "bundles") for role, name in (
             (Role.COORDINATOR, "coord"), (Role.OPERATOR, "alice"), (Role.OPERATOR, "mallory"), (Role.AUDIT, "auditor"),
+            (Role.AGGREGATOR, "agg-tls"),
         )}  # fmt: skip
     config = CoordinatorConfig(
         listen="127.0.0.1:0", state_dir=str(root / "coord"), tls=TlsSettings(bundle=str(bundles["coord"]))
@@ -48,7 +49,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         for name in [n for n in os.environ if n.startswith("STRATA_")]:
             patch.delenv(name)
         patch.setenv("STRATA_STORE", str(root / "store"))
-        yield {"address": daemon.address, "bundles": bundles, "ca_pem": root / "ca" / "ca.pem"}
+        yield {"address": daemon.address, "bundles": bundles, "ca_pem": root / "ca" / "ca.pem", "root": root}
 
 
 def _cli(fleet: dict[str, Any], who: str, *args: str) -> tuple[int, Any]:
@@ -107,3 +108,25 @@ def _base(fleet: dict[str, Any], name: str) -> str:
     code, shown = _cli(fleet, "alice", "federation", "show", name)
     assert code == 0
     return shown["base"]
+
+
+def test_an_aggregator_under_mtls_reads_its_federations_defaults(fleet: dict[str, Any]) -> None:
+    from aggregator.config import AggregatorConfig
+    from aggregator.daemon import AggregatorDaemon
+
+    code, created = _cli(
+        fleet, "alice", "federation", "create", "tuned-tls", "--base", "task:digits", "--policy", "min_updates=2",
+        "--strategy", "median",
+    )  # fmt: skip
+    assert code == 0
+    config = AggregatorConfig(
+        id="agg-tls", listen="127.0.0.1:0", federation="tuned-tls", initial_model=created["base"],
+        coordinator=fleet["address"], state_dir=str(fleet["root"] / "agg-tls"), store=str(fleet["root"] / "store"),
+        tls=TlsSettings(bundle=str(fleet["bundles"]["agg-tls"])),
+    )  # fmt: skip
+    daemon = AggregatorDaemon(config)  # its certificate's role may read the federation it serves
+    try:
+        effective = daemon.federation("tuned-tls").config
+        assert effective.round.min_updates == 2 and effective.strategy == "median"
+    finally:
+        daemon.stop()

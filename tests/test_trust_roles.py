@@ -72,7 +72,8 @@ def test_hub_rpcs_operators_write_and_readers_read() -> None:
         assert who(name) == {"operator"}
     for rpc in ("ListFederations", "ListReleases", "ListProposals"):
         assert who(f"/strata.v1.CoordinatorService/{rpc}") == {"operator", "audit"}
-    assert who("/strata.v1.CoordinatorService/GetFederation") == {"operator", "audit"}
+    # aggregators read the federations they serve: the hub's round-policy and strategy defaults
+    assert who("/strata.v1.CoordinatorService/GetFederation") == {"aggregator", "operator", "audit"}
     assert who("/strata.v1.CoordinatorService/ResolveModel") == {"aggregator", "operator", "audit", "agent", "relay"}
 
 

@@ -27,8 +27,9 @@ Who calls what, and why:
 - operator, again: the hub's writes (CreateFederation, CreateRelease, CreateProposal,
   DecideProposal); operators and auditors read it (ListFederations, ListReleases,
   ListProposals, GetFederation, ResolveModel); aggregators resolve a release (an
-  `initial_model` of NAME@^1.0), and agents and relays resolve one too (a device predicting
-  with `--model NAME@^1.0`).
+  `initial_model` of NAME@^1.0) and read the federations they serve (GetFederation: the
+  round-policy and strategy defaults they apply), and agents and relays resolve a release
+  too (a device predicting with `--model NAME@^1.0`).
 - coordinator: nothing; it serves (aggregators pull the revocation list from it).
 - anyone, with or without a certificate: grpc.health.v1 (probes) and the
   coordinator's Enroll (a bootstrap token authenticates it; the coordinator serves it
@@ -122,12 +123,13 @@ ROLE_TABLE: Mapping[str, frozenset[Role] | _Anyone] = {
     method(COORDINATOR_SERVICE, "FleetStatus"): _READERS,
     method(COORDINATOR_SERVICE, "GetRevocations"): _AGGREGATOR | _READERS,
     # the hub: operators name, release, fork and merge models; auditors read. Aggregators resolve a
-    # release (initial_model: NAME@^1.0), and so do devices (strata device predict --model NAME@^1.0).
+    # release (initial_model: NAME@^1.0), and so do devices (strata device predict --model NAME@^1.0);
+    # aggregators read the federations they serve, for their round-policy and strategy defaults.
     **{name: _OPERATOR for name in OPERATOR_WRITES},
     method(COORDINATOR_SERVICE, "ListFederations"): _READERS,
     method(COORDINATOR_SERVICE, "ListReleases"): _READERS,
     method(COORDINATOR_SERVICE, "ListProposals"): _READERS,
-    method(COORDINATOR_SERVICE, "GetFederation"): _READERS,
+    method(COORDINATOR_SERVICE, "GetFederation"): _READERS | _AGGREGATOR,
     method(COORDINATOR_SERVICE, "ResolveModel"): _READERS | _AGGREGATOR | _DEVICES,
     # enrollment: a bootstrap token, not a certificate, authenticates it; renewal: the
     # certificate being replaced does
