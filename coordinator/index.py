@@ -137,6 +137,9 @@ PRAGMA user_version = 2;
 COMMIT;
 """
 DEFAULT_LINEAGE_DEPTH = 16
+# the most ancestors one lineage walk gathers: with bases followed, a deep walk would otherwise read a
+# federation's whole history (every round's device updates) for one request
+MAX_LINEAGE_RECORDS = 50_000
 # the most manifests one `record_many` call takes
 MAX_BATCH = 1000
 
@@ -173,6 +176,7 @@ class Lineage:
     ancestors: list[ModelRecord]  # breadth first, up to the requested depth
     children: list[ModelRecord]  # direct children only
     missing: list[str]  # CIDs named as parents but not in the index
+    truncated: bool = False  # the walk stopped at MAX_LINEAGE_RECORDS (or its reply at the message budget)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -566,6 +570,7 @@ class ModelIndex(DurableSqlite):
         missing: list[str] = []
         seen = {cid}
         frontier = deque([model])
+        truncated = False
         for _ in range(depth):
             wanted = [
                 p
@@ -576,13 +581,18 @@ class ModelIndex(DurableSqlite):
             wanted = list(dict.fromkeys(wanted))
             if not wanted:
                 break
+            room = MAX_LINEAGE_RECORDS - len(ancestors)
+            truncated = len(wanted) > room
+            wanted = wanted[:room]
             seen.update(wanted)
             found = self._fetch(wanted)
             missing.extend(p for p in wanted if p not in found)
             frontier = deque(found[p] for p in wanted if p in found)
             ancestors.extend(frontier)
+            if truncated:
+                break
         return Lineage(
-            model=model, ancestors=ancestors, children=self.children(cid), missing=missing
+            model=model, ancestors=ancestors, children=self.children(cid), missing=missing, truncated=truncated
         )
 
     def count(self) -> int:

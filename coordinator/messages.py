@@ -226,15 +226,24 @@ def lineage_from_pb(message: pb.LineageReply) -> Lineage:
         ancestors=[record_from_pb(r) for r in message.ancestors],
         children=[record_from_pb(r) for r in message.children],
         missing=list(message.missing),
+        truncated=message.truncated,
     )
 
 
 def lineage_to_pb(lineage: Lineage, *, with_manifests: bool = True) -> pb.LineageReply:
+    """The reply, ancestors (nearest first) and children cut to PAGE_BYTES (`truncated` says so)."""
+
+    def to_pb(record: ModelRecord) -> pb.ModelRecord:
+        return record_to_pb(record, with_manifest=with_manifests)
+
+    ancestors, more_ancestors = page(lineage.ancestors, to_pb, offset=0, limit=len(lineage.ancestors))
+    children, more_children = page(lineage.children, to_pb, offset=0, limit=len(lineage.children))
     return pb.LineageReply(
-        model=record_to_pb(lineage.model, with_manifest=with_manifests),
-        ancestors=[record_to_pb(r, with_manifest=with_manifests) for r in lineage.ancestors],
-        children=[record_to_pb(r, with_manifest=with_manifests) for r in lineage.children],
+        model=to_pb(lineage.model),
+        ancestors=ancestors,
+        children=children,
         missing=lineage.missing,
+        truncated=lineage.truncated or bool(more_ancestors or more_children),
     )
 
 

@@ -516,16 +516,18 @@ class LineageRequest(_message.Message):
     def __init__(self, model_cid: _Optional[str] = ..., depth: _Optional[int] = ..., omit_manifests: _Optional[bool] = ..., follow_base: _Optional[bool] = ...) -> None: ...
 
 class LineageReply(_message.Message):
-    __slots__ = ("model", "ancestors", "children", "missing")
+    __slots__ = ("model", "ancestors", "children", "missing", "truncated")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ANCESTORS_FIELD_NUMBER: _ClassVar[int]
     CHILDREN_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     model: ModelRecord
     ancestors: _containers.RepeatedCompositeFieldContainer[ModelRecord]
     children: _containers.RepeatedCompositeFieldContainer[ModelRecord]
     missing: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[_Union[ModelRecord, _Mapping]] = ..., ancestors: _Optional[_Iterable[_Union[ModelRecord, _Mapping]]] = ..., children: _Optional[_Iterable[_Union[ModelRecord, _Mapping]]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+    truncated: bool
+    def __init__(self, model: _Optional[_Union[ModelRecord, _Mapping]] = ..., ancestors: _Optional[_Iterable[_Union[ModelRecord, _Mapping]]] = ..., children: _Optional[_Iterable[_Union[ModelRecord, _Mapping]]] = ..., missing: _Optional[_Iterable[str]] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class AgentRecord(_message.Message):
     __slots__ = ("agent_id", "home_aggregator", "last_seen", "telemetry", "capability", "display_name")

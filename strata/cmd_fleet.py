@@ -191,9 +191,12 @@ def lineage_from_index(
             base=record.base,
         )
     deepest = {cid for cid, node in nodes.items() if any(p not in nodes for p in node.links)}
-    truncated = [cid for cid in deepest if depth is not None]
+    truncated = [cid for cid in deepest if depth is not None or lineage.truncated]
     problems = [
         {"cid": cid, "where": "index", "reason": "missing", "message": "named as a parent but not in the index"}
         for cid in lineage.missing
     ]
-    return render.LineageView(root=model_cid, nodes=nodes, problems=problems, truncated=truncated, source="coordinator")
+    cut_by = "the coordinator's limit (walk on from a deeper model, or add --depth)" if lineage.truncated else "--depth"
+    return render.LineageView(
+        root=model_cid, nodes=nodes, problems=problems, truncated=truncated, source="coordinator", cut_by=cut_by
+    )

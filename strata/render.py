@@ -43,6 +43,8 @@ class LineageView:
     problems: Sequence[Mapping[str, str]] = ()
     truncated: Sequence[str] = ()
     source: str = "store"
+    # what stopped the walk at the truncated nodes
+    cut_by: str = "--depth"
 
 
 def view_from_graph(graph: LineageGraph) -> LineageView:
@@ -153,7 +155,7 @@ def lineage_tree(view: LineageView) -> str:
             return
         seen.add(cid)
         if cid in view.truncated:
-            lines.append(f"{prefix}{child_prefix}└─ … ({len(node.links)} parents beyond --depth)")
+            lines.append(f"{prefix}{child_prefix}└─ … ({len(node.links)} parents beyond {view.cut_by})")
             return
         for index, parent in enumerate(node.links):
             last = index == len(node.links) - 1

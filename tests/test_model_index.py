@@ -279,3 +279,45 @@ def test_an_index_of_schema_1_is_migrated_in_place(tmp_path: Path, keypair: KeyP
     with ModelIndex(path) as reopened:
         assert reopened.count() == 3 and len(reopened.children(cluster.cid)) == 1
         assert int(reopened._read("PRAGMA user_version")[0][0]) == ModelIndex.SCHEMA_VERSION == 2
+
+
+def _trained_from(manifest: Manifest, base: str, key: KeyPair) -> Manifest:
+    return dataclasses.replace(manifest, base=base, signature=None, certificate=None).signed(key)
+
+
+def test_a_lineage_follows_bases_across_rounds_and_is_cut_at_its_limits(
+    index: ModelIndex, keypair: KeyPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator import index as index_module
+    from coordinator import messages
+
+    previous = make_manifest(keypair, kind="base", round=0, seed="rounds")
+    chain = [previous]
+    for round_ in range(1, 5):
+        updates = [
+            _trained_from(make_manifest(keypair, kind="local", producer=f"agent-{n}", round=round_, seed=f"r{n}"),
+                          previous.cid, keypair)
+            for n in range(3)
+        ]  # fmt: skip
+        previous = _trained_from(
+            make_manifest(keypair, round=round_, parents=tuple(u.cid for u in updates), seed="rounds"),
+            previous.cid,
+            keypair,
+        )
+        chain += [*updates, previous]
+    index.record_many((m.to_bytes(), None) for m in chain)
+    last = chain[-1].cid
+
+    assert len(index.lineage(last, depth=100).ancestors) == 3  # made of: its round's updates
+    whole = index.lineage(last, depth=100, follow_base=True)
+    assert {r.cid for r in whole.ancestors} == {m.cid for m in chain[:-1]} and not whole.truncated
+    assert index.get(last).base == chain[-5].cid  # the previous round's cluster model
+
+    monkeypatch.setattr(index_module, "MAX_LINEAGE_RECORDS", 5)
+    cut = index.lineage(last, depth=100, follow_base=True)
+    assert len(cut.ancestors) == 5 and cut.truncated
+
+    monkeypatch.setattr(messages, "PAGE_BYTES", 600)
+    reply = messages.lineage_to_pb(whole, with_manifests=False)
+    assert 1 <= len(reply.ancestors) < len(whole.ancestors) and reply.truncated
+    assert messages.lineage_from_pb(reply).truncated and reply.ancestors[0].base == whole.ancestors[0].base
