@@ -431,9 +431,12 @@ class AggregatorDaemon:
         yield FEDERATION_UPDATES_ACCEPTED(by={core.federation: core.journal.accepted_count() for core in cores})
 
     def _status(self) -> dict[str, object]:
-        # the lease heartbeat carries one status: the default federation's round and models
+        # the heartbeat's own fields are the default federation's round and models and every agent;
+        # serving several federations, it lists each one's progress too
         status = self._default.status()
         status["agent_count"] = len(self._active_agents())
+        if len(self.federations) > 1:
+            status["federations"] = [{"federation": name, **core.status()} for name, core in self.federations.items()]
         return status
 
     def _agents_changed(self) -> None:

@@ -17,7 +17,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from coordinator.client import AgentEntry, AggregatorInfo, CoordinatorClient, Lease, Progress
+from coordinator.client import (
+    AgentEntry,
+    AggregatorInfo,
+    CoordinatorClient,
+    FederationProgress,
+    Lease,
+    Progress,
+)
 from proto.errors import NotFound, StrataError
 from proto.retry import RetryPolicy
 from proto.wire import is_retryable
@@ -123,6 +130,16 @@ class LeaseKeeper:
             agent_count=int(status.get("agent_count") or 0),
             last_cluster_cid=str(status.get("last_cluster_cid") or ""),
             last_semi_global_cid=str(status.get("last_semi_global_cid") or ""),
+            federations=tuple(
+                FederationProgress(
+                    federation=str(each["federation"]),
+                    round=int(each.get("round") or 0),
+                    agent_count=int(each.get("agent_count") or 0),
+                    last_cluster_cid=str(each.get("last_cluster_cid") or ""),
+                    last_semi_global_cid=str(each.get("last_semi_global_cid") or ""),
+                )
+                for each in status.get("federations") or ()
+            ),
         )
         self._lease = self._client.heartbeat(self.info.id, progress, info=self.info)
 

@@ -26,7 +26,7 @@ import grpc
 
 from coordinator.hub import Federation, Proposal, Release
 from coordinator.index import AgentEntry, IndexResult, Lineage, ModelRecord
-from coordinator.membership import AggregatorInfo, Lease, Progress
+from coordinator.membership import AggregatorInfo, FederationProgress, Lease, Progress
 from coordinator.messages import (
     FleetStatus,
     agent_entry_from_pb,
@@ -53,7 +53,16 @@ from proto.wire import STREAM_TIMEOUT_S, create_channel, error_from_rpc
 from trust.messages import revocations_from_reply
 from trust.revocation import RevocationList
 
-__all__ = ["AgentEntry", "AggregatorInfo", "CoordinatorClient", "IndexResult", "Lease", "Progress", "RingWatch"]
+__all__ = [
+    "AgentEntry",
+    "AggregatorInfo",
+    "CoordinatorClient",
+    "FederationProgress",
+    "IndexResult",
+    "Lease",
+    "Progress",
+    "RingWatch",
+]
 
 # the deadline of every unary call unless the caller names another
 CALL_TIMEOUT_S = 5.0

@@ -29,7 +29,7 @@ from coordinator.ring import MAX_WEIGHT, Member, Ring
 from proto.errors import InvalidInput, NotFound
 from storage.durable import MAX_INTEGER, DurableSqlite, Statement
 
-__all__ = ["AggregatorInfo", "AggregatorStatus", "Lease", "Membership", "Progress"]
+__all__ = ["AggregatorInfo", "AggregatorStatus", "FederationProgress", "Lease", "Membership", "Progress"]
 
 log = logging.getLogger("strata.coordinator.membership")
 
@@ -114,20 +114,53 @@ class Lease:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Progress:
-    """What an aggregator reports with each heartbeat."""
+class FederationProgress:
+    """One federation's round and models on an aggregator that serves several."""
 
+    federation: str
     round: int = 0
     agent_count: int = 0
     last_cluster_cid: str = ""
     last_semi_global_cid: str = ""
 
     def __post_init__(self) -> None:
-        # checked before any lease is touched: a round the lease store cannot hold is refused, not half-applied
-        for name in ("round", "agent_count"):
-            if not 0 <= getattr(self, name) <= MAX_INTEGER:
-                raise InvalidInput(f"heartbeat {name} must be in 0..2^63-1, got {getattr(self, name)}", reason="bad_progress")
-        _check_names("progress", last_cluster_cid=self.last_cluster_cid, last_semi_global_cid=self.last_semi_global_cid)
+        _check_progress(self)
+        if not self.federation:
+            raise InvalidInput("a federation's progress must name the federation", reason="bad_progress")
+        _check_names("progress", federation=self.federation)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Progress:
+    """What an aggregator reports with each heartbeat: its default federation's round and models, all its
+    agents, and, when it serves several federations, each one's progress."""
+
+    round: int = 0
+    agent_count: int = 0
+    last_cluster_cid: str = ""
+    last_semi_global_cid: str = ""
+    federations: tuple[FederationProgress, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_progress(self)
+        object.__setattr__(self, "federations", tuple(self.federations))
+        if len(self.federations) > MAX_FEDERATIONS:
+            raise InvalidInput(
+                f"heartbeat reports {len(self.federations)} federations; the limit is {MAX_FEDERATIONS}",
+                reason="bad_progress",
+            )
+
+
+def _check_progress(progress: Progress | FederationProgress) -> None:
+    # checked before any lease is touched: a round the lease store cannot hold is refused, not half-applied
+    for name in ("round", "agent_count"):
+        if not 0 <= getattr(progress, name) <= MAX_INTEGER:
+            raise InvalidInput(
+                f"heartbeat {name} must be in 0..2^63-1, got {getattr(progress, name)}", reason="bad_progress"
+            )
+    _check_names(
+        "progress", last_cluster_cid=progress.last_cluster_cid, last_semi_global_cid=progress.last_semi_global_cid
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +173,8 @@ class AggregatorStatus:
     last_cluster_cid: str = ""
     last_semi_global_cid: str = ""
     last_seen: float = 0.0
+    # per federation, from the last heartbeat (kept in memory: the next heartbeat restores it after a restart)
+    federations: tuple[FederationProgress, ...] = ()
 
 
 class _LeaseStore(DurableSqlite):
@@ -338,6 +373,7 @@ class Membership:
                 agent_count=progress.agent_count,
                 last_cluster_cid=progress.last_cluster_cid,
                 last_semi_global_cid=progress.last_semi_global_cid,
+                federations=progress.federations,
             )
             self._statuses[aggregator_id] = status
             self._db.save([status])

@@ -17,7 +17,13 @@ from typing import Any, TypeVar
 
 from coordinator.hub import Federation, Proposal, Release, TensorSpec
 from coordinator.index import AgentEntry, IndexResult, Lineage, ModelRecord
-from coordinator.membership import AggregatorInfo, AggregatorStatus, Lease, Progress
+from coordinator.membership import (
+    AggregatorInfo,
+    AggregatorStatus,
+    FederationProgress,
+    Lease,
+    Progress,
+)
 from coordinator.ring import Member, Ring
 from proto import strata_pb2 as pb
 from proto.convert import capability_name, capability_value, telemetry_from_dict, telemetry_to_dict
@@ -100,15 +106,33 @@ def lease_to_pb(lease: Lease) -> pb.Lease:
     return pb.Lease(**asdict(lease))
 
 
+_PROGRESS_FIELDS = ("round", "agent_count", "last_cluster_cid", "last_semi_global_cid")
+
+
+def _federations_from_pb(messages: Iterable[pb.FederationProgress]) -> tuple[FederationProgress, ...]:
+    return tuple(_same_names(FederationProgress, m) for m in messages)
+
+
+def _federations_to_pb(federations: Iterable[FederationProgress]) -> list[pb.FederationProgress]:
+    return [pb.FederationProgress(**asdict(f)) for f in federations]
+
+
 def heartbeat_from_pb(message: pb.AggregatorHeartbeat) -> tuple[str, Progress, AggregatorInfo | None]:
     """(aggregator id, its progress, its registration if it sent one)."""
     has_info = message.HasField("info") and bool(message.info.id)
-    return message.id, _same_names(Progress, message), info_from_pb(message.info) if has_info else None
+    progress = Progress(
+        **{name: getattr(message, name) for name in _PROGRESS_FIELDS},
+        federations=_federations_from_pb(message.federations),
+    )
+    return message.id, progress, info_from_pb(message.info) if has_info else None
 
 
 def heartbeat_to_pb(aggregator_id: str, progress: Progress, info: AggregatorInfo | None) -> pb.AggregatorHeartbeat:
     return pb.AggregatorHeartbeat(
-        id=aggregator_id, info=info_to_pb(info) if info is not None else None, **asdict(progress)
+        id=aggregator_id,
+        info=info_to_pb(info) if info is not None else None,
+        **{name: getattr(progress, name) for name in _PROGRESS_FIELDS},
+        federations=_federations_to_pb(progress.federations),
     )
 
 
@@ -135,6 +159,7 @@ def status_from_pb(message: pb.AggregatorStatus) -> AggregatorStatus:
         agent_count=message.agent_count,
         last_cluster_cid=message.last_cluster_cid,
         last_semi_global_cid=message.last_semi_global_cid,
+        federations=_federations_from_pb(message.federations),
     )
 
 
@@ -147,6 +172,7 @@ def status_to_pb(status: AggregatorStatus) -> pb.AggregatorStatus:
         agent_count=status.agent_count,
         last_cluster_cid=status.last_cluster_cid,
         last_semi_global_cid=status.last_semi_global_cid,
+        federations=_federations_to_pb(status.federations),
     )
 
 

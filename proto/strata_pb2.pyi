@@ -355,21 +355,37 @@ class Lease(_message.Message):
     revocations_version: int
     def __init__(self, ttl_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., ring_version: _Optional[int] = ..., expires_at: _Optional[float] = ..., revocations_version: _Optional[int] = ...) -> None: ...
 
+class FederationProgress(_message.Message):
+    __slots__ = ("federation", "round", "agent_count", "last_cluster_cid", "last_semi_global_cid")
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    AGENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_CLUSTER_CID_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEMI_GLOBAL_CID_FIELD_NUMBER: _ClassVar[int]
+    federation: str
+    round: int
+    agent_count: int
+    last_cluster_cid: str
+    last_semi_global_cid: str
+    def __init__(self, federation: _Optional[str] = ..., round: _Optional[int] = ..., agent_count: _Optional[int] = ..., last_cluster_cid: _Optional[str] = ..., last_semi_global_cid: _Optional[str] = ...) -> None: ...
+
 class AggregatorHeartbeat(_message.Message):
-    __slots__ = ("id", "round", "agent_count", "last_cluster_cid", "last_semi_global_cid", "info")
+    __slots__ = ("id", "round", "agent_count", "last_cluster_cid", "last_semi_global_cid", "info", "federations")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     AGENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     LAST_CLUSTER_CID_FIELD_NUMBER: _ClassVar[int]
     LAST_SEMI_GLOBAL_CID_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
+    FEDERATIONS_FIELD_NUMBER: _ClassVar[int]
     id: str
     round: int
     agent_count: int
     last_cluster_cid: str
     last_semi_global_cid: str
     info: AggregatorInfo
-    def __init__(self, id: _Optional[str] = ..., round: _Optional[int] = ..., agent_count: _Optional[int] = ..., last_cluster_cid: _Optional[str] = ..., last_semi_global_cid: _Optional[str] = ..., info: _Optional[_Union[AggregatorInfo, _Mapping]] = ...) -> None: ...
+    federations: _containers.RepeatedCompositeFieldContainer[FederationProgress]
+    def __init__(self, id: _Optional[str] = ..., round: _Optional[int] = ..., agent_count: _Optional[int] = ..., last_cluster_cid: _Optional[str] = ..., last_semi_global_cid: _Optional[str] = ..., info: _Optional[_Union[AggregatorInfo, _Mapping]] = ..., federations: _Optional[_Iterable[_Union[FederationProgress, _Mapping]]] = ...) -> None: ...
 
 class RingMember(_message.Message):
     __slots__ = ("id", "address", "weight")
@@ -570,7 +586,7 @@ class FleetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AggregatorStatus(_message.Message):
-    __slots__ = ("info", "alive", "lease_expires_at", "round", "agent_count", "last_cluster_cid", "last_semi_global_cid")
+    __slots__ = ("info", "alive", "lease_expires_at", "round", "agent_count", "last_cluster_cid", "last_semi_global_cid", "federations")
     INFO_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
@@ -578,6 +594,7 @@ class AggregatorStatus(_message.Message):
     AGENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     LAST_CLUSTER_CID_FIELD_NUMBER: _ClassVar[int]
     LAST_SEMI_GLOBAL_CID_FIELD_NUMBER: _ClassVar[int]
+    FEDERATIONS_FIELD_NUMBER: _ClassVar[int]
     info: AggregatorInfo
     alive: bool
     lease_expires_at: float
@@ -585,7 +602,8 @@ class AggregatorStatus(_message.Message):
     agent_count: int
     last_cluster_cid: str
     last_semi_global_cid: str
-    def __init__(self, info: _Optional[_Union[AggregatorInfo, _Mapping]] = ..., alive: _Optional[bool] = ..., lease_expires_at: _Optional[float] = ..., round: _Optional[int] = ..., agent_count: _Optional[int] = ..., last_cluster_cid: _Optional[str] = ..., last_semi_global_cid: _Optional[str] = ...) -> None: ...
+    federations: _containers.RepeatedCompositeFieldContainer[FederationProgress]
+    def __init__(self, info: _Optional[_Union[AggregatorInfo, _Mapping]] = ..., alive: _Optional[bool] = ..., lease_expires_at: _Optional[float] = ..., round: _Optional[int] = ..., agent_count: _Optional[int] = ..., last_cluster_cid: _Optional[str] = ..., last_semi_global_cid: _Optional[str] = ..., federations: _Optional[_Iterable[_Union[FederationProgress, _Mapping]]] = ...) -> None: ...
 
 class FleetStatusReply(_message.Message):
     __slots__ = ("ring", "aggregators")

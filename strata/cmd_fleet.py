@@ -70,11 +70,27 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
         }
         for s in fleet.aggregators
     ]
+    # an aggregator serving several federations reports each one's round and models
+    per_federation = [
+        {
+            "aggregator": s.info.id,
+            "federation": f.federation,
+            "round": f.round,
+            "agents": f.agent_count,
+            "last_cluster": f.last_cluster_cid or "-",
+            "last_semi_global": f.last_semi_global_cid or "-",
+        }
+        for s in fleet.aggregators
+        for f in s.federations
+    ]
     if args.json:
-        print_json({"ring_version": fleet.ring.version, "aggregators": rows})
+        print_json({"ring_version": fleet.ring.version, "aggregators": rows, "federations": per_federation})
     else:
         print(f"ring version {fleet.ring.version}, {len(fleet.ring)} member(s)")
         print(render.table(rows, ["aggregator", "address", "alive", "lease", "round", "agents", "last_cluster", "last_semi_global"]))
+        if per_federation:
+            print("\nper federation (aggregators serving several):")
+            print(render.table(per_federation, ["aggregator", "federation", "round", "agents", "last_cluster", "last_semi_global"]))
     return EXIT_OK
 
 

@@ -231,6 +231,15 @@ def test_two_federations_on_one_aggregator_are_independent_and_isolated(fleet: F
         assert {r.federation for r in coordinator.list_models(aggregator="agg-multi")} == {"digits", "fashion"}
         assert all(r.federation == "fashion" for r in coordinator.list_models(federation="fashion"))
         assert not coordinator.list_models(federation="fashion", aggregator="agg-single")
+
+        # the heartbeat reports each federation's round and models; the one-federation aggregator none
+        def progress() -> dict[str, tuple[int, str]]:
+            status = {s.info.id: s for s in coordinator.fleet_status().aggregators}
+            assert not status["agg-single"].federations
+            return {f.federation: (f.round, f.last_cluster_cid) for f in status["agg-multi"].federations}
+
+        wait_until(lambda: {f: r for f, (r, _) in progress().items()} == {"digits": 1, "fashion": 1}, 20, "progress")
+        assert progress()["fashion"][1] == fashion_history[0].cluster_cid
     finally:
         coordinator.close()
 
