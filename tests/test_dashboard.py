@@ -168,6 +168,14 @@ def test_model_browser_page_and_lineage(dashboard: str, models: Models) -> None:
     edges = {(e["from"], e["to"]) for e in lineage["edges"]}
     assert (models.semi_global.cid, models.cluster.cid) in edges
     assert all((models.cluster.cid, m.cid) in edges for m in models.locals)
+    assert not lineage["truncated"] and all(e["kind"] == "parent" for e in lineage["edges"])
+    # bases=1: what each model was trained from, too (here the round's base, one generation up)
+    status, shallow = get_json(f"{dashboard}/api/lineage/{models.semi_global.cid}?depth=1&bases=1")
+    assert status == 200 and {n["cid"] for n in shallow["nodes"]} == {models.semi_global.cid, models.cluster.cid, models.base.cid}
+    assert {(e["from"], e["to"], e["kind"]) for e in shallow["edges"]} == {
+        (models.semi_global.cid, models.cluster.cid, "parent"), (models.semi_global.cid, models.base.cid, "base"),
+        (models.cluster.cid, models.base.cid, "base"),  # an edge between two nodes shown is drawn, walked or not
+    }  # fmt: skip
 
 
 def test_weights_download_but_never_a_device_update(dashboard: str, models: Models) -> None:

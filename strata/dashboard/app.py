@@ -8,7 +8,7 @@ Routes (all GET):
   /api/models?q=&kind=&aggregator=&round=&limit=
   /api/models/{cid}          record, manifest, tensor summary, signature status, children
   /api/models/{cid}/weights  the safetensors weights (never a device update, unless the dashboard is audit)
-  /api/lineage/{cid}?depth=  the ancestry as a DAG
+  /api/lineage/{cid}?depth=&bases=1  the ancestry as a DAG (bases=1: also what each model was trained from)
   /api/hub                   federations (spec, owners, base, heads, releases), forks, proposals
   /api/events                SSE: a `snapshot` event (ring + rounds) whenever the fleet moves on
 
@@ -222,7 +222,10 @@ def build_app(
         return JSONResponse(await call(reader.model, request.path_params["cid"]))
 
     async def lineage(request: Request) -> Response:
-        return JSONResponse(await call(reader.lineage, request.path_params["cid"], _int_param(request, "depth", 0)))
+        bases = _int_param(request, "bases", 0) == 1
+        return JSONResponse(
+            await call(reader.lineage, request.path_params["cid"], _int_param(request, "depth", 0), bases=bases)
+        )
 
     async def weights(request: Request) -> Response:
         record, blob = await call(reader.weights, request.path_params["cid"])

@@ -59,6 +59,7 @@ def _record_json(record: ModelRecord) -> dict[str, Any]:
         "producer": record.producer,
         "num_samples": record.num_samples,
         "parents": list(record.parents),
+        "base": record.base,
         "metrics": dict(record.metrics),
         "created_at": record.created_at,
         "weights": record.weights,
@@ -318,14 +319,27 @@ class FleetReader:
         result["tensors"] = tensor_summary(manifest) if manifest is not None else None
         return result
 
-    def lineage(self, cid: str, depth: int = 0) -> dict[str, Any]:
-        """A model's ancestry as a DAG: nodes (records) and edges child -> parent."""
+    def lineage(self, cid: str, depth: int = 0, *, bases: bool = False) -> dict[str, Any]:
+        """A model's ancestry as a DAG: nodes (records) and edges child -> parent; with `bases`, also
+        child -> the model it was trained from (edge kind "base": earlier rounds, across forks)."""
         if depth < 0 or depth > 64:
             raise InvalidInput("depth must be in 0..64", reason="bad_argument")
-        lineage = self._coordinator.lineage(_validate_cid(cid), depth, with_manifests=False)
+        lineage = self._coordinator.lineage(_validate_cid(cid), depth, with_manifests=False, follow_base=bases)
         nodes = {r.cid: _record_json(r) for r in [lineage.model, *lineage.ancestors]}
-        edges = [{"from": c, "to": p} for c, node in nodes.items() for p in node["parents"] if p in nodes]
-        return {"root": lineage.model.cid, "nodes": list(nodes.values()), "edges": edges, "missing": list(lineage.missing)}
+        edges = [{"from": c, "to": p, "kind": "parent"} for c, node in nodes.items() for p in node["parents"] if p in nodes]
+        if bases:
+            edges += [
+                {"from": c, "to": node["base"], "kind": "base"}
+                for c, node in nodes.items()
+                if node["base"] in nodes and node["base"] not in node["parents"]
+            ]
+        return {
+            "root": lineage.model.cid,
+            "nodes": list(nodes.values()),
+            "edges": edges,
+            "missing": list(lineage.missing),
+            "truncated": lineage.truncated,
+        }
 
     def weights(self, cid: str) -> tuple[dict[str, Any], bytes]:
         """A model's record and safetensors bytes; device updates only for a dashboard whose role may read them."""
