@@ -503,7 +503,15 @@ def _assert_synthesis_went_through_kubo(fleet: NativeFleet, kubo_nodes: dict[str
 
     checked = []
     for name in AGGREGATORS:
-        events = [e for p in fleet.running[name] for e in p.events("semi_global_synthesized") if e["peers_used"] >= 1]
+        # a model is published after its synthesized event, before its round's round_closed event: the fleet
+        # runs on, so the newest synthesized model may not have reached the node yet
+        published = {e["next_base"] for p in fleet.running[name] for e in p.events("round_closed")}
+        events = [
+            e
+            for p in fleet.running[name]
+            for e in p.events("semi_global_synthesized")
+            if e["peers_used"] >= 1 and e["model"] in published
+        ]
         with IpfsStore(kubo_nodes[name].api_multiaddr, timeout=10, fetch=False) as own_node:
             for event in events:
                 semi = load_manifest(own_node, event["model"])  # published there, readable offline
