@@ -291,10 +291,10 @@ class RoundManager:
             return rebase(tensors, self.intake.base_tensors(update.base_cid), self._base_tensors), ""
         return tensors, update.weights_cid if self._blobs_are_weights else ""
 
-    def fold_control(self, update: AcceptedUpdate, delta: Mapping[str, np.ndarray]) -> None:
+    def fold_control(self, update: AcceptedUpdate, delta: Mapping[str, np.ndarray], samples: int | None = None) -> None:
         """SCAFFOLD: add an accepted update's delta_c to the round's sum, with the weight its model has in
-        the aggregate (the intake validated it)."""
-        weight = self._weight(update)
+        the aggregate (the intake validated it); `samples`: its credited claim, when the close lowered it."""
+        weight = self._weight(update, samples)
         for name, value in delta.items():
             held = self._control_sum.get(name)
             weighted = value.astype(np.float64) * weight
@@ -448,9 +448,14 @@ class RoundManager:
         back exactly, so this reads the round's updates once more; it happens only when a claim was
         lowered (an honest round's claims are within the ratio of each other)."""
         self._aggregation = self._strategy.start(self._base_tensors, store=self._store)
+        if self._scaffold:  # delta_c is weighted like its model: with the credited claim too
+            self._control_sum, self._control_weight, self._control_updates = {}, {}, 0
         for update, samples in zip(accepted, credited, strict=True):
             tensors, weights_cid = self._as_folded(update, self.intake.read_accepted(update))
             self._aggregation.add(tensors, self._weight(update, samples), label=update.update_cid, weights_cid=weights_cid)
+            delta_c = self.intake.read_control(update) if self._scaffold else None
+            if delta_c is not None:
+                self.fold_control(update, delta_c, samples)
 
     def _resume_strategy(self) -> None:
         """Hand the strategy the record of the last closed round (server optimizer state)."""

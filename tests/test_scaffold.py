@@ -210,8 +210,8 @@ def test_client_variate_is_promoted_on_acknowledgement_and_survives_a_restart(tm
 # --- through a real aggregator -----------------------------------------------------------------------
 
 
-def _scaffold_aggregator(tmp_path: Path, min_updates: int) -> AggregatorDaemon:
-    config = aggregator_config(tmp_path, min_updates=min_updates, quorum=1.0, deadline_s=600.0)
+def _scaffold_aggregator(tmp_path: Path, min_updates: int, **round_settings: object) -> AggregatorDaemon:
+    config = aggregator_config(tmp_path, min_updates=min_updates, quorum=1.0, deadline_s=600.0, **round_settings)
     return start_aggregator(dataclasses.replace(config, round_config={"scaffold": "true"}))
 
 
@@ -249,6 +249,26 @@ def test_server_variate_moves_by_the_mean_delta_and_is_served_by_cid(tmp_path: P
         again.wait_for_model(timeout=10)
         assert server_control_cid(again.download()[0].extra) == control_manifest.cid
         assert all(np.allclose(v, 2.5 - 1.0, atol=1e-3) for v in again.scaffold_correction().values())
+    finally:
+        aggregator.stop()
+
+
+def test_a_lowered_sample_claim_weighs_its_delta_c_as_it_weighs_its_model(tmp_path: Path, clients: list[Client]) -> None:
+    """Claims 10, 10 and 1,000 with max_claim_ratio 2: the third is credited 20 (2 x the median). Its
+    delta_c of 7 weighs 20 in c as its model does, (10 + 10 + 140) / 40 = 4.0, not 1,000 (6.88)."""
+    aggregator = _scaffold_aggregator(tmp_path, min_updates=3, max_claim_ratio=2.0)
+    try:
+        agents = [connect_client(clients, aggregator.address, f"a{i}", tmp_path / f"agent-{i}") for i in range(3)]
+        base = agents[0].wait_for_model(timeout=10)
+        for agent in agents[1:]:
+            agent.wait_for_model(timeout=10)
+        for agent, g, n in zip(agents, (1.0, 1.0, 7.0), (10, 10, 1000), strict=True):
+            agent.submit(_step(base, g), n, METRICS)
+        wait_until(lambda: len(aggregator.rounds.closed_rounds()) > 0, 20, "round 0 to close")
+        cluster = load_manifest(aggregator.store, aggregator.rounds.closed_rounds()[0].cluster_cid)
+        assert cluster.num_samples == 40  # the claims as credited
+        _, control_blob = load_model(aggregator.store, server_control_cid(cluster.extra))
+        assert all(np.allclose(v, 4.0, atol=1e-3) for v in decode_tensors(control_blob).values())
     finally:
         aggregator.stop()
 
