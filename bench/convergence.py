@@ -408,14 +408,16 @@ def report(results: dict[str, Any], params: Params) -> dict[str, Any]:
             verdict["c_target_met_mean"] = ratio is not None and ratio <= TARGET_RATIO
             ratio_all = verdict["c_over_a_all"]
             verdict["c_target_met_all"] = ratio_all is not None and ratio_all <= TARGET_RATIO
-        if "c" in summaries and "d" in summaries:
-            verdict["d_minus_c_final_mean"] = summaries["d"]["final"]["mean"] - summaries["c"]["final"]["mean"]
-        if "b" in summaries and "c" in summaries:
-            b, c = summaries["b"]["curves"]["mean"], summaries["c"]["curves"]["mean"]
-            verdict["b_minus_c_final_mean"] = b[-1] - c[-1]
-        print("\nratios (rounds to target vs (a); None = not reached):")
+    # without (a) too: the tuned runs compare (c) with (d) alone
+    if "c" in summaries and "d" in summaries:
+        verdict["d_minus_c_final_mean"] = summaries["d"]["final"]["mean"] - summaries["c"]["final"]["mean"]
+    if "b" in summaries and "c" in summaries:
+        b, c = summaries["b"]["curves"]["mean"], summaries["c"]["curves"]["mean"]
+        verdict["b_minus_c_final_mean"] = b[-1] - c[-1]
+    if verdict:
+        print("\nratios (rounds to target vs (a); None = not reached) and final-accuracy gaps:")
         for name, value in verdict.items():
-            print(f"  {name:24s} {value if not isinstance(value, float) else round(value, 3)}")
+            print(f"  {name:24s} {value if not isinstance(value, float) else round(value, 4)}")
     return verdict
 
 
