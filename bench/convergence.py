@@ -1,6 +1,7 @@
 """Convergence: rounds to 97% MNIST test accuracy for one aggregator, cluster-only and semi-global fleets.
 
-Run alone: `python bench/convergence.py` (`--quick` for a smoke run, `--rounds N`).
+Run alone: `python bench/convergence.py` (`--quick` for a smoke run, `--rounds N`; `--alphas 0.1,0.5,1.0` sweeps
+the Dirichlet alpha at both split levels; `--epochs`, `--batch-size`, `--lr`, `--lr-decay` tune the agents).
 
 MNIST's 60k training images are split two-level (agent.tasks.partition): a
 class-skewed Dirichlet(group_alpha = 0.5) across 3 groups (one per aggregator), then
@@ -23,7 +24,8 @@ generous deadline. After a fleet has run, every aggregator's base model after ea
 evaluated with MnistTask.evaluate_global on the 10k test split.
 
 Target: (c) reaches 97% in <= 1.25x the rounds of (a), and (b) is visibly worse.
-Writes bench/convergence_results.json and bench/convergence.png (--quick writes to a
+Writes bench/convergence_results.json and bench/convergence.png (NAME_results.json and NAME.png with
+--name NAME; --quick writes to a
 temporary directory unless --out-dir is given).
 """
 
