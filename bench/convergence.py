@@ -1,6 +1,7 @@
 """Convergence: rounds to 97% MNIST test accuracy for one aggregator, cluster-only and semi-global fleets.
 
-Run alone: `python bench/convergence.py` (`--quick` for a smoke run, `--rounds N`).
+Run alone: `python bench/convergence.py` (`--quick` for a smoke run, `--rounds N`; `--alphas 0.1,0.5,1.0` sweeps
+the Dirichlet alpha at both split levels; `--epochs`, `--batch-size`, `--lr`, `--lr-decay` tune the agents).
 
 MNIST's 60k training images are split two-level (agent.tasks.partition): a
 class-skewed Dirichlet(group_alpha = 0.5) across 3 groups (one per aggregator), then
@@ -23,7 +24,8 @@ generous deadline. After a fleet has run, every aggregator's base model after ea
 evaluated with MnistTask.evaluate_global on the 10k test split.
 
 Target: (c) reaches 97% in <= 1.25x the rounds of (a), and (b) is visibly worse.
-Writes bench/convergence_results.json and bench/convergence.png (--quick writes to a
+Writes bench/convergence_results.json and bench/convergence.png (NAME_results.json and NAME.png with
+--name NAME; --quick writes to a
 temporary directory unless --out-dir is given).
 """
 
@@ -84,6 +86,9 @@ class Params:
     max_batches: int = 20
     batch_size: int = 64
     lr: float = 0.05
+    # local epochs per round (max_batches still caps the steps) and the learning rate of round r: lr * lr_decay**r
+    epochs: int = 1
+    lr_decay: float = 1.0
     holdout: float = 0.05
     round_timeout_s: float = 300.0
 
@@ -129,6 +134,8 @@ def _task_options(group: int, index: int, params: Params) -> dict[str, Any]:
         "batch_size": params.batch_size,
         "lr": params.lr,
         "holdout": params.holdout,
+        "epochs": params.epochs,
+        "lr_decay": params.lr_decay,
     }
 
 
@@ -253,7 +260,10 @@ def run_centralized(params: Params) -> dict[str, Any]:
     slices = [MnistTask(**_task_options(group, index, params))
               for group in range(params.groups) for index in range(params.agents_per_group)]
     union = MnistTask.pooled(slices)
-    budget = len(slices) * params.max_batches  # batches the whole fleet trains per round
+    # batches the whole fleet trains per round: each agent stops at max_batches or after `epochs` passes over
+    # its slice, whichever comes first (an agent's slice is often under max_batches x batch_size)
+    budget = sum(min(params.max_batches, params.epochs * math.ceil(s.num_train_samples / params.batch_size))
+                 for s in slices)
     epochs = math.ceil(budget * params.batch_size / union.num_train_samples)
     weights = MnistTask.seeded_weights(0)  # task_base_model's seed: the fleets' base
     initial = MnistTask.evaluate_global(weights)
@@ -400,14 +410,16 @@ def report(results: dict[str, Any], params: Params) -> dict[str, Any]:
             verdict["c_target_met_mean"] = ratio is not None and ratio <= TARGET_RATIO
             ratio_all = verdict["c_over_a_all"]
             verdict["c_target_met_all"] = ratio_all is not None and ratio_all <= TARGET_RATIO
-        if "c" in summaries and "d" in summaries:
-            verdict["d_minus_c_final_mean"] = summaries["d"]["final"]["mean"] - summaries["c"]["final"]["mean"]
-        if "b" in summaries and "c" in summaries:
-            b, c = summaries["b"]["curves"]["mean"], summaries["c"]["curves"]["mean"]
-            verdict["b_minus_c_final_mean"] = b[-1] - c[-1]
-        print("\nratios (rounds to target vs (a); None = not reached):")
+    # without (a) too: the tuned runs compare (c) with (d) alone
+    if "c" in summaries and "d" in summaries:
+        verdict["d_minus_c_final_mean"] = summaries["d"]["final"]["mean"] - summaries["c"]["final"]["mean"]
+    if "b" in summaries and "c" in summaries:
+        b, c = summaries["b"]["curves"]["mean"], summaries["c"]["curves"]["mean"]
+        verdict["b_minus_c_final_mean"] = b[-1] - c[-1]
+    if verdict:
+        print("\nratios (rounds to target vs (a); None = not reached) and final-accuracy gaps:")
         for name, value in verdict.items():
-            print(f"  {name:24s} {value if not isinstance(value, float) else round(value, 3)}")
+            print(f"  {name:24s} {value if not isinstance(value, float) else round(value, 4)}")
     return verdict
 
 
@@ -441,7 +453,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     full.legend(loc="lower right", fontsize=8)
     zoom.set_ylim(0.90, 1.0)
     zoom.set_title("zoom: 0.90-1.00", fontsize=9)
-    fig.suptitle("3 groups x 10 agents, Dirichlet 0.5 by class across aggregators", fontsize=10)
+    fig.suptitle(f"3 groups x 10 agents, Dirichlet {results['params']['group_alpha']} by class across aggregators",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -450,26 +463,105 @@ def plot(results: dict[str, Any], path: Path) -> None:
 # ---------------------------------------------------------------- main
 
 
+def run_setups(keys: Sequence[str], params: Params, workdir: Path) -> dict[str, Any]:
+    """Every setup in `keys` on the same slices: {"params", "fleets", "evaluations", "summaries"}."""
+    results: dict[str, Any] = {"params": asdict(params), "fleets": {}, "evaluations": {}, "summaries": {}}
+    for key in keys:
+        setup = SETUPS[key]
+        print(f"{setup.label}: {params.rounds} rounds (alpha {params.group_alpha}/{params.alpha})", flush=True)
+        if key == "d":
+            central = run_centralized(params)
+            results["fleets"][key] = {"wall_s": round(central["wall_s"], 1), "agents": 0,
+                                      "samples": central["samples"],
+                                      "batches_per_round": central["batches_per_round"]}
+            results["evaluations"][key] = {"central": central["points"]}
+            results["summaries"][key] = summarize(setup, results["evaluations"][key])
+            continue
+        fleet = run_fleet(setup, params, workdir)
+        evaluate_started = time.monotonic()
+        evaluations = evaluate_fleet(setup, fleet)
+        results["fleets"][key] = {"wall_s": round(fleet["wall_s"], 1), "agents": fleet["agents"],
+                                  "evaluate_s": round(time.monotonic() - evaluate_started, 1)}
+        results["evaluations"][key] = evaluations
+        results["summaries"][key] = summarize(setup, evaluations)
+        print(f"  [{key}] trained in {fleet['wall_s']:.0f} s; rounds to {TARGET_ACCURACY:.0%}: "
+              f"{results['summaries'][key]['rounds_to_target']}", flush=True)
+        # the next setup makes its own store; this one's models are evaluated already
+        shutil.rmtree(workdir / key, ignore_errors=True)
+    return results
+
+
+def plot_alphas(sweep: dict[str, dict[str, Any]], path: Path) -> None:
+    """One panel per alpha: each setup's mean curve (solid) and worst aggregator (dotted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"a": "black", "b": "tab:red", "c": "tab:blue", "d": "tab:green"}
+    fig, axes = plt.subplots(1, len(sweep), figsize=(5 * len(sweep), 4.5), sharey=True, squeeze=False)
+    for axis, (alpha, results) in zip(axes[0], sweep.items(), strict=True):
+        for key, summary in results["summaries"].items():
+            mean, worst = summary["curves"]["mean"], summary["curves"]["min"]
+            axis.plot(range(len(mean)), mean, color=colors[key], linewidth=2, label=summary["label"] + " (mean)")
+            if SETUPS[key].aggregators > 1:
+                axis.plot(range(len(worst)), worst, color=colors[key], linewidth=1, linestyle=":",
+                          label=summary["label"] + " (worst aggregator)")
+        axis.axhline(TARGET_ACCURACY, color="gray", linewidth=0.8, linestyle=":")
+        axis.set_title(f"Dirichlet alpha = {alpha} (groups and agents)", fontsize=10)
+        axis.set_xlabel("rounds")
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (MNIST 10k)")
+    axes[0][0].legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report_alphas(sweep: dict[str, dict[str, Any]]) -> None:
+    rows = []
+    for alpha, results in sweep.items():
+        for key, summary in results["summaries"].items():
+            r2t = summary["rounds_to_target"]
+            rows.append([alpha, summary["label"], f"{summary['final']['mean']:.4f}", f"{summary['final']['min']:.4f}",
+                         _fmt(r2t["mean"]), _fmt(r2t["all"]), f"{results['fleets'][key]['wall_s']:.0f}"])
+    print("\nper alpha: final accuracy (mean / worst aggregator), rounds to 97% (mean curve / every aggregator):")
+    print_table(["alpha", "setup", "final mean", "final worst", "r97 mean", "r97 all", "wall s"], rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 2 agents per group")
     parser.add_argument("--rounds", type=int, help="rounds per setup (default 35)")
     parser.add_argument("--setups", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--lr", type=float, help="agent learning rate (default 0.05)")
+    parser.add_argument("--lr-decay", type=float, help="learning rate of round r: lr * lr_decay**r (default 1.0)")
+    parser.add_argument("--epochs", type=int, help="local epochs per round, capped by --max-batches (default 1)")
     parser.add_argument("--max-batches", type=int, help="local batches per round (default 20)")
+    parser.add_argument("--batch-size", type=int, help="local batch size (default 64)")
+    parser.add_argument("--alphas", help="comma-separated Dirichlet alphas, each used at both levels of the split "
+                                         "(groups and agents); one run of --setups per alpha")
+    parser.add_argument("--name", default="convergence",
+                        help="output stem: NAME_results.json and NAME.png (default convergence)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default bench/)")
     args = parser.parse_args(argv)
 
     params = Params(rounds=3, agents_per_group=2, max_batches=3) if args.quick else Params()
-    overrides = {k: v for k, v in {"rounds": args.rounds, "lr": args.lr, "max_batches": args.max_batches}.items()
+    overrides = {k: v for k, v in {"rounds": args.rounds, "lr": args.lr, "lr_decay": args.lr_decay,
+                                   "epochs": args.epochs, "max_batches": args.max_batches,
+                                   "batch_size": args.batch_size}.items()
                  if v is not None}
     params = Params(**{**asdict(params), **overrides})
     keys = [k.strip() for k in args.setups.split(",") if k.strip()]
     unknown = set(keys) - set(SETUPS)
     if unknown:
         parser.error(f"unknown setups {sorted(unknown)}")
+    alphas = [float(a) for a in args.alphas.split(",") if a.strip()] if args.alphas else []
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="convergence-quick-")) if args.quick else _common.REPO / "bench")
     out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / f"{args.name}_results.json", out_dir / f"{args.name}.png"
+    command = " ".join(["python", "bench/convergence.py", *(argv if argv is not None else sys.argv[1:])])
 
     quiet_logs()
     workdir = Path(tempfile.mkdtemp(prefix="strata-convergence-"))
@@ -478,28 +570,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["HOME"] = str(workdir / "home")
     os.environ["STRATA_STORE"] = str(workdir / "home" / "store")
     started = time.monotonic()
-    results: dict[str, Any] = {"params": asdict(params), "fleets": {}, "evaluations": {}, "summaries": {}}
+    sweep: dict[str, dict[str, Any]] = {}
     try:
-        for key in keys:
-            setup = SETUPS[key]
-            print(f"{setup.label}: {params.rounds} rounds", flush=True)
-            if key == "d":
-                central = run_centralized(params)
-                results["fleets"][key] = {"wall_s": round(central["wall_s"], 1), "agents": 0,
-                                          "samples": central["samples"],
-                                          "batches_per_round": central["batches_per_round"]}
-                results["evaluations"][key] = {"central": central["points"]}
-                results["summaries"][key] = summarize(setup, results["evaluations"][key])
-                continue
-            fleet = run_fleet(setup, params, workdir)
-            evaluate_started = time.monotonic()
-            evaluations = evaluate_fleet(setup, fleet)
-            results["fleets"][key] = {"wall_s": round(fleet["wall_s"], 1), "agents": fleet["agents"],
-                                      "evaluate_s": round(time.monotonic() - evaluate_started, 1)}
-            results["evaluations"][key] = evaluations
-            results["summaries"][key] = summarize(setup, evaluations)
-            print(f"  [{key}] trained in {fleet['wall_s']:.0f} s; rounds to {TARGET_ACCURACY:.0%}: "
-                  f"{results['summaries'][key]['rounds_to_target']}", flush=True)
+        if alphas:
+            for alpha in alphas:
+                alpha_params = Params(**{**asdict(params), "alpha": alpha, "group_alpha": alpha})
+                sweep[str(alpha)] = run_setups(keys, alpha_params, workdir / f"alpha-{alpha}")
+                sweep[str(alpha)]["verdict"] = report(sweep[str(alpha)], alpha_params)
+                # the results so far, in case a later alpha does not finish
+                json_path.write_text(json.dumps({"alphas": sweep, "command": command}, indent=1, sort_keys=True) + "\n")
+        else:
+            results = run_setups(keys, params, workdir)
     finally:
         for name, value in saved_env.items():
             if value is None:
@@ -507,12 +588,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 os.environ[name] = value
         shutil.rmtree(workdir, ignore_errors=True)
-    results["verdict"] = report(results, params)
+    if alphas:
+        report_alphas(sweep)
+        results = {"params": asdict(params), "alphas": sweep}
+    else:
+        results["verdict"] = report(results, params)
     results["total_s"] = round(time.monotonic() - started, 1)
-    results["command"] = " ".join(["python", "bench/convergence.py", *(argv if argv is not None else sys.argv[1:])])
-    json_path, png_path = out_dir / "convergence_results.json", out_dir / "convergence.png"
+    results["command"] = command
     json_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    plot(results, png_path)
+    if alphas:
+        plot_alphas(sweep, png_path)
+    else:
+        plot(results, png_path)
     print(f"\ntotal {results['total_s']:.0f} s; wrote {json_path} and {png_path}")
     return 0
 

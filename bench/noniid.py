@@ -1,6 +1,6 @@
 """Non-IID algorithms: FedAvg vs FedProx vs SCAFFOLD at Dirichlet alpha = 0.1 on MNIST (CNN).
 
-Run alone: `python bench/noniid.py` (`--quick` for a smoke run, `--rounds N`, `--max-batches N`).
+Run alone: `python bench/noniid.py` (`--quick` for a smoke run, `--rounds N`, `--max-batches N`, `--lr-decay D`).
 
 The fleet is bench/convergence.py's, with its real code path (in-process `AggregatorDaemon`s
 on 127.0.0.1, 30 real `AgentDaemon`s training task "mnist" over gRPC), at a harsher skew:
@@ -148,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batches", type=int, default=5, help="local batches per round (default 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="local batch size (default 32)")
     parser.add_argument("--lr", type=float, default=0.05, help="agents' learning rate (SGD, momentum 0.9; default 0.05)")
+    parser.add_argument("--lr-decay", type=float, default=1.0, help="learning rate of round r: lr * lr_decay**r (default 1.0)")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     parser.add_argument("--shapes", default="semi-global,cluster")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/noniid_results.json)")
@@ -162,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         # a stalled fleet (every update refused) is given up after 90 s without a round
         params = Params(rounds=args.rounds, max_batches=args.max_batches, batch_size=args.batch_size, lr=args.lr,
+                        lr_decay=args.lr_decay,
                         round_timeout_s=90.0, **common)
     out = args.out or (Path(tempfile.mkdtemp(prefix="noniid-quick-")) / "noniid_results.json" if args.quick
                        else _common.REPO / "bench" / "noniid_results.json")
