@@ -307,14 +307,16 @@ class AggregatorDaemon:
             return
         self._stopping.set()
         self._agents_changed()  # watch streams see the stop at once
-        if self.link is not None:
-            self.link.stop()
         if self._metrics is not None:
             self._metrics.stop()
         if self._server is not None:
             self._server.stop(grace)
         for core in self.federations.values():
             core.join_ticker(timeout=grace + TICK_S * 5)
+        # the link goes last: a round that closes while the server drains still announces its models
+        # (a closed announcer outbox made the close skip publishing the model to the shared store)
+        if self.link is not None:
+            self.link.stop()
         for core in self.federations.values():
             core.close()
         log.info("aggregator_stopped", extra={"fields": {"id": self.id}})

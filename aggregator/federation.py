@@ -288,14 +288,15 @@ class FederationCore:
 
     def _on_model(self, manifest: Manifest) -> None:
         self.last_models[manifest.kind] = manifest.cid
-        if self.announce is not None:
-            refused = manifest.extra.get("refused_peers") if manifest.kind == "semi-global" else None
-            notes = {"refused_peers": json.dumps(refused, sort_keys=True)} if refused else None
-            self.announce(manifest.to_bytes(), notes)
+        # peers first: the next base is fetched by them; the announcement only tells the index about it
         if manifest.kind in ("cluster", "semi-global"):
             self._publish(manifest)
             if manifest.kind == "cluster":
                 self.published.set_latest(pointer_for(manifest, time.time()))
+        if self.announce is not None:
+            refused = manifest.extra.get("refused_peers") if manifest.kind == "semi-global" else None
+            notes = {"refused_peers": json.dumps(refused, sort_keys=True)} if refused else None
+            self.announce(manifest.to_bytes(), notes)
 
     def _publish(self, manifest: Manifest) -> None:
         """Make a model fetchable by peers: in the shared store, pinned, and served by FetchBlob."""
