@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.index import ModelIndex, ModelRecord
+from coordinator.index import ModelIndex, ModelRecord, base_of
 from proto.errors import Conflict, FailedPrecondition, IntegrityError, InvalidInput, NotFound
 from storage.cid import is_cid
 from storage.codec import strict_json
@@ -617,10 +617,9 @@ class Hub(DurableSqlite):
             raise NotFound(f"no federation {name!r}", reason="unknown_federation")
         return self._row_to_federation(rows[0], with_heads=True)
 
-    def federations(self, limit: int = 0) -> list[Federation]:
-        """Every federation by name (at most `limit`; 0: all), without heads (read one for those)."""
-        cut = " LIMIT ?" if limit else ""
-        rows = self._read(f"SELECT * FROM federations ORDER BY name{cut}", (limit,) if limit else ())
+    def federations(self) -> list[Federation]:
+        """Every federation by name, without heads (read one for those); the service pages them."""
+        rows = self._read("SELECT * FROM federations ORDER BY name")
         return [self._row_to_federation(row, with_heads=False) for row in rows]
 
     def _check_owner(self, federation: Federation, caller: Certified | None, action: str) -> None:
@@ -708,7 +707,7 @@ class Hub(DurableSqlite):
         the walk there (the root as far as the index knows)."""
         current = record
         for _ in range(MAX_ROOT_STEPS):
-            base = Manifest.from_bytes(current.manifest).base if current.manifest else None
+            base = base_of(current)
             named = [*current.parents, *([base] if base and base not in current.parents else [])]
             if not named:
                 return current.cid

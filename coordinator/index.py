@@ -37,7 +37,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from trust.errors import PermissionDenied
 from trust.identity import Certified
 from trust.signers import SignerError, Signers
 
-__all__ = ["MAX_BATCH", "AgentEntry", "IndexResult", "Lineage", "ModelIndex", "ModelRecord"]
+__all__ = ["MAX_BATCH", "AgentEntry", "IndexResult", "Lineage", "ModelIndex", "ModelRecord", "base_of"]
 
 # Schema 2, sized for tens of millions of models:
 # - `models` keeps the insertion order in its integer `id`; `cid` is unique through its own index.
@@ -138,8 +138,9 @@ COMMIT;
 """
 DEFAULT_LINEAGE_DEPTH = 16
 # the most ancestors one lineage walk gathers: with bases followed, a deep walk would otherwise read a
-# federation's whole history (every round's device updates) for one request
-MAX_LINEAGE_RECORDS = 50_000
+# federation's whole history (every round's device updates) for one request; no more than one reply
+# carries (coordinator.messages.MAX_PAGE_ITEMS), so a longer walk would be work thrown away
+MAX_LINEAGE_RECORDS = 10_000
 # the most manifests one `record_many` call takes
 MAX_BATCH = 1000
 
@@ -167,7 +168,9 @@ class ModelRecord:
     weights: str
     manifest: bytes = field(repr=False)
     notes: dict[str, str] = field(default_factory=dict)
-    base: str = ""  # the model it was trained from (the manifest's `base`; empty: none)
+    # the model it was trained from, in the records of a lineage that followed bases (listings leave it
+    # empty: reading it parses the manifest, most of a listing's cost); `base_of` reads it from the manifest
+    base: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,8 +228,12 @@ def _row_to_record(row: sqlite3.Row) -> ModelRecord:
         weights=row[10],
         manifest=bytes(row[11]),
         notes=json.loads(row[12]),
-        base=json.loads(row[11]).get("base") or "",
     )
+
+
+def base_of(record: ModelRecord) -> str:
+    """The model `record` was trained from (its manifest's `base`; empty: none or no manifest held)."""
+    return record.base or (json.loads(record.manifest).get("base") or "" if record.manifest else "")
 
 
 def _notes_json(notes: Mapping[str, str] | None) -> str:
@@ -565,7 +572,7 @@ class ModelIndex(DurableSqlite):
         `follow_base` walks each model's base too (earlier rounds; across a fork, the source federation's)."""
         if depth < 0:
             raise InvalidInput(f"depth must be >= 0, got {depth}", reason="bad_query")
-        model = self.get(cid)
+        model = self._with_base(self.get(cid)) if follow_base else self.get(cid)
         ancestors: list[ModelRecord] = []
         missing: list[str] = []
         seen = {cid}
@@ -587,13 +594,17 @@ class ModelIndex(DurableSqlite):
             seen.update(wanted)
             found = self._fetch(wanted)
             missing.extend(p for p in wanted if p not in found)
-            frontier = deque(found[p] for p in wanted if p in found)
+            frontier = deque(self._with_base(found[p]) if follow_base else found[p] for p in wanted if p in found)
             ancestors.extend(frontier)
             if truncated:
                 break
         return Lineage(
             model=model, ancestors=ancestors, children=self.children(cid), missing=missing, truncated=truncated
         )
+
+    @staticmethod
+    def _with_base(record: ModelRecord) -> ModelRecord:
+        return replace(record, base=base_of(record))
 
     def count(self) -> int:
         # Models are never deleted, so the largest id is the count (COUNT(*) would read a whole index).
