@@ -126,18 +126,9 @@ class LeaseKeeper:
             log.exception("status_fn_failed")
             status = {}
         progress = Progress(
-            round=int(status.get("round") or 0),
-            agent_count=int(status.get("agent_count") or 0),
-            last_cluster_cid=str(status.get("last_cluster_cid") or ""),
-            last_semi_global_cid=str(status.get("last_semi_global_cid") or ""),
+            **_progress_fields(status),
             federations=tuple(
-                FederationProgress(
-                    federation=str(each["federation"]),
-                    round=int(each.get("round") or 0),
-                    agent_count=int(each.get("agent_count") or 0),
-                    last_cluster_cid=str(each.get("last_cluster_cid") or ""),
-                    last_semi_global_cid=str(each.get("last_semi_global_cid") or ""),
-                )
+                FederationProgress(federation=str(each["federation"]), **_progress_fields(each))
                 for each in status.get("federations") or ()
             ),
         )
@@ -167,3 +158,13 @@ def _agent_entry(agent: Any, home: str) -> AgentEntry:
         capability=str(get("capability") or "train"),
         display_name=str(get("display_name") or ""),
     )
+
+
+def _progress_fields(status: Mapping[str, Any]) -> dict[str, Any]:
+    """A status mapping's round, agent count and model CIDs, as the heartbeat carries them."""
+    return {
+        "round": int(status.get("round") or 0),
+        "agent_count": int(status.get("agent_count") or 0),
+        "last_cluster_cid": str(status.get("last_cluster_cid") or ""),
+        "last_semi_global_cid": str(status.get("last_semi_global_cid") or ""),
+    }

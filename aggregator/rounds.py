@@ -163,9 +163,7 @@ class RoundManager:
         self._scaffold = scaffold
         self._control: dict[str, np.ndarray] = {}
         self._control_cid = ""
-        self._control_sum: dict[str, np.ndarray] = {}
-        self._control_weight: dict[str, float] = {}
-        self._control_updates = 0
+        self._reset_control()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -189,9 +187,7 @@ class RoundManager:
             accepted = self._journal.open_updates()
             for update in accepted:
                 self.fold(update, self.intake.read_accepted(update))
-                delta_c = self.intake.read_control(update) if self._scaffold else None
-                if delta_c is not None:
-                    self.fold_control(update, delta_c)
+                self._fold_stored_control(update)
             if accepted:
                 log.info(
                     "round_recovered",
@@ -222,9 +218,7 @@ class RoundManager:
         # rules that need every update at once read them back from the store at close
         self._aggregation = self._strategy.start(self._base_tensors, store=self._store)
         self._accepted = []
-        self._control_sum = {}
-        self._control_weight = {}
-        self._control_updates = 0
+        self._reset_control()
         if self._selector is not None:
             self._invited = frozenset(self._journal.invited(record.round))
         self._deadline = max(record.opened_at, self._clock() if record.opened_at == 0 else record.opened_at) + (
@@ -301,6 +295,17 @@ class RoundManager:
             self._control_sum[name] = weighted if held is None else held + weighted
             self._control_weight[name] = self._control_weight.get(name, 0.0) + weight
         self._control_updates += 1
+
+    def _fold_stored_control(self, update: AcceptedUpdate, samples: int | None = None) -> None:
+        """Fold an accepted update's delta_c read back from the store (a restart, or a refold at close)."""
+        delta_c = self.intake.read_control(update) if self._scaffold else None
+        if delta_c is not None:
+            self.fold_control(update, delta_c, samples)
+
+    def _reset_control(self) -> None:
+        self._control_sum: dict[str, np.ndarray] = {}
+        self._control_weight: dict[str, float] = {}
+        self._control_updates = 0
 
     @property
     def control_cid(self) -> str:
@@ -448,14 +453,11 @@ class RoundManager:
         back exactly, so this reads the round's updates once more; it happens only when a claim was
         lowered (an honest round's claims are within the ratio of each other)."""
         self._aggregation = self._strategy.start(self._base_tensors, store=self._store)
-        if self._scaffold:  # delta_c is weighted like its model: with the credited claim too
-            self._control_sum, self._control_weight, self._control_updates = {}, {}, 0
+        self._reset_control()  # delta_c is weighted like its model: with the credited claim too
         for update, samples in zip(accepted, credited, strict=True):
             tensors, weights_cid = self._as_folded(update, self.intake.read_accepted(update))
             self._aggregation.add(tensors, self._weight(update, samples), label=update.update_cid, weights_cid=weights_cid)
-            delta_c = self.intake.read_control(update) if self._scaffold else None
-            if delta_c is not None:
-                self.fold_control(update, delta_c, samples)
+            self._fold_stored_control(update, samples)
 
     def _resume_strategy(self) -> None:
         """Hand the strategy the record of the last closed round (server optimizer state)."""
