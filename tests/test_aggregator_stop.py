@@ -37,8 +37,9 @@ def test_a_model_made_while_the_aggregator_stops_is_still_published_and_announce
         core = aggregator.federations[aggregator.default_federation]
         made: list[str] = []
 
+        # join_ticker stands in for the ticker's last close: a real round closing exactly while stop()
+        # drains cannot be timed deterministically; the model, stores, link and coordinator are real
         def a_round_closes_during_the_drain(timeout: float) -> None:
-            # what the ticker's last close does while stop() waits for it: make a cluster model and emit it
             cluster = save_model(
                 core.store,
                 weights=encode_tensors({"w": np.ones(3, np.float32)}),
