@@ -9,6 +9,7 @@ a new test of that kind cannot land in the unit tier by accident.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +40,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "procs" in getattr(item, "fixturenames", ()) or item.path.name in _SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger() -> Iterator[None]:
+    """Put the root logger's handlers and level back after every test: a test that runs a CLI
+    command in-process installs a handler on that test's captured stderr, which pytest closes,
+    and a later test's threads would then log into a closed file ("--- Logging error ---")."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

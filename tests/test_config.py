@@ -242,16 +242,7 @@ def test_dump_config_round_trips_the_daemon_configs(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- logs
 
 
-@pytest.fixture
-def restore_root_logger():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-def test_json_logs_one_line_per_event(restore_root_logger) -> None:
+def test_json_logs_one_line_per_event() -> None:
     stream = io.StringIO()
     setup_logging("debug", stream=stream)
     setup_logging("debug", stream=stream)  # idempotent: still one handler
@@ -276,7 +267,7 @@ def test_json_logs_one_line_per_event(restore_root_logger) -> None:
     assert fourth["level"] == "debug"
 
 
-def test_level_filters_and_text_format(restore_root_logger) -> None:
+def test_level_filters_and_text_format() -> None:
     stream = io.StringIO()
     setup_logging("warning", stream=stream, fmt="text")
     log = logging.getLogger("strata.test")
