@@ -97,11 +97,11 @@ def _cell(value: object) -> str:
 
 
 def quiet_logs() -> None:
-    """Daemons log one line per event; a benchmark wants only its table."""
-    import logging
+    """Daemons log one line per event; a benchmark wants its table, and only the warnings, with
+    their fields (an agent's `update_refused` is worth nothing without its reason)."""
+    from strata.logs import setup_logging
 
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("strata").setLevel(logging.WARNING)
+    setup_logging("warning", fmt="text")
 
 
 # ---------------------------------------------------------------- models for the loop benchmarks

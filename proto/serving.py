@@ -47,7 +47,8 @@ log = logging.getLogger("strata.serving")
 T = TypeVar("T")
 
 # The server must accept pings at least as often as clients send them, or it
-# answers with GOAWAY "too_many_pings" and drops the connection.
+# answers with GOAWAY "too_many_pings" and drops the connection. grpc core reads it
+# only as "grpc.http2.min_ping_interval_without_data_ms" (GRPC_ARG_HTTP2_MIN_RECV_...).
 _SERVER_MIN_PING_INTERVAL_S = 10.0
 # one log line per this many seconds for each kind of refused garbage, however much arrives
 _REFUSAL_LOG_INTERVAL_S = 5.0
@@ -241,7 +242,7 @@ async def _create(
         ("grpc.keepalive_time_ms", int(KEEPALIVE_TIME_S * 1000)),
         ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(_SERVER_MIN_PING_INTERVAL_S * 1000)),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(_SERVER_MIN_PING_INTERVAL_S * 1000)),
         ("grpc.http2.max_pings_without_data", 0),
         # Without this two servers can silently share a port on Linux.
         ("grpc.so_reuseport", 0),

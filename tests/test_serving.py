@@ -161,3 +161,34 @@ def test_health_watch_streams_through_the_error_interceptor(aggregator: Aggregat
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
+
+
+def test_a_server_accepts_the_keepalive_pings_its_clients_are_configured_to_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    # grpc core knows the server's ping floor only as "grpc.http2.min_ping_interval_without_data_ms";
+    # under any other name it keeps its 5-minute default, strikes every client keepalive ping on a
+    # quiet connection, and after two strikes answers GOAWAY too_many_pings, failing open streams.
+    # Scaled down: the server's floor 0.5 s, the client's keepalive 1 s (real: 10 s and 30 s).
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    import proto.serving
+
+    monkeypatch.setattr(proto.serving, "_SERVER_MIN_PING_INTERVAL_S", 0.5)
+    with proto.serving.create_server() as handle, create_channel(handle.address, keepalive_time_s=1.0) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        ended: list[BaseException] = []
+
+        def wait_for_more() -> None:
+            try:
+                next(watch)  # no status changes: blocks until cancelled, or fails on a GOAWAY
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assert below
+                ended.append(exc)
+
+        waiter = threading.Thread(target=wait_for_more, daemon=True)
+        waiter.start()
+        waiter.join(6.0)  # six keepalive pings on a connection that carries no data
+        still_open = watch.is_active()
+        watch.cancel()
+        waiter.join(5.0)
+        assert still_open, f"the stream ended under keepalive pings: {ended}"
+        assert len(ended) == 1 and isinstance(ended[0], grpc.RpcError) and ended[0].code() == grpc.StatusCode.CANCELLED, ended
