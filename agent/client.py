@@ -409,9 +409,10 @@ class Client:
         """The home's revocation list if it is newer than `known_version`, else None. Parsed, not verified:
         whoever installs it verifies the CA's signature. What a relay serves its own devices by."""
         try:
-            reply = self._session.stub().GetRevocations(
-                pb.GetRevocationsRequest(known_version=known_version), timeout=self._session.rpc_timeout_s
-            )
+            with self._session.unless_closed():
+                reply = self._session.stub().GetRevocations(
+                    pb.GetRevocationsRequest(known_version=known_version), timeout=self._session.rpc_timeout_s
+                )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return revocations_from_reply(reply)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
@@ -143,6 +144,18 @@ class Session:
             self._retired = []
         for channel in channels:
             channel.close()
+
+    @contextmanager
+    def unless_closed(self) -> Iterator[None]:
+        """Around a call on this session's channels. close() may shut a channel under the call (or
+        before it), which grpc reports as a ValueError; that becomes FailedPrecondition (reason
+        "closed"), what every wait here raises once closed, so callers stop instead of crashing."""
+        try:
+            yield
+        except ValueError as exc:
+            if self.closed.is_set():
+                raise FailedPrecondition("client closed", reason="closed") from exc
+            raise
 
     # ------------------------------------------------------------------ joining
 

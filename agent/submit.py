@@ -261,13 +261,14 @@ class Submitter:
             return self._session.stub().SubmitUpdate(stream_with_header(pb.UpdateChunk, header, blob), timeout=STREAM_TIMEOUT_S)
 
         try:
-            return retry_call(
-                send,
-                policy=self._policy,
-                retryable=is_retryable,
-                stop=self._session.closed,
-                before_retry=lambda _: self._session.rejoin("submit_unavailable"),
-            )
+            with self._session.unless_closed():
+                return retry_call(
+                    send,
+                    policy=self._policy,
+                    retryable=is_retryable,
+                    stop=self._session.closed,
+                    before_retry=lambda _: self._session.rejoin("submit_unavailable"),
+                )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
 

@@ -59,8 +59,9 @@ class ModelTransfer:
             model_cid=model_cid, if_none_match=if_none_match, federation=identity.federation, agent_id=identity.agent_id
         )
         try:
-            stream = self._session.stub().GetModel(request, timeout=STREAM_TIMEOUT_S)
-            header, weights = read_header_stream(stream, size_of=lambda h: h.weights_size, max_size=MAX_MODEL_BYTES)
+            with self._session.unless_closed():
+                stream = self._session.stub().GetModel(request, timeout=STREAM_TIMEOUT_S)
+                header, weights = read_header_stream(stream, size_of=lambda h: h.weights_size, max_size=MAX_MODEL_BYTES)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         if header.not_modified:

@@ -317,6 +317,8 @@ class RelayDaemon:
                     self._devices_changed()
                     self.forwarder.wake()
             except StrataError as exc:
+                if self._stopping.is_set():  # stop() closed the client under the fetch
+                    return
                 log.warning("base_adoption_failed", extra={"fields": {"reason": exc.reason, "error": str(exc)}})
                 backoff.wait()
                 continue

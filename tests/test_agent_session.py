@@ -155,3 +155,22 @@ def test_a_watch_stream_that_ends_empty_is_not_reopened_in_a_tight_loop() -> Non
             time.sleep(0.5)
     # full jitter over waits capped at 0.1 s: a few dozen streams at most, never thousands
     assert 1 <= a.calls["WatchModels"] < 60
+
+
+def test_calls_on_a_closed_client_say_closed_rather_than_crash_its_threads() -> None:
+    # close() shuts the channels under whatever a thread is doing (a relay stopping mid-fetch); grpc
+    # raises ValueError for a call on a closed channel, which killed the relay's upstream thread
+    with serving(FakeHome("agg-a")) as (a,):
+        c = client(a.address)
+        c.join()
+        _, weights = c.download()
+        c.close()
+        calls = {
+            "fetch_model_bytes": lambda: c.fetch_model_bytes(),
+            "revocations": lambda: c.revocations(),
+            "submit": lambda: c.submit({name: w + 1 for name, w in weights.items()}, 10),
+        }
+        for name, call in calls.items():
+            with pytest.raises(FailedPrecondition) as info:
+                call()
+            assert info.value.reason == "closed", name
