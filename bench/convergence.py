@@ -32,6 +32,7 @@ temporary directory unless --out-dir is given).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -91,6 +92,18 @@ class Params:
     lr_decay: float = 1.0
     holdout: float = 0.05
     round_timeout_s: float = 300.0
+    # what the agents train: built-in task "mnist", or a bench module's "module:Class" (e.g. _wide_cnn:WideMnistTask)
+    trainer: str = "mnist"
+
+
+def task_class(spec: str) -> Any:
+    """The task class behind a trainer spec: a built-in task's name or "module:Class"."""
+    if ":" not in spec:
+        from agent.tasks import builtin_task
+
+        return builtin_task(spec)
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # ---------------------------------------------------------------- one fleet
@@ -174,14 +187,15 @@ def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[st
     from storage.keys import KeyPair
     from storage.open import open_store
     from strata.supervise import free_port
-    from strata.wiring import task_base_model
+    from strata.wiring import seeded_base_model
 
     home = workdir / setup.key
     store_path = store_path or home / "store"
     base_cid = initial_model
     if not base_cid:
         with open_store(str(store_path)) as store:
-            base_cid = task_base_model(store, KeyPair.generate(), task=task, federation=federation)
+            base_cid = seeded_base_model(store, KeyPair.generate(), task_class=task_class(task), task=task,
+                                         federation=federation)
     members = [
         Member(id=f"agg-{AGGREGATOR_NAMES[i]}", address=f"127.0.0.1:{free_port()}") for i in range(setup.aggregators)
     ]
@@ -254,26 +268,25 @@ def run_centralized(params: Params) -> dict[str, Any]:
     evaluated after every round like the fleets' base models."""
     import math
 
-    from agent.tasks import MnistTask
-
+    task = task_class(params.trainer)
     started = time.monotonic()
-    slices = [MnistTask(**_task_options(group, index, params))
+    slices = [task(**_task_options(group, index, params))
               for group in range(params.groups) for index in range(params.agents_per_group)]
-    union = MnistTask.pooled(slices)
+    union = task.pooled(slices)
     # batches the whole fleet trains per round: each agent stops at max_batches or after `epochs` passes over
     # its slice, whichever comes first (an agent's slice is often under max_batches x batch_size)
     budget = sum(min(params.max_batches, params.epochs * math.ceil(s.num_train_samples / params.batch_size))
                  for s in slices)
     epochs = math.ceil(budget * params.batch_size / union.num_train_samples)
-    weights = MnistTask.seeded_weights(0)  # task_base_model's seed: the fleets' base
-    initial = MnistTask.evaluate_global(weights)
+    weights = task.seeded_weights(0)  # task_base_model's seed: the fleets' base
+    initial = task.evaluate_global(weights)
     points = [{"round": 0, "accuracy": initial["accuracy"], "loss": initial["loss"]}]
     train_s = 0.0
     for round_number in range(params.rounds):
         tick = time.monotonic()
         weights, _, _ = union.train(weights, {"round": round_number, "epochs": epochs, "max_batches": budget})
         train_s += time.monotonic() - tick
-        metrics = MnistTask.evaluate_global(weights)
+        metrics = task.evaluate_global(weights)
         points.append({"round": round_number + 1, "accuracy": metrics["accuracy"], "loss": metrics["loss"]})
         print(f"  [d] round {round_number + 1}: {metrics['accuracy']:.4f}  {time.monotonic() - started:6.1f} s", flush=True)
     return {"points": points, "wall_s": train_s, "samples": union.num_train_samples, "batches_per_round": budget}
@@ -477,9 +490,9 @@ def run_setups(keys: Sequence[str], params: Params, workdir: Path) -> dict[str, 
             results["evaluations"][key] = {"central": central["points"]}
             results["summaries"][key] = summarize(setup, results["evaluations"][key])
             continue
-        fleet = run_fleet(setup, params, workdir)
+        fleet = run_fleet(setup, params, workdir, task=params.trainer)
         evaluate_started = time.monotonic()
-        evaluations = evaluate_fleet(setup, fleet)
+        evaluations = evaluate_fleet(setup, fleet, metric=task_class(params.trainer).evaluate_global)
         results["fleets"][key] = {"wall_s": round(fleet["wall_s"], 1), "agents": fleet["agents"],
                                   "evaluate_s": round(time.monotonic() - evaluate_started, 1)}
         results["evaluations"][key] = evaluations
@@ -540,6 +553,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="local epochs per round, capped by --max-batches (default 1)")
     parser.add_argument("--max-batches", type=int, help="local batches per round (default 20)")
     parser.add_argument("--batch-size", type=int, help="local batch size (default 64)")
+    parser.add_argument("--trainer", help="what agents train: a built-in task or this folder's 'module:Class' "
+                        "(default mnist; _wide_cnn:WideMnistTask is McMahan et al.'s 1.66M-parameter CNN)")
+    parser.add_argument("--max-samples", type=int, help="images per agent's slice, at most (default 1000; "
+                        "30 agents x 2000 hold all of MNIST's 60k training images)")
     parser.add_argument("--alphas", help="comma-separated Dirichlet alphas, each used at both levels of the split "
                                          "(groups and agents); one run of --setups per alpha")
     parser.add_argument("--name", default="convergence",
@@ -550,7 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = Params(rounds=3, agents_per_group=2, max_batches=3) if args.quick else Params()
     overrides = {k: v for k, v in {"rounds": args.rounds, "lr": args.lr, "lr_decay": args.lr_decay,
                                    "epochs": args.epochs, "max_batches": args.max_batches,
-                                   "batch_size": args.batch_size}.items()
+                                   "batch_size": args.batch_size, "max_samples": args.max_samples,
+                                   "trainer": args.trainer}.items()
                  if v is not None}
     params = Params(**{**asdict(params), **overrides})
     keys = [k.strip() for k in args.setups.split(",") if k.strip()]

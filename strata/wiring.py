@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aggregator.config import AggregatorConfig
 from aggregator.daemon import InitialModelFactory
 from aggregator.evaluation import Evaluate
@@ -25,6 +27,14 @@ def task_base_model(store: ContentStore, key: KeyPair, *, task: str, federation:
         task_class = builtin_task(task)
     except InvalidInput as exc:
         raise ConfigError(f"initial_model task:{task}: {exc}") from None
+    return seeded_base_model(store, key, task_class=task_class, task=task, federation=federation, seed=seed)
+
+
+def seeded_base_model(
+    store: ContentStore, key: KeyPair, *, task_class: Any, task: str, federation: str, seed: int = 0
+) -> str:
+    """`task_class.seeded_weights(seed)` stored as a round-0 base model named for `task`; its model ID.
+    (task_base_model for the built-ins; a benchmark's own task classes come here directly.)"""
     weights = task_class.seeded_weights(seed)
     manifest = save_model(
         store,
