@@ -90,14 +90,9 @@ def has_evaluate(trainer: object) -> bool:
     return callable(getattr(trainer, "evaluate", None))
 
 
-def load_trainer(spec: str, options: Mapping[str, Any] | None = None) -> Trainer:
-    """Build the trainer named by ``spec`` with keyword ``options``.
-
-    ``spec`` is a built-in task name (``"digits"``, ``"mnist"``, ``"fashion_mnist"``) or ``"module:object"``.
-    A class or factory is called with ``**options``; an object that already has
-    ``train`` is used as is (and then ``options`` must be empty).
-    """
-    options = dict(options or {})
+def trainer_target(spec: str) -> Any:
+    """What a trainer ``spec`` names, not yet built: a built-in task's class (``"digits"``, ``"mnist"``,
+    ``"fashion_mnist"``), or the object ``"module:object"`` names (a class, a factory or a ready trainer)."""
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidInput(f"trainer spec must be a non-empty string, got {spec!r}", reason="bad_trainer_spec")
     spec = spec.strip()
@@ -106,10 +101,9 @@ def load_trainer(spec: str, options: Mapping[str, Any] | None = None) -> Trainer
         from agent.tasks import builtin_task
 
         try:
-            task_class = builtin_task(spec)
+            return builtin_task(spec)
         except InvalidInput as exc:
             raise InvalidInput(f"{exc}; a custom trainer is named 'module:object'", reason="bad_trainer_spec") from None
-        return call_with_options(task_class, options, what=f"task {spec!r}")
 
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
@@ -126,7 +120,20 @@ def load_trainer(spec: str, options: Mapping[str, Any] | None = None) -> Trainer
                 f"trainer module {module_name!r} has no attribute {attr_path!r}", reason="trainer_object_not_found"
             )
         target = getattr(target, part)
+    return target
 
+
+def load_trainer(spec: str, options: Mapping[str, Any] | None = None) -> Trainer:
+    """Build the trainer named by ``spec`` (see `trainer_target`) with keyword ``options``.
+
+    A class or factory is called with ``**options``; an object that already has
+    ``train`` is used as is (and then ``options`` must be empty).
+    """
+    options = dict(options or {})
+    target = trainer_target(spec)
+    spec = spec.strip()
+    if ":" not in spec:
+        return call_with_options(target, options, what=f"task {spec!r}")
     if inspect.isclass(target) or not callable(getattr(target, "train", None)):
         if not callable(target):
             raise InvalidInput(f"{spec!r} has no train() method and is not callable", reason="trainer_without_train")

@@ -32,7 +32,6 @@ temporary directory unless --out-dir is given).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import shutil
@@ -94,16 +93,6 @@ class Params:
     round_timeout_s: float = 300.0
     # what the agents train: built-in task "mnist", or a bench module's "module:Class" (e.g. _wide_cnn:WideMnistTask)
     trainer: str = "mnist"
-
-
-def task_class(spec: str) -> Any:
-    """The task class behind a trainer spec: a built-in task's name or "module:Class"."""
-    if ":" not in spec:
-        from agent.tasks import builtin_task
-
-        return builtin_task(spec)
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 # ---------------------------------------------------------------- one fleet
@@ -180,6 +169,7 @@ def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[st
     By default every setup starts from `task`'s seeded base in a store of its own; bench/flhub.py passes
     a hub-made `initial_model` (a fork's CID) already in the shared `store_path`."""
     from agent.daemon import run_agents
+    from agent.trainer import trainer_target
     from aggregator.config import AggregatorConfig, RoundSettings, SynthesisSettings
     from aggregator.daemon import AggregatorDaemon
     from coordinator.ring import Member
@@ -194,7 +184,7 @@ def run_fleet(setup: Setup, params: Params, workdir: Path, round_config: dict[st
     base_cid = initial_model
     if not base_cid:
         with open_store(str(store_path)) as store:
-            base_cid = seeded_base_model(store, KeyPair.generate(), task_class=task_class(task), task=task,
+            base_cid = seeded_base_model(store, KeyPair.generate(), task_class=trainer_target(task), task=task,
                                          federation=federation)
     members = [
         Member(id=f"agg-{AGGREGATOR_NAMES[i]}", address=f"127.0.0.1:{free_port()}") for i in range(setup.aggregators)
@@ -268,7 +258,9 @@ def run_centralized(params: Params) -> dict[str, Any]:
     evaluated after every round like the fleets' base models."""
     import math
 
-    task = task_class(params.trainer)
+    from agent.trainer import trainer_target
+
+    task = trainer_target(params.trainer)
     started = time.monotonic()
     slices = [task(**_task_options(group, index, params))
               for group in range(params.groups) for index in range(params.agents_per_group)]
@@ -478,6 +470,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def run_setups(keys: Sequence[str], params: Params, workdir: Path) -> dict[str, Any]:
     """Every setup in `keys` on the same slices: {"params", "fleets", "evaluations", "summaries"}."""
+    from agent.trainer import trainer_target
+
     results: dict[str, Any] = {"params": asdict(params), "fleets": {}, "evaluations": {}, "summaries": {}}
     for key in keys:
         setup = SETUPS[key]
@@ -492,7 +486,7 @@ def run_setups(keys: Sequence[str], params: Params, workdir: Path) -> dict[str, 
             continue
         fleet = run_fleet(setup, params, workdir, task=params.trainer)
         evaluate_started = time.monotonic()
-        evaluations = evaluate_fleet(setup, fleet, metric=task_class(params.trainer).evaluate_global)
+        evaluations = evaluate_fleet(setup, fleet, metric=trainer_target(params.trainer).evaluate_global)
         results["fleets"][key] = {"wall_s": round(fleet["wall_s"], 1), "agents": fleet["agents"],
                                   "evaluate_s": round(time.monotonic() - evaluate_started, 1)}
         results["evaluations"][key] = evaluations
