@@ -233,7 +233,9 @@ def _row_to_record(row: sqlite3.Row) -> ModelRecord:
 
 def base_of(record: ModelRecord) -> str:
     """The model `record` was trained from (its manifest's `base`; empty: none or no manifest held)."""
-    return record.base or (json.loads(record.manifest).get("base") or "" if record.manifest else "")
+    if record.base or not record.manifest:
+        return record.base
+    return json.loads(record.manifest).get("base") or ""
 
 
 def _notes_json(notes: Mapping[str, str] | None) -> str:

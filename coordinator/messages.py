@@ -106,7 +106,8 @@ def lease_to_pb(lease: Lease) -> pb.Lease:
     return pb.Lease(**asdict(lease))
 
 
-_PROGRESS_FIELDS = ("round", "agent_count", "last_cluster_cid", "last_semi_global_cid")
+# the heartbeat's own progress fields: a federation's, without its name
+_PROGRESS_FIELDS = tuple(f.name for f in fields(FederationProgress) if f.name != "federation")
 
 
 def _federations_from_pb(messages: Iterable[pb.FederationProgress]) -> tuple[FederationProgress, ...]:
